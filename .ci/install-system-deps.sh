@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests need, when they are missing: PostgreSQL 15 server
+# binaries and contrib (postgres_fdw), pgTAP, pg_prove and plpgsql_check. Needs root (or sudo)
+# only when something is missing.
+set -euo pipefail
+need=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+[ -f /usr/share/postgresql/15/extension/postgres_fdw.control ] || need+=(postgresql-contrib-15)
+[ -f /usr/share/postgresql/15/extension/pgtap.control ] || need+=(postgresql-15-pgtap)
+command -v pg_prove >/dev/null || need+=(libtap-parser-sourcehandler-pgtap-perl)
+[ -f /usr/share/postgresql/15/extension/plpgsql_check.control ] || need+=(postgresql-15-plpgsql-check)
+command -v runuser >/dev/null || need+=(util-linux)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "installing system packages: ${need[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -1,0 +1,1913 @@
+"""r0001_foundation: generated from sql/ by `python -m runops.revision r0001_foundation`. Do not edit by hand.
+
+Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK.
+"""
+
+import re
+
+RESIDENCY_CHECKS = {'CONTROL_PLANE': "{col} ~ '^c[0-9a-z]{{24}}$'", 'RUN_OPS': "{col} ~ '^[0-9A-Za-z]{{27}}$' AND {col} <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'"}
+
+SEEDS = {'CONTROL_PLANE': "INSERT INTO runops.store_config (store_role) VALUES ('CONTROL_PLANE');\nINSERT INTO runops.split_settings DEFAULT VALUES;\n", 'RUN_OPS': "INSERT INTO runops.store_config (store_role) VALUES ('RUN_OPS');\n"}
+
+SQL = r'''
+SET LOCAL search_path = runops, pg_catalog, pg_temp;
+SET LOCAL check_function_bodies = off;
+-- sql/schema/00_roles.sql
+-- Roles are cluster-wide, so every statement here tolerates a cluster that already has them
+-- (two runops databases may share one cluster).
+--
+--   runops_owner  NOLOGIN  owns every runops object; SECURITY DEFINER functions run as it.
+--   runops_app    the role applications log in as (LOGIN and password are set by the operator,
+--                 never by a migration): it may only EXECUTE the public functions.
+--   runops_clock  members may freeze runops.now() with the session setting runops.fake_now.
+--   runops_fdw    what the *other* store's postgres_fdw may do here (its per-database login,
+--                 runops_fdw_<database>, created by `runops migrate`, is a member): it may
+--                 read the run graph and the tenant tables, nothing else.
+DO $$
+DECLARE
+  r text;
+BEGIN
+  FOREACH r IN ARRAY ARRAY['runops_owner', 'runops_app', 'runops_clock', 'runops_fdw'] LOOP
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+      EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+    END IF;
+  END LOOP;
+END
+$$;
+
+CREATE SCHEMA IF NOT EXISTS runops AUTHORIZATION runops_owner;
+REVOKE ALL ON SCHEMA runops FROM PUBLIC;
+GRANT USAGE ON SCHEMA runops TO runops_app, runops_fdw;
+
+-- Every session reads this to know which store it is in; the migration history sets the row.
+CREATE TABLE runops.store_config (
+  singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  store_role text NOT NULL CHECK (store_role IN ('CONTROL_PLANE', 'RUN_OPS'))
+);
+ALTER TABLE runops.store_config OWNER TO runops_owner;
+GRANT SELECT ON runops.store_config TO runops_app, runops_fdw;
+
+-- generate_cuid() is a plain (not SECURITY DEFINER) function, so its callers need the counter.
+CREATE SEQUENCE runops.cuid_counter CYCLE MAXVALUE 1679615;
+ALTER SEQUENCE runops.cuid_counter OWNER TO runops_owner;
+GRANT USAGE ON SEQUENCE runops.cuid_counter TO runops_app;
+
+-- sql/schema/10_tenants.sql
+-- Tenant tables and split settings.
+--
+-- The control plane is their home. The run-ops store holds a *mirror* of the same tables, kept
+-- about a second behind by logical replication (publication runops_tenants on the control plane,
+-- subscription runops_mirror on run-ops), so the run-ops hot path never crosses databases.
+-- Because both stores carry identical definitions, the mirror needs no translation.
+--
+--   organizations          one tenant; mint_kind overrides the default mint kind under the split
+--   projects               belong to an organization; deleted_at retires them
+--   runtime_environments   where runs are triggered; paused / archived gate new work
+--   split_settings         one row: is the split on, was it ever, which kind roots mint by default
+--   split_audit            every accepted enable/disable, with who and what was compared
+
+CREATE TABLE runops.organizations (
+  id          text COLLATE "C" PRIMARY KEY,
+  slug        text NOT NULL UNIQUE,
+  title       text NOT NULL,
+  mint_kind   text CHECK (mint_kind IN ('cuid', 'ksuid')),   -- NULL: follow the default
+  runs_enabled boolean NOT NULL DEFAULT true,
+  created_at  timestamptz NOT NULL,
+  updated_at  timestamptz NOT NULL
+);
+
+CREATE TABLE runops.projects (
+  id              text COLLATE "C" PRIMARY KEY,
+  organization_id text COLLATE "C" NOT NULL REFERENCES runops.organizations (id),
+  slug            text NOT NULL,
+  deleted_at      timestamptz,
+  created_at      timestamptz NOT NULL,
+  updated_at      timestamptz NOT NULL,
+  UNIQUE (organization_id, slug)
+);
+
+CREATE TABLE runops.runtime_environments (
+  id                        text COLLATE "C" PRIMARY KEY,
+  project_id                text COLLATE "C" NOT NULL REFERENCES runops.projects (id),
+  organization_id           text COLLATE "C" NOT NULL REFERENCES runops.organizations (id),
+  slug                      text NOT NULL,
+  type                      text NOT NULL
+                            CHECK (type IN ('DEVELOPMENT', 'STAGING', 'PREVIEW', 'PRODUCTION')),
+  paused                    boolean NOT NULL DEFAULT false,
+  archived                  boolean NOT NULL DEFAULT false,
+  maximum_concurrency_limit integer NOT NULL DEFAULT 100 CHECK (maximum_concurrency_limit >= 0),
+  notifications             boolean NOT NULL DEFAULT true,
+  created_at                timestamptz NOT NULL,
+  updated_at                timestamptz NOT NULL,
+  UNIQUE (project_id, slug)
+);
+
+CREATE TABLE runops.split_settings (
+  singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  enabled           boolean NOT NULL DEFAULT false,
+  ever_enabled      boolean NOT NULL DEFAULT false,
+  default_mint_kind text NOT NULL DEFAULT 'cuid' CHECK (default_mint_kind IN ('cuid', 'ksuid')),
+  updated_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TABLE runops.split_audit (
+  id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  at           timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+  actor        text NOT NULL,                     -- session_user of the caller
+  action       text NOT NULL,                     -- enable_split, disable_split, set_mint_kind, ...
+  verdict      text NOT NULL,                     -- ACCEPTED, ACCEPTED_WITH_WARNING
+  detail       jsonb NOT NULL DEFAULT '{}'
+);
+
+ALTER TABLE runops.organizations OWNER TO runops_owner;
+ALTER TABLE runops.projects OWNER TO runops_owner;
+ALTER TABLE runops.runtime_environments OWNER TO runops_owner;
+ALTER TABLE runops.split_settings OWNER TO runops_owner;
+ALTER TABLE runops.split_audit OWNER TO runops_owner;
+GRANT SELECT ON runops.organizations, runops.projects, runops.runtime_environments,
+                runops.split_settings
+  TO runops_fdw;
+
+-- sql/schema/20_run_graph.sql
+-- The run graph: identical in both stores, except that RESIDENCY_CHECK(col) is rendered per store
+-- (a cuid shape on the control plane, a KSUID shape on run-ops), so a row can only ever be
+-- written into the store its id's shape names — even by a careless SQL caller.
+--
+--   runs            one task run; status moves only through runops.transition_run()
+--   batches         a group of runs triggered together; owns a BATCH waitpoint
+--   batch_items     membership (index -> run); the run may live in either store when cached
+--   waitpoints      things a run can wait on: RUN, BATCH (ids derived from their owner),
+--                   DATETIME, MANUAL
+--   run_waitpoints  edges "run is blocked by waitpoint"; they live with the blocked run
+--   attempts        one row per execution attempt of a run, numbered from 1
+--   checkpoints     snapshots taken when a run suspends
+--   status_transitions  the state machine as data: allowed from -> to, and who makes the move
+--
+-- Ids are stored bare (no friendly prefix) and compared byte-wise (COLLATE "C"), because KSUID
+-- text sorts like its bytes only under byte order. Columns that point at tenant rows carry no
+-- foreign key: on run-ops those rows are a mirror.
+
+CREATE TABLE runops.status_transitions (
+  from_status text NOT NULL,   -- 'NEW' stands for "the row does not exist yet"
+  to_status   text NOT NULL,
+  made_by     text NOT NULL,   -- the function that makes this move
+  PRIMARY KEY (from_status, to_status, made_by)
+);
+
+CREATE TABLE runops.runs (
+  id                          text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
+  environment_id              text COLLATE "C" NOT NULL,
+  project_id                  text COLLATE "C" NOT NULL,
+  organization_id             text COLLATE "C" NOT NULL,
+  task_identifier             text NOT NULL,
+  status                      text NOT NULL,
+  payload                     jsonb NOT NULL,
+  output                      jsonb,
+  error                       jsonb,
+  metadata                    jsonb NOT NULL DEFAULT '{}',
+  tags                        text[] NOT NULL DEFAULT '{}',
+  queue                       text NOT NULL,
+  concurrency_key             text,
+  idempotency_key             text,                 -- the caller's raw key, for display
+  idempotency_key_hash        text COLLATE "C",     -- the dedup key (sha256 of key and salt)
+  idempotency_key_scope       text,
+  idempotency_key_expires_at  timestamptz,
+  parent_run_id               text COLLATE "C" REFERENCES runops.runs (id),
+  parent_attempt_number       integer,
+  root_run_id                 text COLLATE "C",
+  depth                       integer NOT NULL DEFAULT 0,
+  resume_parent_on_completion boolean NOT NULL DEFAULT false,
+  batch_id                    text COLLATE "C",
+  batch_index                 integer,
+  attempt_number              integer NOT NULL DEFAULT 0,
+  max_attempts                integer NOT NULL DEFAULT 3,
+  delay_until                 timestamptz,
+  ttl                         interval,
+  max_duration                interval,
+  dev_session_id              text,
+  locked_by                   text,
+  lease_expires_at            timestamptz,
+  retry_at                    timestamptz,
+  queued_at                   timestamptz,
+  started_at                  timestamptz,
+  completed_at                timestamptz,
+  expired_at                  timestamptz,
+  created_at                  timestamptz NOT NULL,
+  updated_at                  timestamptz NOT NULL
+);
+-- One key-holding run per (environment, task, dedup key); runs without a key stay out of it.
+CREATE UNIQUE INDEX runs_idempotency_key_idx
+  ON runops.runs (environment_id, task_identifier, idempotency_key_hash)
+  WHERE idempotency_key_hash IS NOT NULL;
+CREATE INDEX runs_environment_created_idx ON runops.runs (environment_id, created_at DESC, id DESC);
+CREATE INDEX runs_parent_idx ON runops.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
+
+CREATE TABLE runops.batches (
+  id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
+  environment_id             text COLLATE "C" NOT NULL,
+  status                     text NOT NULL CHECK (status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'ABORTED')),
+  expected_count             integer NOT NULL,
+  parent_run_id              text COLLATE "C" REFERENCES runops.runs (id),
+  resume_parent_on_completion boolean NOT NULL DEFAULT false,
+  idempotency_key            text,
+  idempotency_key_expires_at timestamptz,
+  seal_timeout               interval NOT NULL,
+  sealed_at                  timestamptz,
+  completed_at               timestamptz,
+  created_at                 timestamptz NOT NULL,
+  updated_at                 timestamptz NOT NULL
+);
+CREATE UNIQUE INDEX batches_idempotency_key_idx
+  ON runops.batches (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+ALTER TABLE runops.runs ADD FOREIGN KEY (batch_id) REFERENCES runops.batches (id);
+
+CREATE TABLE runops.batch_items (
+  batch_id   text COLLATE "C" NOT NULL REFERENCES runops.batches (id),
+  item_index integer NOT NULL CHECK (item_index >= 0),
+  run_id     text COLLATE "C" NOT NULL,   -- a cached item's run may live in the other store
+  created_at timestamptz NOT NULL,
+  PRIMARY KEY (batch_id, item_index)
+);
+
+CREATE TABLE runops.waitpoints (
+  id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
+  environment_id             text COLLATE "C" NOT NULL,
+  type                       text NOT NULL CHECK (type IN ('RUN', 'DATETIME', 'MANUAL', 'BATCH')),
+  status                     text NOT NULL CHECK (status IN ('PENDING', 'COMPLETED')),
+  completed_by_run_id        text COLLATE "C",
+  completed_by_batch_id      text COLLATE "C",
+  output                     jsonb,
+  output_is_error            boolean NOT NULL DEFAULT false,
+  completed_after            timestamptz,
+  timeout_at                 timestamptz,
+  idempotency_key            text,
+  idempotency_key_expires_at timestamptz,
+  tags                       text[] NOT NULL DEFAULT '{}',
+  completed_at               timestamptz,
+  created_at                 timestamptz NOT NULL
+);
+CREATE UNIQUE INDEX waitpoints_idempotency_key_idx
+  ON runops.waitpoints (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE runops.run_waitpoints (
+  run_id        text COLLATE "C" NOT NULL REFERENCES runops.runs (id),
+  waitpoint_id  text COLLATE "C" NOT NULL,   -- may live in the other store
+  environment_id text COLLATE "C" NOT NULL,
+  completed_at  timestamptz,
+  created_at    timestamptz NOT NULL,
+  PRIMARY KEY (run_id, waitpoint_id)
+);
+CREATE INDEX run_waitpoints_waitpoint_idx ON runops.run_waitpoints (waitpoint_id);
+
+CREATE TABLE runops.attempts (
+  id             text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
+  run_id         text COLLATE "C" NOT NULL REFERENCES runops.runs (id),
+  environment_id text COLLATE "C" NOT NULL,
+  number         integer NOT NULL CHECK (number >= 1),
+  status         text NOT NULL CHECK (status IN ('EXECUTING', 'PAUSED', 'COMPLETED', 'FAILED', 'CANCELED')),
+  worker_id      text,
+  output         jsonb,
+  error          jsonb,
+  started_at     timestamptz NOT NULL,
+  completed_at   timestamptz,
+  UNIQUE (run_id, number)
+);
+
+CREATE TABLE runops.checkpoints (
+  id             text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
+  run_id         text COLLATE "C" NOT NULL REFERENCES runops.runs (id),
+  environment_id text COLLATE "C" NOT NULL,
+  attempt_number integer NOT NULL,
+  reason         text NOT NULL CHECK (reason IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK',
+                                                 'WAIT_FOR_BATCH', 'RETRYING_AFTER_FAILURE')),
+  location       text NOT NULL,
+  metadata       jsonb NOT NULL DEFAULT '{}',
+  created_at     timestamptz NOT NULL
+);
+
+ALTER TABLE runops.status_transitions OWNER TO runops_owner;
+ALTER TABLE runops.runs OWNER TO runops_owner;
+ALTER TABLE runops.batches OWNER TO runops_owner;
+ALTER TABLE runops.batch_items OWNER TO runops_owner;
+ALTER TABLE runops.waitpoints OWNER TO runops_owner;
+ALTER TABLE runops.run_waitpoints OWNER TO runops_owner;
+ALTER TABLE runops.attempts OWNER TO runops_owner;
+ALTER TABLE runops.checkpoints OWNER TO runops_owner;
+GRANT SELECT ON runops.runs, runops.batches, runops.batch_items, runops.waitpoints,
+                runops.run_waitpoints, runops.attempts, runops.checkpoints
+  TO runops_fdw;
+
+-- Statuses, one per line:
+--   DELAYED                 triggered with a delay; becomes PENDING when it is due
+--   PENDING                 queued, waiting for a worker
+--   PENDING_VERSION         waiting for a deployed version that has the task
+--   WAITING_FOR_DEPLOY      waiting for a first deploy (legacy engine)
+--   DEQUEUED                locked to a worker under a lease, attempt not started
+--   EXECUTING               an attempt is running
+--   WAITING_TO_RESUME       suspended at a checkpoint until its blockers complete
+--   RETRYING_AFTER_FAILURE  an attempt failed; re-queued at retry_at
+--   PAUSED                  held by an operator
+--   CANCELED .. TIMED_OUT   final: never change again
+INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
+  ('NEW', 'PENDING', 'trigger_run'),
+  ('NEW', 'DELAYED', 'trigger_run'),
+  ('NEW', 'WAITING_FOR_DEPLOY', 'trigger_run'),
+  ('NEW', 'PENDING_VERSION', 'trigger_run'),
+  ('NEW', 'SYSTEM_FAILURE', 'trigger_failed_task');
+INSERT INTO runops.status_transitions (from_status, to_status, made_by)
+SELECT live, final, 'finalize_run'
+FROM unnest(ARRAY['DELAYED', 'PENDING', 'PENDING_VERSION', 'WAITING_FOR_DEPLOY', 'DEQUEUED',
+                  'EXECUTING', 'WAITING_TO_RESUME', 'RETRYING_AFTER_FAILURE', 'PAUSED']) AS live,
+     unnest(ARRAY['CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final;
+
+-- sql/schema/25_types.sql
+-- Parsed forms that internal functions pass around. They are not part of the public API
+-- (public arguments are only text, jsonb, integer, boolean, timestamptz).
+
+-- A trigger's options after validation; ids are bare.
+CREATE TYPE runops.trigger_spec AS (
+  idempotency_key             text,
+  idempotency_key_scope       text,
+  idempotency_key_ttl         interval,
+  parent_run_id               text,
+  parent_attempt_number       integer,
+  resume_parent_on_completion boolean,
+  delay_until                 timestamptz,
+  ttl                         interval,
+  max_duration                interval,
+  queue                       text,
+  concurrency_key             text,
+  tags                        text[],
+  max_attempts                integer,
+  metadata                    jsonb,
+  run_id                      text,
+  batch_id                    text,
+  batch_index                 integer,
+  dev_session_id              text
+);
+
+-- What new work needs to know about an environment, from the local tables or the mirror.
+CREATE TYPE runops.environment_context AS (
+  id                        text,
+  project_id                text,
+  organization_id           text,
+  type                      text,
+  paused                    boolean,
+  archived                  boolean,
+  project_deleted           boolean,
+  runs_enabled              boolean,
+  mint_kind                 text,
+  maximum_concurrency_limit integer,
+  notifications             boolean
+);
+ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.environment_context OWNER TO runops_owner;
+
+-- sql/schema/30_views.sql
+-- runops.run_view is the row every run-returning function answers with. Ids are friendly.
+-- The bare id rides along as the last column so that a read through postgres_fdw can filter
+-- on it (id = $1 is pushed down and hits the primary key; 'run_' || id = $1 would not).
+CREATE VIEW runops.run_view AS
+SELECT 'run_' || r.id                                        AS run_id,
+       r.environment_id,
+       r.task_identifier,
+       r.status,
+       CASE WHEN length(r.id) = 25 THEN 'LEGACY' ELSE 'NEW' END AS residency,
+       r.created_at,
+       r.updated_at,
+       r.idempotency_key,
+       r.idempotency_key_scope,
+       r.idempotency_key_expires_at,
+       'run_' || r.parent_run_id                             AS parent_run_id,
+       'run_' || r.root_run_id                               AS root_run_id,
+       'batch_' || r.batch_id                                AS batch_id,
+       r.attempt_number,
+       r.max_attempts,
+       r.payload,
+       r.output,
+       r.error,
+       r.metadata,
+       r.tags,
+       r.queue,
+       r.concurrency_key,
+       r.delay_until,
+       r.ttl,
+       r.queued_at,
+       r.started_at,
+       r.completed_at,
+       r.expired_at,
+       r.locked_by,
+       r.lease_expires_at,
+       r.max_duration,
+       r.dev_session_id,
+       r.project_id,
+       r.organization_id,
+       r.id
+FROM runops.runs r;
+ALTER VIEW runops.run_view OWNER TO runops_owner;
+GRANT SELECT ON runops.run_view TO runops_fdw;
+
+-- sql/functions/errors.sql
+-- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
+-- that says what was wrong, with which value, and what is accepted.
+--
+-- Internal helpers (here and in the other files) carry no SET search_path: only the owner may
+-- execute them, always from a public function whose search_path is pinned, and a SET clause
+-- would stop PostgreSQL inlining the SQL ones and cost a GUC save/restore per call.
+
+CREATE OR REPLACE FUNCTION runops.raise_error(code text, message text, detail text DEFAULT NULL,
+                                              hint text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  -- RAISE needs literal option lists, so the NULL combinations are spelled out.
+  IF detail IS NULL AND hint IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+  ELSIF hint IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail;
+  ELSIF detail IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, HINT = hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail, HINT = hint;
+  END IF;
+END
+$$;
+
+-- RO002 always names the store that owns the row, so a caller can retry there.
+CREATE OR REPLACE FUNCTION runops.raise_wrong_store(what text, id text, owning_store text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM raise_error('RO002',
+    format('%s %s belongs to the %s store, not this %s store', what, id, owning_store, store_role()),
+    'owning_store=' || owning_store,
+    'call this function on the store named in DETAIL (the Python client does this for you)');
+END
+$$;
+
+-- The residency of rows this store holds.
+CREATE OR REPLACE FUNCTION runops.local_residency()
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE store_role() WHEN 'CONTROL_PLANE' THEN 'LEGACY' ELSE 'NEW' END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE residency WHEN 'LEGACY' THEN 'CONTROL_PLANE' ELSE 'RUN_OPS' END
+$$;
+
+-- Strips the friendly prefix of a caller's id. NULL when the id carries another kind's prefix
+-- (a batch id passed as a run id): reads answer "no row" for it, writes raise RO006.
+CREATE OR REPLACE FUNCTION runops.bare_id(id text, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN id !~ '^[a-z]+_' THEN id
+           WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
+         END
+$$;
+
+-- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
+CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  bare text := bare_id(id, kind);
+BEGIN
+  IF id IS NULL OR id = '' THEN
+    PERFORM raise_error('RO006', format('%s is required', what));
+  END IF;
+  IF bare IS NULL THEN
+    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, id, kind),
+                        NULL, format('pass the bare id or the friendly form %s_<id>', kind));
+  END IF;
+  PERFORM classify_residency(bare);
+  RETURN bare;
+END
+$$;
+
+-- Durations everywhere share one grammar: digits and one unit, at most 365 days.
+CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  amount numeric;
+  parsed interval;
+BEGIN
+  IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
+                                         what, quote_nullable(value)));
+  END IF;
+  amount := left(value, -1)::numeric;
+  parsed := make_interval(secs => (amount * CASE right(value, 1)
+                                     WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600
+                                     WHEN 'd' THEN 86400 ELSE 604800 END)::double precision);
+  IF parsed > interval '365 days' THEN
+    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+  END IF;
+  RETURN parsed;
+END
+$$;
+
+-- A timestamp from the caller must say which offset it is in: a bare local time is ambiguous.
+CREATE OR REPLACE FUNCTION runops.parse_timestamp(value text, what text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
+                                         what, quote_nullable(value)));
+  END IF;
+  RETURN value::timestamptz;
+EXCEPTION
+  WHEN datetime_field_overflow OR invalid_datetime_format THEN
+    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, value));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_object(value jsonb, what text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL THEN
+    RETURN '{}'::jsonb;
+  END IF;
+  IF jsonb_typeof(value) <> 'object' THEN
+    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+  END IF;
+  RETURN value;
+END
+$$;
+
+-- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null.
+CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'string' THEN
+    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+  END IF;
+  IF length(value #>> '{}') > max_length THEN
+    PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
+                                         key, length(value #>> '{}'), max_length));
+  END IF;
+  RETURN value #>> '{}';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_integer(options jsonb, key text, min_value integer, max_value integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
+     OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
+    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
+                                         key, min_value, max_value, value));
+  END IF;
+  RETURN (value #>> '{}')::integer;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_boolean(options jsonb, key text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'boolean' THEN
+    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, value));
+  END IF;
+  RETURN value::text::boolean;
+END
+$$;
+
+-- Unknown option names are refused rather than ignored: a typo must not silently drop a key.
+CREATE OR REPLACE FUNCTION runops.reject_unknown_options(options jsonb, allowed text[], what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  unknown text;
+BEGIN
+  SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
+  IF unknown IS NOT NULL THEN
+    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(unknown)),
+                        NULL, 'accepted: ' || array_to_string(allowed, ', '));
+  END IF;
+END
+$$;
+
+-- sql/functions/identity.sql
+-- Identity: residency classification, id minting, store identity, and the clock.
+-- These are plain functions (no SECURITY DEFINER): they read nothing a caller may not see.
+
+-- Residency is a pure function of the id's shape. An optional friendly prefix (^[a-z]+_) is
+-- stripped once; a bare 25-char cuid is LEGACY, a bare 27-char base62 KSUID within the KSUID
+-- range is NEW, anything else is unclassifiable (NULL here).
+CREATE OR REPLACE FUNCTION runops.try_classify_residency(id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT CASE
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^c[0-9a-z]{24}$' THEN 'LEGACY'
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^[0-9A-Za-z]{27}$'
+            AND pg_catalog.regexp_replace(id, '^[a-z]+_', '') COLLATE "C" <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'
+             THEN 'NEW'
+         END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_residency(id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  residency text := runops.try_classify_residency(id);
+BEGIN
+  IF residency IS NULL THEN
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001';
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- 20 raw bytes (4-byte big-endian seconds since 1 400 000 000, 16 random) to 27 base62 chars.
+-- Two numeric divisions by 62^10 leave bigint-sized parts, so the digit loop stays in bigint.
+CREATE OR REPLACE FUNCTION runops.ksuid_encode(raw bytea)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+DECLARE
+  alphabet constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+  p10 constant bigint := 839299365868340224;   -- 62^10
+  n numeric := 0::numeric;
+  part bigint;
+  encoded text := '';
+  i integer;
+  p integer;
+BEGIN
+  IF pg_catalog.length(raw) <> 20 THEN
+    RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
+  END IF;
+  FOR i IN 0..4 LOOP
+    n := n * 4294967296::numeric
+         + ((pg_catalog.get_byte(raw, 4 * i)::bigint << 24)
+            | (pg_catalog.get_byte(raw, 4 * i + 1)::bigint << 16)
+            | (pg_catalog.get_byte(raw, 4 * i + 2)::bigint << 8)
+            | pg_catalog.get_byte(raw, 4 * i + 3)::bigint)::numeric;
+  END LOOP;
+  FOR p IN 1..3 LOOP
+    IF p < 3 THEN
+      part := pg_catalog.mod(n, p10::numeric)::bigint;
+      n := pg_catalog.div(n, p10::numeric);
+    ELSE
+      part := n::bigint;
+    END IF;
+    FOR i IN 1..(CASE WHEN p < 3 THEN 10 ELSE 7 END) LOOP
+      encoded := pg_catalog.substr(alphabet, (part % 62)::integer + 1, 1) || encoded;
+      part := part / 62;
+    END LOOP;
+  END LOOP;
+  RETURN encoded;
+END
+$$;
+
+-- The 16 payload bytes come from two v4 UUIDs, taking only their fully random bytes (a v4 UUID
+-- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
+CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL SAFE
+AS $$
+  SELECT runops.ksuid_encode(
+           pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
+                                 - 1400000000) & 4294967295)::bit(32)::integer)
+           || pg_catalog.substr(pg_catalog.uuid_send(u1), 1, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(u1), 11, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(u2), 1, 4))
+  FROM (SELECT pg_catalog.gen_random_uuid() AS u1, pg_catalog.gen_random_uuid() AS u2) AS r
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+DECLARE
+  alphabet constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
+  digits text := '';
+BEGIN
+  LOOP
+    digits := pg_catalog.substr(alphabet, (n % 36)::integer + 1, 1) || digits;
+    n := n / 36;
+    EXIT WHEN n = 0;
+  END LOOP;
+  RETURN pg_catalog.lpad(pg_catalog.right(digits, width), width, '0');
+END
+$$;
+
+-- cuid v1 layout: 'c' + ms timestamp (8) + counter (4) + fingerprint (4) + random (8), base36.
+CREATE OR REPLACE FUNCTION runops.generate_cuid()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT 'c'
+      || runops.base36((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint, 8)
+      || runops.base36(pg_catalog.nextval('runops.cuid_counter'), 4)
+      || runops.base36(pg_catalog.pg_backend_pid() % 1296, 2)
+      || runops.base36(abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296, 2)
+      || runops.base36(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
+                       % 2821109907456, 8)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)
+RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
+  n numeric := 0::numeric;
+  ch integer;
+  i integer;
+BEGIN
+  IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
+    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
+  END IF;
+  FOR i IN 1..27 LOOP
+    ch := pg_catalog.ascii(pg_catalog.substr(bare, i, 1));
+    n := n * 62::numeric
+         + (CASE WHEN ch <= 57 THEN ch - 48 WHEN ch <= 90 THEN ch - 55 ELSE ch - 61 END)::numeric;
+  END LOOP;
+  -- The top 32 of 160 bits are the seconds since the KSUID epoch.
+  RETURN pg_catalog.to_timestamp((1400000000::numeric
+         + pg_catalog.div(n, 340282366920938463463374607431768211456::numeric))::double precision);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_role()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+  SELECT c.store_role FROM runops.store_config AS c
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_identity(
+  OUT system_identifier text, OUT database_name text, OUT database_oid bigint,
+  OUT store_role text, OUT server_version text)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+AS $$
+  SELECT (pg_catalog.pg_control_system()).system_identifier::text,
+         pg_catalog.current_database()::text,
+         d.oid::bigint,
+         runops.store_role(),
+         pg_catalog.current_setting('server_version')
+  FROM pg_catalog.pg_database AS d
+  WHERE d.datname = pg_catalog.current_database()
+$$;
+
+-- The one clock. runops.fake_now freezes it for tests, but only for members of runops_clock:
+-- anyone else setting it is ignored rather than obeyed.
+CREATE OR REPLACE FUNCTION runops.now()
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  fake text := pg_catalog.current_setting('runops.fake_now', true);
+BEGIN
+  IF fake IS NULL OR fake = '' THEN
+    RETURN pg_catalog.now();
+  END IF;
+  IF NOT pg_catalog.pg_has_role(session_user, 'runops_clock', 'MEMBER') THEN
+    RETURN pg_catalog.now();
+  END IF;
+  RETURN fake::timestamptz;
+END
+$$;
+
+-- sql/functions/lifecycle.sql
+-- Lifecycle: every status change is checked against runops.status_transitions by one trigger,
+-- which also sends the change to listeners. Functions set runops.transition_by (transaction
+-- local) to say which move they make; a direct UPDATE without it may make any move the table
+-- allows, and none it does not.
+
+CREATE OR REPLACE FUNCTION runops.is_final_status(status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                    'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+$$;
+
+CREATE OR REPLACE FUNCTION runops.guard_run_status()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  mover text := nullif(current_setting('runops.transition_by', true), '');
+BEGIN
+  IF NOT EXISTS (SELECT FROM status_transitions AS t
+                 WHERE t.from_status = OLD.status AND t.to_status = NEW.status
+                   AND (mover IS NULL OR t.made_by = mover)) THEN
+    PERFORM raise_error('RO003',
+      format('run run_%s cannot move from %s to %s%s', OLD.id, OLD.status, NEW.status,
+             CASE WHEN mover IS NULL THEN '' ELSE ' by ' || mover END),
+      NULL, CASE WHEN is_final_status(OLD.status) THEN 'a final run never changes again' END);
+  END IF;
+  -- Committed with the change, so a listener never hears of a status that was rolled back.
+  IF (SELECT e.notifications FROM runtime_environments AS e WHERE e.id = NEW.environment_id) IS DISTINCT FROM false THEN
+    PERFORM pg_notify('runops_env_' || NEW.environment_id,
+                      json_build_object('run_id', 'run_' || NEW.id, 'old_status', OLD.status,
+                                        'new_status', NEW.status, 'at', NEW.updated_at)::text);
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+-- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
+-- store's run, RO004 when it is missing. Locks the run.
+CREATE OR REPLACE FUNCTION runops.lock_run(run_id text)
+RETURNS runops.runs
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  bare text := require_id(run_id, 'run', 'run_id');
+  residency text := classify_residency(bare);
+  r runs;
+BEGIN
+  IF residency <> local_residency() THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+      PERFORM raise_error('RO004', format('run %s not found (the split was never enabled)', run_id));
+    END IF;
+    PERFORM raise_wrong_store('run', run_id, store_for_residency(residency));
+  END IF;
+  SELECT * INTO r FROM runs AS x WHERE x.id = bare FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('run %s not found', run_id));
+  END IF;
+  RETURN r;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.finalize_run(run_id text, status text, error jsonb DEFAULT NULL,
+                                               output jsonb DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  r runs;
+  final_status text := finalize_run.status;
+BEGIN
+  IF final_status IS NULL OR NOT is_final_status(final_status) THEN
+    PERFORM raise_error('RO006', format('finalize_run needs a final status (CANCELED, INTERRUPTED, COMPLETED_SUCCESSFULLY, '
+                                        'COMPLETED_WITH_ERRORS, SYSTEM_FAILURE, CRASHED, EXPIRED, TIMED_OUT), got %s',
+                                        quote_nullable(final_status)));
+  END IF;
+  r := lock_run(finalize_run.run_id);
+  -- Repeating the call that made the run final returns it unchanged.
+  IF r.status = final_status THEN
+    RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+    RETURN;
+  END IF;
+  PERFORM set_config('runops.transition_by', 'finalize_run', true);
+  -- One write: status, error and output land together, so no reader sees a final run without them.
+  UPDATE runs AS x
+  SET status = final_status,
+      error = coalesce(finalize_run.error, x.error),
+      output = coalesce(finalize_run.output, x.output),
+      completed_at = now(),
+      expired_at = CASE WHEN final_status = 'EXPIRED' THEN now() ELSE x.expired_at END,
+      locked_by = NULL,
+      lease_expires_at = NULL,
+      updated_at = now()
+  WHERE x.id = r.id;
+  PERFORM set_config('runops.transition_by', '', true);
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- sql/functions/reads.sql
+-- Read-through: a read answers from the store that owns the id — locally, or through the FDW —
+-- and never refuses: a missing, foreign-tenant, malformed or unroutable id is simply no row.
+-- Only an unreachable other store is an error (RO009).
+
+CREATE OR REPLACE FUNCTION runops.get_run(run_id text, environment_id text DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  bare text := bare_id(get_run.run_id, 'run');
+  residency text := try_classify_residency(bare);
+  env_id text := get_run.environment_id;
+BEGIN
+  IF residency IS NULL THEN
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    RETURN QUERY SELECT * FROM run_view AS v
+                 WHERE v.id = bare AND (env_id IS NULL OR v.environment_id = env_id);
+    RETURN;
+  END IF;
+  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN;
+  END IF;
+  BEGIN
+    -- Two plain predicates, so postgres_fdw ships both and the remote uses its primary key.
+    IF env_id IS NULL THEN
+      RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare;
+    ELSE
+      RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare AND v.environment_id = env_id;
+    END IF;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
+                                        store_for_residency(residency), get_run.run_id, SQLERRM));
+  END;
+END
+$$;
+
+-- sql/functions/split.sql
+-- Split control and residency decisions.
+--
+-- split_settings lives on the control plane and reaches run-ops through the mirror. A root run's
+-- residency follows it (rule 3); children, batches and items follow their anchor (rule 2); a
+-- pre-minted id must agree with both (rule 1).
+
+CREATE OR REPLACE FUNCTION runops.peer_wired()
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+  SELECT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer')
+$$;
+
+-- The settings row; a run-ops store whose mirror has not synced yet reads "never enabled".
+CREATE OR REPLACE FUNCTION runops.current_split_settings()
+RETURNS runops.split_settings
+LANGUAGE sql STABLE
+AS $$
+  SELECT coalesce((SELECT s FROM runops.split_settings AS s),
+                  ROW(true, false, false, 'cuid', NULL)::runops.split_settings)
+$$;
+
+-- Rule 3: the residency a root run (or parentless batch, or standalone token) mints with.
+CREATE OR REPLACE FUNCTION runops.root_residency(env runops.environment_context)
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE
+           WHEN NOT s.enabled THEN 'LEGACY'
+           WHEN coalesce(env.mint_kind, s.default_mint_kind) = 'ksuid' THEN 'NEW'
+           ELSE 'LEGACY'
+         END
+  FROM runops.current_split_settings() AS s
+$$;
+
+-- Which store a trigger with these (parsed) options belongs on, raising RO001 for an
+-- unclassifiable anchor, RO006 for a pre-minted id that disagrees with the rules, and RO004 for
+-- a NEW anchor while the split was never enabled. Environment existence is checked by callers,
+-- except for roots, whose residency depends on it.
+CREATE OR REPLACE FUNCTION runops.decide_residency(environment_id text, spec runops.trigger_spec)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text;
+  preminted text;
+  ever_enabled boolean := (current_split_settings()).ever_enabled;
+BEGIN
+  IF spec.parent_run_id IS NOT NULL THEN
+    residency := classify_residency(spec.parent_run_id);
+    IF residency = 'NEW' AND NOT ever_enabled THEN
+      PERFORM raise_error('RO004', format('parent run run_%s not found (the split was never enabled)', spec.parent_run_id));
+    END IF;
+  ELSIF spec.batch_id IS NOT NULL THEN
+    residency := classify_residency(spec.batch_id);
+    IF residency = 'NEW' AND NOT ever_enabled THEN
+      PERFORM raise_error('RO004', format('batch batch_%s not found (the split was never enabled)', spec.batch_id));
+    END IF;
+  END IF;
+  IF spec.run_id IS NOT NULL THEN
+    preminted := classify_residency(spec.run_id);
+    IF preminted = 'NEW' AND NOT ever_enabled THEN
+      PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
+                          NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+    END IF;
+  END IF;
+  IF residency IS NULL THEN
+    residency := root_residency(require_environment_for_new_work(environment_id));
+  END IF;
+  IF preminted IS NOT NULL AND preminted <> residency THEN
+    PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
+                                         preminted, residency),
+                        NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+  END IF;
+  RETURN residency;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.trigger_route(environment_id text, options jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  RETURN store_for_residency(decide_residency(trigger_route.environment_id,
+                                              parse_trigger_options(trigger_route.options)));
+END
+$$;
+
+-- The other store's identity, read through the FDW.
+CREATE OR REPLACE FUNCTION runops.peer_identity()
+RETURNS TABLE (system_identifier text, database_name text, database_oid bigint, store_role text,
+               server_version text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF peer_wired() THEN
+    RETURN QUERY SELECT i.system_identifier, i.database_name, i.database_oid, i.store_role, i.server_version
+                 FROM runops_peer.store_identity_view AS i;
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.identity_json(system_identifier text, database_name text,
+                                                database_oid bigint, store_role text, server_version text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT jsonb_build_object('system_identifier', system_identifier, 'database_name', database_name,
+                            'database_oid', database_oid, 'store_role', store_role,
+                            'server_version', server_version)
+$$;
+
+-- Compares this control plane with what its FDW reaches and with what that store's FDW reaches
+-- back. Returns {distinct, same_cluster, reason, control_plane, run_ops, run_ops_sees}; never
+-- raises for a failed probe (the verdict says so), so split_status can report it.
+CREATE OR REPLACE FUNCTION runops.probe_split()
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  mine jsonb;
+  theirs jsonb;
+  back jsonb;
+BEGIN
+  SELECT identity_json(i.system_identifier, i.database_name, i.database_oid, i.store_role, i.server_version)
+  INTO mine FROM store_identity() AS i;
+  IF NOT peer_wired() THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', false, 'control_plane', mine,
+                              'run_ops', NULL, 'reason', 'no run-ops store is wired (run `runops migrate` with both URLs)');
+  END IF;
+  BEGIN
+    SELECT identity_json(i.system_identifier, i.database_name, i.database_oid, i.store_role, i.server_version)
+    INTO theirs FROM runops_peer.store_identity_view AS i;
+    SELECT identity_json(i.system_identifier, i.database_name, i.database_oid, i.store_role, i.server_version)
+    INTO back FROM runops_peer.peer_identity_view AS i;
+  EXCEPTION WHEN OTHERS THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', false, 'control_plane', mine, 'run_ops', NULL,
+                              'reason', 'the run-ops probe failed: ' || SQLERRM);
+  END;
+  IF theirs IS NULL THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', false, 'control_plane', mine, 'run_ops', NULL,
+                              'reason', 'the run-ops probe returned no identity');
+  END IF;
+  IF theirs ->> 'system_identifier' = mine ->> 'system_identifier'
+     AND theirs ->> 'database_name' = mine ->> 'database_name' THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', true, 'control_plane', mine, 'run_ops', theirs,
+                              'reason', 'the run-ops store is the same physical database as the control plane '
+                                        '(same system identifier and database; a replica or clone counts as the same)');
+  END IF;
+  IF theirs ->> 'store_role' IS DISTINCT FROM 'RUN_OPS' THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', false, 'control_plane', mine, 'run_ops', theirs,
+                              'reason', 'the FDW target is not a run-ops store (store_role '
+                                        || coalesce(theirs ->> 'store_role', 'unset') || ')');
+  END IF;
+  IF back IS NULL OR back ->> 'system_identifier' <> mine ->> 'system_identifier'
+     OR back ->> 'database_name' <> mine ->> 'database_name' THEN
+    RETURN jsonb_build_object('distinct', false, 'same_cluster', false, 'control_plane', mine, 'run_ops', theirs,
+                              'run_ops_sees', back,
+                              'reason', 'the run-ops store''s FDW does not point back at this control plane');
+  END IF;
+  RETURN jsonb_build_object('distinct', true,
+                            'same_cluster', theirs ->> 'system_identifier' = mine ->> 'system_identifier',
+                            'control_plane', mine, 'run_ops', theirs, 'run_ops_sees', back,
+                            'reason', CASE WHEN theirs ->> 'system_identifier' = mine ->> 'system_identifier'
+                                           THEN 'distinct database in the same cluster (allowed; a separate cluster is recommended)'
+                                           ELSE 'distinct clusters' END);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.split_status()
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  s split_settings := current_split_settings();
+  probe jsonb;
+BEGIN
+  PERFORM require_control_plane('split_status');
+  probe := probe_split();
+  RETURN jsonb_build_object(
+    'enabled', s.enabled,
+    'ever_enabled', s.ever_enabled,
+    'distinct', probe -> 'distinct',
+    'reason', probe -> 'reason',
+    'control_plane', probe -> 'control_plane',
+    'run_ops', probe -> 'run_ops',
+    'default_mint_kind', s.default_mint_kind,
+    'org_mint_kinds', coalesce((SELECT jsonb_object_agg(o.id, o.mint_kind ORDER BY o.id)
+                                FROM organizations AS o WHERE o.mint_kind IS NOT NULL), '{}'::jsonb));
+END
+$$;
+
+-- Fails closed: any doubt that the run-ops store is a separate database refuses with RO007.
+CREATE OR REPLACE FUNCTION runops.enable_split()
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  probe jsonb;
+BEGIN
+  PERFORM require_control_plane('enable_split');
+  probe := probe_split();
+  IF NOT (probe ->> 'distinct')::boolean THEN
+    -- The refusal cannot be audited in split_audit (this transaction rolls back); it is in the
+    -- server log as this error, with its DETAIL.
+    PERFORM raise_error('RO007', 'split refused: ' || (probe ->> 'reason'), probe::text,
+                        'initialise a fresh run-ops database and wire it with `runops migrate`');
+  END IF;
+  IF (probe ->> 'same_cluster')::boolean THEN
+    RAISE WARNING 'the run-ops store is another database of the control plane''s cluster; a separate cluster is recommended';
+  END IF;
+  UPDATE split_settings SET enabled = true, ever_enabled = true, updated_at = now();
+  INSERT INTO split_audit (actor, action, verdict, detail)
+  VALUES (session_user, 'enable_split',
+          CASE WHEN (probe ->> 'same_cluster')::boolean THEN 'ACCEPTED_WITH_WARNING' ELSE 'ACCEPTED' END, probe);
+  RETURN split_status();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.disable_split()
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM require_control_plane('disable_split');
+  UPDATE split_settings SET enabled = false, updated_at = now();
+  INSERT INTO split_audit (actor, action, verdict, detail)
+  VALUES (session_user, 'disable_split', 'ACCEPTED', '{}');
+  RETURN split_status();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_mint_kind(kind text, allow_default boolean)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF kind IS NULL OR kind NOT IN ('cuid', 'ksuid') AND NOT (allow_default AND kind = 'default') THEN
+    PERFORM raise_error('RO006', format('mint kind must be cuid or ksuid%s, got %s',
+                                         CASE WHEN allow_default THEN ' (or default, to follow the default)' ELSE '' END,
+                                         quote_nullable(kind)));
+  END IF;
+  RETURN nullif(kind, 'default');
+END
+$$;
+
+-- kind 'default' clears the organization's override.
+CREATE OR REPLACE FUNCTION runops.set_mint_kind(organization_id text, kind text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_kind text := require_mint_kind(kind, true);
+BEGIN
+  PERFORM require_control_plane('set_mint_kind');
+  UPDATE organizations AS o SET mint_kind = new_kind, updated_at = now()
+  WHERE o.id = set_mint_kind.organization_id;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('organization %s not found', set_mint_kind.organization_id));
+  END IF;
+  INSERT INTO split_audit (actor, action, verdict, detail)
+  VALUES (session_user, 'set_mint_kind', 'ACCEPTED',
+          jsonb_build_object('organization_id', set_mint_kind.organization_id, 'kind', new_kind));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.set_default_mint_kind(kind text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_kind text := require_mint_kind(kind, false);
+BEGIN
+  PERFORM require_control_plane('set_default_mint_kind');
+  UPDATE split_settings SET default_mint_kind = new_kind, updated_at = now();
+  INSERT INTO split_audit (actor, action, verdict, detail)
+  VALUES (session_user, 'set_default_mint_kind', 'ACCEPTED', jsonb_build_object('kind', new_kind));
+END
+$$;
+
+-- sql/functions/tenants.sql
+-- Tenants: organizations, projects, runtime environments. Their home is the control plane; the
+-- run-ops store answers from its mirror, and on a mirror miss asks the control plane through
+-- the FDW before saying "not found" (a freshly created environment may not have replicated yet).
+
+-- Tenant and split-control functions exist in both stores but act only on the control plane.
+CREATE OR REPLACE FUNCTION runops.require_control_plane(what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF store_role() <> 'CONTROL_PLANE' THEN
+    PERFORM raise_wrong_store(what, '(control-plane setting)', 'CONTROL_PLANE');
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_slug(slug text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF slug IS NULL OR slug !~ '^[a-z0-9][a-z0-9-]{0,62}$' THEN
+    PERFORM raise_error('RO006', format('%s slug must be 1-63 lower-case letters, digits or dashes, got %s',
+                                         what, quote_nullable(slug)));
+  END IF;
+  RETURN slug;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_organization(slug text, options jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  opts jsonb := require_object(options, 'options');
+  kind text;
+  new_id text := generate_cuid();
+BEGIN
+  PERFORM require_slug(create_organization.slug, 'organization');
+  PERFORM reject_unknown_options(opts, ARRAY['title', 'mint_kind'], 'organization');
+  kind := option_text(opts, 'mint_kind');
+  IF kind IS NOT NULL AND kind NOT IN ('cuid', 'ksuid') THEN
+    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', kind));
+  END IF;
+  PERFORM require_control_plane('create_organization');
+  INSERT INTO organizations AS o (id, slug, title, mint_kind, created_at, updated_at)
+  VALUES (new_id, create_organization.slug, coalesce(option_text(opts, 'title'), create_organization.slug),
+          kind, now(), now())
+  ON CONFLICT ON CONSTRAINT organizations_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('an organization with slug %s already exists', create_organization.slug));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_project(organization_id text, slug text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_id text := generate_cuid();
+BEGIN
+  PERFORM require_slug(create_project.slug, 'project');
+  PERFORM require_control_plane('create_project');
+  IF NOT EXISTS (SELECT FROM organizations AS o WHERE o.id = create_project.organization_id) THEN
+    PERFORM raise_error('RO004', format('organization %s not found', create_project.organization_id));
+  END IF;
+  INSERT INTO projects AS p (id, organization_id, slug, created_at, updated_at)
+  VALUES (new_id, create_project.organization_id, create_project.slug, now(), now())
+  ON CONFLICT ON CONSTRAINT projects_organization_id_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('project %s already exists in organization %s',
+                                         create_project.slug, create_project.organization_id));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_environment(project_id text, slug text, type text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_id text := generate_cuid();
+  org_id text;
+BEGIN
+  PERFORM require_slug(create_environment.slug, 'environment');
+  IF create_environment.type IS NULL
+     OR create_environment.type NOT IN ('DEVELOPMENT', 'STAGING', 'PREVIEW', 'PRODUCTION') THEN
+    PERFORM raise_error('RO006', format('environment type must be DEVELOPMENT, STAGING, PREVIEW or PRODUCTION, got %s',
+                                         quote_nullable(create_environment.type)));
+  END IF;
+  PERFORM require_control_plane('create_environment');
+  SELECT p.organization_id INTO org_id
+  FROM projects AS p WHERE p.id = create_environment.project_id AND p.deleted_at IS NULL;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('project %s not found', create_environment.project_id));
+  END IF;
+  INSERT INTO runtime_environments AS e (id, project_id, organization_id, slug, type, created_at, updated_at)
+  VALUES (new_id, create_environment.project_id, org_id, create_environment.slug, create_environment.type,
+          now(), now())
+  ON CONFLICT ON CONSTRAINT runtime_environments_project_id_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('environment %s already exists in project %s',
+                                         create_environment.slug, create_environment.project_id));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.update_environment(environment_id text, changes jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  c jsonb := require_object(changes, 'changes');
+BEGIN
+  PERFORM reject_unknown_options(c, ARRAY['paused', 'archived', 'maximum_concurrency_limit', 'notifications'],
+                                 'environment change');
+  -- Parse every value before writing anything.
+  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'), option_boolean(c, 'notifications'),
+          option_integer(c, 'maximum_concurrency_limit', 0, 100000);
+  PERFORM require_control_plane('update_environment');
+  UPDATE runtime_environments AS e
+  SET paused = coalesce(option_boolean(c, 'paused'), e.paused),
+      archived = coalesce(option_boolean(c, 'archived'), e.archived),
+      notifications = coalesce(option_boolean(c, 'notifications'), e.notifications),
+      maximum_concurrency_limit = coalesce(option_integer(c, 'maximum_concurrency_limit', 0, 100000),
+                                           e.maximum_concurrency_limit),
+      updated_at = now()
+  WHERE e.id = update_environment.environment_id;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('environment %s not found', update_environment.environment_id));
+  END IF;
+END
+$$;
+
+-- The environment as new work sees it: local tables first (the control plane's own, or the
+-- run-ops mirror), then — on run-ops only — the control plane through the FDW. NULL fields when
+-- it exists nowhere.
+CREATE OR REPLACE FUNCTION runops.load_environment(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  ctx environment_context;
+BEGIN
+  SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+         p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
+         e.notifications
+  INTO ctx
+  FROM runtime_environments AS e
+  JOIN projects AS p ON p.id = e.project_id
+  JOIN organizations AS o ON o.id = e.organization_id
+  WHERE e.id = load_environment.environment_id;
+  IF FOUND OR store_role() = 'CONTROL_PLANE' OR NOT peer_wired() THEN
+    RETURN ctx;
+  END IF;
+  BEGIN
+    SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+           p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
+           e.notifications
+    INTO ctx
+    FROM runops_peer.runtime_environments AS e
+    JOIN runops_peer.projects AS p ON p.id = e.project_id
+    JOIN runops_peer.organizations AS o ON o.id = e.organization_id
+    WHERE e.id = load_environment.environment_id;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
+                                 || load_environment.environment_id || ' is not in the local mirror yet');
+  END;
+  RETURN ctx;
+END
+$$;
+
+-- RO004 when the environment does not exist, RO005 when it may not take new work.
+CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  ctx environment_context := load_environment(environment_id);
+BEGIN
+  IF ctx.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+  END IF;
+  IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
+    PERFORM raise_error('RO005',
+      format('environment %s cannot take new work: it is %s', environment_id,
+             CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
+                  WHEN ctx.project_deleted THEN 'in a deleted project'
+                  ELSE 'in an organization whose runs are disabled' END),
+      NULL, 'unpause it with update_environment, or trigger in another environment');
+  END IF;
+  RETURN ctx;
+END
+$$;
+
+-- Fallback engine for the mirror when logical replication is not available: a pull through the
+-- FDW, run by `runops migrate` and by tick. Never used while a subscription feeds the tables
+-- (two writers would fight over the same rows).
+CREATE OR REPLACE FUNCTION runops.pull_tenant_mirror()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := 0;
+  k integer;
+BEGIN
+  IF store_role() <> 'RUN_OPS' OR NOT peer_wired()
+     OR EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+                AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO organizations SELECT * FROM runops_peer.organizations
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
+    runs_enabled = excluded.runs_enabled, updated_at = excluded.updated_at
+  WHERE organizations.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO projects SELECT * FROM runops_peer.projects
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, deleted_at = excluded.deleted_at,
+    updated_at = excluded.updated_at
+  WHERE projects.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
+    maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
+    updated_at = excluded.updated_at
+  WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
+  ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
+    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at
+  WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  RETURN n;
+END
+$$;
+
+-- What the mirror must equal: a digest of the tenant rows and the split settings. Operator
+-- commands compare it across the stores to wait until a change has replicated.
+CREATE OR REPLACE FUNCTION runops.mirror_fingerprint()
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+  SELECT md5(concat_ws('|',
+    (SELECT string_agg(o.id || extract(epoch FROM o.updated_at)::text || coalesce(o.mint_kind, '-'), ',' ORDER BY o.id) FROM organizations AS o),
+    (SELECT string_agg(p.id || extract(epoch FROM p.updated_at)::text, ',' ORDER BY p.id) FROM projects AS p),
+    (SELECT string_agg(e.id || extract(epoch FROM e.updated_at)::text, ',' ORDER BY e.id) FROM runtime_environments AS e),
+    (SELECT string_agg(s.enabled::text || s.ever_enabled::text || s.default_mint_kind || extract(epoch FROM s.updated_at)::text, ',')
+     FROM split_settings AS s)))
+$$;
+
+-- sql/functions/trigger_run.sql
+-- Triggering runs, and idempotency.
+--
+-- trigger_run = parse_trigger_options (RO006) -> decide_residency (RO001, RO006, RO002)
+--   -> require_environment_for_new_work (RO004, RO005) -> create_run.
+-- create_run is the one idempotency routine: single triggers, children and (later) batch items
+-- and failed-task runs all go through it.
+
+CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  spec trigger_spec;
+  delay jsonb := o -> 'delay';
+  tags jsonb := o -> 'tags';
+  raw text;
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY[
+    'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
+    'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
+    'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
+    'dev_session_id'], 'trigger');
+
+  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF spec.idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
+  IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
+    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
+                                         spec.idempotency_key_scope));
+  END IF;
+  spec.idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
+                                             'option idempotency_key_ttl');
+
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    spec.parent_run_id := bare_id(raw, 'run');
+    IF spec.parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
+  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+
+  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
+    raw := option_text(o, 'delay');
+    IF raw ~ '^\d+[smhdw]$' THEN
+      spec.delay_until := now() + parse_duration(raw, 'option delay');
+    ELSE
+      spec.delay_until := parse_timestamp(raw, 'option delay');
+    END IF;
+  END IF;
+  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
+    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
+  END IF;
+  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
+    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
+  END IF;
+  spec.queue := option_text(o, 'queue', 256);
+  spec.concurrency_key := option_text(o, 'concurrency_key', 256);
+
+  IF tags IS NOT NULL AND tags <> 'null'::jsonb THEN
+    IF jsonb_typeof(tags) = 'string' THEN
+      tags := jsonb_build_array(tags);
+    END IF;
+    IF jsonb_typeof(tags) <> 'array'
+       OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
+                  WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
+      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
+    END IF;
+    IF jsonb_array_length(tags) > 10 THEN
+      PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
+    END IF;
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO spec.tags FROM jsonb_array_elements_text(tags) AS t;
+  END IF;
+  spec.tags := coalesce(spec.tags, '{}');
+
+  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
+  spec.metadata := o -> 'metadata';
+  IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
+    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
+  END IF;
+  spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
+
+  raw := option_text(o, 'run_id');
+  IF raw IS NOT NULL THEN
+    spec.run_id := bare_id(raw, 'run');
+    IF spec.run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  raw := option_text(o, 'batch_id');
+  IF raw IS NOT NULL THEN
+    spec.batch_id := bare_id(raw, 'batch');
+    IF spec.batch_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
+    END IF;
+  END IF;
+  spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
+  spec.dev_session_id := option_text(o, 'dev_session_id', 256);
+  RETURN spec;
+END
+$$;
+
+-- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
+-- parent every scope acts as global.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_hash(key text, scope text, parent_run_id text,
+                                                       parent_attempt_number integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT encode(sha256(convert_to(array_to_string(
+           ARRAY[key] || CASE
+                           WHEN parent_run_id IS NULL OR scope = 'global' THEN ARRAY[]::text[]
+                           WHEN scope = 'attempt' THEN ARRAY['run_' || parent_run_id, parent_attempt_number::text]
+                           ELSE ARRAY['run_' || parent_run_id]
+                         END, '-'), 'UTF8')), 'hex')
+$$;
+
+-- A held key is dead — ignored by dedup — once it expired or its run ended badly.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+  SELECT expires_at <= now()
+      OR status IN ('INTERRUPTED', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED', 'TIMED_OUT', 'EXPIRED')
+$$;
+
+-- Creates one run in this store, or returns the run that already holds its key (or its
+-- pre-minted id). The caller has validated everything and decided this store owns the run.
+--
+-- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
+-- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
+-- winner. Reading first keeps the cached path free of id minting and of any write.
+CREATE OR REPLACE FUNCTION runops.create_run(
+  env runops.environment_context, task_identifier text, payload jsonb, spec runops.trigger_spec,
+  initial_status text, error jsonb,
+  OUT run_id text, OUT is_cached boolean, OUT status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  key_hash text;
+  parent runs;
+  existing record;
+  new_id text;
+  run_status text := initial_status;
+  attempts integer := 0;
+BEGIN
+  IF spec.parent_run_id IS NOT NULL THEN
+    SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
+    IF NOT FOUND OR parent.environment_id <> env.id THEN
+      PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id, env.id));
+    END IF;
+  END IF;
+  IF spec.idempotency_key IS NOT NULL THEN
+    key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
+                                     coalesce(spec.parent_attempt_number, parent.attempt_number));
+  END IF;
+  IF run_status IS NULL THEN
+    run_status := CASE WHEN spec.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END;
+  END IF;
+
+  LOOP
+    attempts := attempts + 1;
+    IF attempts > 8 THEN
+      -- Only reachable when rows keep appearing and vanishing under us (purges racing triggers).
+      PERFORM raise_error('RO008', 'trigger kept conflicting with concurrent writes; retry the same call');
+    END IF;
+
+    IF spec.run_id IS NOT NULL THEN
+      SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
+      FROM runs AS r WHERE r.id = spec.run_id;
+      IF FOUND THEN
+        IF existing.environment_id <> env.id OR existing.task_identifier <> create_run.task_identifier THEN
+          PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
+                                               spec.run_id));
+        END IF;
+        run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        RETURN;
+      END IF;
+    END IF;
+
+    IF key_hash IS NOT NULL THEN
+      SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO existing
+      FROM runs AS r
+      WHERE r.environment_id = env.id AND r.task_identifier = create_run.task_identifier
+        AND r.idempotency_key_hash = key_hash;
+      IF FOUND THEN
+        IF NOT idempotency_key_is_dead(existing.status, existing.expires_at) THEN
+          run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          RETURN;
+        END IF;
+        -- Dead key: release it so the new run can hold it. The guard on the hash makes a
+        -- concurrent releaser a no-op.
+        UPDATE runs AS r
+        SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
+        WHERE r.id = existing.id AND r.idempotency_key_hash = key_hash;
+      END IF;
+    END IF;
+
+    new_id := coalesce(spec.run_id, CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END);
+    INSERT INTO runs AS r (
+      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
+      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
+      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
+      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
+      dev_session_id, queued_at, completed_at, created_at, updated_at)
+    VALUES (
+      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
+      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
+      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
+      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+      CASE WHEN key_hash IS NOT NULL THEN
+        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
+      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
+      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
+      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
+      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      RETURN;
+    END IF;
+    -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
+                                              payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  spec trigger_spec;
+  env_id text := trigger_run.environment_id;
+  task text := trigger_run.task_identifier;
+  owner_residency text;
+  env environment_context;
+  created record;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task IS NULL OR task !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$' THEN
+    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
+                                         quote_nullable(task)));
+  END IF;
+  spec := parse_trigger_options(trigger_run.options);
+  owner_residency := decide_residency(env_id, spec);
+  IF owner_residency <> local_residency() THEN
+    PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
+  END IF;
+  env := require_environment_for_new_work(env_id);
+  created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status,
+                      classify_residency(created.run_id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.reset_idempotency_key(
+  environment_id text, task_identifier text, idempotency_key text, scope text DEFAULT 'run',
+  parent_run_id text DEFAULT NULL, parent_attempt_number integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  parent text;
+  cleared integer;
+BEGIN
+  IF reset_idempotency_key.idempotency_key IS NULL OR reset_idempotency_key.idempotency_key = ''
+     OR length(reset_idempotency_key.idempotency_key) > 2048 THEN
+    PERFORM raise_error('RO006', 'idempotency_key must be 1 to 2048 characters');
+  END IF;
+  IF coalesce(scope, 'run') NOT IN ('run', 'attempt', 'global') THEN
+    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', scope));
+  END IF;
+  IF reset_idempotency_key.parent_run_id IS NOT NULL THEN
+    parent := require_id(reset_idempotency_key.parent_run_id, 'run', 'parent_run_id');
+    IF scope = 'attempt' AND reset_idempotency_key.parent_attempt_number IS NULL THEN
+      PERFORM raise_error('RO006', 'an attempt-scoped key needs parent_attempt_number');
+    END IF;
+  END IF;
+  UPDATE runs AS r
+  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  WHERE r.environment_id = reset_idempotency_key.environment_id
+    AND r.task_identifier = reset_idempotency_key.task_identifier
+    AND r.idempotency_key_hash = idempotency_key_hash(reset_idempotency_key.idempotency_key, coalesce(scope, 'run'),
+                                                      parent, reset_idempotency_key.parent_attempt_number);
+  GET DIAGNOSTICS cleared = ROW_COUNT;
+  RETURN cleared;
+END
+$$;
+
+-- sql/fdw/00_identity_views.sql
+-- What each store shows the other through postgres_fdw about itself. A foreign table cannot
+-- call a remote function, but it can read a remote view that does.
+--
+--   store_identity_view  who I am
+--   peer_identity_view   who my FDW reaches (so the control plane can check that the run-ops
+--                        store's FDW points back at it: both directions must agree)
+CREATE VIEW runops.store_identity_view AS SELECT * FROM runops.store_identity();
+CREATE VIEW runops.peer_identity_view AS SELECT * FROM runops.peer_identity();
+ALTER VIEW runops.store_identity_view OWNER TO runops_owner;
+ALTER VIEW runops.peer_identity_view OWNER TO runops_owner;
+GRANT SELECT ON runops.store_identity_view, runops.peer_identity_view TO runops_fdw;
+
+-- sql/fdw/10_unwired_peer.sql
+-- runops_peer holds this store's view of the other store. Until `runops migrate` wires the
+-- FDW it holds empty stand-ins of the same shape, so every function compiles and checks clean
+-- in a single-database install, and reads of the other store's ids find nothing.
+-- Wiring (sql/fdw/wire_peer.sql) replaces this schema with foreign tables.
+CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
+REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
+SET LOCAL ROLE runops_owner;
+CREATE VIEW runops_peer.runs AS SELECT * FROM runops.runs WHERE false;
+CREATE VIEW runops_peer.run_view AS SELECT * FROM runops.run_view WHERE false;
+CREATE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
+CREATE VIEW runops_peer.batch_items AS SELECT * FROM runops.batch_items WHERE false;
+CREATE VIEW runops_peer.waitpoints AS SELECT * FROM runops.waitpoints WHERE false;
+CREATE VIEW runops_peer.run_waitpoints AS SELECT * FROM runops.run_waitpoints WHERE false;
+CREATE VIEW runops_peer.organizations AS SELECT * FROM runops.organizations WHERE false;
+CREATE VIEW runops_peer.projects AS SELECT * FROM runops.projects WHERE false;
+CREATE VIEW runops_peer.runtime_environments AS SELECT * FROM runops.runtime_environments WHERE false;
+CREATE VIEW runops_peer.split_settings AS SELECT * FROM runops.split_settings WHERE false;
+CREATE VIEW runops_peer.store_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
+CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
+RESET ROLE;
+
+-- sql/after_functions.sql
+-- Applied after every function file: grants, and the status-guard trigger. Applications (runops_app) may EXECUTE the public API and
+-- nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
+-- the identity views need.
+-- The SECURITY DEFINER functions must run as the NOLOGIN owner, never as the installing superuser.
+DO $$
+DECLARE
+  f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p
+           WHERE p.pronamespace = 'runops'::regnamespace
+             AND p.proowner <> 'runops_owner'::regrole LOOP
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO runops_owner', f);
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA runops FROM PUBLIC;
+
+-- Identity functions are plain (SECURITY INVOKER); their helpers must be callable too.
+GRANT EXECUTE ON FUNCTION
+  runops.classify_residency(text), runops.try_classify_residency(text), runops.generate_ksuid(),
+  runops.generate_cuid(), runops.ksuid_timestamp(text), runops.store_role(), runops.store_identity(),
+  runops.now(), runops.ksuid_encode(bytea), runops.base36(bigint, integer)
+  TO runops_app, runops_fdw;
+GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
+
+GRANT EXECUTE ON FUNCTION
+  runops.trigger_run(text, text, jsonb, jsonb),
+  runops.trigger_route(text, jsonb),
+  runops.reset_idempotency_key(text, text, text, text, text, integer),
+  runops.get_run(text, text),
+  runops.finalize_run(text, text, jsonb, jsonb),
+  runops.create_organization(text, jsonb),
+  runops.create_project(text, text),
+  runops.create_environment(text, text, text),
+  runops.update_environment(text, jsonb),
+  runops.split_status(),
+  runops.enable_split(),
+  runops.disable_split(),
+  runops.set_mint_kind(text, text),
+  runops.set_default_mint_kind(text),
+  runops.pull_tenant_mirror(),
+  runops.mirror_fingerprint()
+  TO runops_app;
+
+CREATE OR REPLACE TRIGGER runs_status_guard
+  BEFORE UPDATE OF status ON runops.runs
+  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+  EXECUTE FUNCTION runops.guard_run_status();
+'''
+
+
+def render(sql: str, store: str) -> str:
+    return re.sub(r"RESIDENCY_CHECK\((\w+)\)", lambda m: RESIDENCY_CHECKS[store].format(col=m.group(1)), sql)
+
+
+def upgrade(op, store: str) -> None:
+    # The driver connection runs the text as one simple query: no parameter parsing of the
+    # PL/pgSQL bodies, and the same transaction Alembic opened.
+    op.get_bind().connection.driver_connection.execute(render(SQL, store) + SEEDS[store])
+
+
+def downgrade(op) -> None:
+    op.get_bind().connection.driver_connection.execute(
+        "DROP SCHEMA IF EXISTS runops_peer CASCADE; DROP SCHEMA IF EXISTS runops CASCADE;")

@@ -1,0 +1,360 @@
+"""The `runops` command. Human output by default, --json for scripts.
+
+Exit codes: 0 ok; 1 an unexpected failure; 2 bad usage; 3 a store is behind its migrations
+(`migrate --check`); 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
+13 illegal transition, 14 not found, 15 environment unusable, 16 invalid input,
+17 split refused, 18 retryable conflict, 19 store unavailable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+import psycopg
+
+from . import migrate as migrations
+from .client import CONTROL_PLANE, RUN_OPS, RunOps
+from .errors import RunOpsError
+from .local_cluster import ClusterError, LocalStores
+from .output import emit_json, fields, table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_code(err: RunOpsError) -> int:
+    if err.sqlstate and err.sqlstate.startswith("RO"):
+        return 10 + int(err.sqlstate[2:])
+    return 1
+
+
+def reports_errors(fn: F) -> F:
+    """One readable line on stderr and a meaningful exit code instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunOpsError as err:
+            code = f"{err.sqlstate} " if err.sqlstate else ""
+            click.echo(f"error: {code}{err.message}", err=True)
+            sys.exit(exit_code(err))
+        except psycopg.Error as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            click.echo(f"error: {first}", err=True)
+            sys.exit(1)
+
+    return cast(F, wrapper)
+
+
+class Ctx:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._client: RunOps | None = None
+
+    def client(self) -> RunOps:
+        if self._client is None:
+            self._client = RunOps.connect()
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def main(ctx: click.Context, as_json: bool) -> None:
+    """runops: run operations across a control-plane and a run-ops PostgreSQL store."""
+    ctx.obj = Ctx(as_json)
+    ctx.call_on_close(ctx.obj.close)
+
+
+# -- dev ------------------------------------------------------------------------------------
+
+@main.group()
+def dev() -> None:
+    """Embedded local stores under .runops/ (two PostgreSQL clusters on loopback)."""
+
+
+@dev.command("up")
+@pass_ctx
+@reports_errors
+def dev_up(ctx: Ctx) -> None:
+    """Initialise (once), start, migrate and wire both local stores, and enable the split."""
+    home = Path.cwd() / ".runops"
+    try:
+        stores = LocalStores.from_cwd(home)
+    except ClusterError:
+        stores, note = LocalStores.create(home)
+        stores.save()
+        if note:
+            click.echo(f"note: {note}", err=True)
+    with click.progressbar(length=4, label="starting the local stores", file=sys.stderr) as bar:
+        stores.start()
+        bar.update(1)
+        admin = stores.admin_urls()
+        report = migrations.migrate(admin[CONTROL_PLANE], admin[RUN_OPS])
+        bar.update(1)
+        for url in admin.values():
+            migrations.set_app_password(url, stores.app_password)
+        bar.update(1)
+        urls = stores.app_urls()
+        with RunOps(urls[CONTROL_PLANE], urls[RUN_OPS]) as client:
+            status = client.enable_split()
+            client.wait_for_mirror()
+        bar.update(1)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if ctx.as_json:
+        emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status})
+        return
+    table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
+           (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
+          ["store", "port", "url"], title="local stores are up")
+    click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
+
+
+@dev.command("down")
+@pass_ctx
+@reports_errors
+def dev_down(ctx: Ctx) -> None:
+    """Stop both local stores (their data stays)."""
+    stores = LocalStores.from_cwd()
+    stores.stop()
+    if ctx.as_json:
+        emit_json({"stopped": True})
+    else:
+        click.echo("local stores stopped; `runops dev up` starts them again with their data")
+
+
+@dev.command("status")
+@pass_ctx
+@reports_errors
+def dev_status(ctx: Ctx) -> None:
+    """Whether the local stores run, where, and the split's state."""
+    stores = LocalStores.from_cwd()
+    running = stores.running()
+    urls = stores.app_urls()
+    if ctx.as_json:
+        emit_json({"running": running, "urls": urls, "data_root": stores.data_root})
+    else:
+        table([(s, "running" if running[s] else "stopped", c.port, c.datadir) for s, c in stores.clusters.items()],
+              ["store", "state", "port", "data"])
+    if not all(running.values()):
+        sys.exit(1)
+
+
+# -- migrate --------------------------------------------------------------------------------
+
+def _admin_urls(control_plane_url: str | None, run_ops_url: str | None) -> tuple[str, str | None]:
+    cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_ADMIN_URL")
+    ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_ADMIN_URL")
+    if cp:
+        return cp, ro
+    admin = LocalStores.from_cwd().admin_urls()
+    return admin[CONTROL_PLANE], ro or admin[RUN_OPS]
+
+
+@main.command()
+@click.option("--control-plane-url", help="Admin (superuser) URL; default RUNOPS_CONTROL_PLANE_ADMIN_URL or the local store.")
+@click.option("--run-ops-url", help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL or the local store.")
+@click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
+@pass_ctx
+@reports_errors
+def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, check: bool) -> None:
+    """Upgrade both stores to head, then (re)wire the FDW both ways and the tenant mirror."""
+    cp, ro = _admin_urls(control_plane_url, run_ops_url)
+    targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
+    if check:
+        rows = [(store, migrations.current_revision(store, url), migrations.head_revision(store, url))
+                for store, url in targets]
+        behind = [r for r in rows if r[1] != r[2]]
+        if ctx.as_json:
+            emit_json([{"store": s, "current": c, "head": h} for s, c, h in rows])
+        else:
+            table([(s, c or "(none)", h, "behind" if c != h else "current") for s, c, h in rows],
+                  ["store", "current", "head", "state"])
+        if behind:
+            sys.exit(3)
+        return
+    report = migrations.migrate(cp, ro)
+    if ctx.as_json:
+        emit_json(report)
+        return
+    click.echo(f"upgraded: {', '.join(report.upgraded)}; wired: {'yes' if report.wired else 'no'}; "
+               f"tenant mirror: {report.mirror}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+
+
+# -- split ----------------------------------------------------------------------------------
+
+@main.group()
+def split() -> None:
+    """Inspect and switch the run-ops split (control plane)."""
+
+
+def _show_split(ctx: Ctx, status: dict[str, Any]) -> None:
+    if ctx.as_json:
+        emit_json(status)
+        return
+    fields({"enabled": status["enabled"], "distinct": status["distinct"], "reason": status["reason"],
+            "default mint kind": status["default_mint_kind"],
+            "organization overrides": status["org_mint_kinds"] or "-",
+            "control plane": _ident(status.get("control_plane")), "run-ops": _ident(status.get("run_ops"))})
+
+
+def _ident(i: dict[str, Any] | None) -> str:
+    return "-" if not i else f"{i['database_name']} (system {i['system_identifier']}, oid {i['database_oid']})"
+
+
+@split.command("status")
+@pass_ctx
+@reports_errors
+def split_status(ctx: Ctx) -> None:
+    _show_split(ctx, ctx.client().split_status())
+
+
+@split.command("enable")
+@pass_ctx
+@reports_errors
+def split_enable(ctx: Ctx) -> None:
+    """Enable the split; refused (exit 17) unless the run-ops store is a distinct database."""
+    _show_split(ctx, ctx.client().enable_split())
+
+
+@split.command("disable")
+@pass_ctx
+@reports_errors
+def split_disable(ctx: Ctx) -> None:
+    _show_split(ctx, ctx.client().disable_split())
+
+
+@main.command("mint-kind")
+@click.argument("organization_id", required=False)
+@click.argument("kind", type=click.Choice(["cuid", "ksuid", "default"]))
+@pass_ctx
+@reports_errors
+def mint_kind(ctx: Ctx, organization_id: str | None, kind: str) -> None:
+    """Set ORGANIZATION_ID's mint kind, or the default mint kind when no organization is given."""
+    client = ctx.client()
+    if organization_id:
+        client.set_mint_kind(organization_id, kind)
+    else:
+        if kind == "default":
+            raise click.UsageError("the default mint kind must be cuid or ksuid")
+        client.set_default_mint_kind(kind)
+    client.wait_for_mirror()
+    _show_split(ctx, client.split_status())
+
+
+# -- tenants --------------------------------------------------------------------------------
+
+@main.group("env")
+def env_group() -> None:
+    """Runtime environments (control plane)."""
+
+
+@env_group.command("create")
+@click.argument("org_slug")
+@click.argument("project_slug")
+@click.argument("env_slug")
+@click.option("--type", "env_type", default="DEVELOPMENT",
+              type=click.Choice(["DEVELOPMENT", "STAGING", "PREVIEW", "PRODUCTION"]))
+@click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]), help="The new organization's mint kind.")
+@pass_ctx
+@reports_errors
+def env_create(ctx: Ctx, org_slug: str, project_slug: str, env_slug: str, env_type: str,
+               mint_kind: str | None) -> None:
+    """Create an organization, a project and an environment in it."""
+    client = ctx.client()
+    org = client.create_organization(org_slug, mint_kind=mint_kind)
+    project = client.create_project(org, project_slug)
+    env = client.create_environment(project, env_slug, env_type)
+    result = {"organization_id": org, "project_id": project, "environment_id": env}
+    if ctx.as_json:
+        emit_json(result)
+    else:
+        fields(result)
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+def _json_arg(value: str | None, what: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from exc
+
+
+@main.command()
+@click.argument("environment_id")
+@click.argument("task")
+@click.option("--payload", help="JSON payload.")
+@click.option("--key", "idempotency_key", help="Idempotency key.")
+@click.option("--scope", "idempotency_key_scope", type=click.Choice(["run", "attempt", "global"]))
+@click.option("--key-ttl", "idempotency_key_ttl", help="Idempotency key TTL, e.g. 1h.")
+@click.option("--parent", "parent_run_id", help="Parent run id.")
+@click.option("--delay", help="Delay (10m) or timestamp with offset.")
+@click.option("--ttl", help="Expire if not started within this duration.")
+@click.option("--tag", "tags", multiple=True)
+@click.option("--options", "raw_options", help="Any other trigger options, as a JSON object.")
+@pass_ctx
+@reports_errors
+def trigger(ctx: Ctx, environment_id: str, task: str, payload: str | None, raw_options: str | None,
+            tags: tuple[str, ...], **options: Any) -> None:
+    """Trigger TASK in ENVIRONMENT_ID."""
+    opts = dict(_json_arg(raw_options, "--options") or {})
+    opts.update({k: v for k, v in options.items() if v is not None})
+    if tags:
+        opts["tags"] = list(tags)
+    result = ctx.client().trigger_run(environment_id, task, _json_arg(payload, "--payload"), **opts)
+    if ctx.as_json:
+        emit_json(result)
+    else:
+        table([(result.run_id, result.status, result.residency, result.is_cached)],
+              ["run", "status", "residency", "cached"])
+
+
+@main.group()
+def runs() -> None:
+    """Inspect runs."""
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
+@pass_ctx
+@reports_errors
+def runs_show(ctx: Ctx, run_id: str, environment_id: str | None) -> None:
+    run = ctx.client().get_run(run_id, environment_id)
+    if run is None:
+        click.echo(f"error: RO004 run {run_id} not found", err=True)
+        sys.exit(14)
+    if ctx.as_json:
+        emit_json(run)
+    else:
+        fields({k: v for k, v in vars(run).items() if k != "id"})
+
+
+@main.command()
+@pass_ctx
+@reports_errors
+def demo(ctx: Ctx) -> None:
+    """Show the mission on the local stores: minting, inheritance, idempotency, read-through, the sentinel."""
+    from .demo import run_demo
+
+    run_demo(ctx.client())

@@ -1,0 +1,280 @@
+"""The thin client: one psycopg pool per store, routing by id shape, RO errors as exceptions.
+
+Nothing here decides anything the database decides; it only picks the store to ask.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import class_row, tuple_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from . import ids
+from .errors import NotFound, SplitRefused, StoreUnavailable, WrongStore, translate
+from .models import Run, StoreIdentity, TriggerResult
+
+T = TypeVar("T")
+
+CONTROL_PLANE = "CONTROL_PLANE"
+RUN_OPS = "RUN_OPS"
+ROUTE_CACHE_SECONDS = 1.0
+
+
+def _options(values: dict[str, Any]) -> Jsonb:
+    """Keyword options to the jsonb the SQL API takes: None means "not given"."""
+    opts = {k: v for k, v in values.items() if v is not None}
+    key = opts.get("idempotency_key")
+    if isinstance(key, str):
+        opts["idempotency_key"] = key.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+    return Jsonb(opts)
+
+
+class RunOps:
+    """Client for both stores. Use :meth:`connect`; close it (or use ``with``) when done."""
+
+    def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
+                 max_pool_size: int = 8, timeout: float = 10.0) -> None:
+        self._pools: dict[str, ConnectionPool] = {}
+        self._timeout = timeout
+        self._routes: dict[str, tuple[str, float]] = {}
+        self._routes_lock = threading.Lock()
+        self._pools[CONTROL_PLANE] = self._pool(control_plane_url, max_pool_size)
+        if run_ops_url and run_ops_url != control_plane_url:
+            self._pools[RUN_OPS] = self._pool(run_ops_url, max_pool_size)
+
+    @staticmethod
+    def _pool(url: str, max_size: int) -> ConnectionPool:
+        return ConnectionPool(url, min_size=1, max_size=max_size, open=True,
+                              kwargs={"autocommit": True}, name="runops")
+
+    @classmethod
+    def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
+                **kwargs: Any) -> RunOps:
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else the local dev stores."""
+        cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
+        ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
+        if not cp:
+            from .local_cluster import LocalStores
+
+            urls = LocalStores.from_cwd().app_urls()
+            cp, ro = urls[CONTROL_PLANE], ro or urls[RUN_OPS]
+        return cls(cp, ro, **kwargs)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+    def __enter__(self) -> RunOps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def split_wired(self) -> bool:
+        return RUN_OPS in self._pools
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self, store: str) -> Iterator[psycopg.Connection[Any]]:
+        pool = self._pools.get(store)
+        if pool is None:
+            raise StoreUnavailable(f"no {store} store is configured")
+        try:
+            with pool.connection(timeout=self._timeout) as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"the {store} store is unavailable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+    def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> list[T]:
+        with self._connection(store) as conn, conn.cursor(row_factory=class_row(cls)) as cur:
+            cur.execute(sql, params)  # type: ignore[arg-type]
+            return cur.fetchall()
+
+    def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
+        with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(sql, params)  # type: ignore[arg-type]
+            row = cur.fetchone()
+            return None if row is None else row[0]
+
+    def _store_of(self, id_: str) -> str:
+        return ids.store_for(ids.classify_residency(id_))
+
+    def _write_store_of(self, id_: str) -> str:
+        """The store to send a write naming ``id_``; NotFound for NEW ids with no run-ops store."""
+        store = self._store_of(id_)
+        if store == RUN_OPS and not self.split_wired:
+            raise NotFound(f"{id_} not found: no run-ops store is configured")
+        return store
+
+    def _with_wrong_store_retry(self, store: str, call: Any) -> Any:
+        """Runs call(store); on RO002 retries once on the store the error names."""
+        try:
+            return call(store)
+        except WrongStore as exc:
+            other = exc.owning_store
+            if other is None or other == store or other not in self._pools:
+                raise
+            return call(other)
+
+    # -- identity ---------------------------------------------------------------------------
+
+    classify_residency = staticmethod(ids.classify_residency)
+    try_classify_residency = staticmethod(ids.try_classify_residency)
+
+    def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
+        return self._rows(store, "SELECT * FROM runops.store_identity()", {}, StoreIdentity)[0]
+
+    def store_role(self, store: str = CONTROL_PLANE) -> str:
+        return str(self._scalar(store, "SELECT runops.store_role()", {}))
+
+    # -- tenants (control plane) --------------------------------------------------------------
+
+    def create_organization(self, slug: str, *, title: str | None = None,
+                            mint_kind: str | None = None) -> str:
+        return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_organization(%(slug)s, %(o)s)",
+                                {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
+
+    def create_project(self, organization_id: str, slug: str) -> str:
+        return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_project(%(org)s, %(slug)s)",
+                                {"org": organization_id, "slug": slug}))
+
+    def create_environment(self, project_id: str, slug: str, type: str) -> str:
+        return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_environment(%(p)s, %(s)s, %(t)s)",
+                                {"p": project_id, "s": slug, "t": type}))
+
+    def update_environment(self, environment_id: str, **changes: Any) -> None:
+        self._scalar(CONTROL_PLANE, "SELECT runops.update_environment(%(e)s, %(c)s)",
+                     {"e": environment_id, "c": _options(changes)})
+
+    # -- split control (control plane) ---------------------------------------------------------
+
+    def split_status(self) -> dict[str, Any]:
+        return dict(self._scalar(CONTROL_PLANE, "SELECT runops.split_status()", {}))
+
+    def enable_split(self) -> dict[str, Any]:
+        """Enables the split once three identities agree: the run-ops store this client talks to,
+        the control plane's FDW target, and (checked in SQL) that store's FDW view back."""
+        if RUN_OPS in self._pools:
+            mine = self.store_identity(RUN_OPS)
+            control = self.store_identity(CONTROL_PLANE)
+            if (mine.system_identifier, mine.database_name) == (control.system_identifier, control.database_name):
+                raise SplitRefused("split refused: the run-ops URL names the control-plane database itself")
+            target = self.split_status().get("run_ops") or {}
+            if (target.get("system_identifier"), target.get("database_name")) != (
+                    mine.system_identifier, mine.database_name):
+                raise SplitRefused("split refused: the control plane's FDW reaches a different database "
+                                   f"({target.get('database_name')}, system {target.get('system_identifier')}) "
+                                   f"than this client's run-ops URL ({mine.database_name}, "
+                                   f"system {mine.system_identifier}); re-run `runops migrate` with the right URLs")
+        return dict(self._scalar(CONTROL_PLANE, "SELECT runops.enable_split()", {}))
+
+    def disable_split(self) -> dict[str, Any]:
+        return dict(self._scalar(CONTROL_PLANE, "SELECT runops.disable_split()", {}))
+
+    def set_mint_kind(self, organization_id: str, kind: str) -> None:
+        self._scalar(CONTROL_PLANE, "SELECT runops.set_mint_kind(%(o)s, %(k)s)",
+                     {"o": organization_id, "k": kind})
+
+    def set_default_mint_kind(self, kind: str) -> None:
+        self._scalar(CONTROL_PLANE, "SELECT runops.set_default_mint_kind(%(k)s)", {"k": kind})
+
+    # -- triggering ---------------------------------------------------------------------------
+
+    def trigger_route(self, environment_id: str, **options: Any) -> str:
+        return str(self._scalar(CONTROL_PLANE, "SELECT runops.trigger_route(%(e)s, %(o)s)",
+                                {"e": environment_id, "o": _options(options)}))
+
+    def _root_route(self, environment_id: str) -> str:
+        """Where a root trigger goes, cached for at most a second per environment."""
+        now = time.monotonic()
+        with self._routes_lock:
+            hit = self._routes.get(environment_id)
+        if hit and hit[1] > now:
+            return hit[0]
+        store = self.trigger_route(environment_id)
+        with self._routes_lock:
+            self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
+        return store
+
+    def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
+        for anchor in ("run_id", "parent_run_id", "batch_id"):
+            value = options.get(anchor)
+            if value is not None:
+                residency = ids.try_classify_residency(value)
+                # An unclassifiable anchor goes to the control plane, which explains the error.
+                if residency is None:
+                    return CONTROL_PLANE
+                store = ids.store_for(residency)
+                return store if store in self._pools else CONTROL_PLANE
+        return self._root_route(environment_id)
+
+    def trigger_run(self, environment_id: str, task_identifier: str, payload: Any = None,
+                    **options: Any) -> TriggerResult:
+        params = {"e": environment_id, "t": task_identifier,
+                  "p": Jsonb({} if payload is None else payload), "o": _options(options)}
+
+        def call(store: str) -> TriggerResult:
+            return self._rows(store, "SELECT * FROM runops.trigger_run(%(e)s, %(t)s, %(p)s, %(o)s)",
+                              params, TriggerResult)[0]
+
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+
+    def reset_idempotency_key(self, environment_id: str, task_identifier: str, idempotency_key: str, *,
+                              scope: str = "run", parent_run_id: str | None = None,
+                              parent_attempt_number: int | None = None) -> int:
+        """Clears the key on every store (a key may predate a mint-kind flip)."""
+        params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
+                  "s": scope, "p": parent_run_id, "a": parent_attempt_number}
+        sql = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
+        return sum(int(self._scalar(store, sql, params)) for store in self._pools)
+
+    # -- reads and per-run writes ---------------------------------------------------------------
+
+    def wait_for_mirror(self, timeout: float = 10.0) -> bool:
+        """Waits until the run-ops mirror holds what the control plane holds (tenants and split
+        settings). Operator commands call it after a change; True when caught up."""
+        if RUN_OPS not in self._pools:
+            return True
+        deadline = time.monotonic() + timeout
+        sql = "SELECT runops.mirror_fingerprint()"
+        while True:
+            if self._scalar(CONTROL_PLANE, sql, {}) == self._scalar(RUN_OPS, sql, {}):
+                with self._routes_lock:
+                    self._routes.clear()
+                return True
+            if time.monotonic() > deadline:
+                return False
+            self._scalar(RUN_OPS, "SELECT runops.pull_tenant_mirror()", {})
+            time.sleep(0.05)
+
+    def get_run(self, run_id: str, environment_id: str | None = None, *,
+                through: str | None = None) -> Run | None:
+        """The run from its owning store (no FDW hop), or None. ``through`` asks a given store
+        instead, which reads through its FDW when it does not own the run."""
+        residency = ids.try_classify_residency(run_id)
+        if residency is None:
+            return None
+        store = through or ids.store_for(residency)
+        if store not in self._pools:
+            return None
+        rows = self._rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
+                          {"r": run_id, "e": environment_id}, Run)
+        return rows[0] if rows else None
+
+    def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None) -> Run:
+        return self._rows(self._write_store_of(run_id),
+                          "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s)",
+                          {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
+                           "o": None if output is None else Jsonb(output)}, Run)[0]

@@ -1,0 +1,95 @@
+"""`runops demo`: the mission, step by step, on the local stores."""
+
+from __future__ import annotations
+
+import secrets
+
+import click
+import psycopg
+
+from . import migrate as migrations
+from .client import CONTROL_PLANE, RunOps
+from .errors import SplitRefused
+from .local_cluster import LocalStores
+from .output import table
+
+
+def step(title: str) -> None:
+    click.echo()
+    click.secho(f"== {title}", bold=True, fg="cyan")
+
+
+def run_demo(client: RunOps) -> None:
+    suffix = secrets.token_hex(3)
+    step("a tenant: two organizations, one minting cuids (LEGACY) and one minting KSUIDs (NEW)")
+    if not client.split_status()["enabled"]:
+        client.enable_split()
+    legacy_org = client.create_organization(f"legacy-{suffix}", mint_kind="cuid")
+    new_org = client.create_organization(f"new-{suffix}", mint_kind="ksuid")
+    legacy_env = client.create_environment(client.create_project(legacy_org, "app"), "prod", "PRODUCTION")
+    new_env = client.create_environment(client.create_project(new_org, "app"), "prod", "PRODUCTION")
+    client.wait_for_mirror()
+    table([(legacy_org, "cuid", legacy_env), (new_org, "ksuid", new_env)],
+          ["organization", "mint kind", "environment"])
+
+    step("the mint kind decides where a root run lives")
+    a = client.trigger_run(legacy_env, "send-email", {"to": "a@example.com"})
+    b = client.trigger_run(new_env, "send-email", {"to": "b@example.com"})
+    table([(legacy_env, a.run_id, a.residency), (new_env, b.run_id, b.residency)],
+          ["environment", "run", "residency"])
+
+    step("a child inherits its parent's store, even after the organization flips back to cuid")
+    client.set_mint_kind(new_org, "cuid")
+    client.wait_for_mirror()
+    child = client.trigger_run(new_env, "resize-image", {}, parent_run_id=b.run_id)
+    root = client.trigger_run(new_env, "send-email", {})
+    table([("child of " + b.run_id, child.run_id, child.residency),
+           ("new root after the flip", root.run_id, root.residency)], ["run", "id", "residency"])
+    client.set_mint_kind(new_org, "ksuid")
+    client.wait_for_mirror()
+
+    step("a keyed retrigger returns the cached run")
+    first = client.trigger_run(new_env, "charge-card", {"cents": 500}, idempotency_key=f"order-{suffix}")
+    again = client.trigger_run(new_env, "charge-card", {"cents": 500}, idempotency_key=f"order-{suffix}")
+    table([("first", first.run_id, first.is_cached), ("retrigger", again.run_id, again.is_cached)],
+          ["trigger", "run", "cached"])
+
+    step("after the keyed run fails, the same key creates a new run")
+    client.finalize_run(first.run_id, "CRASHED", error={"message": "out of memory"})
+    retry = client.trigger_run(new_env, "charge-card", {"cents": 500}, idempotency_key=f"order-{suffix}")
+    table([("failed run", first.run_id, "CRASHED"), ("retrigger", retry.run_id, retry.status)],
+          ["trigger", "run", "status"])
+
+    step("read-through: the control plane reads a NEW run through postgres_fdw")
+    seen = client.get_run(b.run_id, through=CONTROL_PLANE)
+    direct = client.get_run(b.run_id)
+    table([("run-ops (owner, direct)", direct.status if direct else "-"),
+           ("control plane (through the FDW)", seen.status if seen else "-")], ["asked", "status"])
+
+    step("the sentinel refuses a split onto the control plane's own database")
+    try:
+        stores = LocalStores.from_cwd()
+    except Exception:  # not on the local stores: nothing to demonstrate safely
+        click.echo("(skipped: needs the local stores of `runops dev up`)")
+        return
+    refused = sentinel_refusal(stores)
+    click.echo(f"enable_split() on a store wired to itself -> {refused}")
+
+
+def sentinel_refusal(stores: LocalStores) -> str:
+    """Installs a throwaway control plane whose FDW points at itself, and tries to enable the split."""
+    cluster = stores.clusters[CONTROL_PLANE]
+    cluster.create_database("runops_sentinel_demo")
+    url = cluster.admin_url("runops_sentinel_demo")
+    migrations.upgrade(CONTROL_PLANE, url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrations.wire_to_self(conn, url)
+    try:
+        with RunOps(url) as single:
+            single.enable_split()
+    except SplitRefused as err:
+        return f"RO007 {err.message}"
+    finally:
+        with psycopg.connect(cluster.admin_url("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE runops_sentinel_demo WITH (FORCE)")
+    return "not refused (unexpected)"

@@ -1,0 +1,88 @@
+"""Every RO SQLSTATE has one exception class; the client raises them, the CLI prints them."""
+
+from __future__ import annotations
+
+import psycopg
+
+
+class RunOpsError(Exception):
+    """Base class. ``sqlstate`` is the RO code (or None for client-side errors)."""
+
+    sqlstate: str | None = None
+
+    def __init__(self, message: str, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+
+class UnclassifiableId(RunOpsError):
+    sqlstate = "RO001"
+
+
+class WrongStore(RunOpsError):
+    sqlstate = "RO002"
+
+    @property
+    def owning_store(self) -> str | None:
+        if self.detail and self.detail.startswith("owning_store="):
+            return self.detail.split("=", 1)[1].strip()
+        return None
+
+
+class IllegalTransition(RunOpsError):
+    sqlstate = "RO003"
+
+
+class NotFound(RunOpsError):
+    sqlstate = "RO004"
+
+
+class EnvironmentUnusable(RunOpsError):
+    sqlstate = "RO005"
+
+
+class InvalidInput(RunOpsError):
+    sqlstate = "RO006"
+
+
+class SplitRefused(RunOpsError):
+    sqlstate = "RO007"
+
+
+class RetryableConflict(RunOpsError):
+    sqlstate = "RO008"
+
+
+class StoreUnavailable(RunOpsError):
+    sqlstate = "RO009"
+
+
+BY_SQLSTATE: dict[str, type[RunOpsError]] = {
+    cls.sqlstate: cls
+    for cls in (
+        UnclassifiableId, WrongStore, IllegalTransition, NotFound, EnvironmentUnusable,
+        InvalidInput, SplitRefused, RetryableConflict, StoreUnavailable,
+    )
+    if cls.sqlstate
+}
+
+# Serialization failures and deadlocks are safe to retry, like RO008.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+def translate(exc: psycopg.Error) -> Exception:
+    """The named exception for a database error; anything else passes through unchanged."""
+    diag = exc.diag
+    code = diag.sqlstate or ""
+    cls = BY_SQLSTATE.get(code)
+    if cls is None and code in RETRYABLE_SQLSTATES:
+        cls = RetryableConflict
+    if cls is None:
+        if isinstance(exc, psycopg.OperationalError) and not code:
+            return StoreUnavailable(str(exc).strip() or "a store is unavailable")
+        return exc
+    err = cls(diag.message_primary or str(exc), diag.message_detail, diag.message_hint)
+    err.__cause__ = exc
+    return err

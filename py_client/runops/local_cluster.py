@@ -1,0 +1,245 @@
+"""Throwaway and embedded PostgreSQL clusters: initdb + pg_ctl on loopback, no Docker.
+
+`runops dev up` keeps two clusters under ``.runops/``; the tests start two in a temporary
+directory. initdb and postgres refuse to run as root, so as root every server command runs as
+the ``postgres`` user — which must be able to reach the data directory. When it cannot (a clone
+under /root, say), the data lives under the system temp directory instead, and we say so.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import RunOpsError
+
+STORE_DIRS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
+DATABASE = "runops"
+
+
+class ClusterError(RunOpsError):
+    """A local cluster could not be created, started or stopped."""
+
+
+def find_bindir() -> Path:
+    """PostgreSQL server binaries: PATH, then pg_config --bindir, then /usr/lib/postgresql/*/bin."""
+    candidates: list[Path] = []
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        if out.returncode == 0:
+            candidates.append(Path(out.stdout.strip()))
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for c in candidates:
+        if all((c / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
+            return c
+    raise ClusterError(
+        "no PostgreSQL server binaries found (looked for initdb, pg_ctl and postgres on PATH, in "
+        "`pg_config --bindir` and /usr/lib/postgresql/*/bin); install them, e.g. "
+        "`apt-get install postgresql-15 postgresql-contrib-15`")
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _server_user_can_write(path: Path) -> bool:
+    if os.geteuid() != 0:
+        return True
+    return subprocess.run(_as_server_user(["test", "-w", str(path)]), check=False).returncode == 0
+
+
+def _give_to_server_user(path: Path) -> None:
+    if os.geteuid() == 0:
+        shutil.chown(path, "postgres", "postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    datadir: str
+    port: int
+    socket_dir: str
+    fsync: bool = True
+
+    def _run(self, bindir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(_as_server_user([str(bindir / args[0]), *args[1:]]),
+                              capture_output=True, text=True, check=False)
+
+    @property
+    def initialised(self) -> bool:
+        return (Path(self.datadir) / "PG_VERSION").exists()
+
+    def init(self, bindir: Path) -> None:
+        data = Path(self.datadir)
+        data.mkdir(parents=True, exist_ok=True)
+        Path(self.socket_dir).mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        _give_to_server_user(data)
+        _give_to_server_user(Path(self.socket_dir))
+        out = self._run(bindir, "initdb", "-D", self.datadir, "-U", "postgres", "-A", "trust",
+                        "-E", "UTF8", "--locale=C", "--no-instructions")
+        if out.returncode != 0:
+            raise ClusterError(f"initdb failed for {self.datadir}: {out.stderr.strip()}")
+        conf = f"""
+# runops local store
+listen_addresses = '127.0.0.1'
+port = {self.port}
+unix_socket_directories = '{self.socket_dir}'
+wal_level = logical                  # the tenant mirror uses logical replication
+max_wal_senders = 10
+max_replication_slots = 10
+max_slot_wal_keep_size = '1GB'       # a dead subscriber can never fill this disk
+fsync = {'on' if self.fsync else 'off'}
+shared_buffers = '128MB'
+max_connections = 200
+"""
+        hba = """# runops local store: the superuser is trusted on loopback (a development
+# machine's own clusters); every other role logs in with a scram password.
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host replication postgres 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
+        script = (f"cat >> {self.datadir}/postgresql.conf <<'EOF'\n{conf}EOF\n"
+                  f"cat > {self.datadir}/pg_hba.conf <<'EOF'\n{hba}EOF\n")
+        out = subprocess.run(_as_server_user(["sh", "-c", script]), capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise ClusterError(f"could not configure {self.datadir}: {out.stderr.strip()}")
+
+    def running(self, bindir: Path) -> bool:
+        return self._run(bindir, "pg_ctl", "status", "-D", self.datadir).returncode == 0
+
+    def start(self, bindir: Path) -> None:
+        if self.running(bindir):
+            return
+        out = self._run(bindir, "pg_ctl", "start", "-D", self.datadir, "-w", "-t", "60",
+                        "-l", f"{self.datadir}/server.log")
+        if out.returncode != 0:
+            log = Path(self.datadir, "server.log")
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise ClusterError(f"could not start the cluster in {self.datadir}: {out.stderr.strip()}\n{tail}")
+
+    def stop(self, bindir: Path) -> None:
+        if self.running(bindir):
+            self._run(bindir, "pg_ctl", "stop", "-D", self.datadir, "-m", "fast", "-w")
+
+    def admin_url(self, dbname: str = DATABASE) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def create_database(self, dbname: str = DATABASE) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url("postgres"), autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname]).fetchone() is None:
+                conn.execute(f'CREATE DATABASE "{dbname}"')
+
+
+@dataclass
+class LocalStores:
+    """The two local clusters of a working directory, remembered in .runops/state.json."""
+
+    home: str
+    data_root: str
+    bindir: str
+    app_password: str
+    clusters: dict[str, Cluster]
+
+    @staticmethod
+    def state_file(home: Path) -> Path:
+        return home / "state.json"
+
+    @classmethod
+    def from_cwd(cls, home: Path | None = None) -> LocalStores:
+        home = home or Path.cwd() / ".runops"
+        state = cls.state_file(home)
+        if not state.exists():
+            raise ClusterError("no local stores here: run `runops dev up` (or set RUNOPS_CONTROL_PLANE_URL "
+                               "and RUNOPS_RUN_OPS_URL)")
+        raw = json.loads(state.read_text())
+        raw["clusters"] = {k: Cluster(**v) for k, v in raw["clusters"].items()}
+        return cls(**raw)
+
+    @classmethod
+    def create(cls, home: Path, *, fsync: bool = True) -> tuple[LocalStores, str | None]:
+        """Plans the layout (nothing started). Returns a note when the data must live elsewhere."""
+        home.mkdir(parents=True, exist_ok=True)
+        note = None
+        data_root = home
+        if not _server_user_can_write_after_chown(home):
+            digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:10]
+            data_root = Path(tempfile.gettempdir()) / f"runops-{digest}"
+            data_root.mkdir(parents=True, exist_ok=True)
+            data_root.chmod(0o755)
+            note = (f"the postgres user cannot reach {home}, so the cluster data lives in {data_root} "
+                    "(the state stays in .runops/state.json)")
+        sockets = data_root / "sockets"
+        if len(str(sockets)) > 80:  # unix socket paths are limited to ~107 bytes
+            sockets = Path(tempfile.mkdtemp(prefix="runops-sock-"))
+            sockets.chmod(0o755)
+        clusters = {
+            store: Cluster(datadir=str(data_root / d), port=free_port(), socket_dir=str(sockets / d), fsync=fsync)
+            for store, d in STORE_DIRS.items()
+        }
+        stores = cls(home=str(home), data_root=str(data_root), bindir=str(find_bindir()),
+                     app_password=secrets.token_urlsafe(18), clusters=clusters)
+        return stores, note
+
+    def save(self) -> None:
+        raw = asdict(self)
+        self.state_file(Path(self.home)).write_text(json.dumps(raw, indent=2))
+
+    def start(self) -> None:
+        bindir = Path(self.bindir)
+        for cluster in self.clusters.values():
+            if not cluster.initialised:
+                cluster.init(bindir)
+            cluster.start(bindir)
+            cluster.create_database()
+
+    def stop(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.stop(Path(self.bindir))
+
+    def running(self) -> dict[str, bool]:
+        return {store: c.running(Path(self.bindir)) for store, c in self.clusters.items()}
+
+    def admin_urls(self) -> dict[str, str]:
+        return {store: c.admin_url() for store, c in self.clusters.items()}
+
+    def app_urls(self) -> dict[str, str]:
+        return {store: f"postgresql://runops_app:{self.app_password}@127.0.0.1:{c.port}/{DATABASE}"
+                for store, c in self.clusters.items()}
+
+    def destroy(self) -> None:
+        self.stop()
+        for c in self.clusters.values():
+            shutil.rmtree(c.datadir, ignore_errors=True)
+            shutil.rmtree(c.socket_dir, ignore_errors=True)
+
+
+def _server_user_can_write_after_chown(home: Path) -> bool:
+    """Whether postgres can create its data directories under ``home``."""
+    probe = home / ".probe"
+    probe.mkdir(exist_ok=True)
+    _give_to_server_user(probe)
+    ok = _server_user_can_write(probe)
+    probe.rmdir()
+    return ok

@@ -1,0 +1,75 @@
+"""Frozen rows the client returns. Field names are the SQL column names."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Run:
+    """A row of runops.run_view."""
+
+    run_id: str
+    environment_id: str
+    task_identifier: str
+    status: str
+    residency: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    idempotency_key: str | None
+    idempotency_key_scope: str | None
+    idempotency_key_expires_at: dt.datetime | None
+    parent_run_id: str | None
+    root_run_id: str | None
+    batch_id: str | None
+    attempt_number: int
+    max_attempts: int
+    payload: Any
+    output: Any
+    error: Any
+    metadata: Any
+    tags: list[str]
+    queue: str
+    concurrency_key: str | None
+    delay_until: dt.datetime | None
+    ttl: dt.timedelta | None
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    expired_at: dt.datetime | None
+    locked_by: str | None
+    lease_expires_at: dt.datetime | None
+    max_duration: dt.timedelta | None
+    dev_session_id: str | None
+    project_id: str
+    organization_id: str
+    id: str
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({
+    "CANCELED", "INTERRUPTED", "COMPLETED_SUCCESSFULLY", "COMPLETED_WITH_ERRORS",
+    "SYSTEM_FAILURE", "CRASHED", "EXPIRED", "TIMED_OUT",
+})
+
+
+@dataclass(frozen=True)
+class TriggerResult:
+    run_id: str
+    is_cached: bool
+    status: str
+    residency: str
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    system_identifier: str
+    database_name: str
+    database_oid: int
+    store_role: str
+    server_version: str

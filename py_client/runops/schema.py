@@ -1,0 +1,66 @@
+"""Where the SQL lives and in which order a store installs it.
+
+``sql/`` is the one place the schema and the functions are edited. A fresh install applies it
+directly (tests compare that with what the migrations build); revisions carry a copy of the text
+as it was when they were written (see ``python -m runops.revision``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SQL = ROOT / "sql"
+MIGRATIONS = ROOT / "migrations"
+
+STORES = ("CONTROL_PLANE", "RUN_OPS")
+
+# The residency CHECK each store puts on its run-graph ids. Inline expressions, not a function
+# call: a CHECK calling a non-inlinable function cost a quarter of trigger throughput.
+_RESIDENCY_CHECKS = {
+    "CONTROL_PLANE": "{col} ~ '^c[0-9a-z]{{24}}$'",
+    "RUN_OPS": "{col} ~ '^[0-9A-Za-z]{{27}}$' AND {col} <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'",
+}
+
+
+def render(sql: str, store: str) -> str:
+    """Replaces RESIDENCY_CHECK(col) with the store's expression."""
+    return re.sub(r"RESIDENCY_CHECK\((\w+)\)",
+                  lambda m: _RESIDENCY_CHECKS[store].format(col=m.group(1)), sql)
+
+
+def install_files() -> list[Path]:
+    """Every file a fresh install applies, in order."""
+    return [
+        *sorted((SQL / "schema").glob("*.sql")),
+        *sorted((SQL / "functions").glob("*.sql")),
+        SQL / "fdw" / "00_identity_views.sql",
+        SQL / "fdw" / "10_unwired_peer.sql",
+        SQL / "after_functions.sql",
+    ]
+
+
+def seed_sql(store: str) -> str:
+    seed = f"INSERT INTO runops.store_config (store_role) VALUES ('{store}');\n"
+    if store == "CONTROL_PLANE":
+        # The mirror receives this row by replication; seeding it on run-ops would collide.
+        seed += "INSERT INTO runops.split_settings DEFAULT VALUES;\n"
+    return seed
+
+
+def fresh_install_sql(store: str) -> str:
+    return render(install_text(), store) + seed_sql(store)
+
+
+def install_text() -> str:
+    """All install files, unrendered. Bodies are not checked at creation (files reference each
+    other in any order, as pg_dump output does); the plpgsql_check gate checks them instead.
+    The search_path is the one the public functions pin, which the SQL helpers rely on."""
+    parts = [f"-- {p.relative_to(ROOT)}\n{p.read_text()}" for p in install_files()]
+    return ("SET LOCAL search_path = runops, pg_catalog, pg_temp;\n"
+            "SET LOCAL check_function_bodies = off;\n") + "\n".join(parts)
+
+
+def function_sql() -> str:
+    return "\n".join(p.read_text() for p in sorted((SQL / "functions").glob("*.sql")))

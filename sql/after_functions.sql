@@ -1,0 +1,49 @@
+-- Applied after every function file: grants, and the status-guard trigger. Applications (runops_app) may EXECUTE the public API and
+-- nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
+-- the identity views need.
+-- The SECURITY DEFINER functions must run as the NOLOGIN owner, never as the installing superuser.
+DO $$
+DECLARE
+  f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p
+           WHERE p.pronamespace = 'runops'::regnamespace
+             AND p.proowner <> 'runops_owner'::regrole LOOP
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO runops_owner', f);
+  END LOOP;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA runops FROM PUBLIC;
+
+-- Identity functions are plain (SECURITY INVOKER); their helpers must be callable too.
+GRANT EXECUTE ON FUNCTION
+  runops.classify_residency(text), runops.try_classify_residency(text), runops.generate_ksuid(),
+  runops.generate_cuid(), runops.ksuid_timestamp(text), runops.store_role(), runops.store_identity(),
+  runops.now(), runops.ksuid_encode(bytea), runops.base36(bigint, integer)
+  TO runops_app, runops_fdw;
+GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
+
+GRANT EXECUTE ON FUNCTION
+  runops.trigger_run(text, text, jsonb, jsonb),
+  runops.trigger_route(text, jsonb),
+  runops.reset_idempotency_key(text, text, text, text, text, integer),
+  runops.get_run(text, text),
+  runops.finalize_run(text, text, jsonb, jsonb),
+  runops.create_organization(text, jsonb),
+  runops.create_project(text, text),
+  runops.create_environment(text, text, text),
+  runops.update_environment(text, jsonb),
+  runops.split_status(),
+  runops.enable_split(),
+  runops.disable_split(),
+  runops.set_mint_kind(text, text),
+  runops.set_default_mint_kind(text),
+  runops.pull_tenant_mirror(),
+  runops.mirror_fingerprint()
+  TO runops_app;
+
+CREATE OR REPLACE TRIGGER runs_status_guard
+  BEFORE UPDATE OF status ON runops.runs
+  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+  EXECUTE FUNCTION runops.guard_run_status();

@@ -1,0 +1,20 @@
+-- runops_peer holds this store's view of the other store. Until `runops migrate` wires the
+-- FDW it holds empty stand-ins of the same shape, so every function compiles and checks clean
+-- in a single-database install, and reads of the other store's ids find nothing.
+-- Wiring (sql/fdw/wire_peer.sql) replaces this schema with foreign tables.
+CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
+REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
+SET LOCAL ROLE runops_owner;
+CREATE VIEW runops_peer.runs AS SELECT * FROM runops.runs WHERE false;
+CREATE VIEW runops_peer.run_view AS SELECT * FROM runops.run_view WHERE false;
+CREATE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
+CREATE VIEW runops_peer.batch_items AS SELECT * FROM runops.batch_items WHERE false;
+CREATE VIEW runops_peer.waitpoints AS SELECT * FROM runops.waitpoints WHERE false;
+CREATE VIEW runops_peer.run_waitpoints AS SELECT * FROM runops.run_waitpoints WHERE false;
+CREATE VIEW runops_peer.organizations AS SELECT * FROM runops.organizations WHERE false;
+CREATE VIEW runops_peer.projects AS SELECT * FROM runops.projects WHERE false;
+CREATE VIEW runops_peer.runtime_environments AS SELECT * FROM runops.runtime_environments WHERE false;
+CREATE VIEW runops_peer.split_settings AS SELECT * FROM runops.split_settings WHERE false;
+CREATE VIEW runops_peer.store_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
+CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
+RESET ROLE;

@@ -1,0 +1,23 @@
+-- Wires this store's read-through view of the other store. Run by `runops migrate` (as a
+-- superuser) with {host} {port} {dbname} and the mapping's {login} options filled in; safe to re-run: it
+-- rebuilds the server, the mapping and the imported tables from scratch, which also picks up
+-- run-graph changes made by newer migrations.
+--
+-- The mapping belongs to runops_owner (the SECURITY DEFINER functions run as it) and logs in as
+-- runops_fdw, which may read the run graph and the tenant tables and nothing else.
+CREATE EXTENSION IF NOT EXISTS postgres_fdw;
+DROP SCHEMA IF EXISTS runops_peer CASCADE;
+DROP SERVER IF EXISTS runops_peer CASCADE;
+CREATE SERVER runops_peer FOREIGN DATA WRAPPER postgres_fdw
+  OPTIONS (host {host}, port {port}, dbname {dbname}, fetch_size '1000', updatable 'false',
+           application_name 'runops_peer');
+GRANT USAGE ON FOREIGN SERVER runops_peer TO runops_owner;
+CREATE USER MAPPING FOR runops_owner SERVER runops_peer OPTIONS ({login});
+CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
+REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
+SET LOCAL ROLE runops_owner;
+IMPORT FOREIGN SCHEMA runops
+  LIMIT TO (runs, run_view, batches, batch_items, waitpoints, run_waitpoints, organizations, projects,
+            runtime_environments, split_settings, store_identity_view, peer_identity_view)
+  FROM SERVER runops_peer INTO runops_peer;
+RESET ROLE;

@@ -1,0 +1,216 @@
+-- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
+-- that says what was wrong, with which value, and what is accepted.
+--
+-- Internal helpers (here and in the other files) carry no SET search_path: only the owner may
+-- execute them, always from a public function whose search_path is pinned, and a SET clause
+-- would stop PostgreSQL inlining the SQL ones and cost a GUC save/restore per call.
+
+CREATE OR REPLACE FUNCTION runops.raise_error(code text, message text, detail text DEFAULT NULL,
+                                              hint text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  -- RAISE needs literal option lists, so the NULL combinations are spelled out.
+  IF detail IS NULL AND hint IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
+  ELSIF hint IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail;
+  ELSIF detail IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, HINT = hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail, HINT = hint;
+  END IF;
+END
+$$;
+
+-- RO002 always names the store that owns the row, so a caller can retry there.
+CREATE OR REPLACE FUNCTION runops.raise_wrong_store(what text, id text, owning_store text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM raise_error('RO002',
+    format('%s %s belongs to the %s store, not this %s store', what, id, owning_store, store_role()),
+    'owning_store=' || owning_store,
+    'call this function on the store named in DETAIL (the Python client does this for you)');
+END
+$$;
+
+-- The residency of rows this store holds.
+CREATE OR REPLACE FUNCTION runops.local_residency()
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE store_role() WHEN 'CONTROL_PLANE' THEN 'LEGACY' ELSE 'NEW' END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE residency WHEN 'LEGACY' THEN 'CONTROL_PLANE' ELSE 'RUN_OPS' END
+$$;
+
+-- Strips the friendly prefix of a caller's id. NULL when the id carries another kind's prefix
+-- (a batch id passed as a run id): reads answer "no row" for it, writes raise RO006.
+CREATE OR REPLACE FUNCTION runops.bare_id(id text, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN id !~ '^[a-z]+_' THEN id
+           WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
+         END
+$$;
+
+-- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
+CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  bare text := bare_id(id, kind);
+BEGIN
+  IF id IS NULL OR id = '' THEN
+    PERFORM raise_error('RO006', format('%s is required', what));
+  END IF;
+  IF bare IS NULL THEN
+    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, id, kind),
+                        NULL, format('pass the bare id or the friendly form %s_<id>', kind));
+  END IF;
+  PERFORM classify_residency(bare);
+  RETURN bare;
+END
+$$;
+
+-- Durations everywhere share one grammar: digits and one unit, at most 365 days.
+CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  amount numeric;
+  parsed interval;
+BEGIN
+  IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
+                                         what, quote_nullable(value)));
+  END IF;
+  amount := left(value, -1)::numeric;
+  parsed := make_interval(secs => (amount * CASE right(value, 1)
+                                     WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600
+                                     WHEN 'd' THEN 86400 ELSE 604800 END)::double precision);
+  IF parsed > interval '365 days' THEN
+    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+  END IF;
+  RETURN parsed;
+END
+$$;
+
+-- A timestamp from the caller must say which offset it is in: a bare local time is ambiguous.
+CREATE OR REPLACE FUNCTION runops.parse_timestamp(value text, what text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
+                                         what, quote_nullable(value)));
+  END IF;
+  RETURN value::timestamptz;
+EXCEPTION
+  WHEN datetime_field_overflow OR invalid_datetime_format THEN
+    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, value));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_object(value jsonb, what text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL THEN
+    RETURN '{}'::jsonb;
+  END IF;
+  IF jsonb_typeof(value) <> 'object' THEN
+    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+  END IF;
+  RETURN value;
+END
+$$;
+
+-- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null.
+CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'string' THEN
+    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+  END IF;
+  IF length(value #>> '{}') > max_length THEN
+    PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
+                                         key, length(value #>> '{}'), max_length));
+  END IF;
+  RETURN value #>> '{}';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_integer(options jsonb, key text, min_value integer, max_value integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
+     OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
+    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
+                                         key, min_value, max_value, value));
+  END IF;
+  RETURN (value #>> '{}')::integer;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_boolean(options jsonb, key text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'boolean' THEN
+    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, value));
+  END IF;
+  RETURN value::text::boolean;
+END
+$$;
+
+-- Unknown option names are refused rather than ignored: a typo must not silently drop a key.
+CREATE OR REPLACE FUNCTION runops.reject_unknown_options(options jsonb, allowed text[], what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  unknown text;
+BEGIN
+  SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
+  IF unknown IS NOT NULL THEN
+    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(unknown)),
+                        NULL, 'accepted: ' || array_to_string(allowed, ', '));
+  END IF;
+END
+$$;

@@ -1,0 +1,185 @@
+-- Identity: residency classification, id minting, store identity, and the clock.
+-- These are plain functions (no SECURITY DEFINER): they read nothing a caller may not see.
+
+-- Residency is a pure function of the id's shape. An optional friendly prefix (^[a-z]+_) is
+-- stripped once; a bare 25-char cuid is LEGACY, a bare 27-char base62 KSUID within the KSUID
+-- range is NEW, anything else is unclassifiable (NULL here).
+CREATE OR REPLACE FUNCTION runops.try_classify_residency(id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT CASE
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^c[0-9a-z]{24}$' THEN 'LEGACY'
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^[0-9A-Za-z]{27}$'
+            AND pg_catalog.regexp_replace(id, '^[a-z]+_', '') COLLATE "C" <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'
+             THEN 'NEW'
+         END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_residency(id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  residency text := runops.try_classify_residency(id);
+BEGIN
+  IF residency IS NULL THEN
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001';
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- 20 raw bytes (4-byte big-endian seconds since 1 400 000 000, 16 random) to 27 base62 chars.
+-- Two numeric divisions by 62^10 leave bigint-sized parts, so the digit loop stays in bigint.
+CREATE OR REPLACE FUNCTION runops.ksuid_encode(raw bytea)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+DECLARE
+  alphabet constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+  p10 constant bigint := 839299365868340224;   -- 62^10
+  n numeric := 0::numeric;
+  part bigint;
+  encoded text := '';
+  i integer;
+  p integer;
+BEGIN
+  IF pg_catalog.length(raw) <> 20 THEN
+    RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
+  END IF;
+  FOR i IN 0..4 LOOP
+    n := n * 4294967296::numeric
+         + ((pg_catalog.get_byte(raw, 4 * i)::bigint << 24)
+            | (pg_catalog.get_byte(raw, 4 * i + 1)::bigint << 16)
+            | (pg_catalog.get_byte(raw, 4 * i + 2)::bigint << 8)
+            | pg_catalog.get_byte(raw, 4 * i + 3)::bigint)::numeric;
+  END LOOP;
+  FOR p IN 1..3 LOOP
+    IF p < 3 THEN
+      part := pg_catalog.mod(n, p10::numeric)::bigint;
+      n := pg_catalog.div(n, p10::numeric);
+    ELSE
+      part := n::bigint;
+    END IF;
+    FOR i IN 1..(CASE WHEN p < 3 THEN 10 ELSE 7 END) LOOP
+      encoded := pg_catalog.substr(alphabet, (part % 62)::integer + 1, 1) || encoded;
+      part := part / 62;
+    END LOOP;
+  END LOOP;
+  RETURN encoded;
+END
+$$;
+
+-- The 16 payload bytes come from two v4 UUIDs, taking only their fully random bytes (a v4 UUID
+-- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
+CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+RETURNS text
+LANGUAGE sql VOLATILE PARALLEL SAFE
+AS $$
+  SELECT runops.ksuid_encode(
+           pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
+                                 - 1400000000) & 4294967295)::bit(32)::integer)
+           || pg_catalog.substr(pg_catalog.uuid_send(u1), 1, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(u1), 11, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(u2), 1, 4))
+  FROM (SELECT pg_catalog.gen_random_uuid() AS u1, pg_catalog.gen_random_uuid() AS u2) AS r
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+DECLARE
+  alphabet constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
+  digits text := '';
+BEGIN
+  LOOP
+    digits := pg_catalog.substr(alphabet, (n % 36)::integer + 1, 1) || digits;
+    n := n / 36;
+    EXIT WHEN n = 0;
+  END LOOP;
+  RETURN pg_catalog.lpad(pg_catalog.right(digits, width), width, '0');
+END
+$$;
+
+-- cuid v1 layout: 'c' + ms timestamp (8) + counter (4) + fingerprint (4) + random (8), base36.
+CREATE OR REPLACE FUNCTION runops.generate_cuid()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT 'c'
+      || runops.base36((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint, 8)
+      || runops.base36(pg_catalog.nextval('runops.cuid_counter'), 4)
+      || runops.base36(pg_catalog.pg_backend_pid() % 1296, 2)
+      || runops.base36(abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296, 2)
+      || runops.base36(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
+                       % 2821109907456, 8)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)
+RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
+  n numeric := 0::numeric;
+  ch integer;
+  i integer;
+BEGIN
+  IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
+    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
+  END IF;
+  FOR i IN 1..27 LOOP
+    ch := pg_catalog.ascii(pg_catalog.substr(bare, i, 1));
+    n := n * 62::numeric
+         + (CASE WHEN ch <= 57 THEN ch - 48 WHEN ch <= 90 THEN ch - 55 ELSE ch - 61 END)::numeric;
+  END LOOP;
+  -- The top 32 of 160 bits are the seconds since the KSUID epoch.
+  RETURN pg_catalog.to_timestamp((1400000000::numeric
+         + pg_catalog.div(n, 340282366920938463463374607431768211456::numeric))::double precision);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_role()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+  SELECT c.store_role FROM runops.store_config AS c
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_identity(
+  OUT system_identifier text, OUT database_name text, OUT database_oid bigint,
+  OUT store_role text, OUT server_version text)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+AS $$
+  SELECT (pg_catalog.pg_control_system()).system_identifier::text,
+         pg_catalog.current_database()::text,
+         d.oid::bigint,
+         runops.store_role(),
+         pg_catalog.current_setting('server_version')
+  FROM pg_catalog.pg_database AS d
+  WHERE d.datname = pg_catalog.current_database()
+$$;
+
+-- The one clock. runops.fake_now freezes it for tests, but only for members of runops_clock:
+-- anyone else setting it is ignored rather than obeyed.
+CREATE OR REPLACE FUNCTION runops.now()
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  fake text := pg_catalog.current_setting('runops.fake_now', true);
+BEGIN
+  IF fake IS NULL OR fake = '' THEN
+    RETURN pg_catalog.now();
+  END IF;
+  IF NOT pg_catalog.pg_has_role(session_user, 'runops_clock', 'MEMBER') THEN
+    RETURN pg_catalog.now();
+  END IF;
+  RETURN fake::timestamptz;
+END
+$$;

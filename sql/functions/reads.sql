@@ -1,0 +1,38 @@
+-- Read-through: a read answers from the store that owns the id — locally, or through the FDW —
+-- and never refuses: a missing, foreign-tenant, malformed or unroutable id is simply no row.
+-- Only an unreachable other store is an error (RO009).
+
+CREATE OR REPLACE FUNCTION runops.get_run(run_id text, environment_id text DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  bare text := bare_id(get_run.run_id, 'run');
+  residency text := try_classify_residency(bare);
+  env_id text := get_run.environment_id;
+BEGIN
+  IF residency IS NULL THEN
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    RETURN QUERY SELECT * FROM run_view AS v
+                 WHERE v.id = bare AND (env_id IS NULL OR v.environment_id = env_id);
+    RETURN;
+  END IF;
+  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN;
+  END IF;
+  BEGIN
+    -- Two plain predicates, so postgres_fdw ships both and the remote uses its primary key.
+    IF env_id IS NULL THEN
+      RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare;
+    ELSE
+      RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare AND v.environment_id = env_id;
+    END IF;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
+                                        store_for_residency(residency), get_run.run_id, SQLERRM));
+  END;
+END
+$$;

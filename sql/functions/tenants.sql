@@ -1,0 +1,259 @@
+-- Tenants: organizations, projects, runtime environments. Their home is the control plane; the
+-- run-ops store answers from its mirror, and on a mirror miss asks the control plane through
+-- the FDW before saying "not found" (a freshly created environment may not have replicated yet).
+
+-- Tenant and split-control functions exist in both stores but act only on the control plane.
+CREATE OR REPLACE FUNCTION runops.require_control_plane(what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF store_role() <> 'CONTROL_PLANE' THEN
+    PERFORM raise_wrong_store(what, '(control-plane setting)', 'CONTROL_PLANE');
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_slug(slug text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF slug IS NULL OR slug !~ '^[a-z0-9][a-z0-9-]{0,62}$' THEN
+    PERFORM raise_error('RO006', format('%s slug must be 1-63 lower-case letters, digits or dashes, got %s',
+                                         what, quote_nullable(slug)));
+  END IF;
+  RETURN slug;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_organization(slug text, options jsonb DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  opts jsonb := require_object(options, 'options');
+  kind text;
+  new_id text := generate_cuid();
+BEGIN
+  PERFORM require_slug(create_organization.slug, 'organization');
+  PERFORM reject_unknown_options(opts, ARRAY['title', 'mint_kind'], 'organization');
+  kind := option_text(opts, 'mint_kind');
+  IF kind IS NOT NULL AND kind NOT IN ('cuid', 'ksuid') THEN
+    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', kind));
+  END IF;
+  PERFORM require_control_plane('create_organization');
+  INSERT INTO organizations AS o (id, slug, title, mint_kind, created_at, updated_at)
+  VALUES (new_id, create_organization.slug, coalesce(option_text(opts, 'title'), create_organization.slug),
+          kind, now(), now())
+  ON CONFLICT ON CONSTRAINT organizations_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('an organization with slug %s already exists', create_organization.slug));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_project(organization_id text, slug text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_id text := generate_cuid();
+BEGIN
+  PERFORM require_slug(create_project.slug, 'project');
+  PERFORM require_control_plane('create_project');
+  IF NOT EXISTS (SELECT FROM organizations AS o WHERE o.id = create_project.organization_id) THEN
+    PERFORM raise_error('RO004', format('organization %s not found', create_project.organization_id));
+  END IF;
+  INSERT INTO projects AS p (id, organization_id, slug, created_at, updated_at)
+  VALUES (new_id, create_project.organization_id, create_project.slug, now(), now())
+  ON CONFLICT ON CONSTRAINT projects_organization_id_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('project %s already exists in organization %s',
+                                         create_project.slug, create_project.organization_id));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_environment(project_id text, slug text, type text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_id text := generate_cuid();
+  org_id text;
+BEGIN
+  PERFORM require_slug(create_environment.slug, 'environment');
+  IF create_environment.type IS NULL
+     OR create_environment.type NOT IN ('DEVELOPMENT', 'STAGING', 'PREVIEW', 'PRODUCTION') THEN
+    PERFORM raise_error('RO006', format('environment type must be DEVELOPMENT, STAGING, PREVIEW or PRODUCTION, got %s',
+                                         quote_nullable(create_environment.type)));
+  END IF;
+  PERFORM require_control_plane('create_environment');
+  SELECT p.organization_id INTO org_id
+  FROM projects AS p WHERE p.id = create_environment.project_id AND p.deleted_at IS NULL;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('project %s not found', create_environment.project_id));
+  END IF;
+  INSERT INTO runtime_environments AS e (id, project_id, organization_id, slug, type, created_at, updated_at)
+  VALUES (new_id, create_environment.project_id, org_id, create_environment.slug, create_environment.type,
+          now(), now())
+  ON CONFLICT ON CONSTRAINT runtime_environments_project_id_slug_key DO NOTHING;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO006', format('environment %s already exists in project %s',
+                                         create_environment.slug, create_environment.project_id));
+  END IF;
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.update_environment(environment_id text, changes jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  c jsonb := require_object(changes, 'changes');
+BEGIN
+  PERFORM reject_unknown_options(c, ARRAY['paused', 'archived', 'maximum_concurrency_limit', 'notifications'],
+                                 'environment change');
+  -- Parse every value before writing anything.
+  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'), option_boolean(c, 'notifications'),
+          option_integer(c, 'maximum_concurrency_limit', 0, 100000);
+  PERFORM require_control_plane('update_environment');
+  UPDATE runtime_environments AS e
+  SET paused = coalesce(option_boolean(c, 'paused'), e.paused),
+      archived = coalesce(option_boolean(c, 'archived'), e.archived),
+      notifications = coalesce(option_boolean(c, 'notifications'), e.notifications),
+      maximum_concurrency_limit = coalesce(option_integer(c, 'maximum_concurrency_limit', 0, 100000),
+                                           e.maximum_concurrency_limit),
+      updated_at = now()
+  WHERE e.id = update_environment.environment_id;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('environment %s not found', update_environment.environment_id));
+  END IF;
+END
+$$;
+
+-- The environment as new work sees it: local tables first (the control plane's own, or the
+-- run-ops mirror), then — on run-ops only — the control plane through the FDW. NULL fields when
+-- it exists nowhere.
+CREATE OR REPLACE FUNCTION runops.load_environment(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  ctx environment_context;
+BEGIN
+  SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+         p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
+         e.notifications
+  INTO ctx
+  FROM runtime_environments AS e
+  JOIN projects AS p ON p.id = e.project_id
+  JOIN organizations AS o ON o.id = e.organization_id
+  WHERE e.id = load_environment.environment_id;
+  IF FOUND OR store_role() = 'CONTROL_PLANE' OR NOT peer_wired() THEN
+    RETURN ctx;
+  END IF;
+  BEGIN
+    SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+           p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
+           e.notifications
+    INTO ctx
+    FROM runops_peer.runtime_environments AS e
+    JOIN runops_peer.projects AS p ON p.id = e.project_id
+    JOIN runops_peer.organizations AS o ON o.id = e.organization_id
+    WHERE e.id = load_environment.environment_id;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
+                                 || load_environment.environment_id || ' is not in the local mirror yet');
+  END;
+  RETURN ctx;
+END
+$$;
+
+-- RO004 when the environment does not exist, RO005 when it may not take new work.
+CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  ctx environment_context := load_environment(environment_id);
+BEGIN
+  IF ctx.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+  END IF;
+  IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
+    PERFORM raise_error('RO005',
+      format('environment %s cannot take new work: it is %s', environment_id,
+             CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
+                  WHEN ctx.project_deleted THEN 'in a deleted project'
+                  ELSE 'in an organization whose runs are disabled' END),
+      NULL, 'unpause it with update_environment, or trigger in another environment');
+  END IF;
+  RETURN ctx;
+END
+$$;
+
+-- Fallback engine for the mirror when logical replication is not available: a pull through the
+-- FDW, run by `runops migrate` and by tick. Never used while a subscription feeds the tables
+-- (two writers would fight over the same rows).
+CREATE OR REPLACE FUNCTION runops.pull_tenant_mirror()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := 0;
+  k integer;
+BEGIN
+  IF store_role() <> 'RUN_OPS' OR NOT peer_wired()
+     OR EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+                AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO organizations SELECT * FROM runops_peer.organizations
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
+    runs_enabled = excluded.runs_enabled, updated_at = excluded.updated_at
+  WHERE organizations.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO projects SELECT * FROM runops_peer.projects
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, deleted_at = excluded.deleted_at,
+    updated_at = excluded.updated_at
+  WHERE projects.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
+  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
+    maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
+    updated_at = excluded.updated_at
+  WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
+  ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
+    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at
+  WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
+  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  RETURN n;
+END
+$$;
+
+-- What the mirror must equal: a digest of the tenant rows and the split settings. Operator
+-- commands compare it across the stores to wait until a change has replicated.
+CREATE OR REPLACE FUNCTION runops.mirror_fingerprint()
+RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+  SELECT md5(concat_ws('|',
+    (SELECT string_agg(o.id || extract(epoch FROM o.updated_at)::text || coalesce(o.mint_kind, '-'), ',' ORDER BY o.id) FROM organizations AS o),
+    (SELECT string_agg(p.id || extract(epoch FROM p.updated_at)::text, ',' ORDER BY p.id) FROM projects AS p),
+    (SELECT string_agg(e.id || extract(epoch FROM e.updated_at)::text, ',' ORDER BY e.id) FROM runtime_environments AS e),
+    (SELECT string_agg(s.enabled::text || s.ever_enabled::text || s.default_mint_kind || extract(epoch FROM s.updated_at)::text, ',')
+     FROM split_settings AS s)))
+$$;

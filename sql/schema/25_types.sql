@@ -1,0 +1,41 @@
+-- Parsed forms that internal functions pass around. They are not part of the public API
+-- (public arguments are only text, jsonb, integer, boolean, timestamptz).
+
+-- A trigger's options after validation; ids are bare.
+CREATE TYPE runops.trigger_spec AS (
+  idempotency_key             text,
+  idempotency_key_scope       text,
+  idempotency_key_ttl         interval,
+  parent_run_id               text,
+  parent_attempt_number       integer,
+  resume_parent_on_completion boolean,
+  delay_until                 timestamptz,
+  ttl                         interval,
+  max_duration                interval,
+  queue                       text,
+  concurrency_key             text,
+  tags                        text[],
+  max_attempts                integer,
+  metadata                    jsonb,
+  run_id                      text,
+  batch_id                    text,
+  batch_index                 integer,
+  dev_session_id              text
+);
+
+-- What new work needs to know about an environment, from the local tables or the mirror.
+CREATE TYPE runops.environment_context AS (
+  id                        text,
+  project_id                text,
+  organization_id           text,
+  type                      text,
+  paused                    boolean,
+  archived                  boolean,
+  project_deleted           boolean,
+  runs_enabled              boolean,
+  mint_kind                 text,
+  maximum_concurrency_limit integer,
+  notifications             boolean
+);
+ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.environment_context OWNER TO runops_owner;

@@ -1,0 +1,168 @@
+"""Two real throwaway PostgreSQL clusters for the whole test run: a control plane and a run-ops
+store, migrated and wired exactly as `runops dev up` does, with fsync off for speed.
+
+Tests connect as the application role (runops_app), which may only EXECUTE the public
+functions, and as the superuser where they must look behind the API. Each test makes its own
+tenant, so tests never see each other's runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from runops import migrate
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.local_cluster import LocalStores
+
+
+@dataclass
+class Stores:
+    local: LocalStores
+    admin: dict[str, str]
+    app: dict[str, str]
+
+    def admin_url(self, store: str, dbname: str) -> str:
+        return self.local.clusters[store].admin_url(dbname)
+
+
+@pytest.fixture(scope="session")
+def stores() -> Iterator[Stores]:
+    # Under the system temp directory, world-traversable: the postgres user must reach it.
+    home = Path(tempfile.mkdtemp(prefix="runops-test-"))
+    home.chmod(0o755)
+    local, _ = LocalStores.create(home / ".runops", fsync=False)
+    local.start()
+    try:
+        admin = local.admin_urls()
+        migrate.migrate(admin[CONTROL_PLANE], admin[RUN_OPS])
+        for url in admin.values():
+            migrate.set_app_password(url, local.app_password)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("GRANT runops_clock TO runops_app")  # tests move the clock
+        app = local.app_urls()
+        with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+            client.enable_split()
+            assert client.wait_for_mirror()
+        yield Stores(local, admin, app)
+    finally:
+        local.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(stores: Stores) -> Iterator[RunOps]:
+    with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS], max_pool_size=40) as c:
+        yield c
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True)
+
+
+@pytest.fixture
+def cp(stores: Stores) -> Iterator[psycopg.Connection[Any]]:
+    with _connect(stores.app[CONTROL_PLANE]) as conn:
+        yield conn
+
+
+@pytest.fixture
+def ro(stores: Stores) -> Iterator[psycopg.Connection[Any]]:
+    with _connect(stores.app[RUN_OPS]) as conn:
+        yield conn
+
+
+@pytest.fixture
+def cp_admin(stores: Stores) -> Iterator[psycopg.Connection[Any]]:
+    with _connect(stores.admin[CONTROL_PLANE]) as conn:
+        yield conn
+
+
+@pytest.fixture
+def ro_admin(stores: Stores) -> Iterator[psycopg.Connection[Any]]:
+    with _connect(stores.admin[RUN_OPS]) as conn:
+        yield conn
+
+
+@pytest.fixture
+def store_conn(stores: Stores) -> Callable[[str], psycopg.Connection[Any]]:
+    """A new app-role connection to a store, closed at the end of the test."""
+    opened: list[psycopg.Connection[Any]] = []
+
+    def open_(store: str) -> psycopg.Connection[Any]:
+        conn = _connect(stores.app[store])
+        opened.append(conn)
+        return conn
+
+    yield open_  # type: ignore[misc]
+    for conn in opened:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Env:
+    organization_id: str
+    project_id: str
+    environment_id: str
+
+
+_slugs = itertools.count()
+
+
+@pytest.fixture
+def make_env(client: RunOps) -> Callable[..., Env]:
+    """A fresh organization, project and environment (mint kind cuid, ksuid or default)."""
+
+    def make(mint_kind: str | None = None, env_type: str = "PRODUCTION") -> Env:
+        slug = f"t{next(_slugs)}-{secrets.token_hex(3)}"
+        org = client.create_organization(slug, mint_kind=mint_kind)
+        project = client.create_project(org, "p")
+        env = client.create_environment(project, "e", env_type)
+        return Env(org, project, env)
+
+    return make
+
+
+@pytest.fixture
+def legacy_env(make_env: Callable[..., Env]) -> Env:
+    return make_env("cuid")
+
+
+@pytest.fixture
+def new_env(make_env: Callable[..., Env]) -> Env:
+    return make_env("ksuid")
+
+
+@pytest.fixture
+def scratch_db(stores: Stores) -> Iterator[Callable[[str], str]]:
+    """Creates throwaway databases in the control-plane cluster; returns their admin URLs."""
+    made: list[str] = []
+
+    def create(name: str) -> str:
+        dbname = f"scratch_{name}_{secrets.token_hex(3)}"
+        stores.local.clusters[CONTROL_PLANE].create_database(dbname)
+        made.append(dbname)
+        return stores.admin_url(CONTROL_PLANE, dbname)
+
+    yield create
+    with _connect(stores.admin_url(CONTROL_PLANE, "postgres")) as conn:
+        for dbname in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg error (tests assert on codes, never on message text)."""
+    return getattr(getattr(exc, "diag", None), "sqlstate", None)
+
+
+os.environ.setdefault("RUNOPS_TESTING", "1")
