@@ -1,0 +1,183 @@
+"""The schema: run-graph parity between stores, migrations equal the fresh install, installed
+functions equal sql/functions, `migrate --check`, plain `alembic`, and the privilege model."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from runops import migrate, schema
+from runops.cli import main
+from tests.conftest import sqlstate_of
+
+RUN_GRAPH = ("status_transitions", "runs", "batches", "batch_items", "waitpoints", "run_waitpoints",
+             "attempts", "checkpoints")
+# The one literal allowed to differ: each store's id-shape CHECK, as PostgreSQL prints it.
+RESIDENCY_LITERAL = re.compile(
+    r"^CHECK \(\(\w+ ~ '\^c\[0-9a-z\]\{24\}\$'::text\)\)$"
+    r"|^CHECK \(\(\(\w+ ~ '\^\[0-9A-Za-z\]\{27\}\$'::text\) AND \(\w+ <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'::text\)\)\)$")
+
+
+def run_graph_shape(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    columns = conn.execute("""
+        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), co.collname, a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid)
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> 100
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'runops'::regnamespace AND c.relname = ANY(%s) AND a.attnum > 0
+          AND NOT a.attisdropped ORDER BY 1, a.attnum""", [list(RUN_GRAPH)]).fetchall()
+    constraints = conn.execute("""
+        SELECT c.relname, k.conname, pg_get_constraintdef(k.oid)
+        FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+        WHERE c.relnamespace = 'runops'::regnamespace AND c.relname = ANY(%s) ORDER BY 1, 2""",
+                               [list(RUN_GRAPH)]).fetchall()
+    indexes = conn.execute("""
+        SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = 'runops' AND tablename = ANY(%s)
+        ORDER BY 1, 2""", [list(RUN_GRAPH)]).fetchall()
+    return {"columns": columns,
+            "constraints": [(t, n, RESIDENCY_LITERAL.sub("CHECK (<residency>)", d)) for t, n, d in constraints],
+            "indexes": indexes}
+
+
+def test_run_graph_schemas_are_identical_in_both_stores(cp_admin: psycopg.Connection,
+                                                         ro_admin: psycopg.Connection) -> None:
+    a, b = run_graph_shape(cp_admin), run_graph_shape(ro_admin)
+    assert a["columns"] and a["indexes"]
+    residency_checks = [c for c in a["constraints"] if c[2] == "CHECK (<residency>)"]
+    assert {c[0] for c in residency_checks} >= {"runs", "batches", "waitpoints", "attempts", "checkpoints"}
+    assert a == b
+
+
+def test_tenant_columns_in_the_run_graph_carry_no_foreign_key(cp_admin: psycopg.Connection) -> None:
+    refs = cp_admin.execute("""
+        SELECT DISTINCT confrelid::regclass::text FROM pg_constraint
+        WHERE contype = 'f' AND conrelid::regclass::text = ANY(%s)""",
+                            [[f"runops.{t}" for t in RUN_GRAPH]]).fetchall()
+    assert {r[0] for r in refs} <= {f"runops.{t}" for t in RUN_GRAPH}
+
+
+@pytest.mark.parametrize(("store", "bad_id"), [("CONTROL_PLANE", "0ujtsYcgvSTl8PAuAdqWYSMnLOv"),
+                                               ("RUN_OPS", "cjld2cjxh0000qzrmn831i7rn")])
+def test_residency_check_rejects_a_misrouted_row_even_from_a_superuser(stores, store: str, bad_id: str) -> None:  # type: ignore[no-untyped-def]
+    with psycopg.connect(stores.admin[store], autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("""INSERT INTO runops.runs (id, environment_id, project_id, organization_id,
+                            task_identifier, status, payload, queue, created_at, updated_at)
+                            VALUES (%s, 'e', 'p', 'o', 't', 'PENDING', '{}', 'q', now(), now())""", [bad_id])
+
+
+def pg_dump_schema(stores, url: str) -> str:  # type: ignore[no-untyped-def]
+    out = subprocess.run([f"{stores.local.bindir}/pg_dump", "--schema-only",
+                          "--schema=runops", "--schema=runops_peer", url],
+                         capture_output=True, text=True, check=True).stdout
+    # \\restrict lines carry a random key per dump.
+    return "\n".join(line for line in out.splitlines()
+                     if not line.startswith(("-- Dumped", "\\restrict", "\\unrestrict")))
+
+
+def seed_rows(url: str) -> list[Any]:
+    with psycopg.connect(url) as conn:
+        return [conn.execute("SELECT * FROM runops.status_transitions ORDER BY 1, 2, 3").fetchall(),
+                conn.execute("SELECT * FROM runops.store_config").fetchall(),
+                conn.execute("SELECT singleton, enabled, ever_enabled, default_mint_kind "
+                             "FROM runops.split_settings").fetchall()]
+
+
+@pytest.mark.parametrize("store", ["CONTROL_PLANE", "RUN_OPS"])
+def test_all_migrations_from_empty_equal_the_fresh_schema(stores, scratch_db, store: str) -> None:  # type: ignore[no-untyped-def]
+    migrated, fresh = scratch_db("migrated"), scratch_db("fresh")
+    migrate.upgrade(store, migrated)
+    with psycopg.connect(fresh) as conn:
+        conn.execute(schema.fresh_install_sql(store))  # type: ignore[arg-type]
+    assert pg_dump_schema(stores, migrated) == pg_dump_schema(stores, fresh)
+    assert seed_rows(migrated) == seed_rows(fresh)
+
+
+def function_definitions(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("""
+            SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid) FROM pg_proc p
+            WHERE p.pronamespace = 'runops'::regnamespace""").fetchall())
+
+
+@pytest.mark.parametrize("store", ["CONTROL_PLANE", "RUN_OPS"])
+def test_installed_functions_equal_sql_functions(stores, scratch_db, store: str) -> None:  # type: ignore[no-untyped-def]
+    """Drift: the running stores (built by the migrations) carry exactly the bodies in sql/."""
+    fresh = scratch_db("drift")
+    with psycopg.connect(fresh) as conn:
+        conn.execute(schema.fresh_install_sql(store))  # type: ignore[arg-type]
+    installed, expected = function_definitions(stores.admin[store]), function_definitions(fresh)
+    assert sorted(installed) == sorted(expected)
+    drifted = [name for name in expected if installed[name] != expected[name]]
+    assert drifted == [], "re-render the revision: make revision NAME=<revision module>"
+
+
+def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    url = scratch_db("check")
+    runner = CliRunner()
+    behind = runner.invoke(main, ["migrate", "--check", "--control-plane-url", url])
+    assert behind.exit_code == 3, behind.output
+    assert "behind" in behind.output
+    upgraded = runner.invoke(main, ["migrate", "--control-plane-url", url])
+    assert upgraded.exit_code == 0, upgraded.output
+    current = runner.invoke(main, ["migrate", "--check", "--control-plane-url", url])
+    assert current.exit_code == 0, current.output
+
+
+def test_plain_alembic_upgrades_a_store(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    url = scratch_db("alembic")
+    done = subprocess.run([sys.executable, "-m", "alembic", "-c", str(schema.MIGRATIONS / "alembic.ini"),
+                           "--name", "run_ops", "-x", f"url={url}", "upgrade", "head"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT runops.store_role()").fetchone()[0] == "RUN_OPS"
+        assert conn.execute("SELECT version_num FROM public.alembic_version_run_ops").fetchone()[0] == \
+            migrate.head_revision("RUN_OPS", url)
+
+
+def test_migrate_with_one_database_installs_the_control_plane_only(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    url = scratch_db("single")
+    report = migrate.migrate(url, url)
+    assert report.upgraded == ["CONTROL_PLANE"] and not report.wired
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT runops.store_role(), runops.peer_wired()").fetchone() == ("CONTROL_PLANE", False)
+
+
+def test_public_functions_are_security_definer_with_a_pinned_path(cp_admin: psycopg.Connection) -> None:
+    rows = cp_admin.execute("""
+        SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig, pg_get_userbyid(p.proowner),
+               has_function_privilege('runops_app', p.oid, 'EXECUTE'),
+               has_function_privilege('public', p.oid, 'EXECUTE')
+        FROM pg_proc p WHERE p.pronamespace = 'runops'::regnamespace""").fetchall()
+    identity = {"classify_residency", "try_classify_residency", "generate_ksuid", "generate_cuid",
+                "ksuid_timestamp", "store_role", "store_identity", "now", "ksuid_encode", "base36"}
+    app_callable = [r for r in rows if r[4]]
+    assert len(app_callable) > len(identity)
+    for name, secdef, config, owner, _, public in rows:
+        assert owner == "runops_owner", name
+        assert not public, f"{name} is executable by PUBLIC"
+        base = name.split("(")[0].removeprefix("runops.")
+        if base in identity:
+            assert not secdef, name
+    for name, secdef, config, *_ in app_callable:
+        base = name.split("(")[0].removeprefix("runops.")
+        if base not in identity:
+            assert secdef, name
+            assert config == ["search_path=runops, pg_catalog, pg_temp"], name
+
+
+def test_the_app_role_cannot_touch_tables_directly(cp: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        cp.execute("SELECT * FROM runops.runs LIMIT 1")
+    assert sqlstate_of(err.value) == "42501"
+    with pytest.raises(psycopg.Error) as err:
+        cp.execute("SELECT runops.create_run(NULL, NULL, NULL, NULL, NULL, NULL)")
+    assert sqlstate_of(err.value) == "42501"
