@@ -104,7 +104,7 @@ def store_conn(stores: Stores) -> Callable[[str], psycopg.Connection[Any]]:
         opened.append(conn)
         return conn
 
-    yield open_  # type: ignore[misc]
+    yield open_
     for conn in opened:
         conn.close()
 

@@ -26,14 +26,14 @@ def trigger(conn: psycopg.Connection[Any], env: str, task: str = "t", **options:
 
 
 @pytest.fixture(params=["LEGACY", "NEW"])
-def where(request: pytest.FixtureRequest, make_env: Callable[..., Env], store_conn) -> tuple[Env, psycopg.Connection]:  # type: ignore[no-untyped-def]
+def where(request: pytest.FixtureRequest, make_env: Callable[..., Env], store_conn) -> tuple[Env, psycopg.Connection]:
     """Each test runs once per store: a cuid organization on the control plane, a ksuid one on run-ops."""
     if request.param == "LEGACY":
         return make_env("cuid"), store_conn(CONTROL_PLANE)
     return make_env("ksuid"), store_conn(RUN_OPS)
 
 
-def test_retrigger_with_the_same_key_returns_the_cached_run(where) -> None:  # type: ignore[no-untyped-def]
+def test_retrigger_with_the_same_key_returns_the_cached_run(where) -> None:
     env, conn = where
     first = trigger(conn, env.environment_id, idempotency_key="k")
     again = trigger(conn, env.environment_id, idempotency_key="k")
@@ -41,7 +41,7 @@ def test_retrigger_with_the_same_key_returns_the_cached_run(where) -> None:  # t
     assert again[0] == first[0]
 
 
-def test_keys_are_scoped_to_environment_and_task(where, make_env) -> None:  # type: ignore[no-untyped-def]
+def test_keys_are_scoped_to_environment_and_task(where, make_env) -> None:
     env, conn = where
     a = trigger(conn, env.environment_id, "task-a", idempotency_key="k")
     b = trigger(conn, env.environment_id, "task-b", idempotency_key="k")
@@ -51,7 +51,7 @@ def test_keys_are_scoped_to_environment_and_task(where, make_env) -> None:  # ty
     assert c[0] != a[0] and c[1] is False
 
 
-def test_dedup_key_is_the_spec_hash(where, stores: Stores) -> None:  # type: ignore[no-untyped-def]
+def test_dedup_key_is_the_spec_hash(where, stores: Stores) -> None:
     env, conn = where
     parent = trigger(conn, env.environment_id, "parent")[0]
     run_scoped = trigger(conn, env.environment_id, idempotency_key="k", parent_run_id=parent)[0]
@@ -76,7 +76,7 @@ def test_dedup_key_is_the_spec_hash(where, stores: Stores) -> None:  # type: ign
 
 
 @pytest.mark.parametrize("status", DEAD_STATUSES)
-def test_retrigger_after_a_failed_or_expired_run_creates_a_new_run(where, status: str) -> None:  # type: ignore[no-untyped-def]
+def test_retrigger_after_a_failed_or_expired_run_creates_a_new_run(where, status: str) -> None:
     env, conn = where
     first = trigger(conn, env.environment_id, idempotency_key="k")
     conn.execute("SELECT * FROM runops.finalize_run(%s, %s)", [first[0], status])
@@ -89,7 +89,7 @@ def test_retrigger_after_a_failed_or_expired_run_creates_a_new_run(where, status
 
 
 @pytest.mark.parametrize("status", KEEPING_STATUSES)
-def test_successful_and_canceled_runs_keep_their_key(where, status: str) -> None:  # type: ignore[no-untyped-def]
+def test_successful_and_canceled_runs_keep_their_key(where, status: str) -> None:
     env, conn = where
     first = trigger(conn, env.environment_id, idempotency_key="k")
     conn.execute("SELECT * FROM runops.finalize_run(%s, %s)", [first[0], status])
@@ -97,7 +97,7 @@ def test_successful_and_canceled_runs_keep_their_key(where, status: str) -> None
     assert again[:3] == (first[0], True, status)
 
 
-def test_an_expired_key_creates_a_new_run(where) -> None:  # type: ignore[no-untyped-def]
+def test_an_expired_key_creates_a_new_run(where) -> None:
     env, conn = where
     conn.execute("SET runops.fake_now = '2031-01-01 00:00:00+00'")
     first = trigger(conn, env.environment_id, idempotency_key="k", idempotency_key_ttl="1h")
@@ -108,7 +108,7 @@ def test_an_expired_key_creates_a_new_run(where) -> None:  # type: ignore[no-unt
     assert fresh[0] != first[0] and fresh[1] is False
 
 
-def test_default_key_ttl_is_thirty_days(where) -> None:  # type: ignore[no-untyped-def]
+def test_default_key_ttl_is_thirty_days(where) -> None:
     env, conn = where
     conn.execute("SET runops.fake_now = '2031-01-01 00:00:00+00'")
     run_id = trigger(conn, env.environment_id, idempotency_key="k")[0]
@@ -117,7 +117,7 @@ def test_default_key_ttl_is_thirty_days(where) -> None:  # type: ignore[no-untyp
     assert expires.days == 30
 
 
-def test_reset_idempotency_key_clears_the_key(where) -> None:  # type: ignore[no-untyped-def]
+def test_reset_idempotency_key_clears_the_key(where) -> None:
     env, conn = where
     first = trigger(conn, env.environment_id, idempotency_key="k")
     parent = trigger(conn, env.environment_id, "parent")[0]
@@ -132,7 +132,7 @@ def test_reset_idempotency_key_clears_the_key(where) -> None:  # type: ignore[no
     assert trigger(conn, env.environment_id, idempotency_key="k", parent_run_id=parent)[0] != child[0]
 
 
-def test_client_reset_clears_both_stores_and_strips_nul_bytes(client: RunOps, make_env) -> None:  # type: ignore[no-untyped-def]
+def test_client_reset_clears_both_stores_and_strips_nul_bytes(client: RunOps, make_env) -> None:
     env = make_env("ksuid")
     first = client.trigger_run(env.environment_id, "t", {}, idempotency_key="a\x00b")
     assert client.trigger_run(env.environment_id, "t", {}, idempotency_key="ab").run_id == first.run_id
@@ -160,7 +160,7 @@ def race(n: int, fn: Callable[[int], Any]) -> list[Any]:
 
 
 @pytest.mark.parametrize("round_", range(3))
-def test_32_connections_triggering_one_key_create_exactly_one_run(where, stores: Stores, round_: int) -> None:  # type: ignore[no-untyped-def]
+def test_32_connections_triggering_one_key_create_exactly_one_run(where, stores: Stores, round_: int) -> None:
     env, conn = where
     store = CONTROL_PLANE if conn.info.port == stores.local.clusters[CONTROL_PLANE].port else RUN_OPS
     conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(32)]
@@ -174,7 +174,7 @@ def test_32_connections_triggering_one_key_create_exactly_one_run(where, stores:
     assert sum(1 for r in results if r[1] is False) == 1
 
 
-def test_concurrent_retriggers_of_a_dead_key_create_exactly_one_new_run(where, stores: Stores) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_retriggers_of_a_dead_key_create_exactly_one_new_run(where, stores: Stores) -> None:
     env, conn = where
     store = CONTROL_PLANE if conn.info.port == stores.local.clusters[CONTROL_PLANE].port else RUN_OPS
     failed = trigger(conn, env.environment_id, idempotency_key="dead")
@@ -190,7 +190,7 @@ def test_concurrent_retriggers_of_a_dead_key_create_exactly_one_new_run(where, s
     assert sum(1 for r in results if r[1] is False) == 1
 
 
-def test_concurrent_client_triggers_with_a_pre_minted_id_create_one_run(client: RunOps, make_env) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_client_triggers_with_a_pre_minted_id_create_one_run(client: RunOps, make_env) -> None:
     env = make_env("ksuid")
     run_id = "run_" + generate_ksuid()  # minted by the client, as a retrying caller would
     results = race(16, lambda i: client.trigger_run(env.environment_id, "t", {}, run_id=run_id))

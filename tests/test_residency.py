@@ -46,8 +46,8 @@ def test_known_shapes_classify_the_same_in_sql_and_python(cp: psycopg.Connection
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(candidates, min_size=1, max_size=40))
 def test_sql_and_python_classifiers_agree_on_generated_strings(cp: psycopg.Connection, values: list[str]) -> None:
-    rows = cp.execute("SELECT v, runops.try_classify_residency(v) FROM unnest(%s::text[]) WITH ORDINALITY AS t(v, i) "
-                      "ORDER BY i", [values]).fetchall()
+    rows = cp.execute("SELECT v, runops.try_classify_residency(v) "
+                      "FROM unnest(%s::text[]) WITH ORDINALITY AS t(v, i) ORDER BY i", [values]).fetchall()
     assert [r[1] for r in rows] == [ids.try_classify_residency(v) for v in values]
 
 
@@ -71,7 +71,8 @@ def test_generated_ids_have_their_store_shapes_and_are_distinct(cp: psycopg.Conn
 
 
 def test_sql_ksuids_are_segment_compatible(cp: psycopg.Connection) -> None:
-    encoded = cp.execute("SELECT runops.ksuid_encode('\\x0669F7EFB5A1CD34B5F99D1154FB6853345C9735'::bytea)").fetchone()[0]
+    raw = bytes.fromhex("0669F7EFB5A1CD34B5F99D1154FB6853345C9735")
+    encoded = cp.execute("SELECT runops.ksuid_encode(%s)", [raw]).fetchone()[0]
     assert encoded == KSUID
     minted, now = cp.execute("SELECT runops.generate_ksuid(), pg_catalog.now()").fetchone()
     parsed = parse(minted.encode())
@@ -79,7 +80,7 @@ def test_sql_ksuids_are_segment_compatible(cp: psycopg.Connection) -> None:
 
 
 def test_ksuid_timestamp_reads_bare_and_friendly_ids(cp: psycopg.Connection) -> None:
-    expected = dt.datetime(2017, 10, 10, 4, 0, 47, tzinfo=dt.timezone.utc)
+    expected = dt.datetime(2017, 10, 10, 4, 0, 47, tzinfo=dt.UTC)
     assert cp.execute("SELECT runops.ksuid_timestamp(%s)", [KSUID]).fetchone()[0] == expected
     assert cp.execute("SELECT runops.ksuid_timestamp(%s)", ["run_" + KSUID]).fetchone()[0] == expected
     python_minted = ids.generate_ksuid()
@@ -100,9 +101,9 @@ def test_store_role_and_identity(cp: psycopg.Connection, ro: psycopg.Connection)
 
 
 def test_fake_now_is_honoured_only_for_clock_members(cp: psycopg.Connection, cp_admin: psycopg.Connection,
-                                                     stores) -> None:  # type: ignore[no-untyped-def]
+                                                     stores) -> None:
     cp.execute("SET runops.fake_now = '2030-01-02 03:04:05+00'")
-    assert cp.execute("SELECT runops.now()").fetchone()[0] == dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    assert cp.execute("SELECT runops.now()").fetchone()[0] == dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     cp.execute("SET runops.fake_now = ''")
     assert cp.execute("SELECT runops.now() = pg_catalog.now()").fetchone()[0]
     # A role outside runops_clock cannot move the clock.

@@ -65,7 +65,7 @@ def test_tenant_columns_in_the_run_graph_carry_no_foreign_key(cp_admin: psycopg.
 
 @pytest.mark.parametrize(("store", "bad_id"), [("CONTROL_PLANE", "0ujtsYcgvSTl8PAuAdqWYSMnLOv"),
                                                ("RUN_OPS", "cjld2cjxh0000qzrmn831i7rn")])
-def test_residency_check_rejects_a_misrouted_row_even_from_a_superuser(stores, store: str, bad_id: str) -> None:  # type: ignore[no-untyped-def]
+def test_residency_check_rejects_a_misrouted_row_even_from_a_superuser(stores, store: str, bad_id: str) -> None:
     with psycopg.connect(stores.admin[store], autocommit=True) as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("""INSERT INTO runops.runs (id, environment_id, project_id, organization_id,
@@ -73,7 +73,7 @@ def test_residency_check_rejects_a_misrouted_row_even_from_a_superuser(stores, s
                             VALUES (%s, 'e', 'p', 'o', 't', 'PENDING', '{}', 'q', now(), now())""", [bad_id])
 
 
-def pg_dump_schema(stores, url: str) -> str:  # type: ignore[no-untyped-def]
+def pg_dump_schema(stores, url: str) -> str:
     out = subprocess.run([f"{stores.local.bindir}/pg_dump", "--schema-only",
                           "--schema=runops", "--schema=runops_peer", url],
                          capture_output=True, text=True, check=True).stdout
@@ -91,7 +91,7 @@ def seed_rows(url: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("store", ["CONTROL_PLANE", "RUN_OPS"])
-def test_all_migrations_from_empty_equal_the_fresh_schema(stores, scratch_db, store: str) -> None:  # type: ignore[no-untyped-def]
+def test_all_migrations_from_empty_equal_the_fresh_schema(stores, scratch_db, store: str) -> None:
     migrated, fresh = scratch_db("migrated"), scratch_db("fresh")
     migrate.upgrade(store, migrated)
     with psycopg.connect(fresh) as conn:
@@ -108,7 +108,7 @@ def function_definitions(url: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("store", ["CONTROL_PLANE", "RUN_OPS"])
-def test_installed_functions_equal_sql_functions(stores, scratch_db, store: str) -> None:  # type: ignore[no-untyped-def]
+def test_installed_functions_equal_sql_functions(stores, scratch_db, store: str) -> None:
     """Drift: the running stores (built by the migrations) carry exactly the bodies in sql/."""
     fresh = scratch_db("drift")
     with psycopg.connect(fresh) as conn:
@@ -119,7 +119,7 @@ def test_installed_functions_equal_sql_functions(stores, scratch_db, store: str)
     assert drifted == [], "re-render the revision: make revision NAME=<revision module>"
 
 
-def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None:  # type: ignore[no-untyped-def]
+def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None:
     url = scratch_db("check")
     runner = CliRunner()
     behind = runner.invoke(main, ["migrate", "--check", "--control-plane-url", url])
@@ -131,7 +131,7 @@ def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None
     assert current.exit_code == 0, current.output
 
 
-def test_plain_alembic_upgrades_a_store(scratch_db) -> None:  # type: ignore[no-untyped-def]
+def test_plain_alembic_upgrades_a_store(scratch_db) -> None:
     url = scratch_db("alembic")
     done = subprocess.run([sys.executable, "-m", "alembic", "-c", str(schema.MIGRATIONS / "alembic.ini"),
                            "--name", "run_ops", "-x", f"url={url}", "upgrade", "head"],
@@ -143,7 +143,7 @@ def test_plain_alembic_upgrades_a_store(scratch_db) -> None:  # type: ignore[no-
             migrate.head_revision("RUN_OPS", url)
 
 
-def test_migrate_with_one_database_installs_the_control_plane_only(scratch_db) -> None:  # type: ignore[no-untyped-def]
+def test_migrate_with_one_database_installs_the_control_plane_only(scratch_db) -> None:
     url = scratch_db("single")
     report = migrate.migrate(url, url)
     assert report.upgraded == ["CONTROL_PLANE"] and not report.wired
@@ -161,7 +161,7 @@ def test_public_functions_are_security_definer_with_a_pinned_path(cp_admin: psyc
                 "ksuid_timestamp", "store_role", "store_identity", "now", "ksuid_encode", "base36"}
     app_callable = [r for r in rows if r[4]]
     assert len(app_callable) > len(identity)
-    for name, secdef, config, owner, _, public in rows:
+    for name, secdef, _config, owner, _, public in rows:
         assert owner == "runops_owner", name
         assert not public, f"{name} is executable by PUBLIC"
         base = name.split("(")[0].removeprefix("runops.")

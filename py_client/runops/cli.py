@@ -167,8 +167,10 @@ def _admin_urls(control_plane_url: str | None, run_ops_url: str | None) -> tuple
 
 
 @main.command()
-@click.option("--control-plane-url", help="Admin (superuser) URL; default RUNOPS_CONTROL_PLANE_ADMIN_URL or the local store.")
-@click.option("--run-ops-url", help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL or the local store.")
+@click.option("--control-plane-url",
+              help="Admin (superuser) URL; default RUNOPS_CONTROL_PLANE_ADMIN_URL or the local store.")
+@click.option("--run-ops-url",
+              help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL or the local store.")
 @click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
 @pass_ctx
 @reports_errors
@@ -314,7 +316,7 @@ def _json_arg(value: str | None, what: str) -> Any:
 @click.option("--options", "raw_options", help="Any other trigger options, as a JSON object.")
 @pass_ctx
 @reports_errors
-def trigger(ctx: Ctx, environment_id: str, task: str, payload: str | None, raw_options: str | None,
+def trigger(ctx: Ctx, /, environment_id: str, task: str, payload: str | None, raw_options: str | None,
             tags: tuple[str, ...], **options: Any) -> None:
     """Trigger TASK in ENVIRONMENT_ID."""
     opts = dict(_json_arg(raw_options, "--options") or {})

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import ids
-from .errors import NotFound, SplitRefused, StoreUnavailable, WrongStore, translate
+from .errors import NotFound, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
 from .models import Run, StoreIdentity, TriggerResult
 
 T = TypeVar("T")
@@ -58,7 +58,10 @@ class RunOps:
     @classmethod
     def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                 **kwargs: Any) -> RunOps:
-        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else the local dev stores."""
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else the local dev stores.
+        RUNOPS_TIMEOUT (seconds, default 10) bounds the wait for a pooled connection."""
+        if "timeout" not in kwargs and os.environ.get("RUNOPS_TIMEOUT"):
+            kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
         cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
         ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
         if not cp:
@@ -99,12 +102,12 @@ class RunOps:
 
     def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> list[T]:
         with self._connection(store) as conn, conn.cursor(row_factory=class_row(cls)) as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]
+            cur.execute(sql, params)
             return cur.fetchall()
 
     def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
         with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
-            cur.execute(sql, params)  # type: ignore[arg-type]
+            cur.execute(sql, params)
             row = cur.fetchone()
             return None if row is None else row[0]
 
@@ -218,7 +221,14 @@ class RunOps:
                     return CONTROL_PLANE
                 store = ids.store_for(residency)
                 return store if store in self._pools else CONTROL_PLANE
-        return self._root_route(environment_id)
+        try:
+            store = self._root_route(environment_id)
+        except RunOpsError:
+            # Let trigger_run itself report the problem, so errors keep the SPEC's order
+            # (a bad option is RO006 even when the environment is unknown).
+            return CONTROL_PLANE
+        # Without that store configured, ask the control plane: its RO002 names the owner.
+        return store if store in self._pools else CONTROL_PLANE
 
     def trigger_run(self, environment_id: str, task_identifier: str, payload: Any = None,
                     **options: Any) -> TriggerResult:

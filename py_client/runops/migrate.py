@@ -100,7 +100,7 @@ def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) 
     text = template.format(host=sql.quote(peer["host"]), port=sql.quote(peer["port"]),
                            dbname=sql.quote(peer["dbname"]), login=login)
     with conn.transaction():
-        conn.execute(text)  # type: ignore[arg-type]
+        conn.execute(text)
 
 
 def _fdw_login(role: str, password: str) -> str:
@@ -161,10 +161,12 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
     slot = f"runops_mirror_{pub[0]}_{sub[0][-8:]}_{sub[1]}"
     existing = ro.execute("SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
                           "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
-    conninfo = " ".join(f"{k}={v}" for k, v in {**_target(control_plane_url),
-                                                "user": str(conninfo_to_dict(control_plane_url).get("user") or "postgres")}.items())
+    publisher = {**_target(control_plane_url),
+                 "user": str(conninfo_to_dict(control_plane_url).get("user") or "postgres")}
+    conninfo = " ".join(f"{k}={v}" for k, v in publisher.items())
     if existing:
-        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
+        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
+            sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
         ro.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(SUBSCRIPTION)))
         return "logical replication"
     if cp.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [slot]).fetchone() is None:
@@ -175,6 +177,22 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
                        "WITH (create_slot = false, slot_name = {}, copy_data = true)").format(
         sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo), sql.Identifier(PUBLICATION), sql.Literal(slot)))
     return "logical replication"
+
+
+def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
+    """Removes the subscription, its slot and the publication (before dropping a store)."""
+    with psycopg.connect(control_plane_url, autocommit=True) as cp, \
+            psycopg.connect(run_ops_url, autocommit=True) as ro:
+        row = ro.execute("SELECT s.subslotname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+                         "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
+        if row is not None:
+            name = sql.Identifier(SUBSCRIPTION)
+            ro.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(name))
+            ro.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(name))
+            ro.execute(sql.SQL("DROP SUBSCRIPTION {}").format(name))
+            cp.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                       "WHERE slot_name = %s AND NOT active", [row[0]])
+        cp.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(PUBLICATION)))
 
 
 def set_app_password(url: str, password: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .schema import MIGRATIONS, ROOT, _RESIDENCY_CHECKS, install_text, seed_sql
+from .schema import _RESIDENCY_CHECKS, MIGRATIONS, ROOT, install_text, seed_sql
 
 TEMPLATE = '''"""{name}: generated from sql/ by `python -m runops.revision {name}`. Do not edit by hand.
 
