@@ -40,10 +40,38 @@ GRANT EXECUTE ON FUNCTION
   runops.set_mint_kind(text, text),
   runops.set_default_mint_kind(text),
   runops.pull_tenant_mirror(),
-  runops.mirror_fingerprint()
+  runops.mirror_fingerprint(),
+  runops.dequeue_runs(text, text, integer, jsonb),
+  runops.heartbeat_run(text, text),
+  runops.start_attempt(text, text),
+  runops.complete_attempt(text, integer, jsonb),
+  runops.fail_attempt(text, integer, jsonb, timestamptz),
+  runops.create_checkpoint(text, integer, text, text, jsonb),
+  runops.resume_run(text),
+  runops.cancel_run(text, text),
+  runops.cancel_dev_session_runs(text, text),
+  runops.execute_tasks_waiting_for_deploy(text, text[]),
+  runops.trigger_failed_task(text, text, jsonb, jsonb, jsonb),
+  runops.enqueue_delayed_runs(integer),
+  runops.expire_enqueued_runs(integer),
+  runops.tick(integer),
+  runops.create_waitpoint(text, text, jsonb),
+  runops.block_run(text, text[], jsonb),
+  runops.complete_waitpoint(text, jsonb, boolean),
+  runops.get_waitpoint(text, text)
   TO runops_app;
 
 CREATE OR REPLACE TRIGGER runs_status_guard
   BEFORE UPDATE OF status ON runops.runs
   FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
   EXECUTE FUNCTION runops.guard_run_status();
+
+-- A run turned final completes what waits on it (its RUN waitpoint) in the same transaction.
+CREATE OR REPLACE TRIGGER runs_after_final
+  AFTER UPDATE OF status ON runops.runs
+  FOR EACH ROW
+  WHEN (NEW.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                       'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+        AND OLD.status NOT IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                               'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT'))
+  EXECUTE FUNCTION runops.after_run_final();

@@ -185,9 +185,13 @@ CREATE TABLE runops.runs (
   ttl                         interval,
   max_duration                interval,
   dev_session_id              text,
-  locked_by                   text,
+  locked_by                   text,                 -- the worker holding the lease
+  lease                       interval,             -- how long each heartbeat extends it
   lease_expires_at            timestamptz,
   retry_at                    timestamptz,
+  ttl_expires_at              timestamptz,          -- queued_at + ttl while never locked
+  execution_deadline          timestamptz,          -- attempt start + max_duration
+  suspended_reason            text,                 -- the checkpoint reason while WAITING_TO_RESUME
   queued_at                   timestamptz,
   started_at                  timestamptz,
   completed_at                timestamptz,
@@ -201,6 +205,20 @@ CREATE UNIQUE INDEX runs_idempotency_key_idx
   WHERE idempotency_key_hash IS NOT NULL;
 CREATE INDEX runs_environment_created_idx ON runops.runs (environment_id, created_at DESC, id DESC);
 CREATE INDEX runs_parent_idx ON runops.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
+-- The worker's queue, and the per-environment count its concurrency limit reads.
+CREATE INDEX runs_queue_idx ON runops.runs (environment_id, queued_at, id) WHERE status = 'PENDING';
+CREATE INDEX runs_active_idx ON runops.runs (environment_id) WHERE status IN ('DEQUEUED', 'EXECUTING');
+-- What tick looks for: each index holds only the runs a time-driven step may move.
+CREATE INDEX runs_delayed_idx ON runops.runs (delay_until) WHERE status = 'DELAYED';
+CREATE INDEX runs_ttl_idx ON runops.runs (ttl_expires_at) WHERE status = 'PENDING' AND ttl_expires_at IS NOT NULL;
+CREATE INDEX runs_retry_idx ON runops.runs (retry_at) WHERE status = 'RETRYING_AFTER_FAILURE';
+CREATE INDEX runs_lease_idx ON runops.runs (lease_expires_at) WHERE status IN ('DEQUEUED', 'EXECUTING');
+CREATE INDEX runs_deadline_idx ON runops.runs (execution_deadline)
+  WHERE status = 'EXECUTING' AND execution_deadline IS NOT NULL;
+CREATE INDEX runs_waiting_idx ON runops.runs (updated_at) WHERE status = 'WAITING_TO_RESUME';
+CREATE INDEX runs_dev_session_idx ON runops.runs (environment_id, dev_session_id) WHERE dev_session_id IS NOT NULL;
+CREATE INDEX runs_undeployed_idx ON runops.runs (environment_id, task_identifier)
+  WHERE status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION');
 
 CREATE TABLE runops.batches (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -248,6 +266,10 @@ CREATE TABLE runops.waitpoints (
 );
 CREATE UNIQUE INDEX waitpoints_idempotency_key_idx
   ON runops.waitpoints (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX waitpoints_due_idx ON runops.waitpoints (completed_after)
+  WHERE status = 'PENDING' AND type = 'DATETIME';
+CREATE INDEX waitpoints_timeout_idx ON runops.waitpoints (timeout_at)
+  WHERE status = 'PENDING' AND timeout_at IS NOT NULL;
 
 CREATE TABLE runops.run_waitpoints (
   run_id        text COLLATE "C" NOT NULL REFERENCES runops.runs (id),
@@ -258,6 +280,7 @@ CREATE TABLE runops.run_waitpoints (
   PRIMARY KEY (run_id, waitpoint_id)
 );
 CREATE INDEX run_waitpoints_waitpoint_idx ON runops.run_waitpoints (waitpoint_id);
+CREATE INDEX run_waitpoints_pending_idx ON runops.run_waitpoints (run_id) WHERE completed_at IS NULL;
 
 CREATE TABLE runops.attempts (
   id             text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -313,13 +336,34 @@ INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
   ('NEW', 'DELAYED', 'trigger_run'),
   ('NEW', 'WAITING_FOR_DEPLOY', 'trigger_run'),
   ('NEW', 'PENDING_VERSION', 'trigger_run'),
-  ('NEW', 'SYSTEM_FAILURE', 'trigger_failed_task');
+  ('NEW', 'SYSTEM_FAILURE', 'trigger_failed_task'),
+  ('DELAYED', 'PENDING', 'enqueue_delayed_runs'),
+  ('WAITING_FOR_DEPLOY', 'PENDING', 'execute_tasks_waiting_for_deploy'),
+  ('PENDING_VERSION', 'PENDING', 'execute_tasks_waiting_for_deploy'),
+  ('PENDING', 'DEQUEUED', 'dequeue_runs'),
+  ('DEQUEUED', 'EXECUTING', 'start_attempt'),
+  ('DEQUEUED', 'CRASHED', 'start_attempt'),          -- no attempts left
+  ('DEQUEUED', 'PENDING', 'release_lapsed_leases'),
+  ('EXECUTING', 'PENDING', 'release_lapsed_leases'),
+  ('EXECUTING', 'COMPLETED_SUCCESSFULLY', 'complete_attempt'),
+  ('EXECUTING', 'RETRYING_AFTER_FAILURE', 'fail_attempt'),
+  ('RETRYING_AFTER_FAILURE', 'PENDING', 'requeue_retries'),
+  ('EXECUTING', 'COMPLETED_WITH_ERRORS', 'fail_attempt'),
+  ('EXECUTING', 'CRASHED', 'fail_attempt'),
+  ('EXECUTING', 'SYSTEM_FAILURE', 'fail_attempt'),
+  ('EXECUTING', 'TIMED_OUT', 'fail_attempt'),
+  ('EXECUTING', 'TIMED_OUT', 'enforce_max_duration'),
+  ('EXECUTING', 'WAITING_TO_RESUME', 'create_checkpoint'),
+  ('WAITING_TO_RESUME', 'PENDING', 'resume_run'),
+  ('PENDING', 'EXPIRED', 'expire_enqueued_runs');
 INSERT INTO runops.status_transitions (from_status, to_status, made_by)
-SELECT live, final, 'finalize_run'
+SELECT live, final, mover
 FROM unnest(ARRAY['DELAYED', 'PENDING', 'PENDING_VERSION', 'WAITING_FOR_DEPLOY', 'DEQUEUED',
                   'EXECUTING', 'WAITING_TO_RESUME', 'RETRYING_AFTER_FAILURE', 'PAUSED']) AS live,
      unnest(ARRAY['CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final;
+                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final,
+     unnest(ARRAY['finalize_run', 'cancel_run']) AS mover
+WHERE mover = 'finalize_run' OR final = 'CANCELED';
 
 -- sql/schema/25_types.sql
 -- Parsed forms that internal functions pass around. They are not part of the public API
@@ -361,7 +405,21 @@ CREATE TYPE runops.environment_context AS (
   maximum_concurrency_limit integer,
   notifications             boolean
 );
+-- The row get_waitpoint answers with (its parameter is named waitpoint_id too, which a
+-- RETURNS TABLE column may not be).
+CREATE TYPE runops.waitpoint_row AS (
+  waitpoint_id    text,
+  environment_id  text,
+  type            text,
+  status          text,
+  output          jsonb,
+  output_is_error boolean,
+  completed_at    timestamptz,
+  completed_after timestamptz,
+  idempotency_key text
+);
 ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;
 
 -- sql/schema/30_views.sql
@@ -401,12 +459,50 @@ SELECT 'run_' || r.id                                        AS run_id,
        r.lease_expires_at,
        r.max_duration,
        r.dev_session_id,
+       r.retry_at,
+       r.suspended_reason,
        r.project_id,
        r.organization_id,
        r.id
 FROM runops.runs r;
 ALTER VIEW runops.run_view OWNER TO runops_owner;
 GRANT SELECT ON runops.run_view TO runops_fdw;
+
+-- runops.waitpoint_view: every waitpoint a caller can name. DATETIME and MANUAL waitpoints are
+-- rows; a RUN waitpoint is derived from its run (same bare id), so an edge on it is satisfied by
+-- reading the run, from either store, and it never needs completing by hand. No column compares
+-- times: a remote store's clock must never decide (the caller compares completed_after itself).
+CREATE VIEW runops.waitpoint_view AS
+SELECT 'waitpoint_' || w.id AS waitpoint_id,
+       w.environment_id,
+       w.type,
+       w.status,
+       w.output,
+       w.output_is_error,
+       w.completed_at,
+       w.completed_after,
+       w.idempotency_key,
+       w.timeout_at,
+       w.id
+FROM runops.waitpoints AS w
+UNION ALL
+SELECT 'waitpoint_' || r.id,
+       r.environment_id,
+       'RUN',
+       CASE WHEN r.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                              'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+            THEN 'COMPLETED' ELSE 'PENDING' END,
+       CASE WHEN r.status = 'COMPLETED_SUCCESSFULLY' THEN r.output ELSE r.error END,
+       r.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED',
+                    'EXPIRED', 'TIMED_OUT'),
+       r.completed_at,
+       NULL::timestamptz,
+       NULL::text,
+       NULL::timestamptz,
+       r.id
+FROM runops.runs AS r;
+ALTER VIEW runops.waitpoint_view OWNER TO runops_owner;
+GRANT SELECT ON runops.waitpoint_view TO runops_fdw;
 
 -- sql/functions/errors.sql
 -- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
@@ -508,13 +604,13 @@ BEGIN
     PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
                                          what, quote_nullable(value)));
   END IF;
-  amount := left(value, -1)::numeric;
-  parsed := make_interval(secs => (amount * CASE right(value, 1)
-                                     WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600
-                                     WHEN 'd' THEN 86400 ELSE 604800 END)::double precision);
-  IF parsed > interval '365 days' THEN
+  -- Bound the seconds before building an interval: 999999999999w would overflow it.
+  amount := left(value, -1)::numeric * CASE right(value, 1)
+              WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
+  IF amount > 365 * 86400 THEN
     PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
   END IF;
+  parsed := make_interval(secs => amount::double precision);
   RETURN parsed;
 END
 $$;
@@ -531,7 +627,7 @@ BEGIN
   END IF;
   RETURN value::timestamptz;
 EXCEPTION
-  WHEN datetime_field_overflow OR invalid_datetime_format THEN
+  WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
     PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, value));
     RETURN NULL;
 END
@@ -672,8 +768,6 @@ DECLARE
   n numeric := 0::numeric;
   part bigint;
   encoded text := '';
-  i integer;
-  p integer;
 BEGIN
   IF pg_catalog.length(raw) <> 20 THEN
     RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
@@ -755,7 +849,6 @@ DECLARE
   bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
   n numeric := 0::numeric;
   ch integer;
-  i integer;
 BEGIN
   IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
     RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
@@ -814,10 +907,23 @@ END
 $$;
 
 -- sql/functions/lifecycle.sql
--- Lifecycle: every status change is checked against runops.status_transitions by one trigger,
--- which also sends the change to listeners. Functions set runops.transition_by (transaction
--- local) to say which move they make; a direct UPDATE without it may make any move the table
--- allows, and none it does not.
+-- Lifecycle: the state machine and the worker's path through it.
+--
+-- Every status change is checked by one trigger (guard_run_status) against
+-- runops.status_transitions, which also sends the change to listeners. Functions name the move
+-- they make in the transaction-local setting runops.transition_by; a direct UPDATE without it
+-- may make any move the table allows, and none it does not.
+--
+--   dequeue_runs      PENDING -> DEQUEUED            (lease, FOR UPDATE SKIP LOCKED)
+--   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
+--   complete_attempt  EXECUTING -> COMPLETED_SUCCESSFULLY
+--   fail_attempt      EXECUTING -> RETRYING_AFTER_FAILURE | a final failure
+--   create_checkpoint EXECUTING -> WAITING_TO_RESUME
+--   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
+--   finalize_run      any live -> any final
+--   cancel_run        any live -> CANCELED, down the tree of live children
+-- A run that turns final completes the edges waiting on it (its RUN waitpoint) and closes its
+-- open attempt, in the same transaction (after_run_final).
 
 CREATE OR REPLACE FUNCTION runops.is_final_status(status text)
 RETURNS boolean
@@ -825,6 +931,16 @@ LANGUAGE sql IMMUTABLE
 AS $$
   SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
                     'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+$$;
+
+-- Names the move the next status change makes; returns the previous mover so nested moves
+-- (a completion resuming a parent) can restore it.
+CREATE OR REPLACE FUNCTION runops.set_mover(mover text)
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT coalesce(current_setting('runops.transition_by', true), '')
+  FROM (SELECT set_config('runops.transition_by', coalesce(mover, ''), true)) AS s
 $$;
 
 CREATE OR REPLACE FUNCTION runops.guard_run_status()
@@ -853,6 +969,26 @@ BEGIN
 END
 $$;
 
+-- A run turned final: close its open attempt, and complete every local edge waiting on it
+-- (its RUN waitpoint), resuming runs that were waiting only on it.
+CREATE OR REPLACE FUNCTION runops.after_run_final()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  UPDATE attempts AS a
+  SET status = CASE NEW.status WHEN 'COMPLETED_SUCCESSFULLY' THEN 'COMPLETED'
+                               WHEN 'CANCELED' THEN 'CANCELED' ELSE 'FAILED' END,
+      output = coalesce(a.output, NEW.output),
+      error = coalesce(a.error, NEW.error),
+      completed_at = coalesce(a.completed_at, now())
+  WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
+  PERFORM complete_local_edges(NEW.id);
+  RETURN NULL;
+END
+$$;
+
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
 -- store's run, RO004 when it is missing. Locks the run.
 CREATE OR REPLACE FUNCTION runops.lock_run(run_id text)
@@ -878,6 +1014,378 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION runops.require_worker(worker_id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 THEN
+    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters');
+  END IF;
+  RETURN worker_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_attempt_number(attempt_number integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF attempt_number IS NULL OR attempt_number NOT BETWEEN 1 AND 250 THEN
+    PERFORM raise_error('RO006', format('attempt_number must be from 1 to 250, got %s', quote_nullable(attempt_number)));
+  END IF;
+  RETURN attempt_number;
+END
+$$;
+
+-- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
+CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+    PERFORM raise_error('RO003', format('%s needs a dequeued or executing run; run_%s is %s', what, r.id, r.status));
+  END IF;
+  IF r.locked_by IS DISTINCT FROM worker_id THEN
+    PERFORM raise_error('RO003', format('run_%s is leased to worker %s, not %s', r.id,
+                                        coalesce(r.locked_by, '(none)'), worker_id),
+                        NULL, 'dequeue the run again; its lease may have lapsed');
+  END IF;
+END
+$$;
+
+-- The attempt a worker reports on: RO003 for a stale attempt or a run no longer executing.
+CREATE OR REPLACE FUNCTION runops.require_current_attempt(r runops.runs, attempt_number integer, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF r.status <> 'EXECUTING' THEN
+    PERFORM raise_error('RO003', format('%s needs an executing run; run_%s is %s', what, r.id, r.status),
+                        NULL, CASE WHEN r.status = 'CANCELED' THEN 'the run was canceled: stop working on it' END);
+  END IF;
+  IF r.attempt_number <> attempt_number THEN
+    PERFORM raise_error('RO003', format('attempt %s of run_%s is stale: the current attempt is %s',
+                                        attempt_number, r.id, r.attempt_number));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
+           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
+           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
+           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
+           ELSE s || 's'
+         END
+  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
+$$;
+
+CREATE OR REPLACE FUNCTION runops.dequeue_runs(environment_id text, worker_id text, max_runs integer,
+                                               options jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  worker text := require_worker(dequeue_runs.worker_id);
+  lease_for interval;
+  queues text[];
+  tasks text[];
+  env environment_context;
+  active integer;
+  room integer;
+  ts timestamptz := now();
+  picked text[];
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
+  IF max_runs IS NULL OR max_runs NOT BETWEEN 1 AND 1000 THEN
+    PERFORM raise_error('RO006', format('max_runs must be from 1 to 1000, got %s', quote_nullable(max_runs)));
+  END IF;
+  lease_for := parse_duration(coalesce(option_text(o, 'lease'), '5m'), 'option lease');
+  IF lease_for < interval '1 second' THEN
+    PERFORM raise_error('RO006', 'option lease must be at least 1s');
+  END IF;
+  queues := option_text_array(o, 'queues');
+  tasks := option_text_array(o, 'tasks');
+  env := load_environment(dequeue_runs.environment_id);
+  IF env.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(dequeue_runs.environment_id)));
+  END IF;
+  IF env.paused OR env.archived OR env.project_deleted THEN
+    RETURN;  -- a paused environment hands out no work; attempts in flight still complete
+  END IF;
+  -- Serialise dequeuers of one environment, so the concurrency limit is exact in this store.
+  PERFORM pg_advisory_xact_lock(hashtextextended('runops.dequeue:' || env.id, 0));
+  SELECT count(*) INTO active FROM runs AS r
+  WHERE r.environment_id = env.id AND r.status IN ('DEQUEUED', 'EXECUTING');
+  room := least(max_runs, env.maximum_concurrency_limit - active);
+  IF room <= 0 THEN
+    RETURN;
+  END IF;
+  PERFORM set_mover('dequeue_runs');
+  WITH candidates AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = env.id AND r.status = 'PENDING'
+      AND (queues IS NULL OR r.queue = ANY (queues))
+      AND (tasks IS NULL OR r.task_identifier = ANY (tasks))
+    ORDER BY r.queued_at, r.id
+    LIMIT room
+    FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
+        started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
+    FROM candidates AS c WHERE r.id = c.id
+    RETURNING r.id
+  )
+  SELECT array_agg(m.id) INTO picked FROM moved AS m;
+  -- A second statement: the UPDATE's new row versions are not visible inside the statement
+  -- that made them.
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
+RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
+     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
+    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+  END IF;
+  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  worker text := require_worker(heartbeat_run.worker_id);
+  r runs := lock_run(heartbeat_run.run_id);
+BEGIN
+  PERFORM require_lease(r, worker, 'heartbeat_run');
+  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  worker text := require_worker(start_attempt.worker_id);
+  r runs := lock_run(start_attempt.run_id);
+  ts timestamptz := now();
+  paused attempts;
+  next_number integer;
+BEGIN
+  IF is_final_status(r.status) THEN
+    PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
+  END IF;
+  IF r.status <> 'DEQUEUED' THEN
+    PERFORM raise_error('RO003', format('start_attempt needs a dequeued run; run_%s is %s', r.id, r.status),
+                        NULL, 'dequeue it with dequeue_runs first');
+  END IF;
+  PERFORM require_lease(r, worker, 'start_attempt');
+  PERFORM set_mover('start_attempt');
+  -- A run resumed from a checkpoint continues the attempt that paused, not a new one.
+  SELECT * INTO paused FROM attempts AS a WHERE a.run_id = r.id AND a.status = 'PAUSED'
+  ORDER BY a.number DESC LIMIT 1;
+  IF FOUND THEN
+    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = worker WHERE a.id = paused.id;
+    next_number := paused.number;
+  ELSE
+    next_number := r.attempt_number + 1;
+    IF next_number > least(r.max_attempts, 250) THEN
+      UPDATE runs AS x
+      SET status = 'CRASHED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL, updated_at = ts,
+          error = jsonb_build_object('message', format('run crashed: all %s attempts were used', r.max_attempts),
+                                     'status', 'CRASHED')
+      WHERE x.id = r.id;
+      RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+      RETURN;
+    END IF;
+    INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
+    VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+            r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
+  END IF;
+  UPDATE runs AS x
+  SET status = 'EXECUTING', attempt_number = next_number,
+      lease_expires_at = ts + coalesce(x.lease, interval '5 minutes'),
+      execution_deadline = ts + x.max_duration, retry_at = NULL, updated_at = ts
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(complete_attempt.attempt_number);
+  r runs := lock_run(complete_attempt.run_id);
+BEGIN
+  -- The same attempt's completion, repeated (a retried network call), returns the row as it is.
+  IF r.status = 'COMPLETED_SUCCESSFULLY' AND r.attempt_number = n THEN
+    RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+    RETURN;
+  END IF;
+  PERFORM require_current_attempt(r, n, 'complete_attempt');
+  PERFORM set_mover('complete_attempt');
+  UPDATE runs AS x
+  SET status = 'COMPLETED_SUCCESSFULLY', output = complete_attempt.output, completed_at = now(),
+      locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = now()
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.fail_attempt(run_id text, attempt_number integer, error jsonb,
+                                               retry_at timestamptz DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(fail_attempt.attempt_number);
+  r runs := lock_run(fail_attempt.run_id);
+  ts timestamptz := now();
+  named text;
+  final_status text;
+BEGIN
+  IF fail_attempt.error IS NOT NULL AND jsonb_typeof(fail_attempt.error) = 'object' THEN
+    named := fail_attempt.error ->> 'status';
+  END IF;
+  -- A repeated report of the same failed attempt returns the row as it is.
+  IF r.status <> 'EXECUTING' AND r.attempt_number = n
+     AND EXISTS (SELECT FROM attempts AS a WHERE a.run_id = r.id AND a.number = n AND a.status = 'FAILED')
+     AND (r.status = 'RETRYING_AFTER_FAILURE' OR is_final_status(r.status)) THEN
+    RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+    RETURN;
+  END IF;
+  PERFORM require_current_attempt(r, n, 'fail_attempt');
+  UPDATE attempts AS a SET status = 'FAILED', error = fail_attempt.error, completed_at = ts
+  WHERE a.run_id = r.id AND a.number = n;
+  PERFORM set_mover('fail_attempt');
+  IF fail_attempt.retry_at IS NOT NULL AND n < least(r.max_attempts, 250) THEN
+    UPDATE runs AS x
+    SET status = 'RETRYING_AFTER_FAILURE', retry_at = fail_attempt.retry_at, error = fail_attempt.error,
+        locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    WHERE x.id = r.id;
+  ELSE
+    final_status := CASE WHEN named IN ('COMPLETED_WITH_ERRORS', 'CRASHED', 'SYSTEM_FAILURE', 'TIMED_OUT')
+                         THEN named ELSE 'COMPLETED_WITH_ERRORS' END;
+    UPDATE runs AS x
+    SET status = final_status, error = fail_attempt.error, completed_at = ts, retry_at = NULL,
+        locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    WHERE x.id = r.id;
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_checkpoint(run_id text, attempt_number integer, reason text,
+                                                    location text, metadata jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(create_checkpoint.attempt_number);
+  meta jsonb := require_object(create_checkpoint.metadata, 'metadata');
+  r runs;
+  ts timestamptz := now();
+BEGIN
+  IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
+                                      'RETRYING_AFTER_FAILURE') THEN
+    PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
+                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s', quote_nullable(reason)));
+  END IF;
+  IF location IS NULL OR location = '' OR length(location) > 2048 THEN
+    PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');
+  END IF;
+  r := lock_run(create_checkpoint.run_id);
+  PERFORM require_current_attempt(r, n, 'create_checkpoint');
+  INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
+  VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+          r.id, r.environment_id, n, reason, location, meta, ts);
+  UPDATE attempts AS a SET status = 'PAUSED' WHERE a.run_id = r.id AND a.number = n;
+  PERFORM set_mover('create_checkpoint');
+  UPDATE runs AS x
+  SET status = 'WAITING_TO_RESUME', suspended_reason = reason, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts
+  WHERE x.id = r.id;
+  -- Waiting for something that already happened must not wait at all.
+  IF reason <> 'MANUAL' THEN
+    PERFORM refresh_blockers(r.id, false);
+    PERFORM resume_if_unblocked(r.id, false);
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- WAITING_TO_RESUME -> PENDING when no edge of the run is pending. A MANUAL checkpoint resumes
+-- only when asked (allow_manual). True when nothing blocks the run any more.
+CREATE OR REPLACE FUNCTION runops.resume_if_unblocked(run_id text, allow_manual boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  r runs;
+  previous text;
+BEGIN
+  SELECT * INTO r FROM runs AS x WHERE x.id = resume_if_unblocked.run_id FOR UPDATE;
+  IF NOT FOUND OR is_final_status(r.status)
+     OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL) THEN
+    RETURN false;
+  END IF;
+  IF r.status = 'WAITING_TO_RESUME' AND (allow_manual OR r.suspended_reason IS DISTINCT FROM 'MANUAL') THEN
+    previous := set_mover('resume_run');
+    UPDATE runs AS x SET status = 'PENDING', suspended_reason = NULL, updated_at = now() WHERE x.id = r.id;
+    PERFORM set_mover(previous);
+  END IF;
+  RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.resume_run(run_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  r runs := lock_run(resume_run.run_id);
+BEGIN
+  -- Idempotent: the client sends it as a follow-up and tick may get there first.
+  IF r.status = 'WAITING_TO_RESUME' THEN
+    PERFORM refresh_blockers(r.id, true);
+    PERFORM resume_if_unblocked(r.id, true);
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.finalize_run(run_id text, status text, error jsonb DEFAULT NULL,
                                                output jsonb DEFAULT NULL)
 RETURNS SETOF runops.run_view
@@ -887,6 +1395,7 @@ AS $$
 DECLARE
   r runs;
   final_status text := finalize_run.status;
+  ts timestamptz := now();
 BEGIN
   IF final_status IS NULL OR NOT is_final_status(final_status) THEN
     PERFORM raise_error('RO006', format('finalize_run needs a final status (CANCELED, INTERRUPTED, COMPLETED_SUCCESSFULLY, '
@@ -899,19 +1408,65 @@ BEGIN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
     RETURN;
   END IF;
-  PERFORM set_config('runops.transition_by', 'finalize_run', true);
+  PERFORM set_mover('finalize_run');
   -- One write: status, error and output land together, so no reader sees a final run without them.
   UPDATE runs AS x
   SET status = final_status,
       error = coalesce(finalize_run.error, x.error),
       output = coalesce(finalize_run.output, x.output),
-      completed_at = now(),
-      expired_at = CASE WHEN final_status = 'EXPIRED' THEN now() ELSE x.expired_at END,
-      locked_by = NULL,
-      lease_expires_at = NULL,
-      updated_at = now()
+      completed_at = ts,
+      expired_at = CASE WHEN final_status = 'EXPIRED' THEN ts ELSE x.expired_at END,
+      locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
   WHERE x.id = r.id;
-  PERFORM set_config('runops.transition_by', '', true);
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- Cancels the live runs of the trees under the given (bare) root ids; returns how many.
+CREATE OR REPLACE FUNCTION runops.cancel_trees(root_ids text[], reason text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  canceled integer;
+BEGIN
+  PERFORM set_mover('cancel_run');
+  WITH RECURSIVE tree AS (
+    SELECT r.id FROM runs AS r WHERE r.id = ANY (root_ids)
+    UNION
+    SELECT c.id FROM runs AS c JOIN tree AS t ON c.parent_run_id = t.id
+  ), live AS (
+    SELECT r.id FROM runs AS r JOIN tree AS t ON t.id = r.id
+    WHERE NOT is_final_status(r.status)
+    ORDER BY r.id
+    FOR UPDATE OF r
+  )
+  UPDATE runs AS x
+  SET status = 'CANCELED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts,
+      error = jsonb_build_object('message', coalesce(reason, 'run was canceled'), 'status', 'CANCELED')
+  FROM live AS l WHERE x.id = l.id AND NOT is_final_status(x.status);
+  GET DIAGNOSTICS canceled = ROW_COUNT;
+  RETURN canceled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  r runs := lock_run(cancel_run.run_id);
+BEGIN
+  IF length(reason) > 2048 THEN
+    PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
+  END IF;
+  -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
+  IF NOT is_final_status(r.status) THEN
+    PERFORM cancel_trees(ARRAY[r.id], reason);
+  END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
 END
 $$;
@@ -953,6 +1508,286 @@ BEGIN
     PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
                                         store_for_residency(residency), get_run.run_id, SQLERRM));
   END;
+END
+$$;
+
+-- sql/functions/services.sql
+-- Time-driven and operational services. Every time comparison reads runops.now() in this store.
+-- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
+-- never process a row twice: a row another tick holds is simply left to it.
+
+CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
+    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
+  END IF;
+  RETURN max_rows;
+END
+$$;
+
+-- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
+CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('enqueue_delayed_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r WHERE r.status = 'DELAYED' AND r.delay_until <= ts
+    ORDER BY r.delay_until LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- PENDING runs never locked by a worker, whose TTL has run out (now >= queued_at + ttl), become
+-- EXPIRED; their key is released and their RUN waitpoint completes with the error.
+CREATE OR REPLACE FUNCTION runops.expire_enqueued_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('expire_enqueued_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'PENDING' AND r.ttl_expires_at <= ts AND r.started_at IS NULL
+    ORDER BY r.ttl_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
+      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
+      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
+                                 'status', 'EXPIRED')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- A worker that stopped heartbeating loses its run: back to PENDING for another worker (its
+-- attempt is failed; the next start_attempt counts towards max_attempts). No run stays
+-- DEQUEUED or EXECUTING forever.
+CREATE OR REPLACE FUNCTION runops.release_lapsed_leases(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  released text[];
+BEGIN
+  PERFORM set_mover('release_lapsed_leases');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status IN ('DEQUEUED', 'EXECUTING') AND r.lease_expires_at <= ts
+    ORDER BY r.lease_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'PENDING', locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    FROM due WHERE r.id = due.id
+    RETURNING r.id
+  )
+  SELECT coalesce(array_agg(m.id), '{}') INTO released FROM moved AS m;
+  UPDATE attempts AS a
+  SET status = 'FAILED', completed_at = ts,
+      error = jsonb_build_object('message', 'the worker''s lease lapsed (no heartbeat)')
+  WHERE a.run_id = ANY (released) AND a.status = 'EXECUTING';
+  RETURN cardinality(released);
+END
+$$;
+
+-- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
+CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('requeue_retries');
+  WITH due AS (
+    SELECT r.id FROM runs AS r WHERE r.status = 'RETRYING_AFTER_FAILURE' AND r.retry_at <= ts
+    ORDER BY r.retry_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- EXECUTING past attempt start + max_duration -> TIMED_OUT.
+CREATE OR REPLACE FUNCTION runops.enforce_max_duration(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('enforce_max_duration');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'EXECUTING' AND r.execution_deadline <= ts
+    ORDER BY r.execution_deadline LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'TIMED_OUT', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts,
+      error = jsonb_build_object('message', format('run exceeded its max_duration (%s)', duration_text(r.max_duration)),
+                                 'status', 'TIMED_OUT')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Due DATETIME waitpoints complete; MANUAL ones past their timeout complete with an error.
+-- Either way their local edges complete and the runs they were the last blocker of resume.
+CREATE OR REPLACE FUNCTION runops.complete_due_waitpoints(max_rows integer)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  w record;
+  datetimes integer := 0;
+  timeouts integer := 0;
+BEGIN
+  FOR w IN
+    SELECT x.id, x.type FROM waitpoints AS x
+    WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
+    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED
+  LOOP
+    UPDATE waitpoints AS x
+    SET status = 'COMPLETED', completed_at = ts,
+        output_is_error = (w.type = 'MANUAL'),
+        output = CASE WHEN w.type = 'MANUAL'
+                      THEN jsonb_build_object('message', 'waitpoint timed out') END
+    WHERE x.id = w.id;
+    PERFORM complete_local_edges(w.id);
+    IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
+  END LOOP;
+  RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);
+END
+$$;
+
+-- WAIT_FOR_* runs whose blockers are all done — including blockers in the other store, read
+-- through the FDW — resume. Local completions resume runs at once; this catches the rest (and
+-- anything a crash left behind).
+CREATE OR REPLACE FUNCTION runops.resume_waiting_runs(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  candidate text;
+  resumed integer := 0;
+BEGIN
+  FOR candidate IN
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
+      AND (NOT EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)
+           OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL
+                      AND length(e.waitpoint_id) <> length(r.id)))
+    ORDER BY r.updated_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  LOOP
+    BEGIN
+      PERFORM refresh_blockers(candidate, true);
+    EXCEPTION WHEN SQLSTATE 'RO009' THEN
+      CONTINUE;  -- the other store is down: try again on the next tick
+    END;
+    IF resume_if_unblocked(candidate, false) THEN
+      resumed := resumed + 1;
+    END IF;
+  END LOOP;
+  RETURN resumed;
+END
+$$;
+
+-- One pass of all time-driven work in this store. Safe to run from many processes at once.
+CREATE OR REPLACE FUNCTION runops.tick(max_rows integer DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_max_rows(max_rows, 'max_rows');
+  counts jsonb;
+BEGIN
+  counts := jsonb_build_object(
+    'delayed', enqueue_delayed_runs(n),
+    'retried', requeue_retries(n),
+    'expired', expire_enqueued_runs(n),
+    'timed_out', enforce_max_duration(n),
+    'leases_released', release_lapsed_leases(n));
+  counts := counts || complete_due_waitpoints(n);
+  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
+  PERFORM set_mover('');
+  RETURN counts;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  roots text[];
+BEGIN
+  IF dev_session_id IS NULL OR dev_session_id = '' THEN
+    PERFORM raise_error('RO006', 'dev_session_id is required');
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
+  WHERE r.environment_id = cancel_dev_session_runs.environment_id
+    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
+  IF roots IS NULL THEN
+    RETURN 0;
+  END IF;
+  RETURN cancel_trees(roots, 'the dev session ended');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
+    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
+  END IF;
+  PERFORM set_mover('execute_tasks_waiting_for_deploy');
+  WITH waiting AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
+      AND r.task_identifier = ANY (task_identifiers)
+      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
+    ORDER BY r.id FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM waiting WHERE r.id = waiting.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
 END
 $$;
 
@@ -1026,12 +1861,36 @@ BEGIN
   IF residency IS NULL THEN
     residency := root_residency(require_environment_for_new_work(environment_id));
   END IF;
-  IF preminted IS NOT NULL AND preminted <> residency THEN
+  -- A retry of a trigger whose run exists keeps its id's store even if a flip happened since:
+  -- it gets the cached run, there.
+  IF preminted IS NOT NULL AND preminted <> residency AND NOT run_exists(spec.run_id) THEN
     PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
                                          preminted, residency),
                         NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
   END IF;
   RETURN residency;
+END
+$$;
+
+-- Whether a run with this bare id exists, in whichever store its shape names (cold path: only
+-- asked when a pre-minted id disagrees with the minting rules).
+CREATE OR REPLACE FUNCTION runops.run_exists(run_id text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := try_classify_residency(run_id);
+BEGIN
+  IF residency = local_residency() THEN
+    RETURN EXISTS (SELECT FROM runs AS r WHERE r.id = run_exists.run_id);
+  END IF;
+  IF residency IS NULL OR NOT peer_wired() THEN
+    RETURN false;
+  END IF;
+  RETURN EXISTS (SELECT FROM runops_peer.runs AS r WHERE r.id = run_exists.run_id);
+EXCEPTION WHEN connection_exception THEN
+  PERFORM raise_error('RO009', 'the other store is unavailable: ' || SQLERRM);
+  RETURN false;
 END
 $$;
 
@@ -1509,7 +2368,8 @@ $$;
 -- Triggering runs, and idempotency.
 --
 -- trigger_run = parse_trigger_options (RO006) -> decide_residency (RO001, RO006, RO002)
---   -> require_environment_for_new_work (RO004, RO005) -> create_run.
+--   -> require_parent (RO004, RO003) -> require_environment_for_new_work (RO004, RO005)
+--   -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
 -- and failed-task runs all go through it.
 
@@ -1661,10 +2521,7 @@ DECLARE
   attempts integer := 0;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
-    SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
-    IF NOT FOUND OR parent.environment_id <> env.id THEN
-      PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id, env.id));
-    END IF;
+    parent := require_parent(spec, env.id);
   END IF;
   IF spec.idempotency_key IS NOT NULL THEN
     key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
@@ -1690,6 +2547,7 @@ BEGIN
                                                spec.run_id));
         END IF;
         run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        PERFORM wait_for_child(spec, parent, existing.id, existing.status);
         RETURN;
       END IF;
     END IF;
@@ -1702,6 +2560,8 @@ BEGIN
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at) THEN
           run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
+          PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
         END IF;
         -- Dead key: release it so the new run can hold it. The guard on the hash makes a
@@ -1718,7 +2578,7 @@ BEGIN
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
       idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
       resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, completed_at, created_at, updated_at)
+      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
     VALUES (
       new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
       coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
@@ -1731,14 +2591,56 @@ BEGIN
       coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
       spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
       spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
       CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      PERFORM wait_for_child(spec, parent, new_id, run_status);
       RETURN;
     END IF;
     -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
   END LOOP;
+END
+$$;
+
+-- The parent a child names: in this store and this environment (RO004), and live when it is
+-- to wait for the child (RO003).
+CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
+RETURNS runops.runs
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  parent runs;
+BEGIN
+  SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
+  IF NOT FOUND OR parent.environment_id <> require_parent.environment_id THEN
+    PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id,
+                                        require_parent.environment_id));
+  END IF;
+  IF spec.resume_parent_on_completion AND is_final_status(parent.status) THEN
+    PERFORM raise_error('RO003', format('parent run run_%s is %s: a final run cannot wait for a child',
+                                        parent.id, parent.status));
+  END IF;
+  RETURN parent;
+END
+$$;
+
+-- Trigger-and-wait: the parent waits on the child's RUN waitpoint (the child's id). Parent and
+-- child are always in one store (children inherit residency), so the edge is local; it is born
+-- done when the child already finished, so the parent never hangs on a cached final run.
+CREATE OR REPLACE FUNCTION runops.wait_for_child(spec runops.trigger_spec, parent runops.runs, child_id text,
+                                                 child_status text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  IF spec.resume_parent_on_completion AND parent.id IS NOT NULL THEN
+    PERFORM add_blocker(parent.id, parent.environment_id, child_id, is_final_status(child_status));
+    IF is_final_status(child_status) THEN
+      PERFORM resume_if_unblocked(parent.id, false);  -- a parent already suspended goes on at once
+    END IF;
+  END IF;
 END
 $$;
 
@@ -1768,10 +2670,55 @@ BEGIN
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
+  IF spec.parent_run_id IS NOT NULL THEN
+    PERFORM require_parent(spec, env_id);
+  END IF;
   env := require_environment_for_new_work(env_id);
   created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
   RETURN QUERY SELECT created.run_id, created.is_cached, created.status,
                       classify_residency(created.run_id);
+END
+$$;
+
+-- A run that could not be triggered (a bad batch item, a deploy that failed): born
+-- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
+CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
+                                                      error jsonb, options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  spec trigger_spec;
+  env_id text := trigger_failed_task.environment_id;
+  task text := trigger_failed_task.task_identifier;
+  owner_residency text;
+  env environment_context;
+  created record;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task IS NULL OR task = '' OR length(task) > 128 THEN
+    PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
+  END IF;
+  spec := parse_trigger_options(trigger_failed_task.options);
+  owner_residency := decide_residency(env_id, spec);
+  IF owner_residency <> local_residency() THEN
+    PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
+  END IF;
+  IF spec.parent_run_id IS NOT NULL THEN
+    PERFORM require_parent(spec, env_id);
+  END IF;
+  -- The failure is recorded even in an environment that takes no new work: it reports work
+  -- that was already accepted.
+  env := load_environment(env_id);
+  IF env.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', env_id));
+  END IF;
+  created := create_run(env, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
+                        coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, classify_residency(created.run_id);
 END
 $$;
 
@@ -1810,6 +2757,327 @@ BEGIN
 END
 $$;
 
+-- sql/functions/waitpoints.sql
+-- Waitpoints: what a run can wait on, and the edges that say it does.
+--
+-- Edges (run_waitpoints) live with the blocked run; the waitpoint may live in either store.
+-- A local completion completes local edges and resumes their runs in the same transaction;
+-- edges in the other store are reported back (remote_run_ids) so the client can send resume_run
+-- there, and tick there re-checks any it missed by reading this store through the FDW.
+
+-- The waitpoint named by a bare id, from the store its shape names. 0 rows when it does not
+-- exist (or lives in a store that is not wired). RO009 when that store is unreachable.
+CREATE OR REPLACE FUNCTION runops.find_waitpoint(waitpoint_id text)
+RETURNS SETOF runops.waitpoint_view
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := try_classify_residency(waitpoint_id);
+BEGIN
+  IF residency IS NULL THEN
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    RETURN QUERY SELECT * FROM waitpoint_view AS w WHERE w.id = find_waitpoint.waitpoint_id;
+    RETURN;
+  END IF;
+  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN;
+  END IF;
+  BEGIN
+    RETURN QUERY SELECT * FROM runops_peer.waitpoint_view AS w WHERE w.id = find_waitpoint.waitpoint_id;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', format('the %s store that owns waitpoint_%s is unavailable: %s',
+                                        store_for_residency(residency), waitpoint_id, SQLERRM));
+  END;
+END
+$$;
+
+-- Whether a waitpoint row counts as done at time ts (a DATETIME waitpoint is done once due,
+-- even before tick has marked it).
+CREATE OR REPLACE FUNCTION runops.waitpoint_done(status text, type text, completed_after timestamptz, ts timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT status = 'COMPLETED' OR (type = 'DATETIME' AND completed_after <= ts)
+$$;
+
+-- Completes the pending local edges on a waitpoint and resumes the runs it was the last
+-- blocker of. Returns the friendly ids of the runs nothing blocks any more.
+CREATE OR REPLACE FUNCTION runops.complete_local_edges(waitpoint_id text)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  blocked text;
+  unblocked text[] := '{}'::text[];
+BEGIN
+  -- Lock the blocked runs in id order, so two completions never deadlock on each other.
+  FOR blocked IN
+    SELECT e.run_id FROM run_waitpoints AS e
+    WHERE e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL
+    ORDER BY e.run_id
+  LOOP
+    UPDATE run_waitpoints AS e SET completed_at = now()
+    WHERE e.run_id = blocked AND e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL;
+    IF resume_if_unblocked(blocked, false) THEN
+      unblocked := unblocked || ('run_' || blocked);
+    END IF;
+  END LOOP;
+  RETURN unblocked;
+END
+$$;
+
+-- Marks the run's pending edges whose waitpoints are done: local ones always, the other
+-- store's through the FDW when include_remote. Returns how many edges it completed.
+CREATE OR REPLACE FUNCTION runops.refresh_blockers(run_id text, include_remote boolean)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+  k integer;
+  remote text[];
+  done text[];
+BEGIN
+  UPDATE run_waitpoints AS e SET completed_at = ts
+  FROM waitpoint_view AS w
+  WHERE e.run_id = refresh_blockers.run_id AND e.completed_at IS NULL AND w.id = e.waitpoint_id
+    AND waitpoint_done(w.status, w.type, w.completed_after, ts);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  IF NOT include_remote OR NOT peer_wired() THEN
+    RETURN n;
+  END IF;
+  SELECT array_agg(e.waitpoint_id) INTO remote FROM run_waitpoints AS e
+  WHERE e.run_id = refresh_blockers.run_id AND e.completed_at IS NULL
+    AND try_classify_residency(e.waitpoint_id) <> local_residency();
+  IF remote IS NULL THEN
+    RETURN n;
+  END IF;
+  BEGIN
+    -- = ANY and plain column predicates are shipped; the time comparison happens here.
+    SELECT array_agg(w.id) INTO done FROM runops_peer.waitpoint_view AS w
+    WHERE w.id = ANY (remote) AND waitpoint_done(w.status, w.type, w.completed_after, ts);
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the other store is unavailable, so the run''s waitpoints there cannot be checked: '
+                                 || SQLERRM);
+  END;
+  UPDATE run_waitpoints AS e SET completed_at = ts
+  WHERE e.run_id = refresh_blockers.run_id AND e.completed_at IS NULL AND e.waitpoint_id = ANY (done);
+  GET DIAGNOSTICS k = ROW_COUNT;
+  RETURN n + k;
+END
+$$;
+
+-- Adds an edge "run waits on waitpoint", born completed when the waitpoint already is.
+CREATE OR REPLACE FUNCTION runops.add_blocker(run_id text, environment_id text, waitpoint_id text, done boolean)
+RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+  INSERT INTO runops.run_waitpoints (run_id, waitpoint_id, environment_id, completed_at, created_at)
+  VALUES (run_id, waitpoint_id, environment_id, CASE WHEN done THEN runops.now() END, runops.now())
+  ON CONFLICT (run_id, waitpoint_id) DO NOTHING
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_waitpoint(environment_id text, type text, options jsonb DEFAULT '{}')
+RETURNS TABLE (waitpoint_id text, is_cached boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  env_id text := create_waitpoint.environment_id;
+  kind text := create_waitpoint.type;
+  key text;
+  key_ttl interval;
+  raw text;
+  due timestamptz;
+  timeout interval;
+  tags text[];
+  env environment_context;
+  residency text;
+  existing record;
+  new_id text;
+  ts timestamptz := now();
+BEGIN
+  IF kind IS NULL OR kind NOT IN ('DATETIME', 'MANUAL') THEN
+    PERFORM raise_error('RO006', format('waitpoint type must be DATETIME or MANUAL, got %s', quote_nullable(kind)),
+                        NULL, 'RUN and BATCH waitpoints come with their run or batch');
+  END IF;
+  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',
+                                          'tags'], 'waitpoint');
+  key := option_text(o, 'idempotency_key', 2048);
+  key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'), 'option idempotency_key_ttl');
+  raw := option_text(o, 'completed_after');
+  IF kind = 'DATETIME' THEN
+    IF raw IS NULL THEN
+      PERFORM raise_error('RO006', 'a DATETIME waitpoint needs completed_after (a duration or a timestamp)');
+    END IF;
+    due := CASE WHEN raw ~ '^\d+[smhdw]$' THEN ts + parse_duration(raw, 'option completed_after')
+                ELSE parse_timestamp(raw, 'option completed_after') END;
+  ELSIF raw IS NOT NULL THEN
+    PERFORM raise_error('RO006', 'completed_after is for DATETIME waitpoints; a MANUAL one takes timeout');
+  END IF;
+  IF o ? 'timeout' AND o -> 'timeout' <> 'null'::jsonb THEN
+    IF kind <> 'MANUAL' THEN
+      PERFORM raise_error('RO006', 'timeout is for MANUAL waitpoints');
+    END IF;
+    timeout := parse_duration(option_text(o, 'timeout'), 'option timeout');
+  END IF;
+  tags := coalesce(option_text_array(o, 'tags'), '{}');
+  IF cardinality(tags) > 10 THEN
+    PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', cardinality(tags)));
+  END IF;
+  env := load_environment(env_id);
+  IF env.id IS NOT NULL THEN
+    residency := root_residency(env);
+    IF residency <> local_residency() THEN
+      PERFORM raise_wrong_store('a new waitpoint of environment', env_id, store_for_residency(residency));
+    END IF;
+  END IF;
+  env := require_environment_for_new_work(env_id);
+
+  LOOP
+    IF key IS NOT NULL THEN
+      SELECT w.id, w.idempotency_key_expires_at AS expires_at INTO existing FROM waitpoints AS w
+      WHERE w.environment_id = env.id AND w.idempotency_key = key;
+      IF FOUND THEN
+        IF existing.expires_at > ts THEN
+          RETURN QUERY SELECT 'waitpoint_' || existing.id, true;
+          RETURN;
+        END IF;
+        -- An expired key rotates: the old waitpoint lets go of it.
+        UPDATE waitpoints AS w SET idempotency_key = NULL, idempotency_key_expires_at = NULL
+        WHERE w.id = existing.id AND w.idempotency_key = key;
+      END IF;
+    END IF;
+    new_id := CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END;
+    INSERT INTO waitpoints (id, environment_id, type, status, completed_after, timeout_at, idempotency_key,
+                            idempotency_key_expires_at, tags, created_at)
+    VALUES (new_id, env.id, kind, 'PENDING', due, ts + timeout, key, CASE WHEN key IS NOT NULL THEN ts + key_ttl END,
+            tags, ts)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+      RETURN QUERY SELECT 'waitpoint_' || new_id, false;
+      RETURN;
+    END IF;
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.block_run(run_id text, waitpoint_ids text[], options jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  bare_ids text[] := '{}'::text[];
+  raw text;
+  r runs;
+  w waitpoint_view;
+  ts timestamptz := now();
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY[]::text[], 'block_run');
+  IF waitpoint_ids IS NULL OR cardinality(waitpoint_ids) NOT BETWEEN 1 AND 100 THEN
+    PERFORM raise_error('RO006', 'waitpoint_ids must name 1 to 100 waitpoints');
+  END IF;
+  FOREACH raw IN ARRAY waitpoint_ids LOOP
+    bare_ids := bare_ids || require_id(raw, 'waitpoint', 'waitpoint id');
+  END LOOP;
+  r := lock_run(block_run.run_id);
+  IF is_final_status(r.status) THEN
+    PERFORM raise_error('RO003', format('run_%s is %s: a final run waits for nothing', r.id, r.status));
+  END IF;
+  FOREACH raw IN ARRAY bare_ids LOOP
+    IF raw = r.id THEN
+      PERFORM raise_error('RO006', format('run_%s cannot wait on its own waitpoint', r.id));
+    END IF;
+    SELECT * INTO w FROM find_waitpoint(raw);
+    IF w.id IS NULL OR w.environment_id <> r.environment_id THEN
+      PERFORM raise_error('RO004', format('waitpoint_%s not found in environment %s', raw, r.environment_id));
+    END IF;
+    -- An edge on a waitpoint that is already done is born done: blocking never hangs.
+    PERFORM add_blocker(r.id, r.environment_id, raw, waitpoint_done(w.status, w.type, w.completed_after, ts));
+  END LOOP;
+  IF r.status = 'WAITING_TO_RESUME' THEN
+    PERFORM resume_if_unblocked(r.id, false);
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.complete_waitpoint(waitpoint_id text, output jsonb DEFAULT NULL,
+                                                     is_error boolean DEFAULT false)
+RETURNS TABLE (completed_now boolean, unblocked_run_ids text[], remote_run_ids text[])
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  bare text := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
+  residency text := classify_residency(bare);
+  w waitpoints;
+  unblocked text[] := '{}'::text[];
+  remote text[] := '{}'::text[];
+  now_done boolean := false;
+BEGIN
+  IF residency <> local_residency() THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+      PERFORM raise_error('RO004', format('waitpoint %s not found (the split was never enabled)', complete_waitpoint.waitpoint_id));
+    END IF;
+    PERFORM raise_wrong_store('waitpoint', complete_waitpoint.waitpoint_id, store_for_residency(residency));
+  END IF;
+  SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
+  IF NOT FOUND THEN
+    IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare) THEN
+      PERFORM raise_error('RO003', format('%s is a RUN waitpoint: it completes when its run does',
+                                          complete_waitpoint.waitpoint_id));
+    END IF;
+    PERFORM raise_error('RO004', format('waitpoint %s not found', complete_waitpoint.waitpoint_id));
+  END IF;
+  -- Idempotent: a second call completes nothing and unblocks nobody.
+  IF w.status = 'PENDING' THEN
+    UPDATE waitpoints AS x
+    SET status = 'COMPLETED', output = complete_waitpoint.output,
+        output_is_error = coalesce(complete_waitpoint.is_error, false), completed_at = now()
+    WHERE x.id = bare;
+    now_done := true;
+    unblocked := complete_local_edges(bare);
+  END IF;
+  IF peer_wired() THEN
+    BEGIN
+      SELECT coalesce(array_agg('run_' || e.run_id ORDER BY e.run_id), '{}'::text[]) INTO remote
+      FROM runops_peer.run_waitpoints AS e WHERE e.waitpoint_id = bare AND e.completed_at IS NULL;
+    EXCEPTION WHEN connection_exception THEN
+      remote := '{}'::text[];  -- tick in the other store finds them when it is back
+    END;
+  END IF;
+  RETURN QUERY SELECT now_done, unblocked, remote;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.get_waitpoint(waitpoint_id text, environment_id text DEFAULT NULL)
+RETURNS SETOF runops.waitpoint_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  bare text := bare_id(get_waitpoint.waitpoint_id, 'waitpoint');
+BEGIN
+  RETURN QUERY
+  SELECT w.waitpoint_id, w.environment_id, w.type,
+         -- a due DATETIME waitpoint reads as completed even before tick marks it
+         CASE WHEN waitpoint_done(w.status, w.type, w.completed_after, now()) THEN 'COMPLETED' ELSE w.status END,
+         w.output, w.output_is_error, coalesce(w.completed_at, CASE WHEN w.status = 'PENDING'
+                                                               AND waitpoint_done(w.status, w.type, w.completed_after, now())
+                                                               THEN w.completed_after END),
+         w.completed_after, w.idempotency_key
+  FROM find_waitpoint(bare) AS w
+  WHERE get_waitpoint.environment_id IS NULL OR w.environment_id = get_waitpoint.environment_id;
+END
+$$;
+
 -- sql/fdw/00_identity_views.sql
 -- What each store shows the other through postgres_fdw about itself. A foreign table cannot
 -- call a remote function, but it can read a remote view that does.
@@ -1837,6 +3105,7 @@ CREATE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
 CREATE VIEW runops_peer.batch_items AS SELECT * FROM runops.batch_items WHERE false;
 CREATE VIEW runops_peer.waitpoints AS SELECT * FROM runops.waitpoints WHERE false;
 CREATE VIEW runops_peer.run_waitpoints AS SELECT * FROM runops.run_waitpoints WHERE false;
+CREATE VIEW runops_peer.waitpoint_view AS SELECT * FROM runops.waitpoint_view WHERE false;
 CREATE VIEW runops_peer.organizations AS SELECT * FROM runops.organizations WHERE false;
 CREATE VIEW runops_peer.projects AS SELECT * FROM runops.projects WHERE false;
 CREATE VIEW runops_peer.runtime_environments AS SELECT * FROM runops.runtime_environments WHERE false;
@@ -1888,13 +3157,41 @@ GRANT EXECUTE ON FUNCTION
   runops.set_mint_kind(text, text),
   runops.set_default_mint_kind(text),
   runops.pull_tenant_mirror(),
-  runops.mirror_fingerprint()
+  runops.mirror_fingerprint(),
+  runops.dequeue_runs(text, text, integer, jsonb),
+  runops.heartbeat_run(text, text),
+  runops.start_attempt(text, text),
+  runops.complete_attempt(text, integer, jsonb),
+  runops.fail_attempt(text, integer, jsonb, timestamptz),
+  runops.create_checkpoint(text, integer, text, text, jsonb),
+  runops.resume_run(text),
+  runops.cancel_run(text, text),
+  runops.cancel_dev_session_runs(text, text),
+  runops.execute_tasks_waiting_for_deploy(text, text[]),
+  runops.trigger_failed_task(text, text, jsonb, jsonb, jsonb),
+  runops.enqueue_delayed_runs(integer),
+  runops.expire_enqueued_runs(integer),
+  runops.tick(integer),
+  runops.create_waitpoint(text, text, jsonb),
+  runops.block_run(text, text[], jsonb),
+  runops.complete_waitpoint(text, jsonb, boolean),
+  runops.get_waitpoint(text, text)
   TO runops_app;
 
 CREATE OR REPLACE TRIGGER runs_status_guard
   BEFORE UPDATE OF status ON runops.runs
   FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
   EXECUTE FUNCTION runops.guard_run_status();
+
+-- A run turned final completes what waits on it (its RUN waitpoint) in the same transaction.
+CREATE OR REPLACE TRIGGER runs_after_final
+  AFTER UPDATE OF status ON runops.runs
+  FOR EACH ROW
+  WHEN (NEW.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                       'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+        AND OLD.status NOT IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                               'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT'))
+  EXECUTE FUNCTION runops.after_run_final();
 '''
 
 

@@ -43,6 +43,8 @@ class Run:
     lease_expires_at: dt.datetime | None
     max_duration: dt.timedelta | None
     dev_session_id: str | None
+    retry_at: dt.datetime | None
+    suspended_reason: str | None
     project_id: str
     organization_id: str
     id: str

@@ -11,6 +11,7 @@ CREATE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
 CREATE VIEW runops_peer.batch_items AS SELECT * FROM runops.batch_items WHERE false;
 CREATE VIEW runops_peer.waitpoints AS SELECT * FROM runops.waitpoints WHERE false;
 CREATE VIEW runops_peer.run_waitpoints AS SELECT * FROM runops.run_waitpoints WHERE false;
+CREATE VIEW runops_peer.waitpoint_view AS SELECT * FROM runops.waitpoint_view WHERE false;
 CREATE VIEW runops_peer.organizations AS SELECT * FROM runops.organizations WHERE false;
 CREATE VIEW runops_peer.projects AS SELECT * FROM runops.projects WHERE false;
 CREATE VIEW runops_peer.runtime_environments AS SELECT * FROM runops.runtime_environments WHERE false;

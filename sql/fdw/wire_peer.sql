@@ -17,7 +17,7 @@ CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
 REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
 SET LOCAL ROLE runops_owner;
 IMPORT FOREIGN SCHEMA runops
-  LIMIT TO (runs, run_view, batches, batch_items, waitpoints, run_waitpoints, organizations, projects,
+  LIMIT TO (runs, run_view, batches, batch_items, waitpoints, waitpoint_view, run_waitpoints, organizations, projects,
             runtime_environments, split_settings, store_identity_view, peer_identity_view)
   FROM SERVER runops_peer INTO runops_peer;
 RESET ROLE;

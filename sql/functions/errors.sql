@@ -97,13 +97,13 @@ BEGIN
     PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
                                          what, quote_nullable(value)));
   END IF;
-  amount := left(value, -1)::numeric;
-  parsed := make_interval(secs => (amount * CASE right(value, 1)
-                                     WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600
-                                     WHEN 'd' THEN 86400 ELSE 604800 END)::double precision);
-  IF parsed > interval '365 days' THEN
+  -- Bound the seconds before building an interval: 999999999999w would overflow it.
+  amount := left(value, -1)::numeric * CASE right(value, 1)
+              WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
+  IF amount > 365 * 86400 THEN
     PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
   END IF;
+  parsed := make_interval(secs => amount::double precision);
   RETURN parsed;
 END
 $$;
@@ -120,7 +120,7 @@ BEGIN
   END IF;
   RETURN value::timestamptz;
 EXCEPTION
-  WHEN datetime_field_overflow OR invalid_datetime_format THEN
+  WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
     PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, value));
     RETURN NULL;
 END

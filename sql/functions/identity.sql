@@ -43,8 +43,6 @@ DECLARE
   n numeric := 0::numeric;
   part bigint;
   encoded text := '';
-  i integer;
-  p integer;
 BEGIN
   IF pg_catalog.length(raw) <> 20 THEN
     RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
@@ -126,7 +124,6 @@ DECLARE
   bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
   n numeric := 0::numeric;
   ch integer;
-  i integer;
 BEGIN
   IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
     RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)

@@ -1,7 +1,20 @@
--- Lifecycle: every status change is checked against runops.status_transitions by one trigger,
--- which also sends the change to listeners. Functions set runops.transition_by (transaction
--- local) to say which move they make; a direct UPDATE without it may make any move the table
--- allows, and none it does not.
+-- Lifecycle: the state machine and the worker's path through it.
+--
+-- Every status change is checked by one trigger (guard_run_status) against
+-- runops.status_transitions, which also sends the change to listeners. Functions name the move
+-- they make in the transaction-local setting runops.transition_by; a direct UPDATE without it
+-- may make any move the table allows, and none it does not.
+--
+--   dequeue_runs      PENDING -> DEQUEUED            (lease, FOR UPDATE SKIP LOCKED)
+--   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
+--   complete_attempt  EXECUTING -> COMPLETED_SUCCESSFULLY
+--   fail_attempt      EXECUTING -> RETRYING_AFTER_FAILURE | a final failure
+--   create_checkpoint EXECUTING -> WAITING_TO_RESUME
+--   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
+--   finalize_run      any live -> any final
+--   cancel_run        any live -> CANCELED, down the tree of live children
+-- A run that turns final completes the edges waiting on it (its RUN waitpoint) and closes its
+-- open attempt, in the same transaction (after_run_final).
 
 CREATE OR REPLACE FUNCTION runops.is_final_status(status text)
 RETURNS boolean
@@ -9,6 +22,16 @@ LANGUAGE sql IMMUTABLE
 AS $$
   SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
                     'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+$$;
+
+-- Names the move the next status change makes; returns the previous mover so nested moves
+-- (a completion resuming a parent) can restore it.
+CREATE OR REPLACE FUNCTION runops.set_mover(mover text)
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT coalesce(current_setting('runops.transition_by', true), '')
+  FROM (SELECT set_config('runops.transition_by', coalesce(mover, ''), true)) AS s
 $$;
 
 CREATE OR REPLACE FUNCTION runops.guard_run_status()
@@ -37,6 +60,26 @@ BEGIN
 END
 $$;
 
+-- A run turned final: close its open attempt, and complete every local edge waiting on it
+-- (its RUN waitpoint), resuming runs that were waiting only on it.
+CREATE OR REPLACE FUNCTION runops.after_run_final()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  UPDATE attempts AS a
+  SET status = CASE NEW.status WHEN 'COMPLETED_SUCCESSFULLY' THEN 'COMPLETED'
+                               WHEN 'CANCELED' THEN 'CANCELED' ELSE 'FAILED' END,
+      output = coalesce(a.output, NEW.output),
+      error = coalesce(a.error, NEW.error),
+      completed_at = coalesce(a.completed_at, now())
+  WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
+  PERFORM complete_local_edges(NEW.id);
+  RETURN NULL;
+END
+$$;
+
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
 -- store's run, RO004 when it is missing. Locks the run.
 CREATE OR REPLACE FUNCTION runops.lock_run(run_id text)
@@ -62,6 +105,378 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION runops.require_worker(worker_id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 THEN
+    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters');
+  END IF;
+  RETURN worker_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_attempt_number(attempt_number integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF attempt_number IS NULL OR attempt_number NOT BETWEEN 1 AND 250 THEN
+    PERFORM raise_error('RO006', format('attempt_number must be from 1 to 250, got %s', quote_nullable(attempt_number)));
+  END IF;
+  RETURN attempt_number;
+END
+$$;
+
+-- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
+CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+    PERFORM raise_error('RO003', format('%s needs a dequeued or executing run; run_%s is %s', what, r.id, r.status));
+  END IF;
+  IF r.locked_by IS DISTINCT FROM worker_id THEN
+    PERFORM raise_error('RO003', format('run_%s is leased to worker %s, not %s', r.id,
+                                        coalesce(r.locked_by, '(none)'), worker_id),
+                        NULL, 'dequeue the run again; its lease may have lapsed');
+  END IF;
+END
+$$;
+
+-- The attempt a worker reports on: RO003 for a stale attempt or a run no longer executing.
+CREATE OR REPLACE FUNCTION runops.require_current_attempt(r runops.runs, attempt_number integer, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF r.status <> 'EXECUTING' THEN
+    PERFORM raise_error('RO003', format('%s needs an executing run; run_%s is %s', what, r.id, r.status),
+                        NULL, CASE WHEN r.status = 'CANCELED' THEN 'the run was canceled: stop working on it' END);
+  END IF;
+  IF r.attempt_number <> attempt_number THEN
+    PERFORM raise_error('RO003', format('attempt %s of run_%s is stale: the current attempt is %s',
+                                        attempt_number, r.id, r.attempt_number));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
+           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
+           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
+           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
+           ELSE s || 's'
+         END
+  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
+$$;
+
+CREATE OR REPLACE FUNCTION runops.dequeue_runs(environment_id text, worker_id text, max_runs integer,
+                                               options jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  worker text := require_worker(dequeue_runs.worker_id);
+  lease_for interval;
+  queues text[];
+  tasks text[];
+  env environment_context;
+  active integer;
+  room integer;
+  ts timestamptz := now();
+  picked text[];
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
+  IF max_runs IS NULL OR max_runs NOT BETWEEN 1 AND 1000 THEN
+    PERFORM raise_error('RO006', format('max_runs must be from 1 to 1000, got %s', quote_nullable(max_runs)));
+  END IF;
+  lease_for := parse_duration(coalesce(option_text(o, 'lease'), '5m'), 'option lease');
+  IF lease_for < interval '1 second' THEN
+    PERFORM raise_error('RO006', 'option lease must be at least 1s');
+  END IF;
+  queues := option_text_array(o, 'queues');
+  tasks := option_text_array(o, 'tasks');
+  env := load_environment(dequeue_runs.environment_id);
+  IF env.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(dequeue_runs.environment_id)));
+  END IF;
+  IF env.paused OR env.archived OR env.project_deleted THEN
+    RETURN;  -- a paused environment hands out no work; attempts in flight still complete
+  END IF;
+  -- Serialise dequeuers of one environment, so the concurrency limit is exact in this store.
+  PERFORM pg_advisory_xact_lock(hashtextextended('runops.dequeue:' || env.id, 0));
+  SELECT count(*) INTO active FROM runs AS r
+  WHERE r.environment_id = env.id AND r.status IN ('DEQUEUED', 'EXECUTING');
+  room := least(max_runs, env.maximum_concurrency_limit - active);
+  IF room <= 0 THEN
+    RETURN;
+  END IF;
+  PERFORM set_mover('dequeue_runs');
+  WITH candidates AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = env.id AND r.status = 'PENDING'
+      AND (queues IS NULL OR r.queue = ANY (queues))
+      AND (tasks IS NULL OR r.task_identifier = ANY (tasks))
+    ORDER BY r.queued_at, r.id
+    LIMIT room
+    FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
+        started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
+    FROM candidates AS c WHERE r.id = c.id
+    RETURNING r.id
+  )
+  SELECT array_agg(m.id) INTO picked FROM moved AS m;
+  -- A second statement: the UPDATE's new row versions are not visible inside the statement
+  -- that made them.
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
+RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
+     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
+    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+  END IF;
+  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  worker text := require_worker(heartbeat_run.worker_id);
+  r runs := lock_run(heartbeat_run.run_id);
+BEGIN
+  PERFORM require_lease(r, worker, 'heartbeat_run');
+  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  worker text := require_worker(start_attempt.worker_id);
+  r runs := lock_run(start_attempt.run_id);
+  ts timestamptz := now();
+  paused attempts;
+  next_number integer;
+BEGIN
+  IF is_final_status(r.status) THEN
+    PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
+  END IF;
+  IF r.status <> 'DEQUEUED' THEN
+    PERFORM raise_error('RO003', format('start_attempt needs a dequeued run; run_%s is %s', r.id, r.status),
+                        NULL, 'dequeue it with dequeue_runs first');
+  END IF;
+  PERFORM require_lease(r, worker, 'start_attempt');
+  PERFORM set_mover('start_attempt');
+  -- A run resumed from a checkpoint continues the attempt that paused, not a new one.
+  SELECT * INTO paused FROM attempts AS a WHERE a.run_id = r.id AND a.status = 'PAUSED'
+  ORDER BY a.number DESC LIMIT 1;
+  IF FOUND THEN
+    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = worker WHERE a.id = paused.id;
+    next_number := paused.number;
+  ELSE
+    next_number := r.attempt_number + 1;
+    IF next_number > least(r.max_attempts, 250) THEN
+      UPDATE runs AS x
+      SET status = 'CRASHED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL, updated_at = ts,
+          error = jsonb_build_object('message', format('run crashed: all %s attempts were used', r.max_attempts),
+                                     'status', 'CRASHED')
+      WHERE x.id = r.id;
+      RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+      RETURN;
+    END IF;
+    INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
+    VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+            r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
+  END IF;
+  UPDATE runs AS x
+  SET status = 'EXECUTING', attempt_number = next_number,
+      lease_expires_at = ts + coalesce(x.lease, interval '5 minutes'),
+      execution_deadline = ts + x.max_duration, retry_at = NULL, updated_at = ts
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(complete_attempt.attempt_number);
+  r runs := lock_run(complete_attempt.run_id);
+BEGIN
+  -- The same attempt's completion, repeated (a retried network call), returns the row as it is.
+  IF r.status = 'COMPLETED_SUCCESSFULLY' AND r.attempt_number = n THEN
+    RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+    RETURN;
+  END IF;
+  PERFORM require_current_attempt(r, n, 'complete_attempt');
+  PERFORM set_mover('complete_attempt');
+  UPDATE runs AS x
+  SET status = 'COMPLETED_SUCCESSFULLY', output = complete_attempt.output, completed_at = now(),
+      locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = now()
+  WHERE x.id = r.id;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.fail_attempt(run_id text, attempt_number integer, error jsonb,
+                                               retry_at timestamptz DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(fail_attempt.attempt_number);
+  r runs := lock_run(fail_attempt.run_id);
+  ts timestamptz := now();
+  named text;
+  final_status text;
+BEGIN
+  IF fail_attempt.error IS NOT NULL AND jsonb_typeof(fail_attempt.error) = 'object' THEN
+    named := fail_attempt.error ->> 'status';
+  END IF;
+  -- A repeated report of the same failed attempt returns the row as it is.
+  IF r.status <> 'EXECUTING' AND r.attempt_number = n
+     AND EXISTS (SELECT FROM attempts AS a WHERE a.run_id = r.id AND a.number = n AND a.status = 'FAILED')
+     AND (r.status = 'RETRYING_AFTER_FAILURE' OR is_final_status(r.status)) THEN
+    RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+    RETURN;
+  END IF;
+  PERFORM require_current_attempt(r, n, 'fail_attempt');
+  UPDATE attempts AS a SET status = 'FAILED', error = fail_attempt.error, completed_at = ts
+  WHERE a.run_id = r.id AND a.number = n;
+  PERFORM set_mover('fail_attempt');
+  IF fail_attempt.retry_at IS NOT NULL AND n < least(r.max_attempts, 250) THEN
+    UPDATE runs AS x
+    SET status = 'RETRYING_AFTER_FAILURE', retry_at = fail_attempt.retry_at, error = fail_attempt.error,
+        locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    WHERE x.id = r.id;
+  ELSE
+    final_status := CASE WHEN named IN ('COMPLETED_WITH_ERRORS', 'CRASHED', 'SYSTEM_FAILURE', 'TIMED_OUT')
+                         THEN named ELSE 'COMPLETED_WITH_ERRORS' END;
+    UPDATE runs AS x
+    SET status = final_status, error = fail_attempt.error, completed_at = ts, retry_at = NULL,
+        locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    WHERE x.id = r.id;
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_checkpoint(run_id text, attempt_number integer, reason text,
+                                                    location text, metadata jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_attempt_number(create_checkpoint.attempt_number);
+  meta jsonb := require_object(create_checkpoint.metadata, 'metadata');
+  r runs;
+  ts timestamptz := now();
+BEGIN
+  IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
+                                      'RETRYING_AFTER_FAILURE') THEN
+    PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
+                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s', quote_nullable(reason)));
+  END IF;
+  IF location IS NULL OR location = '' OR length(location) > 2048 THEN
+    PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');
+  END IF;
+  r := lock_run(create_checkpoint.run_id);
+  PERFORM require_current_attempt(r, n, 'create_checkpoint');
+  INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
+  VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+          r.id, r.environment_id, n, reason, location, meta, ts);
+  UPDATE attempts AS a SET status = 'PAUSED' WHERE a.run_id = r.id AND a.number = n;
+  PERFORM set_mover('create_checkpoint');
+  UPDATE runs AS x
+  SET status = 'WAITING_TO_RESUME', suspended_reason = reason, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts
+  WHERE x.id = r.id;
+  -- Waiting for something that already happened must not wait at all.
+  IF reason <> 'MANUAL' THEN
+    PERFORM refresh_blockers(r.id, false);
+    PERFORM resume_if_unblocked(r.id, false);
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- WAITING_TO_RESUME -> PENDING when no edge of the run is pending. A MANUAL checkpoint resumes
+-- only when asked (allow_manual). True when nothing blocks the run any more.
+CREATE OR REPLACE FUNCTION runops.resume_if_unblocked(run_id text, allow_manual boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  r runs;
+  previous text;
+BEGIN
+  SELECT * INTO r FROM runs AS x WHERE x.id = resume_if_unblocked.run_id FOR UPDATE;
+  IF NOT FOUND OR is_final_status(r.status)
+     OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL) THEN
+    RETURN false;
+  END IF;
+  IF r.status = 'WAITING_TO_RESUME' AND (allow_manual OR r.suspended_reason IS DISTINCT FROM 'MANUAL') THEN
+    previous := set_mover('resume_run');
+    UPDATE runs AS x SET status = 'PENDING', suspended_reason = NULL, updated_at = now() WHERE x.id = r.id;
+    PERFORM set_mover(previous);
+  END IF;
+  RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.resume_run(run_id text)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  r runs := lock_run(resume_run.run_id);
+BEGIN
+  -- Idempotent: the client sends it as a follow-up and tick may get there first.
+  IF r.status = 'WAITING_TO_RESUME' THEN
+    PERFORM refresh_blockers(r.id, true);
+    PERFORM resume_if_unblocked(r.id, true);
+  END IF;
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.finalize_run(run_id text, status text, error jsonb DEFAULT NULL,
                                                output jsonb DEFAULT NULL)
 RETURNS SETOF runops.run_view
@@ -71,6 +486,7 @@ AS $$
 DECLARE
   r runs;
   final_status text := finalize_run.status;
+  ts timestamptz := now();
 BEGIN
   IF final_status IS NULL OR NOT is_final_status(final_status) THEN
     PERFORM raise_error('RO006', format('finalize_run needs a final status (CANCELED, INTERRUPTED, COMPLETED_SUCCESSFULLY, '
@@ -83,19 +499,65 @@ BEGIN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
     RETURN;
   END IF;
-  PERFORM set_config('runops.transition_by', 'finalize_run', true);
+  PERFORM set_mover('finalize_run');
   -- One write: status, error and output land together, so no reader sees a final run without them.
   UPDATE runs AS x
   SET status = final_status,
       error = coalesce(finalize_run.error, x.error),
       output = coalesce(finalize_run.output, x.output),
-      completed_at = now(),
-      expired_at = CASE WHEN final_status = 'EXPIRED' THEN now() ELSE x.expired_at END,
-      locked_by = NULL,
-      lease_expires_at = NULL,
-      updated_at = now()
+      completed_at = ts,
+      expired_at = CASE WHEN final_status = 'EXPIRED' THEN ts ELSE x.expired_at END,
+      locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
   WHERE x.id = r.id;
-  PERFORM set_config('runops.transition_by', '', true);
+  RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- Cancels the live runs of the trees under the given (bare) root ids; returns how many.
+CREATE OR REPLACE FUNCTION runops.cancel_trees(root_ids text[], reason text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  canceled integer;
+BEGIN
+  PERFORM set_mover('cancel_run');
+  WITH RECURSIVE tree AS (
+    SELECT r.id FROM runs AS r WHERE r.id = ANY (root_ids)
+    UNION
+    SELECT c.id FROM runs AS c JOIN tree AS t ON c.parent_run_id = t.id
+  ), live AS (
+    SELECT r.id FROM runs AS r JOIN tree AS t ON t.id = r.id
+    WHERE NOT is_final_status(r.status)
+    ORDER BY r.id
+    FOR UPDATE OF r
+  )
+  UPDATE runs AS x
+  SET status = 'CANCELED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts,
+      error = jsonb_build_object('message', coalesce(reason, 'run was canceled'), 'status', 'CANCELED')
+  FROM live AS l WHERE x.id = l.id AND NOT is_final_status(x.status);
+  GET DIAGNOSTICS canceled = ROW_COUNT;
+  RETURN canceled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL)
+RETURNS SETOF runops.run_view
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  r runs := lock_run(cancel_run.run_id);
+BEGIN
+  IF length(reason) > 2048 THEN
+    PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
+  END IF;
+  -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
+  IF NOT is_final_status(r.status) THEN
+    PERFORM cancel_trees(ARRAY[r.id], reason);
+  END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
 END
 $$;

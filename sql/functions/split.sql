@@ -67,12 +67,36 @@ BEGIN
   IF residency IS NULL THEN
     residency := root_residency(require_environment_for_new_work(environment_id));
   END IF;
-  IF preminted IS NOT NULL AND preminted <> residency THEN
+  -- A retry of a trigger whose run exists keeps its id's store even if a flip happened since:
+  -- it gets the cached run, there.
+  IF preminted IS NOT NULL AND preminted <> residency AND NOT run_exists(spec.run_id) THEN
     PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
                                          preminted, residency),
                         NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
   END IF;
   RETURN residency;
+END
+$$;
+
+-- Whether a run with this bare id exists, in whichever store its shape names (cold path: only
+-- asked when a pre-minted id disagrees with the minting rules).
+CREATE OR REPLACE FUNCTION runops.run_exists(run_id text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := try_classify_residency(run_id);
+BEGIN
+  IF residency = local_residency() THEN
+    RETURN EXISTS (SELECT FROM runs AS r WHERE r.id = run_exists.run_id);
+  END IF;
+  IF residency IS NULL OR NOT peer_wired() THEN
+    RETURN false;
+  END IF;
+  RETURN EXISTS (SELECT FROM runops_peer.runs AS r WHERE r.id = run_exists.run_id);
+EXCEPTION WHEN connection_exception THEN
+  PERFORM raise_error('RO009', 'the other store is unavailable: ' || SQLERRM);
+  RETURN false;
 END
 $$;
 

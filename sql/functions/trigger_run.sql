@@ -1,7 +1,8 @@
 -- Triggering runs, and idempotency.
 --
 -- trigger_run = parse_trigger_options (RO006) -> decide_residency (RO001, RO006, RO002)
---   -> require_environment_for_new_work (RO004, RO005) -> create_run.
+--   -> require_parent (RO004, RO003) -> require_environment_for_new_work (RO004, RO005)
+--   -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
 -- and failed-task runs all go through it.
 
@@ -153,10 +154,7 @@ DECLARE
   attempts integer := 0;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
-    SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
-    IF NOT FOUND OR parent.environment_id <> env.id THEN
-      PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id, env.id));
-    END IF;
+    parent := require_parent(spec, env.id);
   END IF;
   IF spec.idempotency_key IS NOT NULL THEN
     key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
@@ -182,6 +180,7 @@ BEGIN
                                                spec.run_id));
         END IF;
         run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        PERFORM wait_for_child(spec, parent, existing.id, existing.status);
         RETURN;
       END IF;
     END IF;
@@ -194,6 +193,8 @@ BEGIN
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at) THEN
           run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
+          PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
         END IF;
         -- Dead key: release it so the new run can hold it. The guard on the hash makes a
@@ -210,7 +211,7 @@ BEGIN
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
       idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
       resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, completed_at, created_at, updated_at)
+      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
     VALUES (
       new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
       coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
@@ -223,14 +224,56 @@ BEGIN
       coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
       spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
       spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
       CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      PERFORM wait_for_child(spec, parent, new_id, run_status);
       RETURN;
     END IF;
     -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
   END LOOP;
+END
+$$;
+
+-- The parent a child names: in this store and this environment (RO004), and live when it is
+-- to wait for the child (RO003).
+CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
+RETURNS runops.runs
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  parent runs;
+BEGIN
+  SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
+  IF NOT FOUND OR parent.environment_id <> require_parent.environment_id THEN
+    PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id,
+                                        require_parent.environment_id));
+  END IF;
+  IF spec.resume_parent_on_completion AND is_final_status(parent.status) THEN
+    PERFORM raise_error('RO003', format('parent run run_%s is %s: a final run cannot wait for a child',
+                                        parent.id, parent.status));
+  END IF;
+  RETURN parent;
+END
+$$;
+
+-- Trigger-and-wait: the parent waits on the child's RUN waitpoint (the child's id). Parent and
+-- child are always in one store (children inherit residency), so the edge is local; it is born
+-- done when the child already finished, so the parent never hangs on a cached final run.
+CREATE OR REPLACE FUNCTION runops.wait_for_child(spec runops.trigger_spec, parent runops.runs, child_id text,
+                                                 child_status text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  IF spec.resume_parent_on_completion AND parent.id IS NOT NULL THEN
+    PERFORM add_blocker(parent.id, parent.environment_id, child_id, is_final_status(child_status));
+    IF is_final_status(child_status) THEN
+      PERFORM resume_if_unblocked(parent.id, false);  -- a parent already suspended goes on at once
+    END IF;
+  END IF;
 END
 $$;
 
@@ -260,10 +303,55 @@ BEGIN
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
+  IF spec.parent_run_id IS NOT NULL THEN
+    PERFORM require_parent(spec, env_id);
+  END IF;
   env := require_environment_for_new_work(env_id);
   created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
   RETURN QUERY SELECT created.run_id, created.is_cached, created.status,
                       classify_residency(created.run_id);
+END
+$$;
+
+-- A run that could not be triggered (a bad batch item, a deploy that failed): born
+-- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
+CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
+                                                      error jsonb, options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  spec trigger_spec;
+  env_id text := trigger_failed_task.environment_id;
+  task text := trigger_failed_task.task_identifier;
+  owner_residency text;
+  env environment_context;
+  created record;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task IS NULL OR task = '' OR length(task) > 128 THEN
+    PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
+  END IF;
+  spec := parse_trigger_options(trigger_failed_task.options);
+  owner_residency := decide_residency(env_id, spec);
+  IF owner_residency <> local_residency() THEN
+    PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
+  END IF;
+  IF spec.parent_run_id IS NOT NULL THEN
+    PERFORM require_parent(spec, env_id);
+  END IF;
+  -- The failure is recorded even in an environment that takes no new work: it reports work
+  -- that was already accepted.
+  env := load_environment(env_id);
+  IF env.id IS NULL THEN
+    PERFORM raise_error('RO004', format('environment %s not found', env_id));
+  END IF;
+  created := create_run(env, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
+                        coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, classify_residency(created.run_id);
 END
 $$;
 

@@ -54,9 +54,13 @@ CREATE TABLE runops.runs (
   ttl                         interval,
   max_duration                interval,
   dev_session_id              text,
-  locked_by                   text,
+  locked_by                   text,                 -- the worker holding the lease
+  lease                       interval,             -- how long each heartbeat extends it
   lease_expires_at            timestamptz,
   retry_at                    timestamptz,
+  ttl_expires_at              timestamptz,          -- queued_at + ttl while never locked
+  execution_deadline          timestamptz,          -- attempt start + max_duration
+  suspended_reason            text,                 -- the checkpoint reason while WAITING_TO_RESUME
   queued_at                   timestamptz,
   started_at                  timestamptz,
   completed_at                timestamptz,
@@ -70,6 +74,20 @@ CREATE UNIQUE INDEX runs_idempotency_key_idx
   WHERE idempotency_key_hash IS NOT NULL;
 CREATE INDEX runs_environment_created_idx ON runops.runs (environment_id, created_at DESC, id DESC);
 CREATE INDEX runs_parent_idx ON runops.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
+-- The worker's queue, and the per-environment count its concurrency limit reads.
+CREATE INDEX runs_queue_idx ON runops.runs (environment_id, queued_at, id) WHERE status = 'PENDING';
+CREATE INDEX runs_active_idx ON runops.runs (environment_id) WHERE status IN ('DEQUEUED', 'EXECUTING');
+-- What tick looks for: each index holds only the runs a time-driven step may move.
+CREATE INDEX runs_delayed_idx ON runops.runs (delay_until) WHERE status = 'DELAYED';
+CREATE INDEX runs_ttl_idx ON runops.runs (ttl_expires_at) WHERE status = 'PENDING' AND ttl_expires_at IS NOT NULL;
+CREATE INDEX runs_retry_idx ON runops.runs (retry_at) WHERE status = 'RETRYING_AFTER_FAILURE';
+CREATE INDEX runs_lease_idx ON runops.runs (lease_expires_at) WHERE status IN ('DEQUEUED', 'EXECUTING');
+CREATE INDEX runs_deadline_idx ON runops.runs (execution_deadline)
+  WHERE status = 'EXECUTING' AND execution_deadline IS NOT NULL;
+CREATE INDEX runs_waiting_idx ON runops.runs (updated_at) WHERE status = 'WAITING_TO_RESUME';
+CREATE INDEX runs_dev_session_idx ON runops.runs (environment_id, dev_session_id) WHERE dev_session_id IS NOT NULL;
+CREATE INDEX runs_undeployed_idx ON runops.runs (environment_id, task_identifier)
+  WHERE status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION');
 
 CREATE TABLE runops.batches (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -117,6 +135,10 @@ CREATE TABLE runops.waitpoints (
 );
 CREATE UNIQUE INDEX waitpoints_idempotency_key_idx
   ON runops.waitpoints (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX waitpoints_due_idx ON runops.waitpoints (completed_after)
+  WHERE status = 'PENDING' AND type = 'DATETIME';
+CREATE INDEX waitpoints_timeout_idx ON runops.waitpoints (timeout_at)
+  WHERE status = 'PENDING' AND timeout_at IS NOT NULL;
 
 CREATE TABLE runops.run_waitpoints (
   run_id        text COLLATE "C" NOT NULL REFERENCES runops.runs (id),
@@ -127,6 +149,7 @@ CREATE TABLE runops.run_waitpoints (
   PRIMARY KEY (run_id, waitpoint_id)
 );
 CREATE INDEX run_waitpoints_waitpoint_idx ON runops.run_waitpoints (waitpoint_id);
+CREATE INDEX run_waitpoints_pending_idx ON runops.run_waitpoints (run_id) WHERE completed_at IS NULL;
 
 CREATE TABLE runops.attempts (
   id             text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -182,10 +205,31 @@ INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
   ('NEW', 'DELAYED', 'trigger_run'),
   ('NEW', 'WAITING_FOR_DEPLOY', 'trigger_run'),
   ('NEW', 'PENDING_VERSION', 'trigger_run'),
-  ('NEW', 'SYSTEM_FAILURE', 'trigger_failed_task');
+  ('NEW', 'SYSTEM_FAILURE', 'trigger_failed_task'),
+  ('DELAYED', 'PENDING', 'enqueue_delayed_runs'),
+  ('WAITING_FOR_DEPLOY', 'PENDING', 'execute_tasks_waiting_for_deploy'),
+  ('PENDING_VERSION', 'PENDING', 'execute_tasks_waiting_for_deploy'),
+  ('PENDING', 'DEQUEUED', 'dequeue_runs'),
+  ('DEQUEUED', 'EXECUTING', 'start_attempt'),
+  ('DEQUEUED', 'CRASHED', 'start_attempt'),          -- no attempts left
+  ('DEQUEUED', 'PENDING', 'release_lapsed_leases'),
+  ('EXECUTING', 'PENDING', 'release_lapsed_leases'),
+  ('EXECUTING', 'COMPLETED_SUCCESSFULLY', 'complete_attempt'),
+  ('EXECUTING', 'RETRYING_AFTER_FAILURE', 'fail_attempt'),
+  ('RETRYING_AFTER_FAILURE', 'PENDING', 'requeue_retries'),
+  ('EXECUTING', 'COMPLETED_WITH_ERRORS', 'fail_attempt'),
+  ('EXECUTING', 'CRASHED', 'fail_attempt'),
+  ('EXECUTING', 'SYSTEM_FAILURE', 'fail_attempt'),
+  ('EXECUTING', 'TIMED_OUT', 'fail_attempt'),
+  ('EXECUTING', 'TIMED_OUT', 'enforce_max_duration'),
+  ('EXECUTING', 'WAITING_TO_RESUME', 'create_checkpoint'),
+  ('WAITING_TO_RESUME', 'PENDING', 'resume_run'),
+  ('PENDING', 'EXPIRED', 'expire_enqueued_runs');
 INSERT INTO runops.status_transitions (from_status, to_status, made_by)
-SELECT live, final, 'finalize_run'
+SELECT live, final, mover
 FROM unnest(ARRAY['DELAYED', 'PENDING', 'PENDING_VERSION', 'WAITING_FOR_DEPLOY', 'DEQUEUED',
                   'EXECUTING', 'WAITING_TO_RESUME', 'RETRYING_AFTER_FAILURE', 'PAUSED']) AS live,
      unnest(ARRAY['CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final;
+                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final,
+     unnest(ARRAY['finalize_run', 'cancel_run']) AS mover
+WHERE mover = 'finalize_run' OR final = 'CANCELED';

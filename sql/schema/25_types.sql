@@ -37,5 +37,19 @@ CREATE TYPE runops.environment_context AS (
   maximum_concurrency_limit integer,
   notifications             boolean
 );
+-- The row get_waitpoint answers with (its parameter is named waitpoint_id too, which a
+-- RETURNS TABLE column may not be).
+CREATE TYPE runops.waitpoint_row AS (
+  waitpoint_id    text,
+  environment_id  text,
+  type            text,
+  status          text,
+  output          jsonb,
+  output_is_error boolean,
+  completed_at    timestamptz,
+  completed_after timestamptz,
+  idempotency_key text
+);
 ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;

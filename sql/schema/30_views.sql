@@ -34,9 +34,47 @@ SELECT 'run_' || r.id                                        AS run_id,
        r.lease_expires_at,
        r.max_duration,
        r.dev_session_id,
+       r.retry_at,
+       r.suspended_reason,
        r.project_id,
        r.organization_id,
        r.id
 FROM runops.runs r;
 ALTER VIEW runops.run_view OWNER TO runops_owner;
 GRANT SELECT ON runops.run_view TO runops_fdw;
+
+-- runops.waitpoint_view: every waitpoint a caller can name. DATETIME and MANUAL waitpoints are
+-- rows; a RUN waitpoint is derived from its run (same bare id), so an edge on it is satisfied by
+-- reading the run, from either store, and it never needs completing by hand. No column compares
+-- times: a remote store's clock must never decide (the caller compares completed_after itself).
+CREATE VIEW runops.waitpoint_view AS
+SELECT 'waitpoint_' || w.id AS waitpoint_id,
+       w.environment_id,
+       w.type,
+       w.status,
+       w.output,
+       w.output_is_error,
+       w.completed_at,
+       w.completed_after,
+       w.idempotency_key,
+       w.timeout_at,
+       w.id
+FROM runops.waitpoints AS w
+UNION ALL
+SELECT 'waitpoint_' || r.id,
+       r.environment_id,
+       'RUN',
+       CASE WHEN r.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                              'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+            THEN 'COMPLETED' ELSE 'PENDING' END,
+       CASE WHEN r.status = 'COMPLETED_SUCCESSFULLY' THEN r.output ELSE r.error END,
+       r.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED',
+                    'EXPIRED', 'TIMED_OUT'),
+       r.completed_at,
+       NULL::timestamptz,
+       NULL::text,
+       NULL::timestamptz,
+       r.id
+FROM runops.runs AS r;
+ALTER VIEW runops.waitpoint_view OWNER TO runops_owner;
+GRANT SELECT ON runops.waitpoint_view TO runops_fdw;

@@ -1,0 +1,278 @@
+-- Time-driven and operational services. Every time comparison reads runops.now() in this store.
+-- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
+-- never process a row twice: a row another tick holds is simply left to it.
+
+CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
+    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
+  END IF;
+  RETURN max_rows;
+END
+$$;
+
+-- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
+CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('enqueue_delayed_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r WHERE r.status = 'DELAYED' AND r.delay_until <= ts
+    ORDER BY r.delay_until LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- PENDING runs never locked by a worker, whose TTL has run out (now >= queued_at + ttl), become
+-- EXPIRED; their key is released and their RUN waitpoint completes with the error.
+CREATE OR REPLACE FUNCTION runops.expire_enqueued_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('expire_enqueued_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'PENDING' AND r.ttl_expires_at <= ts AND r.started_at IS NULL
+    ORDER BY r.ttl_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
+      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
+      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
+                                 'status', 'EXPIRED')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- A worker that stopped heartbeating loses its run: back to PENDING for another worker (its
+-- attempt is failed; the next start_attempt counts towards max_attempts). No run stays
+-- DEQUEUED or EXECUTING forever.
+CREATE OR REPLACE FUNCTION runops.release_lapsed_leases(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  released text[];
+BEGIN
+  PERFORM set_mover('release_lapsed_leases');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status IN ('DEQUEUED', 'EXECUTING') AND r.lease_expires_at <= ts
+    ORDER BY r.lease_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'PENDING', locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    FROM due WHERE r.id = due.id
+    RETURNING r.id
+  )
+  SELECT coalesce(array_agg(m.id), '{}') INTO released FROM moved AS m;
+  UPDATE attempts AS a
+  SET status = 'FAILED', completed_at = ts,
+      error = jsonb_build_object('message', 'the worker''s lease lapsed (no heartbeat)')
+  WHERE a.run_id = ANY (released) AND a.status = 'EXECUTING';
+  RETURN cardinality(released);
+END
+$$;
+
+-- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
+CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('requeue_retries');
+  WITH due AS (
+    SELECT r.id FROM runs AS r WHERE r.status = 'RETRYING_AFTER_FAILURE' AND r.retry_at <= ts
+    ORDER BY r.retry_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- EXECUTING past attempt start + max_duration -> TIMED_OUT.
+CREATE OR REPLACE FUNCTION runops.enforce_max_duration(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('enforce_max_duration');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'EXECUTING' AND r.execution_deadline <= ts
+    ORDER BY r.execution_deadline LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'TIMED_OUT', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts,
+      error = jsonb_build_object('message', format('run exceeded its max_duration (%s)', duration_text(r.max_duration)),
+                                 'status', 'TIMED_OUT')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Due DATETIME waitpoints complete; MANUAL ones past their timeout complete with an error.
+-- Either way their local edges complete and the runs they were the last blocker of resume.
+CREATE OR REPLACE FUNCTION runops.complete_due_waitpoints(max_rows integer)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  w record;
+  datetimes integer := 0;
+  timeouts integer := 0;
+BEGIN
+  FOR w IN
+    SELECT x.id, x.type FROM waitpoints AS x
+    WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
+    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED
+  LOOP
+    UPDATE waitpoints AS x
+    SET status = 'COMPLETED', completed_at = ts,
+        output_is_error = (w.type = 'MANUAL'),
+        output = CASE WHEN w.type = 'MANUAL'
+                      THEN jsonb_build_object('message', 'waitpoint timed out') END
+    WHERE x.id = w.id;
+    PERFORM complete_local_edges(w.id);
+    IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
+  END LOOP;
+  RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);
+END
+$$;
+
+-- WAIT_FOR_* runs whose blockers are all done — including blockers in the other store, read
+-- through the FDW — resume. Local completions resume runs at once; this catches the rest (and
+-- anything a crash left behind).
+CREATE OR REPLACE FUNCTION runops.resume_waiting_runs(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  candidate text;
+  resumed integer := 0;
+BEGIN
+  FOR candidate IN
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
+      AND (NOT EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)
+           OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL
+                      AND length(e.waitpoint_id) <> length(r.id)))
+    ORDER BY r.updated_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  LOOP
+    BEGIN
+      PERFORM refresh_blockers(candidate, true);
+    EXCEPTION WHEN SQLSTATE 'RO009' THEN
+      CONTINUE;  -- the other store is down: try again on the next tick
+    END;
+    IF resume_if_unblocked(candidate, false) THEN
+      resumed := resumed + 1;
+    END IF;
+  END LOOP;
+  RETURN resumed;
+END
+$$;
+
+-- One pass of all time-driven work in this store. Safe to run from many processes at once.
+CREATE OR REPLACE FUNCTION runops.tick(max_rows integer DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_max_rows(max_rows, 'max_rows');
+  counts jsonb;
+BEGIN
+  counts := jsonb_build_object(
+    'delayed', enqueue_delayed_runs(n),
+    'retried', requeue_retries(n),
+    'expired', expire_enqueued_runs(n),
+    'timed_out', enforce_max_duration(n),
+    'leases_released', release_lapsed_leases(n));
+  counts := counts || complete_due_waitpoints(n);
+  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
+  PERFORM set_mover('');
+  RETURN counts;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  roots text[];
+BEGIN
+  IF dev_session_id IS NULL OR dev_session_id = '' THEN
+    PERFORM raise_error('RO006', 'dev_session_id is required');
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
+  WHERE r.environment_id = cancel_dev_session_runs.environment_id
+    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
+  IF roots IS NULL THEN
+    RETURN 0;
+  END IF;
+  RETURN cancel_trees(roots, 'the dev session ended');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
+    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
+  END IF;
+  PERFORM set_mover('execute_tasks_waiting_for_deploy');
+  WITH waiting AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
+      AND r.task_identifier = ANY (task_identifiers)
+      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
+    ORDER BY r.id FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM waiting WHERE r.id = waiting.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
