@@ -5,6 +5,7 @@ Nothing here decides anything the database decides; it only picks the store to a
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
 import time
@@ -13,13 +14,14 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import ids
 from .errors import NotFound, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
-from .models import Run, StoreIdentity, TriggerResult
+from .models import Run, StoreIdentity, TriggerResult, Waitpoint, WaitpointCompletion, WaitpointCreated
 
 T = TypeVar("T")
 
@@ -43,12 +45,14 @@ class RunOps:
     def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
                  max_pool_size: int = 8, timeout: float = 10.0) -> None:
         self._pools: dict[str, ConnectionPool] = {}
+        self._urls: dict[str, str] = {CONTROL_PLANE: control_plane_url}
         self._timeout = timeout
         self._routes: dict[str, tuple[str, float]] = {}
         self._routes_lock = threading.Lock()
         self._pools[CONTROL_PLANE] = self._pool(control_plane_url, max_pool_size)
         if run_ops_url and run_ops_url != control_plane_url:
             self._pools[RUN_OPS] = self._pool(run_ops_url, max_pool_size)
+            self._urls[RUN_OPS] = run_ops_url
 
     @staticmethod
     def _pool(url: str, max_size: int) -> ConnectionPool:
@@ -241,14 +245,26 @@ class RunOps:
 
         return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
 
+    def trigger_failed_task(self, environment_id: str, task_identifier: str, payload: Any, error: Any,
+                            **options: Any) -> TriggerResult:
+        params = {"e": environment_id, "t": task_identifier, "p": Jsonb(payload), "x": Jsonb(error),
+                  "o": _options(options)}
+
+        def call(store: str) -> TriggerResult:
+            return self._rows(store,
+                              "SELECT * FROM runops.trigger_failed_task(%(e)s, %(t)s, %(p)s, %(x)s, %(o)s)",
+                              params, TriggerResult)[0]
+
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+
     def reset_idempotency_key(self, environment_id: str, task_identifier: str, idempotency_key: str, *,
                               scope: str = "run", parent_run_id: str | None = None,
                               parent_attempt_number: int | None = None) -> int:
         """Clears the key on every store (a key may predate a mint-kind flip)."""
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
-        sql = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
-        return sum(int(self._scalar(store, sql, params)) for store in self._pools)
+        query = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
+        return sum(int(self._scalar(store, query, params)) for store in self._pools)
 
     # -- reads and per-run writes ---------------------------------------------------------------
 
@@ -258,9 +274,9 @@ class RunOps:
         if RUN_OPS not in self._pools:
             return True
         deadline = time.monotonic() + timeout
-        sql = "SELECT runops.mirror_fingerprint()"
+        query = "SELECT runops.mirror_fingerprint()"
         while True:
-            if self._scalar(CONTROL_PLANE, sql, {}) == self._scalar(RUN_OPS, sql, {}):
+            if self._scalar(CONTROL_PLANE, query, {}) == self._scalar(RUN_OPS, query, {}):
                 with self._routes_lock:
                     self._routes.clear()
                 return True
@@ -288,3 +304,120 @@ class RunOps:
                           "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s)",
                           {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
                            "o": None if output is None else Jsonb(output)}, Run)[0]
+
+    def _run_call(self, function: str, run_id: str, args: str, params: dict[str, Any]) -> Run:
+        """A per-run function, on the store that owns the run."""
+        return self._rows(self._write_store_of(run_id), f"SELECT * FROM runops.{function}(%(r)s{args})",
+                          {"r": run_id, **params}, Run)[0]
+
+    # -- the worker's path ------------------------------------------------------------------------
+
+    def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
+                     queues: list[str] | None = None, tasks: list[str] | None = None) -> list[Run]:
+        """Runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency limit
+        is exact within each store (SPEC: the total may reach twice the limit during a split)."""
+        params = {"e": environment_id, "w": worker_id,
+                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks})}
+        taken: list[Run] = []
+        for store in (RUN_OPS, CONTROL_PLANE):
+            if store not in self._pools or len(taken) >= max_runs:
+                continue
+            taken += self._rows(store, "SELECT * FROM runops.dequeue_runs(%(e)s, %(w)s, %(n)s, %(o)s)",
+                                {**params, "n": max_runs - len(taken)}, Run)
+        return taken
+
+    def heartbeat_run(self, run_id: str, worker_id: str) -> Run:
+        return self._run_call("heartbeat_run", run_id, ", %(w)s", {"w": worker_id})
+
+    def start_attempt(self, run_id: str, worker_id: str) -> Run:
+        return self._run_call("start_attempt", run_id, ", %(w)s", {"w": worker_id})
+
+    def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None) -> Run:
+        return self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s",
+                              {"n": attempt_number, "o": Jsonb(output)})
+
+    def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
+                     retry_at: dt.datetime | None = None) -> Run:
+        return self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s",
+                              {"n": attempt_number, "x": Jsonb(error), "t": retry_at})
+
+    def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
+                          metadata: Any = None) -> Run:
+        return self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s",
+                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {})})
+
+    def resume_run(self, run_id: str) -> Run:
+        return self._run_call("resume_run", run_id, "", {})
+
+    def cancel_run(self, run_id: str, reason: str | None = None) -> Run:
+        return self._run_call("cancel_run", run_id, ", %(c)s", {"c": reason})
+
+    def block_run(self, run_id: str, waitpoint_ids: list[str]) -> Run:
+        return self._run_call("block_run", run_id, ", %(w)s, '{}'", {"w": waitpoint_ids})
+
+    # -- waitpoints ---------------------------------------------------------------------------------
+
+    def create_waitpoint(self, environment_id: str, type: str, **options: Any) -> WaitpointCreated:
+        params = {"e": environment_id, "t": type, "o": _options(options)}
+
+        def call(store: str) -> WaitpointCreated:
+            return self._rows(store, "SELECT * FROM runops.create_waitpoint(%(e)s, %(t)s, %(o)s)",
+                              params, WaitpointCreated)[0]
+
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call)  # type: ignore[no-any-return]
+
+    def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
+        residency = ids.try_classify_residency(waitpoint_id)
+        if residency is None or ids.store_for(residency) not in self._pools:
+            return None
+        rows = self._rows(ids.store_for(residency), "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
+                          {"w": waitpoint_id, "e": environment_id}, Waitpoint)
+        return rows[0] if rows else None
+
+    def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
+                           is_error: bool = False) -> WaitpointCompletion:
+        """Completes it, then sends resume_run to the other store for the runs waiting there
+        (tick there catches any follow-up lost to a crash)."""
+        done = self._rows(self._write_store_of(waitpoint_id),
+                          "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s)",
+                          {"w": waitpoint_id, "o": Jsonb(output), "x": is_error}, WaitpointCompletion)[0]
+        for run_id in done.remote_run_ids:
+            self.resume_run(run_id)
+        return done
+
+    # -- services, run on every store ---------------------------------------------------------------
+
+    def _each_store(self, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {store: self._scalar(store, sql, params) for store in self._pools}
+
+    def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
+        return self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows})
+
+    def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
+        return sum(self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs}).values())
+
+    def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
+        return sum(self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs}).values())
+
+    def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
+        return sum(self._each_store("SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)",
+                                    {"e": environment_id, "d": dev_session_id}).values())
+
+    def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
+        return sum(self._each_store("SELECT runops.execute_tasks_waiting_for_deploy(%(e)s, %(t)s)",
+                                    {"e": environment_id, "t": task_identifiers}).values())
+
+    # -- notifications --------------------------------------------------------------------------------
+
+    @contextmanager
+    def listen(self, environment_id: str, store: str) -> Iterator[psycopg.Connection[Any]]:
+        """A dedicated connection LISTENing to an environment's status changes on one store."""
+        url = self._urls.get(store)
+        if url is None:
+            raise StoreUnavailable(f"no {store} store is configured")
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}")))
+                yield conn
+        except psycopg.Error as exc:
+            raise translate(exc) from exc

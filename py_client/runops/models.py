@@ -75,3 +75,29 @@ class StoreIdentity:
     database_oid: int
     store_role: str
     server_version: str
+
+
+@dataclass(frozen=True)
+class Waitpoint:
+    waitpoint_id: str
+    environment_id: str
+    type: str
+    status: str
+    output: Any
+    output_is_error: bool
+    completed_at: dt.datetime | None
+    completed_after: dt.datetime | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class WaitpointCreated:
+    waitpoint_id: str
+    is_cached: bool
+
+
+@dataclass(frozen=True)
+class WaitpointCompletion:
+    completed_now: bool
+    unblocked_run_ids: list[str]
+    remote_run_ids: list[str]

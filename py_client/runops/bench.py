@@ -1,0 +1,402 @@
+"""`runops bench`: trigger_run on the run-ops store against a plain INSERT baseline (SPEC §7).
+
+Two fresh local clusters (fsync and synchronous_commit on) are started in a temporary
+directory, migrated, wired and split, exactly as `runops dev up` does. On the run-ops store the
+benchmark then measures, one phase after another (never in parallel):
+
+* ``baseline``              a plain single-row INSERT into ``bench.bench_baseline`` (the SPEC's
+                            shape and indexes), measured first and last; the mean is the baseline;
+* ``trigger_no_key``        ``runops.trigger_run`` with no idempotency key;
+* ``python_client``         the same call through :class:`runops.client.RunOps`, 4 threads;
+* ``trigger_new_key``       ``trigger_run`` with a key no run holds yet;
+* ``trigger_repeated_key``  ``trigger_run`` with a key a live run holds (the cached path).
+
+Every pgbench phase is ``pgbench -n -M prepared -c 4 -j 2 -T <seconds>`` as ``runops_app`` over
+TCP, with a CHECKPOINT before it. Each rate is reported as a ratio to the baseline of the same
+run (the Python client against ``trigger_no_key``), with its target. The scripts live in
+``bench/pgbench/`` of the repository; ``bench/run.py`` is the stand-alone entry point.
+
+Exit codes of :func:`main`: 0 every target met, 4 the benchmark ran but missed a target,
+1 it could not run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg
+
+from . import migrate
+from .client import CONTROL_PLANE, RUN_OPS, RunOps
+from .errors import RunOpsError
+from .local_cluster import LocalStores, find_bindir
+from .output import table
+
+CLIENTS = 4
+THREADS = 2
+PYTHON_THREADS = 4
+REPEATED_KEYS = 1000
+TASK = "bench-task"
+PAYLOAD: dict[str, Any] = {"n": 1}
+EXIT_TARGET_MISSED = 4
+
+BASELINE_DDL = """
+CREATE SCHEMA IF NOT EXISTS bench;
+CREATE TABLE IF NOT EXISTS bench.bench_baseline (
+  id              text COLLATE "C" PRIMARY KEY,
+  friendly_id     text UNIQUE,
+  environment_id  text,
+  task_identifier text,
+  status          text,
+  idempotency_key text,
+  payload         jsonb,
+  created_at      timestamptz DEFAULT now(),
+  UNIQUE (environment_id, task_identifier, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS bench_baseline_environment_created_idx
+  ON bench.bench_baseline (environment_id, created_at DESC, id DESC);
+GRANT USAGE ON SCHEMA bench TO runops_app;
+GRANT INSERT ON bench.bench_baseline TO runops_app;
+"""
+
+
+class BenchError(RunOpsError):
+    """The benchmark could not run (missing pgbench or scripts, a phase failed)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a phase is compared against, and the least ratio that passes."""
+
+    name: str
+    against: str
+    minimum: float
+
+
+TARGETS = (
+    Target("trigger_no_key", "baseline", 0.80),
+    Target("trigger_new_key", "baseline", 0.75),
+    Target("trigger_repeated_key", "baseline", 1.00),
+    Target("python_client", "trigger_no_key", 0.85),
+)
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    name: str
+    tool: str                  # "pgbench" or "python"
+    calls_per_s: float
+    calls: int
+    failed: int
+    latency_ms: float | None
+    wal_bytes_per_call: float | None
+    runs_created: int | None
+    seconds: float
+
+
+def scripts_dir() -> Path:
+    """bench/pgbench of the repository this package is installed from (editable install), or
+    of the current directory."""
+    candidates = [Path(__file__).resolve().parents[2] / "bench" / "pgbench", Path.cwd() / "bench" / "pgbench"]
+    for c in candidates:
+        if (c / "baseline.sql").exists():
+            return c
+    raise BenchError("the pgbench scripts (bench/pgbench/*.sql) were not found: run the benchmark from a "
+                     "checkout of the runops repository")
+
+
+def find_pgbench() -> Path:
+    for c in (find_bindir() / "pgbench", Path(shutil.which("pgbench") or "/nonexistent")):
+        if c.exists():
+            return c
+    raise BenchError("pgbench not found next to the PostgreSQL server binaries or on PATH")
+
+
+_TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+_DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
+_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
+
+
+def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int,
+                variables: dict[str, str]) -> tuple[float, int, int, float | None]:
+    """(tps, transactions, failed transactions, mean latency in ms) of one pgbench run."""
+    cmd = [str(pgbench), "-n", "-M", "prepared", "-c", str(CLIENTS), "-j", str(THREADS),
+           "-T", str(seconds), "-f", str(script)]
+    for k, v in variables.items():
+        cmd += ["-D", f"{k}={v}"]
+    cmd.append(url)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 120)
+    tps, done = _TPS.search(out.stdout), _DONE.search(out.stdout)
+    if out.returncode != 0 or tps is None or done is None:
+        raise BenchError(f"pgbench {script.name} failed (exit {out.returncode}):\n"
+                         f"{out.stderr.strip()[-2000:]}\n{out.stdout.strip()[-1000:]}")
+    failed, latency = _FAILED.search(out.stdout), _LATENCY.search(out.stdout)
+    return (float(tps.group(1)), int(done.group(1)), int(failed.group(1)) if failed else 0,
+            float(latency.group(1)) if latency else None)
+
+
+def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: str,
+                      seconds: int) -> tuple[float, int, int, float]:
+    """(calls/s, calls, failed calls, mean latency in ms) of PYTHON_THREADS threads calling
+    RunOps.trigger_run (no key) in a loop on one shared client (a pool of PYTHON_THREADS)."""
+    counts = [0] * PYTHON_THREADS
+    failures = [0] * PYTHON_THREADS
+    busy = [0.0] * PYTHON_THREADS
+    errors: list[BaseException] = []
+    measuring = threading.Event()
+    stop = threading.Event()
+    with RunOps(control_plane_url, run_ops_url, max_pool_size=PYTHON_THREADS) as client:
+
+        def worker(i: int) -> None:
+            # Until `measuring` is set, the calls warm up: the pool grows to one connection per
+            # thread and psycopg prepares the statement (after 5 executions).
+            try:
+                while not stop.is_set():
+                    counting = measuring.is_set()
+                    t0 = time.perf_counter()
+                    try:
+                        client.trigger_run(environment_id, TASK, PAYLOAD)
+                    except RunOpsError:
+                        if counting:
+                            failures[i] += 1
+                        continue
+                    if counting:
+                        counts[i] += 1
+                        busy[i] += time.perf_counter() - t0
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+                errors.append(exc)
+
+        pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(PYTHON_THREADS)]
+        for t in pool:
+            t.start()
+        time.sleep(1.0)
+        measuring.set()
+        t_start = time.perf_counter()
+        time.sleep(seconds)
+        total = sum(counts)
+        elapsed = time.perf_counter() - t_start
+        stop.set()
+        for t in pool:
+            t.join(timeout=30)
+    if errors:
+        raise BenchError(f"the Python client harness failed: {errors[0]!r}")
+    return total / elapsed, total, sum(failures), 1000.0 * sum(busy) / max(sum(counts), 1)
+
+
+def _scalar(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else row[0]
+
+
+def _machine(admin: psycopg.Connection[Any]) -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    settings = {name: _scalar(admin, f"SHOW {name}") for name in (
+        "server_version", "fsync", "synchronous_commit", "wal_sync_method", "full_page_writes",
+        "wal_level", "shared_buffers", "max_wal_size", "checkpoint_timeout")}
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "settings": settings}
+
+
+def _bring_up(home: Path) -> LocalStores:
+    stores, _ = LocalStores.create(home / ".runops", fsync=True)
+    stores.start()
+    admin = stores.admin_urls()
+    migrate.migrate(admin[CONTROL_PLANE], admin[RUN_OPS])
+    for url in admin.values():
+        migrate.set_app_password(url, stores.app_password)
+    return stores
+
+
+def _make_environment(app: dict[str, str]) -> str:
+    """A ksuid organization's PRODUCTION environment, so its root triggers belong to run-ops."""
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+        client.enable_split()
+        if not client.wait_for_mirror():
+            raise BenchError("the tenant mirror did not catch up after enabling the split")
+        org = client.create_organization(f"bench-{secrets.token_hex(3)}", mint_kind="ksuid")
+        env = client.create_environment(client.create_project(org, "bench"), "e", "PRODUCTION")
+        if not client.wait_for_mirror():
+            raise BenchError("the tenant mirror did not catch up with the benchmark environment")
+        if client.trigger_route(env) != RUN_OPS:
+            raise BenchError(f"root triggers of {env} do not route to the run-ops store")
+    return env
+
+
+def run_bench(seconds: int = 10, *, keep: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs every phase for ``seconds`` each on fresh local clusters and returns the results
+    (phases, ratios against the same run's baseline, targets, machine and settings)."""
+    if seconds < 1:
+        raise BenchError("seconds must be at least 1")
+    say = progress or (lambda _msg: None)
+    pgbench = find_pgbench()
+    scripts = scripts_dir()
+    home = Path(tempfile.mkdtemp(prefix="runops-bench-"))
+    home.chmod(0o755)  # the clusters run as the postgres user, which must reach them
+    stores: LocalStores | None = None
+    started = dt.datetime.now(dt.UTC)
+    try:
+        say("starting two local clusters (fsync on)")
+        stores = _bring_up(home)
+        app = stores.app_urls()
+        admin_url = stores.admin_urls()[RUN_OPS]
+        env = _make_environment(app)
+        phases: dict[str, PhaseResult] = {}
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            machine = _machine(admin)
+            for name in ("fsync", "synchronous_commit"):
+                if machine["settings"][name] != "on":
+                    raise BenchError(f"{name} is {machine['settings'][name]} on the run-ops store; the benchmark "
+                                     "needs it on")
+            admin.execute(BASELINE_DDL)
+            with psycopg.connect(app[RUN_OPS], autocommit=True) as ro:
+                ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, "
+                           "LATERAL runops.trigger_run(%s, %s, %s::jsonb, "
+                           "jsonb_build_object('idempotency_key', 'r' || g)) AS t",
+                           (REPEATED_KEYS, env, TASK, json.dumps(PAYLOAD)))
+            admin.execute("VACUUM ANALYZE runops.runs")
+            admin.execute("VACUUM ANALYZE bench.bench_baseline")
+
+            def runs() -> int:
+                return int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+
+            def wal() -> int:
+                return int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+
+            def pg_phase(name: str, script: str) -> PhaseResult:
+                say(f"{name}: pgbench -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
+                admin.execute("CHECKPOINT")
+                before_runs, before_wal = runs(), wal()
+                t0 = time.perf_counter()
+                tps, done, failed, latency = run_pgbench(pgbench, app[RUN_OPS], scripts / script, seconds,
+                                                         {"env": env, "keys": str(REPEATED_KEYS)})
+                elapsed = time.perf_counter() - t0
+                wal_bytes = wal() - before_wal
+                return PhaseResult(name, "pgbench", tps, done, failed, latency,
+                                   wal_bytes / done if done else None, runs() - before_runs, elapsed)
+
+            def py_phase(name: str) -> PhaseResult:
+                say(f"{name}: {PYTHON_THREADS} threads calling RunOps.trigger_run for {seconds} s")
+                admin.execute("CHECKPOINT")
+                before_runs, before_wal = runs(), wal()
+                t0 = time.perf_counter()
+                rate, done, failed, latency = run_python_client(app[CONTROL_PLANE], app[RUN_OPS], env, seconds)
+                elapsed = time.perf_counter() - t0
+                wal_bytes = wal() - before_wal
+                # The warm-up second creates runs too, so runs_created exceeds `done`.
+                return PhaseResult(name, "python", rate, done, failed, latency,
+                                   wal_bytes / done if done else None, runs() - before_runs, elapsed)
+
+            load_before = os.getloadavg()
+            first = pg_phase("baseline_first", "baseline.sql")
+            phases["trigger_no_key"] = pg_phase("trigger_no_key", "trigger_no_key.sql")
+            phases["python_client"] = py_phase("python_client")
+            phases["trigger_new_key"] = pg_phase("trigger_new_key", "trigger_new_key.sql")
+            phases["trigger_repeated_key"] = pg_phase("trigger_repeated_key", "trigger_repeated_key.sql")
+            last = pg_phase("baseline_last", "baseline.sql")
+            load_after = os.getloadavg()
+            held = int(_scalar(admin, "SELECT count(*) FROM runops.runs WHERE idempotency_key LIKE 'r%%'"))
+        if held != REPEATED_KEYS:
+            raise BenchError(f"the repeated-key phase created runs: {held} runs hold r-keys, expected {REPEATED_KEYS}")
+        phases["baseline"] = PhaseResult(
+            "baseline", "pgbench", (first.calls_per_s + last.calls_per_s) / 2, first.calls + last.calls,
+            first.failed + last.failed,
+            None if first.latency_ms is None or last.latency_ms is None else (first.latency_ms + last.latency_ms) / 2,
+            None if first.wal_bytes_per_call is None or last.wal_bytes_per_call is None
+            else (first.wal_bytes_per_call + last.wal_bytes_per_call) / 2,
+            None, first.seconds + last.seconds)
+        phases["baseline_first"], phases["baseline_last"] = first, last
+        rows = []
+        for t in TARGETS:
+            ratio = phases[t.name].calls_per_s / phases[t.against].calls_per_s
+            rows.append({"name": t.name, "calls_per_s": phases[t.name].calls_per_s, "against": t.against,
+                         "ratio": ratio, "target": t.minimum, "pass": ratio >= t.minimum})
+        result: dict[str, Any] = {
+            "started_at": started.isoformat(timespec="seconds"),
+            "seconds": seconds,
+            "pgbench": {"clients": CLIENTS, "threads": THREADS, "mode": "prepared", "path": str(pgbench)},
+            "python_threads": PYTHON_THREADS,
+            "repeated_keys": REPEATED_KEYS,
+            "machine": {**machine, "loadavg_before": load_before, "loadavg_after": load_after},
+            "phases": {k: asdict(v) for k, v in phases.items()},
+            "rows": rows,
+            "all_pass": all(r["pass"] for r in rows),
+        }
+        if keep:
+            result["kept"] = {"home": str(home), "app_urls": app, "admin_urls": stores.admin_urls()}
+        return result
+    finally:
+        if stores is not None and not keep:
+            stores.destroy()
+        if not keep:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def print_results(result: dict[str, Any]) -> None:
+    ph = result["phases"]
+    table([("baseline (mean of first and last)", f"{ph['baseline']['calls_per_s']:.0f}", "1.00", "-", "-")]
+          + [(r["name"], f"{r['calls_per_s']:.0f}", f"{r['ratio']:.2f} x {r['against']}",
+              f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL") for r in result["rows"]],
+          ["name", "calls/s", "ratio", "target", "result"],
+          title=f"runops bench: {result['seconds']} s per phase, pgbench -c {CLIENTS} -j {THREADS} -M prepared, "
+                f"fsync={result['machine']['settings']['fsync']}, "
+                f"synchronous_commit={result['machine']['settings']['synchronous_commit']}")
+    click.echo(f"baseline first {ph['baseline_first']['calls_per_s']:.0f}/s, "
+               f"last {ph['baseline_last']['calls_per_s']:.0f}/s; "
+               f"load average before {result['machine']['loadavg_before'][0]:.2f}, "
+               f"after {result['machine']['loadavg_after'][0]:.2f}")
+
+
+def default_results_dir() -> Path | None:
+    try:
+        return scripts_dir().parent / "results"
+    except BenchError:
+        return None
+
+
+def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None) -> int:
+    """Runs the benchmark, prints the table, writes JSON to bench/results/. Exit code 0 when
+    every target is met, 4 when one is missed, 1 when the benchmark could not run."""
+    try:
+        result = run_bench(seconds, keep=keep, progress=lambda m: click.echo(m, err=True))
+    except (RunOpsError, psycopg.Error, OSError, subprocess.SubprocessError) as err:
+        click.echo(f"error: {err}", err=True)
+        return 1
+    print_results(result)
+    out_dir = results_dir or default_results_dir()
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"bench-{result['started_at'].replace(':', '').replace('+0000', 'Z')}.json"
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        click.echo(f"results: {path}")
+    if keep:
+        click.echo(f"clusters kept in {result['kept']['home']}: {result['kept']['app_urls']}")
+    return 0 if result["all_pass"] else EXIT_TARGET_MISSED
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 10))
