@@ -48,4 +48,4 @@ def run_to_executing(conn: psycopg.Connection[Any], env: str, worker: str = "w1"
     return one(conn, "start_attempt", run_id, worker)
 
 
-T0 = dt.datetime(2033, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2033, 3, 1, 12, 0, tzinfo=dt.UTC)

@@ -4,6 +4,7 @@ checkpoints, cancel — in both stores, through SQL and the client."""
 from __future__ import annotations
 
 import datetime as dt
+
 import psycopg
 import pytest
 
@@ -97,7 +98,7 @@ def test_a_run_goes_through_fail_retry_and_completion_with_the_client(client: Ru
     taken = client.dequeue_runs(env_id, "worker-a", 1, queues=[queue])
     assert [r.run_id for r in taken] == [run.run_id] and taken[0].status == "DEQUEUED"
     first = client.start_attempt(run.run_id, "worker-a")
-    retry_at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    retry_at = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     failed = client.fail_attempt(run.run_id, first.attempt_number, {"message": "boom"}, retry_at=retry_at)
     assert failed.status == "RETRYING_AFTER_FAILURE" and failed.retry_at == retry_at
     client.tick()
@@ -111,7 +112,7 @@ def test_a_run_goes_through_fail_retry_and_completion_with_the_client(client: Ru
 
 def test_retries_stop_at_max_attempts(conn, env_id: str) -> None:
     run = run_to_executing(conn, env_id, max_attempts=2)
-    past = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
     assert one(conn, "fail_attempt", run["run_id"], 1, {"m": 1}, past)["status"] == "RETRYING_AFTER_FAILURE"
     conn.execute("SELECT runops.tick()")
     call(conn, "dequeue_runs", env_id, "w1", 1, {"queues": [run["queue"]]})

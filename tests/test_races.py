@@ -111,7 +111,7 @@ def test_complete_waitpoint_called_twice_at_once_unblocks_once(conn, connections
         one(conn, "block_run", run["run_id"], [token["waitpoint_id"]], "{}")
         one(conn, "create_checkpoint", run["run_id"], 1, "WAIT_FOR_TASK", "l", {})
     a, b, c = connections(3)
-    results = race([lambda x=x: one(x, "complete_waitpoint", token["waitpoint_id"], {"by": i}, False)
+    results = race([lambda x=x, i=i: one(x, "complete_waitpoint", token["waitpoint_id"], {"by": i}, False)
                     for i, x in enumerate((a, b, c))])
     assert not [r for r in results if isinstance(r, Exception)], results
     assert sorted(r["completed_now"] for r in results) == [False, False, True]
