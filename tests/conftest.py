@@ -28,6 +28,7 @@ from runops.local_cluster import LocalStores
 
 @dataclass
 class Stores:
+    home: Path
     local: LocalStores
     admin: dict[str, str]
     app: dict[str, str]
@@ -42,6 +43,7 @@ def stores() -> Iterator[Stores]:
     home = Path(tempfile.mkdtemp(prefix="runops-test-"))
     home.chmod(0o755)
     local, _ = LocalStores.create(home / ".runops", fsync=False)
+    local.save()  # so `runops` run from `home` finds these stores, as after `runops dev up`
     local.start()
     try:
         admin = local.admin_urls()
@@ -54,7 +56,7 @@ def stores() -> Iterator[Stores]:
         with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
             client.enable_split()
             assert client.wait_for_mirror()
-        yield Stores(local, admin, app)
+        yield Stores(home, local, admin, app)
     finally:
         local.destroy()
         shutil.rmtree(home, ignore_errors=True)

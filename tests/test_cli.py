@@ -95,3 +95,55 @@ def test_split_status_and_mint_kind(cli: CliRunner, new_env) -> None:
     assert code == 0 and json.loads(out)["org_mint_kinds"][new_env.organization_id] == "cuid"
     code, out, _ = run(cli, "split", "status")
     assert code == 0 and "distinct clusters" in out
+
+
+def test_runs_cancel_tick_and_worker(cli: CliRunner, client: RunOps, new_env) -> None:
+    env = new_env.environment_id
+    doomed = client.trigger_run(env, "echo", {"x": 1}, queue="cancel-me")
+    code, out, _ = run(cli, "--json", "runs", "cancel", doomed.run_id, "--reason", "not needed")
+    assert code == 0 and json.loads(out)["status"] == "CANCELED"
+    echo = client.trigger_run(env, "echo", {"x": 1})
+    failing = client.trigger_run(env, "fail", {"message": "nope", "retry_after": 0}, max_attempts=1)
+    parent = client.trigger_run(env, "wait-for-child", {"task": "echo", "payload": {"y": 2}})
+    code, out, err = run(cli, "--json", "worker", "--env", env, "--once")
+    assert code == 0, err
+    outcomes = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    assert {(o["run_id"], o["result"]) for o in outcomes} >= {(echo.run_id, "completed"), (failing.run_id, "failed"),
+                                                             (parent.run_id, "suspended"), (parent.run_id, "completed")}
+    assert client.get_run(parent.run_id).output["output"] == {"y": 2}  # type: ignore[union-attr]
+    code, out, _ = run(cli, "--json", "tick")
+    assert code == 0 and set(json.loads(out)) == {"CONTROL_PLANE", "RUN_OPS"}
+
+
+def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: RunOps, new_env) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    run_ = client.trigger_run(new_env.environment_id, "echo", {}, queue="watched")
+    env = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": stores.app[CONTROL_PLANE],
+           "RUNOPS_RUN_OPS_URL": stores.app[RUN_OPS]}
+    watcher = subprocess.Popen([sys.executable, "-m", "runops.cli", "runs", "watch", run_.run_id, "--timeout", "30"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert watcher.stdout is not None
+    first = watcher.stdout.readline()  # the current status, printed once LISTEN is in place
+    assert "PENDING" in first
+    time.sleep(0.2)
+    [taken] = client.dequeue_runs(new_env.environment_id, "w", 1, queues=["watched"])
+    client.start_attempt(taken.run_id, "w")
+    client.complete_attempt(taken.run_id, 1, {"done": True})
+    out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+    lines = (first + out).splitlines()
+    assert [line.split()[-1] for line in lines] == ["PENDING", "DEQUEUED", "EXECUTING", "COMPLETED_SUCCESSFULLY"]
+
+
+def test_the_demo_runs_on_the_local_stores(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUNOPS_CONTROL_PLANE_URL", raising=False)
+    monkeypatch.delenv("RUNOPS_RUN_OPS_URL", raising=False)
+    monkeypatch.chdir(stores.home)
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, result.output
+    for expected in ("LEGACY", "NEW", "yes", "CRASHED", "through the FDW", "COMPLETED_SUCCESSFULLY", "RO007"):
+        assert expected in result.output, expected

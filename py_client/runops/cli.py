@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -23,6 +24,7 @@ from . import migrate as migrations
 from .client import CONTROL_PLANE, RUN_OPS, RunOps
 from .errors import RunOpsError
 from .local_cluster import ClusterError, LocalStores
+from .models import FINAL_STATUSES
 from .output import emit_json, fields, table
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -352,6 +354,110 @@ def runs_show(ctx: Ctx, run_id: str, environment_id: str | None) -> None:
         fields({k: v for k, v in vars(run).items() if k != "id"})
 
 
+@runs.command("cancel")
+@click.argument("run_id")
+@click.option("--reason", help="Recorded in the run's error.")
+@pass_ctx
+@reports_errors
+def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
+    """Cancel a run and its live children (a final run is left as it is)."""
+    run = ctx.client().cancel_run(run_id, reason)
+    if ctx.as_json:
+        emit_json(run)
+    else:
+        table([(run.run_id, run.status, (run.error or {}).get("message") if isinstance(run.error, dict) else None)],
+              ["run", "status", "reason"])
+
+
+@runs.command("watch")
+@click.argument("run_id")
+@click.option("--timeout", type=float, default=0, help="Give up after this many seconds (0: never).")
+@pass_ctx
+@reports_errors
+def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
+    """Print each status change of a run as it happens; exit when it is final."""
+    client = ctx.client()
+    run = client.get_run(run_id)
+    if run is None:
+        click.echo(f"error: RO004 run {run_id} not found", err=True)
+        sys.exit(14)
+    store = CONTROL_PLANE if run.residency == "LEGACY" else RUN_OPS
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def show(old: str | None, new: str) -> None:
+        if ctx.as_json:
+            click.echo(json.dumps({"run_id": run.run_id, "old_status": old, "new_status": new}))
+        else:
+            click.echo(f"{time.strftime('%H:%M:%S')}  {run.run_id}  {old + ' -> ' if old else ''}{new}")
+
+    # LISTEN before reading the status, so no change can slip between the two.
+    with client.listen(run.environment_id, store) as conn:
+        current = client.get_run(run_id)
+        assert current is not None
+        show(None, current.status)
+        status = current.status
+        while current.status not in FINAL_STATUSES:
+            for note in conn.notifies(timeout=1.0):
+                event = json.loads(note.payload)
+                if event["run_id"] == run.run_id:
+                    show(event["old_status"], event["new_status"])
+                    status = event["new_status"]
+                    if status in FINAL_STATUSES:
+                        return
+            if deadline and time.monotonic() > deadline:
+                click.echo(f"error: still {status} after {timeout:g}s", err=True)
+                sys.exit(1)
+            current = client.get_run(run_id) or current  # a notification can be missed; the row cannot
+
+
+@main.command()
+@click.option("--loop", is_flag=True, help="Keep ticking until interrupted.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")
+@click.option("--max-rows", type=int, default=1000, show_default=True)
+@pass_ctx
+@reports_errors
+def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
+    """Run one pass of all time-driven work on every store (or keep doing it with --loop)."""
+    client = ctx.client()
+    while True:
+        counts = client.tick(max_rows)
+        if ctx.as_json:
+            click.echo(json.dumps(counts, sort_keys=True))
+        else:
+            for store, c in counts.items():
+                done = {k: v for k, v in c.items() if v}
+                click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
+                           + (", ".join(f"{k} {v}" for k, v in sorted(done.items())) or "nothing due"))
+        if not loop:
+            return
+        time.sleep(interval)
+
+
+@main.command()
+@click.option("--env", "environment_id", required=True, help="The environment to work for.")
+@click.option("--id", "worker_id", default=lambda: f"worker-{os.getpid()}", help="This worker's id.")
+@click.option("--max-runs", type=int, default=4, show_default=True, help="Runs to take per dequeue.")
+@click.option("--once", is_flag=True, help="Stop when the queue is empty.")
+@pass_ctx
+@reports_errors
+def worker(ctx: Ctx, environment_id: str, worker_id: str, max_runs: int, once: bool) -> None:
+    """A reference worker: runs the built-in echo, sleep, fail and wait-for-child tasks."""
+    from .worker import Outcome, run_worker
+
+    def report(o: Outcome) -> None:
+        if ctx.as_json:
+            emit_json(o)
+        else:
+            click.echo(f"{time.strftime('%H:%M:%S')}  {o.run_id}  {o.task:<16} attempt {o.attempt}  {o.result}")
+
+    try:
+        handled = run_worker(ctx.client(), environment_id, worker_id, max_runs=max_runs, once=once, on_outcome=report)
+    except KeyboardInterrupt:
+        return
+    if not ctx.as_json:
+        click.echo(f"{worker_id}: {handled} runs handled")
+
+
 @main.command()
 @pass_ctx
 @reports_errors
@@ -360,3 +466,7 @@ def demo(ctx: Ctx) -> None:
     from .demo import run_demo
 
     run_demo(ctx.client())
+
+
+if __name__ == "__main__":
+    main()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import click
 import psycopg
 
 from . import migrate as migrations
-from .client import CONTROL_PLANE, RunOps
+from .client import CONTROL_PLANE, RUN_OPS, RunOps
 from .errors import SplitRefused
 from .local_cluster import LocalStores
 from .output import table
+from .worker import Outcome, run_worker
 
 
 def step(title: str) -> None:
@@ -65,6 +67,19 @@ def run_demo(client: RunOps) -> None:
     direct = client.get_run(b.run_id)
     table([("run-ops (owner, direct)", direct.status if direct else "-"),
            ("control plane (through the FDW)", seen.status if seen else "-")], ["asked", "status"])
+
+    step("a parent triggers a child and waits; the worker resumes it with the child's output")
+    work_env = client.create_environment(client.create_project(new_org, "jobs"), "prod", "PRODUCTION")
+    parent = client.trigger_run(work_env, "wait-for-child", {"task": "echo", "payload": {"greeting": "hello"}})
+    outcomes: list[Outcome] = []
+    with client.listen(work_env, RUN_OPS) as listener:
+        run_worker(client, work_env, "demo-worker", once=True, on_outcome=outcomes.append)
+        moves = [json.loads(n.payload) for n in listener.notifies(timeout=0.5)]
+    table([(o.run_id, o.task, o.attempt, o.result) for o in outcomes], ["run", "task", "attempt", "worker result"])
+    table([(m["run_id"], m["old_status"], m["new_status"]) for m in moves if m["run_id"] == parent.run_id],
+          ["parent", "from", "to"], title="the parent's status changes, as notified")
+    finished = client.get_run(parent.run_id)
+    click.echo(f"parent output: {json.dumps(finished.output if finished else None)}")
 
     step("the sentinel refuses a split onto the control plane's own database")
     try:
