@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests need, when they are missing: PostgreSQL 15 server
-# binaries and contrib (postgres_fdw), pgTAP, pg_prove and plpgsql_check. Needs root (or sudo)
+# binaries and contrib (postgres_fdw), pgTAP, pg_prove, plpgsql_check and pg_cron. Needs root (or sudo)
 # only when something is missing.
 set -euo pipefail
 need=()
@@ -9,6 +9,7 @@ need=()
 [ -f /usr/share/postgresql/15/extension/pgtap.control ] || need+=(postgresql-15-pgtap)
 command -v pg_prove >/dev/null || need+=(libtap-parser-sourcehandler-pgtap-perl)
 [ -f /usr/share/postgresql/15/extension/plpgsql_check.control ] || need+=(postgresql-15-plpgsql-check)
+[ -f /usr/share/postgresql/15/extension/pg_cron.control ] || need+=(postgresql-15-cron)
 command -v runuser >/dev/null || need+=(util-linux)
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "installing system packages: ${need[*]}"

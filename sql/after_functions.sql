@@ -5,16 +5,19 @@
 DO $$
 DECLARE
   f regprocedure;
+  kind "char";
 BEGIN
-  FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p
+  FOR f, kind IN SELECT p.oid, p.prokind FROM pg_catalog.pg_proc AS p
            WHERE p.pronamespace = 'runops'::regnamespace
              AND p.proowner <> 'runops_owner'::regrole LOOP
-    EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO runops_owner', f);
+    EXECUTE pg_catalog.format('ALTER %s %s OWNER TO runops_owner',
+                              CASE kind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, f);
   END LOOP;
 END
 $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA runops FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA runops FROM PUBLIC;
 
 -- Identity functions are plain (SECURITY INVOKER); their helpers must be callable too.
 GRANT EXECUTE ON FUNCTION
@@ -60,6 +63,7 @@ GRANT EXECUTE ON FUNCTION
   runops.complete_waitpoint(text, jsonb, boolean),
   runops.get_waitpoint(text, text)
   TO runops_app;
+GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
 
 CREATE OR REPLACE TRIGGER runs_status_guard
   BEFORE UPDATE OF status ON runops.runs

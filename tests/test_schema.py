@@ -167,9 +167,11 @@ def test_public_functions_are_security_definer_with_a_pinned_path(cp_admin: psyc
         base = name.split("(")[0].removeprefix("runops.")
         if base in identity:
             assert not secdef, name
+    # tick_every commits between passes, which a SECURITY DEFINER procedure may not do; it only
+    # calls tick(), which is one.
     for name, secdef, config, *_ in app_callable:
         base = name.split("(")[0].removeprefix("runops.")
-        if base not in identity:
+        if base not in identity and base != "tick_every":
             assert secdef, name
             assert config == ["search_path=runops, pg_catalog, pg_temp"], name
 

@@ -1791,6 +1791,32 @@ BEGIN
 END
 $$;
 
+-- For installations that schedule tick inside PostgreSQL with pg_cron (whose Debian build, 1.4,
+-- schedules by the minute): a job started every minute ticks every few seconds until the
+-- minute is over, committing after each pass so a tick's work is visible at once.
+--   SELECT cron.schedule('runops-tick', '* * * * *', 'CALL runops.tick_every(55, 2)');
+-- A procedure that commits may not be SECURITY DEFINER or carry SET; it only calls tick().
+CREATE OR REPLACE PROCEDURE runops.tick_every(for_seconds integer, every_seconds integer DEFAULT 2,
+                                              max_rows integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  stop_at timestamptz := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => for_seconds);
+BEGIN
+  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 3600 OR every_seconds IS NULL
+     OR every_seconds NOT BETWEEN 1 AND for_seconds THEN
+    RAISE EXCEPTION 'tick_every needs 1 to 3600 seconds and an interval of 1 s up to that'
+      USING ERRCODE = 'RO006';
+  END IF;
+  LOOP
+    PERFORM runops.tick(max_rows);
+    COMMIT;
+    EXIT WHEN pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => every_seconds) > stop_at;
+    PERFORM pg_catalog.pg_sleep(every_seconds::double precision);
+  END LOOP;
+END
+$$;
+
 -- sql/functions/split.sql
 -- Split control and residency decisions.
 --
@@ -3122,16 +3148,19 @@ RESET ROLE;
 DO $$
 DECLARE
   f regprocedure;
+  kind "char";
 BEGIN
-  FOR f IN SELECT p.oid FROM pg_catalog.pg_proc AS p
+  FOR f, kind IN SELECT p.oid, p.prokind FROM pg_catalog.pg_proc AS p
            WHERE p.pronamespace = 'runops'::regnamespace
              AND p.proowner <> 'runops_owner'::regrole LOOP
-    EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO runops_owner', f);
+    EXECUTE pg_catalog.format('ALTER %s %s OWNER TO runops_owner',
+                              CASE kind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, f);
   END LOOP;
 END
 $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA runops FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA runops FROM PUBLIC;
 
 -- Identity functions are plain (SECURITY INVOKER); their helpers must be callable too.
 GRANT EXECUTE ON FUNCTION
@@ -3177,6 +3206,7 @@ GRANT EXECUTE ON FUNCTION
   runops.complete_waitpoint(text, jsonb, boolean),
   runops.get_waitpoint(text, text)
   TO runops_app;
+GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
 
 CREATE OR REPLACE TRIGGER runs_status_guard
   BEFORE UPDATE OF status ON runops.runs

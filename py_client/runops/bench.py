@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
 import subprocess
@@ -106,6 +107,8 @@ class PhaseResult:
     failed: int
     latency_ms: float | None
     wal_bytes_per_call: float | None
+    server_cpu_us_per_call: float | None   # every process of the run-ops cluster, per call
+    client_cpu_us_per_call: float | None   # pgbench, or the Python process, per call
     runs_created: int | None
     seconds: float
 
@@ -134,9 +137,17 @@ _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 _LATENCY = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 
 
-def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int,
-                variables: dict[str, str]) -> tuple[float, int, int, float | None]:
-    """(tps, transactions, failed transactions, mean latency in ms) of one pgbench run."""
+@dataclass(frozen=True)
+class Work:
+    calls_per_s: float
+    calls: int                 # calls in the timed window
+    failed: int
+    latency_ms: float | None
+    all_calls: int             # with any warm-up: what the CPU and WAL figures are divided by
+
+
+def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int, variables: dict[str, str]) -> Work:
+    """One pgbench run of ``script`` (its tps excludes the initial connection time)."""
     cmd = [str(pgbench), "-n", "-M", "prepared", "-c", str(CLIENTS), "-j", str(THREADS),
            "-T", str(seconds), "-f", str(script)]
     for k, v in variables.items():
@@ -148,15 +159,15 @@ def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int,
         raise BenchError(f"pgbench {script.name} failed (exit {out.returncode}):\n"
                          f"{out.stderr.strip()[-2000:]}\n{out.stdout.strip()[-1000:]}")
     failed, latency = _FAILED.search(out.stdout), _LATENCY.search(out.stdout)
-    return (float(tps.group(1)), int(done.group(1)), int(failed.group(1)) if failed else 0,
-            float(latency.group(1)) if latency else None)
+    return Work(float(tps.group(1)), int(done.group(1)), int(failed.group(1)) if failed else 0,
+                float(latency.group(1)) if latency else None, int(done.group(1)))
 
 
-def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: str,
-                      seconds: int) -> tuple[float, int, int, float]:
-    """(calls/s, calls, failed calls, mean latency in ms) of PYTHON_THREADS threads calling
-    RunOps.trigger_run (no key) in a loop on one shared client (a pool of PYTHON_THREADS)."""
+def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: str, seconds: int) -> Work:
+    """PYTHON_THREADS threads calling RunOps.trigger_run (no key) in a loop on one shared client
+    (a pool of PYTHON_THREADS connections), after a one-second warm-up."""
     counts = [0] * PYTHON_THREADS
+    warm = [0] * PYTHON_THREADS
     failures = [0] * PYTHON_THREADS
     busy = [0.0] * PYTHON_THREADS
     errors: list[BaseException] = []
@@ -180,6 +191,8 @@ def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: 
                     if counting:
                         counts[i] += 1
                         busy[i] += time.perf_counter() - t0
+                    else:
+                        warm[i] += 1
             except BaseException as exc:  # noqa: BLE001 - reported to the caller below
                 errors.append(exc)
 
@@ -197,12 +210,44 @@ def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: 
             t.join(timeout=30)
     if errors:
         raise BenchError(f"the Python client harness failed: {errors[0]!r}")
-    return total / elapsed, total, sum(failures), 1000.0 * sum(busy) / max(sum(counts), 1)
+    return Work(total / elapsed, total, sum(failures), 1000.0 * sum(busy) / max(sum(counts), 1),
+                sum(counts) + sum(warm))
 
 
 def _scalar(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(sql, params).fetchone()
     return None if row is None else row[0]
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def server_cpu_seconds(datadir: str) -> float | None:
+    """CPU time of a cluster so far: its postmaster's reaped children (exited backends) plus the
+    live ones (from /proc/<pid>/schedstat). None where /proc cannot tell (not Linux)."""
+    try:
+        pm = int(Path(datadir, "postmaster.pid").read_text().split()[0])
+        fields = Path(f"/proc/{pm}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[13]) + int(fields[14])) / _TICK        # cutime, cstime
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pm:
+                    total += int((stat.parent / "schedstat").read_text().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # the process ended meanwhile
+        return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _wait_for_backends_to_exit(admin: psycopg.Connection[Any], timeout: float = 10.0) -> None:
+    """Until the phase's connections are gone, so that their CPU time has been reaped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _scalar(
+            admin, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                   "AND pid <> pg_backend_pid() AND datname = current_database()") > 0:
+        time.sleep(0.05)
+    time.sleep(0.1)  # the postmaster reaps an exited backend asynchronously
 
 
 def _machine(admin: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -219,6 +264,10 @@ def _machine(admin: psycopg.Connection[Any]) -> dict[str, Any]:
         "wal_level", "shared_buffers", "max_wal_size", "checkpoint_timeout")}
     return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "settings": settings}
+
+
+def _mean(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else (a + b) / 2
 
 
 def _bring_up(home: Path) -> LocalStores:
@@ -281,35 +330,45 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             admin.execute("VACUUM ANALYZE runops.runs")
             admin.execute("VACUUM ANALYZE bench.bench_baseline")
 
-            def runs() -> int:
-                return int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+            datadir = stores.clusters[RUN_OPS].datadir
 
-            def wal() -> int:
-                return int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+            def measured(name: str, tool: str, work: Callable[[], Work],
+                         client_cpu: Callable[[], float]) -> PhaseResult:
+                admin.execute("CHECKPOINT")
+                runs0 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+                wal0 = int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+                cpu0, client0, t0 = server_cpu_seconds(datadir), client_cpu(), time.perf_counter()
+                w = work()
+                elapsed = time.perf_counter() - t0
+                client1 = client_cpu()
+                wal1 = int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+                _wait_for_backends_to_exit(admin)
+                cpu1 = server_cpu_seconds(datadir)
+                runs1 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+                per_call = 1e6 / w.all_calls if w.all_calls else None
+                return PhaseResult(
+                    name, tool, w.calls_per_s, w.calls, w.failed, w.latency_ms,
+                    (wal1 - wal0) / w.all_calls if w.all_calls else None,
+                    None if cpu0 is None or cpu1 is None or per_call is None else (cpu1 - cpu0) * per_call,
+                    None if per_call is None else (client1 - client0) * per_call,
+                    runs1 - runs0, elapsed)
+
+            def children_cpu() -> float:
+                usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+                return usage.ru_utime + usage.ru_stime
 
             def pg_phase(name: str, script: str) -> PhaseResult:
-                say(f"{name}: pgbench -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
-                admin.execute("CHECKPOINT")
-                before_runs, before_wal = runs(), wal()
-                t0 = time.perf_counter()
-                tps, done, failed, latency = run_pgbench(pgbench, app[RUN_OPS], scripts / script, seconds,
-                                                         {"env": env, "keys": str(REPEATED_KEYS)})
-                elapsed = time.perf_counter() - t0
-                wal_bytes = wal() - before_wal
-                return PhaseResult(name, "pgbench", tps, done, failed, latency,
-                                   wal_bytes / done if done else None, runs() - before_runs, elapsed)
+                say(f"{name}: pgbench -n -M prepared -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
+                return measured(name, "pgbench", lambda: run_pgbench(
+                    pgbench, app[RUN_OPS], scripts / script, seconds, {"env": env, "keys": str(REPEATED_KEYS)}),
+                    children_cpu)
 
             def py_phase(name: str) -> PhaseResult:
                 say(f"{name}: {PYTHON_THREADS} threads calling RunOps.trigger_run for {seconds} s")
-                admin.execute("CHECKPOINT")
-                before_runs, before_wal = runs(), wal()
-                t0 = time.perf_counter()
-                rate, done, failed, latency = run_python_client(app[CONTROL_PLANE], app[RUN_OPS], env, seconds)
-                elapsed = time.perf_counter() - t0
-                wal_bytes = wal() - before_wal
-                # The warm-up second creates runs too, so runs_created exceeds `done`.
-                return PhaseResult(name, "python", rate, done, failed, latency,
-                                   wal_bytes / done if done else None, runs() - before_runs, elapsed)
+                # The warm-up second creates runs too: runs_created counts them, and the CPU and WAL
+                # figures are divided by every call made.
+                return measured(name, "python", lambda: run_python_client(
+                    app[CONTROL_PLANE], app[RUN_OPS], env, seconds), time.process_time)
 
             load_before = os.getloadavg()
             first = pg_phase("baseline_first", "baseline.sql")
@@ -324,10 +383,10 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             raise BenchError(f"the repeated-key phase created runs: {held} runs hold r-keys, expected {REPEATED_KEYS}")
         phases["baseline"] = PhaseResult(
             "baseline", "pgbench", (first.calls_per_s + last.calls_per_s) / 2, first.calls + last.calls,
-            first.failed + last.failed,
-            None if first.latency_ms is None or last.latency_ms is None else (first.latency_ms + last.latency_ms) / 2,
-            None if first.wal_bytes_per_call is None or last.wal_bytes_per_call is None
-            else (first.wal_bytes_per_call + last.wal_bytes_per_call) / 2,
+            first.failed + last.failed, _mean(first.latency_ms, last.latency_ms),
+            _mean(first.wal_bytes_per_call, last.wal_bytes_per_call),
+            _mean(first.server_cpu_us_per_call, last.server_cpu_us_per_call),
+            _mean(first.client_cpu_us_per_call, last.client_cpu_us_per_call),
             None, first.seconds + last.seconds)
         phases["baseline_first"], phases["baseline_last"] = first, last
         rows = []
@@ -356,19 +415,30 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             shutil.rmtree(home, ignore_errors=True)
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def print_results(result: dict[str, Any]) -> None:
+    """The table: each rate, its ratio and target, and the CPU each call cost (server: every
+    process of the run-ops cluster; client: pgbench or the Python process)."""
     ph = result["phases"]
-    table([("baseline (mean of first and last)", f"{ph['baseline']['calls_per_s']:.0f}", "1.00", "-", "-")]
-          + [(r["name"], f"{r['calls_per_s']:.0f}", f"{r['ratio']:.2f} x {r['against']}",
-              f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL") for r in result["rows"]],
-          ["name", "calls/s", "ratio", "target", "result"],
+    base = ph["baseline"]
+    rows: list[tuple[str, ...]] = [("baseline", f"{base['calls_per_s']:.0f}", "1.00", "-", "-",
+                                    _us(base["server_cpu_us_per_call"]), _us(base["client_cpu_us_per_call"]))]
+    for r in result["rows"]:
+        p = ph[r["name"]]
+        rows.append((r["name"], f"{r['calls_per_s']:.0f}", f"{r['ratio']:.2f} x {r['against']}",
+                     f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL",
+                     _us(p["server_cpu_us_per_call"]), _us(p["client_cpu_us_per_call"])))
+    settings = result["machine"]["settings"]
+    table(rows, ["name", "calls/s", "ratio", "target", "result", "server us/call", "client us/call"],
           title=f"runops bench: {result['seconds']} s per phase, pgbench -c {CLIENTS} -j {THREADS} -M prepared, "
-                f"fsync={result['machine']['settings']['fsync']}, "
-                f"synchronous_commit={result['machine']['settings']['synchronous_commit']}")
-    click.echo(f"baseline first {ph['baseline_first']['calls_per_s']:.0f}/s, "
-               f"last {ph['baseline_last']['calls_per_s']:.0f}/s; "
-               f"load average before {result['machine']['loadavg_before'][0]:.2f}, "
-               f"after {result['machine']['loadavg_after'][0]:.2f}")
+                f"fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}")
+    load = result["machine"]
+    click.echo(f"baseline = mean of first ({ph['baseline_first']['calls_per_s']:.0f}/s) and last "
+               f"({ph['baseline_last']['calls_per_s']:.0f}/s) phase; load average "
+               f"{load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after")
 
 
 def default_results_dir() -> Path | None:

@@ -66,6 +66,13 @@ def _give_to_server_user(path: Path) -> None:
         shutil.chown(path, "postgres", "postgres")
 
 
+def _pg_cron_available(bindir: Path) -> bool:
+    """Whether the server can preload pg_cron (Debian: postgresql-15-cron)."""
+    out = subprocess.run([str(bindir / "pg_config"), "--sharedir"], capture_output=True, text=True, check=False)
+    share = Path(out.stdout.strip()) if out.returncode == 0 else Path("/nonexistent")
+    return (share / "extension" / "pg_cron.control").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,6 +118,12 @@ fsync = {'on' if self.fsync else 'off'}
 shared_buffers = '128MB'
 max_connections = 200
 """
+        if _pg_cron_available(bindir):
+            # Optional: lets an installation run tick inside PostgreSQL (docs/pg_cron.md).
+            conf += ("shared_preload_libraries = 'pg_cron'\n"
+                     f"cron.database_name = '{DATABASE}'\n"
+                     "cron.use_background_workers = on\n"
+                     "max_worker_processes = 16\n")
         hba = """# runops local store: the superuser is trusted on loopback (a development
 # machine's own clusters); every other role logs in with a scram password.
 local all all trust

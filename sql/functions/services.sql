@@ -276,3 +276,29 @@ BEGIN
   RETURN n;
 END
 $$;
+
+-- For installations that schedule tick inside PostgreSQL with pg_cron (whose Debian build, 1.4,
+-- schedules by the minute): a job started every minute ticks every few seconds until the
+-- minute is over, committing after each pass so a tick's work is visible at once.
+--   SELECT cron.schedule('runops-tick', '* * * * *', 'CALL runops.tick_every(55, 2)');
+-- A procedure that commits may not be SECURITY DEFINER or carry SET; it only calls tick().
+CREATE OR REPLACE PROCEDURE runops.tick_every(for_seconds integer, every_seconds integer DEFAULT 2,
+                                              max_rows integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  stop_at timestamptz := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => for_seconds);
+BEGIN
+  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 3600 OR every_seconds IS NULL
+     OR every_seconds NOT BETWEEN 1 AND for_seconds THEN
+    RAISE EXCEPTION 'tick_every needs 1 to 3600 seconds and an interval of 1 s up to that'
+      USING ERRCODE = 'RO006';
+  END IF;
+  LOOP
+    PERFORM runops.tick(max_rows);
+    COMMIT;
+    EXIT WHEN pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => every_seconds) > stop_at;
+    PERFORM pg_catalog.pg_sleep(every_seconds::double precision);
+  END LOOP;
+END
+$$;

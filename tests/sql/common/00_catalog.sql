@@ -157,7 +157,8 @@ SELECT is_empty($$
       'create_organization', 'create_project', 'create_environment', 'update_environment', 'split_status',
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- helpers granted on purpose (sql/after_functions.sql)
-      'now', 'ksuid_encode', 'base36', 'pull_tenant_mirror', 'mirror_fingerprint'])
+      'now', 'ksuid_encode', 'base36', 'pull_tenant_mirror', 'mirror_fingerprint',
+      'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
 SELECT ok(NOT pg_catalog.has_function_privilege('runops_app', 'runops.create_run(runops.environment_context, text, jsonb, runops.trigger_spec, text, jsonb)', 'EXECUTE'),
