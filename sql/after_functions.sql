@@ -61,7 +61,13 @@ GRANT EXECUTE ON FUNCTION
   runops.create_waitpoint(text, text, jsonb),
   runops.block_run(text, text[], jsonb),
   runops.complete_waitpoint(text, jsonb, boolean),
-  runops.get_waitpoint(text, text)
+  runops.get_waitpoint(text, text),
+  runops.batch_trigger(text, jsonb, jsonb),
+  runops.create_batch(text, integer, jsonb),
+  runops.append_batch_items(text, integer, jsonb),
+  runops.seal_batch(text),
+  runops.get_batch(text, text),
+  runops.resume_batch_run(text)
   TO runops_app;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
 

@@ -112,7 +112,7 @@ def test_a_lapsed_lease_returns_the_run_to_the_queue(conn, env_id: str) -> None:
 def test_tick_reports_counts_and_validates(conn) -> None:
     counts = conn.execute("SELECT runops.tick(10)").fetchone()[0]
     assert set(counts) == {"delayed", "retried", "expired", "timed_out", "leases_released",
-                           "datetime_waitpoints", "manual_timeouts", "resumed", "mirror"}
+                           "datetime_waitpoints", "manual_timeouts", "batches_aborted", "resumed", "mirror"}
     with pytest.raises(psycopg.Error):
         conn.execute("SELECT runops.tick(0)")
 

@@ -1,11 +1,14 @@
 """r0001_foundation: generated from sql/ by `python -m runops.revision r0001_foundation`. Do not edit by hand.
 
-Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK.
+Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK and
+RESIDENCY_OF_THIS_STORE its residency.
 """
 
 import re
 
 RESIDENCY_CHECKS = {'CONTROL_PLANE': "{col} ~ '^c[0-9a-z]{{24}}$'", 'RUN_OPS': "{col} ~ '^[0-9A-Za-z]{{27}}$' AND {col} <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'"}
+
+RESIDENCIES = {'CONTROL_PLANE': 'LEGACY', 'RUN_OPS': 'NEW'}
 
 SEEDS = {'CONTROL_PLANE': "INSERT INTO runops.store_config (store_role) VALUES ('CONTROL_PLANE');\nINSERT INTO runops.split_settings DEFAULT VALUES;\n", 'RUN_OPS': "INSERT INTO runops.store_config (store_role) VALUES ('RUN_OPS');\n"}
 
@@ -230,11 +233,16 @@ CREATE TABLE runops.batches (
   idempotency_key            text,
   idempotency_key_expires_at timestamptz,
   seal_timeout               interval NOT NULL,
+  seal_deadline              timestamptz,          -- created_at + seal_timeout while open
   sealed_at                  timestamptz,
+  item_count                 integer NOT NULL DEFAULT 0,
+  final_count                integer NOT NULL DEFAULT 0,   -- items whose run is final
+  output                     jsonb,                -- [{index, run_id, status}] once COMPLETED
   completed_at               timestamptz,
   created_at                 timestamptz NOT NULL,
   updated_at                 timestamptz NOT NULL
 );
+CREATE INDEX batches_seal_idx ON runops.batches (seal_deadline) WHERE status = 'PENDING';
 CREATE UNIQUE INDEX batches_idempotency_key_idx
   ON runops.batches (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 ALTER TABLE runops.runs ADD FOREIGN KEY (batch_id) REFERENCES runops.batches (id);
@@ -246,6 +254,8 @@ CREATE TABLE runops.batch_items (
   created_at timestamptz NOT NULL,
   PRIMARY KEY (batch_id, item_index)
 );
+-- A run turning final finds the batches it belongs to (several, through cached items).
+CREATE INDEX batch_items_run_idx ON runops.batch_items (run_id);
 
 CREATE TABLE runops.waitpoints (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -391,7 +401,8 @@ CREATE TYPE runops.trigger_spec AS (
   dev_session_id              text
 );
 
--- What new work needs to know about an environment, from the local tables or the mirror.
+-- What new work needs to know about an environment, from the local tables or the mirror,
+-- read in one query together with the split settings that decide where its roots live.
 CREATE TYPE runops.environment_context AS (
   id                        text,
   project_id                text,
@@ -403,7 +414,10 @@ CREATE TYPE runops.environment_context AS (
   runs_enabled              boolean,
   mint_kind                 text,
   maximum_concurrency_limit integer,
-  notifications             boolean
+  notifications             boolean,
+  split_enabled             boolean,
+  split_ever_enabled        boolean,
+  default_mint_kind         text
 );
 -- The row get_waitpoint answers with (its parameter is named waitpoint_id too, which a
 -- RETURNS TABLE column may not be).
@@ -418,7 +432,26 @@ CREATE TYPE runops.waitpoint_row AS (
   completed_after timestamptz,
   idempotency_key text
 );
+-- The row get_batch answers with.
+CREATE TYPE runops.batch_row AS (
+  batch_id        text,
+  environment_id  text,
+  status          text,
+  expected_count  integer,
+  item_count      integer,
+  run_ids         text[],
+  is_sealed       boolean,
+  created_at      timestamptz,
+  completed_at    timestamptz,
+  idempotency_key text
+);
+-- What append_batch_items and seal_batch answer with (their parameter is named batch_id too).
+CREATE TYPE runops.appended_items AS (batch_id text, first_index integer, run_ids text[]);
+CREATE TYPE runops.sealed_batch AS (batch_id text, status text, item_count integer, expected_count integer);
 ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.appended_items OWNER TO runops_owner;
+ALTER TYPE runops.sealed_batch OWNER TO runops_owner;
+ALTER TYPE runops.batch_row OWNER TO runops_owner;
 ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;
 
@@ -469,8 +502,9 @@ ALTER VIEW runops.run_view OWNER TO runops_owner;
 GRANT SELECT ON runops.run_view TO runops_fdw;
 
 -- runops.waitpoint_view: every waitpoint a caller can name. DATETIME and MANUAL waitpoints are
--- rows; a RUN waitpoint is derived from its run (same bare id), so an edge on it is satisfied by
--- reading the run, from either store, and it never needs completing by hand. No column compares
+-- rows; a RUN waitpoint is derived from its run and a BATCH waitpoint from its batch (same bare
+-- id), so an edge on one is satisfied by reading the owner, from either store, and it never
+-- needs completing by hand. No column compares
 -- times: a remote store's clock must never decide (the caller compares completed_after itself).
 CREATE VIEW runops.waitpoint_view AS
 SELECT 'waitpoint_' || w.id AS waitpoint_id,
@@ -500,9 +534,674 @@ SELECT 'waitpoint_' || r.id,
        NULL::text,
        NULL::timestamptz,
        r.id
-FROM runops.runs AS r;
+FROM runops.runs AS r
+UNION ALL
+SELECT 'waitpoint_' || b.id,
+       b.environment_id,
+       'BATCH',
+       CASE WHEN b.status IN ('COMPLETED', 'ABORTED') THEN 'COMPLETED' ELSE 'PENDING' END,
+       b.output,
+       b.status = 'ABORTED',
+       b.completed_at,
+       NULL::timestamptz,
+       NULL::text,
+       NULL::timestamptz,
+       b.id
+FROM runops.batches AS b;
 ALTER VIEW runops.waitpoint_view OWNER TO runops_owner;
 GRANT SELECT ON runops.waitpoint_view TO runops_fdw;
+
+-- sql/functions/batches.sql
+-- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
+-- have finished.
+--
+--   batch_trigger       one call: the batch, sealed, with all its runs
+--   create_batch        an open batch (PENDING) expecting N items ...
+--   append_batch_items  ... streamed in chunks; a re-sent index keeps its first content ...
+--   seal_batch          ... then sealed (PROCESSING) once all N are there
+-- Items follow exactly the single-trigger idempotency rules (dead keys make new runs; one run
+-- per key, even for duplicates inside one batch). final_count counts items whose run is final;
+-- when it reaches expected_count on a sealed batch, the batch is COMPLETED and its waitpoint
+-- (the batch's own id) completes with [{index, run_id, status}]. Open batches past their seal
+-- timeout are ABORTED by tick.
+
+-- n fresh ids of this store's shape, in ascending byte order, for one chunk of a batch.
+-- Minting each id in PL/pgSQL costs ~15 us; instead one id is minted and its last four
+-- characters replaced by a counter starting at a random offset: the ids keep the timestamp and
+-- about 100 random bits of the minted one, stay unique, and cost one expression each.
+CREATE OR REPLACE FUNCTION runops.mint_ids(n integer)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  prefix text;
+  base bigint;
+  span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
+  b62 constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+  b36 constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
+BEGIN
+  IF n <= 0 THEN
+    RETURN '{}'::text[];
+  END IF;
+  base := floor(random() * (span - n))::bigint;
+  IF local_residency() = 'NEW' THEN
+    prefix := left(generate_ksuid(), 23);
+    RETURN ARRAY(SELECT prefix || substr(b62, ((base + i) / 238328 % 62)::integer + 1, 1)
+                               || substr(b62, ((base + i) / 3844 % 62)::integer + 1, 1)
+                               || substr(b62, ((base + i) / 62 % 62)::integer + 1, 1)
+                               || substr(b62, ((base + i) % 62)::integer + 1, 1)
+                 FROM generate_series(0, n - 1) AS i ORDER BY i);
+  END IF;
+  prefix := left(generate_cuid(), 21);
+  RETURN ARRAY(SELECT prefix || substr(b36, ((base + i) / 46656 % 36)::integer + 1, 1)
+                             || substr(b36, ((base + i) / 1296 % 36)::integer + 1, 1)
+                             || substr(b36, ((base + i) / 36 % 36)::integer + 1, 1)
+                             || substr(b36, ((base + i) % 36)::integer + 1, 1)
+               FROM generate_series(0, n - 1) AS i ORDER BY i);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
+RETURNS runops.batch_row
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  result batch_row;
+BEGIN
+  result := ROW('batch_' || b.id, b.environment_id, b.status, b.expected_count, b.item_count,
+                ARRAY(SELECT 'run_' || i.run_id FROM batch_items AS i WHERE i.batch_id = b.id ORDER BY i.item_index),
+                b.status <> 'PENDING', b.created_at, b.completed_at, b.idempotency_key);
+  RETURN result;
+END
+$$;
+
+-- The batch a write names: RO006/RO001 for a bad id, RO002 for another store's, RO004 when
+-- missing. Locks it: appends, seals and completions of one batch take turns.
+CREATE OR REPLACE FUNCTION runops.lock_batch(batch_id text)
+RETURNS runops.batches
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  bare text := require_id(batch_id, 'batch', 'batch_id');
+  residency text := classify_residency(bare);
+  b batches;
+BEGIN
+  IF residency <> local_residency() THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+      PERFORM raise_error('RO004', format('batch %s not found (the split was never enabled)', batch_id));
+    END IF;
+    PERFORM raise_wrong_store('batch', batch_id, store_for_residency(residency));
+  END IF;
+  SELECT * INTO b FROM batches AS x WHERE x.id = bare FOR UPDATE;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('batch %s not found', batch_id));
+  END IF;
+  RETURN b;
+END
+$$;
+
+-- Validates a chunk of items (RO006 naming the first bad index; nothing is created), then
+-- creates or finds their runs set-based and attaches them at first_index onwards. Indexes the
+-- batch already holds keep their first content. Returns the item run ids (friendly), in order.
+CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
+                                                  first_index integer, items jsonb)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  parent runs;
+  bad record;
+  spec trigger_spec;
+  item_idx integer[];
+  item_task text[];
+  item_payload jsonb[];
+  item_spec trigger_spec[];
+  item_hash text[];
+  item_run text[];          -- the run each position resolves to, filled pass by pass
+  creators integer[];       -- positions (1-based, in the arrays above) that create a run
+  new_ids text[];
+  passes integer := 0;
+  default_ttl interval;
+  all_item_count integer := jsonb_array_length(items);
+BEGIN
+  IF b.parent_run_id IS NOT NULL THEN
+    SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
+  END IF;
+  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
+
+  -- 1. Shape of every item, set-based: the first bad index is reported.
+  SELECT e.n - 1 + first_index AS idx,
+         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
+              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+                THEN 'has fields other than task, payload and options'
+              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+                   OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$'
+                THEN 'needs a task of 1-128 letters, digits or _.:/-'
+              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
+                THEN 'options must be an object'
+         END AS problem
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE jsonb_typeof(e.item) <> 'object'
+     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+     OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$'
+     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
+  END IF;
+
+  -- 2. Options. {} and {"idempotency_key": "..."} are checked set-based; anything richer goes
+  --    through parse_trigger_options, the single-trigger parser, item by item.
+  FOR bad IN
+    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
+    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+    WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
+       OR (e.item -> 'options' ? 'idempotency_key'
+           AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
+                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048))
+    ORDER BY e.n
+  LOOP
+    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
+      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
+                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
+    END IF;
+    BEGIN
+      spec := parse_trigger_options(bad.opts);
+    EXCEPTION WHEN SQLSTATE 'RO006' THEN
+      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
+    END;
+  END LOOP;
+
+  -- 3. Every new index as (index, task, payload, spec, dedup hash), in parallel arrays. Items
+  --    without a key of their own use the batch key plus their index (and the batch's key TTL).
+  --    Statements below unnest the arrays together rather than subscript them: subscripting an
+  --    array of text walks it from the start, which is quadratic over a 10,000-item batch.
+  SELECT array_agg(x.idx ORDER BY x.idx), array_agg(x.task ORDER BY x.idx), array_agg(x.payload ORDER BY x.idx),
+         array_agg(x.spec ORDER BY x.idx),
+         array_agg(CASE WHEN (x.spec).idempotency_key IS NOT NULL
+                        THEN idempotency_key_hash((x.spec).idempotency_key, (x.spec).idempotency_key_scope,
+                                                  b.parent_run_id, parent.attempt_number) END ORDER BY x.idx)
+  INTO item_idx, item_task, item_payload, item_spec, item_hash
+  FROM (
+    SELECT y.idx, y.task, y.payload,
+           CASE WHEN y.opts - 'idempotency_key' = '{}'::jsonb
+                THEN ROW(coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx),
+                         'run', default_ttl, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, '{}'::text[], 3,
+                         '{}'::jsonb, NULL, NULL, NULL, NULL)::trigger_spec
+                WHEN y.opts ? 'idempotency_key' OR b.idempotency_key IS NULL
+                THEN parse_trigger_options(y.opts)
+                ELSE parse_trigger_options(y.opts || jsonb_build_object(
+                       'idempotency_key', b.idempotency_key || '-' || y.idx,
+                       'idempotency_key_ttl', coalesce(y.opts ->> 'idempotency_key_ttl', duration_text(default_ttl))))
+           END AS spec
+    FROM (SELECT e.n - 1 + first_index AS idx, e.item ->> 'task' AS task,
+                 coalesce(e.item -> 'payload', '{}'::jsonb) AS payload,
+                 coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) AS opts
+          FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+          WHERE NOT EXISTS (SELECT FROM batch_items AS i
+                            WHERE i.batch_id = b.id AND i.item_index = e.n - 1 + first_index)) AS y
+  ) AS x;
+
+  IF item_idx IS NOT NULL THEN
+    item_run := array_fill(NULL::text, ARRAY[cardinality(item_idx)]);
+
+    -- 4. Keys, as a single trigger resolves them: a live holder is reused, a dead one lets go,
+    --    and a missing key gets one new run (created by the first index holding it). Unkeyed
+    --    items each get a new run. A key a concurrent trigger takes meanwhile shows up as a
+    --    holder on the next pass.
+    LOOP
+      passes := passes + 1;
+      IF passes > 8 THEN
+        PERFORM raise_error('RO008', 'batch items kept conflicting with concurrent triggers; retry the same call');
+      END IF;
+      UPDATE runs AS r
+      SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
+      FROM (SELECT DISTINCT t, h FROM unnest(item_task, item_hash, item_run) AS w(t, h, run)
+            WHERE h IS NOT NULL AND run IS NULL) AS w
+      WHERE r.environment_id = env.id AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h
+        AND idempotency_key_is_dead(r.status, r.idempotency_key_expires_at);
+      SELECT array_agg(coalesce(w.run, holder.id) ORDER BY w.k) INTO item_run
+      FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
+      LEFT JOIN runs AS holder ON w.run IS NULL AND w.h IS NOT NULL AND holder.environment_id = env.id
+                              AND holder.task_identifier = w.t AND holder.idempotency_key_hash = w.h;
+      -- Creators: unresolved positions, one per (task, key).
+      SELECT array_agg(w.k ORDER BY w.k) INTO creators
+      FROM (SELECT w.k, row_number() OVER (PARTITION BY w.t, coalesce(w.h, w.k::text) ORDER BY w.k) AS nth
+            FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
+            WHERE w.run IS NULL) AS w
+      WHERE w.nth = 1;
+      EXIT WHEN creators IS NULL;
+      new_ids := mint_ids(cardinality(creators));
+      INSERT INTO runs AS r (
+        id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
+        queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
+        idempotency_key_expires_at, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
+        delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
+      SELECT c.id, env.id, env.project_id, env.organization_id, w.t,
+             CASE WHEN w.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
+             w.p, w.metadata, w.tags, coalesce(w.queue, 'task/' || w.t), w.concurrency_key,
+             CASE WHEN w.h IS NOT NULL THEN w.idempotency_key END, w.h,
+             CASE WHEN w.h IS NOT NULL THEN
+               CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE w.idempotency_key_scope END END,
+             CASE WHEN w.h IS NOT NULL THEN ts + w.idempotency_key_ttl END,
+             b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
+             w.i, w.max_attempts,
+             CASE WHEN w.delay_until > ts THEN w.delay_until END,
+             w.ttl, w.max_duration, w.dev_session_id,
+             CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
+             CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
+             ts, ts
+      -- The spec array goes last: unnest spreads a composite element into its own columns.
+      FROM unnest(item_idx, item_task, item_payload, item_hash, item_spec) WITH ORDINALITY AS w(i, t, p, h)
+      JOIN unnest(creators, new_ids) AS c(k, id) ON c.k = w.ordinality
+      ON CONFLICT DO NOTHING;
+      -- Unkeyed creators always got their row (a fresh id conflicts with nothing); keyed ones
+      -- are read back as holders on the next pass, winners of a race included.
+      SELECT array_agg(CASE WHEN w.run IS NULL AND w.h IS NULL THEN c.id ELSE w.run END ORDER BY w.k)
+      INTO item_run
+      FROM unnest(item_hash, item_run) WITH ORDINALITY AS w(h, run, k)
+      LEFT JOIN unnest(creators, new_ids) AS c(k, id) ON c.k = w.k;
+    END LOOP;
+
+    -- 5. Attach every new index to its run, and count the ones already final.
+    INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
+    SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run) AS u(i, r);
+    PERFORM count_attached(b.id, item_run);
+  END IF;
+  RETURN ARRAY(SELECT 'run_' || i.run_id FROM batch_items AS i
+               WHERE i.batch_id = b.id AND i.item_index BETWEEN first_index AND first_index + all_item_count - 1
+               ORDER BY i.item_index);
+END
+$$;
+
+-- Items just attached whose run is already final (a cached finished run, a failed-task run)
+-- count at once. The runs are share-locked first: a run turning final concurrently either
+-- finishes before (and is counted here) or after this transaction (and counts itself through
+-- batch_item_finished, which then sees these rows).
+CREATE OR REPLACE FUNCTION runops.count_attached(batch_id text, run_ids text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  finished integer;
+BEGIN
+  PERFORM FROM runs AS r WHERE r.id = ANY (run_ids) ORDER BY r.id FOR SHARE;
+  SELECT count(*) INTO finished
+  FROM unnest(run_ids) AS u(id) JOIN runs AS r ON r.id = u.id
+  WHERE is_final_status(r.status);
+  UPDATE batches AS x
+  SET item_count = x.item_count + cardinality(run_ids), final_count = x.final_count + finished,
+      updated_at = now()
+  WHERE x.id = count_attached.batch_id;
+  PERFORM finish_batch_if_done(count_attached.batch_id);
+END
+$$;
+
+-- A sealed batch whose items have all finished completes, with its waitpoint.
+CREATE OR REPLACE FUNCTION runops.finish_batch_if_done(batch_id text)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  b batches;
+BEGIN
+  SELECT * INTO b FROM batches AS x WHERE x.id = finish_batch_if_done.batch_id FOR UPDATE;
+  IF NOT FOUND OR b.status <> 'PROCESSING' OR b.final_count < b.expected_count THEN
+    RETURN false;
+  END IF;
+  UPDATE batches AS x
+  SET status = 'COMPLETED', completed_at = now(), updated_at = now(),
+      output = (SELECT coalesce(jsonb_agg(jsonb_build_object('index', i.item_index, 'run_id', 'run_' || i.run_id,
+                                                              'status', r.status) ORDER BY i.item_index), '[]'::jsonb)
+                FROM batch_items AS i JOIN runs AS r ON r.id = i.run_id
+                WHERE i.batch_id = b.id)
+  WHERE x.id = b.id;
+  PERFORM complete_local_edges(b.id);
+  RETURN true;
+END
+$$;
+
+-- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
+CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  held record;
+BEGIN
+  FOR held IN
+    SELECT i.batch_id, count(*)::integer AS n FROM batch_items AS i
+    WHERE i.run_id = batch_item_finished.run_id GROUP BY i.batch_id ORDER BY i.batch_id
+  LOOP
+    UPDATE batches AS x SET final_count = x.final_count + held.n, updated_at = now()
+    WHERE x.id = held.batch_id;
+    PERFORM finish_batch_if_done(held.batch_id);
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_batch_options(options jsonb,
+  OUT idempotency_key text, OUT idempotency_key_ttl interval, OUT parent_run_id text,
+  OUT resume_parent_on_completion boolean, OUT seal_timeout interval)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  raw text;
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
+                                          'resume_parent_on_completion', 'seal_timeout'], 'batch');
+  idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
+                                        'option idempotency_key_ttl');
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    parent_run_id := bare_id(raw, 'run');
+    IF parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
+END
+$$;
+
+-- Creates the batch row (or finds the one holding its key), on the store that must own it.
+-- Returns the batch and whether it was cached.
+CREATE OR REPLACE FUNCTION runops.claim_batch(environment_id text, expected_count integer, options jsonb,
+                                              sealed boolean, OUT batch runops.batches, OUT is_cached boolean,
+                                              OUT env runops.environment_context)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  o record := parse_batch_options(options);
+  spec trigger_spec;
+  residency text;
+  parent runs;
+  new_id text;
+  ts timestamptz := now();
+BEGIN
+  IF expected_count IS NULL OR expected_count NOT BETWEEN 1 AND 100000 THEN
+    PERFORM raise_error('RO006', format('a batch holds 1 to 100000 items, got %s', quote_nullable(expected_count)));
+  END IF;
+  spec.parent_run_id := o.parent_run_id;
+  spec.resume_parent_on_completion := o.resume_parent_on_completion;
+  env := load_environment(claim_batch.environment_id);
+  residency := decide_residency(env, claim_batch.environment_id, spec);
+  IF residency <> local_residency() THEN
+    PERFORM raise_wrong_store('a new batch of environment', claim_batch.environment_id, store_for_residency(residency));
+  END IF;
+  IF o.parent_run_id IS NOT NULL THEN
+    parent := require_parent(spec, claim_batch.environment_id);
+  END IF;
+  env := require_usable(env, claim_batch.environment_id);
+  LOOP
+    IF o.idempotency_key IS NOT NULL THEN
+      SELECT * INTO batch FROM batches AS x
+      WHERE x.environment_id = env.id AND x.idempotency_key = o.idempotency_key;
+      IF FOUND THEN
+        IF batch.idempotency_key_expires_at > ts THEN
+          is_cached := true;
+          IF o.resume_parent_on_completion THEN
+            PERFORM add_blocker(parent.id, parent.environment_id, batch.id, batch.status IN ('COMPLETED', 'ABORTED'));
+          END IF;
+          RETURN;
+        END IF;
+        UPDATE batches AS x SET idempotency_key = NULL, idempotency_key_expires_at = NULL
+        WHERE x.id = batch.id AND x.idempotency_key = o.idempotency_key;
+      END IF;
+    END IF;
+    new_id := (mint_ids(1))[1];
+    INSERT INTO batches (id, environment_id, status, expected_count, parent_run_id, resume_parent_on_completion,
+                         idempotency_key, idempotency_key_expires_at, seal_timeout, seal_deadline, sealed_at,
+                         created_at, updated_at)
+    VALUES (new_id, env.id, CASE WHEN sealed THEN 'PROCESSING' ELSE 'PENDING' END, expected_count, o.parent_run_id,
+            o.resume_parent_on_completion, o.idempotency_key,
+            CASE WHEN o.idempotency_key IS NOT NULL THEN ts + o.idempotency_key_ttl END, o.seal_timeout,
+            CASE WHEN sealed THEN NULL ELSE ts + o.seal_timeout END, CASE WHEN sealed THEN ts END, ts, ts)
+    ON CONFLICT DO NOTHING
+    RETURNING * INTO batch;
+    IF FOUND THEN
+      is_cached := false;
+      IF o.resume_parent_on_completion THEN
+        PERFORM add_blocker(parent.id, parent.environment_id, batch.id, false);
+      END IF;
+      RETURN;
+    END IF;
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.batch_trigger(environment_id text, items jsonb, options jsonb DEFAULT '{}')
+RETURNS TABLE (batch_id text, is_cached boolean, run_ids text[])
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  claimed record;
+BEGIN
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  END IF;
+  claimed := claim_batch(batch_trigger.environment_id, jsonb_array_length(items), options, true);
+  batch_id := 'batch_' || (claimed.batch).id;
+  is_cached := claimed.is_cached;
+  -- A cached batch is returned as it is; a new one gets all its items now.
+  run_ids := CASE WHEN claimed.is_cached THEN (batch_row_of(claimed.batch)).run_ids
+                  ELSE add_batch_items(claimed.batch, claimed.env, 0, items) END;
+  RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.create_batch(environment_id text, expected_count integer,
+                                               options jsonb DEFAULT '{}')
+RETURNS TABLE (batch_id text, is_cached boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  claimed record := claim_batch(create_batch.environment_id, create_batch.expected_count, options, false);
+BEGIN
+  batch_id := 'batch_' || (claimed.batch).id;
+  is_cached := claimed.is_cached;
+  RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.append_batch_items(batch_id text, start_index integer, items jsonb)
+RETURNS SETOF runops.appended_items
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  b batches;
+  env environment_context;
+  n integer;
+BEGIN
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  END IF;
+  IF start_index IS NULL OR start_index < 0 THEN
+    PERFORM raise_error('RO006', format('start_index must be 0 or more, got %s', quote_nullable(start_index)));
+  END IF;
+  n := jsonb_array_length(items);
+  b := lock_batch(append_batch_items.batch_id);  -- appenders of one batch take turns
+  IF start_index + n > b.expected_count THEN
+    PERFORM raise_error('RO006', format('items %s to %s are past the batch''s expected_count of %s',
+                                        start_index, start_index + n - 1, b.expected_count));
+  END IF;
+  IF b.status = 'ABORTED' THEN
+    PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed)', b.id));
+  END IF;
+  IF b.status <> 'PENDING' AND EXISTS (
+       SELECT FROM generate_series(start_index, start_index + n - 1) AS k
+       WHERE NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = k)) THEN
+    PERFORM raise_error('RO003', format('batch_%s is sealed: it takes no new items', b.id));
+  END IF;
+  env := load_environment(b.environment_id);
+  RETURN NEXT ROW('batch_' || b.id, start_index, add_batch_items(b, env, start_index, items))::appended_items;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.seal_batch(batch_id text)
+RETURNS SETOF runops.sealed_batch
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  b batches := lock_batch(seal_batch.batch_id);
+BEGIN
+  IF b.status = 'ABORTED' THEN
+    PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed); it cannot be sealed', b.id));
+  END IF;
+  IF b.status = 'PENDING' THEN
+    IF b.item_count < b.expected_count THEN
+      PERFORM raise_error('RO006', format('batch_%s has %s of its %s items; append the rest before sealing',
+                                          b.id, b.item_count, b.expected_count));
+    END IF;
+    UPDATE batches AS x SET status = 'PROCESSING', sealed_at = now(), seal_deadline = NULL, updated_at = now()
+    WHERE x.id = b.id;
+    PERFORM finish_batch_if_done(b.id);
+  END IF;
+  RETURN QUERY SELECT 'batch_' || x.id, x.status, x.item_count, x.expected_count FROM batches AS x WHERE x.id = b.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.resume_batch_run(batch_id text)
+RETURNS SETOF runops.batch_row
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  b batches := lock_batch(resume_batch_run.batch_id);
+BEGIN
+  -- Recount from the runs themselves (the incremental count is the fast path; this is the
+  -- authority), then complete if every item has finished. Idempotent.
+  UPDATE batches AS x
+  SET final_count = (SELECT count(*) FROM batch_items AS i JOIN runs AS r ON r.id = i.run_id
+                     WHERE i.batch_id = b.id AND is_final_status(r.status))
+  WHERE x.id = b.id;
+  PERFORM finish_batch_if_done(b.id);
+  RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x WHERE x.id = b.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.get_batch(batch_id text, environment_id text DEFAULT NULL)
+RETURNS SETOF runops.batch_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  bare text := bare_id(get_batch.batch_id, 'batch');
+  residency text := try_classify_residency(bare);
+  env_id text := get_batch.environment_id;
+BEGIN
+  IF residency IS NULL THEN
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x
+                 WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id);
+    RETURN;
+  END IF;
+  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN;
+  END IF;
+  BEGIN
+    RETURN QUERY
+    SELECT 'batch_' || x.id, x.environment_id, x.status, x.expected_count, x.item_count,
+           ARRAY(SELECT 'run_' || i.run_id FROM runops_peer.batch_items AS i WHERE i.batch_id = bare
+                 ORDER BY i.item_index),
+           x.status <> 'PENDING', x.created_at, x.completed_at, x.idempotency_key
+    FROM runops_peer.batches AS x
+    WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id);
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
+                                        store_for_residency(residency), get_batch.batch_id, SQLERRM));
+  END;
+END
+$$;
+
+-- Open batches past their seal timeout are ABORTED; their waitpoint completes with an error,
+-- so a waiting parent resumes instead of hanging.
+CREATE OR REPLACE FUNCTION runops.abort_unsealed_batches(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  stale record;
+  n integer := 0;
+BEGIN
+  FOR stale IN
+    SELECT x.id, x.item_count, x.expected_count, x.seal_timeout FROM batches AS x
+    WHERE x.status = 'PENDING' AND x.seal_deadline <= ts
+    ORDER BY x.seal_deadline LIMIT max_rows FOR UPDATE SKIP LOCKED
+  LOOP
+    UPDATE batches AS x
+    SET status = 'ABORTED', completed_at = ts, seal_deadline = NULL, updated_at = ts,
+        output = jsonb_build_object('message', format('batch was not sealed within its seal timeout (%s): %s of %s items arrived',
+                                                      duration_text(stale.seal_timeout), stale.item_count,
+                                                      stale.expected_count))
+    WHERE x.id = stale.id;
+    PERFORM complete_local_edges(stale.id);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
+-- A single trigger naming batch_id and batch_index (a streaming client's own item, or a
+-- trigger_failed_task standing in for an item that could not be triggered) joins the batch at
+-- that index. Called before the run is created: RO006 without an index or past the end, RO004
+-- for another environment's batch, RO003 for a batch that takes no new items. Returns the run
+-- already at that index (a re-sent index keeps its first content), or NULL.
+CREATE OR REPLACE FUNCTION runops.claim_batch_index(spec runops.trigger_spec, environment_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  b batches;
+  existing text;
+BEGIN
+  IF spec.batch_index IS NULL THEN
+    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
+  END IF;
+  b := lock_batch('batch_' || spec.batch_id);
+  IF b.environment_id <> claim_batch_index.environment_id THEN
+    PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id, claim_batch_index.environment_id));
+  END IF;
+  IF spec.batch_index >= b.expected_count THEN
+    PERFORM raise_error('RO006', format('batch_index %s is past the batch''s expected_count of %s',
+                                        spec.batch_index, b.expected_count));
+  END IF;
+  SELECT i.run_id INTO existing FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = spec.batch_index;
+  IF existing IS NULL AND b.status <> 'PENDING' THEN
+    PERFORM raise_error('RO003', format('batch_%s is %s: it takes no new items', b.id, b.status));
+  END IF;
+  RETURN existing;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.attach_batch_item(batch_id text, batch_index integer, run_id text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
+  VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
+  PERFORM count_attached(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
+END
+$$;
 
 -- sql/functions/errors.sql
 -- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
@@ -544,12 +1243,14 @@ BEGIN
 END
 $$;
 
--- The residency of rows this store holds.
+-- The residency of rows this store holds. Rendered per store at install, like the id-shape
+-- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
+-- query on each trigger.
 CREATE OR REPLACE FUNCTION runops.local_residency()
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql IMMUTABLE
 AS $$
-  SELECT CASE store_role() WHEN 'CONTROL_PLANE' THEN 'LEGACY' ELSE 'NEW' END
+  SELECT 'RESIDENCY_OF_THIS_STORE'::text
 $$;
 
 CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
@@ -795,8 +1496,9 @@ BEGIN
 END
 $$;
 
--- The 16 payload bytes come from two v4 UUIDs, taking only their fully random bytes (a v4 UUID
+-- The 16 payload bytes come from v4 UUIDs, taking only their fully random bytes (a v4 UUID
 -- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
+-- One expression with no FROM, so PostgreSQL inlines it into the caller's plan.
 CREATE OR REPLACE FUNCTION runops.generate_ksuid()
 RETURNS text
 LANGUAGE sql VOLATILE PARALLEL SAFE
@@ -804,10 +1506,9 @@ AS $$
   SELECT runops.ksuid_encode(
            pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
                                  - 1400000000) & 4294967295)::bit(32)::integer)
-           || pg_catalog.substr(pg_catalog.uuid_send(u1), 1, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(u1), 11, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(u2), 1, 4))
-  FROM (SELECT pg_catalog.gen_random_uuid() AS u1, pg_catalog.gen_random_uuid() AS u2) AS r
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 11, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 4))
 $$;
 
 CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)
@@ -937,10 +1638,14 @@ $$;
 -- (a completion resuming a parent) can restore it.
 CREATE OR REPLACE FUNCTION runops.set_mover(mover text)
 RETURNS text
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-  SELECT coalesce(current_setting('runops.transition_by', true), '')
-  FROM (SELECT set_config('runops.transition_by', coalesce(mover, ''), true)) AS s
+DECLARE
+  previous text := coalesce(current_setting('runops.transition_by', true), '');
+BEGIN
+  PERFORM set_config('runops.transition_by', coalesce(mover, ''), true);
+  RETURN previous;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.guard_run_status()
@@ -985,6 +1690,7 @@ BEGIN
       completed_at = coalesce(a.completed_at, now())
   WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
   PERFORM complete_local_edges(NEW.id);
+  PERFORM batch_item_finished(NEW.id);
   RETURN NULL;
 END
 $$;
@@ -1736,7 +2442,8 @@ BEGIN
     'expired', expire_enqueued_runs(n),
     'timed_out', enforce_max_duration(n),
     'leases_released', release_lapsed_leases(n));
-  counts := counts || complete_due_waitpoints(n);
+  counts := counts || complete_due_waitpoints(n)
+            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
   PERFORM set_mover('');
   RETURN counts;
@@ -1824,75 +2531,102 @@ $$;
 -- residency follows it (rule 3); children, batches and items follow their anchor (rule 2); a
 -- pre-minted id must agree with both (rule 1).
 
+-- Helpers that query are PL/pgSQL, not SQL: a non-inlinable SQL function called from PL/pgSQL
+-- is parsed and planned again in every transaction, while PL/pgSQL keeps its plans.
 CREATE OR REPLACE FUNCTION runops.peer_wired()
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer')
+BEGIN
+  RETURN EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer');
+END
 $$;
 
 -- The settings row; a run-ops store whose mirror has not synced yet reads "never enabled".
 CREATE OR REPLACE FUNCTION runops.current_split_settings()
 RETURNS runops.split_settings
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT coalesce((SELECT s FROM runops.split_settings AS s),
-                  ROW(true, false, false, 'cuid', NULL)::runops.split_settings)
+DECLARE
+  s split_settings;
+BEGIN
+  SELECT * INTO s FROM split_settings;
+  IF NOT FOUND THEN
+    s := ROW(true, false, false, 'cuid', NULL);
+  END IF;
+  RETURN s;
+END
 $$;
 
 -- Rule 3: the residency a root run (or parentless batch, or standalone token) mints with.
 CREATE OR REPLACE FUNCTION runops.root_residency(env runops.environment_context)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql IMMUTABLE
 AS $$
   SELECT CASE
-           WHEN NOT s.enabled THEN 'LEGACY'
-           WHEN coalesce(env.mint_kind, s.default_mint_kind) = 'ksuid' THEN 'NEW'
+           WHEN NOT env.split_enabled THEN 'LEGACY'
+           WHEN coalesce(env.mint_kind, env.default_mint_kind) = 'ksuid' THEN 'NEW'
            ELSE 'LEGACY'
          END
-  FROM runops.current_split_settings() AS s
 $$;
 
--- Which store a trigger with these (parsed) options belongs on, raising RO001 for an
--- unclassifiable anchor, RO006 for a pre-minted id that disagrees with the rules, and RO004 for
--- a NEW anchor while the split was never enabled. Environment existence is checked by callers,
--- except for roots, whose residency depends on it.
-CREATE OR REPLACE FUNCTION runops.decide_residency(environment_id text, spec runops.trigger_spec)
+-- Rules 1 and 2: the residency the anchors of a trigger (parent, batch) impose, or NULL for a
+-- root. RO001 for an unclassifiable anchor, RO004 for a NEW anchor while the split was never
+-- enabled, RO006 for a pre-minted KSUID then.
+CREATE OR REPLACE FUNCTION runops.anchor_residency(spec runops.trigger_spec)
 RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   residency text;
-  preminted text;
-  ever_enabled boolean := (current_split_settings()).ever_enabled;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     residency := classify_residency(spec.parent_run_id);
-    IF residency = 'NEW' AND NOT ever_enabled THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('parent run run_%s not found (the split was never enabled)', spec.parent_run_id));
     END IF;
   ELSIF spec.batch_id IS NOT NULL THEN
     residency := classify_residency(spec.batch_id);
-    IF residency = 'NEW' AND NOT ever_enabled THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('batch batch_%s not found (the split was never enabled)', spec.batch_id));
     END IF;
   END IF;
+  IF spec.run_id IS NOT NULL AND classify_residency(spec.run_id) = 'NEW'
+     AND NOT (current_split_settings()).ever_enabled THEN
+    PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
+                        NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- Which store a trigger with these (parsed) options belongs on, given its environment (loaded
+-- once by the caller). Raises as anchor_residency does, RO004 for a root in a missing
+-- environment, and RO006 for a pre-minted id that disagrees with the rules — unless that run
+-- exists: a retry across a mint-kind flip gets its cached run, in the id's store.
+CREATE OR REPLACE FUNCTION runops.decide_residency(env runops.environment_context, environment_id text,
+                                                   spec runops.trigger_spec)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := anchor_residency(spec);
+  preminted text;
+BEGIN
+  IF residency IS NULL THEN
+    IF env.id IS NULL THEN
+      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+    END IF;
+    residency := root_residency(env);
+  END IF;
   IF spec.run_id IS NOT NULL THEN
     preminted := classify_residency(spec.run_id);
-    IF preminted = 'NEW' AND NOT ever_enabled THEN
-      PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
+    IF preminted <> residency AND NOT run_exists(spec.run_id) THEN
+      PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
+                                           preminted, residency),
                           NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
     END IF;
-  END IF;
-  IF residency IS NULL THEN
-    residency := root_residency(require_environment_for_new_work(environment_id));
-  END IF;
-  -- A retry of a trigger whose run exists keeps its id's store even if a flip happened since:
-  -- it gets the cached run, there.
-  IF preminted IS NOT NULL AND preminted <> residency AND NOT run_exists(spec.run_id) THEN
-    PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
-                                         preminted, residency),
-                        NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+    residency := preminted;
   END IF;
   RETURN residency;
 END
@@ -1926,7 +2660,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 BEGIN
-  RETURN store_for_residency(decide_residency(trigger_route.environment_id,
+  RETURN store_for_residency(decide_residency(load_environment(trigger_route.environment_id),
+                                              trigger_route.environment_id,
                                               parse_trigger_options(trigger_route.options)));
 END
 $$;
@@ -2140,7 +2875,7 @@ RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-  IF store_role() <> 'CONTROL_PLANE' THEN
+  IF local_residency() <> 'LEGACY' THEN
     PERFORM raise_wrong_store(what, '(control-plane setting)', 'CONTROL_PLANE');
   END IF;
 END
@@ -2272,31 +3007,38 @@ BEGIN
 END
 $$;
 
--- The environment as new work sees it: local tables first (the control plane's own, or the
--- run-ops mirror), then — on run-ops only — the control plane through the FDW. NULL fields when
--- it exists nowhere.
+-- The environment as new work sees it, with the split settings: local tables first (the
+-- control plane's own, or the run-ops mirror), then — on run-ops only — the control plane
+-- through the FDW. NULL id when it exists nowhere (the split fields are filled either way).
 CREATE OR REPLACE FUNCTION runops.load_environment(environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   ctx environment_context;
+  s split_settings;
 BEGIN
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-         e.notifications
+         e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
+         coalesce(st.default_mint_kind, 'cuid')
   INTO ctx
-  FROM runtime_environments AS e
-  JOIN projects AS p ON p.id = e.project_id
-  JOIN organizations AS o ON o.id = e.organization_id
-  WHERE e.id = load_environment.environment_id;
-  IF FOUND OR store_role() = 'CONTROL_PLANE' OR NOT peer_wired() THEN
+  FROM (SELECT 1) AS one
+  LEFT JOIN split_settings AS st ON true
+  LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
+  LEFT JOIN projects AS p ON p.id = e.project_id
+  LEFT JOIN organizations AS o ON o.id = e.organization_id;
+  IF ctx.id IS NOT NULL OR local_residency() = 'LEGACY' THEN
     RETURN ctx;
   END IF;
+  IF NOT peer_wired() THEN
+    RETURN ctx;
+  END IF;
+  s := current_split_settings();
   BEGIN
     SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
            p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-           e.notifications
+           e.notifications, s.enabled, s.ever_enabled, s.default_mint_kind
     INTO ctx
     FROM runops_peer.runtime_environments AS e
     JOIN runops_peer.projects AS p ON p.id = e.project_id
@@ -2306,17 +3048,20 @@ BEGIN
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
                                  || load_environment.environment_id || ' is not in the local mirror yet');
   END;
+  IF ctx.id IS NULL THEN
+    ctx.split_enabled := s.enabled;
+    ctx.split_ever_enabled := s.ever_enabled;
+    ctx.default_mint_kind := s.default_mint_kind;
+  END IF;
   RETURN ctx;
 END
 $$;
 
 -- RO004 when the environment does not exist, RO005 when it may not take new work.
-CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+CREATE OR REPLACE FUNCTION runops.require_usable(ctx runops.environment_context, environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-  ctx environment_context := load_environment(environment_id);
 BEGIN
   IF ctx.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
@@ -2333,6 +3078,15 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN require_usable(load_environment(environment_id), environment_id);
+END
+$$;
+
 -- Fallback engine for the mirror when logical replication is not available: a pull through the
 -- FDW, run by `runops migrate` and by tick. Never used while a subscription feeds the tables
 -- (two writers would fight over the same rows).
@@ -2345,7 +3099,7 @@ DECLARE
   n integer := 0;
   k integer;
 BEGIN
-  IF store_role() <> 'RUN_OPS' OR NOT peer_wired()
+  IF local_residency() <> 'NEW' OR NOT peer_wired()
      OR EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
     RETURN 0;
@@ -2393,9 +3147,9 @@ $$;
 -- sql/functions/trigger_run.sql
 -- Triggering runs, and idempotency.
 --
--- trigger_run = parse_trigger_options (RO006) -> decide_residency (RO001, RO006, RO002)
---   -> require_parent (RO004, RO003) -> require_environment_for_new_work (RO004, RO005)
---   -> create_run.
+-- trigger_run = parse_trigger_options (RO006) -> load_environment (one query, with the split
+--   settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
+--   -> require_usable (RO004, RO005) -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
 -- and failed-task runs all go through it.
 
@@ -2409,12 +3163,25 @@ DECLARE
   delay jsonb := o -> 'delay';
   tags jsonb := o -> 'tags';
   raw text;
-BEGIN
-  PERFORM reject_unknown_options(o, ARRAY[
+  allowed constant text[] := ARRAY[
     'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
     'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
     'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
-    'dev_session_id'], 'trigger');
+    'dev_session_id'];
+BEGIN
+  -- The common case, no options at all, skips every check below.
+  IF o = '{}'::jsonb THEN
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  IF (o - allowed) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(o, allowed, 'trigger');
+  END IF;
 
   spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
   IF spec.idempotency_key = '' THEN
@@ -2425,8 +3192,9 @@ BEGIN
     PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
                                          spec.idempotency_key_scope));
   END IF;
-  spec.idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                             'option idempotency_key_ttl');
+  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
+                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
+                                   ELSE interval '30 days' END;
 
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
@@ -2599,6 +3367,35 @@ BEGIN
     END IF;
 
     new_id := coalesce(spec.run_id, CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END);
+    IF key_hash IS NULL AND spec.run_id IS NULL THEN
+      -- Nothing to race on: a freshly minted id and no key. A plain INSERT skips speculative
+      -- insertion, which ON CONFLICT pays for on every row.
+      INSERT INTO runs AS r (
+      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
+      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
+      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
+      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
+      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
+      VALUES (
+      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
+      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
+      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
+      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+      CASE WHEN key_hash IS NOT NULL THEN
+        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
+      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
+      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
+      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
+      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
+      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts);
+      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      IF spec.resume_parent_on_completion THEN
+        PERFORM wait_for_child(spec, parent, new_id, run_status);
+      END IF;
+      RETURN;
+    END IF;
     INSERT INTO runs AS r (
       id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -2622,7 +3419,9 @@ BEGIN
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
-      PERFORM wait_for_child(spec, parent, new_id, run_status);
+      IF spec.resume_parent_on_completion THEN
+        PERFORM wait_for_child(spec, parent, new_id, run_status);
+      END IF;
       RETURN;
     END IF;
     -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
@@ -2683,6 +3482,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   created record;
+  existing text;
 BEGIN
   IF env_id IS NULL OR env_id = '' THEN
     PERFORM raise_error('RO006', 'environment_id is required');
@@ -2692,17 +3492,33 @@ BEGIN
                                          quote_nullable(task)));
   END IF;
   spec := parse_trigger_options(trigger_run.options);
-  owner_residency := decide_residency(env_id, spec);
+  env := load_environment(env_id);
+  owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
   IF spec.parent_run_id IS NOT NULL THEN
     PERFORM require_parent(spec, env_id);
   END IF;
-  env := require_environment_for_new_work(env_id);
+  env := require_usable(env, env_id);
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(spec, env_id);
+    IF existing IS NOT NULL THEN
+      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      FROM runs AS r WHERE r.id = existing;
+      RETURN NEXT;
+      RETURN;
+    END IF;
+  END IF;
   created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status,
-                      classify_residency(created.run_id);
+  IF spec.batch_id IS NOT NULL THEN
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+  END IF;
+  run_id := created.run_id;
+  is_cached := created.is_cached;
+  status := created.status;
+  residency := local_residency();
+  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
 END
 $$;
 
@@ -2721,6 +3537,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   created record;
+  existing text;
 BEGIN
   IF env_id IS NULL OR env_id = '' THEN
     PERFORM raise_error('RO006', 'environment_id is required');
@@ -2729,7 +3546,8 @@ BEGIN
     PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
   END IF;
   spec := parse_trigger_options(trigger_failed_task.options);
-  owner_residency := decide_residency(env_id, spec);
+  env := load_environment(env_id);
+  owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
@@ -2738,13 +3556,22 @@ BEGIN
   END IF;
   -- The failure is recorded even in an environment that takes no new work: it reports work
   -- that was already accepted.
-  env := load_environment(env_id);
   IF env.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', env_id));
   END IF;
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(spec, env_id);
+    IF existing IS NOT NULL THEN
+      RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
+      RETURN;
+    END IF;
+  END IF;
   created := create_run(env, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
                         coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, classify_residency(created.run_id);
+  IF spec.batch_id IS NOT NULL THEN
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+  END IF;
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, local_residency();
 END
 $$;
 
@@ -2899,11 +3726,14 @@ $$;
 -- Adds an edge "run waits on waitpoint", born completed when the waitpoint already is.
 CREATE OR REPLACE FUNCTION runops.add_blocker(run_id text, environment_id text, waitpoint_id text, done boolean)
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-  INSERT INTO runops.run_waitpoints (run_id, waitpoint_id, environment_id, completed_at, created_at)
-  VALUES (run_id, waitpoint_id, environment_id, CASE WHEN done THEN runops.now() END, runops.now())
-  ON CONFLICT (run_id, waitpoint_id) DO NOTHING
+BEGIN
+  INSERT INTO run_waitpoints AS e (run_id, waitpoint_id, environment_id, completed_at, created_at)
+  VALUES (add_blocker.run_id, add_blocker.waitpoint_id, add_blocker.environment_id,
+          CASE WHEN done THEN now() END, now())
+  ON CONFLICT ON CONSTRAINT run_waitpoints_pkey DO NOTHING;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.create_waitpoint(environment_id text, type text, options jsonb DEFAULT '{}')
@@ -2962,7 +3792,7 @@ BEGIN
       PERFORM raise_wrong_store('a new waitpoint of environment', env_id, store_for_residency(residency));
     END IF;
   END IF;
-  env := require_environment_for_new_work(env_id);
+  env := require_usable(env, env_id);
 
   LOOP
     IF key IS NOT NULL THEN
@@ -3204,7 +4034,13 @@ GRANT EXECUTE ON FUNCTION
   runops.create_waitpoint(text, text, jsonb),
   runops.block_run(text, text[], jsonb),
   runops.complete_waitpoint(text, jsonb, boolean),
-  runops.get_waitpoint(text, text)
+  runops.get_waitpoint(text, text),
+  runops.batch_trigger(text, jsonb, jsonb),
+  runops.create_batch(text, integer, jsonb),
+  runops.append_batch_items(text, integer, jsonb),
+  runops.seal_batch(text),
+  runops.get_batch(text, text),
+  runops.resume_batch_run(text)
   TO runops_app;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
 
@@ -3226,6 +4062,7 @@ CREATE OR REPLACE TRIGGER runs_after_final
 
 
 def render(sql: str, store: str) -> str:
+    sql = sql.replace("RESIDENCY_OF_THIS_STORE", RESIDENCIES[store])
     return re.sub(r"RESIDENCY_CHECK\((\w+)\)", lambda m: RESIDENCY_CHECKS[store].format(col=m.group(1)), sql)
 
 

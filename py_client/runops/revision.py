@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import sys
 
-from .schema import _RESIDENCY_CHECKS, MIGRATIONS, ROOT, install_text, seed_sql
+from .schema import _RESIDENCIES, _RESIDENCY_CHECKS, MIGRATIONS, ROOT, install_text, seed_sql
 
 TEMPLATE = '''"""{name}: generated from sql/ by `python -m runops.revision {name}`. Do not edit by hand.
 
-Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK.
+Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK and
+RESIDENCY_OF_THIS_STORE its residency.
 """
 
 import re
 
 RESIDENCY_CHECKS = {checks!r}
+
+RESIDENCIES = {residencies!r}
 
 SEEDS = {seeds!r}
 
@@ -28,6 +31,7 @@ SQL = r\'\'\'
 
 
 def render(sql: str, store: str) -> str:
+    sql = sql.replace("RESIDENCY_OF_THIS_STORE", RESIDENCIES[store])
     return re.sub(r"RESIDENCY_CHECK\\((\\w+)\\)", lambda m: RESIDENCY_CHECKS[store].format(col=m.group(1)), sql)
 
 
@@ -48,7 +52,7 @@ def main(name: str) -> None:
     if "'''" in text:
         raise SystemExit("sql/ contains ''' which the revision template cannot quote")
     out = MIGRATIONS / "runops_revisions" / f"{name}.py"
-    out.write_text(TEMPLATE.format(name=name, checks=_RESIDENCY_CHECKS,
+    out.write_text(TEMPLATE.format(name=name, checks=_RESIDENCY_CHECKS, residencies=_RESIDENCIES,
                                    seeds={s: seed_sql(s) for s in _RESIDENCY_CHECKS}, sql=text))
     print(f"wrote {out.relative_to(ROOT)}")
 

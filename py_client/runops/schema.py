@@ -24,8 +24,13 @@ _RESIDENCY_CHECKS = {
 }
 
 
+_RESIDENCIES = {"CONTROL_PLANE": "LEGACY", "RUN_OPS": "NEW"}
+
+
 def render(sql: str, store: str) -> str:
-    """Replaces RESIDENCY_CHECK(col) with the store's expression."""
+    """Replaces RESIDENCY_CHECK(col) with the store's expression, and RESIDENCY_OF_THIS_STORE
+    with its residency."""
+    sql = sql.replace("RESIDENCY_OF_THIS_STORE", _RESIDENCIES[store])
     return re.sub(r"RESIDENCY_CHECK\((\w+)\)",
                   lambda m: _RESIDENCY_CHECKS[store].format(col=m.group(1)), sql)
 

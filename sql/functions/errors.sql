@@ -37,12 +37,14 @@ BEGIN
 END
 $$;
 
--- The residency of rows this store holds.
+-- The residency of rows this store holds. Rendered per store at install, like the id-shape
+-- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
+-- query on each trigger.
 CREATE OR REPLACE FUNCTION runops.local_residency()
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql IMMUTABLE
 AS $$
-  SELECT CASE store_role() WHEN 'CONTROL_PLANE' THEN 'LEGACY' ELSE 'NEW' END
+  SELECT 'RESIDENCY_OF_THIS_STORE'::text
 $$;
 
 CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)

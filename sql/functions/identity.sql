@@ -70,8 +70,9 @@ BEGIN
 END
 $$;
 
--- The 16 payload bytes come from two v4 UUIDs, taking only their fully random bytes (a v4 UUID
+-- The 16 payload bytes come from v4 UUIDs, taking only their fully random bytes (a v4 UUID
 -- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
+-- One expression with no FROM, so PostgreSQL inlines it into the caller's plan.
 CREATE OR REPLACE FUNCTION runops.generate_ksuid()
 RETURNS text
 LANGUAGE sql VOLATILE PARALLEL SAFE
@@ -79,10 +80,9 @@ AS $$
   SELECT runops.ksuid_encode(
            pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
                                  - 1400000000) & 4294967295)::bit(32)::integer)
-           || pg_catalog.substr(pg_catalog.uuid_send(u1), 1, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(u1), 11, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(u2), 1, 4))
-  FROM (SELECT pg_catalog.gen_random_uuid() AS u1, pg_catalog.gen_random_uuid() AS u2) AS r
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 11, 6)
+           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 4))
 $$;
 
 CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)

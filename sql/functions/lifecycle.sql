@@ -28,10 +28,14 @@ $$;
 -- (a completion resuming a parent) can restore it.
 CREATE OR REPLACE FUNCTION runops.set_mover(mover text)
 RETURNS text
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-  SELECT coalesce(current_setting('runops.transition_by', true), '')
-  FROM (SELECT set_config('runops.transition_by', coalesce(mover, ''), true)) AS s
+DECLARE
+  previous text := coalesce(current_setting('runops.transition_by', true), '');
+BEGIN
+  PERFORM set_config('runops.transition_by', coalesce(mover, ''), true);
+  RETURN previous;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.guard_run_status()
@@ -76,6 +80,7 @@ BEGIN
       completed_at = coalesce(a.completed_at, now())
   WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
   PERFORM complete_local_edges(NEW.id);
+  PERFORM batch_item_finished(NEW.id);
   RETURN NULL;
 END
 $$;

@@ -222,7 +222,8 @@ BEGIN
     'expired', expire_enqueued_runs(n),
     'timed_out', enforce_max_duration(n),
     'leases_released', release_lapsed_leases(n));
-  counts := counts || complete_due_waitpoints(n);
+  counts := counts || complete_due_waitpoints(n)
+            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
   PERFORM set_mover('');
   RETURN counts;

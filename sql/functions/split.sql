@@ -4,75 +4,102 @@
 -- residency follows it (rule 3); children, batches and items follow their anchor (rule 2); a
 -- pre-minted id must agree with both (rule 1).
 
+-- Helpers that query are PL/pgSQL, not SQL: a non-inlinable SQL function called from PL/pgSQL
+-- is parsed and planned again in every transaction, while PL/pgSQL keeps its plans.
 CREATE OR REPLACE FUNCTION runops.peer_wired()
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer')
+BEGIN
+  RETURN EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer');
+END
 $$;
 
 -- The settings row; a run-ops store whose mirror has not synced yet reads "never enabled".
 CREATE OR REPLACE FUNCTION runops.current_split_settings()
 RETURNS runops.split_settings
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT coalesce((SELECT s FROM runops.split_settings AS s),
-                  ROW(true, false, false, 'cuid', NULL)::runops.split_settings)
+DECLARE
+  s split_settings;
+BEGIN
+  SELECT * INTO s FROM split_settings;
+  IF NOT FOUND THEN
+    s := ROW(true, false, false, 'cuid', NULL);
+  END IF;
+  RETURN s;
+END
 $$;
 
 -- Rule 3: the residency a root run (or parentless batch, or standalone token) mints with.
 CREATE OR REPLACE FUNCTION runops.root_residency(env runops.environment_context)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql IMMUTABLE
 AS $$
   SELECT CASE
-           WHEN NOT s.enabled THEN 'LEGACY'
-           WHEN coalesce(env.mint_kind, s.default_mint_kind) = 'ksuid' THEN 'NEW'
+           WHEN NOT env.split_enabled THEN 'LEGACY'
+           WHEN coalesce(env.mint_kind, env.default_mint_kind) = 'ksuid' THEN 'NEW'
            ELSE 'LEGACY'
          END
-  FROM runops.current_split_settings() AS s
 $$;
 
--- Which store a trigger with these (parsed) options belongs on, raising RO001 for an
--- unclassifiable anchor, RO006 for a pre-minted id that disagrees with the rules, and RO004 for
--- a NEW anchor while the split was never enabled. Environment existence is checked by callers,
--- except for roots, whose residency depends on it.
-CREATE OR REPLACE FUNCTION runops.decide_residency(environment_id text, spec runops.trigger_spec)
+-- Rules 1 and 2: the residency the anchors of a trigger (parent, batch) impose, or NULL for a
+-- root. RO001 for an unclassifiable anchor, RO004 for a NEW anchor while the split was never
+-- enabled, RO006 for a pre-minted KSUID then.
+CREATE OR REPLACE FUNCTION runops.anchor_residency(spec runops.trigger_spec)
 RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   residency text;
-  preminted text;
-  ever_enabled boolean := (current_split_settings()).ever_enabled;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     residency := classify_residency(spec.parent_run_id);
-    IF residency = 'NEW' AND NOT ever_enabled THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('parent run run_%s not found (the split was never enabled)', spec.parent_run_id));
     END IF;
   ELSIF spec.batch_id IS NOT NULL THEN
     residency := classify_residency(spec.batch_id);
-    IF residency = 'NEW' AND NOT ever_enabled THEN
+    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('batch batch_%s not found (the split was never enabled)', spec.batch_id));
     END IF;
   END IF;
+  IF spec.run_id IS NOT NULL AND classify_residency(spec.run_id) = 'NEW'
+     AND NOT (current_split_settings()).ever_enabled THEN
+    PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
+                        NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- Which store a trigger with these (parsed) options belongs on, given its environment (loaded
+-- once by the caller). Raises as anchor_residency does, RO004 for a root in a missing
+-- environment, and RO006 for a pre-minted id that disagrees with the rules — unless that run
+-- exists: a retry across a mint-kind flip gets its cached run, in the id's store.
+CREATE OR REPLACE FUNCTION runops.decide_residency(env runops.environment_context, environment_id text,
+                                                   spec runops.trigger_spec)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := anchor_residency(spec);
+  preminted text;
+BEGIN
+  IF residency IS NULL THEN
+    IF env.id IS NULL THEN
+      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+    END IF;
+    residency := root_residency(env);
+  END IF;
   IF spec.run_id IS NOT NULL THEN
     preminted := classify_residency(spec.run_id);
-    IF preminted = 'NEW' AND NOT ever_enabled THEN
-      PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
+    IF preminted <> residency AND NOT run_exists(spec.run_id) THEN
+      PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
+                                           preminted, residency),
                           NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
     END IF;
-  END IF;
-  IF residency IS NULL THEN
-    residency := root_residency(require_environment_for_new_work(environment_id));
-  END IF;
-  -- A retry of a trigger whose run exists keeps its id's store even if a flip happened since:
-  -- it gets the cached run, there.
-  IF preminted IS NOT NULL AND preminted <> residency AND NOT run_exists(spec.run_id) THEN
-    PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
-                                         preminted, residency),
-                        NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
+    residency := preminted;
   END IF;
   RETURN residency;
 END
@@ -106,7 +133,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 BEGIN
-  RETURN store_for_residency(decide_residency(trigger_route.environment_id,
+  RETURN store_for_residency(decide_residency(load_environment(trigger_route.environment_id),
+                                              trigger_route.environment_id,
                                               parse_trigger_options(trigger_route.options)));
 END
 $$;

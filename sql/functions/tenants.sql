@@ -8,7 +8,7 @@ RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-  IF store_role() <> 'CONTROL_PLANE' THEN
+  IF local_residency() <> 'LEGACY' THEN
     PERFORM raise_wrong_store(what, '(control-plane setting)', 'CONTROL_PLANE');
   END IF;
 END
@@ -140,31 +140,38 @@ BEGIN
 END
 $$;
 
--- The environment as new work sees it: local tables first (the control plane's own, or the
--- run-ops mirror), then — on run-ops only — the control plane through the FDW. NULL fields when
--- it exists nowhere.
+-- The environment as new work sees it, with the split settings: local tables first (the
+-- control plane's own, or the run-ops mirror), then — on run-ops only — the control plane
+-- through the FDW. NULL id when it exists nowhere (the split fields are filled either way).
 CREATE OR REPLACE FUNCTION runops.load_environment(environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   ctx environment_context;
+  s split_settings;
 BEGIN
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-         e.notifications
+         e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
+         coalesce(st.default_mint_kind, 'cuid')
   INTO ctx
-  FROM runtime_environments AS e
-  JOIN projects AS p ON p.id = e.project_id
-  JOIN organizations AS o ON o.id = e.organization_id
-  WHERE e.id = load_environment.environment_id;
-  IF FOUND OR store_role() = 'CONTROL_PLANE' OR NOT peer_wired() THEN
+  FROM (SELECT 1) AS one
+  LEFT JOIN split_settings AS st ON true
+  LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
+  LEFT JOIN projects AS p ON p.id = e.project_id
+  LEFT JOIN organizations AS o ON o.id = e.organization_id;
+  IF ctx.id IS NOT NULL OR local_residency() = 'LEGACY' THEN
     RETURN ctx;
   END IF;
+  IF NOT peer_wired() THEN
+    RETURN ctx;
+  END IF;
+  s := current_split_settings();
   BEGIN
     SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
            p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-           e.notifications
+           e.notifications, s.enabled, s.ever_enabled, s.default_mint_kind
     INTO ctx
     FROM runops_peer.runtime_environments AS e
     JOIN runops_peer.projects AS p ON p.id = e.project_id
@@ -174,17 +181,20 @@ BEGIN
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
                                  || load_environment.environment_id || ' is not in the local mirror yet');
   END;
+  IF ctx.id IS NULL THEN
+    ctx.split_enabled := s.enabled;
+    ctx.split_ever_enabled := s.ever_enabled;
+    ctx.default_mint_kind := s.default_mint_kind;
+  END IF;
   RETURN ctx;
 END
 $$;
 
 -- RO004 when the environment does not exist, RO005 when it may not take new work.
-CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+CREATE OR REPLACE FUNCTION runops.require_usable(ctx runops.environment_context, environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-  ctx environment_context := load_environment(environment_id);
 BEGIN
   IF ctx.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
@@ -201,6 +211,15 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION runops.require_environment_for_new_work(environment_id text)
+RETURNS runops.environment_context
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN require_usable(load_environment(environment_id), environment_id);
+END
+$$;
+
 -- Fallback engine for the mirror when logical replication is not available: a pull through the
 -- FDW, run by `runops migrate` and by tick. Never used while a subscription feeds the tables
 -- (two writers would fight over the same rows).
@@ -213,7 +232,7 @@ DECLARE
   n integer := 0;
   k integer;
 BEGIN
-  IF store_role() <> 'RUN_OPS' OR NOT peer_wired()
+  IF local_residency() <> 'NEW' OR NOT peer_wired()
      OR EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
     RETURN 0;

@@ -1,8 +1,8 @@
 -- Triggering runs, and idempotency.
 --
--- trigger_run = parse_trigger_options (RO006) -> decide_residency (RO001, RO006, RO002)
---   -> require_parent (RO004, RO003) -> require_environment_for_new_work (RO004, RO005)
---   -> create_run.
+-- trigger_run = parse_trigger_options (RO006) -> load_environment (one query, with the split
+--   settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
+--   -> require_usable (RO004, RO005) -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
 -- and failed-task runs all go through it.
 
@@ -16,12 +16,25 @@ DECLARE
   delay jsonb := o -> 'delay';
   tags jsonb := o -> 'tags';
   raw text;
-BEGIN
-  PERFORM reject_unknown_options(o, ARRAY[
+  allowed constant text[] := ARRAY[
     'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
     'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
     'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
-    'dev_session_id'], 'trigger');
+    'dev_session_id'];
+BEGIN
+  -- The common case, no options at all, skips every check below.
+  IF o = '{}'::jsonb THEN
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  IF (o - allowed) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(o, allowed, 'trigger');
+  END IF;
 
   spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
   IF spec.idempotency_key = '' THEN
@@ -32,8 +45,9 @@ BEGIN
     PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
                                          spec.idempotency_key_scope));
   END IF;
-  spec.idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                             'option idempotency_key_ttl');
+  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
+                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
+                                   ELSE interval '30 days' END;
 
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
@@ -206,6 +220,35 @@ BEGIN
     END IF;
 
     new_id := coalesce(spec.run_id, CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END);
+    IF key_hash IS NULL AND spec.run_id IS NULL THEN
+      -- Nothing to race on: a freshly minted id and no key. A plain INSERT skips speculative
+      -- insertion, which ON CONFLICT pays for on every row.
+      INSERT INTO runs AS r (
+      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
+      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
+      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
+      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
+      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
+      VALUES (
+      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
+      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
+      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
+      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+      CASE WHEN key_hash IS NOT NULL THEN
+        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
+      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
+      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
+      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
+      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
+      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts);
+      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      IF spec.resume_parent_on_completion THEN
+        PERFORM wait_for_child(spec, parent, new_id, run_status);
+      END IF;
+      RETURN;
+    END IF;
     INSERT INTO runs AS r (
       id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -229,7 +272,9 @@ BEGIN
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
-      PERFORM wait_for_child(spec, parent, new_id, run_status);
+      IF spec.resume_parent_on_completion THEN
+        PERFORM wait_for_child(spec, parent, new_id, run_status);
+      END IF;
       RETURN;
     END IF;
     -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
@@ -290,6 +335,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   created record;
+  existing text;
 BEGIN
   IF env_id IS NULL OR env_id = '' THEN
     PERFORM raise_error('RO006', 'environment_id is required');
@@ -299,17 +345,33 @@ BEGIN
                                          quote_nullable(task)));
   END IF;
   spec := parse_trigger_options(trigger_run.options);
-  owner_residency := decide_residency(env_id, spec);
+  env := load_environment(env_id);
+  owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
   IF spec.parent_run_id IS NOT NULL THEN
     PERFORM require_parent(spec, env_id);
   END IF;
-  env := require_environment_for_new_work(env_id);
+  env := require_usable(env, env_id);
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(spec, env_id);
+    IF existing IS NOT NULL THEN
+      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      FROM runs AS r WHERE r.id = existing;
+      RETURN NEXT;
+      RETURN;
+    END IF;
+  END IF;
   created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status,
-                      classify_residency(created.run_id);
+  IF spec.batch_id IS NOT NULL THEN
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+  END IF;
+  run_id := created.run_id;
+  is_cached := created.is_cached;
+  status := created.status;
+  residency := local_residency();
+  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
 END
 $$;
 
@@ -328,6 +390,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   created record;
+  existing text;
 BEGIN
   IF env_id IS NULL OR env_id = '' THEN
     PERFORM raise_error('RO006', 'environment_id is required');
@@ -336,7 +399,8 @@ BEGIN
     PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
   END IF;
   spec := parse_trigger_options(trigger_failed_task.options);
-  owner_residency := decide_residency(env_id, spec);
+  env := load_environment(env_id);
+  owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
@@ -345,13 +409,22 @@ BEGIN
   END IF;
   -- The failure is recorded even in an environment that takes no new work: it reports work
   -- that was already accepted.
-  env := load_environment(env_id);
   IF env.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', env_id));
   END IF;
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(spec, env_id);
+    IF existing IS NOT NULL THEN
+      RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
+      RETURN;
+    END IF;
+  END IF;
   created := create_run(env, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
                         coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, classify_residency(created.run_id);
+  IF spec.batch_id IS NOT NULL THEN
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+  END IF;
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, local_residency();
 END
 $$;
 

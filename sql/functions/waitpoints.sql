@@ -113,11 +113,14 @@ $$;
 -- Adds an edge "run waits on waitpoint", born completed when the waitpoint already is.
 CREATE OR REPLACE FUNCTION runops.add_blocker(run_id text, environment_id text, waitpoint_id text, done boolean)
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-  INSERT INTO runops.run_waitpoints (run_id, waitpoint_id, environment_id, completed_at, created_at)
-  VALUES (run_id, waitpoint_id, environment_id, CASE WHEN done THEN runops.now() END, runops.now())
-  ON CONFLICT (run_id, waitpoint_id) DO NOTHING
+BEGIN
+  INSERT INTO run_waitpoints AS e (run_id, waitpoint_id, environment_id, completed_at, created_at)
+  VALUES (add_blocker.run_id, add_blocker.waitpoint_id, add_blocker.environment_id,
+          CASE WHEN done THEN now() END, now())
+  ON CONFLICT ON CONSTRAINT run_waitpoints_pkey DO NOTHING;
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.create_waitpoint(environment_id text, type text, options jsonb DEFAULT '{}')
@@ -176,7 +179,7 @@ BEGIN
       PERFORM raise_wrong_store('a new waitpoint of environment', env_id, store_for_residency(residency));
     END IF;
   END IF;
-  env := require_environment_for_new_work(env_id);
+  env := require_usable(env, env_id);
 
   LOOP
     IF key IS NOT NULL THEN

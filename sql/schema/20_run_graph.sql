@@ -99,11 +99,16 @@ CREATE TABLE runops.batches (
   idempotency_key            text,
   idempotency_key_expires_at timestamptz,
   seal_timeout               interval NOT NULL,
+  seal_deadline              timestamptz,          -- created_at + seal_timeout while open
   sealed_at                  timestamptz,
+  item_count                 integer NOT NULL DEFAULT 0,
+  final_count                integer NOT NULL DEFAULT 0,   -- items whose run is final
+  output                     jsonb,                -- [{index, run_id, status}] once COMPLETED
   completed_at               timestamptz,
   created_at                 timestamptz NOT NULL,
   updated_at                 timestamptz NOT NULL
 );
+CREATE INDEX batches_seal_idx ON runops.batches (seal_deadline) WHERE status = 'PENDING';
 CREATE UNIQUE INDEX batches_idempotency_key_idx
   ON runops.batches (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 ALTER TABLE runops.runs ADD FOREIGN KEY (batch_id) REFERENCES runops.batches (id);
@@ -115,6 +120,8 @@ CREATE TABLE runops.batch_items (
   created_at timestamptz NOT NULL,
   PRIMARY KEY (batch_id, item_index)
 );
+-- A run turning final finds the batches it belongs to (several, through cached items).
+CREATE INDEX batch_items_run_idx ON runops.batch_items (run_id);
 
 CREATE TABLE runops.waitpoints (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),

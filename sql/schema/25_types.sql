@@ -23,7 +23,8 @@ CREATE TYPE runops.trigger_spec AS (
   dev_session_id              text
 );
 
--- What new work needs to know about an environment, from the local tables or the mirror.
+-- What new work needs to know about an environment, from the local tables or the mirror,
+-- read in one query together with the split settings that decide where its roots live.
 CREATE TYPE runops.environment_context AS (
   id                        text,
   project_id                text,
@@ -35,7 +36,10 @@ CREATE TYPE runops.environment_context AS (
   runs_enabled              boolean,
   mint_kind                 text,
   maximum_concurrency_limit integer,
-  notifications             boolean
+  notifications             boolean,
+  split_enabled             boolean,
+  split_ever_enabled        boolean,
+  default_mint_kind         text
 );
 -- The row get_waitpoint answers with (its parameter is named waitpoint_id too, which a
 -- RETURNS TABLE column may not be).
@@ -50,6 +54,25 @@ CREATE TYPE runops.waitpoint_row AS (
   completed_after timestamptz,
   idempotency_key text
 );
+-- The row get_batch answers with.
+CREATE TYPE runops.batch_row AS (
+  batch_id        text,
+  environment_id  text,
+  status          text,
+  expected_count  integer,
+  item_count      integer,
+  run_ids         text[],
+  is_sealed       boolean,
+  created_at      timestamptz,
+  completed_at    timestamptz,
+  idempotency_key text
+);
+-- What append_batch_items and seal_batch answer with (their parameter is named batch_id too).
+CREATE TYPE runops.appended_items AS (batch_id text, first_index integer, run_ids text[]);
+CREATE TYPE runops.sealed_batch AS (batch_id text, status text, item_count integer, expected_count integer);
 ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
+ALTER TYPE runops.appended_items OWNER TO runops_owner;
+ALTER TYPE runops.sealed_batch OWNER TO runops_owner;
+ALTER TYPE runops.batch_row OWNER TO runops_owner;
 ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;

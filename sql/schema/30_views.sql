@@ -44,8 +44,9 @@ ALTER VIEW runops.run_view OWNER TO runops_owner;
 GRANT SELECT ON runops.run_view TO runops_fdw;
 
 -- runops.waitpoint_view: every waitpoint a caller can name. DATETIME and MANUAL waitpoints are
--- rows; a RUN waitpoint is derived from its run (same bare id), so an edge on it is satisfied by
--- reading the run, from either store, and it never needs completing by hand. No column compares
+-- rows; a RUN waitpoint is derived from its run and a BATCH waitpoint from its batch (same bare
+-- id), so an edge on one is satisfied by reading the owner, from either store, and it never
+-- needs completing by hand. No column compares
 -- times: a remote store's clock must never decide (the caller compares completed_after itself).
 CREATE VIEW runops.waitpoint_view AS
 SELECT 'waitpoint_' || w.id AS waitpoint_id,
@@ -75,6 +76,19 @@ SELECT 'waitpoint_' || r.id,
        NULL::text,
        NULL::timestamptz,
        r.id
-FROM runops.runs AS r;
+FROM runops.runs AS r
+UNION ALL
+SELECT 'waitpoint_' || b.id,
+       b.environment_id,
+       'BATCH',
+       CASE WHEN b.status IN ('COMPLETED', 'ABORTED') THEN 'COMPLETED' ELSE 'PENDING' END,
+       b.output,
+       b.status = 'ABORTED',
+       b.completed_at,
+       NULL::timestamptz,
+       NULL::text,
+       NULL::timestamptz,
+       b.id
+FROM runops.batches AS b;
 ALTER VIEW runops.waitpoint_view OWNER TO runops_owner;
 GRANT SELECT ON runops.waitpoint_view TO runops_fdw;
