@@ -208,20 +208,30 @@ CREATE UNIQUE INDEX runs_idempotency_key_idx
   WHERE idempotency_key_hash IS NOT NULL;
 CREATE INDEX runs_environment_created_idx ON runops.runs (environment_id, created_at DESC, id DESC);
 CREATE INDEX runs_parent_idx ON runops.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
--- The worker's queue, and the per-environment count its concurrency limit reads.
+-- The worker's queue. Every index here costs each trigger (opened, its predicate checked), so
+-- the partial ones are few and cover only small, transient sets:
+--   runs_queue_idx   PENDING runs in queue order (dequeue)
+--   runs_active_idx  leased runs (the concurrency count; tick scans it for lapsed leases and
+--                    max_duration, which the concurrency limits keep small)
+--   runs_timer_idx   runs a time-driven step will move: DELAYED at delay_until, retries at
+--                    retry_at, TTL'd queued runs at ttl_expires_at
+--   runs_waiting_idx suspended runs (tick's resume pass)
+-- Rarer operations (dev-session cancel, deploy release) filter the environment's runs.
 CREATE INDEX runs_queue_idx ON runops.runs (environment_id, queued_at, id) WHERE status = 'PENDING';
-CREATE INDEX runs_active_idx ON runops.runs (environment_id) WHERE status IN ('DEQUEUED', 'EXECUTING');
--- What tick looks for: each index holds only the runs a time-driven step may move.
-CREATE INDEX runs_delayed_idx ON runops.runs (delay_until) WHERE status = 'DELAYED';
-CREATE INDEX runs_ttl_idx ON runops.runs (ttl_expires_at) WHERE status = 'PENDING' AND ttl_expires_at IS NOT NULL;
-CREATE INDEX runs_retry_idx ON runops.runs (retry_at) WHERE status = 'RETRYING_AFTER_FAILURE';
-CREATE INDEX runs_lease_idx ON runops.runs (lease_expires_at) WHERE status IN ('DEQUEUED', 'EXECUTING');
-CREATE INDEX runs_deadline_idx ON runops.runs (execution_deadline)
-  WHERE status = 'EXECUTING' AND execution_deadline IS NOT NULL;
+CREATE INDEX runs_active_idx ON runops.runs (environment_id, lease_expires_at)
+  WHERE status IN ('DEQUEUED', 'EXECUTING');
+CREATE FUNCTION runops.wake_at(status text, delay_until timestamptz, retry_at timestamptz,
+                               ttl_expires_at timestamptz)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+RETURN CASE status WHEN 'DELAYED' THEN delay_until
+                   WHEN 'RETRYING_AFTER_FAILURE' THEN retry_at
+                   WHEN 'PENDING' THEN ttl_expires_at END;
+ALTER FUNCTION runops.wake_at(text, timestamptz, timestamptz, timestamptz) OWNER TO runops_owner;
+CREATE INDEX runs_timer_idx ON runops.runs (runops.wake_at(status, delay_until, retry_at, ttl_expires_at))
+  WHERE status IN ('DELAYED', 'RETRYING_AFTER_FAILURE')
+     OR (status = 'PENDING' AND ttl_expires_at IS NOT NULL);
 CREATE INDEX runs_waiting_idx ON runops.runs (updated_at) WHERE status = 'WAITING_TO_RESUME';
-CREATE INDEX runs_dev_session_idx ON runops.runs (environment_id, dev_session_id) WHERE dev_session_id IS NOT NULL;
-CREATE INDEX runs_undeployed_idx ON runops.runs (environment_id, task_identifier)
-  WHERE status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION');
 
 CREATE TABLE runops.batches (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -577,8 +587,6 @@ DECLARE
   prefix text;
   base bigint;
   span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
-  b62 constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
-  b36 constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
 BEGIN
   IF n <= 0 THEN
     RETURN '{}'::text[];
@@ -586,19 +594,19 @@ BEGIN
   base := floor(random() * (span - n))::bigint;
   IF local_residency() = 'NEW' THEN
     prefix := left(generate_ksuid(), 23);
-    RETURN ARRAY(SELECT prefix || substr(b62, ((base + i) / 238328 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) / 3844 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) / 62 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) % 62)::integer + 1, 1)
-                 FROM generate_series(0, n - 1) AS i ORDER BY i);
+    RETURN ARRAY(SELECT prefix || base62_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
   END IF;
   prefix := left(generate_cuid(), 21);
-  RETURN ARRAY(SELECT prefix || substr(b36, ((base + i) / 46656 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) / 1296 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) / 36 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) % 36)::integer + 1, 1)
-               FROM generate_series(0, n - 1) AS i ORDER BY i);
+  RETURN ARRAY(SELECT prefix || base36_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
 END
+$$;
+
+-- One fresh id of this store's shape.
+CREATE OR REPLACE FUNCTION runops.mint_id()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
@@ -960,7 +968,7 @@ BEGIN
         WHERE x.id = batch.id AND x.idempotency_key = o.idempotency_key;
       END IF;
     END IF;
-    new_id := (mint_ids(1))[1];
+    new_id := mint_id();
     INSERT INTO batches (id, environment_id, status, expected_count, parent_run_id, resume_parent_on_completion,
                          idempotency_key, idempotency_key_expires_at, seal_timeout, seal_deadline, sealed_at,
                          created_at, updated_at)
@@ -1496,35 +1504,94 @@ BEGIN
 END
 $$;
 
--- The 16 payload bytes come from v4 UUIDs, taking only their fully random bytes (a v4 UUID
--- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
--- One expression with no FROM, so PostgreSQL inlines it into the caller's plan.
-CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+-- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
+CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
 RETURNS text
-LANGUAGE sql VOLATILE PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT runops.ksuid_encode(
-           pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
-                                 - 1400000000) & 4294967295)::bit(32)::integer)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 11, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 4))
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)
+CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+-- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random
+-- bytes of v4 UUIDs (core only: no pgcrypto; a v4 UUID fixes 6 of its 128 bits, so the payload
+-- holds at least 122 random bits). The 160-bit number is cut into 7 + 10 + 10 base62 digits with
+-- two numeric divisions; each part is a bigint, written out by an unrolled expression.
+CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 AS $$
 DECLARE
-  alphabet constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
-  digits text := '';
+  p10 constant numeric := 839299365868340224;   -- 62^10
+  bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
+  n numeric := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
+                 * 340282366920938463463374607431768211456                                     -- 2^128
+               + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
+                  + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
+               + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
+               + 9223372036854775808;                                                         -- low 64 bits
+  low bigint := pg_catalog.mod(n, p10)::bigint;
+  middle bigint;
 BEGIN
-  LOOP
-    digits := pg_catalog.substr(alphabet, (n % 36)::integer + 1, 1) || digits;
-    n := n / 36;
-    EXIT WHEN n = 0;
-  END LOOP;
-  RETURN pg_catalog.lpad(pg_catalog.right(digits, width), width, '0');
+  n := pg_catalog.div(n, p10);
+  middle := pg_catalog.mod(n, p10)::bigint;
+  RETURN runops.base62_digits7(pg_catalog.div(n, p10)::bigint) || runops.base62_digits10(middle)
+         || runops.base62_digits10(low);
 END
 $$;
 
@@ -1534,12 +1601,12 @@ RETURNS text
 LANGUAGE sql VOLATILE
 AS $$
   SELECT 'c'
-      || runops.base36((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint, 8)
-      || runops.base36(pg_catalog.nextval('runops.cuid_counter'), 4)
-      || runops.base36(pg_catalog.pg_backend_pid() % 1296, 2)
-      || runops.base36(abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296, 2)
-      || runops.base36(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
-                       % 2821109907456, 8)
+      || runops.base36_digits8((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint)
+      || runops.base36_digits4(pg_catalog.nextval('runops.cuid_counter'))
+      || runops.base36_digits4((pg_catalog.pg_backend_pid() % 1296) * 1296
+                               + abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296)
+      || runops.base36_digits8(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
+                               % 2821109907456)
 $$;
 
 CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)
@@ -1931,7 +1998,7 @@ BEGIN
       RETURN;
     END IF;
     INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
-    VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+    VALUES (mint_id(),
             r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
   END IF;
   UPDATE runs AS x
@@ -2034,7 +2101,7 @@ BEGIN
   r := lock_run(create_checkpoint.run_id);
   PERFORM require_current_attempt(r, n, 'create_checkpoint');
   INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
-  VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+  VALUES (mint_id(),
           r.id, r.environment_id, n, reason, location, meta, ts);
   UPDATE attempts AS a SET status = 'PAUSED' WHERE a.run_id = r.id AND a.number = n;
   PERFORM set_mover('create_checkpoint');
@@ -2247,8 +2314,9 @@ BEGIN
   PERFORM require_max_rows(max_runs, 'max_runs');
   PERFORM set_mover('enqueue_delayed_runs');
   WITH due AS (
-    SELECT r.id FROM runs AS r WHERE r.status = 'DELAYED' AND r.delay_until <= ts
-    ORDER BY r.delay_until LIMIT max_runs FOR UPDATE SKIP LOCKED
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
   FROM due WHERE r.id = due.id;
@@ -2272,8 +2340,9 @@ BEGIN
   PERFORM set_mover('expire_enqueued_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
-    WHERE r.status = 'PENDING' AND r.ttl_expires_at <= ts AND r.started_at IS NULL
-    ORDER BY r.ttl_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+    WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
+      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r
   SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
@@ -2328,8 +2397,9 @@ DECLARE
 BEGIN
   PERFORM set_mover('requeue_retries');
   WITH due AS (
-    SELECT r.id FROM runs AS r WHERE r.status = 'RETRYING_AFTER_FAILURE' AND r.retry_at <= ts
-    ORDER BY r.retry_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
   FROM due WHERE r.id = due.id;
@@ -3179,6 +3249,18 @@ BEGIN
     spec.metadata := '{}';
     RETURN spec;
   END IF;
+  -- The next most common: only a key.
+  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048 THEN
+    spec.idempotency_key := o ->> 'idempotency_key';
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
   IF (o - allowed) <> '{}'::jsonb THEN
     PERFORM reject_unknown_options(o, allowed, 'trigger');
   END IF;
@@ -3270,11 +3352,12 @@ END
 $$;
 
 -- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
--- parent every scope acts as global.
+-- parent every scope acts as global. STABLE, like convert_to inside it: an IMMUTABLE label over
+-- a STABLE body stops PostgreSQL inlining it, and then it is planned again in every transaction.
 CREATE OR REPLACE FUNCTION runops.idempotency_key_hash(key text, scope text, parent_run_id text,
                                                        parent_attempt_number integer)
 RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 AS $$
   SELECT encode(sha256(convert_to(array_to_string(
            ARRAY[key] || CASE
@@ -3366,7 +3449,7 @@ BEGIN
       END IF;
     END IF;
 
-    new_id := coalesce(spec.run_id, CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END);
+    new_id := coalesce(spec.run_id, mint_id());
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- Nothing to race on: a freshly minted id and no key. A plain INSERT skips speculative
       -- insertion, which ON CONFLICT pays for on every row.
@@ -3808,7 +3891,7 @@ BEGIN
         WHERE w.id = existing.id AND w.idempotency_key = key;
       END IF;
     END IF;
-    new_id := CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END;
+    new_id := mint_id();
     INSERT INTO waitpoints (id, environment_id, type, status, completed_after, timeout_at, idempotency_key,
                             idempotency_key_expires_at, tags, created_at)
     VALUES (new_id, env.id, kind, 'PENDING', due, ts + timeout, key, CASE WHEN key IS NOT NULL THEN ts + key_ttl END,
@@ -3996,7 +4079,8 @@ REVOKE ALL ON ALL PROCEDURES IN SCHEMA runops FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
   runops.classify_residency(text), runops.try_classify_residency(text), runops.generate_ksuid(),
   runops.generate_cuid(), runops.ksuid_timestamp(text), runops.store_role(), runops.store_identity(),
-  runops.now(), runops.ksuid_encode(bytea), runops.base36(bigint, integer)
+  runops.now(), runops.ksuid_encode(bytea), runops.base36_digits4(bigint), runops.base36_digits8(bigint),
+  runops.base62_digits7(bigint), runops.base62_digits10(bigint)
   TO runops_app, runops_fdw;
 GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
 

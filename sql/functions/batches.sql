@@ -23,8 +23,6 @@ DECLARE
   prefix text;
   base bigint;
   span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
-  b62 constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
-  b36 constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
 BEGIN
   IF n <= 0 THEN
     RETURN '{}'::text[];
@@ -32,19 +30,19 @@ BEGIN
   base := floor(random() * (span - n))::bigint;
   IF local_residency() = 'NEW' THEN
     prefix := left(generate_ksuid(), 23);
-    RETURN ARRAY(SELECT prefix || substr(b62, ((base + i) / 238328 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) / 3844 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) / 62 % 62)::integer + 1, 1)
-                               || substr(b62, ((base + i) % 62)::integer + 1, 1)
-                 FROM generate_series(0, n - 1) AS i ORDER BY i);
+    RETURN ARRAY(SELECT prefix || base62_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
   END IF;
   prefix := left(generate_cuid(), 21);
-  RETURN ARRAY(SELECT prefix || substr(b36, ((base + i) / 46656 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) / 1296 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) / 36 % 36)::integer + 1, 1)
-                             || substr(b36, ((base + i) % 36)::integer + 1, 1)
-               FROM generate_series(0, n - 1) AS i ORDER BY i);
+  RETURN ARRAY(SELECT prefix || base36_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
 END
+$$;
+
+-- One fresh id of this store's shape.
+CREATE OR REPLACE FUNCTION runops.mint_id()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
@@ -406,7 +404,7 @@ BEGIN
         WHERE x.id = batch.id AND x.idempotency_key = o.idempotency_key;
       END IF;
     END IF;
-    new_id := (mint_ids(1))[1];
+    new_id := mint_id();
     INSERT INTO batches (id, environment_id, status, expected_count, parent_run_id, resume_parent_on_completion,
                          idempotency_key, idempotency_key_expires_at, seal_timeout, seal_deadline, sealed_at,
                          created_at, updated_at)

@@ -70,35 +70,94 @@ BEGIN
 END
 $$;
 
--- The 16 payload bytes come from v4 UUIDs, taking only their fully random bytes (a v4 UUID
--- fixes the version nibble in byte 6 and the variant bits in byte 8). Core only: no pgcrypto.
--- One expression with no FROM, so PostgreSQL inlines it into the caller's plan.
-CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+-- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
+CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
 RETURNS text
-LANGUAGE sql VOLATILE PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT runops.ksuid_encode(
-           pg_catalog.int4send(((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())::bigint
-                                 - 1400000000) & 4294967295)::bit(32)::integer)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 11, 6)
-           || pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 4))
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base36(n bigint, width integer)
+CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+-- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random
+-- bytes of v4 UUIDs (core only: no pgcrypto; a v4 UUID fixes 6 of its 128 bits, so the payload
+-- holds at least 122 random bits). The 160-bit number is cut into 7 + 10 + 10 base62 digits with
+-- two numeric divisions; each part is a bigint, written out by an unrolled expression.
+CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
 AS $$
 DECLARE
-  alphabet constant text := '0123456789abcdefghijklmnopqrstuvwxyz';
-  digits text := '';
+  p10 constant numeric := 839299365868340224;   -- 62^10
+  bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
+  n numeric := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
+                 * 340282366920938463463374607431768211456                                     -- 2^128
+               + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
+                  + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
+               + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
+               + 9223372036854775808;                                                         -- low 64 bits
+  low bigint := pg_catalog.mod(n, p10)::bigint;
+  middle bigint;
 BEGIN
-  LOOP
-    digits := pg_catalog.substr(alphabet, (n % 36)::integer + 1, 1) || digits;
-    n := n / 36;
-    EXIT WHEN n = 0;
-  END LOOP;
-  RETURN pg_catalog.lpad(pg_catalog.right(digits, width), width, '0');
+  n := pg_catalog.div(n, p10);
+  middle := pg_catalog.mod(n, p10)::bigint;
+  RETURN runops.base62_digits7(pg_catalog.div(n, p10)::bigint) || runops.base62_digits10(middle)
+         || runops.base62_digits10(low);
 END
 $$;
 
@@ -108,12 +167,12 @@ RETURNS text
 LANGUAGE sql VOLATILE
 AS $$
   SELECT 'c'
-      || runops.base36((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint, 8)
-      || runops.base36(pg_catalog.nextval('runops.cuid_counter'), 4)
-      || runops.base36(pg_catalog.pg_backend_pid() % 1296, 2)
-      || runops.base36(abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296, 2)
-      || runops.base36(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
-                       % 2821109907456, 8)
+      || runops.base36_digits8((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint)
+      || runops.base36_digits4(pg_catalog.nextval('runops.cuid_counter'))
+      || runops.base36_digits4((pg_catalog.pg_backend_pid() % 1296) * 1296
+                               + abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296)
+      || runops.base36_digits8(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
+                               % 2821109907456)
 $$;
 
 CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)

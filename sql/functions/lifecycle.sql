@@ -321,7 +321,7 @@ BEGIN
       RETURN;
     END IF;
     INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
-    VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+    VALUES (mint_id(),
             r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
   END IF;
   UPDATE runs AS x
@@ -424,7 +424,7 @@ BEGIN
   r := lock_run(create_checkpoint.run_id);
   PERFORM require_current_attempt(r, n, 'create_checkpoint');
   INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
-  VALUES (CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END,
+  VALUES (mint_id(),
           r.id, r.environment_id, n, reason, location, meta, ts);
   UPDATE attempts AS a SET status = 'PAUSED' WHERE a.run_id = r.id AND a.number = n;
   PERFORM set_mover('create_checkpoint');

@@ -27,8 +27,9 @@ BEGIN
   PERFORM require_max_rows(max_runs, 'max_runs');
   PERFORM set_mover('enqueue_delayed_runs');
   WITH due AS (
-    SELECT r.id FROM runs AS r WHERE r.status = 'DELAYED' AND r.delay_until <= ts
-    ORDER BY r.delay_until LIMIT max_runs FOR UPDATE SKIP LOCKED
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
   FROM due WHERE r.id = due.id;
@@ -52,8 +53,9 @@ BEGIN
   PERFORM set_mover('expire_enqueued_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
-    WHERE r.status = 'PENDING' AND r.ttl_expires_at <= ts AND r.started_at IS NULL
-    ORDER BY r.ttl_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+    WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
+      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r
   SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
@@ -108,8 +110,9 @@ DECLARE
 BEGIN
   PERFORM set_mover('requeue_retries');
   WITH due AS (
-    SELECT r.id FROM runs AS r WHERE r.status = 'RETRYING_AFTER_FAILURE' AND r.retry_at <= ts
-    ORDER BY r.retry_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
   FROM due WHERE r.id = due.id;

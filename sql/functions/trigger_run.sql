@@ -32,6 +32,18 @@ BEGIN
     spec.metadata := '{}';
     RETURN spec;
   END IF;
+  -- The next most common: only a key.
+  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048 THEN
+    spec.idempotency_key := o ->> 'idempotency_key';
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
   IF (o - allowed) <> '{}'::jsonb THEN
     PERFORM reject_unknown_options(o, allowed, 'trigger');
   END IF;
@@ -123,11 +135,12 @@ END
 $$;
 
 -- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
--- parent every scope acts as global.
+-- parent every scope acts as global. STABLE, like convert_to inside it: an IMMUTABLE label over
+-- a STABLE body stops PostgreSQL inlining it, and then it is planned again in every transaction.
 CREATE OR REPLACE FUNCTION runops.idempotency_key_hash(key text, scope text, parent_run_id text,
                                                        parent_attempt_number integer)
 RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 AS $$
   SELECT encode(sha256(convert_to(array_to_string(
            ARRAY[key] || CASE
@@ -219,7 +232,7 @@ BEGIN
       END IF;
     END IF;
 
-    new_id := coalesce(spec.run_id, CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END);
+    new_id := coalesce(spec.run_id, mint_id());
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- Nothing to race on: a freshly minted id and no key. A plain INSERT skips speculative
       -- insertion, which ON CONFLICT pays for on every row.

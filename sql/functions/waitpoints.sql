@@ -195,7 +195,7 @@ BEGIN
         WHERE w.id = existing.id AND w.idempotency_key = key;
       END IF;
     END IF;
-    new_id := CASE WHEN local_residency() = 'LEGACY' THEN generate_cuid() ELSE generate_ksuid() END;
+    new_id := mint_id();
     INSERT INTO waitpoints (id, environment_id, type, status, completed_after, timeout_at, idempotency_key,
                             idempotency_key_expires_at, tags, created_at)
     VALUES (new_id, env.id, kind, 'PENDING', due, ts + timeout, key, CASE WHEN key IS NOT NULL THEN ts + key_ttl END,

@@ -74,20 +74,30 @@ CREATE UNIQUE INDEX runs_idempotency_key_idx
   WHERE idempotency_key_hash IS NOT NULL;
 CREATE INDEX runs_environment_created_idx ON runops.runs (environment_id, created_at DESC, id DESC);
 CREATE INDEX runs_parent_idx ON runops.runs (parent_run_id) WHERE parent_run_id IS NOT NULL;
--- The worker's queue, and the per-environment count its concurrency limit reads.
+-- The worker's queue. Every index here costs each trigger (opened, its predicate checked), so
+-- the partial ones are few and cover only small, transient sets:
+--   runs_queue_idx   PENDING runs in queue order (dequeue)
+--   runs_active_idx  leased runs (the concurrency count; tick scans it for lapsed leases and
+--                    max_duration, which the concurrency limits keep small)
+--   runs_timer_idx   runs a time-driven step will move: DELAYED at delay_until, retries at
+--                    retry_at, TTL'd queued runs at ttl_expires_at
+--   runs_waiting_idx suspended runs (tick's resume pass)
+-- Rarer operations (dev-session cancel, deploy release) filter the environment's runs.
 CREATE INDEX runs_queue_idx ON runops.runs (environment_id, queued_at, id) WHERE status = 'PENDING';
-CREATE INDEX runs_active_idx ON runops.runs (environment_id) WHERE status IN ('DEQUEUED', 'EXECUTING');
--- What tick looks for: each index holds only the runs a time-driven step may move.
-CREATE INDEX runs_delayed_idx ON runops.runs (delay_until) WHERE status = 'DELAYED';
-CREATE INDEX runs_ttl_idx ON runops.runs (ttl_expires_at) WHERE status = 'PENDING' AND ttl_expires_at IS NOT NULL;
-CREATE INDEX runs_retry_idx ON runops.runs (retry_at) WHERE status = 'RETRYING_AFTER_FAILURE';
-CREATE INDEX runs_lease_idx ON runops.runs (lease_expires_at) WHERE status IN ('DEQUEUED', 'EXECUTING');
-CREATE INDEX runs_deadline_idx ON runops.runs (execution_deadline)
-  WHERE status = 'EXECUTING' AND execution_deadline IS NOT NULL;
+CREATE INDEX runs_active_idx ON runops.runs (environment_id, lease_expires_at)
+  WHERE status IN ('DEQUEUED', 'EXECUTING');
+CREATE FUNCTION runops.wake_at(status text, delay_until timestamptz, retry_at timestamptz,
+                               ttl_expires_at timestamptz)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+RETURN CASE status WHEN 'DELAYED' THEN delay_until
+                   WHEN 'RETRYING_AFTER_FAILURE' THEN retry_at
+                   WHEN 'PENDING' THEN ttl_expires_at END;
+ALTER FUNCTION runops.wake_at(text, timestamptz, timestamptz, timestamptz) OWNER TO runops_owner;
+CREATE INDEX runs_timer_idx ON runops.runs (runops.wake_at(status, delay_until, retry_at, ttl_expires_at))
+  WHERE status IN ('DELAYED', 'RETRYING_AFTER_FAILURE')
+     OR (status = 'PENDING' AND ttl_expires_at IS NOT NULL);
 CREATE INDEX runs_waiting_idx ON runops.runs (updated_at) WHERE status = 'WAITING_TO_RESUME';
-CREATE INDEX runs_dev_session_idx ON runops.runs (environment_id, dev_session_id) WHERE dev_session_id IS NOT NULL;
-CREATE INDEX runs_undeployed_idx ON runops.runs (environment_id, task_identifier)
-  WHERE status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION');
 
 CREATE TABLE runops.batches (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),

@@ -157,7 +157,8 @@ SELECT is_empty($$
       'create_organization', 'create_project', 'create_environment', 'update_environment', 'split_status',
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- helpers granted on purpose (sql/after_functions.sql)
-      'now', 'ksuid_encode', 'base36', 'pull_tenant_mirror', 'mirror_fingerprint',
+      'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits7', 'base62_digits10',
+      'pull_tenant_mirror', 'mirror_fingerprint',
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
@@ -175,7 +176,7 @@ SELECT is_empty($$
   FROM pg_catalog.pg_proc AS p
   WHERE p.pronamespace = 'runops'::regnamespace
     AND pg_catalog.has_function_privilege('runops_app', p.oid, 'EXECUTE')
-    AND p.proname NOT IN ('ksuid_encode', 'base36')
+    AND p.proname NOT IN ('ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits7', 'base62_digits10')
     AND EXISTS (SELECT FROM pg_catalog.unnest(p.proargtypes::oid[]) AS t(oid)
                 WHERE t.oid NOT IN ('text'::regtype, 'jsonb'::regtype, 'integer'::regtype,
                                     'boolean'::regtype, 'timestamptz'::regtype, 'text[]'::regtype))
