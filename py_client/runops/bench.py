@@ -266,6 +266,26 @@ def _machine(admin: psycopg.Connection[Any]) -> dict[str, Any]:
             "python": platform.python_version(), "settings": settings}
 
 
+def _source(admin: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Which SQL was measured: the checkout's commit and uncommitted changes, and a digest of the
+    function definitions installed in the run-ops store."""
+    info: dict[str, Any] = {"functions_md5": _scalar(
+        admin, "SELECT md5(string_agg(pg_get_functiondef(p.oid), '' ORDER BY p.oid::regprocedure::text)) "
+               "FROM pg_proc AS p WHERE p.pronamespace = 'runops'::regnamespace AND p.prokind = 'f'")}
+    try:
+        root = scripts_dir().parents[1]
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=False, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "sql", "migrations"],
+                               capture_output=True, text=True, check=False, timeout=10)
+        if head.returncode == 0:
+            info["git_head"] = head.stdout.strip()
+            info["sql_uncommitted_changes"] = bool(dirty.stdout.strip())
+    except (BenchError, OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def _mean(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else (a + b) / 2
 
@@ -317,6 +337,7 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
         phases: dict[str, PhaseResult] = {}
         with psycopg.connect(admin_url, autocommit=True) as admin:
             machine = _machine(admin)
+            source = _source(admin)
             for name in ("fsync", "synchronous_commit"):
                 if machine["settings"][name] != "on":
                     raise BenchError(f"{name} is {machine['settings'][name]} on the run-ops store; the benchmark "
@@ -401,6 +422,7 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             "python_threads": PYTHON_THREADS,
             "repeated_keys": REPEATED_KEYS,
             "machine": {**machine, "loadavg_before": load_before, "loadavg_after": load_after},
+            "source": source,
             "phases": {k: asdict(v) for k, v in phases.items()},
             "rows": rows,
             "all_pass": all(r["pass"] for r in rows),
@@ -439,6 +461,11 @@ def print_results(result: dict[str, Any]) -> None:
     click.echo(f"baseline = mean of first ({ph['baseline_first']['calls_per_s']:.0f}/s) and last "
                f"({ph['baseline_last']['calls_per_s']:.0f}/s) phase; load average "
                f"{load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after")
+    src = result.get("source", {})
+    if src:
+        click.echo(f"measured SQL: commit {src.get('git_head', '?')}"
+                   f"{' + uncommitted sql/ or migrations/ changes' if src.get('sql_uncommitted_changes') else ''}, "
+                   f"installed functions md5 {str(src.get('functions_md5'))[:12]}")
 
 
 def default_results_dir() -> Path | None:

@@ -9,7 +9,7 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -20,8 +20,20 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import ids
-from .errors import NotFound, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
-from .models import Run, StoreIdentity, TriggerResult, Waitpoint, WaitpointCompletion, WaitpointCreated
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
+from .models import (
+    Batch,
+    BatchAppended,
+    BatchCreated,
+    BatchSealed,
+    BatchTriggered,
+    Run,
+    StoreIdentity,
+    TriggerResult,
+    Waitpoint,
+    WaitpointCompletion,
+    WaitpointCreated,
+)
 
 T = TypeVar("T")
 
@@ -384,6 +396,80 @@ class RunOps:
         for run_id in done.remote_run_ids:
             self.resume_run(run_id)
         return done
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def batch_trigger(self, environment_id: str, items: list[dict[str, Any]], **options: Any) -> BatchTriggered:
+        """One call: the batch, sealed, with all its runs (run_ids in item order)."""
+        params = {"e": environment_id, "i": Jsonb(items), "o": _options(options)}
+
+        def call(store: str) -> BatchTriggered:
+            return self._rows(store, "SELECT * FROM runops.batch_trigger(%(e)s, %(i)s, %(o)s)",
+                              params, BatchTriggered)[0]
+
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+
+    def create_batch(self, environment_id: str, expected_count: int, **options: Any) -> BatchCreated:
+        params = {"e": environment_id, "n": expected_count, "o": _options(options)}
+
+        def call(store: str) -> BatchCreated:
+            return self._rows(store, "SELECT * FROM runops.create_batch(%(e)s, %(n)s, %(o)s)",
+                              params, BatchCreated)[0]
+
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+
+    def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]]) -> BatchAppended:
+        return self._rows(self._write_store_of(batch_id),
+                          "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s)",
+                          {"b": batch_id, "s": start_index, "i": Jsonb(items)}, BatchAppended)[0]
+
+    def seal_batch(self, batch_id: str) -> BatchSealed:
+        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s)",
+                          {"b": batch_id}, BatchSealed)[0]
+
+    def resume_batch_run(self, batch_id: str) -> Batch:
+        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.resume_batch_run(%(b)s)",
+                          {"b": batch_id}, Batch)[0]
+
+    def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
+        residency = ids.try_classify_residency(batch_id)
+        if residency is None or ids.store_for(residency) not in self._pools:
+            return None
+        rows = self._rows(ids.store_for(residency), "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
+                          {"b": batch_id, "e": environment_id}, Batch)
+        return rows[0] if rows else None
+
+    def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,
+                     chunk_size: int = 1000, retries: int = 3, seal: bool = True,
+                     on_chunk: Callable[[BatchAppended], None] = lambda a: None, **options: Any) -> BatchCreated:
+        """Creates a batch and appends ``items`` in chunks, then seals it. A chunk that fails
+        with a dropped connection or a retryable conflict is sent again: the server keeps the
+        first content of every index, so a re-sent chunk creates nothing twice."""
+        created = self.create_batch(environment_id, expected_count, **options)
+        chunk: list[dict[str, Any]] = []
+        start = 0
+
+        def send() -> None:
+            for attempt in range(retries + 1):
+                try:
+                    on_chunk(self.append_batch_items(created.batch_id, start, chunk))
+                    return
+                except (StoreUnavailable, RetryableConflict):
+                    if attempt == retries:
+                        raise
+                    time.sleep(0.1 * 2 ** attempt)
+
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                send()
+                start += len(chunk)
+                chunk = []
+        if chunk:
+            send()
+        if seal:
+            self.seal_batch(created.batch_id)
+        return created
 
     # -- services, run on every store ---------------------------------------------------------------
 

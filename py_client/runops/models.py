@@ -101,3 +101,47 @@ class WaitpointCompletion:
     completed_now: bool
     unblocked_run_ids: list[str]
     remote_run_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A row of get_batch."""
+
+    batch_id: str
+    environment_id: str
+    status: str
+    expected_count: int
+    item_count: int
+    run_ids: list[str]
+    is_sealed: bool
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class BatchTriggered:
+    batch_id: str
+    is_cached: bool
+    run_ids: list[str]
+
+
+@dataclass(frozen=True)
+class BatchCreated:
+    batch_id: str
+    is_cached: bool
+
+
+@dataclass(frozen=True)
+class BatchAppended:
+    batch_id: str
+    first_index: int
+    run_ids: list[str]
+
+
+@dataclass(frozen=True)
+class BatchSealed:
+    batch_id: str
+    status: str
+    item_count: int
+    expected_count: int
