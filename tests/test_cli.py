@@ -145,5 +145,35 @@ def test_the_demo_runs_on_the_local_stores(stores: Stores, monkeypatch: pytest.M
     monkeypatch.chdir(stores.home)
     result = CliRunner().invoke(main, ["demo"])
     assert result.exit_code == 0, result.output
-    for expected in ("LEGACY", "NEW", "yes", "CRASHED", "through the FDW", "COMPLETED_SUCCESSFULLY", "RO007"):
+    for expected in ("LEGACY", "NEW", "yes", "CRASHED", "through the FDW", "COMPLETED_SUCCESSFULLY", "fan-out",
+                     "COMPLETED_WITH_ERRORS", "RO007"):
         assert expected in result.output, expected
+
+
+def test_batch_from_a_jsonl_file_with_wait(cli: CliRunner, client: RunOps, new_env, tmp_path) -> None:
+    env = new_env.environment_id
+    lines = [json.dumps({"task": "echo", "payload": {"i": i}}) for i in range(7)]
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    code, out, err = run(cli, "--json", "batch", str(path), "--env", env, "--key", "nightly", "--chunk-size", "3")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["batch"]["item_count"] == 7 and first["batch"]["status"] == "PROCESSING"
+    from runops.worker import run_worker
+
+    assert run_worker(client, env, "cli-test-worker", once=True) >= 7
+    code, out, err = run(cli, "--json", "batch", str(path), "--env", env, "--key", "nightly",
+                         "--wait", "--timeout", "30")
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["cached"] is True and again["batch"]["batch_id"] == first["batch"]["batch_id"]
+    assert again["batch"]["status"] == "COMPLETED" and again["statuses"] == {"COMPLETED_SUCCESSFULLY": 7}
+    code, out, _ = run(cli, "batch", str(path), "--env", env, "--key", "nightly")
+    assert code == 0 and "COMPLETED" in out
+
+
+def test_batch_rejects_a_bad_file_line(cli: CliRunner, new_env, tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"task": "echo"}\nnot json\n')
+    code, _, err = run(cli, "batch", str(path), "--env", new_env.environment_id)
+    assert code == 2 and "line 2" in err

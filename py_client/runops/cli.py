@@ -1,7 +1,7 @@
 """The `runops` command. Human output by default, --json for scripts.
 
 Exit codes: 0 ok; 1 an unexpected failure; 2 bad usage; 3 a store is behind its migrations
-(`migrate --check`); 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
+(`migrate --check`); 4 a benchmark missed a target; 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
 13 illegal transition, 14 not found, 15 environment unusable, 16 invalid input,
 17 split refused, 18 retryable conflict, 19 store unavailable).
 """
@@ -456,6 +456,64 @@ def worker(ctx: Ctx, environment_id: str, worker_id: str, max_runs: int, once: b
         return
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
+
+
+@main.command()
+@click.argument("file", type=click.File("r"))
+@click.option("--env", "environment_id", required=True, help="The environment to trigger in.")
+@click.option("--key", "idempotency_key", help="Batch idempotency key (items without a key use KEY-index).")
+@click.option("--chunk-size", type=int, default=1000, show_default=True)
+@click.option("--wait", is_flag=True, help="Wait until every run is final (run a worker meanwhile).")
+@click.option("--timeout", type=float, default=0, help="With --wait: give up after this many seconds.")
+@pass_ctx
+@reports_errors
+def batch(ctx: Ctx, file: Any, environment_id: str, idempotency_key: str | None, chunk_size: int, wait: bool,
+          timeout: float) -> None:
+    """Trigger a batch from FILE (JSON lines of {task, payload, options}; - for stdin)."""
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(file, start=1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(f"line {number} is not JSON: {exc}", param_hint="FILE") from exc
+    if not items:
+        raise click.BadParameter("no items", param_hint="FILE")
+    client = ctx.client()
+    with click.progressbar(length=len(items), label="appending items", file=sys.stderr) as bar:
+        created = client.stream_batch(environment_id, items, len(items), chunk_size=chunk_size,
+                                      on_chunk=lambda appended: bar.update(len(appended.run_ids)),
+                                      idempotency_key=idempotency_key)
+    got = client.get_batch(created.batch_id)
+    deadline = time.monotonic() + timeout if timeout else None
+    while wait and got is not None and got.status not in ("COMPLETED", "ABORTED"):
+        if deadline and time.monotonic() > deadline:
+            click.echo(f"error: batch {created.batch_id} still {got.status} after {timeout:g}s", err=True)
+            sys.exit(1)
+        time.sleep(0.5)
+        got = client.get_batch(created.batch_id)
+    assert got is not None
+    statuses: dict[str, int] = {}
+    if got.status == "COMPLETED":
+        waitpoint = client.get_waitpoint(got.batch_id.replace("batch_", "waitpoint_", 1))
+        for item in (waitpoint.output if waitpoint else None) or []:
+            statuses[item["status"]] = statuses.get(item["status"], 0) + 1
+    if ctx.as_json:
+        emit_json({"batch": got, "cached": created.is_cached, "statuses": statuses})
+        return
+    table([(got.batch_id, got.item_count, got.status, created.is_cached)], ["batch", "items", "status", "cached"])
+    if statuses:
+        table(sorted(statuses.items()), ["run status", "items"])
+
+
+@main.command()
+@click.option("--seconds", type=int, default=10, show_default=True, help="Length of each pgbench phase.")
+@reports_errors
+def bench(seconds: int) -> None:
+    """Measure trigger and batch throughput against a plain INSERT baseline (fresh clusters)."""
+    from .bench import main as bench_main
+
+    sys.exit(bench_main(seconds))
 
 
 @main.command()

@@ -81,6 +81,18 @@ def run_demo(client: RunOps) -> None:
     finished = client.get_run(parent.run_id)
     click.echo(f"parent output: {json.dumps(finished.output if finished else None)}")
 
+    step("a parent fans out a batch, waits for it, and resumes with every item's outcome")
+    fan = client.trigger_run(work_env, "fan-out", {"items": [{"task": "echo", "payload": {"n": i}} for i in range(3)]
+                                                  + [{"task": "fail", "payload": {"message": "bad"},
+                                                      "options": {"max_attempts": 1}}]})
+    outcomes = []
+    run_worker(client, work_env, "demo-worker", once=True, on_outcome=outcomes.append)
+    done = client.get_run(fan.run_id)
+    items = (done.output or {}).get("items", []) if done else []
+    table([(o.run_id, o.task, o.result) for o in outcomes], ["run", "task", "worker result"])
+    table([(i["index"], i["run_id"], i["status"]) for i in items], ["index", "item run", "status"],
+          title=f"the parent {fan.run_id} is {done.status if done else '?'}; the batch's output")
+
     step("the sentinel refuses a split onto the control plane's own database")
     try:
         stores = LocalStores.from_cwd()

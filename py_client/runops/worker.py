@@ -8,6 +8,8 @@ Built-in tasks (anything else echoes its payload):
   wait-for-child  triggers payload["task"] with payload["payload"] and waits for it: the first
                   attempt checkpoints WAIT_FOR_TASK; when the child finishes the run resumes, the
                   same trigger returns the (cached) child, and the run completes with its output
+  fan-out         batch-triggers payload["items"] and waits for the batch the same way
+                  (WAIT_FOR_BATCH), completing with the batch's [{index, run_id, status}]
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ def process(client: RunOps, run: Run, worker_id: str) -> Outcome:
                 client.create_checkpoint(started.run_id, n, "WAIT_FOR_TASK", f"worker://{worker_id}/{started.run_id}")
                 return Outcome(run.run_id, started.task_identifier, n, "suspended")
             output: object = {"child": done.run_id, "status": done.status, "output": done.output}
+        elif started.task_identifier == "fan-out":
+            # The batch key makes the resumed attempt find the same batch.
+            batch = client.batch_trigger(started.environment_id, list(payload.get("items", [])),
+                                         parent_run_id=started.run_id, resume_parent_on_completion=True,
+                                         idempotency_key=f"{started.run_id}-fan-out")
+            waitpoint = client.get_waitpoint(batch.batch_id.replace("batch_", "waitpoint_", 1))
+            if waitpoint is None or waitpoint.status != "COMPLETED":
+                client.create_checkpoint(started.run_id, n, "WAIT_FOR_BATCH", f"worker://{worker_id}/{started.run_id}")
+                return Outcome(run.run_id, started.task_identifier, n, "suspended")
+            output = {"batch": batch.batch_id, "items": waitpoint.output}
         else:
             output = _run_task(client, started, worker_id)
         client.complete_attempt(started.run_id, n, output)
