@@ -40,6 +40,7 @@ T = TypeVar("T")
 CONTROL_PLANE = "CONTROL_PLANE"
 RUN_OPS = "RUN_OPS"
 ROUTE_CACHE_SECONDS = 1.0
+_ROW_FACTORIES: dict[type, Any] = {}
 
 
 def _options(values: dict[str, Any]) -> Jsonb:
@@ -117,13 +118,17 @@ class RunOps:
             raise translate(exc) from exc
 
     def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> list[T]:
-        with self._connection(store) as conn, conn.cursor(row_factory=class_row(cls)) as cur:
-            cur.execute(sql, params)
+        factory = _ROW_FACTORIES.get(cls)
+        if factory is None:
+            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
+        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
+        with self._connection(store) as conn, conn.cursor(row_factory=factory) as cur:
+            cur.execute(sql, params, prepare=True)
             return cur.fetchall()
 
     def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
         with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
-            cur.execute(sql, params)
+            cur.execute(sql, params, prepare=True)
             row = cur.fetchone()
             return None if row is None else row[0]
 
