@@ -635,10 +635,7 @@ DECLARE
   b batches;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('batch %s not found (the split was never enabled)', batch_id));
-    END IF;
-    PERFORM raise_wrong_store('batch', batch_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'batch', batch_id);
   END IF;
   SELECT * INTO b FROM batches AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN
@@ -1251,6 +1248,20 @@ BEGIN
 END
 $$;
 
+-- A write naming a row of the other store: RO002 naming the owner, or RO004 for a NEW id while
+-- the split was never enabled (no run-ops store holds anything yet).
+CREATE OR REPLACE FUNCTION runops.refuse_foreign_id(residency text, what text, id text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, id));
+  END IF;
+  PERFORM raise_wrong_store(what, id, store_for_residency(residency));
+END
+$$;
+
 -- The residency of rows this store holds. Rendered per store at install, like the id-shape
 -- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
 -- query on each trigger.
@@ -1774,10 +1785,7 @@ DECLARE
   r runs;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('run %s not found (the split was never enabled)', run_id));
-    END IF;
-    PERFORM raise_wrong_store('run', run_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'run', run_id);
   END IF;
   SELECT * INTO r FROM runs AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN
@@ -3450,35 +3458,6 @@ BEGIN
     END IF;
 
     new_id := coalesce(spec.run_id, mint_id());
-    IF key_hash IS NULL AND spec.run_id IS NULL THEN
-      -- Nothing to race on: a freshly minted id and no key. A plain INSERT skips speculative
-      -- insertion, which ON CONFLICT pays for on every row.
-      INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
-      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
-      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
-      VALUES (
-      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
-      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
-      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
-      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
-      CASE WHEN key_hash IS NOT NULL THEN
-        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
-      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
-      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
-      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
-      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
-      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
-      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
-      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts);
-      run_id := 'run_' || new_id; is_cached := false; status := run_status;
-      IF spec.resume_parent_on_completion THEN
-        PERFORM wait_for_child(spec, parent, new_id, run_status);
-      END IF;
-      RETURN;
-    END IF;
     INSERT INTO runs AS r (
       id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -3962,10 +3941,7 @@ DECLARE
   now_done boolean := false;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('waitpoint %s not found (the split was never enabled)', complete_waitpoint.waitpoint_id));
-    END IF;
-    PERFORM raise_wrong_store('waitpoint', complete_waitpoint.waitpoint_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
   END IF;
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN

@@ -71,10 +71,7 @@ DECLARE
   b batches;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('batch %s not found (the split was never enabled)', batch_id));
-    END IF;
-    PERFORM raise_wrong_store('batch', batch_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'batch', batch_id);
   END IF;
   SELECT * INTO b FROM batches AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN

@@ -37,6 +37,20 @@ BEGIN
 END
 $$;
 
+-- A write naming a row of the other store: RO002 naming the owner, or RO004 for a NEW id while
+-- the split was never enabled (no run-ops store holds anything yet).
+CREATE OR REPLACE FUNCTION runops.refuse_foreign_id(residency text, what text, id text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, id));
+  END IF;
+  PERFORM raise_wrong_store(what, id, store_for_residency(residency));
+END
+$$;
+
 -- The residency of rows this store holds. Rendered per store at install, like the id-shape
 -- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
 -- query on each trigger.

@@ -97,10 +97,7 @@ DECLARE
   r runs;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('run %s not found (the split was never enabled)', run_id));
-    END IF;
-    PERFORM raise_wrong_store('run', run_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'run', run_id);
   END IF;
   SELECT * INTO r FROM runs AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN

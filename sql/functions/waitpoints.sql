@@ -266,10 +266,7 @@ DECLARE
   now_done boolean := false;
 BEGIN
   IF residency <> local_residency() THEN
-    IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-      PERFORM raise_error('RO004', format('waitpoint %s not found (the split was never enabled)', complete_waitpoint.waitpoint_id));
-    END IF;
-    PERFORM raise_wrong_store('waitpoint', complete_waitpoint.waitpoint_id, store_for_residency(residency));
+    PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
   END IF;
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN
