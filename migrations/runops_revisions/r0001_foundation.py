@@ -662,13 +662,20 @@ DECLARE
   item_task text[];
   item_payload jsonb[];
   item_spec trigger_spec[];
+  item_key text[];
   item_hash text[];
   item_run text[];          -- the run each position resolves to, filled pass by pass
-  creators integer[];       -- positions (1-based, in the arrays above) that create a run
+  item_creates boolean[];   -- positions that create a run in this pass
+  item_creator bigint[];    -- for each position, the position creating its run
+  item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  creator_count bigint;
+  inserted bigint;
+  dead_ids text[];
   new_ids text[];
   passes integer := 0;
   default_ttl interval;
   all_item_count integer := jsonb_array_length(items);
+  resent boolean;
 BEGIN
   IF b.parent_run_id IS NOT NULL THEN
     SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
@@ -720,22 +727,23 @@ BEGIN
     END;
   END LOOP;
 
-  -- 3. Every new index as (index, task, payload, spec, dedup hash), in parallel arrays. Items
-  --    without a key of their own use the batch key plus their index (and the batch's key TTL).
+  -- 3. Every new index as (index, task, payload, key, dedup hash, spec), in parallel arrays.
+  --    Items without a key of their own use the batch key plus their index (and the batch's key
+  --    TTL). Only rich items carry a parsed spec; the INSERT fills the defaults for the rest.
   --    Statements below unnest the arrays together rather than subscript them: subscripting an
   --    array of text walks it from the start, which is quadratic over a 10,000-item batch.
+  resent := EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id
+                    AND i.item_index BETWEEN first_index AND first_index + all_item_count - 1);
   SELECT array_agg(x.idx ORDER BY x.idx), array_agg(x.task ORDER BY x.idx), array_agg(x.payload ORDER BY x.idx),
-         array_agg(x.spec ORDER BY x.idx),
-         array_agg(CASE WHEN (x.spec).idempotency_key IS NOT NULL
-                        THEN idempotency_key_hash((x.spec).idempotency_key, (x.spec).idempotency_key_scope,
-                                                  b.parent_run_id, parent.attempt_number) END ORDER BY x.idx)
-  INTO item_idx, item_task, item_payload, item_spec, item_hash
+         array_agg(x.key ORDER BY x.idx),
+         array_agg(CASE WHEN x.key IS NOT NULL
+                        THEN idempotency_key_hash(x.key, coalesce((x.spec).idempotency_key_scope, 'run'),
+                                                  b.parent_run_id, parent.attempt_number) END ORDER BY x.idx),
+         array_agg(x.spec ORDER BY x.idx)
+  INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec
   FROM (
-    SELECT y.idx, y.task, y.payload,
-           CASE WHEN y.opts - 'idempotency_key' = '{}'::jsonb
-                THEN ROW(coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx),
-                         'run', default_ttl, NULL, NULL, false, NULL, NULL, NULL, NULL, NULL, '{}'::text[], 3,
-                         '{}'::jsonb, NULL, NULL, NULL, NULL)::trigger_spec
+    SELECT y.idx, y.task, y.payload, coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx) AS key,
+           CASE WHEN y.opts - 'idempotency_key' = '{}'::jsonb THEN NULL
                 WHEN y.opts ? 'idempotency_key' OR b.idempotency_key IS NULL
                 THEN parse_trigger_options(y.opts)
                 ELSE parse_trigger_options(y.opts || jsonb_build_object(
@@ -746,7 +754,8 @@ BEGIN
                  coalesce(e.item -> 'payload', '{}'::jsonb) AS payload,
                  coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) AS opts
           FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-          WHERE NOT EXISTS (SELECT FROM batch_items AS i
+          WHERE NOT resent
+             OR NOT EXISTS (SELECT FROM batch_items AS i
                             WHERE i.batch_id = b.id AND i.item_index = e.n - 1 + first_index)) AS y
   ) AS x;
 
@@ -757,64 +766,97 @@ BEGIN
     --    and a missing key gets one new run (created by the first index holding it). Unkeyed
     --    items each get a new run. A key a concurrent trigger takes meanwhile shows up as a
     --    holder on the next pass.
+    --    Every statement walks the position-aligned arrays with one multi-argument unnest, and
+    --    reaches runs only through index probes: a join between two unnest() sets is planned
+    --    for a handful of rows and becomes quadratic over 10,000.
     LOOP
       passes := passes + 1;
       IF passes > 8 THEN
         PERFORM raise_error('RO008', 'batch items kept conflicting with concurrent triggers; retry the same call');
       END IF;
-      UPDATE runs AS r
-      SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-      FROM (SELECT DISTINCT t, h FROM unnest(item_task, item_hash, item_run) AS w(t, h, run)
-            WHERE h IS NOT NULL AND run IS NULL) AS w
-      WHERE r.environment_id = env.id AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h
-        AND idempotency_key_is_dead(r.status, r.idempotency_key_expires_at);
-      SELECT array_agg(coalesce(w.run, holder.id) ORDER BY w.k) INTO item_run
+      -- Holders of the keys still open, in one probe each; a dead holder lets go of its key.
+      SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
+             array_agg(holder.id) FILTER (WHERE holder.dead)
+      INTO item_run, dead_ids
       FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
-      LEFT JOIN runs AS holder ON w.run IS NULL AND w.h IS NOT NULL AND holder.environment_id = env.id
-                              AND holder.task_identifier = w.t AND holder.idempotency_key_hash = w.h;
-      -- Creators: unresolved positions, one per (task, key).
-      SELECT array_agg(w.k ORDER BY w.k) INTO creators
-      FROM (SELECT w.k, row_number() OVER (PARTITION BY w.t, coalesce(w.h, w.k::text) ORDER BY w.k) AS nth
-            FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
-            WHERE w.run IS NULL) AS w
-      WHERE w.nth = 1;
-      EXIT WHEN creators IS NULL;
-      new_ids := mint_ids(cardinality(creators));
+      LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at) AS dead
+                         FROM runs AS r
+                         WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
+                           AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
+      IF dead_ids IS NOT NULL THEN
+        UPDATE runs AS r
+        SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
+        WHERE r.id = ANY (dead_ids);
+      END IF;
+      -- Creators: unresolved positions, the first one per (task, key); every unkeyed one. Each
+      -- unresolved position also learns which position creates its run.
+      SELECT array_agg(x.k = x.first AND x.run IS NULL ORDER BY x.k), array_agg(x.first ORDER BY x.k),
+             count(*) FILTER (WHERE x.k = x.first AND x.run IS NULL)
+      INTO item_creates, item_creator, creator_count
+      FROM (SELECT w.k, w.run,
+                   CASE WHEN w.h IS NULL THEN w.k
+                        ELSE min(w.k) OVER (PARTITION BY w.t, w.h, w.run IS NULL) END AS first
+            FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)) AS x;
+      EXIT WHEN creator_count = 0;
+      new_ids := mint_ids(cardinality(item_idx));  -- one per position; non-creators' go unused
       INSERT INTO runs AS r (
         id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
         queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
         idempotency_key_expires_at, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
         delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
-      SELECT c.id, env.id, env.project_id, env.organization_id, w.t,
+      SELECT w.nid, env.id, env.project_id, env.organization_id, w.t,
              CASE WHEN w.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
-             w.p, w.metadata, w.tags, coalesce(w.queue, 'task/' || w.t), w.concurrency_key,
-             CASE WHEN w.h IS NOT NULL THEN w.idempotency_key END, w.h,
+             w.p, coalesce(w.metadata, '{}'::jsonb), coalesce(w.tags, '{}'::text[]), coalesce(w.queue, 'task/' || w.t),
+             w.concurrency_key, CASE WHEN w.h IS NOT NULL THEN w.key END, w.h,
              CASE WHEN w.h IS NOT NULL THEN
-               CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE w.idempotency_key_scope END END,
-             CASE WHEN w.h IS NOT NULL THEN ts + w.idempotency_key_ttl END,
+               CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
+             CASE WHEN w.h IS NOT NULL THEN ts + coalesce(w.idempotency_key_ttl, default_ttl) END,
              b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-             w.i, w.max_attempts,
+             w.i, coalesce(w.max_attempts, 3),
              CASE WHEN w.delay_until > ts THEN w.delay_until END,
              w.ttl, w.max_duration, w.dev_session_id,
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
              ts, ts
       -- The spec array goes last: unnest spreads a composite element into its own columns.
-      FROM unnest(item_idx, item_task, item_payload, item_hash, item_spec) WITH ORDINALITY AS w(i, t, p, h)
-      JOIN unnest(creators, new_ids) AS c(k, id) ON c.k = w.ordinality
+      FROM unnest(item_idx, item_task, item_payload, item_key, item_hash, new_ids, item_creates, item_spec)
+             AS w(i, t, p, key, h, nid, creates)
+      WHERE w.creates
       ON CONFLICT DO NOTHING;
-      -- Unkeyed creators always got their row (a fresh id conflicts with nothing); keyed ones
-      -- are read back as holders on the next pass, winners of a race included.
-      SELECT array_agg(CASE WHEN w.run IS NULL AND w.h IS NULL THEN c.id ELSE w.run END ORDER BY w.k)
+      GET DIAGNOSTICS inserted = ROW_COUNT;
+      IF inserted = creator_count THEN
+        -- Every creator's row went in: each open position takes its creator's new id (the
+        -- creator is the first position of its group, so first_value finds it), and nothing is
+        -- left to resolve.
+        SELECT array_agg(coalesce(x.run, x.nid) ORDER BY x.k), array_agg(x.run IS NULL ORDER BY x.k)
+        INTO item_run, item_made
+        FROM (SELECT w.k, w.run,
+                     first_value(w.nid) OVER (PARTITION BY w.creator, w.run IS NULL ORDER BY w.k) AS nid
+              FROM unnest(item_run, item_creator, new_ids) WITH ORDINALITY AS w(run, creator, nid, k)) AS x;
+        EXIT;
+      END IF;
+      -- A keyed creator lost a race with a concurrent trigger. Unkeyed creators got their rows
+      -- (a fresh id conflicts with nothing); the next pass reads every open key's holder.
+      SELECT array_agg(CASE WHEN w.run IS NULL AND w.h IS NULL AND w.creates THEN w.nid ELSE w.run END ORDER BY w.k)
       INTO item_run
-      FROM unnest(item_hash, item_run) WITH ORDINALITY AS w(h, run, k)
-      LEFT JOIN unnest(creators, new_ids) AS c(k, id) ON c.k = w.k;
+      FROM unnest(item_hash, item_run, new_ids, item_creates) WITH ORDINALITY AS w(h, run, nid, creates, k);
     END LOOP;
 
-    -- 5. Attach every new index to its run, and count the ones already final.
+    -- 5. Attach every new index to its run, and count it. Only a run that existed before this
+    --    call can be final already or turn final concurrently: when every open position was
+    --    filled by this call (item_made) there is none; otherwise a keyed position's run that
+    --    does not carry this transaction's xmin is one.
     INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
     SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run) AS u(i, r);
-    PERFORM count_attached(b.id, item_run);
+    PERFORM count_attached(b.id, cardinality(item_idx),
+                           ARRAY(SELECT w.run FROM unnest(item_hash, item_run, item_made) AS w(h, run, made)
+                                 JOIN LATERAL (SELECT r.xmin FROM runs AS r
+                                               WHERE w.h IS NOT NULL AND w.made IS NOT TRUE AND r.id = w.run) AS r
+                                   ON true
+                                 WHERE r.xmin <> pg_current_xact_id()::xid));
+  END IF;
+  IF NOT resent THEN
+    RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(item_run) AS u(r));  -- the chunk is all new: in order already
   END IF;
   RETURN ARRAY(SELECT 'run_' || i.run_id FROM batch_items AS i
                WHERE i.batch_id = b.id AND i.item_index BETWEEN first_index AND first_index + all_item_count - 1
@@ -822,24 +864,26 @@ BEGIN
 END
 $$;
 
--- Items just attached whose run is already final (a cached finished run, a failed-task run)
--- count at once. The runs are share-locked first: a run turning final concurrently either
--- finishes before (and is counted here) or after this transaction (and counts itself through
--- batch_item_finished, which then sees these rows).
-CREATE OR REPLACE FUNCTION runops.count_attached(batch_id text, run_ids text[])
+-- Counts newly attached items. existing_runs holds, one per new index, the runs that existed
+-- before (a cached run, a failed-task run): those already final count as finished at once. They
+-- are share-locked first: a run turning final concurrently either finishes before (and is
+-- counted here) or after this transaction (and counts itself through batch_item_finished, which
+-- then sees the new rows). Runs created by the attaching call are live and unseen by others.
+CREATE OR REPLACE FUNCTION runops.count_attached(batch_id text, attached integer, existing_runs text[])
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  finished integer;
+  finished integer := 0;
 BEGIN
-  PERFORM FROM runs AS r WHERE r.id = ANY (run_ids) ORDER BY r.id FOR SHARE;
-  SELECT count(*) INTO finished
-  FROM unnest(run_ids) AS u(id) JOIN runs AS r ON r.id = u.id
-  WHERE is_final_status(r.status);
+  IF cardinality(existing_runs) > 0 THEN
+    PERFORM FROM runs AS r WHERE r.id = ANY (existing_runs) ORDER BY r.id FOR SHARE;
+    SELECT count(*) INTO finished
+    FROM unnest(existing_runs) AS u(id) JOIN runs AS r ON r.id = u.id
+    WHERE is_final_status(r.status);
+  END IF;
   UPDATE batches AS x
-  SET item_count = x.item_count + cardinality(run_ids), final_count = x.final_count + finished,
-      updated_at = now()
+  SET item_count = x.item_count + attached, final_count = x.final_count + finished, updated_at = now()
   WHERE x.id = count_attached.batch_id;
   PERFORM finish_batch_if_done(count_attached.batch_id);
 END
@@ -1204,7 +1248,7 @@ AS $$
 BEGIN
   INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
   VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
-  PERFORM count_attached(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
+  PERFORM count_attached(attach_batch_item.batch_id, 1, ARRAY[attach_batch_item.run_id]);
 END
 $$;
 
