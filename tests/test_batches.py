@@ -280,3 +280,33 @@ def test_read_through_of_a_batch_from_the_other_store(client: RunOps, cp, new_en
     made = client.batch_trigger(new_env.environment_id, [{"task": "a"}, {"task": "b"}])
     through = one(cp, "get_batch", made.batch_id)
     assert through["run_ids"] == made.run_ids and through["status"] == "PROCESSING"
+
+
+def test_concurrent_batches_sharing_item_keys_create_one_run_per_key(stores: Stores, store: str, env_id: str,
+                                                                      conn) -> None:
+    keys = [f"shared-{i}" for i in range(30)]
+    conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(8)]
+    barrier = threading.Barrier(8)
+    results: list[Any] = [None] * 8
+
+    def go(i: int) -> None:
+        items = [{"task": "t", "options": {"idempotency_key": k}} for k in keys] + [{"task": "mine"}]
+        barrier.wait()
+        try:
+            results[i] = conns[i].execute("SELECT * FROM runops.batch_trigger(%s, %s)",
+                                          [env_id, Jsonb(items)]).fetchone()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            results[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in conns:
+        c.close()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    per_key = {tuple(r[2][:30]) for r in results}
+    assert len(per_key) == 1  # every batch resolved every key to the same run
+    assert len(set(next(iter(per_key)))) == 30
+    assert len({r[2][30] for r in results}) == 8  # unkeyed items stay distinct
