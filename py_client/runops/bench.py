@@ -1,4 +1,5 @@
-"""`runops bench`: trigger_run on the run-ops store against a plain INSERT baseline (SPEC §7).
+"""`runops bench`: trigger_run on the run-ops store against a plain INSERT baseline (SPEC §7), and
+batches against a set-based INSERT ... SELECT (issue 4).
 
 Two fresh local clusters (fsync and synchronous_commit on) are started in a temporary
 directory, migrated, wired and split, exactly as `runops dev up` does. On the run-ops store the
@@ -16,6 +17,21 @@ TCP, with a CHECKPOINT before it. Each rate is reported as a ratio to the baseli
 run (the Python client against ``trigger_no_key``), with its target. The scripts live in
 ``bench/pgbench/`` of the repository; ``bench/run.py`` is the stand-alone entry point.
 
+Then, on the same clusters, the batch phases (issue 4), counted in rows per second and taken as
+the median of several repetitions (one connection, ``runops_app``, a CHECKPOINT before each
+repetition, only the call's wall time counted):
+
+* ``batch_baseline``        one set-based ``INSERT ... SELECT`` of 10,000 rows into
+                            ``bench.bench_batch_baseline`` (the baseline's shape and indexes);
+* ``batch_trigger_no_key``  ``runops.batch_trigger`` with 10,000 items without keys;
+* ``batch_trigger_keys``    the same with a fresh idempotency key per item;
+* ``stream_batch``          ``RunOps.stream_batch`` of 100,000 items in chunks of 1,000
+                            (create, 100 appends, seal).
+
+The repetitions are interleaved (baseline, no key, keys; then baseline, stream), so load
+drifting during the run reaches every phase alike. Each batch is checked after its call
+(item_count, sealed, one run per item, keys held).
+
 Exit codes of :func:`main`: 0 every target met, 4 the benchmark ran but missed a target,
 1 it could not run.
 """
@@ -30,6 +46,7 @@ import re
 import resource
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import psycopg
@@ -56,6 +73,13 @@ REPEATED_KEYS = 1000
 TASK = "bench-task"
 PAYLOAD: dict[str, Any] = {"n": 1}
 EXIT_TARGET_MISSED = 4
+T = TypeVar("T")
+SECTIONS = ("calls", "batches")
+BATCH_ITEMS = 10_000
+BATCH_REPS = 5
+STREAM_ITEMS = 100_000
+STREAM_CHUNK = 1000
+STREAM_REPS = 3
 
 BASELINE_DDL = """
 CREATE SCHEMA IF NOT EXISTS bench;
@@ -76,6 +100,37 @@ GRANT USAGE ON SCHEMA bench TO runops_app;
 GRANT INSERT ON bench.bench_baseline TO runops_app;
 """
 
+# The batch baseline: a table of the same shape and indexes as bench_baseline, of its own, so
+# that it grows only with the batch baseline's rows.
+BATCH_BASELINE_DDL = """
+CREATE SCHEMA IF NOT EXISTS bench;
+CREATE TABLE IF NOT EXISTS bench.bench_batch_baseline (
+  id              text COLLATE "C" PRIMARY KEY,
+  friendly_id     text UNIQUE,
+  environment_id  text,
+  task_identifier text,
+  status          text,
+  idempotency_key text,
+  payload         jsonb,
+  created_at      timestamptz DEFAULT now(),
+  UNIQUE (environment_id, task_identifier, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS bench_batch_baseline_environment_created_idx
+  ON bench.bench_batch_baseline (environment_id, created_at DESC, id DESC);
+GRANT USAGE ON SCHEMA bench TO runops_app;
+GRANT INSERT ON bench.bench_batch_baseline TO runops_app;
+"""
+
+# Fresh ids and keys in every repetition: a random prefix per statement, then the row number.
+BATCH_BASELINE_INSERT = """
+INSERT INTO bench.bench_batch_baseline
+  (id, friendly_id, environment_id, task_identifier, status, idempotency_key, payload)
+SELECT 'b' || %(p)s || g, 'run_b' || %(p)s || g, %(env)s, 'bench-task', 'PENDING', 'k' || %(p)s || g,
+       jsonb_build_object('n', g)
+FROM generate_series(1, %(n)s) AS g
+"""
+BATCH_TRIGGER = "SELECT * FROM runops.batch_trigger(%(env)s, %(items)s::jsonb, '{}')"
+
 
 class BenchError(RunOpsError):
     """The benchmark could not run (missing pgbench or scripts, a phase failed)."""
@@ -95,6 +150,9 @@ TARGETS = (
     Target("trigger_new_key", "baseline", 0.75),
     Target("trigger_repeated_key", "baseline", 1.00),
     Target("python_client", "trigger_no_key", 0.85),
+    Target("batch_trigger_no_key", "batch_baseline", 0.50),
+    Target("batch_trigger_keys", "batch_baseline", 0.35),
+    Target("stream_batch", "batch_baseline", 0.40),
 )
 
 
@@ -111,6 +169,22 @@ class PhaseResult:
     client_cpu_us_per_call: float | None   # pgbench, or the Python process, per call
     runs_created: int | None
     seconds: float
+
+
+@dataclass(frozen=True)
+class BatchPhaseResult:
+    """A batch phase: the median over its repetitions (rates in rows per second, costs per row)."""
+
+    name: str
+    tool: str                  # "sql" (one statement over psycopg) or "python" (RunOps.stream_batch)
+    rows_per_s: float          # median of the repetitions
+    rows: int                  # rows per repetition
+    reps_rows_per_s: list[float]
+    reps_seconds: list[float]
+    wal_bytes_per_row: float | None
+    server_cpu_us_per_row: float | None    # every process of the run-ops cluster, per row
+    client_cpu_us_per_row: float | None    # the Python process, per row
+    batch_ids: list[str]                   # the batches made (empty for the baseline)
 
 
 def scripts_dir() -> Path:
@@ -315,15 +389,157 @@ def _make_environment(app: dict[str, str]) -> str:
     return env
 
 
+@dataclass(frozen=True)
+class _Rep:
+    """One timed batch call: wall seconds of the call alone, and what it cost around it."""
+
+    seconds: float
+    wal_bytes: int
+    server_cpu_s: float | None
+    client_cpu_s: float
+
+
+def _wal_lsn(admin: psycopg.Connection[Any]) -> int:
+    return int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+
+
+def _timed_rep(admin: psycopg.Connection[Any], datadir: str, call: Callable[[], T]) -> tuple[T, _Rep]:
+    """A CHECKPOINT (each repetition starts with the same full-page-write debt), then ``call``
+    timed on its own; the WAL and CPU readings are taken outside the timed window."""
+    admin.execute("CHECKPOINT")
+    wal0, cpu0, client0 = _wal_lsn(admin), server_cpu_seconds(datadir), time.process_time()
+    t0 = time.perf_counter()
+    out = call()
+    elapsed = time.perf_counter() - t0
+    client1 = time.process_time()
+    cpu1, wal1 = server_cpu_seconds(datadir), _wal_lsn(admin)
+    return out, _Rep(elapsed, wal1 - wal0, None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+                     client1 - client0)
+
+
+def _batch_phase(name: str, tool: str, rows: int, reps: list[_Rep], batch_ids: list[str]) -> BatchPhaseResult:
+    def per_row(values: list[float | None], scale: float) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) * scale / rows if len(known) == len(values) and known else None
+
+    return BatchPhaseResult(
+        name, tool, statistics.median(rows / r.seconds for r in reps), rows,
+        [rows / r.seconds for r in reps], [r.seconds for r in reps],
+        per_row([float(r.wal_bytes) for r in reps], 1.0), per_row([r.server_cpu_s for r in reps], 1e6),
+        per_row([r.client_cpu_s for r in reps], 1e6), batch_ids)
+
+
+def _check_batch(admin: psycopg.Connection[Any], client: RunOps, batch_id: str, rows: int, keyed: bool,
+                 run_ids: list[str] | None = None) -> None:
+    """The batch as get_batch reports it (sealed, ``rows`` items, one distinct run each, in the
+    order the call returned), and its runs in runops.runs (each holding a key when ``keyed``)."""
+    got = client.get_batch(batch_id)
+    if got is None:
+        raise BenchError(f"{batch_id}: get_batch found nothing")
+    problems = []
+    if got.item_count != rows or got.expected_count != rows or len(got.run_ids) != rows:
+        problems.append(f"item_count {got.item_count}, expected_count {got.expected_count}, "
+                        f"{len(got.run_ids)} run ids; expected {rows}")
+    if not got.is_sealed or got.status != "PROCESSING":
+        problems.append(f"status {got.status}, sealed {got.is_sealed}; expected PROCESSING, sealed")
+    if len(set(got.run_ids)) != len(got.run_ids):
+        problems.append("the items share runs")
+    if run_ids is not None and run_ids != got.run_ids:
+        problems.append("the call returned other run ids than get_batch")
+    runs, with_key = admin.execute(
+        "SELECT count(*), count(idempotency_key_hash) FROM runops.runs WHERE batch_id = %s",
+        (batch_id.removeprefix("batch_"),)).fetchone() or (0, 0)
+    if runs != rows or with_key != (rows if keyed else 0):
+        problems.append(f"{runs} runs in runops.runs ({with_key} holding a key); expected {rows} "
+                        f"({rows if keyed else 0})")
+    if problems:
+        raise BenchError(f"{batch_id}: " + "; ".join(problems))
+
+
+def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: str, datadir: str, *,
+                     reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS,
+                     say: Callable[[str], None] = lambda _m: None) -> dict[str, BatchPhaseResult]:
+    """The batch phases on the run-ops store (issue 4), one repetition after another:
+    ``reps`` rounds of (baseline, batch_trigger without keys, with keys), then ``stream_reps``
+    rounds of (baseline, stream_batch). Each batch is checked after its call."""
+    if reps < 1 or stream_reps < 0:
+        raise BenchError("the batch phases need at least one repetition")
+    admin.execute(BATCH_BASELINE_DDL)
+    admin.execute("VACUUM ANALYZE runops.runs, runops.batches, runops.batch_items, bench.bench_batch_baseline")
+    n = BATCH_ITEMS
+    timings: dict[str, list[_Rep]] = {"batch_baseline": [], "batch_trigger_no_key": [], "batch_trigger_keys": [],
+                                      "stream_batch": []}
+    batches: dict[str, list[str]] = {name: [] for name in timings}
+    no_key_items = json.dumps([{"task": TASK, "payload": {"n": i}} for i in range(n)])
+    stream_items = [{"task": TASK, "payload": {"n": i}} for i in range(STREAM_ITEMS)]
+    with psycopg.connect(app[RUN_OPS], autocommit=True) as conn, \
+            RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+        conn.execute("SELECT 1")
+
+        def baseline(rep: int) -> None:
+            prefix = secrets.token_hex(6)
+            _, r = _timed_rep(admin, datadir, lambda: conn.execute(
+                BATCH_BASELINE_INSERT, {"p": prefix, "env": env, "n": n}))
+            stored = _scalar(admin, "SELECT count(*) FROM bench.bench_batch_baseline WHERE id LIKE %s",
+                             (f"b{prefix}%",))
+            if stored != n:
+                raise BenchError(f"the batch baseline stored {stored} rows, expected {n}")
+            timings["batch_baseline"].append(r)
+            say(f"  batch_baseline #{rep}: {n / r.seconds:.0f} rows/s")
+
+        def trigger(name: str, items: str, keyed: bool, rep: int) -> None:
+            row, r = _timed_rep(admin, datadir, lambda: conn.execute(
+                BATCH_TRIGGER, {"env": env, "items": items}).fetchone())
+            if row is None or row[1]:
+                raise BenchError(f"{name}: batch_trigger returned {row!r}, expected a new batch")
+            _check_batch(admin, client, str(row[0]), n, keyed, list(row[2]))
+            timings[name].append(r)
+            batches[name].append(str(row[0]))
+            say(f"  {name} #{rep}: {n / r.seconds:.0f} rows/s ({row[0]})")
+
+        say(f"batches: {reps} rounds of INSERT ... SELECT of {n} rows, batch_trigger of {n} items without "
+            "keys, with keys")
+        for rep in range(1, reps + 1):
+            baseline(rep)
+            trigger("batch_trigger_no_key", no_key_items, False, rep)
+            keyed = json.dumps([{"task": TASK, "payload": {"n": i},
+                                 "options": {"idempotency_key": f"bk-{secrets.token_hex(6)}-{i}"}}
+                                for i in range(n)])
+            trigger("batch_trigger_keys", keyed, True, rep)
+        if stream_reps:
+            say(f"batches: {stream_reps} rounds of INSERT ... SELECT of {n} rows, stream_batch of "
+                f"{STREAM_ITEMS} items in chunks of {STREAM_CHUNK}")
+            client.trigger_route(env)  # the pool is open and the route known before timing
+        for rep in range(1, stream_reps + 1):
+            baseline(reps + rep)
+            created, r = _timed_rep(admin, datadir, lambda: client.stream_batch(
+                env, stream_items, expected_count=STREAM_ITEMS, chunk_size=STREAM_CHUNK))
+            _check_batch(admin, client, created.batch_id, STREAM_ITEMS, False)
+            timings["stream_batch"].append(r)
+            batches["stream_batch"].append(created.batch_id)
+            say(f"  stream_batch #{rep}: {STREAM_ITEMS / r.seconds:.0f} rows/s ({created.batch_id})")
+    tools = {"batch_baseline": "sql", "batch_trigger_no_key": "sql", "batch_trigger_keys": "sql",
+             "stream_batch": "python"}
+    return {name: _batch_phase(name, tools[name], STREAM_ITEMS if name == "stream_batch" else n, reps_, batches[name])
+            for name, reps_ in timings.items() if reps_}
+
+
 def run_bench(seconds: int = 10, *, keep: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs every phase for ``seconds`` each on fresh local clusters and returns the results
-    (phases, ratios against the same run's baseline, targets, machine and settings)."""
+              progress: Callable[[str], None] | None = None,
+              sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS,
+              stream_reps: int = STREAM_REPS) -> dict[str, Any]:
+    """Runs every phase on fresh local clusters and returns the results (phases, ratios against
+    the same run's baselines, targets, machine and settings): the call phases for ``seconds``
+    each, then the batch phases, ``batch_reps`` (``stream_reps`` for streaming) repetitions each.
+    ``sections`` picks "calls", "batches" or both."""
     if seconds < 1:
         raise BenchError("seconds must be at least 1")
+    if not sections or set(sections) - set(SECTIONS):
+        raise BenchError(f"sections must be among {', '.join(SECTIONS)}")
     say = progress or (lambda _msg: None)
-    pgbench = find_pgbench()
-    scripts = scripts_dir()
+    calls = "calls" in sections
+    pgbench = find_pgbench() if calls else None
+    scripts = scripts_dir() if calls else None
     home = Path(tempfile.mkdtemp(prefix="runops-bench-"))
     home.chmod(0o755)  # the clusters run as the postgres user, which must reach them
     stores: LocalStores | None = None
@@ -335,6 +551,7 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
         admin_url = stores.admin_urls()[RUN_OPS]
         env = _make_environment(app)
         phases: dict[str, PhaseResult] = {}
+        batch_phases: dict[str, BatchPhaseResult] = {}
         with psycopg.connect(admin_url, autocommit=True) as admin:
             machine = _machine(admin)
             source = _source(admin)
@@ -342,88 +559,37 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
                 if machine["settings"][name] != "on":
                     raise BenchError(f"{name} is {machine['settings'][name]} on the run-ops store; the benchmark "
                                      "needs it on")
-            admin.execute(BASELINE_DDL)
-            with psycopg.connect(app[RUN_OPS], autocommit=True) as ro:
-                ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, "
-                           "LATERAL runops.trigger_run(%s, %s, %s::jsonb, "
-                           "jsonb_build_object('idempotency_key', 'r' || g)) AS t",
-                           (REPEATED_KEYS, env, TASK, json.dumps(PAYLOAD)))
-            admin.execute("VACUUM ANALYZE runops.runs")
-            admin.execute("VACUUM ANALYZE bench.bench_baseline")
-
             datadir = stores.clusters[RUN_OPS].datadir
-
-            def measured(name: str, tool: str, work: Callable[[], Work],
-                         client_cpu: Callable[[], float]) -> PhaseResult:
-                admin.execute("CHECKPOINT")
-                runs0 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-                wal0 = int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
-                cpu0, client0, t0 = server_cpu_seconds(datadir), client_cpu(), time.perf_counter()
-                w = work()
-                elapsed = time.perf_counter() - t0
-                client1 = client_cpu()
-                wal1 = int(_scalar(admin, "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
-                _wait_for_backends_to_exit(admin)
-                cpu1 = server_cpu_seconds(datadir)
-                runs1 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-                per_call = 1e6 / w.all_calls if w.all_calls else None
-                return PhaseResult(
-                    name, tool, w.calls_per_s, w.calls, w.failed, w.latency_ms,
-                    (wal1 - wal0) / w.all_calls if w.all_calls else None,
-                    None if cpu0 is None or cpu1 is None or per_call is None else (cpu1 - cpu0) * per_call,
-                    None if per_call is None else (client1 - client0) * per_call,
-                    runs1 - runs0, elapsed)
-
-            def children_cpu() -> float:
-                usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-                return usage.ru_utime + usage.ru_stime
-
-            def pg_phase(name: str, script: str) -> PhaseResult:
-                say(f"{name}: pgbench -n -M prepared -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
-                return measured(name, "pgbench", lambda: run_pgbench(
-                    pgbench, app[RUN_OPS], scripts / script, seconds, {"env": env, "keys": str(REPEATED_KEYS)}),
-                    children_cpu)
-
-            def py_phase(name: str) -> PhaseResult:
-                say(f"{name}: {PYTHON_THREADS} threads calling RunOps.trigger_run for {seconds} s")
-                # The warm-up second creates runs too: runs_created counts them, and the CPU and WAL
-                # figures are divided by every call made.
-                return measured(name, "python", lambda: run_python_client(
-                    app[CONTROL_PLANE], app[RUN_OPS], env, seconds), time.process_time)
-
             load_before = os.getloadavg()
-            first = pg_phase("baseline_first", "baseline.sql")
-            phases["trigger_no_key"] = pg_phase("trigger_no_key", "trigger_no_key.sql")
-            phases["python_client"] = py_phase("python_client")
-            phases["trigger_new_key"] = pg_phase("trigger_new_key", "trigger_new_key.sql")
-            phases["trigger_repeated_key"] = pg_phase("trigger_repeated_key", "trigger_repeated_key.sql")
-            last = pg_phase("baseline_last", "baseline.sql")
+            if pgbench is not None and scripts is not None:
+                phases = _call_phases(admin, app, env, datadir, pgbench, scripts, seconds, say)
+            if "batches" in sections:
+                batch_phases = run_batch_phases(admin, app, env, datadir, reps=batch_reps,
+                                                stream_reps=stream_reps, say=say)
             load_after = os.getloadavg()
-            held = int(_scalar(admin, "SELECT count(*) FROM runops.runs WHERE idempotency_key LIKE 'r%%'"))
-        if held != REPEATED_KEYS:
-            raise BenchError(f"the repeated-key phase created runs: {held} runs hold r-keys, expected {REPEATED_KEYS}")
-        phases["baseline"] = PhaseResult(
-            "baseline", "pgbench", (first.calls_per_s + last.calls_per_s) / 2, first.calls + last.calls,
-            first.failed + last.failed, _mean(first.latency_ms, last.latency_ms),
-            _mean(first.wal_bytes_per_call, last.wal_bytes_per_call),
-            _mean(first.server_cpu_us_per_call, last.server_cpu_us_per_call),
-            _mean(first.client_cpu_us_per_call, last.client_cpu_us_per_call),
-            None, first.seconds + last.seconds)
-        phases["baseline_first"], phases["baseline_last"] = first, last
+        rates: dict[str, tuple[float, str]] = {k: (v.calls_per_s, "calls") for k, v in phases.items()}
+        rates.update({k: (v.rows_per_s, "rows") for k, v in batch_phases.items()})
         rows = []
         for t in TARGETS:
-            ratio = phases[t.name].calls_per_s / phases[t.against].calls_per_s
-            rows.append({"name": t.name, "calls_per_s": phases[t.name].calls_per_s, "against": t.against,
-                         "ratio": ratio, "target": t.minimum, "pass": ratio >= t.minimum})
+            if t.name not in rates or t.against not in rates:
+                continue
+            ratio = rates[t.name][0] / rates[t.against][0]
+            rows.append({"name": t.name, "rate": rates[t.name][0], "unit": rates[t.name][1], "against": t.against,
+                         "ratio": ratio, "target": t.minimum, "pass": ratio >= t.minimum,
+                         **({"calls_per_s": rates[t.name][0]} if rates[t.name][1] == "calls" else {})})
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
+            "sections": list(sections),
             "seconds": seconds,
-            "pgbench": {"clients": CLIENTS, "threads": THREADS, "mode": "prepared", "path": str(pgbench)},
+            "pgbench": {"clients": CLIENTS, "threads": THREADS, "mode": "prepared",
+                        "path": None if pgbench is None else str(pgbench)},
             "python_threads": PYTHON_THREADS,
             "repeated_keys": REPEATED_KEYS,
+            "batch": {"items": BATCH_ITEMS, "reps": batch_reps, "stream_items": STREAM_ITEMS,
+                      "stream_chunk": STREAM_CHUNK, "stream_reps": stream_reps},
             "machine": {**machine, "loadavg_before": load_before, "loadavg_after": load_after},
             "source": source,
-            "phases": {k: asdict(v) for k, v in phases.items()},
+            "phases": {**{k: asdict(v) for k, v in phases.items()}, **{k: asdict(v) for k, v in batch_phases.items()}},
             "rows": rows,
             "all_pass": all(r["pass"] for r in rows),
         }
@@ -437,30 +603,133 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _us(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def _call_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: str, datadir: str, pgbench: Path,
+                 scripts: Path, seconds: int, say: Callable[[str], None]) -> dict[str, PhaseResult]:
+    """The single-call phases: pgbench scripts and the Python client, ``seconds`` each."""
+    phases: dict[str, PhaseResult] = {}
+    admin.execute(BASELINE_DDL)
+    with psycopg.connect(app[RUN_OPS], autocommit=True) as ro:
+        ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, "
+                   "LATERAL runops.trigger_run(%s, %s, %s::jsonb, "
+                   "jsonb_build_object('idempotency_key', 'r' || g)) AS t",
+                   (REPEATED_KEYS, env, TASK, json.dumps(PAYLOAD)))
+    admin.execute("VACUUM ANALYZE runops.runs")
+    admin.execute("VACUUM ANALYZE bench.bench_baseline")
+
+    def measured(name: str, tool: str, work: Callable[[], Work],
+                 client_cpu: Callable[[], float]) -> PhaseResult:
+        admin.execute("CHECKPOINT")
+        runs0 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+        wal0 = _wal_lsn(admin)
+        cpu0, client0, t0 = server_cpu_seconds(datadir), client_cpu(), time.perf_counter()
+        w = work()
+        elapsed = time.perf_counter() - t0
+        client1 = client_cpu()
+        wal1 = _wal_lsn(admin)
+        _wait_for_backends_to_exit(admin)
+        cpu1 = server_cpu_seconds(datadir)
+        runs1 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
+        per_call = 1e6 / w.all_calls if w.all_calls else None
+        return PhaseResult(
+            name, tool, w.calls_per_s, w.calls, w.failed, w.latency_ms,
+            (wal1 - wal0) / w.all_calls if w.all_calls else None,
+            None if cpu0 is None or cpu1 is None or per_call is None else (cpu1 - cpu0) * per_call,
+            None if per_call is None else (client1 - client0) * per_call,
+            runs1 - runs0, elapsed)
+
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def pg_phase(name: str, script: str) -> PhaseResult:
+        say(f"{name}: pgbench -n -M prepared -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
+        return measured(name, "pgbench", lambda: run_pgbench(
+            pgbench, app[RUN_OPS], scripts / script, seconds, {"env": env, "keys": str(REPEATED_KEYS)}),
+            children_cpu)
+
+    def py_phase(name: str) -> PhaseResult:
+        say(f"{name}: {PYTHON_THREADS} threads calling RunOps.trigger_run for {seconds} s")
+        # The warm-up second creates runs too: runs_created counts them, and the CPU and WAL
+        # figures are divided by every call made.
+        return measured(name, "python", lambda: run_python_client(
+            app[CONTROL_PLANE], app[RUN_OPS], env, seconds), time.process_time)
+
+    first = pg_phase("baseline_first", "baseline.sql")
+    phases["trigger_no_key"] = pg_phase("trigger_no_key", "trigger_no_key.sql")
+    phases["python_client"] = py_phase("python_client")
+    phases["trigger_new_key"] = pg_phase("trigger_new_key", "trigger_new_key.sql")
+    phases["trigger_repeated_key"] = pg_phase("trigger_repeated_key", "trigger_repeated_key.sql")
+    last = pg_phase("baseline_last", "baseline.sql")
+    held = int(_scalar(admin, "SELECT count(*) FROM runops.runs WHERE idempotency_key LIKE 'r%%'"))
+    if held != REPEATED_KEYS:
+        raise BenchError(f"the repeated-key phase created runs: {held} runs hold r-keys, expected {REPEATED_KEYS}")
+    phases["baseline"] = PhaseResult(
+        "baseline", "pgbench", (first.calls_per_s + last.calls_per_s) / 2, first.calls + last.calls,
+        first.failed + last.failed, _mean(first.latency_ms, last.latency_ms),
+        _mean(first.wal_bytes_per_call, last.wal_bytes_per_call),
+        _mean(first.server_cpu_us_per_call, last.server_cpu_us_per_call),
+        _mean(first.client_cpu_us_per_call, last.client_cpu_us_per_call),
+        None, first.seconds + last.seconds)
+    phases["baseline_first"], phases["baseline_last"] = first, last
+    return phases
+
+
+def _us(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.0f}-{max(values):.0f}"
 
 
 def print_results(result: dict[str, Any]) -> None:
-    """The table: each rate, its ratio and target, and the CPU each call cost (server: every
-    process of the run-ops cluster; client: pgbench or the Python process)."""
+    """The table: each rate (calls or rows per second), its ratio and target, and the CPU each
+    call or row cost (server: every process of the run-ops cluster; client: pgbench or the
+    Python process)."""
     ph = result["phases"]
-    base = ph["baseline"]
-    rows: list[tuple[str, ...]] = [("baseline", f"{base['calls_per_s']:.0f}", "1.00", "-", "-",
-                                    _us(base["server_cpu_us_per_call"]), _us(base["client_cpu_us_per_call"]))]
-    for r in result["rows"]:
-        p = ph[r["name"]]
-        rows.append((r["name"], f"{r['calls_per_s']:.0f}", f"{r['ratio']:.2f} x {r['against']}",
-                     f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL",
-                     _us(p["server_cpu_us_per_call"]), _us(p["client_cpu_us_per_call"])))
+    rows: list[tuple[str, ...]] = []
+    for base_name, unit in (("baseline", "calls"), ("batch_baseline", "rows")):
+        base = ph.get(base_name)
+        if base is None:
+            continue
+        rate = base["calls_per_s"] if unit == "calls" else base["rows_per_s"]
+        suffix, digits = ("call", 0) if unit == "calls" else ("row", 1)
+        rows.append((base_name, f"{rate:.0f}", unit, "1.00", "-", "-", _us(base[f"server_cpu_us_per_{suffix}"], digits),
+                     _us(base[f"client_cpu_us_per_{suffix}"], digits)))
+        for r in result["rows"]:
+            if r.get("unit", "calls") != unit:
+                continue
+            p = ph[r["name"]]
+            rows.append((r["name"], f"{r.get('rate', r.get('calls_per_s')):.0f}", unit,
+                         f"{r['ratio']:.2f} x {r['against']}", f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL",
+                         _us(p[f"server_cpu_us_per_{suffix}"], digits), _us(p[f"client_cpu_us_per_{suffix}"], digits)))
     settings = result["machine"]["settings"]
-    table(rows, ["name", "calls/s", "ratio", "target", "result", "server us/call", "client us/call"],
-          title=f"runops bench: {result['seconds']} s per phase, pgbench -c {CLIENTS} -j {THREADS} -M prepared, "
-                f"fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}")
+    title = f"runops bench: fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}"
+    if "baseline" in ph:
+        title += f"; calls: {result['seconds']} s per phase, pgbench -c {CLIENTS} -j {THREADS} -M prepared"
+    if "batch_baseline" in ph:
+        b = result["batch"]
+        title += f"; rows: median of {b['reps']} (stream {b['stream_reps']}) repetitions, one connection"
+    table(rows, ["name", "per s", "unit", "ratio", "target", "result", "server us/unit", "client us/unit"],
+          title=title)
     load = result["machine"]
-    click.echo(f"baseline = mean of first ({ph['baseline_first']['calls_per_s']:.0f}/s) and last "
-               f"({ph['baseline_last']['calls_per_s']:.0f}/s) phase; load average "
-               f"{load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after")
+    if "baseline" in ph:
+        click.echo(f"baseline = mean of first ({ph['baseline_first']['calls_per_s']:.0f}/s) and last "
+                   f"({ph['baseline_last']['calls_per_s']:.0f}/s) phase")
+    if "batch_baseline" in ph:
+        b = result["batch"]
+        click.echo(f"batch_baseline = median of {len(ph['batch_baseline']['reps_rows_per_s'])} INSERT ... SELECT "
+                   f"of {b['items']} rows; batch_trigger: {b['items']} items; stream_batch: {b['stream_items']} "
+                   f"items in chunks of {b['stream_chunk']}")
+        click.echo("rows/s of the repetitions (min-max): " + ", ".join(
+            f"{name} {_range(ph[name]['reps_rows_per_s'])}"
+            for name in ("batch_baseline", "batch_trigger_no_key", "batch_trigger_keys", "stream_batch")
+            if name in ph))
+        click.echo("WAL per row: " + ", ".join(
+            f"{name} {_us(ph[name]['wal_bytes_per_row'])} B"
+            for name in ("batch_baseline", "batch_trigger_no_key", "batch_trigger_keys", "stream_batch")
+            if name in ph))
+    click.echo(f"load average {load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after")
     src = result.get("source", {})
     if src:
         click.echo(f"measured SQL: commit {src.get('git_head', '?')}"
@@ -475,11 +744,13 @@ def default_results_dir() -> Path | None:
         return None
 
 
-def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None) -> int:
+def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
+         sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS) -> int:
     """Runs the benchmark, prints the table, writes JSON to bench/results/. Exit code 0 when
     every target is met, 4 when one is missed, 1 when the benchmark could not run."""
     try:
-        result = run_bench(seconds, keep=keep, progress=lambda m: click.echo(m, err=True))
+        result = run_bench(seconds, keep=keep, progress=lambda m: click.echo(m, err=True), sections=sections,
+                           batch_reps=batch_reps, stream_reps=stream_reps)
     except (RunOpsError, psycopg.Error, OSError, subprocess.SubprocessError) as err:
         click.echo(f"error: {err}", err=True)
         return 1

@@ -107,6 +107,7 @@ DECLARE
   creator_count bigint;
   inserted bigint;
   dead_ids text[];
+  has_keys boolean;
   new_ids text[];
   passes integer := 0;
   default_ttl interval;
@@ -124,7 +125,7 @@ BEGIN
               WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
                 THEN 'has fields other than task, payload and options'
               WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$'
+                   OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
                 THEN 'needs a task of 1-128 letters, digits or _.:/-'
               WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
                 THEN 'options must be an object'
@@ -134,7 +135,7 @@ BEGIN
   WHERE jsonb_typeof(e.item) <> 'object'
      OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
      OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$'
+     OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
      OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
   ORDER BY e.n LIMIT 1;
   IF FOUND THEN
@@ -197,6 +198,7 @@ BEGIN
 
   IF item_idx IS NOT NULL THEN
     item_run := array_fill(NULL::text, ARRAY[cardinality(item_idx)]);
+    has_keys := EXISTS (SELECT FROM unnest(item_hash) AS h WHERE h IS NOT NULL);
 
     -- 4. Keys, as a single trigger resolves them: a live holder is reused, a dead one lets go,
     --    and a missing key gets one new run (created by the first index holding it). Unkeyed
@@ -211,18 +213,21 @@ BEGIN
         PERFORM raise_error('RO008', 'batch items kept conflicting with concurrent triggers; retry the same call');
       END IF;
       -- Holders of the keys still open, in one probe each; a dead holder lets go of its key.
-      SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
-             array_agg(holder.id) FILTER (WHERE holder.dead)
-      INTO item_run, dead_ids
-      FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
-      LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at) AS dead
-                         FROM runs AS r
-                         WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
-                           AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
-      IF dead_ids IS NOT NULL THEN
-        UPDATE runs AS r
-        SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-        WHERE r.id = ANY (dead_ids);
+      -- (A chunk without keys has nothing to look up.)
+      IF has_keys THEN
+        SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
+               array_agg(holder.id) FILTER (WHERE holder.dead)
+        INTO item_run, dead_ids
+        FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
+        LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts) AS dead
+                           FROM runs AS r
+                           WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
+                             AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
+        IF dead_ids IS NOT NULL THEN
+          UPDATE runs AS r
+          SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
+          WHERE r.id = ANY (dead_ids);
+        END IF;
       END IF;
       -- Creators: unresolved positions, the first one per (task, key); every unkeyed one. Each
       -- unresolved position also learns which position creates its run.
