@@ -31,14 +31,14 @@ SUITES = [
 ]
 
 PG_PROVE = shutil.which("pg_prove")
-pytestmark = pytest.mark.skipif(PG_PROVE is None, reason="pg_prove is not installed")
+MISSING = "; `make system-deps` (.ci/install-system-deps.sh) installs it"
 
 
 def _install_pgtap(url: str) -> None:
     """pgtap in schema tap, as the superuser; moved there if an earlier run put it elsewhere."""
     with psycopg.connect(url, autocommit=True) as conn:
         if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pgtap'").fetchone() is None:
-            pytest.skip("the pgtap extension is not available to this PostgreSQL server")
+            pytest.fail("the pgtap extension is not available to this PostgreSQL server" + MISSING)
         conn.execute("CREATE SCHEMA IF NOT EXISTS tap")
         row = conn.execute("SELECT n.nspname FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace "
                            "WHERE e.extname = 'pgtap'").fetchone()
@@ -66,6 +66,7 @@ def test_pgtap_suite(pgtap_stores: Stores, store: str, suite: str) -> None:
     directory = SQL_DIR / suite
     assert sorted(directory.glob("*.sql")), f"no pgTAP files in {directory}"
     port = pgtap_stores.local.clusters[store].port
+    assert PG_PROVE is not None, "pg_prove is not installed" + MISSING
     cmd = [str(PG_PROVE), "--ext", ".sql", "--failures", "--nocolor",
            "-d", DATABASE, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
     psql = _psql_bin(pgtap_stores)

@@ -30,7 +30,8 @@ CONFIGS = [
 def _install_plpgsql_check(conn: psycopg.Connection[Any]) -> str:
     """Creates plpgsql_check (in its own schema, so public stays clean) and returns its schema."""
     if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plpgsql_check'").fetchone() is None:
-        pytest.skip("the plpgsql_check extension is not available to this PostgreSQL server")
+        pytest.fail("the plpgsql_check extension is not available to this PostgreSQL server; "
+                    "`make system-deps` (.ci/install-system-deps.sh) installs it")
     row = conn.execute("SELECT n.nspname FROM pg_extension AS e JOIN pg_namespace AS n ON n.oid = e.extnamespace "
                        "WHERE e.extname = 'plpgsql_check'").fetchone()
     if row is None:

@@ -119,10 +119,7 @@ SELECT lives_ok($$ SELECT runops.set_mint_kind((SELECT e.organization_id FROM ru
                                                 WHERE e.id = current_setting('t.cuid_env')), 'ksuid') $$, 'set_mint_kind to ksuid');
 SELECT is(runops.trigger_route(current_setting('t.cuid_env'), '{}'), 'RUN_OPS', 'the organization''s roots now go to run-ops');
 -- SPEC §2 rule 1 ("a client retrying a trigger ... if it names an existing run of the same
--- environment and task, that run is returned with is_cached") and §6 ("while an organization's
--- mint kind flips"): the implementation checks the shape against the new mint kind first (RO006).
--- The SPEC can be read either way, so this is a TODO, not a gate.
-SELECT todo('retrying a pre-minted id across a mint-kind flip: SPEC rule 1 reads as "existing run -> cached"', 1);
+-- environment and task, that run is returned with is_cached"), also across a mint-kind flip.
 SELECT is(pg_temp.error_of($$ SELECT * FROM runops.trigger_run(current_setting('t.cuid_env'), 'pgtap/retry', '{}',
                                 pg_catalog.jsonb_build_object('run_id', current_setting('t.retried'))) $$),
           NULL, 'after a mint-kind flip, retrying an existing LEGACY run''s pre-minted id returns it (no error)');

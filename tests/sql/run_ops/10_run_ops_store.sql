@@ -60,10 +60,8 @@ SELECT is(pg_temp.error_of($$ SELECT * FROM runops.finalize_run('run_' || curren
 SELECT set_config('t.parent', 'run_' || current_setting('t.ksuid'), true);
 SELECT pg_temp.set_split(false, true);
 -- SPEC §2 rule 1: "a pre-minted run_id (a client retrying a trigger) is used as given: if it
--- names an existing run of the same environment and task, that run is returned with is_cached".
--- The implementation checks the id's shape against the current mint rules first (RO006), so a
--- retry that straddles a split flip fails. The SPEC can be read either way: TODO, not a gate.
-SELECT todo('retrying a pre-minted id across a split flip: SPEC rule 1 reads as "existing run -> cached"', 1);
+-- names an existing run of the same environment and task, that run is returned with is_cached",
+-- also when the retry straddles a split flip.
 SELECT is(pg_temp.error_of($$ SELECT * FROM runops.trigger_run(current_setting('t.ksuid_env'), 'pgtap/task', '{}',
                                 pg_catalog.jsonb_build_object('run_id', current_setting('t.ksuid'))) $$),
           NULL, 'disabled: retrying an existing NEW run''s pre-minted id returns it (no error)');
