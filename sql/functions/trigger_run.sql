@@ -161,29 +161,26 @@ AS $$
 $$;
 
 -- Creates one run in this store, or returns the run that already holds its key (or its
--- pre-minted id). The caller has validated everything and decided this store owns the run.
+-- pre-minted id). The caller has validated everything, decided this store owns the run, and
+-- looked up the parent (require_parent; a NULL row for a root).
 --
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
 -- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
 -- winner. Reading first keeps the cached path free of id minting and of any write.
 CREATE OR REPLACE FUNCTION runops.create_run(
-  env runops.environment_context, task_identifier text, payload jsonb, spec runops.trigger_spec,
-  initial_status text, error jsonb,
+  env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
+  spec runops.trigger_spec, initial_status text, error jsonb,
   OUT run_id text, OUT is_cached boolean, OUT status text)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   ts timestamptz := now();
   key_hash text;
-  parent runs;
   existing record;
   new_id text;
   run_status text := initial_status;
   attempts integer := 0;
 BEGIN
-  IF spec.parent_run_id IS NOT NULL THEN
-    parent := require_parent(spec, env.id);
-  END IF;
   IF spec.idempotency_key IS NOT NULL THEN
     key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
                                      coalesce(spec.parent_attempt_number, parent.attempt_number));
@@ -319,6 +316,7 @@ DECLARE
   task text := trigger_run.task_identifier;
   owner_residency text;
   env environment_context;
+  parent runs;
   created record;
   existing text;
 BEGIN
@@ -337,7 +335,7 @@ BEGIN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
   IF spec.parent_run_id IS NOT NULL THEN
-    PERFORM require_parent(spec, env_id);
+    parent := require_parent(spec, env_id);
   END IF;
   env := require_usable(env, env_id);
   IF spec.batch_id IS NOT NULL THEN
@@ -349,7 +347,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, task, trigger_run.payload, spec, NULL, NULL);
+  created := create_run(env, parent, task, trigger_run.payload, spec, NULL, NULL);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
@@ -375,6 +373,7 @@ DECLARE
   task text := trigger_failed_task.task_identifier;
   owner_residency text;
   env environment_context;
+  parent runs;
   created record;
   existing text;
 BEGIN
@@ -391,7 +390,7 @@ BEGIN
     PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
   END IF;
   IF spec.parent_run_id IS NOT NULL THEN
-    PERFORM require_parent(spec, env_id);
+    parent := require_parent(spec, env_id);
   END IF;
   -- The failure is recorded even in an environment that takes no new work: it reports work
   -- that was already accepted.
@@ -405,7 +404,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
+  created := create_run(env, parent, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
                         coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
