@@ -399,7 +399,11 @@ class RunOps:
                           "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s)",
                           {"w": waitpoint_id, "o": Jsonb(output), "x": is_error}, WaitpointCompletion)[0]
         for run_id in done.remote_run_ids:
-            self.resume_run(run_id)
+            try:
+                self.resume_run(run_id)
+            except RunOpsError:
+                # The waitpoint is complete either way; tick in that store resumes the run.
+                continue
         return done
 
     # -- batches -----------------------------------------------------------------------------------
