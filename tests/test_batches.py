@@ -310,3 +310,31 @@ def test_concurrent_batches_sharing_item_keys_create_one_run_per_key(stores: Sto
     assert len(per_key) == 1  # every batch resolved every key to the same run
     assert len(set(next(iter(per_key)))) == 30
     assert len({r[2][30] for r in results}) == 8  # unkeyed items stay distinct
+
+
+def test_an_items_own_key_lives_thirty_days_and_a_derived_key_as_long_as_the_batch_key(conn, env_id: str) -> None:
+    set_clock(conn, T0)
+    made = batch(conn, env_id, [{"task": "a", "options": {"idempotency_key": "own"}}, {"task": "a"}],
+                 idempotency_key="bk", idempotency_key_ttl="1h")
+    own, derived = (one(conn, "get_run", r)["idempotency_key_expires_at"] for r in made["run_ids"])
+    assert own - T0 == dt.timedelta(days=30) and derived - T0 == dt.timedelta(hours=1)
+
+
+def test_a_batch_waitpoint_cannot_be_completed_by_hand(conn, env_id: str) -> None:
+    made = batch(conn, env_id, [{"task": "a"}])
+    with pytest.raises(psycopg.Error) as err:
+        one(conn, "complete_waitpoint", made["batch_id"].replace("batch_", "waitpoint_"), None, False)
+    assert sqlstate_of(err.value) == "RO003"
+
+
+def test_append_with_an_enormous_start_index_is_ro006(conn, env_id: str) -> None:
+    b = one(conn, "create_batch", env_id, 2, {})["batch_id"]
+    with pytest.raises(psycopg.Error) as err:
+        one(conn, "append_batch_items", b, 2147483647, [{"task": "a"}])
+    assert sqlstate_of(err.value) == "RO006"
+
+
+def test_the_client_strips_nul_bytes_from_item_keys(client: RunOps, new_env) -> None:
+    made = client.batch_trigger(new_env.environment_id, [{"task": "a", "options": {"idempotency_key": "n\x00ul"}}])
+    single = client.trigger_run(new_env.environment_id, "a", idempotency_key="nul")
+    assert single.run_id == made.run_ids[0] and single.is_cached

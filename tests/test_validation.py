@@ -149,3 +149,42 @@ def test_finalize_run_validates_and_refuses_illegal_moves(client: RunOps, cp: ps
         cp.execute("SELECT * FROM runops.finalize_run(%s, 'CRASHED')", [run.run_id])
     assert sqlstate_of(err.value) == "RO003"
     assert client.get_run(run.run_id).status == "COMPLETED_SUCCESSFULLY"  # type: ignore[union-attr]
+
+
+def test_only_the_first_friendly_prefix_is_stripped_in_writes(cp: psycopg.Connection, legacy_env) -> None:
+    run = trigger(cp, legacy_env.environment_id)[0]
+    for function, args in [("cancel_run", (f"run_{run}",)), ("finalize_run", (f"run_{run}", "CANCELED"))]:
+        with pytest.raises(psycopg.Error) as err:
+            cp.execute(f"SELECT * FROM runops.{function}(%s{', %s' * (len(args) - 1)})", list(args))
+        assert sqlstate_of(err.value) == "RO001", function
+    with pytest.raises(psycopg.Error) as err:
+        trigger(cp, legacy_env.environment_id, options={"parent_run_id": f"run_{run}"})
+    assert sqlstate_of(err.value) == "RO001"
+
+
+def test_error_order_holds_where_several_checks_fail(cp: psycopg.Connection, client: RunOps, make_env) -> None:
+    env = make_env("cuid")
+    final_parent = trigger(cp, env.environment_id)[0]
+    cp.execute("SELECT * FROM runops.finalize_run(%s, 'COMPLETED_SUCCESSFULLY')", [final_parent])
+    open_batch = cp.execute("SELECT batch_id FROM runops.create_batch(%s, 1)", [env.environment_id]).fetchone()[0]
+    client.update_environment(env.environment_id, paused=True)
+    cases = [
+        # RO005 (paused) before RO003 (a final parent cannot wait)
+        ({"parent_run_id": final_parent, "resume_parent_on_completion": True}, "RO005"),
+        # RO006 before RO005: batch_id without batch_index, and an index past the batch's end
+        ({"batch_id": open_batch}, "RO006"),
+        ({"batch_id": open_batch, "batch_index": 5}, "RO006"),
+    ]
+    for options, code in cases:
+        with pytest.raises(psycopg.Error) as err:
+            trigger(cp, env.environment_id, options=options)
+        assert sqlstate_of(err.value) == code, options
+    with pytest.raises(psycopg.Error) as err:  # a bad item is RO006 even in a paused environment
+        cp.execute("SELECT * FROM runops.batch_trigger(%s, %s)", [env.environment_id, Jsonb([{"payload": 1}])])
+    assert sqlstate_of(err.value) == "RO006"
+    with pytest.raises(psycopg.Error) as err:  # RO006 (reason too long) before RO004 (no such run)
+        cp.execute("SELECT * FROM runops.cancel_run(%s, %s)", ["run_c" + "0" * 24, "x" * 3000])
+    assert sqlstate_of(err.value) == "RO006"
+    with pytest.raises(psycopg.Error) as err:  # RO004 (missing waitpoint) before RO003 (final run)
+        cp.execute("SELECT * FROM runops.block_run(%s, %s)", [final_parent, ["waitpoint_c" + "0" * 24]])
+    assert sqlstate_of(err.value) == "RO004"

@@ -198,3 +198,14 @@ def test_tick_reconciles_a_lost_cross_store_follow_up(client: RunOps, cp, ro, ma
     assert status(cp, legacy["run_id"]) == "WAITING_TO_RESUME"
     cp.execute("SELECT runops.tick()")
     assert status(cp, legacy["run_id"]) == "PENDING"
+
+
+def test_a_checkpoint_after_a_remote_blocker_completed_resumes_at_once(client: RunOps, cp, make_env) -> None:
+    env = make_env("cuid")
+    legacy = run_to_executing(cp, env.environment_id)
+    client.set_mint_kind(env.organization_id, "ksuid")
+    assert client.wait_for_mirror()
+    token = client.create_waitpoint(env.environment_id, "MANUAL")
+    client.block_run(legacy["run_id"], [token.waitpoint_id])
+    client.complete_waitpoint(token.waitpoint_id)  # the follow-up finds the run not yet suspended
+    assert client.create_checkpoint(legacy["run_id"], 1, "WAIT_FOR_TASK", "l").status == "PENDING"

@@ -631,7 +631,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   bare text := require_id(batch_id, 'batch', 'batch_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   b batches;
 BEGIN
   IF residency <> local_residency() THEN
@@ -645,44 +645,25 @@ BEGIN
 END
 $$;
 
--- Validates a chunk of items (RO006 naming the first bad index; nothing is created), then
--- creates or finds their runs set-based and attaches them at first_index onwards. Indexes the
+-- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
 -- batch already holds keep their first content. Returns the item run ids (friendly), in order.
-CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
-                                                  first_index integer, items jsonb)
-RETURNS text[]
-LANGUAGE plpgsql VOLATILE
+-- Validates a chunk of batch items before anything is locked or written: RO006 naming the
+-- first bad index (its shape set-based; options richer than a lone idempotency_key through
+-- parse_trigger_options, the single-trigger parser, item by item).
+CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
+RETURNS void
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  ts timestamptz := now();
-  parent runs;
   bad record;
   spec trigger_spec;
-  item_idx integer[];
-  item_task text[];
-  item_payload jsonb[];
-  item_spec trigger_spec[];
-  item_key text[];
-  item_hash text[];
-  item_run text[];          -- the run each position resolves to, filled pass by pass
-  item_creates boolean[];   -- positions that create a run in this pass
-  item_creator bigint[];    -- for each position, the position creating its run
-  item_made boolean[];      -- positions whose run this call made (when it made them all at once)
-  creator_count bigint;
-  inserted bigint;
-  dead_ids text[];
-  has_keys boolean;
-  new_ids text[];
-  passes integer := 0;
-  default_ttl interval;
-  all_item_count integer := jsonb_array_length(items);
-  resent boolean;
 BEGIN
-  IF b.parent_run_id IS NOT NULL THEN
-    SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
   END IF;
-  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
-
+  IF jsonb_array_length(items) > 100000 THEN
+    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
+  END IF;
   -- 1. Shape of every item, set-based: the first bad index is reported.
   SELECT e.n - 1 + first_index AS idx,
          CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
@@ -706,8 +687,6 @@ BEGIN
     PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
   END IF;
 
-  -- 2. Options. {} and {"idempotency_key": "..."} are checked set-based; anything richer goes
-  --    through parse_trigger_options, the single-trigger parser, item by item.
   FOR bad IN
     SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
     FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
@@ -728,6 +707,43 @@ BEGIN
     END;
   END LOOP;
 
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
+                                                  first_index integer, items jsonb)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  parent runs;
+  item_idx integer[];
+  item_task text[];
+  item_payload jsonb[];
+  item_spec trigger_spec[];
+  item_key text[];
+  item_key_ttl interval[];
+  item_hash text[];
+  item_run text[];          -- the run each position resolves to, filled pass by pass
+  item_creates boolean[];   -- positions that create a run in this pass
+  item_creator bigint[];    -- for each position, the position creating its run
+  item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  creator_count bigint;
+  inserted bigint;
+  dead_ids text[];
+  has_keys boolean;
+  new_ids text[];
+  passes integer := 0;
+  default_ttl interval;
+  all_item_count integer := jsonb_array_length(items);
+  resent boolean;
+BEGIN
+  IF b.parent_run_id IS NOT NULL THEN
+    SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
+  END IF;
+  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
+
   -- 3. Every new index as (index, task, payload, key, dedup hash, spec), in parallel arrays.
   --    Items without a key of their own use the batch key plus their index (and the batch's key
   --    TTL). Only rich items carry a parsed spec; the INSERT fills the defaults for the rest.
@@ -739,11 +755,18 @@ BEGIN
          array_agg(x.key ORDER BY x.idx),
          array_agg(CASE WHEN x.key IS NOT NULL
                         THEN idempotency_key_hash(x.key, coalesce((x.spec).idempotency_key_scope, 'run'),
-                                                  b.parent_run_id, parent.attempt_number) END ORDER BY x.idx),
-         array_agg(x.spec ORDER BY x.idx)
-  INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec
+                                                  b.parent_run_id,
+                                                  coalesce((x.spec).parent_attempt_number, parent.attempt_number))
+                   END ORDER BY x.idx),
+         array_agg(x.spec ORDER BY x.idx),
+         -- An item's own key lives 30 days (or its own TTL); a key derived from the batch key
+         -- lives as long as the batch key.
+         array_agg(coalesce((x.spec).idempotency_key_ttl,
+                            CASE WHEN x.own_key THEN interval '30 days' ELSE default_ttl END) ORDER BY x.idx)
+  INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec, item_key_ttl
   FROM (
     SELECT y.idx, y.task, y.payload, coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx) AS key,
+           y.opts ? 'idempotency_key' AS own_key,
            CASE WHEN y.opts - 'idempotency_key' = '{}'::jsonb THEN NULL
                 WHEN y.opts ? 'idempotency_key' OR b.idempotency_key IS NULL
                 THEN parse_trigger_options(y.opts)
@@ -815,7 +838,7 @@ BEGIN
              w.concurrency_key, CASE WHEN w.h IS NOT NULL THEN w.key END, w.h,
              CASE WHEN w.h IS NOT NULL THEN
                CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
-             CASE WHEN w.h IS NOT NULL THEN ts + coalesce(w.idempotency_key_ttl, default_ttl) END,
+             CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
              b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
              w.i, coalesce(w.max_attempts, 3),
              CASE WHEN w.delay_until > ts THEN w.delay_until END,
@@ -824,8 +847,8 @@ BEGIN
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
              ts, ts
       -- The spec array goes last: unnest spreads a composite element into its own columns.
-      FROM unnest(item_idx, item_task, item_payload, item_key, item_hash, new_ids, item_creates, item_spec)
-             AS w(i, t, p, key, h, nid, creates)
+      FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates, item_spec)
+             AS w(i, t, p, key, key_ttl, h, nid, creates)
       WHERE w.creates
       ON CONFLICT DO NOTHING;
       GET DIAGNOSTICS inserted = ROW_COUNT;
@@ -998,6 +1021,7 @@ BEGIN
     parent := require_parent(spec, claim_batch.environment_id);
   END IF;
   env := require_usable(env, claim_batch.environment_id);
+  PERFORM require_waitable_parent(parent, o.resume_parent_on_completion);
   LOOP
     IF o.idempotency_key IS NOT NULL THEN
       SELECT * INTO batch FROM batches AS x
@@ -1007,6 +1031,9 @@ BEGIN
           is_cached := true;
           IF o.resume_parent_on_completion THEN
             PERFORM add_blocker(parent.id, parent.environment_id, batch.id, batch.status IN ('COMPLETED', 'ABORTED'));
+            IF batch.status IN ('COMPLETED', 'ABORTED') THEN
+              PERFORM resume_if_unblocked(parent.id, false);  -- a parent already suspended goes on at once
+            END IF;
           END IF;
           RETURN;
         END IF;
@@ -1043,9 +1070,7 @@ AS $$
 DECLARE
   claimed record;
 BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
-  END IF;
+  PERFORM validate_batch_items(items, 0);
   claimed := claim_batch(batch_trigger.environment_id, jsonb_array_length(items), options, true);
   batch_id := 'batch_' || (claimed.batch).id;
   is_cached := claimed.is_cached;
@@ -1081,15 +1106,13 @@ DECLARE
   env environment_context;
   n integer;
 BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  IF start_index IS NULL OR start_index NOT BETWEEN 0 AND 99999 THEN  -- a batch holds at most 100000 items
+    PERFORM raise_error('RO006', format('start_index must be from 0 to 99999, got %s', quote_nullable(start_index)));
   END IF;
-  IF start_index IS NULL OR start_index < 0 THEN
-    PERFORM raise_error('RO006', format('start_index must be 0 or more, got %s', quote_nullable(start_index)));
-  END IF;
+  PERFORM validate_batch_items(items, start_index);
   n := jsonb_array_length(items);
   b := lock_batch(append_batch_items.batch_id);  -- appenders of one batch take turns
-  IF start_index + n > b.expected_count THEN
+  IF start_index > b.expected_count - n THEN  -- (start_index + n could overflow an integer)
     PERFORM raise_error('RO006', format('items %s to %s are past the batch''s expected_count of %s',
                                         start_index, start_index + n - 1, b.expected_count));
   END IF;
@@ -1145,7 +1168,7 @@ BEGIN
                      WHERE i.batch_id = b.id AND is_final_status(r.status))
   WHERE x.id = b.id;
   PERFORM finish_batch_if_done(b.id);
-  RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x WHERE x.id = b.id;
+  RETURN QUERY SELECT r.* FROM batches AS x, LATERAL batch_row_of(x) AS r WHERE x.id = b.id;
 END
 $$;
 
@@ -1156,14 +1179,14 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_batch.batch_id, 'batch');
-  residency text := try_classify_residency(bare);
+  residency text := try_classify_bare(bare);
   env_id text := get_batch.environment_id;
 BEGIN
   IF residency IS NULL THEN
     RETURN;
   END IF;
   IF residency = local_residency() THEN
-    RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x
+    RETURN QUERY SELECT r.* FROM batches AS x, LATERAL batch_row_of(x) AS r
                  WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id);
     RETURN;
   END IF;
@@ -1216,28 +1239,36 @@ $$;
 
 -- A single trigger naming batch_id and batch_index (a streaming client's own item, or a
 -- trigger_failed_task standing in for an item that could not be triggered) joins the batch at
--- that index. Called before the run is created: RO006 without an index or past the end, RO004
--- for another environment's batch, RO003 for a batch that takes no new items. Returns the run
--- already at that index (a re-sent index keeps its first content), or NULL.
-CREATE OR REPLACE FUNCTION runops.claim_batch_index(spec runops.trigger_spec, environment_id text)
-RETURNS text
+-- that index. First, before the environment's usability: the batch, locked (RO004 for another
+-- environment's, RO006 for an index past the end).
+CREATE OR REPLACE FUNCTION runops.lock_batch_for_index(spec runops.trigger_spec, environment_id text)
+RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  b batches;
-  existing text;
+  b batches := lock_batch('batch_' || spec.batch_id);
 BEGIN
-  IF spec.batch_index IS NULL THEN
-    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
-  END IF;
-  b := lock_batch('batch_' || spec.batch_id);
-  IF b.environment_id <> claim_batch_index.environment_id THEN
-    PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id, claim_batch_index.environment_id));
+  IF b.environment_id <> lock_batch_for_index.environment_id THEN
+    PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,
+                                        lock_batch_for_index.environment_id));
   END IF;
   IF spec.batch_index >= b.expected_count THEN
     PERFORM raise_error('RO006', format('batch_index %s is past the batch''s expected_count of %s',
                                         spec.batch_index, b.expected_count));
   END IF;
+  RETURN b;
+END
+$$;
+
+-- Then, last: the run already at that index (a re-sent index keeps its first content), or NULL
+-- when the index is free — RO003 when the batch takes no new items.
+CREATE OR REPLACE FUNCTION runops.claim_batch_index(b runops.batches, spec runops.trigger_spec)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  existing text;
+BEGIN
   SELECT i.run_id INTO existing FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = spec.batch_index;
   IF existing IS NULL AND b.status <> 'PENDING' THEN
     PERFORM raise_error('RO003', format('batch_%s is %s: it takes no new items', b.id, b.status));
@@ -1340,6 +1371,30 @@ AS $$
          END
 $$;
 
+-- The residency of an id whose friendly prefix is already stripped: only the first prefix is
+-- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
+CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN bare ~ '^[a-z]+_' THEN NULL ELSE try_classify_residency(bare) END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_bare(bare text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency IS NULL THEN
+    PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
+                                        'optionally with one friendly prefix such as run_', quote_nullable(bare)));
+  END IF;
+  RETURN residency;
+END
+$$;
+
 -- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
 CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
 RETURNS text
@@ -1355,7 +1410,7 @@ BEGIN
     PERFORM raise_error('RO006', format('%s %s is not a %s id', what, id, kind),
                         NULL, format('pass the bare id or the friendly form %s_<id>', kind));
   END IF;
-  PERFORM classify_residency(bare);
+  PERFORM classify_bare(bare);
   RETURN bare;
 END
 $$;
@@ -1678,7 +1733,7 @@ DECLARE
   n numeric := 0::numeric;
   ch integer;
 BEGIN
-  IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
+  IF runops.try_classify_residency(id) IS DISTINCT FROM 'NEW' THEN
     RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
       USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
   END IF;
@@ -1830,7 +1885,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   bare text := require_id(run_id, 'run', 'run_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   r runs;
 BEGIN
   IF residency <> local_residency() THEN
@@ -2168,7 +2223,11 @@ BEGIN
   WHERE x.id = r.id;
   -- Waiting for something that already happened must not wait at all.
   IF reason <> 'MANUAL' THEN
-    PERFORM refresh_blockers(r.id, false);
+    BEGIN
+      PERFORM refresh_blockers(r.id, true);
+    EXCEPTION WHEN SQLSTATE 'RO009' THEN
+      NULL;  -- the other store is down: its blockers are re-checked by tick
+    END;
     PERFORM resume_if_unblocked(r.id, false);
   END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -2269,7 +2328,7 @@ BEGIN
   ), live AS (
     SELECT r.id FROM runs AS r JOIN tree AS t ON t.id = r.id
     WHERE NOT is_final_status(r.status)
-    ORDER BY r.id
+    ORDER BY r.depth DESC, r.id   -- descendants first: see cancel_run
     FOR UPDATE OF r
   )
   UPDATE runs AS x
@@ -2288,10 +2347,21 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  r runs := lock_run(cancel_run.run_id);
+  bare text;
+  r runs;
 BEGIN
   IF length(reason) > 2048 THEN
     PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
+  END IF;
+  bare := require_id(cancel_run.run_id, 'run', 'run_id');
+  IF classify_bare(bare) <> local_residency() THEN
+    PERFORM refuse_foreign_id(classify_bare(bare), 'run', cancel_run.run_id);
+  END IF;
+  -- Not locked here: cancel_trees locks the whole tree, descendants before ancestors, the order
+  -- in which a finishing child locks itself and then its waiting parent.
+  SELECT * INTO r FROM runs AS x WHERE x.id = bare;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('run %s not found', cancel_run.run_id));
   END IF;
   -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
   IF NOT is_final_status(r.status) THEN
@@ -2313,7 +2383,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_run.run_id, 'run');
-  residency text := try_classify_residency(bare);
+  residency text := try_classify_bare(bare);
   env_id text := get_run.environment_id;
 BEGIN
   IF residency IS NULL THEN
@@ -2500,13 +2570,23 @@ AS $$
 DECLARE
   ts timestamptz := now();
   w record;
+  due text[];
   datetimes integer := 0;
   timeouts integer := 0;
 BEGIN
-  FOR w IN
-    SELECT x.id, x.type FROM waitpoints AS x
+  SELECT array_agg(x.id ORDER BY x.id) INTO due FROM (
+    SELECT x.id FROM waitpoints AS x
     WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
-    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED
+    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED) AS x;
+  IF due IS NULL THEN
+    RETURN jsonb_build_object('datetime_waitpoints', 0, 'manual_timeouts', 0);
+  END IF;
+  -- Lock every run these waitpoints unblock in one id order, before completing any: two ticks
+  -- completing different waitpoints of the same runs would otherwise lock them crosswise.
+  PERFORM FROM runs AS r
+  WHERE r.id IN (SELECT e.run_id FROM run_waitpoints AS e WHERE e.waitpoint_id = ANY (due) AND e.completed_at IS NULL)
+  ORDER BY r.id FOR UPDATE;
+  FOR w IN SELECT x.id, x.type FROM waitpoints AS x WHERE x.id = ANY (due) ORDER BY x.id
   LOOP
     UPDATE waitpoints AS x
     SET status = 'COMPLETED', completed_at = ts,
@@ -2547,9 +2627,25 @@ BEGIN
     END;
     IF resume_if_unblocked(candidate, false) THEN
       resumed := resumed + 1;
+    ELSE
+      -- Still blocked: to the back of the line, so the next tick looks at others first.
+      UPDATE runs AS r SET updated_at = now() WHERE r.id = candidate;
     END IF;
   END LOOP;
   RETURN resumed;
+END
+$$;
+
+-- The mirror pull as a tick step: an unreachable control plane must not roll back the rest of
+-- the tick's work (-1 says it failed; the next tick tries again).
+CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  RETURN pull_tenant_mirror();
+EXCEPTION WHEN connection_exception THEN
+  RETURN -1;
 END
 $$;
 
@@ -2571,7 +2667,7 @@ BEGIN
     'leases_released', release_lapsed_leases(n));
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
-  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
+  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
   PERFORM set_mover('');
   RETURN counts;
 END
@@ -2616,7 +2712,7 @@ BEGIN
     WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
       AND r.task_identifier = ANY (task_identifiers)
       AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
-    ORDER BY r.id FOR UPDATE SKIP LOCKED
+    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
   FROM waiting WHERE r.id = waiting.id;
@@ -2708,17 +2804,17 @@ DECLARE
   residency text;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
-    residency := classify_residency(spec.parent_run_id);
+    residency := classify_bare(spec.parent_run_id);
     IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('parent run run_%s not found (the split was never enabled)', spec.parent_run_id));
     END IF;
   ELSIF spec.batch_id IS NOT NULL THEN
-    residency := classify_residency(spec.batch_id);
+    residency := classify_bare(spec.batch_id);
     IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('batch batch_%s not found (the split was never enabled)', spec.batch_id));
     END IF;
   END IF;
-  IF spec.run_id IS NOT NULL AND classify_residency(spec.run_id) = 'NEW'
+  IF spec.run_id IS NOT NULL AND classify_bare(spec.run_id) = 'NEW'
      AND NOT (current_split_settings()).ever_enabled THEN
     PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
                         NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
@@ -2747,7 +2843,7 @@ BEGIN
     residency := root_residency(env);
   END IF;
   IF spec.run_id IS NOT NULL THEN
-    preminted := classify_residency(spec.run_id);
+    preminted := classify_bare(spec.run_id);
     IF preminted <> residency AND NOT run_exists(spec.run_id) THEN
       PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
                                            preminted, residency),
@@ -2766,7 +2862,7 @@ RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_residency(run_id);
+  residency text := try_classify_bare(run_id);
 BEGIN
   IF residency = local_residency() THEN
     RETURN EXISTS (SELECT FROM runs AS r WHERE r.id = run_exists.run_id);
@@ -3403,6 +3499,9 @@ BEGIN
     END IF;
   END IF;
   spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
+  IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
+    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
+  END IF;
   spec.dev_session_id := option_text(o, 'dev_session_id', 256);
   RETURN spec;
 END
@@ -3538,8 +3637,7 @@ BEGIN
 END
 $$;
 
--- The parent a child names: in this store and this environment (RO004), and live when it is
--- to wait for the child (RO003).
+-- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
 RETURNS runops.runs
 LANGUAGE plpgsql STABLE
@@ -3552,11 +3650,20 @@ BEGIN
     PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id,
                                         require_parent.environment_id));
   END IF;
-  IF spec.resume_parent_on_completion AND is_final_status(parent.status) THEN
+  RETURN parent;
+END
+$$;
+
+-- A parent that is to wait for its child must be live (RO003, the last check of all).
+CREATE OR REPLACE FUNCTION runops.require_waitable_parent(parent runops.runs, waits boolean)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF waits AND parent.id IS NOT NULL AND is_final_status(parent.status) THEN
     PERFORM raise_error('RO003', format('parent run run_%s is %s: a final run cannot wait for a child',
                                         parent.id, parent.status));
   END IF;
-  RETURN parent;
 END
 $$;
 
@@ -3591,6 +3698,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   parent runs;
+  target batches;
   created record;
   existing text;
 BEGIN
@@ -3611,9 +3719,13 @@ BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     parent := require_parent(spec, env_id);
   END IF;
-  env := require_usable(env, env_id);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(spec, env_id);
+    target := lock_batch_for_index(spec, env_id);
+  END IF;
+  env := require_usable(env, env_id);
+  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
       SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
       FROM runs AS r WHERE r.id = existing;
@@ -3671,8 +3783,9 @@ BEGIN
   IF env.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', env_id));
   END IF;
+  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(spec, env_id);
+    existing := claim_batch_index(lock_batch_for_index(spec, env_id), spec);
     IF existing IS NOT NULL THEN
       RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
       RETURN;
@@ -3737,7 +3850,7 @@ RETURNS SETOF runops.waitpoint_view
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_residency(waitpoint_id);
+  residency text := try_classify_bare(waitpoint_id);
 BEGIN
   IF residency IS NULL THEN
     RETURN;
@@ -3876,6 +3989,9 @@ BEGIN
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',
                                           'tags'], 'waitpoint');
   key := option_text(o, 'idempotency_key', 2048);
+  IF key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
   key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'), 'option idempotency_key_ttl');
   raw := option_text(o, 'completed_after');
   IF kind = 'DATETIME' THEN
@@ -3896,6 +4012,9 @@ BEGIN
   tags := coalesce(option_text_array(o, 'tags'), '{}');
   IF cardinality(tags) > 10 THEN
     PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', cardinality(tags)));
+  END IF;
+  IF EXISTS (SELECT FROM unnest(tags) AS t WHERE length(t) NOT BETWEEN 1 AND 128) THEN
+    PERFORM raise_error('RO006', 'option tags must hold strings of 1 to 128 characters');
   END IF;
   env := load_environment(env_id);
   IF env.id IS NOT NULL THEN
@@ -3942,7 +4061,9 @@ AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
   bare_ids text[] := '{}'::text[];
+  found_waitpoints waitpoint_view[] := '{}'::waitpoint_view[];
   raw text;
+  run_bare text;
   r runs;
   w waitpoint_view;
   ts timestamptz := now();
@@ -3951,23 +4072,30 @@ BEGIN
   IF waitpoint_ids IS NULL OR cardinality(waitpoint_ids) NOT BETWEEN 1 AND 100 THEN
     PERFORM raise_error('RO006', 'waitpoint_ids must name 1 to 100 waitpoints');
   END IF;
+  run_bare := bare_id(block_run.run_id, 'run');
+  FOREACH raw IN ARRAY waitpoint_ids LOOP
+    raw := bare_id(raw, 'waitpoint');
+    IF raw IS NOT NULL AND raw = run_bare THEN
+      PERFORM raise_error('RO006', format('run_%s cannot wait on its own waitpoint', run_bare));
+    END IF;
+  END LOOP;
   FOREACH raw IN ARRAY waitpoint_ids LOOP
     bare_ids := bare_ids || require_id(raw, 'waitpoint', 'waitpoint id');
   END LOOP;
   r := lock_run(block_run.run_id);
-  IF is_final_status(r.status) THEN
-    PERFORM raise_error('RO003', format('run_%s is %s: a final run waits for nothing', r.id, r.status));
-  END IF;
   FOREACH raw IN ARRAY bare_ids LOOP
-    IF raw = r.id THEN
-      PERFORM raise_error('RO006', format('run_%s cannot wait on its own waitpoint', r.id));
-    END IF;
     SELECT * INTO w FROM find_waitpoint(raw);
     IF w.id IS NULL OR w.environment_id <> r.environment_id THEN
       PERFORM raise_error('RO004', format('waitpoint_%s not found in environment %s', raw, r.environment_id));
     END IF;
+    found_waitpoints := found_waitpoints || w;
+  END LOOP;
+  IF is_final_status(r.status) THEN
+    PERFORM raise_error('RO003', format('run_%s is %s: a final run waits for nothing', r.id, r.status));
+  END IF;
+  FOREACH w IN ARRAY found_waitpoints LOOP
     -- An edge on a waitpoint that is already done is born done: blocking never hangs.
-    PERFORM add_blocker(r.id, r.environment_id, raw, waitpoint_done(w.status, w.type, w.completed_after, ts));
+    PERFORM add_blocker(r.id, r.environment_id, w.id, waitpoint_done(w.status, w.type, w.completed_after, ts));
   END LOOP;
   IF r.status = 'WAITING_TO_RESUME' THEN
     PERFORM resume_if_unblocked(r.id, false);
@@ -3984,7 +4112,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
@@ -3997,6 +4125,10 @@ BEGIN
   IF NOT FOUND THEN
     IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare) THEN
       PERFORM raise_error('RO003', format('%s is a RUN waitpoint: it completes when its run does',
+                                          complete_waitpoint.waitpoint_id));
+    END IF;
+    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare) THEN
+      PERFORM raise_error('RO003', format('%s is a BATCH waitpoint: it completes when its batch does',
                                           complete_waitpoint.waitpoint_id));
     END IF;
     PERFORM raise_error('RO004', format('waitpoint %s not found', complete_waitpoint.waitpoint_id));

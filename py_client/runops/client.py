@@ -43,13 +43,22 @@ ROUTE_CACHE_SECONDS = 1.0
 _ROW_FACTORIES: dict[type, Any] = {}
 
 
+def _strip_key(opts: dict[str, Any]) -> dict[str, Any]:
+    key = opts.get("idempotency_key")
+    if isinstance(key, str) and "\x00" in key:
+        return {**opts, "idempotency_key": key.replace("\x00", "")}  # PostgreSQL text cannot hold NUL
+    return opts
+
+
 def _options(values: dict[str, Any]) -> Jsonb:
     """Keyword options to the jsonb the SQL API takes: None means "not given"."""
-    opts = {k: v for k, v in values.items() if v is not None}
-    key = opts.get("idempotency_key")
-    if isinstance(key, str):
-        opts["idempotency_key"] = key.replace("\x00", "")  # PostgreSQL text cannot hold NUL
-    return Jsonb(opts)
+    return Jsonb(_strip_key({k: v for k, v in values.items() if v is not None}))
+
+
+def _items(items: list[dict[str, Any]]) -> Jsonb:
+    """Batch items, with NUL bytes stripped from their keys as from a single trigger's."""
+    return Jsonb([{**item, "options": _strip_key(item["options"])} if isinstance(item.get("options"), dict) else item
+                  for item in items])
 
 
 class RunOps:
@@ -410,7 +419,7 @@ class RunOps:
 
     def batch_trigger(self, environment_id: str, items: list[dict[str, Any]], **options: Any) -> BatchTriggered:
         """One call: the batch, sealed, with all its runs (run_ids in item order)."""
-        params = {"e": environment_id, "i": Jsonb(items), "o": _options(options)}
+        params = {"e": environment_id, "i": _items(items), "o": _options(options)}
 
         def call(store: str) -> BatchTriggered:
             return self._rows(store, "SELECT * FROM runops.batch_trigger(%(e)s, %(i)s, %(o)s)",
@@ -430,7 +439,7 @@ class RunOps:
     def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]]) -> BatchAppended:
         return self._rows(self._write_store_of(batch_id),
                           "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s)",
-                          {"b": batch_id, "s": start_index, "i": Jsonb(items)}, BatchAppended)[0]
+                          {"b": batch_id, "s": start_index, "i": _items(items)}, BatchAppended)[0]
 
     def seal_batch(self, batch_id: str) -> BatchSealed:
         return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s)",

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .schema import MIGRATIONS, SQL
 
@@ -161,9 +161,9 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
     slot = f"runops_mirror_{pub[0]}_{sub[0][-8:]}_{sub[1]}"
     existing = ro.execute("SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
                           "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
-    publisher = {**_target(control_plane_url),
-                 "user": str(conninfo_to_dict(control_plane_url).get("user") or "postgres")}
-    conninfo = " ".join(f"{k}={v}" for k, v in publisher.items())
+    # The subscription connects with the admin URL as given: password and TLS options included,
+    # each value quoted as libpq wants.
+    conninfo = make_conninfo(control_plane_url)
     if existing:
         ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
             sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
@@ -171,11 +171,17 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
         return "logical replication"
     if cp.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [slot]).fetchone() is None:
         cp.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
-    # The initial copy must land in empty tables (an earlier pull may have filled them).
+    # The initial copy must land in empty tables (an earlier pull may have filled them). If the
+    # subscription cannot be made, the pull refills the mirror at once.
     ro.execute(sql.SQL("TRUNCATE {}").format(tables))
-    ro.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
-                       "WITH (create_slot = false, slot_name = {}, copy_data = true)").format(
-        sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo), sql.Identifier(PUBLICATION), sql.Literal(slot)))
+    try:
+        ro.execute(sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
+                           "WITH (create_slot = false, slot_name = {}, copy_data = true)").format(
+            sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo), sql.Identifier(PUBLICATION), sql.Literal(slot)))
+    except psycopg.Error as exc:
+        ro.execute("SELECT runops.pull_tenant_mirror()")
+        notes.append(f"the tenant mirror is pulled by tick: the subscription could not be created ({exc})")
+        return "pull"
     return "logical replication"
 
 

@@ -67,7 +67,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   bare text := require_id(batch_id, 'batch', 'batch_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   b batches;
 BEGIN
   IF residency <> local_residency() THEN
@@ -81,44 +81,25 @@ BEGIN
 END
 $$;
 
--- Validates a chunk of items (RO006 naming the first bad index; nothing is created), then
--- creates or finds their runs set-based and attaches them at first_index onwards. Indexes the
+-- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
 -- batch already holds keep their first content. Returns the item run ids (friendly), in order.
-CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
-                                                  first_index integer, items jsonb)
-RETURNS text[]
-LANGUAGE plpgsql VOLATILE
+-- Validates a chunk of batch items before anything is locked or written: RO006 naming the
+-- first bad index (its shape set-based; options richer than a lone idempotency_key through
+-- parse_trigger_options, the single-trigger parser, item by item).
+CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
+RETURNS void
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  ts timestamptz := now();
-  parent runs;
   bad record;
   spec trigger_spec;
-  item_idx integer[];
-  item_task text[];
-  item_payload jsonb[];
-  item_spec trigger_spec[];
-  item_key text[];
-  item_hash text[];
-  item_run text[];          -- the run each position resolves to, filled pass by pass
-  item_creates boolean[];   -- positions that create a run in this pass
-  item_creator bigint[];    -- for each position, the position creating its run
-  item_made boolean[];      -- positions whose run this call made (when it made them all at once)
-  creator_count bigint;
-  inserted bigint;
-  dead_ids text[];
-  has_keys boolean;
-  new_ids text[];
-  passes integer := 0;
-  default_ttl interval;
-  all_item_count integer := jsonb_array_length(items);
-  resent boolean;
 BEGIN
-  IF b.parent_run_id IS NOT NULL THEN
-    SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
   END IF;
-  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
-
+  IF jsonb_array_length(items) > 100000 THEN
+    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
+  END IF;
   -- 1. Shape of every item, set-based: the first bad index is reported.
   SELECT e.n - 1 + first_index AS idx,
          CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
@@ -142,8 +123,6 @@ BEGIN
     PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
   END IF;
 
-  -- 2. Options. {} and {"idempotency_key": "..."} are checked set-based; anything richer goes
-  --    through parse_trigger_options, the single-trigger parser, item by item.
   FOR bad IN
     SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
     FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
@@ -164,6 +143,43 @@ BEGIN
     END;
   END LOOP;
 
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
+                                                  first_index integer, items jsonb)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  parent runs;
+  item_idx integer[];
+  item_task text[];
+  item_payload jsonb[];
+  item_spec trigger_spec[];
+  item_key text[];
+  item_key_ttl interval[];
+  item_hash text[];
+  item_run text[];          -- the run each position resolves to, filled pass by pass
+  item_creates boolean[];   -- positions that create a run in this pass
+  item_creator bigint[];    -- for each position, the position creating its run
+  item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  creator_count bigint;
+  inserted bigint;
+  dead_ids text[];
+  has_keys boolean;
+  new_ids text[];
+  passes integer := 0;
+  default_ttl interval;
+  all_item_count integer := jsonb_array_length(items);
+  resent boolean;
+BEGIN
+  IF b.parent_run_id IS NOT NULL THEN
+    SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
+  END IF;
+  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
+
   -- 3. Every new index as (index, task, payload, key, dedup hash, spec), in parallel arrays.
   --    Items without a key of their own use the batch key plus their index (and the batch's key
   --    TTL). Only rich items carry a parsed spec; the INSERT fills the defaults for the rest.
@@ -175,11 +191,18 @@ BEGIN
          array_agg(x.key ORDER BY x.idx),
          array_agg(CASE WHEN x.key IS NOT NULL
                         THEN idempotency_key_hash(x.key, coalesce((x.spec).idempotency_key_scope, 'run'),
-                                                  b.parent_run_id, parent.attempt_number) END ORDER BY x.idx),
-         array_agg(x.spec ORDER BY x.idx)
-  INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec
+                                                  b.parent_run_id,
+                                                  coalesce((x.spec).parent_attempt_number, parent.attempt_number))
+                   END ORDER BY x.idx),
+         array_agg(x.spec ORDER BY x.idx),
+         -- An item's own key lives 30 days (or its own TTL); a key derived from the batch key
+         -- lives as long as the batch key.
+         array_agg(coalesce((x.spec).idempotency_key_ttl,
+                            CASE WHEN x.own_key THEN interval '30 days' ELSE default_ttl END) ORDER BY x.idx)
+  INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec, item_key_ttl
   FROM (
     SELECT y.idx, y.task, y.payload, coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx) AS key,
+           y.opts ? 'idempotency_key' AS own_key,
            CASE WHEN y.opts - 'idempotency_key' = '{}'::jsonb THEN NULL
                 WHEN y.opts ? 'idempotency_key' OR b.idempotency_key IS NULL
                 THEN parse_trigger_options(y.opts)
@@ -251,7 +274,7 @@ BEGIN
              w.concurrency_key, CASE WHEN w.h IS NOT NULL THEN w.key END, w.h,
              CASE WHEN w.h IS NOT NULL THEN
                CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
-             CASE WHEN w.h IS NOT NULL THEN ts + coalesce(w.idempotency_key_ttl, default_ttl) END,
+             CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
              b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
              w.i, coalesce(w.max_attempts, 3),
              CASE WHEN w.delay_until > ts THEN w.delay_until END,
@@ -260,8 +283,8 @@ BEGIN
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
              ts, ts
       -- The spec array goes last: unnest spreads a composite element into its own columns.
-      FROM unnest(item_idx, item_task, item_payload, item_key, item_hash, new_ids, item_creates, item_spec)
-             AS w(i, t, p, key, h, nid, creates)
+      FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates, item_spec)
+             AS w(i, t, p, key, key_ttl, h, nid, creates)
       WHERE w.creates
       ON CONFLICT DO NOTHING;
       GET DIAGNOSTICS inserted = ROW_COUNT;
@@ -434,6 +457,7 @@ BEGIN
     parent := require_parent(spec, claim_batch.environment_id);
   END IF;
   env := require_usable(env, claim_batch.environment_id);
+  PERFORM require_waitable_parent(parent, o.resume_parent_on_completion);
   LOOP
     IF o.idempotency_key IS NOT NULL THEN
       SELECT * INTO batch FROM batches AS x
@@ -443,6 +467,9 @@ BEGIN
           is_cached := true;
           IF o.resume_parent_on_completion THEN
             PERFORM add_blocker(parent.id, parent.environment_id, batch.id, batch.status IN ('COMPLETED', 'ABORTED'));
+            IF batch.status IN ('COMPLETED', 'ABORTED') THEN
+              PERFORM resume_if_unblocked(parent.id, false);  -- a parent already suspended goes on at once
+            END IF;
           END IF;
           RETURN;
         END IF;
@@ -479,9 +506,7 @@ AS $$
 DECLARE
   claimed record;
 BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
-  END IF;
+  PERFORM validate_batch_items(items, 0);
   claimed := claim_batch(batch_trigger.environment_id, jsonb_array_length(items), options, true);
   batch_id := 'batch_' || (claimed.batch).id;
   is_cached := claimed.is_cached;
@@ -517,15 +542,13 @@ DECLARE
   env environment_context;
   n integer;
 BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  IF start_index IS NULL OR start_index NOT BETWEEN 0 AND 99999 THEN  -- a batch holds at most 100000 items
+    PERFORM raise_error('RO006', format('start_index must be from 0 to 99999, got %s', quote_nullable(start_index)));
   END IF;
-  IF start_index IS NULL OR start_index < 0 THEN
-    PERFORM raise_error('RO006', format('start_index must be 0 or more, got %s', quote_nullable(start_index)));
-  END IF;
+  PERFORM validate_batch_items(items, start_index);
   n := jsonb_array_length(items);
   b := lock_batch(append_batch_items.batch_id);  -- appenders of one batch take turns
-  IF start_index + n > b.expected_count THEN
+  IF start_index > b.expected_count - n THEN  -- (start_index + n could overflow an integer)
     PERFORM raise_error('RO006', format('items %s to %s are past the batch''s expected_count of %s',
                                         start_index, start_index + n - 1, b.expected_count));
   END IF;
@@ -581,7 +604,7 @@ BEGIN
                      WHERE i.batch_id = b.id AND is_final_status(r.status))
   WHERE x.id = b.id;
   PERFORM finish_batch_if_done(b.id);
-  RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x WHERE x.id = b.id;
+  RETURN QUERY SELECT r.* FROM batches AS x, LATERAL batch_row_of(x) AS r WHERE x.id = b.id;
 END
 $$;
 
@@ -592,14 +615,14 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_batch.batch_id, 'batch');
-  residency text := try_classify_residency(bare);
+  residency text := try_classify_bare(bare);
   env_id text := get_batch.environment_id;
 BEGIN
   IF residency IS NULL THEN
     RETURN;
   END IF;
   IF residency = local_residency() THEN
-    RETURN QUERY SELECT (batch_row_of(x)).* FROM batches AS x
+    RETURN QUERY SELECT r.* FROM batches AS x, LATERAL batch_row_of(x) AS r
                  WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id);
     RETURN;
   END IF;
@@ -652,28 +675,36 @@ $$;
 
 -- A single trigger naming batch_id and batch_index (a streaming client's own item, or a
 -- trigger_failed_task standing in for an item that could not be triggered) joins the batch at
--- that index. Called before the run is created: RO006 without an index or past the end, RO004
--- for another environment's batch, RO003 for a batch that takes no new items. Returns the run
--- already at that index (a re-sent index keeps its first content), or NULL.
-CREATE OR REPLACE FUNCTION runops.claim_batch_index(spec runops.trigger_spec, environment_id text)
-RETURNS text
+-- that index. First, before the environment's usability: the batch, locked (RO004 for another
+-- environment's, RO006 for an index past the end).
+CREATE OR REPLACE FUNCTION runops.lock_batch_for_index(spec runops.trigger_spec, environment_id text)
+RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  b batches;
-  existing text;
+  b batches := lock_batch('batch_' || spec.batch_id);
 BEGIN
-  IF spec.batch_index IS NULL THEN
-    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
-  END IF;
-  b := lock_batch('batch_' || spec.batch_id);
-  IF b.environment_id <> claim_batch_index.environment_id THEN
-    PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id, claim_batch_index.environment_id));
+  IF b.environment_id <> lock_batch_for_index.environment_id THEN
+    PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,
+                                        lock_batch_for_index.environment_id));
   END IF;
   IF spec.batch_index >= b.expected_count THEN
     PERFORM raise_error('RO006', format('batch_index %s is past the batch''s expected_count of %s',
                                         spec.batch_index, b.expected_count));
   END IF;
+  RETURN b;
+END
+$$;
+
+-- Then, last: the run already at that index (a re-sent index keeps its first content), or NULL
+-- when the index is free — RO003 when the batch takes no new items.
+CREATE OR REPLACE FUNCTION runops.claim_batch_index(b runops.batches, spec runops.trigger_spec)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  existing text;
+BEGIN
   SELECT i.run_id INTO existing FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = spec.batch_index;
   IF existing IS NULL AND b.status <> 'PENDING' THEN
     PERFORM raise_error('RO003', format('batch_%s is %s: it takes no new items', b.id, b.status));

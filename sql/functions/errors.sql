@@ -80,6 +80,30 @@ AS $$
          END
 $$;
 
+-- The residency of an id whose friendly prefix is already stripped: only the first prefix is
+-- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
+CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN bare ~ '^[a-z]+_' THEN NULL ELSE try_classify_residency(bare) END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_bare(bare text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency IS NULL THEN
+    PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
+                                        'optionally with one friendly prefix such as run_', quote_nullable(bare)));
+  END IF;
+  RETURN residency;
+END
+$$;
+
 -- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
 CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
 RETURNS text
@@ -95,7 +119,7 @@ BEGIN
     PERFORM raise_error('RO006', format('%s %s is not a %s id', what, id, kind),
                         NULL, format('pass the bare id or the friendly form %s_<id>', kind));
   END IF;
-  PERFORM classify_residency(bare);
+  PERFORM classify_bare(bare);
   RETURN bare;
 END
 $$;

@@ -184,7 +184,7 @@ DECLARE
   n numeric := 0::numeric;
   ch integer;
 BEGIN
-  IF runops.try_classify_residency(bare) IS DISTINCT FROM 'NEW' THEN
+  IF runops.try_classify_residency(id) IS DISTINCT FROM 'NEW' THEN
     RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
       USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
   END IF;

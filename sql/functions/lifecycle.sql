@@ -93,7 +93,7 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   bare text := require_id(run_id, 'run', 'run_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   r runs;
 BEGIN
   IF residency <> local_residency() THEN
@@ -431,7 +431,11 @@ BEGIN
   WHERE x.id = r.id;
   -- Waiting for something that already happened must not wait at all.
   IF reason <> 'MANUAL' THEN
-    PERFORM refresh_blockers(r.id, false);
+    BEGIN
+      PERFORM refresh_blockers(r.id, true);
+    EXCEPTION WHEN SQLSTATE 'RO009' THEN
+      NULL;  -- the other store is down: its blockers are re-checked by tick
+    END;
     PERFORM resume_if_unblocked(r.id, false);
   END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -532,7 +536,7 @@ BEGIN
   ), live AS (
     SELECT r.id FROM runs AS r JOIN tree AS t ON t.id = r.id
     WHERE NOT is_final_status(r.status)
-    ORDER BY r.id
+    ORDER BY r.depth DESC, r.id   -- descendants first: see cancel_run
     FOR UPDATE OF r
   )
   UPDATE runs AS x
@@ -551,10 +555,21 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  r runs := lock_run(cancel_run.run_id);
+  bare text;
+  r runs;
 BEGIN
   IF length(reason) > 2048 THEN
     PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
+  END IF;
+  bare := require_id(cancel_run.run_id, 'run', 'run_id');
+  IF classify_bare(bare) <> local_residency() THEN
+    PERFORM refuse_foreign_id(classify_bare(bare), 'run', cancel_run.run_id);
+  END IF;
+  -- Not locked here: cancel_trees locks the whole tree, descendants before ancestors, the order
+  -- in which a finishing child locks itself and then its waiting parent.
+  SELECT * INTO r FROM runs AS x WHERE x.id = bare;
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO004', format('run %s not found', cancel_run.run_id));
   END IF;
   -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
   IF NOT is_final_status(r.status) THEN

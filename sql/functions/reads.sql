@@ -9,7 +9,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_run.run_id, 'run');
-  residency text := try_classify_residency(bare);
+  residency text := try_classify_bare(bare);
   env_id text := get_run.environment_id;
 BEGIN
   IF residency IS NULL THEN

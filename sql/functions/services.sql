@@ -156,13 +156,23 @@ AS $$
 DECLARE
   ts timestamptz := now();
   w record;
+  due text[];
   datetimes integer := 0;
   timeouts integer := 0;
 BEGIN
-  FOR w IN
-    SELECT x.id, x.type FROM waitpoints AS x
+  SELECT array_agg(x.id ORDER BY x.id) INTO due FROM (
+    SELECT x.id FROM waitpoints AS x
     WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
-    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED
+    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED) AS x;
+  IF due IS NULL THEN
+    RETURN jsonb_build_object('datetime_waitpoints', 0, 'manual_timeouts', 0);
+  END IF;
+  -- Lock every run these waitpoints unblock in one id order, before completing any: two ticks
+  -- completing different waitpoints of the same runs would otherwise lock them crosswise.
+  PERFORM FROM runs AS r
+  WHERE r.id IN (SELECT e.run_id FROM run_waitpoints AS e WHERE e.waitpoint_id = ANY (due) AND e.completed_at IS NULL)
+  ORDER BY r.id FOR UPDATE;
+  FOR w IN SELECT x.id, x.type FROM waitpoints AS x WHERE x.id = ANY (due) ORDER BY x.id
   LOOP
     UPDATE waitpoints AS x
     SET status = 'COMPLETED', completed_at = ts,
@@ -203,9 +213,25 @@ BEGIN
     END;
     IF resume_if_unblocked(candidate, false) THEN
       resumed := resumed + 1;
+    ELSE
+      -- Still blocked: to the back of the line, so the next tick looks at others first.
+      UPDATE runs AS r SET updated_at = now() WHERE r.id = candidate;
     END IF;
   END LOOP;
   RETURN resumed;
+END
+$$;
+
+-- The mirror pull as a tick step: an unreachable control plane must not roll back the rest of
+-- the tick's work (-1 says it failed; the next tick tries again).
+CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  RETURN pull_tenant_mirror();
+EXCEPTION WHEN connection_exception THEN
+  RETURN -1;
 END
 $$;
 
@@ -227,7 +253,7 @@ BEGIN
     'leases_released', release_lapsed_leases(n));
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
-  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_tenant_mirror());
+  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
   PERFORM set_mover('');
   RETURN counts;
 END
@@ -272,7 +298,7 @@ BEGIN
     WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
       AND r.task_identifier = ANY (task_identifiers)
       AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
-    ORDER BY r.id FOR UPDATE SKIP LOCKED
+    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
   )
   UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
   FROM waiting WHERE r.id = waiting.id;

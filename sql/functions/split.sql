@@ -54,17 +54,17 @@ DECLARE
   residency text;
 BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
-    residency := classify_residency(spec.parent_run_id);
+    residency := classify_bare(spec.parent_run_id);
     IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('parent run run_%s not found (the split was never enabled)', spec.parent_run_id));
     END IF;
   ELSIF spec.batch_id IS NOT NULL THEN
-    residency := classify_residency(spec.batch_id);
+    residency := classify_bare(spec.batch_id);
     IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
       PERFORM raise_error('RO004', format('batch batch_%s not found (the split was never enabled)', spec.batch_id));
     END IF;
   END IF;
-  IF spec.run_id IS NOT NULL AND classify_residency(spec.run_id) = 'NEW'
+  IF spec.run_id IS NOT NULL AND classify_bare(spec.run_id) = 'NEW'
      AND NOT (current_split_settings()).ever_enabled THEN
     PERFORM raise_error('RO006', format('pre-minted run id run_%s is a KSUID, but the split was never enabled', spec.run_id),
                         NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
@@ -93,7 +93,7 @@ BEGIN
     residency := root_residency(env);
   END IF;
   IF spec.run_id IS NOT NULL THEN
-    preminted := classify_residency(spec.run_id);
+    preminted := classify_bare(spec.run_id);
     IF preminted <> residency AND NOT run_exists(spec.run_id) THEN
       PERFORM raise_error('RO006', format('pre-minted run id run_%s is %s, but this run must be %s', spec.run_id,
                                            preminted, residency),
@@ -112,7 +112,7 @@ RETURNS boolean
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_residency(run_id);
+  residency text := try_classify_bare(run_id);
 BEGIN
   IF residency = local_residency() THEN
     RETURN EXISTS (SELECT FROM runs AS r WHERE r.id = run_exists.run_id);

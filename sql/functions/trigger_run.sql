@@ -129,6 +129,9 @@ BEGIN
     END IF;
   END IF;
   spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
+  IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
+    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
+  END IF;
   spec.dev_session_id := option_text(o, 'dev_session_id', 256);
   RETURN spec;
 END
@@ -264,8 +267,7 @@ BEGIN
 END
 $$;
 
--- The parent a child names: in this store and this environment (RO004), and live when it is
--- to wait for the child (RO003).
+-- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
 RETURNS runops.runs
 LANGUAGE plpgsql STABLE
@@ -278,11 +280,20 @@ BEGIN
     PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id,
                                         require_parent.environment_id));
   END IF;
-  IF spec.resume_parent_on_completion AND is_final_status(parent.status) THEN
+  RETURN parent;
+END
+$$;
+
+-- A parent that is to wait for its child must be live (RO003, the last check of all).
+CREATE OR REPLACE FUNCTION runops.require_waitable_parent(parent runops.runs, waits boolean)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF waits AND parent.id IS NOT NULL AND is_final_status(parent.status) THEN
     PERFORM raise_error('RO003', format('parent run run_%s is %s: a final run cannot wait for a child',
                                         parent.id, parent.status));
   END IF;
-  RETURN parent;
 END
 $$;
 
@@ -317,6 +328,7 @@ DECLARE
   owner_residency text;
   env environment_context;
   parent runs;
+  target batches;
   created record;
   existing text;
 BEGIN
@@ -337,9 +349,13 @@ BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     parent := require_parent(spec, env_id);
   END IF;
-  env := require_usable(env, env_id);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(spec, env_id);
+    target := lock_batch_for_index(spec, env_id);
+  END IF;
+  env := require_usable(env, env_id);
+  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
+  IF spec.batch_id IS NOT NULL THEN
+    existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
       SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
       FROM runs AS r WHERE r.id = existing;
@@ -397,8 +413,9 @@ BEGIN
   IF env.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', env_id));
   END IF;
+  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(spec, env_id);
+    existing := claim_batch_index(lock_batch_for_index(spec, env_id), spec);
     IF existing IS NOT NULL THEN
       RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
       RETURN;

@@ -12,7 +12,7 @@ RETURNS SETOF runops.waitpoint_view
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_residency(waitpoint_id);
+  residency text := try_classify_bare(waitpoint_id);
 BEGIN
   IF residency IS NULL THEN
     RETURN;
@@ -151,6 +151,9 @@ BEGIN
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',
                                           'tags'], 'waitpoint');
   key := option_text(o, 'idempotency_key', 2048);
+  IF key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
   key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'), 'option idempotency_key_ttl');
   raw := option_text(o, 'completed_after');
   IF kind = 'DATETIME' THEN
@@ -171,6 +174,9 @@ BEGIN
   tags := coalesce(option_text_array(o, 'tags'), '{}');
   IF cardinality(tags) > 10 THEN
     PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', cardinality(tags)));
+  END IF;
+  IF EXISTS (SELECT FROM unnest(tags) AS t WHERE length(t) NOT BETWEEN 1 AND 128) THEN
+    PERFORM raise_error('RO006', 'option tags must hold strings of 1 to 128 characters');
   END IF;
   env := load_environment(env_id);
   IF env.id IS NOT NULL THEN
@@ -217,7 +223,9 @@ AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
   bare_ids text[] := '{}'::text[];
+  found_waitpoints waitpoint_view[] := '{}'::waitpoint_view[];
   raw text;
+  run_bare text;
   r runs;
   w waitpoint_view;
   ts timestamptz := now();
@@ -226,23 +234,30 @@ BEGIN
   IF waitpoint_ids IS NULL OR cardinality(waitpoint_ids) NOT BETWEEN 1 AND 100 THEN
     PERFORM raise_error('RO006', 'waitpoint_ids must name 1 to 100 waitpoints');
   END IF;
+  run_bare := bare_id(block_run.run_id, 'run');
+  FOREACH raw IN ARRAY waitpoint_ids LOOP
+    raw := bare_id(raw, 'waitpoint');
+    IF raw IS NOT NULL AND raw = run_bare THEN
+      PERFORM raise_error('RO006', format('run_%s cannot wait on its own waitpoint', run_bare));
+    END IF;
+  END LOOP;
   FOREACH raw IN ARRAY waitpoint_ids LOOP
     bare_ids := bare_ids || require_id(raw, 'waitpoint', 'waitpoint id');
   END LOOP;
   r := lock_run(block_run.run_id);
-  IF is_final_status(r.status) THEN
-    PERFORM raise_error('RO003', format('run_%s is %s: a final run waits for nothing', r.id, r.status));
-  END IF;
   FOREACH raw IN ARRAY bare_ids LOOP
-    IF raw = r.id THEN
-      PERFORM raise_error('RO006', format('run_%s cannot wait on its own waitpoint', r.id));
-    END IF;
     SELECT * INTO w FROM find_waitpoint(raw);
     IF w.id IS NULL OR w.environment_id <> r.environment_id THEN
       PERFORM raise_error('RO004', format('waitpoint_%s not found in environment %s', raw, r.environment_id));
     END IF;
+    found_waitpoints := found_waitpoints || w;
+  END LOOP;
+  IF is_final_status(r.status) THEN
+    PERFORM raise_error('RO003', format('run_%s is %s: a final run waits for nothing', r.id, r.status));
+  END IF;
+  FOREACH w IN ARRAY found_waitpoints LOOP
     -- An edge on a waitpoint that is already done is born done: blocking never hangs.
-    PERFORM add_blocker(r.id, r.environment_id, raw, waitpoint_done(w.status, w.type, w.completed_after, ts));
+    PERFORM add_blocker(r.id, r.environment_id, w.id, waitpoint_done(w.status, w.type, w.completed_after, ts));
   END LOOP;
   IF r.status = 'WAITING_TO_RESUME' THEN
     PERFORM resume_if_unblocked(r.id, false);
@@ -259,7 +274,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency text := classify_residency(bare);
+  residency text := classify_bare(bare);
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
@@ -272,6 +287,10 @@ BEGIN
   IF NOT FOUND THEN
     IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare) THEN
       PERFORM raise_error('RO003', format('%s is a RUN waitpoint: it completes when its run does',
+                                          complete_waitpoint.waitpoint_id));
+    END IF;
+    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare) THEN
+      PERFORM raise_error('RO003', format('%s is a BATCH waitpoint: it completes when its batch does',
                                           complete_waitpoint.waitpoint_id));
     END IF;
     PERFORM raise_error('RO004', format('waitpoint %s not found', complete_waitpoint.waitpoint_id));

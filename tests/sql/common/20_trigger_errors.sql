@@ -125,7 +125,7 @@ SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.env'), '
                  'RO001', NULL, 'an unclassifiable parent_run_id is RO001');
 SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.env'), 'pgtap/task', '{}', '{"run_id": "run_nope"}') $$,
                  'RO001', NULL, 'an unclassifiable pre-minted run_id is RO001');
-SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.env'), 'pgtap/task', '{}', '{"batch_id": "batch_nope"}') $$,
+SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.env'), 'pgtap/task', '{}', '{"batch_id": "batch_nope", "batch_index": 0}') $$,
                  'RO001', NULL, 'an unclassifiable batch_id is RO001');
 SELECT throws_ok($$ SELECT * FROM runops.finalize_run('run_aWgEPTl1tmebfsQzFP4bxwgy80W', 'CANCELED') $$,
                  'RO001', NULL, 'finalize_run of an unclassifiable id is RO001');

@@ -92,7 +92,7 @@ SELECT is(pg_temp.error_of($$ SELECT * FROM runops.trigger_run(current_setting('
                                 pg_catalog.jsonb_build_object('parent_run_id', 'run_' || current_setting('t.ksuid'))) $$),
           'RO002: owning_store=RUN_OPS', 'a NEW parent id is RO002 naming RUN_OPS');
 SELECT is(pg_temp.error_of($$ SELECT * FROM runops.trigger_run(current_setting('t.cuid_env'), 'pgtap/task', '{}',
-                                pg_catalog.jsonb_build_object('batch_id', 'batch_' || current_setting('t.ksuid'))) $$),
+                                pg_catalog.jsonb_build_object('batch_id', 'batch_' || current_setting('t.ksuid'), 'batch_index', 0)) $$),
           'RO002: owning_store=RUN_OPS', 'a NEW batch id is RO002 naming RUN_OPS');
 SELECT is(runops.trigger_route(current_setting('t.cuid_env'), pg_catalog.jsonb_build_object('parent_run_id', 'run_' || current_setting('t.ksuid'))),
           'RUN_OPS', 'trigger_route sends a child of a NEW parent to run-ops');
