@@ -36,3 +36,6 @@ def test_pg_cron_runs_tick_inside_postgresql(stores: Stores, legacy_env, cp) -> 
             assert ran >= 1
         finally:
             admin.execute("SELECT cron.unschedule(%s)", [job])
+            # A started job would tick on for the rest of its minute: stop it for the tests after.
+            admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                          "WHERE query LIKE 'CALL runops.tick_every%%' AND pid <> pg_backend_pid()")

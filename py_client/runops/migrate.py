@@ -8,6 +8,7 @@ the tenant mirror — depends on where the *other* store is, so it is not part o
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,7 +183,26 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
         ro.execute("SELECT runops.pull_tenant_mirror()")
         notes.append(f"the tenant mirror is pulled by tick: the subscription could not be created ({exc})")
         return "pull"
+    if not _wait_for_initial_sync(ro):
+        notes.append("the tenant mirror's initial copy is still running; the mirror catches up shortly")
     return "logical replication"
+
+
+def _wait_for_initial_sync(ro: psycopg.Connection[Any], timeout: float = 30.0) -> bool:
+    """Waits until the subscription's initial table copies are done. Until then a table-sync
+    worker holds a slot being created on the publisher; dropping the subscription meanwhile —
+    when both databases share a cluster — waits on that slot forever."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = ro.execute("SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid "
+                         "JOIN pg_database d ON d.oid = s.subdbid "
+                         "WHERE s.subname = %s AND d.datname = current_database() AND r.srsubstate <> 'r'",
+                         [SUBSCRIPTION]).fetchone()
+        if row is not None and row[0] == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
@@ -192,6 +212,7 @@ def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
         row = ro.execute("SELECT s.subslotname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
                          "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
         if row is not None:
+            _wait_for_initial_sync(ro)
             name = sql.Identifier(SUBSCRIPTION)
             ro.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(name))
             ro.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(name))
