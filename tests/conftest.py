@@ -111,6 +111,25 @@ def store_conn(stores: Stores) -> Callable[[str], psycopg.Connection[Any]]:
         conn.close()
 
 
+@pytest.fixture(params=[CONTROL_PLANE, RUN_OPS])
+def store(request: pytest.FixtureRequest) -> str:
+    """Runs the requesting test once per store (tests that parametrize `store` themselves win)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def env_id(store: str, make_env: Callable[..., Env]) -> str:
+    """An environment whose roots live in `store`: a cuid organization on the control plane, a
+    ksuid one on run-ops."""
+    return make_env("cuid" if store == CONTROL_PLANE else "ksuid").environment_id
+
+
+@pytest.fixture
+def conn(store: str, store_conn: Callable[[str], psycopg.Connection[Any]]) -> psycopg.Connection[Any]:
+    """An app-role connection to `store`."""
+    return store_conn(store)
+
+
 @dataclass(frozen=True)
 class Env:
     organization_id: str

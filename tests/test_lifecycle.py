@@ -8,7 +8,7 @@ import datetime as dt
 import psycopg
 import pytest
 
-from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.client import RunOps
 from runops.errors import IllegalTransition
 from tests.conftest import Stores, sqlstate_of
 from tests.lifecycle_helpers import T0, call, one, run_to_executing, set_clock, status, trigger
@@ -18,21 +18,6 @@ ALL_STATUSES = ["DELAYED", "PENDING", "PENDING_VERSION", "WAITING_FOR_DEPLOY", "
                 "COMPLETED_SUCCESSFULLY", "COMPLETED_WITH_ERRORS", "SYSTEM_FAILURE", "CRASHED", "EXPIRED",
                 "TIMED_OUT"]
 FINAL = set(ALL_STATUSES[9:])
-
-
-@pytest.fixture(params=[CONTROL_PLANE, RUN_OPS])
-def store(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def env_id(store: str, make_env) -> str:
-    return str(make_env("cuid" if store == CONTROL_PLANE else "ksuid").environment_id)
-
-
-@pytest.fixture
-def conn(store: str, store_conn) -> psycopg.Connection:
-    return store_conn(store)
 
 
 @pytest.fixture

@@ -10,24 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from runops.client import CONTROL_PLANE, RUN_OPS
 from tests.conftest import Stores
 from tests.lifecycle_helpers import T0, call, one, run_to_executing, set_clock, status, trigger
-
-
-@pytest.fixture(params=[CONTROL_PLANE, RUN_OPS])
-def store(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def env_id(store: str, make_env) -> str:
-    return str(make_env("cuid" if store == CONTROL_PLANE else "ksuid").environment_id)
-
-
-@pytest.fixture
-def conn(store: str, store_conn) -> psycopg.Connection:
-    return store_conn(store)
 
 
 def at(conn: psycopg.Connection, minutes: float) -> None:
