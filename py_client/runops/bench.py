@@ -81,9 +81,11 @@ STREAM_ITEMS = 100_000
 STREAM_CHUNK = 1000
 STREAM_REPS = 3
 
-BASELINE_DDL = """
+def baseline_ddl(table: str) -> str:
+    """The SPEC §7 baseline table (bench_baseline's shape and indexes) under a given name."""
+    return f"""
 CREATE SCHEMA IF NOT EXISTS bench;
-CREATE TABLE IF NOT EXISTS bench.bench_baseline (
+CREATE TABLE IF NOT EXISTS bench.{table} (
   id              text COLLATE "C" PRIMARY KEY,
   friendly_id     text UNIQUE,
   environment_id  text,
@@ -94,32 +96,16 @@ CREATE TABLE IF NOT EXISTS bench.bench_baseline (
   created_at      timestamptz DEFAULT now(),
   UNIQUE (environment_id, task_identifier, idempotency_key)
 );
-CREATE INDEX IF NOT EXISTS bench_baseline_environment_created_idx
-  ON bench.bench_baseline (environment_id, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS {table}_environment_created_idx
+  ON bench.{table} (environment_id, created_at DESC, id DESC);
 GRANT USAGE ON SCHEMA bench TO runops_app;
-GRANT INSERT ON bench.bench_baseline TO runops_app;
+GRANT INSERT ON bench.{table} TO runops_app;
 """
 
-# The batch baseline: a table of the same shape and indexes as bench_baseline, of its own, so
-# that it grows only with the batch baseline's rows.
-BATCH_BASELINE_DDL = """
-CREATE SCHEMA IF NOT EXISTS bench;
-CREATE TABLE IF NOT EXISTS bench.bench_batch_baseline (
-  id              text COLLATE "C" PRIMARY KEY,
-  friendly_id     text UNIQUE,
-  environment_id  text,
-  task_identifier text,
-  status          text,
-  idempotency_key text,
-  payload         jsonb,
-  created_at      timestamptz DEFAULT now(),
-  UNIQUE (environment_id, task_identifier, idempotency_key)
-);
-CREATE INDEX IF NOT EXISTS bench_batch_baseline_environment_created_idx
-  ON bench.bench_batch_baseline (environment_id, created_at DESC, id DESC);
-GRANT USAGE ON SCHEMA bench TO runops_app;
-GRANT INSERT ON bench.bench_batch_baseline TO runops_app;
-"""
+
+BASELINE_DDL = baseline_ddl("bench_baseline")
+# The batch baseline has a table of its own, so that it grows only with its own rows.
+BATCH_BASELINE_DDL = baseline_ddl("bench_batch_baseline")
 
 # Fresh ids and keys in every repetition: a random prefix per statement, then the row number.
 BATCH_BASELINE_INSERT = """
