@@ -1,18 +1,39 @@
 """Writes a shared run-graph revision from the current ``sql/`` files.
 
-    python -m runops.revision r0001_foundation
+    python -m runops.revision r0002_seam "Across the seam: claim ledger, merged listing, purge"
 
-The revision carries the full text, so it stays valid however ``sql/`` changes later; both
-histories' revision files call its ``upgrade(op, store)``.
+r0001 (released) carries the whole install. Every later revision is a *delta*: the hand-written
+DDL in ``sql/upgrades/<name>.sql`` (what changed in ``sql/schema/`` and the fdw stand-ins, written
+so it upgrades a store with data in place), then every file of ``sql/functions/`` and
+``sql/after_functions.sql`` as they are now. Function files are all ``CREATE OR REPLACE``, so
+re-applying an unchanged one is a no-op; a function whose signature changes is dropped by the
+delta first. The revision carries the text, so it stays valid however ``sql/`` changes later;
+re-rendering is allowed only while the revision is unreleased (the drift test tells you when).
+
+It also writes both histories' version files (``migrations/{control_plane,run_ops}/versions``),
+each calling the shared revision's ``upgrade(op, store)``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
-from .schema import _RESIDENCIES, _RESIDENCY_CHECKS, MIGRATIONS, ROOT, install_text, seed_sql
+from .schema import (
+    _RESIDENCIES,
+    _RESIDENCY_CHECKS,
+    MIGRATIONS,
+    ROOT,
+    SQL,
+    install_text,
+    seed_sql,
+)
 
-TEMPLATE = '''"""{name}: generated from sql/ by `python -m runops.revision {name}`. Do not edit by hand.
+PREAMBLE = ("SET LOCAL search_path = runops, pg_catalog, pg_temp;\n"
+            "SET LOCAL check_function_bodies = off;\n")
+
+MODULE = '''"""{name}: generated from sql/ by `python -m runops.revision {name}`. Do not edit by hand.
 
 Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK and
 RESIDENCY_OF_THIS_STORE its residency.
@@ -42,20 +63,79 @@ def upgrade(op, store: str) -> None:
 
 
 def downgrade(op) -> None:
-    op.get_bind().connection.driver_connection.execute(
-        "DROP SCHEMA IF EXISTS runops_peer CASCADE; DROP SCHEMA IF EXISTS runops CASCADE;")
+{downgrade}
 '''
 
+FULL_DOWNGRADE = '''    op.get_bind().connection.driver_connection.execute(
+        "DROP SCHEMA IF EXISTS runops_peer CASCADE; DROP SCHEMA IF EXISTS runops CASCADE;")'''
 
-def main(name: str) -> None:
-    text = install_text()
+DELTA_DOWNGRADE = '''    raise NotImplementedError("{name} is not reversible in place: restore the pre-upgrade backup, "
+                              "or install the older release into a fresh store")'''
+
+VERSION = '''"""{message} ({title}).
+
+Revision ID: {number}
+Revises: {down}
+"""
+from alembic import op
+from runops_revisions import {name}
+
+revision = "{number}"
+down_revision = {down_repr}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    {name}.upgrade(op, "{store}")
+
+
+def downgrade() -> None:
+    {name}.downgrade(op)
+'''
+
+# Revisions that have shipped: their text never changes again (add a new revision instead).
+RELEASED = {"r0001_foundation"}
+
+HISTORIES = {"CONTROL_PLANE": ("control_plane", "control plane"), "RUN_OPS": ("run_ops", "run-ops store")}
+
+
+def delta_text(name: str) -> str:
+    """What revision ``name`` (not the first) applies: its DDL delta, then the function files."""
+    delta = SQL / "upgrades" / f"{name}.sql"
+    if not delta.exists():
+        raise SystemExit(f"write the DDL delta first: {delta.relative_to(ROOT)}")
+    parts = [delta, *sorted((SQL / "functions").glob("*.sql")), SQL / "after_functions.sql"]
+    return PREAMBLE + "\n".join(f"-- {p.relative_to(ROOT)}\n{p.read_text()}" for p in parts)
+
+
+def write_versions(name: str, message: str) -> None:
+    number = name.split("_", 1)[0].lstrip("r")
+    previous = sorted(p.stem for p in (MIGRATIONS / "runops_revisions").glob("r[0-9]*.py") if p.stem < name)
+    down = previous[-1].split("_", 1)[0].lstrip("r") if previous else None
+    for store, (section, title) in HISTORIES.items():
+        path = MIGRATIONS / section / "versions" / f"{number}_{name.split('_', 1)[1]}.py"
+        path.write_text(VERSION.format(message=message, title=title, number=number, down=down or "",
+                                       down_repr=repr(down), name=name, store=store))
+
+
+def main(name: str, message: str | None = None) -> None:
+    if not re.fullmatch(r"r\d{4}_[a-z0-9_]+", name):
+        raise SystemExit("revision names look like r0002_what_it_does")
+    if name in RELEASED:
+        raise SystemExit(f"{name} is released: put the change in a new revision (r0002_... and up)")
+    full = name.startswith("r0001_")
+    text = install_text() if full else delta_text(name)
     if "'''" in text:
         raise SystemExit("sql/ contains ''' which the revision template cannot quote")
-    out = MIGRATIONS / "runops_revisions" / f"{name}.py"
-    out.write_text(TEMPLATE.format(name=name, checks=_RESIDENCY_CHECKS, residencies=_RESIDENCIES,
-                                   seeds={s: seed_sql(s) for s in _RESIDENCY_CHECKS}, sql=text))
+    out: Path = MIGRATIONS / "runops_revisions" / f"{name}.py"
+    seeds = {s: seed_sql(s) if full else "" for s in _RESIDENCY_CHECKS}
+    out.write_text(MODULE.format(name=name, checks=_RESIDENCY_CHECKS, residencies=_RESIDENCIES, seeds=seeds,
+                                 sql=text, downgrade=FULL_DOWNGRADE if full else DELTA_DOWNGRADE.format(name=name)))
     print(f"wrote {out.relative_to(ROOT)}")
+    if not full:
+        write_versions(name, message or name.split("_", 1)[1].replace("_", " ").capitalize())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

@@ -1,0 +1,2 @@
+-- r0002: across the seam. Upgrades an r0001 store in place (data kept); a fresh install gets the
+-- same shape from sql/schema/ and sql/fdw/. Function bodies follow this file in the revision.
