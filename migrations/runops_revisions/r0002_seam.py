@@ -15,7 +15,7 @@ SEEDS = {'CONTROL_PLANE': '', 'RUN_OPS': ''}
 SQL = r'''
 SET LOCAL search_path = runops, pg_catalog, pg_temp;
 SET LOCAL check_function_bodies = off;
--- sql/upgrades/r0002_seam.sql
+-- sql/upgrades/r0002_seam/10_seam.sql
 -- r0002: across the seam. Upgrades an r0001 store in place (data kept); a fresh install gets the
 -- same shape from sql/schema/ and sql/fdw/. Function bodies follow this file in the revision.
 

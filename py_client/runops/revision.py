@@ -3,7 +3,7 @@
     python -m runops.revision r0002_seam "Across the seam: claim ledger, merged listing, purge"
 
 r0001 (released) carries the whole install. Every later revision is a *delta*: the hand-written
-DDL in ``sql/upgrades/<name>.sql`` (what changed in ``sql/schema/`` and the fdw stand-ins, written
+DDL in ``sql/upgrades/<name>/*.sql``, applied in file-name order (what changed in ``sql/schema/`` and the fdw stand-ins, written
 so it upgrades a store with data in place), then every file of ``sql/functions/`` and
 ``sql/after_functions.sql`` as they are now. Function files are all ``CREATE OR REPLACE``, so
 re-applying an unchanged one is a no-op; a function whose signature changes is dropped by the
@@ -102,10 +102,10 @@ HISTORIES = {"CONTROL_PLANE": ("control_plane", "control plane"), "RUN_OPS": ("r
 
 def delta_text(name: str) -> str:
     """What revision ``name`` (not the first) applies: its DDL delta, then the function files."""
-    delta = SQL / "upgrades" / f"{name}.sql"
-    if not delta.exists():
-        raise SystemExit(f"write the DDL delta first: {delta.relative_to(ROOT)}")
-    parts = [delta, *sorted((SQL / "functions").glob("*.sql")), SQL / "after_functions.sql"]
+    delta = sorted((SQL / "upgrades" / name).glob("*.sql"))
+    if not delta:
+        raise SystemExit(f"write the DDL delta first: sql/upgrades/{name}/*.sql")
+    parts = [*delta, *sorted((SQL / "functions").glob("*.sql")), SQL / "after_functions.sql"]
     return PREAMBLE + "\n".join(f"-- {p.relative_to(ROOT)}\n{p.read_text()}" for p in parts)
 
 
