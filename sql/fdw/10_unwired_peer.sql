@@ -18,4 +18,6 @@ CREATE VIEW runops_peer.runtime_environments AS SELECT * FROM runops.runtime_env
 CREATE VIEW runops_peer.split_settings AS SELECT * FROM runops.split_settings WHERE false;
 CREATE VIEW runops_peer.store_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
 CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
+CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
+CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
 RESET ROLE;

@@ -254,6 +254,9 @@ BEGIN
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  IF local_residency() = 'NEW' THEN
+    counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
+  END IF;
   PERFORM set_mover('');
   RETURN counts;
 END

@@ -265,6 +265,12 @@ BEGIN
   IF (probe ->> 'same_cluster')::boolean THEN
     RAISE WARNING 'the run-ops store is another database of the control plane''s cluster; a separate cluster is recommended';
   END IF;
+  -- The first enable claims every live key of this store in the ledger (SPEC §6), holding the
+  -- gate that keyed triggers pass through (lock_key_claim), so no unclaimed key slips past.
+  PERFORM pg_advisory_xact_lock(1919250031, 1);
+  IF NOT (current_split_settings()).ever_enabled THEN
+    probe := probe || jsonb_build_object('claims_backfilled', backfill_claims());
+  END IF;
   UPDATE split_settings SET enabled = true, ever_enabled = true, updated_at = now();
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'enable_split',

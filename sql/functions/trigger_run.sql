@@ -173,7 +173,7 @@ $$;
 CREATE OR REPLACE FUNCTION runops.create_run(
   env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
   spec runops.trigger_spec, initial_status text, error jsonb,
-  OUT run_id text, OUT is_cached boolean, OUT status text)
+  OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -183,7 +183,10 @@ DECLARE
   new_id text;
   run_status text := initial_status;
   attempts integer := 0;
+  must_claim boolean;
+  claim record;
 BEGIN
+  residency := local_residency();
   IF spec.idempotency_key IS NOT NULL THEN
     key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
                                      coalesce(spec.parent_attempt_number, parent.attempt_number));
@@ -225,15 +228,35 @@ BEGIN
           PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
         END IF;
-        -- Dead key: release it so the new run can hold it. The guard on the hash makes a
-        -- concurrent releaser a no-op.
-        UPDATE runs AS r
-        SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-        WHERE r.id = existing.id AND r.idempotency_key_hash = key_hash;
+        -- Dead key: release it so the new run can hold it.
+        PERFORM release_dead_key(existing.id, key_hash);
       END IF;
     END IF;
 
     new_id := coalesce(spec.run_id, mint_id());
+    -- Across the seam (SPEC §6): once the split was ever enabled, a new key holder first claims
+    -- the key in the ledger, which may name a live holder in either store.
+    IF key_hash IS NOT NULL THEN
+      IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
+        -- Decided under the gate lock, against the settings as they are now.
+        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
+        must_claim := claims_required();
+        IF must_claim THEN
+          CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
+        END IF;
+      END IF;
+      must_claim := coalesce(must_claim, claims_required());
+      IF must_claim THEN
+        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
+                                       new_id);
+        IF claim.holder_id IS NOT NULL THEN
+          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
+          residency := classify_bare(claim.holder_id);
+          PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
+          RETURN;
+        END IF;
+      END IF;
+    END IF;
     INSERT INTO runs AS r (
       id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -370,7 +393,7 @@ BEGIN
   run_id := created.run_id;
   is_cached := created.is_cached;
   status := created.status;
-  residency := local_residency();
+  residency := created.residency;  -- a cached holder may live in the other store
   RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
 END
 $$;
@@ -426,7 +449,7 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, local_residency();
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, created.residency;
 END
 $$;
 

@@ -1,2 +1,45 @@
--- r0002: across the seam. Upgrades an r0001 store in place (data kept); a fresh install gets the
--- same shape from sql/schema/ and sql/fdw/. Function bodies follow this file in the revision.
+-- r0002, across the seam: the idempotency claim ledger (sql/schema/35_idempotency_claims.sql)
+-- and the snapshot view the run-ops store reads to judge a control-plane claim
+-- (sql/fdw/00_identity_views.sql). Adds objects only: data stays in place.
+CREATE TABLE runops.idempotency_claims (
+  environment_id  text COLLATE "C" NOT NULL,
+  task_identifier text NOT NULL,
+  key_hash        text COLLATE "C" NOT NULL,
+  run_id          text COLLATE "C" NOT NULL,
+  claimant_xid    bigint,
+  expires_at      timestamptz NOT NULL,
+  claimed_at      timestamptz NOT NULL,
+  PRIMARY KEY (environment_id, task_identifier, key_hash)
+);
+CREATE INDEX idempotency_claims_expiry_idx ON runops.idempotency_claims (expires_at);
+ALTER TABLE runops.idempotency_claims OWNER TO runops_owner;
+GRANT SELECT ON runops.idempotency_claims TO runops_fdw;
+DO $$
+BEGIN
+  IF 'RESIDENCY_OF_THIS_STORE' = 'NEW' THEN
+    GRANT INSERT, UPDATE ON runops.idempotency_claims TO runops_fdw;
+  END IF;
+END
+$$;
+
+CREATE VIEW runops.xact_snapshot_view AS SELECT pg_catalog.pg_current_snapshot()::text AS snapshot;
+ALTER VIEW runops.xact_snapshot_view OWNER TO runops_owner;
+GRANT SELECT ON runops.xact_snapshot_view TO runops_fdw;
+
+-- An unwired store gets the empty stand-ins. A wired one gets nothing here: until `runops
+-- migrate` re-imports the foreign tables, a control-plane keyed trigger fails loudly on the
+-- missing runops_peer.idempotency_claims instead of claiming in the wrong place.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
+    CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
+
+-- create_run also reports the residency of the run it returns (a cached holder may live in the
+-- other store): a new OUT column, so the old signature goes first.
+DROP FUNCTION runops.create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb);

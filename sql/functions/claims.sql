@@ -1,0 +1,257 @@
+-- One key, one run across both stores (SPEC §6): the claim ledger protocol.
+--
+--   claims_required        whether a keyed trigger in this store must claim (split ever enabled, peer wired)
+--   lock_key_claim         control plane: serialise same-key claimants here, and against enable_split
+--   judge_claim            is the holder a claim names live, dead, or still committing?
+--   claim_idempotency_key  claim a key for a run about to be created, or learn the live holder
+--   backfill_claims        enable_split: claims for the keys that predate the split
+--   prune_claims           tick (run-ops): drop claims long past their expiry
+--
+-- The argument that this yields exactly one key-holding run is docs/idempotency-across-stores.md.
+
+CREATE OR REPLACE FUNCTION runops.claims_required()
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN (current_split_settings()).ever_enabled AND peer_wired();
+END
+$$;
+
+-- Control plane only. Same-key claimants on this store queue on a per-key advisory lock, held to
+-- the end of the transaction, so a claimant judging a claim written here never sees a claimant
+-- mid-commit (locks are released after the commit is visible). The shared gate lock orders keyed
+-- triggers against enable_split (which takes it exclusively and backfills the claims): a trigger
+-- that decided not to claim has committed before the backfill reads the runs.
+CREATE OR REPLACE FUNCTION runops.lock_key_claim(environment_id text, task_identifier text, key_hash text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+  PERFORM pg_advisory_xact_lock(hashtextextended(environment_id || '/' || task_identifier || '/' || key_hash, 0));
+END
+$$;
+
+-- The verdict on a claim's holder, read in this store or through the FDW:
+--   LIVE     the holder exists, still carries the key, and the key is not dead: it is the run
+--   DEAD     expired, ended badly, lost its key (reset), or never committed: take the claim over
+--   PENDING  the control-plane transaction that wrote the claim had not finished when we looked
+--            (postgres_fdw commits the remote claim just before the local run): retry (RO008)
+-- For a holder written by a control-plane transaction (claimant_xid), "finished" is asked of the
+-- snapshot the holder is read in, in the same statement, so the two answers agree: a claimant
+-- that finished before that snapshot either committed its run (visible) or never will.
+CREATE OR REPLACE FUNCTION runops.judge_claim(environment_id text, task_identifier text, key_hash text,
+                                              run_id text, claimant_xid bigint, expires_at timestamptz,
+                                              at timestamptz, OUT verdict text, OUT holder_status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  residency text := try_classify_bare(run_id);
+  finished boolean;
+  h_hash text;
+  h_expires_at timestamptz;
+  h_environment text;
+  h_task text;
+BEGIN
+  IF expires_at <= at OR residency IS NULL THEN
+    verdict := 'DEAD';
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    -- One statement, one snapshot: "finished" and the holder's row agree.
+    SELECT claimant_xid IS NULL OR claimant_xid = pg_current_xact_id()::text::bigint
+             OR pg_visible_in_snapshot(claimant_xid::text::xid8, pg_current_snapshot()),
+           r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
+    INTO finished, holder_status, h_hash, h_expires_at, h_environment, h_task
+    FROM (SELECT) AS one
+    LEFT JOIN runs AS r ON r.id = judge_claim.run_id;
+  ELSE
+    -- postgres_fdw reads every foreign table of this transaction in one REPEATABLE READ
+    -- snapshot, so the snapshot the view reports is the one the holder is read in.
+    BEGIN
+      finished := claimant_xid IS NULL;
+      IF NOT finished THEN
+        SELECT pg_visible_in_snapshot(claimant_xid::text::xid8, v.snapshot::pg_snapshot) INTO finished
+        FROM runops_peer.xact_snapshot_view AS v;
+      END IF;
+      SELECT r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
+      INTO holder_status, h_hash, h_expires_at, h_environment, h_task
+      FROM runops_peer.runs AS r WHERE r.id = judge_claim.run_id;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', format('the %s store, which holds the run claiming this idempotency key, is unavailable: %s',
+                                          store_for_residency(residency), SQLERRM));
+    END;
+  END IF;
+  IF NOT finished THEN
+    verdict := 'PENDING';
+  ELSIF holder_status IS NULL OR h_hash IS DISTINCT FROM key_hash OR h_environment <> judge_claim.environment_id
+        OR h_task <> judge_claim.task_identifier OR idempotency_key_is_dead(holder_status, h_expires_at, at) THEN
+    verdict := 'DEAD';
+  ELSE
+    verdict := 'LIVE';
+  END IF;
+END
+$$;
+
+-- Claims the key for run_id (about to be created by the caller, in this transaction), or returns
+-- the live holder (holder_id, bare) for the caller to return as cached. A dead holder's claim is
+-- taken over with a compare-and-swap; a dead local holder lets go of its key at once, a dead
+-- holder in the other store is cleared lazily by its own store. On the run-ops store the ledger
+-- is local (atomic with the run); on the control plane it is written through the FDW, under
+-- lock_key_claim.
+CREATE OR REPLACE FUNCTION runops.claim_idempotency_key(environment_id text, task_identifier text, key_hash text,
+                                                        expires_at timestamptz, run_id text,
+                                                        OUT holder_id text, OUT holder_status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  local_ledger constant boolean := local_residency() = 'NEW';
+  my_xid bigint;
+  c record;
+  judged record;
+  passes integer := 0;
+BEGIN
+  IF NOT local_ledger THEN
+    my_xid := pg_current_xact_id()::text::bigint;
+  END IF;
+  LOOP
+    passes := passes + 1;
+    IF passes > 8 THEN
+      PERFORM raise_error('RO008', 'the idempotency claim kept changing under concurrent triggers; retry the same call');
+    END IF;
+    BEGIN
+      IF local_ledger THEN
+        INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                            expires_at, claimed_at)
+        VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
+                claim_idempotency_key.expires_at, ts)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+          RETURN;
+        END IF;
+        SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
+        FROM idempotency_claims AS l
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
+      ELSE
+        INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                                    expires_at, claimed_at)
+        VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid,
+                claim_idempotency_key.expires_at, ts)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+          RETURN;
+        END IF;
+        SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
+        FROM runops_peer.idempotency_claims AS l
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
+      END IF;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
+    END;
+    CONTINUE WHEN c.run_id IS NULL;  -- pruned meanwhile: claim again
+
+    judged := judge_claim(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                          claim_idempotency_key.key_hash, c.run_id, c.claimant_xid, c.expires_at, ts);
+    IF judged.verdict = 'LIVE' THEN
+      holder_id := c.run_id;
+      holder_status := judged.holder_status;
+      RETURN;
+    ELSIF judged.verdict = 'PENDING' THEN
+      PERFORM raise_error('RO008', 'another trigger with this idempotency key is committing in the other store; retry the same call');
+    END IF;
+
+    -- Dead: take the claim over, if nobody else did since we read it.
+    BEGIN
+      IF local_ledger THEN
+        UPDATE idempotency_claims AS l
+        SET run_id = claim_idempotency_key.run_id, claimant_xid = NULL, expires_at = claim_idempotency_key.expires_at,
+            claimed_at = ts
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
+          AND l.run_id = c.run_id;
+      ELSE
+        UPDATE runops_peer.idempotency_claims AS l
+        SET run_id = claim_idempotency_key.run_id, claimant_xid = my_xid, expires_at = claim_idempotency_key.expires_at,
+            claimed_at = ts
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
+          AND l.run_id = c.run_id;
+      END IF;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
+    END;
+    IF FOUND THEN
+      IF try_classify_bare(c.run_id) = local_residency() THEN
+        PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
+      END IF;
+      RETURN;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
+-- concurrent releaser a no-op).
+CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  UPDATE runs AS r
+  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
+END
+$$;
+
+-- enable_split, first time only: claims for every live key held by a run of this store, so the
+-- run-ops store never has to ask the control plane about keys that predate the split. Runs under
+-- the gate lock (lock_key_claim) so no unclaimed keyed run commits after it. claimant_xid is this
+-- transaction: a reader that sees it finished also sees every run it names.
+CREATE OR REPLACE FUNCTION runops.backfill_claims()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n bigint;
+BEGIN
+  INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                              expires_at, claimed_at)
+  SELECT r.environment_id, r.task_identifier, r.idempotency_key_hash, r.id, pg_current_xact_id()::text::bigint,
+         r.idempotency_key_expires_at, ts
+  FROM runs AS r
+  WHERE r.idempotency_key_hash IS NOT NULL
+    AND NOT idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts)
+  ON CONFLICT DO NOTHING;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+EXCEPTION WHEN connection_exception THEN
+  PERFORM raise_error('RO007', 'split refused: the run-ops store is unreachable for the idempotency claim backfill: '
+                               || SQLERRM);
+  RETURN 0;
+END
+$$;
+
+-- Claims whose key expired a day ago name no live holder (a takeover would have rewritten them):
+-- pruned in bounded batches by tick on the run-ops store.
+CREATE OR REPLACE FUNCTION runops.prune_claims(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  DELETE FROM idempotency_claims AS l
+  WHERE l.ctid = ANY (ARRAY(SELECT x.ctid FROM idempotency_claims AS x
+                            WHERE x.expires_at < now() - interval '1 day'
+                            ORDER BY x.expires_at LIMIT max_rows FOR UPDATE SKIP LOCKED));
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
