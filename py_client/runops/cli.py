@@ -26,6 +26,7 @@ from .errors import RunOpsError
 from .local_cluster import ClusterError, LocalStores
 from .models import FINAL_STATUSES
 from .output import emit_json, fields, table
+from .schema import ALEMBIC_INI
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,6 +76,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 @click.group()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.version_option(package_name="runops", prog_name="runops")
 @click.pass_context
 def main(ctx: click.Context, as_json: bool) -> None:
     """runops: run operations across a control-plane and a run-ops PostgreSQL store."""
@@ -174,10 +176,16 @@ def _admin_urls(control_plane_url: str | None, run_ops_url: str | None) -> tuple
 @click.option("--run-ops-url",
               help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL or the local store.")
 @click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
+@click.option("--print-alembic-ini", is_flag=True,
+              help="Print the path of the alembic.ini for plain `alembic -c` and exit.")
 @pass_ctx
 @reports_errors
-def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, check: bool) -> None:
+def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, check: bool,
+            print_alembic_ini: bool) -> None:
     """Upgrade both stores to head, then (re)wire the FDW both ways and the tenant mirror."""
+    if print_alembic_ini:
+        click.echo(str(ALEMBIC_INI))
+        return
     cp, ro = _admin_urls(control_plane_url, run_ops_url)
     targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
     if check:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from cyksuid.v2 import ksuid as _ksuid
-
 Residency = Literal["LEGACY", "NEW"]
 
 _PREFIX = re.compile(r"[a-z]+_")
@@ -47,5 +45,8 @@ def store_for(residency: Residency) -> str:
 
 
 def generate_ksuid() -> str:
-    """A Segment-compatible KSUID, minted client-side (about 2 µs, against ~15 µs in PL/pgSQL)."""
-    return str(_ksuid())
+    """A Segment-compatible KSUID, minted client-side (about 2 µs, against ~15 µs in PL/pgSQL).
+    Tests and tools only: cyksuid comes with the ``test`` extra, not with the runtime."""
+    from cyksuid.v2 import ksuid
+
+    return str(ksuid())

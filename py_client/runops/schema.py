@@ -8,11 +8,27 @@ as it was when they were written (see ``python -m runops.revision``).
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 
+# The checkout this module sits in (py_client/runops/ -> the repository). Only meaningful in a
+# checkout or an editable install: `python -m runops.revision` writes under it.
 ROOT = Path(__file__).resolve().parents[2]
-SQL = ROOT / "sql"
-MIGRATIONS = ROOT / "migrations"
+
+
+def _data_dir(packaged: str, checkout: str) -> Path:
+    """A directory of package data: inside an installed wheel ``runops/<packaged>`` (pyproject
+    maps the repository's directory there at build time); in a checkout or an editable install,
+    where that directory does not exist, the live repository directory itself."""
+    inside = files("runops") / packaged
+    if isinstance(inside, Path) and inside.is_dir():
+        return inside
+    return ROOT / checkout
+
+
+SQL = _data_dir("_sql", "sql")
+MIGRATIONS = _data_dir("_migrations", "migrations")
+ALEMBIC_INI = MIGRATIONS / "alembic.ini"
 
 STORES = ("CONTROL_PLANE", "RUN_OPS")
 
@@ -62,7 +78,7 @@ def install_text() -> str:
     """All install files, unrendered. Bodies are not checked at creation (files reference each
     other in any order, as pg_dump output does); the plpgsql_check gate checks them instead.
     The search_path is the one the public functions pin, which the SQL helpers rely on."""
-    parts = [f"-- {p.relative_to(ROOT)}\n{p.read_text()}" for p in install_files()]
+    parts = [f"-- sql/{p.relative_to(SQL).as_posix()}\n{p.read_text()}" for p in install_files()]
     return ("SET LOCAL search_path = runops, pg_catalog, pg_temp;\n"
             "SET LOCAL check_function_bodies = off;\n") + "\n".join(parts)
 
