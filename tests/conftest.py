@@ -8,6 +8,7 @@ tenant, so tests never see each other's runs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -39,6 +40,15 @@ class Stores:
 
 @pytest.fixture(scope="session")
 def stores() -> Iterator[Stores]:
+    with running_stores() as made:
+        yield made
+
+
+@contextlib.contextmanager
+def running_stores() -> Iterator[Stores]:
+    """A control plane and a run-ops store on two fresh clusters, migrated, wired and split as
+    after `runops dev up`; destroyed on exit. The session's `stores`, and fault tests that need
+    clusters of their own to kill."""
     # Under the system temp directory, world-traversable: the postgres user must reach it.
     home = Path(tempfile.mkdtemp(prefix="runops-test-"))
     home.chmod(0o755)
