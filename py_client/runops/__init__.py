@@ -14,11 +14,28 @@ from .errors import (
     WrongStore,
 )
 from .ids import classify_residency, try_classify_residency
-from .models import Run, StoreIdentity, TriggerResult
+from .models import (
+    FINAL_STATUSES,
+    RUN_STATUSES,
+    Batch,
+    BatchStatus,
+    Run,
+    RunStatus,
+    StoreIdentity,
+    TriggerResult,
+    Waitpoint,
+    WaitpointStatus,
+)
+from .retry import Backoff, call_with_retry
+from .tasks import Task, TaskContext, TaskError, TaskRegistry, TokenFailed
+from .worker import Outcome, Worker
 
 __all__ = [
-    "CONTROL_PLANE", "RUN_OPS", "RunOps", "Run", "StoreIdentity", "TriggerResult",
+    "CONTROL_PLANE", "RUN_OPS", "RunOps", "Run", "Batch", "Waitpoint", "StoreIdentity", "TriggerResult",
+    "RunStatus", "BatchStatus", "WaitpointStatus", "RUN_STATUSES", "FINAL_STATUSES",
     "classify_residency", "try_classify_residency",
+    "Backoff", "call_with_retry", "Task", "TaskContext", "TaskError", "TaskRegistry", "TokenFailed",
+    "Worker", "Outcome",
     "RunOpsError", "UnclassifiableId", "WrongStore", "IllegalTransition", "NotFound",
     "EnvironmentUnusable", "InvalidInput", "SplitRefused", "RetryableConflict", "StoreUnavailable",
 ]

@@ -425,9 +425,16 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
 @pass_ctx
 @reports_errors
 def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
-    """Run one pass of all time-driven work on every store (or keep doing it with --loop)."""
+    """Run one pass of all time-driven work on every store (or keep doing it with --loop).
+    With --loop a store outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
+    import signal
+    import threading
+
+    from .retry import run_loop
+
     client = ctx.client()
-    while True:
+
+    def one_pass() -> float | None:
         counts = client.tick(max_rows)
         if ctx.as_json:
             click.echo(json.dumps(counts, sort_keys=True))
@@ -436,21 +443,88 @@ def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
                 done = {k: v for k, v in c.items() if v}
                 click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
                            + (", ".join(f"{k} {v}" for k, v in sorted(done.items())) or "nothing due"))
-        if not loop:
-            return
-        time.sleep(interval)
+        return interval if loop else None
+
+    if not loop:
+        one_pass()
+        return
+    stopping, wake = threading.Event(), threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _log_to_stderr()
+    run_loop(one_pass, wake=wake, should_stop=stopping.is_set, what="tick")
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+
+
+def _load_app(spec: str) -> Any:
+    """``module:attribute`` (dotted attribute path allowed), imported with the current directory
+    on sys.path, as uvicorn and celery do."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter("expected module:object, e.g. myapp.tasks:ro", param_hint="--app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name}: {exc}", param_hint="--app") from exc
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise click.BadParameter(f"{module_name} has no {attribute}", param_hint="--app") from exc
+    return obj
 
 
 @main.command()
 @click.option("--env", "environment_id", required=True, help="The environment to work for.")
-@click.option("--id", "worker_id", default=lambda: f"worker-{os.getpid()}", help="This worker's id.")
-@click.option("--max-runs", type=int, default=4, show_default=True, help="Runs to take per dequeue.")
-@click.option("--once", is_flag=True, help="Stop when the queue is empty.")
+@click.option("--app", "app", help="module:object holding the tasks: a RunOps client (its @ro.task tasks, its "
+                                   "connection) or a runops.tasks.TaskRegistry. Default: the reference tasks.")
+@click.option("--id", "worker_id", help="This worker's id (default host-pid).")
+@click.option("--concurrency", "--max-runs", "concurrency", type=int, default=4, show_default=True,
+              help="Runs worked at once.")
+@click.option("--queue", "queues", multiple=True, help="Only these queues (repeatable).")
+@click.option("--grace", type=float, default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds running attempts get to finish before they are handed back.")
+@click.option("--lease", type=float, default=60.0, show_default=True, help="Lease seconds (heartbeat every third).")
+@click.option("--once", is_flag=True, help="Stop when the queue is empty and nothing runs.")
 @pass_ctx
 @reports_errors
-def worker(ctx: Ctx, environment_id: str, worker_id: str, max_runs: int, once: bool) -> None:
-    """A reference worker: runs the built-in echo, sleep, fail and wait-for-child tasks."""
-    from .worker import Outcome, run_worker
+def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
+           queues: tuple[str, ...], grace: float, lease: float, once: bool) -> None:
+    """Work an environment's runs: your tasks (--app) or the reference ones (echo, sleep, fail,
+    wait-for-child, fan-out). Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
+    from .tasks import TaskRegistry
+    from .worker import Outcome, Worker, default_worker_id
+
+    client: RunOps | None = None
+    tasks: TaskRegistry | None = None
+    if app:
+        loaded = _load_app(app)
+        if isinstance(loaded, RunOps):
+            client, tasks = loaded, loaded.tasks
+        elif isinstance(loaded, TaskRegistry):
+            tasks = loaded
+        else:
+            raise click.BadParameter(f"{app} is a {type(loaded).__name__}, not a RunOps client or a TaskRegistry",
+                                     param_hint="--app")
+    if tasks is None:
+        from .worker import REFERENCE_TASKS
+
+        tasks = REFERENCE_TASKS
+    worker_id = worker_id or default_worker_id()
 
     def report(o: Outcome) -> None:
         if ctx.as_json:
@@ -458,10 +532,9 @@ def worker(ctx: Ctx, environment_id: str, worker_id: str, max_runs: int, once: b
         else:
             click.echo(f"{time.strftime('%H:%M:%S')}  {o.run_id}  {o.task:<16} attempt {o.attempt}  {o.result}")
 
-    try:
-        handled = run_worker(ctx.client(), environment_id, worker_id, max_runs=max_runs, once=once, on_outcome=report)
-    except KeyboardInterrupt:
-        return
+    _log_to_stderr()
+    handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
+                     queues=list(queues) or None, grace=grace, lease=lease, once=once, on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 

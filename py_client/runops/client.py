@@ -6,6 +6,7 @@ Nothing here decides anything the database decides; it only picks the store to a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from . import ids
 from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
 from .models import (
+    FINAL_STATUSES,
     Batch,
     BatchAppended,
     BatchCreated,
@@ -34,6 +36,8 @@ from .models import (
     WaitpointCompletion,
     WaitpointCreated,
 )
+from .retry import Backoff
+from .tasks import Task, TaskFunction, TaskRegistry
 
 T = TypeVar("T")
 
@@ -525,3 +529,126 @@ class RunOps:
                 yield conn
         except psycopg.Error as exc:
             raise translate(exc) from exc
+
+    # -- tasks, workers and waiting (issue 12) ---------------------------------------------------------
+
+    _task_registry: TaskRegistry | None = None
+
+    @property
+    def tasks(self) -> TaskRegistry:
+        """The tasks registered on this client with :meth:`task` (what :meth:`run_worker` runs)."""
+        if self._task_registry is None:
+            self._task_registry = TaskRegistry()
+        return self._task_registry
+
+    def task(self, name: str, *, max_attempts: int | None = None,
+             retry: Backoff | None = None) -> Callable[[TaskFunction], Task]:
+        """Decorator: registers ``fn(ctx, payload)`` as the code of task ``name``.
+
+        ``max_attempts`` caps the attempts a worker makes (the run's own ``max_attempts``, a
+        trigger option defaulting to 3, caps them too); ``retry`` is the delay between them
+        (default ``Backoff(initial=1, factor=2, maximum=300, jitter=0.2)``). See runops.tasks."""
+        return self.tasks.task(name, max_attempts=max_attempts, retry=retry)
+
+    def run_worker(self, environment_id: str, concurrency: int = 4, **options: Any) -> int:
+        """Works ``environment_id``'s runs with this client's tasks until SIGTERM/SIGINT (or
+        ``once=True`` and an empty queue); returns the number of runs handled. ``options`` go
+        to :class:`runops.worker.Worker` (``worker_id``, ``lease``, ``grace``, ``queues``,
+        ``poll_interval``, ``on_outcome``, ``handle_signals``)."""
+        from .worker import Worker
+
+        return Worker(self, environment_id, self.tasks, concurrency=concurrency, **options).run()
+
+    def wait_for_run(self, run_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Run:
+        """Blocks until the run is final and returns it; ``TimeoutError`` after ``timeout``
+        seconds (None: no limit), ``NotFound`` if there is no such run. Woken by the owning
+        store's notifications; it re-reads the run every ``poll_interval`` seconds as well, and
+        keeps polling (and reconnecting) when the LISTEN connection drops."""
+        first = self.get_run(run_id)
+        if first is None:
+            raise NotFound(f"run {run_id} not found")
+        if first.is_final:
+            return first
+        canonical = first.run_id
+        last = [first]
+
+        def check() -> Run | None:
+            current = self.get_run(canonical)
+            if current is None:
+                raise NotFound(f"run {run_id} not found (purged while waiting?)")
+            last[0] = current
+            return current if current.is_final else None
+
+        def wakes(event: dict[str, Any]) -> bool:
+            return event.get("run_id") == canonical and event.get("new_status") in FINAL_STATUSES
+
+        return self._wait_until(first.environment_id, self._store_of(canonical), check, wakes, timeout,
+                                poll_interval, lambda: f"run {canonical} is still {last[0].status}")
+
+    def wait_for_batch(self, batch_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Batch:
+        """Blocks until the batch is COMPLETED (all its runs final) or ABORTED and returns it;
+        ``TimeoutError`` after ``timeout`` seconds, ``NotFound`` if there is no such batch.
+        Woken by notifications of its runs turning final, with the same poll fallback as
+        :meth:`wait_for_run`."""
+        first = self.get_batch(batch_id)
+        if first is None:
+            raise NotFound(f"batch {batch_id} not found")
+        last = [first]
+        members = set(first.run_ids)
+
+        def check() -> Batch | None:
+            current = self.get_batch(first.batch_id)
+            if current is None:
+                raise NotFound(f"batch {batch_id} not found (purged while waiting?)")
+            last[0] = current
+            members.update(current.run_ids)
+            return current if current.status in ("COMPLETED", "ABORTED") else None
+
+        def wakes(event: dict[str, Any]) -> bool:
+            return event.get("new_status") in FINAL_STATUSES and (not members or event.get("run_id") in members)
+
+        if first.status in ("COMPLETED", "ABORTED"):
+            return first
+        return self._wait_until(first.environment_id, self._store_of(first.batch_id), check, wakes, timeout,
+                                poll_interval, lambda: f"batch {first.batch_id} is still {last[0].status} "
+                                                       f"({last[0].item_count}/{last[0].expected_count} items)")
+
+    def _wait_until(self, environment_id: str, store: str, check: Callable[[], T | None],
+                    wakes: Callable[[dict[str, Any]], bool], timeout: float | None, poll_interval: float,
+                    still: Callable[[], str]) -> T:
+        """``check()`` until it returns something: after LISTEN is in place (so no change slips
+        between), on every notification ``wakes`` accepts, and every ``poll_interval`` seconds.
+        A dropped LISTEN connection or an unavailable store falls back to polling, and LISTEN is
+        tried again on the next round."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float:
+            if deadline is None:
+                return poll_interval
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{still()} after {timeout:g}s")
+            return min(poll_interval, remaining)
+
+        while True:
+            try:
+                with self.listen(environment_id, store) as conn:
+                    while True:
+                        got = check()
+                        if got is not None:
+                            return got
+                        for note in conn.notifies(timeout=left()):
+                            try:
+                                event = json.loads(note.payload)
+                            except ValueError:
+                                continue
+                            if isinstance(event, dict) and wakes(event):
+                                break
+            except (StoreUnavailable, psycopg.OperationalError):
+                try:
+                    got = check()
+                except (StoreUnavailable, psycopg.OperationalError):
+                    got = None
+                if got is not None:
+                    return got
+                time.sleep(left())

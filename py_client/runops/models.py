@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
+
+RunStatus = Literal[
+    # live
+    "DELAYED",                 # triggered with a delay; tick enqueues it when due
+    "PENDING",                 # queued, waiting for a worker
+    "PENDING_VERSION",         # waits for a deployed version of its task
+    "WAITING_FOR_DEPLOY",      # waits for a deploy of its task
+    "DEQUEUED",                # locked to a worker with a lease, not started yet
+    "EXECUTING",               # an attempt is running
+    "WAITING_TO_RESUME",       # checkpointed, waiting for its waitpoints (or resume_run)
+    "RETRYING_AFTER_FAILURE",  # an attempt failed; tick re-queues it at retry_at
+    "PAUSED",
+    # final: a final run never changes again
+    "CANCELED",
+    "INTERRUPTED",
+    "COMPLETED_SUCCESSFULLY",
+    "COMPLETED_WITH_ERRORS",   # the task failed (no attempts or retries left)
+    "SYSTEM_FAILURE",          # the platform failed it (e.g. no worker knows its task)
+    "CRASHED",                 # all attempts were used up
+    "EXPIRED",                 # its ttl ran out before a worker took it
+    "TIMED_OUT",               # ran past max_duration
+]
+"""The SQL status vocabulary (runops.status_transitions); a test keeps the two equal."""
+
+RUN_STATUSES: frozenset[str] = frozenset(get_args(RunStatus))
+BatchStatus = Literal["PENDING", "PROCESSING", "COMPLETED", "ABORTED"]
+WaitpointStatus = Literal["PENDING", "COMPLETED"]
 
 
 @dataclass(frozen=True)
@@ -14,7 +41,7 @@ class Run:
     run_id: str
     environment_id: str
     task_identifier: str
-    status: str
+    status: RunStatus
     residency: str
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -64,7 +91,7 @@ FINAL_STATUSES = frozenset({
 class TriggerResult:
     run_id: str
     is_cached: bool
-    status: str
+    status: RunStatus
     residency: str
 
 
@@ -82,7 +109,7 @@ class Waitpoint:
     waitpoint_id: str
     environment_id: str
     type: str
-    status: str
+    status: WaitpointStatus
     output: Any
     output_is_error: bool
     completed_at: dt.datetime | None
@@ -109,7 +136,7 @@ class Batch:
 
     batch_id: str
     environment_id: str
-    status: str
+    status: BatchStatus
     expected_count: int
     item_count: int
     run_ids: list[str]

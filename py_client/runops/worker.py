@@ -1,113 +1,376 @@
-"""A reference worker: dequeue, start the attempt, run a built-in task, complete or fail.
+"""The worker: dequeue, start the attempt, run the registered task, heartbeat, complete or fail.
 
-Built-in tasks (anything else echoes its payload):
-  echo            output = payload
-  sleep           sleeps payload["seconds"] (heartbeating), output = {"slept": seconds}
-  fail            fails with payload["message"]; retried after payload["retry_after"] seconds
-                  while attempts remain
-  wait-for-child  triggers payload["task"] with payload["payload"] and waits for it: the first
-                  attempt checkpoints WAIT_FOR_TASK; when the child finishes the run resumes, the
-                  same trigger returns the (cached) child, and the run completes with its output
-  fan-out         batch-triggers payload["items"] and waits for the batch the same way
-                  (WAIT_FOR_BATCH), completing with the batch's [{index, run_id, status}]
+    ro.run_worker(env_id, concurrency=8)                 # ro's own tasks (@ro.task)
+    runops worker --app myapp.tasks:ro --env <env_id>    # the same from the shell
+
+One thread dequeues (``dequeue_runs``, as many runs as there are free slots) and starts a thread
+per run; one more heartbeats every running attempt a third of the lease apart. Each run thread
+calls ``start_attempt``, runs the task function and reports ``complete_attempt`` with its result,
+or ``fail_attempt`` with the error and a ``retry_at`` from the task's retry policy while attempts
+remain. A run whose task is not registered here fails at once (``SYSTEM_FAILURE``, error name
+``UnknownTask``) — it is never faked. A task that waits (``ctx.trigger_and_wait``, …) checkpoints
+the run and lets go of it; see :mod:`runops.tasks` for how it continues.
+
+Stopping (SIGTERM, SIGINT or :meth:`Worker.stop`): no more dequeues; running attempts get
+``grace`` seconds to finish; any still running then is released — a zero-length
+``WAIT_FOR_DURATION`` checkpoint, which puts the run back to PENDING in the same transaction and
+keeps its attempt (no attempt is used up, nothing waits for a lease to lapse) — so another worker
+takes it at once. Its thread is abandoned; the run's next worker runs the function again.
+
+Store outages do not stop the worker: the dequeue loop (:func:`runops.retry.run_loop`, shared
+with ``tick --loop``) backs off with jitter and continues when the store is back, and reports
+(complete, fail) are retried until the lease would have lapsed.
+
+Wake-up is adaptive polling: right after work, the next dequeue follows at once; an empty queue
+doubles the pause from ``poll_interval[0]`` up to ``poll_interval[1]`` (docs/decisions.md says why
+not LISTEN). The reference tasks (:data:`REFERENCE_TASKS`: echo, sleep, fail, wait-for-child,
+fan-out) serve ``runops worker`` without ``--app`` and the demo.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
+import os
+import signal
+import socket
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from .client import RunOps
-from .errors import IllegalTransition, NotFound
+from .errors import IllegalTransition, NotFound, RunOpsError
 from .models import Run
+from .retry import OUTAGE_BACKOFF, TRANSIENT, run_loop
+from .tasks import Suspended, TaskContext, TaskError, TaskRegistry
 
+if TYPE_CHECKING:
+    from .client import RunOps
 
-class TaskFailed(Exception):
-    pass
+log = logging.getLogger("runops.worker")
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """What one pass of the worker over one run came to."""
+
     run_id: str
     task: str
     attempt: int
-    result: str  # completed, failed, retrying, suspended, crashed, lost
+    result: str  # completed, failed, retrying, suspended, released, crashed, lost
 
 
-def _run_task(client: RunOps, run: Run, worker_id: str) -> object:
-    payload = run.payload if isinstance(run.payload, dict) else {}
-    task = run.task_identifier
-    if task == "sleep":
-        seconds = float(payload.get("seconds", 1))
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 1.0))
-            client.heartbeat_run(run.run_id, worker_id)
-        return {"slept": seconds}
-    if task == "fail":
-        raise TaskFailed(str(payload.get("message", "the task failed")))
-    return run.payload
+@dataclass
+class _InFlight:
+    run: Run
+    attempt: int | None = None  # set once start_attempt returned EXECUTING
+    released: bool = False
 
 
-def process(client: RunOps, run: Run, worker_id: str) -> Outcome:
-    """Runs one dequeued run through one attempt."""
-    try:
-        started = client.start_attempt(run.run_id, worker_id)
-    except (IllegalTransition, NotFound):
-        return Outcome(run.run_id, run.task_identifier, run.attempt_number, "lost")
-    n = started.attempt_number
-    if started.status != "EXECUTING":
-        return Outcome(run.run_id, run.task_identifier, n, started.status.lower())
-    payload = started.payload if isinstance(started.payload, dict) else {}
-    try:
-        if started.task_identifier == "wait-for-child":
-            # Idempotent: on the resumed attempt the same call returns the same child.
-            child = client.trigger_run(started.environment_id, str(payload.get("task", "echo")),
-                                       payload.get("payload", {}), parent_run_id=started.run_id,
-                                       resume_parent_on_completion=True, idempotency_key="child")
-            done = client.get_run(child.run_id)
-            if done is None or not done.is_final:
-                client.create_checkpoint(started.run_id, n, "WAIT_FOR_TASK", f"worker://{worker_id}/{started.run_id}")
-                return Outcome(run.run_id, started.task_identifier, n, "suspended")
-            output: object = {"child": done.run_id, "status": done.status, "output": done.output}
-        elif started.task_identifier == "fan-out":
-            # The batch key makes the resumed attempt find the same batch.
-            batch = client.batch_trigger(started.environment_id, list(payload.get("items", [])),
-                                         parent_run_id=started.run_id, resume_parent_on_completion=True,
-                                         idempotency_key=f"{started.run_id}-fan-out")
-            waitpoint = client.get_waitpoint(batch.batch_id.replace("batch_", "waitpoint_", 1))
-            if waitpoint is None or waitpoint.status != "COMPLETED":
-                client.create_checkpoint(started.run_id, n, "WAIT_FOR_BATCH", f"worker://{worker_id}/{started.run_id}")
-                return Outcome(run.run_id, started.task_identifier, n, "suspended")
-            output = {"batch": batch.batch_id, "items": waitpoint.output}
-        else:
-            output = _run_task(client, started, worker_id)
-        client.complete_attempt(started.run_id, n, output)
-        return Outcome(run.run_id, started.task_identifier, n, "completed")
-    except TaskFailed as exc:
-        retry_after = float(payload.get("retry_after", 1))
-        retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry_after)
-        failed = client.fail_attempt(started.run_id, n, {"message": str(exc)}, retry_at=retry_at)
-        return Outcome(run.run_id, started.task_identifier, n,
-                       "retrying" if failed.status == "RETRYING_AFTER_FAILURE" else "failed")
-    except IllegalTransition:
-        return Outcome(run.run_id, started.task_identifier, n, "lost")  # canceled while running
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def run_worker(client: RunOps, environment_id: str, worker_id: str, *, max_runs: int = 4, once: bool = False,
-               poll: float = 0.5, on_outcome: Callable[[Outcome], None] = lambda o: None,
-               should_stop: Callable[[], bool] = lambda: False) -> int:
-    """Works until should_stop() (or, with once, until the queue is empty). Returns runs handled."""
-    handled = 0
-    while not should_stop():
-        runs = client.dequeue_runs(environment_id, worker_id, max_runs)
+class Worker:
+    """Works one environment's runs with the tasks of ``tasks``. :meth:`run` blocks until
+    :meth:`stop` (or a signal, when ``handle_signals``) and returns the number of runs handled."""
+
+    def __init__(self, client: RunOps, environment_id: str, tasks: TaskRegistry, *,
+                 worker_id: str | None = None, concurrency: int = 4, lease: float = 60.0, grace: float = 30.0,
+                 queues: list[str] | None = None, poll_interval: tuple[float, float] = (0.05, 1.0),
+                 once: bool = False, handle_signals: bool = True,
+                 on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if lease < 3:
+            raise ValueError("lease must be at least 3 seconds")
+        self.client = client
+        self.environment_id = environment_id
+        self.tasks = tasks
+        self.worker_id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.lease = lease
+        self.grace = grace
+        self.queues = queues
+        self.poll_interval = poll_interval
+        self.once = once
+        self.handle_signals = handle_signals
+        self.on_outcome = on_outcome
+        self.handled = 0
+        self._in_flight: dict[str, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._releasing = False
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self._idle = poll_interval[0]
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop dequeuing and drain (from any thread or a signal handler)."""
+        self._stopping.set()
+        self._wake.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping.is_set():
+            self.grace = 0  # a second signal: release now
+        log.info("%s: %s received; draining", self.worker_id, signal.Signals(signum).name)
+        self.stop()
+
+    def run(self) -> int:
+        """Works until stopped (or, with ``once``, until the queue is empty and nothing runs);
+        then drains and returns the number of runs handled."""
+        previous: dict[int, Any] = {}
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, self._on_signal)
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{self.worker_id}-heartbeat", daemon=True)
+        heartbeat.start()
+        try:
+            run_loop(self._dequeue_step, wake=self._wake, should_stop=self._stopping.is_set,
+                     what=f"worker {self.worker_id}")
+            self._drain()
+        finally:
+            self._stopping.set()
+            self._done.set()
+            for restored, handler in previous.items():
+                signal.signal(restored, handler)
+        return self.handled
+
+    # -- the dequeue loop ----------------------------------------------------------------------------
+
+    def _dequeue_step(self) -> float | None:
+        with self._lock:
+            free = self.concurrency - len(self._in_flight)
+            busy = bool(self._in_flight)
+        if free <= 0:
+            return self.poll_interval[1]  # a finishing run sets _wake
+        runs = self.client.dequeue_runs(self.environment_id, self.worker_id, free, lease=f"{int(self.lease)}s",
+                                        queues=self.queues)
         for run in runs:
-            on_outcome(process(client, run, worker_id))
-            handled += 1
-        if not runs:
-            if once:
-                break
-            time.sleep(poll)
-    return handled
+            with self._lock:
+                self._in_flight[run.run_id] = _InFlight(run)
+            threading.Thread(target=self._process, args=(run,), name=f"{self.worker_id}-{run.run_id}",
+                             daemon=True).start()
+        if runs:
+            self._idle = self.poll_interval[0]
+            return 0.0
+        if self.once and not busy:
+            return None
+        pause = self._idle
+        self._idle = min(self._idle * 2, self.poll_interval[1])
+        return pause
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._in_flight:
+                    return
+            self._wake.clear()
+            self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        with self._lock:
+            self._releasing = True
+            running = [f for f in self._in_flight.values() if f.attempt is not None]
+        for flight in running:
+            self._release(flight)
+        # Runs dequeued but not yet started release themselves right after start_attempt.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(f.attempt is not None or f.released for f in self._in_flight.values()):
+                    return
+            time.sleep(0.02)
+
+    def _release(self, flight: _InFlight) -> None:
+        """Hands a running attempt back: PENDING at once, the same attempt number kept."""
+        assert flight.attempt is not None
+        flight.released = True
+        try:
+            self._report(lambda: self.client.create_checkpoint(
+                flight.run.run_id, flight.attempt or 0, "WAIT_FOR_DURATION",
+                f"runops-worker://{self.worker_id}/{flight.run.run_id}/released",
+                {"released_by": self.worker_id, "why": "worker shutdown"}), patience=5.0)
+        except IllegalTransition:
+            return  # it finished (or was canceled) meanwhile
+        except RunOpsError as exc:
+            log.warning("%s: could not release %s (%s); its lease will lapse", self.worker_id, flight.run.run_id, exc)
+            return
+        self._outcome(flight.run, flight.attempt, "released")
+
+    # -- one run -------------------------------------------------------------------------------------
+
+    def _outcome(self, run: Run, attempt: int, result: str) -> None:
+        with self._lock:
+            self.handled += 1
+        try:
+            self.on_outcome(Outcome(run.run_id, run.task_identifier, attempt, result))
+        except Exception:  # a reporting callback never takes the worker down
+            log.exception("on_outcome failed")
+
+    def _report(self, call: Callable[[], Run], patience: float | None = None) -> Run:
+        """A write that must land: retried through outages and conflicts until ``patience``
+        seconds (default: the lease, after which the run is no longer ours anyway)."""
+        deadline = time.monotonic() + (self.lease if patience is None else patience)
+        failures = 0
+        while True:
+            try:
+                return call()
+            except TRANSIENT:
+                failures += 1
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(OUTAGE_BACKOFF.delay(failures), max(0.0, deadline - time.monotonic())))
+
+    def _process(self, run: Run) -> None:
+        try:
+            self._attempt(run)
+        except Exception:
+            log.exception("%s: unexpected error on %s", self.worker_id, run.run_id)
+        finally:
+            with self._lock:
+                self._in_flight.pop(run.run_id, None)
+            self._wake.set()
+
+    def _attempt(self, run: Run) -> None:
+        flight = self._in_flight[run.run_id]
+        try:
+            started = self._report(lambda: self.client.start_attempt(run.run_id, self.worker_id))
+        except (IllegalTransition, NotFound):
+            self._outcome(run, run.attempt_number, "lost")
+            return
+        n = started.attempt_number
+        if started.status != "EXECUTING":
+            self._outcome(run, n, started.status.lower())  # e.g. crashed: all attempts used
+            return
+        with self._lock:
+            flight.attempt = n
+            release_now = self._releasing
+        if release_now:
+            self._release(flight)
+            return
+        task = self.tasks.get(started.task_identifier)
+        if task is None:
+            known = ", ".join(self.tasks.names()) or "none"
+            error = {"name": "UnknownTask", "status": "SYSTEM_FAILURE",
+                     "message": f"no task named {started.task_identifier!r} is registered with worker "
+                                f"{self.worker_id} (it knows: {known})"}
+            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error), "failed")
+            return
+        ctx = TaskContext(self.client, started, self.worker_id, self.tasks)
+        try:
+            output = task(ctx, started.payload)
+            json.dumps(output)  # the result must be JSON; say so here rather than as a driver error
+        except Suspended:
+            self._outcome(run, n, "suspended")
+            return
+        except Exception as exc:  # the task failed: report it, retry per policy
+            if flight.released:
+                return
+            limit = min(started.max_attempts, task.max_attempts or started.max_attempts)
+            retry_at = None
+            if n < limit and not (isinstance(exc, TaskError) and not exc.retry):
+                delay = exc.retry_after if isinstance(exc, TaskError) and exc.retry_after is not None \
+                    else task.retry.delay(n)
+                retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+            error = {"name": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+                     "stack": "".join(traceback.format_exception(exc))[-8000:]}
+            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error, retry_at=retry_at),
+                         "retrying" if retry_at else "failed")
+            return
+        self._finish(flight, lambda: self.client.complete_attempt(run.run_id, n, output), "completed")
+
+    def _finish(self, flight: _InFlight, call: Callable[[], Run], result: str) -> None:
+        if flight.released:
+            return  # handed back at shutdown: its next worker reports it
+        assert flight.attempt is not None
+        try:
+            done = self._report(call)
+        except (IllegalTransition, NotFound):
+            if not flight.released:
+                self._outcome(flight.run, flight.attempt, "lost")  # canceled, or the lease lapsed
+            return
+        if result == "retrying" and done.status != "RETRYING_AFTER_FAILURE":
+            result = "failed"
+        self._outcome(flight.run, flight.attempt, result)
+
+    # -- heartbeats ----------------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        every = self.lease / 3
+        while not self._done.wait(every):
+            with self._lock:
+                beating = [f for f in self._in_flight.values() if f.attempt is not None and not f.released]
+            for flight in beating:
+                try:
+                    self.client.heartbeat_run(flight.run.run_id, self.worker_id)
+                except IllegalTransition:
+                    pass  # finished or canceled meanwhile; its thread learns when it reports
+                except Exception as exc:  # an outage: the next beat tries again
+                    log.warning("%s: heartbeat of %s failed: %s", self.worker_id, flight.run.run_id, exc)
+
+
+def run_worker(client: RunOps, environment_id: str, worker_id: str | None = None, *,
+               tasks: TaskRegistry | None = None, concurrency: int | None = None, max_runs: int | None = None,
+               once: bool = False, on_outcome: Callable[[Outcome], None] = lambda o: None,
+               should_stop: Callable[[], bool] | None = None, **options: Any) -> int:
+    """Runs a :class:`Worker` (the reference tasks unless ``tasks`` is given) and returns the
+    number of runs handled. ``max_runs`` is the older name of ``concurrency``; ``should_stop``
+    is polled every 0.1 s; ``options`` go to :class:`Worker`."""
+    worker = Worker(client, environment_id, REFERENCE_TASKS if tasks is None else tasks, worker_id=worker_id,
+                    concurrency=concurrency or max_runs or 4, once=once, on_outcome=on_outcome, **options)
+    if should_stop is not None:
+        def watch() -> None:
+            while not worker._stopping.wait(0.1):
+                if should_stop():
+                    worker.stop()
+
+        threading.Thread(target=watch, daemon=True).start()
+    return worker.run()
+
+
+# -- the reference tasks --------------------------------------------------------------------------------
+
+REFERENCE_TASKS = TaskRegistry()
+
+
+@REFERENCE_TASKS.task("echo")
+def _echo(ctx: TaskContext, payload: Any) -> Any:
+    """output = payload"""
+    return payload
+
+
+@REFERENCE_TASKS.task("sleep")
+def _sleep(ctx: TaskContext, payload: Any) -> Any:
+    """Sleeps payload["seconds"] (the worker heartbeats meanwhile)."""
+    seconds = float((payload or {}).get("seconds", 1))
+    time.sleep(seconds)
+    return {"slept": seconds}
+
+
+@REFERENCE_TASKS.task("fail")
+def _fail(ctx: TaskContext, payload: Any) -> Any:
+    """Fails with payload["message"]; retried after payload["retry_after"] seconds while attempts remain."""
+    p = payload or {}
+    raise TaskError(str(p.get("message", "the task failed")), retry_after=float(p.get("retry_after", 1)))
+
+
+@REFERENCE_TASKS.task("wait-for-child")
+def _wait_for_child(ctx: TaskContext, payload: Any) -> Any:
+    """Triggers payload["task"] with payload["payload"], waits for it, returns its outcome."""
+    p = payload or {}
+    child = ctx.trigger_and_wait(str(p.get("task", "echo")), p.get("payload", {}))
+    return {"child": child.run_id, "status": child.status, "output": child.output}
+
+
+@REFERENCE_TASKS.task("fan-out")
+def _fan_out(ctx: TaskContext, payload: Any) -> Any:
+    """Batch-triggers payload["items"], waits for all, returns [{index, run_id, status}]."""
+    runs = ctx.batch_trigger_and_wait(list((payload or {}).get("items", [])))
+    return {"batch": runs[0].batch_id if runs else None,
+            "items": [{"index": i, "run_id": r.run_id, "status": r.status} for i, r in enumerate(runs)]}
