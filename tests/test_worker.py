@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[str], log: Path, env: dict[str, str]) -> None:
         self.proc = proc
         self.log = log
+        self.env = env
 
     def output(self) -> str:
         return self.log.read_text()
@@ -52,7 +53,7 @@ def start_worker(stores: Stores, tmp_path: Path) -> Iterator[Callable[..., Worke
             proc = subprocess.Popen([sys.executable, "-m", "runops.cli", "worker", "--app", "tests.worker_app:ro",
                                      "--env", environment_id, *args],
                                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        started.append(WorkerProcess(proc, log))
+        started.append(WorkerProcess(proc, log, env))
         return started[-1]
 
     yield start
@@ -171,6 +172,15 @@ def test_wait_for_a_token_returns_what_completed_it(client: RunOps, make_env, st
     assert (done.status, done.output) == ("COMPLETED_SUCCESSFULLY", {"approved": {"by": "alice"}})
 
 
+def test_heartbeats_keep_the_lease_of_an_attempt_longer_than_it(client: RunOps, make_env, start_worker,
+                                                                ticking) -> None:
+    env = make_env("ksuid").environment_id
+    start_worker(env, "--lease", "3")  # a heartbeat every second; tick would take back a lapsed lease
+    run = client.trigger_run(env, "slow", {"seconds": 4})
+    done = client.wait_for_run(run.run_id, timeout=20)
+    assert (done.status, done.attempt_number) == ("COMPLETED_SUCCESSFULLY", 1)
+
+
 def test_sigterm_finishes_short_attempts_and_hands_back_the_rest(client: RunOps, make_env,
                                                                  start_worker) -> None:
     env = make_env("ksuid").environment_id
@@ -264,6 +274,8 @@ def test_task_registry_refuses_duplicates_and_backoff_grows_within_bounds() -> N
 def test_the_worker_waits_out_a_store_restart(stores: Stores, client: RunOps, make_env, start_worker) -> None:
     env = make_env("ksuid").environment_id
     worker = start_worker(env)
+    ticker = subprocess.Popen([sys.executable, "-m", "runops.cli", "tick", "--loop", "--interval", "0.2"],
+                              cwd=ROOT, env=worker.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     before = client.trigger_run(env, "add", {"a": 1, "b": 1})
     assert client.wait_for_run(before.run_id, timeout=20).status == "COMPLETED_SUCCESSFULLY"
     cluster, bindir = stores.local.clusters[RUN_OPS], Path(stores.local.bindir)
@@ -274,4 +286,7 @@ def test_the_worker_waits_out_a_store_restart(stores: Stores, client: RunOps, ma
     after = client.trigger_run(env, "add", {"a": 2, "b": 2})
     assert client.wait_for_run(after.run_id, timeout=30).output == {"sum": 4}
     assert worker.proc.poll() is None, worker.output()
-    assert "unavailable" in worker.output()
+    assert "unavailable" in worker.output() and "back" in worker.output()
+    ticker.send_signal(signal.SIGTERM)
+    _, err = ticker.communicate(timeout=10)
+    assert ticker.returncode == 0 and "unavailable" in err, err

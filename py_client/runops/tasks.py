@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -138,6 +139,9 @@ class TaskContext:
     run: Run
     worker_id: str
     registry: TaskRegistry | None = None
+    lost: threading.Event = field(default_factory=threading.Event)
+    """Set when a heartbeat finds the run no longer this worker's (canceled, or its lease
+    lapsed): a long task may check ``ctx.lost.is_set()`` and stop early."""
     _step: int = field(default=0, repr=False)
 
     @property

@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,7 @@ class _InFlight:
     run: Run
     attempt: int | None = None  # set once start_attempt returned EXECUTING
     released: bool = False
+    lost: threading.Event = field(default_factory=threading.Event)
 
 
 def default_worker_id() -> str:
@@ -262,7 +263,7 @@ class Worker:
                                 f"{self.worker_id} (it knows: {known})"}
             self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error), "failed")
             return
-        ctx = TaskContext(self.client, started, self.worker_id, self.tasks)
+        ctx = TaskContext(self.client, started, self.worker_id, self.tasks, flight.lost)
         try:
             output = task(ctx, started.payload)
             json.dumps(output)  # the result must be JSON; say so here rather than as a driver error
@@ -310,7 +311,7 @@ class Worker:
                 try:
                     self.client.heartbeat_run(flight.run.run_id, self.worker_id)
                 except IllegalTransition:
-                    pass  # finished or canceled meanwhile; its thread learns when it reports
+                    flight.lost.set()  # canceled or taken back; its thread learns when it reports
                 except Exception as exc:  # an outage: the next beat tries again
                     log.warning("%s: heartbeat of %s failed: %s", self.worker_id, flight.run.run_id, exc)
 
