@@ -1,33 +1,46 @@
-"""The CLI: readable one-line errors, exit codes that name the RO error, --json for scripts."""
+"""The CLI: readable one-line errors, exit codes that name the RO error, --json for scripts.
+
+Every test runs the real console script (the venv's `runops`) in a subprocess, with the
+environment the `cli` fixture sets.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
-from click.testing import CliRunner
 
 from runops import migrate
-from runops.cli import main
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ids import generate_ksuid
 from tests.conftest import Stores
 
+RUNOPS = Path(sys.executable).parent / "runops"
+
+
+class Cli:
+    """Runs `runops` with the test's environment (monkeypatched os.environ)."""
+
 
 @pytest.fixture
-def cli(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+def cli(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Cli:
     monkeypatch.setenv("RUNOPS_CONTROL_PLANE_URL", stores.app[CONTROL_PLANE])
     monkeypatch.setenv("RUNOPS_RUN_OPS_URL", stores.app[RUN_OPS])
-    return CliRunner()
+    return Cli()
 
 
-def run(cli: CliRunner, *args: str) -> tuple[int, str, str]:
-    result = cli.invoke(main, list(args))
-    return result.exit_code, result.stdout, result.stderr
+def run(cli: Cli | None, *args: str, cwd: Path | None = None, stdin: str | None = None) -> tuple[int, str, str]:
+    done = subprocess.run([str(RUNOPS), *args], capture_output=True, text=True, env=dict(os.environ), cwd=cwd,
+                          input=stdin, timeout=120, check=False)
+    return done.returncode, done.stdout, done.stderr
 
 
-def test_env_create_trigger_and_show_round_trip(cli: CliRunner) -> None:
+def test_env_create_trigger_and_show_round_trip(cli: Cli) -> None:
     code, out, _ = run(cli, "--json", "env", "create", f"cli-{generate_ksuid()[-6:].lower()}", "p", "e",
                        "--mint-kind", "ksuid")
     assert code == 0, out
@@ -51,33 +64,33 @@ def test_env_create_trigger_and_show_round_trip(cli: CliRunner) -> None:
     (["runs", "show", "run_" + "c" + "0" * 24], 14),
     (["mint-kind", "no-such-org", "ksuid"], 14),
 ])
-def test_errors_are_one_line_with_a_meaningful_exit_code(cli: CliRunner, args: list[str], code: int) -> None:
+def test_errors_are_one_line_with_a_meaningful_exit_code(cli: Cli, args: list[str], code: int) -> None:
     exit_code, out, err = run(cli, *args)
     assert exit_code == code, (out, err)
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
 
 
-def test_an_unusable_environment_exits_15(cli: CliRunner, client: RunOps, new_env) -> None:
+def test_an_unusable_environment_exits_15(cli: Cli, client: RunOps, new_env) -> None:
     client.update_environment(new_env.environment_id, paused=True)
     assert client.wait_for_mirror()
     exit_code, _, err = run(cli, "trigger", new_env.environment_id, "t")
     assert exit_code == 15 and "paused" in err
 
 
-def test_wrong_store_exits_12(cli: CliRunner, stores: Stores, new_env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_store_exits_12(cli: Cli, stores: Stores, new_env, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RUNOPS_RUN_OPS_URL")
     exit_code, _, err = run(cli, "trigger", new_env.environment_id, "t")
     assert exit_code == 12 and "RUN_OPS" in err
 
 
-def test_an_unreachable_store_exits_19(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_store_exits_19(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNOPS_RUN_OPS_URL", "postgresql://runops_app:x@127.0.0.1:1/runops?connect_timeout=1")
     monkeypatch.setenv("RUNOPS_TIMEOUT", "1")
     exit_code, _, err = run(cli, "runs", "show", "run_" + generate_ksuid())
     assert exit_code == 19, err
 
 
-def test_split_enable_refused_exits_17(cli: CliRunner, scratch_db, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_split_enable_refused_exits_17(cli: Cli, scratch_db, monkeypatch: pytest.MonkeyPatch) -> None:
     url = scratch_db("clisentinel")
     migrate.upgrade(CONTROL_PLANE, url)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -88,7 +101,7 @@ def test_split_enable_refused_exits_17(cli: CliRunner, scratch_db, monkeypatch: 
     assert exit_code == 17 and "same physical database" in err
 
 
-def test_split_status_and_mint_kind(cli: CliRunner, new_env) -> None:
+def test_split_status_and_mint_kind(cli: Cli, new_env) -> None:
     code, out, _ = run(cli, "--json", "split", "status")
     assert code == 0 and json.loads(out)["enabled"] is True
     code, out, _ = run(cli, "--json", "mint-kind", new_env.organization_id, "cuid")
@@ -97,7 +110,7 @@ def test_split_status_and_mint_kind(cli: CliRunner, new_env) -> None:
     assert code == 0 and "distinct clusters" in out
 
 
-def test_runs_cancel_tick_and_worker(cli: CliRunner, client: RunOps, new_env) -> None:
+def test_runs_cancel_tick_and_worker(cli: Cli, client: RunOps, new_env) -> None:
     env = new_env.environment_id
     doomed = client.trigger_run(env, "echo", {"x": 1}, queue="cancel-me")
     code, out, _ = run(cli, "--json", "runs", "cancel", doomed.run_id, "--reason", "not needed")
@@ -142,15 +155,14 @@ def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: 
 def test_the_demo_runs_on_the_local_stores(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RUNOPS_CONTROL_PLANE_URL", raising=False)
     monkeypatch.delenv("RUNOPS_RUN_OPS_URL", raising=False)
-    monkeypatch.chdir(stores.home)
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 0, result.output
+    code, out, err = run(None, "demo", cwd=stores.home)
+    assert code == 0, out + err
     for expected in ("LEGACY", "NEW", "yes", "CRASHED", "through the FDW", "COMPLETED_SUCCESSFULLY", "fan-out",
                      "COMPLETED_WITH_ERRORS", "RO007"):
-        assert expected in result.output, expected
+        assert expected in out, expected
 
 
-def test_batch_from_a_jsonl_file_with_wait(cli: CliRunner, client: RunOps, new_env, tmp_path) -> None:
+def test_batch_from_a_jsonl_file_with_wait(cli: Cli, client: RunOps, new_env, tmp_path) -> None:
     env = new_env.environment_id
     lines = [json.dumps({"task": "echo", "payload": {"i": i}}) for i in range(7)]
     path = tmp_path / "items.jsonl"
@@ -172,8 +184,70 @@ def test_batch_from_a_jsonl_file_with_wait(cli: CliRunner, client: RunOps, new_e
     assert code == 0 and "COMPLETED" in out
 
 
-def test_batch_rejects_a_bad_file_line(cli: CliRunner, new_env, tmp_path) -> None:
+def test_batch_rejects_a_bad_file_line(cli: Cli, new_env, tmp_path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"task": "echo"}\nnot json\n')
     code, _, err = run(cli, "batch", str(path), "--env", new_env.environment_id)
     assert code == 2 and "line 2" in err
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run(None, "--version")
+    assert code == 0 and out.strip() == f"runops, version {version('runops')}"
+
+
+def test_mint_kind_with_only_a_kind_sets_the_default(cli: Cli) -> None:
+    try:
+        code, out, err = run(cli, "--json", "mint-kind", "cuid")
+        assert code == 0, err
+        assert json.loads(out)["default_mint_kind"] == "cuid"
+    finally:
+        code, out, err = run(cli, "--json", "mint-kind", "ksuid")
+    assert code == 0 and json.loads(out)["default_mint_kind"] == "ksuid", err
+    code, _, err = run(cli, "mint-kind", "sometimes")
+    assert code == 2 and err.count("\n") == 1 and "KIND" in err
+
+
+@pytest.mark.parametrize("line", ["[1,2]", "42", '{"payload": {}}', '{"task": "echo", "when": "now"}',
+                                  '{"task": "echo", "options": []}'])
+def test_a_bad_batch_item_is_one_line_and_creates_nothing(cli: Cli, stores: Stores, new_env, line: str) -> None:
+    code, out, err = run(cli, "batch", "-", "--env", new_env.environment_id, stdin=line + "\n")
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and "line 1" in err and "Traceback" not in err
+    for url in stores.admin.values():
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT count(*) FROM runops.batches WHERE environment_id = %s",
+                               [new_env.environment_id]).fetchone()
+            assert row == (0,)
+
+
+def test_json_errors_are_json(cli: Cli) -> None:
+    code, out, err = run(cli, "--json", "runs", "show", "run_" + "c" + "0" * 24)
+    assert code == 14 and out == ""
+    assert json.loads(err) == {"error": {"message": f"run run_c{'0' * 24} not found", "sqlstate": "RO004",
+                                         "exit_code": 14}}
+    code, _, err = run(cli, "--json", "no-such-command")
+    assert code == 2 and json.loads(err)["error"]["exit_code"] == 2
+
+
+@pytest.mark.parametrize(("run_id", "code"), [("run_" + generate_ksuid(), 14), ("run_c" + "0" * 24, 14),
+                                              ("run_garbage", 11)])
+def test_runs_show_and_runs_cancel_agree_on_a_missing_run(cli: Cli, run_id: str, code: int) -> None:
+    shown = run(cli, "runs", "show", run_id)
+    canceled = run(cli, "runs", "cancel", run_id)
+    assert shown[0] == canceled[0] == code, (shown, canceled)
+    assert shown[2].split(" ")[:2] == canceled[2].split(" ")[:2]  # "error: RO00n"
+
+
+def test_a_store_that_is_not_configured_is_not_reported_as_not_found(cli: Cli, monkeypatch: pytest.MonkeyPatch
+                                                                      ) -> None:
+    monkeypatch.delenv("RUNOPS_RUN_OPS_URL")
+    for command in ("show", "cancel", "watch"):
+        code, _, err = run(cli, "runs", command, "run_" + generate_ksuid())
+        assert code == 19 and "not configured" in err and "not found" not in err, (command, err)
+
+
+def test_the_state_file_is_readable_by_its_owner_only(stores: Stores) -> None:
+    assert (stores.home / ".runops" / "state.json").stat().st_mode & 0o777 == 0o600

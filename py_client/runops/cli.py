@@ -12,19 +12,20 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 import psycopg
 
+from . import ids
 from . import migrate as migrations
 from .client import CONTROL_PLANE, RUN_OPS, RunOps
-from .errors import RunOpsError
+from .errors import NotFound, RunOpsError, StoreUnavailable
 from .local_cluster import ClusterError, LocalStores
-from .models import FINAL_STATUSES
+from .models import FINAL_STATUSES, Run
 from .output import emit_json, fields, table
 from .schema import ALEMBIC_INI
 
@@ -37,6 +38,20 @@ def exit_code(err: RunOpsError) -> int:
     return 1
 
 
+def report_error(message: str, code: int, sqlstate: str | None = None, *, as_json: bool | None = None) -> NoReturn:
+    """The one way the CLI fails: one line on stderr — `error: ...`, or with --json a JSON object
+    {"error": {"message", "sqlstate", "exit_code"}} — and the exit code."""
+    if as_json is None:
+        ctx = click.get_current_context(silent=True)
+        found = ctx.find_object(Ctx) if ctx is not None else None
+        as_json = bool(found and found.as_json)
+    if as_json:
+        click.echo(json.dumps({"error": {"message": message, "sqlstate": sqlstate, "exit_code": code}}), err=True)
+    else:
+        click.echo(f"error: {sqlstate + ' ' if sqlstate else ''}{message}", err=True)
+    sys.exit(code)
+
+
 def reports_errors(fn: F) -> F:
     """One readable line on stderr and a meaningful exit code instead of a traceback."""
 
@@ -45,15 +60,33 @@ def reports_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except RunOpsError as err:
-            code = f"{err.sqlstate} " if err.sqlstate else ""
-            click.echo(f"error: {code}{err.message}", err=True)
-            sys.exit(exit_code(err))
+            report_error(err.message, exit_code(err), err.sqlstate)
         except psycopg.Error as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            click.echo(f"error: {first}", err=True)
-            sys.exit(1)
+            report_error(first, 1)
 
     return cast(F, wrapper)
+
+
+class RunOpsGroup(click.Group):
+    """Usage errors (bad options, bad arguments, a bad batch line) as one line too, or as JSON
+    with --json, instead of click's usage block."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            result = super().main(argv, prog_name, complete_var, standalone_mode=False,
+                                  windows_expand_args=windows_expand_args, **extra)
+        except click.ClickException as err:
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if isinstance(err, click.UsageError) and ctx else ""
+            report_error(err.format_message() + hint, err.exit_code, as_json="--json" in argv)
+        except click.Abort:
+            report_error("aborted", 1, as_json="--json" in argv)
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 class Ctx:
@@ -74,8 +107,8 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-@click.group()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.group(cls=RunOpsGroup)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (errors too, as JSON on stderr).")
 @click.version_option(package_name="runops", prog_name="runops")
 @click.pass_context
 def main(ctx: click.Context, as_json: bool) -> None:
@@ -253,13 +286,21 @@ def split_disable(ctx: Ctx) -> None:
     _show_split(ctx, ctx.client().disable_split())
 
 
+MINT_KINDS = ("cuid", "ksuid", "default")
+
+
 @main.command("mint-kind")
-@click.argument("organization_id", required=False)
-@click.argument("kind", type=click.Choice(["cuid", "ksuid", "default"]))
+@click.argument("args", nargs=-1, required=True, metavar="[ORGANIZATION_ID] KIND")
 @pass_ctx
 @reports_errors
-def mint_kind(ctx: Ctx, organization_id: str | None, kind: str) -> None:
-    """Set ORGANIZATION_ID's mint kind, or the default mint kind when no organization is given."""
+def mint_kind(ctx: Ctx, args: tuple[str, ...]) -> None:
+    """Set ORGANIZATION_ID's mint kind (cuid, ksuid, or default: follow the default), or with no
+    organization the default mint kind (cuid or ksuid)."""
+    if len(args) > 2:
+        raise click.UsageError("expected [ORGANIZATION_ID] KIND")
+    organization_id, kind = (None, args[0]) if len(args) == 1 else args
+    if kind not in MINT_KINDS:
+        raise click.BadParameter(f"{kind!r} is not one of {', '.join(MINT_KINDS)}", param_hint="KIND")
     client = ctx.client()
     if organization_id:
         client.set_mint_kind(organization_id, kind)
@@ -346,16 +387,33 @@ def runs() -> None:
     """Inspect runs."""
 
 
+def _require_store_of(client: RunOps, run_id: str) -> str:
+    """The store that owns ``run_id``: RO001 for an id of neither shape; RO009 — never "not found"
+    — when that store is not configured here."""
+    store = ids.store_for(ids.classify_residency(run_id))
+    if store == RUN_OPS and not client.split_wired:
+        raise StoreUnavailable(f"run {run_id} belongs to the run-ops store, which is not configured here: "
+                               "set RUNOPS_RUN_OPS_URL")
+    return store
+
+
+def _require_run(client: RunOps, run_id: str, environment_id: str | None = None) -> Run:
+    """The run, or the error `runs cancel` gives for the same id (RO001, RO009, RO004)."""
+    _require_store_of(client, run_id)
+    run = client.get_run(run_id, environment_id)
+    if run is None:
+        raise NotFound(f"run {run_id} not found")
+    return run
+
+
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
 @pass_ctx
 @reports_errors
 def runs_show(ctx: Ctx, run_id: str, environment_id: str | None) -> None:
-    run = ctx.client().get_run(run_id, environment_id)
-    if run is None:
-        click.echo(f"error: RO004 run {run_id} not found", err=True)
-        sys.exit(14)
+    """Show a run (exit 14 if there is none, 11 for an id of neither shape)."""
+    run = _require_run(ctx.client(), run_id, environment_id)
     if ctx.as_json:
         emit_json(run)
     else:
@@ -369,7 +427,9 @@ def runs_show(ctx: Ctx, run_id: str, environment_id: str | None) -> None:
 @reports_errors
 def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
     """Cancel a run and its live children (a final run is left as it is)."""
-    run = ctx.client().cancel_run(run_id, reason)
+    client = ctx.client()
+    _require_store_of(client, run_id)
+    run = client.cancel_run(run_id, reason)
     if ctx.as_json:
         emit_json(run)
     else:
@@ -385,10 +445,7 @@ def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
 def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
     """Print each status change of a run as it happens; exit when it is final."""
     client = ctx.client()
-    run = client.get_run(run_id)
-    if run is None:
-        click.echo(f"error: RO004 run {run_id} not found", err=True)
-        sys.exit(14)
+    run = _require_run(client, run_id)
     store = CONTROL_PLANE if run.residency == "LEGACY" else RUN_OPS
     deadline = time.monotonic() + timeout if timeout else None
 
@@ -539,6 +596,25 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
         click.echo(f"{worker_id}: {handled} runs handled")
 
 
+BATCH_ITEM_KEYS = {"task", "payload", "options"}
+
+
+def _batch_item(item: Any, number: int) -> dict[str, Any]:
+    """Checks one line's shape before anything is created (the store checks the values)."""
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(f"line {number}: {why}", param_hint="FILE")
+
+    if not isinstance(item, dict):
+        raise bad(f"expected a JSON object like {{\"task\": \"echo\", \"payload\": {{}}}}, got {json.dumps(item)[:60]}")
+    if not isinstance(item.get("task"), str):
+        raise bad("\"task\" must be a string")
+    if unknown := sorted(set(item) - BATCH_ITEM_KEYS):
+        raise bad(f"unknown keys {', '.join(unknown)} (expected task, payload, options)")
+    if "options" in item and not isinstance(item["options"], dict):
+        raise bad("\"options\" must be a JSON object")
+    return item
+
+
 @main.command()
 @click.argument("file", type=click.File("r"))
 @click.option("--env", "environment_id", required=True, help="The environment to trigger in.")
@@ -555,9 +631,10 @@ def batch(ctx: Ctx, file: Any, environment_id: str, idempotency_key: str | None,
     for number, line in enumerate(file, start=1):
         if line.strip():
             try:
-                items.append(json.loads(line))
+                item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise click.BadParameter(f"line {number} is not JSON: {exc}", param_hint="FILE") from exc
+            items.append(_batch_item(item, number))
     if not items:
         raise click.BadParameter("no items", param_hint="FILE")
     client = ctx.client()

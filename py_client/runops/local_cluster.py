@@ -214,6 +214,8 @@ class LocalStores:
         if not state.exists():
             raise ClusterError("no local stores here: run `runops dev up` (or set RUNOPS_CONTROL_PLANE_URL "
                                "and RUNOPS_RUN_OPS_URL)")
+        if state.stat().st_mode & 0o077:
+            state.chmod(0o600)  # written by an older runops: it holds the application password
         raw = json.loads(state.read_text())
         raw["clusters"] = {k: Cluster(**v) for k, v in raw["clusters"].items()}
         return cls(**raw)
@@ -244,8 +246,12 @@ class LocalStores:
         return stores, note
 
     def save(self) -> None:
-        raw = asdict(self)
-        self.state_file(Path(self.home)).write_text(json.dumps(raw, indent=2))
+        """Writes the state, readable by its owner only: it holds the application password."""
+        path = self.state_file(Path(self.home))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # also when an older, wider file is rewritten
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(self), indent=2))
 
     def start(self) -> None:
         bindir = Path(self.bindir)
