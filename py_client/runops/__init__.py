@@ -1,5 +1,6 @@
 """runops: a PostgreSQL-native run-operations backend. See README.md and SPEC.md."""
 
+from .aio import AsyncRunOps
 from .client import CONTROL_PLANE, RUN_OPS, RunOps
 from .errors import (
     EnvironmentUnusable,
@@ -31,7 +32,7 @@ from .tasks import Task, TaskContext, TaskError, TaskRegistry, TokenFailed
 from .worker import Outcome, Worker
 
 __all__ = [
-    "CONTROL_PLANE", "RUN_OPS", "RunOps", "Run", "Batch", "Waitpoint", "StoreIdentity", "TriggerResult",
+    "CONTROL_PLANE", "RUN_OPS", "RunOps", "AsyncRunOps", "Run", "Batch", "Waitpoint", "StoreIdentity", "TriggerResult",
     "RunStatus", "BatchStatus", "WaitpointStatus", "RUN_STATUSES", "FINAL_STATUSES",
     "classify_residency", "try_classify_residency",
     "Backoff", "call_with_retry", "Task", "TaskContext", "TaskError", "TaskRegistry", "TokenFailed",
