@@ -24,4 +24,7 @@ IMPORT FOREIGN SCHEMA runops
 -- The claim ledger is the one foreign table this store writes (SPEC §5); the remote login may
 -- write nothing else.
 ALTER FOREIGN TABLE runops_peer.idempotency_claims OPTIONS (ADD updatable 'true');
+-- Remote estimates let the planner see that the other store answers list_runs' keyset query in
+-- order from its index: ORDER BY is shipped, and the fetch stops at the page (docs/listing.md).
+ALTER FOREIGN TABLE runops_peer.run_view OPTIONS (ADD use_remote_estimate 'true');
 RESET ROLE;

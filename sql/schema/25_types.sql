@@ -76,3 +76,14 @@ ALTER TYPE runops.sealed_batch OWNER TO runops_owner;
 ALTER TYPE runops.batch_row OWNER TO runops_owner;
 ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;
+
+-- list_runs filters, parsed (NULL: no filter).
+CREATE TYPE runops.list_filters AS (
+  statuses         text[],       -- any of
+  task_identifiers text[],       -- any of
+  tags             text[],       -- all of
+  created_after    timestamptz,  -- exclusive
+  created_before   timestamptz,  -- exclusive
+  batch_id         text          -- friendly, as run_view shows it
+);
+ALTER TYPE runops.list_filters OWNER TO runops_owner;

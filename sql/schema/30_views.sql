@@ -43,6 +43,11 @@ FROM runops.runs r;
 ALTER VIEW runops.run_view OWNER TO runops_owner;
 GRANT SELECT ON runops.run_view TO runops_fdw;
 
+-- The row list_runs answers with: a run-view row and the cursor that resumes after it. (A view
+-- that is never read, so the row type follows run_view without repeating its columns.)
+CREATE VIEW runops.run_page_row AS SELECT v.*, NULL::text AS cursor FROM runops.run_view AS v WHERE false;
+ALTER VIEW runops.run_page_row OWNER TO runops_owner;
+
 -- runops.waitpoint_view: every waitpoint a caller can name. DATETIME and MANUAL waitpoints are
 -- rows; a RUN waitpoint is derived from its run and a BATCH waitpoint from its batch (same bare
 -- id), so an edge on one is satisfied by reading the owner, from either store, and it never

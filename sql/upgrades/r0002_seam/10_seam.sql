@@ -43,3 +43,17 @@ $$;
 -- create_run also reports the residency of the run it returns (a cached holder may live in the
 -- other store): a new OUT column, so the old signature goes first.
 DROP FUNCTION runops.create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb);
+
+-- list_runs (sql/functions/listing.sql): its filter type and its row (sql/schema/25_types.sql,
+-- sql/schema/30_views.sql).
+CREATE TYPE runops.list_filters AS (
+  statuses         text[],
+  task_identifiers text[],
+  tags             text[],
+  created_after    timestamptz,
+  created_before   timestamptz,
+  batch_id         text
+);
+ALTER TYPE runops.list_filters OWNER TO runops_owner;
+CREATE VIEW runops.run_page_row AS SELECT v.*, NULL::text AS cursor FROM runops.run_view AS v WHERE false;
+ALTER VIEW runops.run_page_row OWNER TO runops_owner;

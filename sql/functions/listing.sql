@@ -1,0 +1,196 @@
+-- Listing an environment's runs across both stores (SPEC §4, list_runs).
+--
+--   list_runs        the merged listing: this store's page and the other store's, merged
+--   list_store_runs  this store's page only (the client asks both stores and merges itself)
+--   run_cursor / parse_run_cursor   the cursor format shared with the client
+--   parse_list_filters               statuses, task_identifiers, tags, created_after/_before, batch_id
+--
+-- Order: created_at DESC, then the bare id DESC in byte order. A cursor resumes strictly after
+-- its row: base64url (no padding) of the JSON text {"c": created_at in µs, "r": bare id}.
+-- Each side is a keyset query — created_at <= c AND (created_at < c OR (created_at = c AND
+-- id < r)), which the index (environment_id, created_at DESC, id DESC) answers from the
+-- cursor on and postgres_fdw ships whole — limited to the page size, so a merged page reads at
+-- most two pages, however many runs are stored.
+
+CREATE OR REPLACE FUNCTION runops.run_cursor(created_at timestamptz, id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT rtrim(translate(encode(convert_to(
+           jsonb_build_object('c', (extract(epoch FROM created_at) * 1000000)::bigint, 'r', id)::text, 'UTF8'),
+           'base64'), E'+/\n', '-_'), '=')
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_run_cursor(cursor text, OUT created_at timestamptz, OUT id text)
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  padded text;
+  doc jsonb;
+BEGIN
+  IF cursor IS NULL THEN
+    RETURN;
+  END IF;
+  BEGIN
+    padded := translate(cursor, '-_', '+/');
+    padded := padded || repeat('=', (4 - length(padded) % 4) % 4);
+    doc := convert_from(decode(padded, 'base64'), 'UTF8')::jsonb;
+    created_at := to_timestamp(0) + ((doc ->> 'c')::bigint * interval '1 microsecond');
+    id := doc ->> 'r';
+  EXCEPTION WHEN OTHERS THEN
+    doc := NULL;
+  END;
+  IF doc IS NULL OR jsonb_typeof(doc -> 'c') <> 'number' OR jsonb_typeof(doc -> 'r') <> 'string'
+     OR length(id) NOT BETWEEN 1 AND 64 THEN
+    PERFORM raise_error('RO006', format('cursor %s is not a list_runs cursor', left(quote_literal(cursor), 100)),
+                        NULL, 'pass the cursor column of a row list_runs returned, or NULL for the first page');
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_list_filters(filters jsonb)
+RETURNS runops.list_filters
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  f jsonb := require_object(filters, 'filters');
+  result list_filters;
+  raw text;
+BEGIN
+  IF (f - ARRAY['statuses', 'task_identifiers', 'tags', 'created_after', 'created_before', 'batch_id']) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(f, ARRAY['statuses', 'task_identifiers', 'tags', 'created_after', 'created_before',
+                                            'batch_id'], 'list_runs filter');
+  END IF;
+  result.statuses := option_text_array(f, 'statuses');
+  IF EXISTS (SELECT FROM unnest(result.statuses) AS s
+             WHERE NOT EXISTS (SELECT FROM status_transitions AS t WHERE t.to_status = s)) THEN
+    PERFORM raise_error('RO006', 'filter statuses names an unknown status');
+  END IF;
+  result.task_identifiers := option_text_array(f, 'task_identifiers');
+  result.tags := option_text_array(f, 'tags');
+  raw := option_text(f, 'created_after');
+  IF raw IS NOT NULL THEN
+    result.created_after := parse_timestamp(raw, 'filter created_after');
+  END IF;
+  raw := option_text(f, 'created_before');
+  IF raw IS NOT NULL THEN
+    result.created_before := parse_timestamp(raw, 'filter created_before');
+  END IF;
+  raw := option_text(f, 'batch_id');
+  IF raw IS NOT NULL THEN
+    result.batch_id := bare_id(raw, 'batch');
+    IF result.batch_id IS NULL THEN
+      PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
+    END IF;
+    result.batch_id := 'batch_' || result.batch_id;
+  END IF;
+  RETURN result;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_page_size(page_size integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 200 THEN
+    PERFORM raise_error('RO006', format('page_size must be 1 to 200, got %s', quote_nullable(page_size)));
+  END IF;
+  RETURN page_size;
+END
+$$;
+
+-- One store's page. Every predicate is a plain comparison with a parameter, so the same text
+-- serves the local table and, through postgres_fdw, the other store (shipped whole, ORDER BY and
+-- LIMIT included: see docs/listing.md for EXPLAIN VERBOSE).
+CREATE OR REPLACE FUNCTION runops.list_store_runs(environment_id text, page_size integer DEFAULT 25,
+                                                  cursor text DEFAULT NULL, filters jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_page_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_page_size(page_size);
+  f list_filters := parse_list_filters(filters);
+  after record := parse_run_cursor(cursor);
+  env_id text := list_store_runs.environment_id;
+  c timestamptz := coalesce(after.created_at, 'infinity');
+  r text := coalesce(after.id, '');
+  first_page boolean := after.id IS NULL;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  RETURN QUERY
+  SELECT v.*, run_cursor(v.created_at, v.id)
+  FROM run_view AS v
+  WHERE v.environment_id = env_id
+    AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+    AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+    AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+    AND (f.tags IS NULL OR v.tags @> f.tags)
+    AND (f.created_after IS NULL OR v.created_at > f.created_after)
+    AND (f.created_before IS NULL OR v.created_at < f.created_before)
+    AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+  ORDER BY v.created_at DESC, v.id DESC
+  LIMIT n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.list_runs(environment_id text, page_size integer DEFAULT 25,
+                                            cursor text DEFAULT NULL, filters jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_page_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_page_size(page_size);
+  f list_filters := parse_list_filters(filters);
+  after record := parse_run_cursor(cursor);
+  env_id text := list_runs.environment_id;
+  c timestamptz := coalesce(after.created_at, 'infinity');
+  r text := coalesce(after.id, '');
+  first_page boolean := after.id IS NULL;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  -- A store that was never split, or never wired, has no other side to read.
+  IF NOT claims_required() THEN
+    RETURN QUERY SELECT * FROM list_store_runs(env_id, n, cursor, filters);
+    RETURN;
+  END IF;
+  BEGIN
+    -- Both sides are spelled out (not calls of list_store_runs) so the foreign one is a plain
+    -- scan of runops_peer.run_view that postgres_fdw ships with its WHERE, ORDER BY and LIMIT.
+    RETURN QUERY
+    SELECT u.*, run_cursor(u.created_at, u.id)
+    FROM ((SELECT * FROM run_view AS v
+           WHERE v.environment_id = env_id
+             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+             AND (f.tags IS NULL OR v.tags @> f.tags)
+             AND (f.created_after IS NULL OR v.created_at > f.created_after)
+             AND (f.created_before IS NULL OR v.created_at < f.created_before)
+             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT n)
+          UNION ALL
+          (SELECT * FROM runops_peer.run_view AS v
+           WHERE v.environment_id = env_id
+             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+             AND (f.tags IS NULL OR v.tags @> f.tags)
+             AND (f.created_after IS NULL OR v.created_at > f.created_after)
+             AND (f.created_before IS NULL OR v.created_at < f.created_before)
+             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT n)) AS u
+    ORDER BY u.created_at DESC, u.id DESC
+    LIMIT n;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the other store is unavailable for the merged listing: ' || SQLERRM,
+                        NULL, 'list each store with list_store_runs, or retry when it is back');
+  END;
+END
+$$;
