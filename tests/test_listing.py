@@ -19,7 +19,7 @@ from runops.errors import InvalidInput
 from tests.conftest import Stores, sqlstate_of
 from tests.test_seam_idempotency import flip, trigger
 
-BASE = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+BASE = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 
 
 class TwoStoreEnv:

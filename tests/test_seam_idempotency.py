@@ -17,7 +17,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
-from tests.conftest import Env, Stores, sqlstate_of
+from tests.conftest import Stores, sqlstate_of
 
 RETRYABLE = {"RO008", "40001", "40P01"}
 

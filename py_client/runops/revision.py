@@ -3,8 +3,8 @@
     python -m runops.revision r0002_seam "Across the seam: claim ledger, merged listing, purge"
 
 r0001 (released) carries the whole install. Every later revision is a *delta*: the hand-written
-DDL in ``sql/upgrades/<name>/*.sql``, applied in file-name order (what changed in ``sql/schema/`` and the fdw stand-ins, written
-so it upgrades a store with data in place), then every file of ``sql/functions/`` and
+DDL in ``sql/upgrades/<name>/*.sql``, applied in file-name order (what changed in ``sql/schema/``
+and the fdw stand-ins, written so it upgrades a store with data in place), then every file of ``sql/functions/`` and
 ``sql/after_functions.sql`` as they are now. Function files are all ``CREATE OR REPLACE``, so
 re-applying an unchanged one is a no-op; a function whose signature changes is dropped by the
 delta first. The revision carries the text, so it stays valid however ``sql/`` changes later;
