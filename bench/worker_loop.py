@@ -6,7 +6,10 @@ Starts two throwaway local clusters (fsync and synchronous_commit on, as ``runop
    once) work an environment while 4 threads trigger N runs of a no-op task through the Python
    client; the rate is N / (first trigger → last completion), i.e. trigger → dequeue → start →
    complete, all through the worker;
-2. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
+2. **the same loop without the worker**, as a yardstick in the same run: 4 threads of the
+   client's ``dequeue_runs(1)`` → ``start_attempt`` → ``complete_attempt`` over N pre-triggered
+   runs, and the plain trigger rate of 4 threads (what the worker's figure can at best approach);
+3. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
    /proc) over wall time.
 
 Prints the figures (docs/benchmarks.md, "Worker loop"). Not a test: nothing here runs under
@@ -94,6 +97,30 @@ def full_loop(app: dict[str, str], admin_url: str, env: str, runs: int, workers:
     return per_thread * 4 / elapsed
 
 
+def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
+    """(trigger rate, dequeue-start-complete rate) of 4 client threads, no worker."""
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8) as client:
+        def produce() -> None:
+            for _ in range(runs // 4):
+                client.trigger_run(env, "noop")
+
+        def consume(i: int) -> None:
+            while taken := client.dequeue_runs(env, f"bare-{i}", 1):
+                started = client.start_attempt(taken[0].run_id, f"bare-{i}")
+                client.complete_attempt(started.run_id, started.attempt_number, None)
+
+        rates = []
+        for work in (produce, consume):
+            threads = [threading.Thread(target=work, args=() if work is produce else (i,)) for i in range(4)]
+            began = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rates.append(runs // 4 * 4 / (time.monotonic() - began))
+    return rates[0], rates[1]
+
+
 def idle_cpu(app: dict[str, str], env: str, seconds: float = 10.0) -> float:
     [proc] = _workers(app, env, 1, 4)
     time.sleep(3.0)  # past start-up and the poll interval's climb to its maximum
@@ -125,9 +152,13 @@ def main() -> int:
                 "idle"), "e", "PRODUCTION")
             client.wait_for_mirror()
         rate = full_loop(app, stores.admin_urls()[RUN_OPS], env, args.runs, args.workers, args.concurrency)
+        triggers, bare = bare_loop(app, env, args.runs)
         idle = idle_cpu(app, idle_env)
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"triggers alone, 4 client threads: {triggers:,.0f} runs/s")
+        print(f"dequeue -> start -> complete, 4 client threads, no worker: {bare:,.0f} runs/s")
         print(f"full loop (trigger -> dequeue -> start -> complete), {args.workers} workers x concurrency "
-              f"{args.concurrency}, {args.runs} runs: {rate:,.0f} runs/s")
+              f"{args.concurrency}, {args.runs} runs: {rate:,.0f} runs/s ({rate / bare:.2f} x the bare loop)")
         print(f"idle worker on an empty queue: {idle * 100:.2f}% of a core")
     finally:
         stores.destroy()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from runops import RUN_STATUSES, AsyncRunOps, Backoff, RunOps, TaskRegistry
+from runops import RUN_STATUSES, AsyncRunOps, Backoff, RunOps, TaskRegistry, TriggerOptions
 from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.models import Run
 
@@ -283,6 +284,13 @@ def test_run_status_is_the_sql_vocabulary(stores: Stores, store: str) -> None:
         rows = conn.execute("SELECT from_status FROM runops.status_transitions UNION "
                             "SELECT to_status FROM runops.status_transitions").fetchall()
     assert {r[0] for r in rows} - {"NEW"} == RUN_STATUSES  # NEW: "the row does not exist yet"
+
+
+def test_trigger_options_are_the_sql_option_names() -> None:
+    source = (ROOT / "sql" / "functions" / "trigger_run.sql").read_text()
+    allowed = re.search(r"allowed constant text\[\] := ARRAY\[(.*?)\];", source, re.S)
+    assert allowed is not None
+    assert set(re.findall(r"'(\w+)'", allowed.group(1))) == set(TriggerOptions.__optional_keys__)
 
 
 def test_task_registry_refuses_duplicates_and_backoff_grows_within_bounds() -> None:

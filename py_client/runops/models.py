@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 RunStatus = Literal[
     # live
@@ -32,6 +32,35 @@ RunStatus = Literal[
 RUN_STATUSES: frozenset[str] = frozenset(get_args(RunStatus))
 BatchStatus = Literal["PENDING", "PROCESSING", "COMPLETED", "ABORTED"]
 WaitpointStatus = Literal["PENDING", "COMPLETED"]
+
+
+class ChildTriggerOptions(TypedDict, total=False):
+    """Trigger options a task may give a child it waits for (``ctx.trigger_and_wait``): the
+    parent, the resume and the idempotency key are the context's to set."""
+
+    delay: str               # a duration (10m) or a timestamp with offset: born DELAYED
+    ttl: str                 # expire if no worker took it within this duration
+    max_duration: str        # TIMED_OUT past this much execution
+    queue: str
+    concurrency_key: str
+    tags: list[str]
+    max_attempts: int        # 1 to 250 (default 3)
+    metadata: Any
+    idempotency_key_ttl: str
+
+
+class TriggerOptions(ChildTriggerOptions, total=False):
+    """The options of ``trigger_run`` (SPEC §4); a test keeps the names equal to the SQL's."""
+
+    idempotency_key: str
+    idempotency_key_scope: Literal["run", "attempt", "global"]
+    parent_run_id: str
+    parent_attempt_number: int
+    resume_parent_on_completion: bool
+    run_id: str              # a pre-minted id (a retried trigger keeps it)
+    batch_id: str            # fill index batch_index of an open batch
+    batch_index: int
+    dev_session_id: str
 
 
 @dataclass(frozen=True)
@@ -172,3 +201,18 @@ class BatchSealed:
     status: str
     item_count: int
     expected_count: int
+
+
+@dataclass(frozen=True)
+class ListedRun(Run):
+    """A row of list_runs: a run and the cursor that resumes the listing after it."""
+
+    cursor: str
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of list_runs, newest first. ``next_cursor`` is None once the listing is done."""
+
+    runs: list[ListedRun]
+    next_cursor: str | None

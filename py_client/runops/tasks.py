@@ -34,9 +34,9 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from .models import Run
+from .models import ChildTriggerOptions, Run
 from .retry import Backoff
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class TaskContext:
 
     # -- waits ------------------------------------------------------------------------------------
 
-    def trigger_and_wait(self, task: str, payload: Any = None, **options: Any) -> Run:
+    def trigger_and_wait(self, task: str, payload: Any = None, **options: Unpack[ChildTriggerOptions]) -> Run:
         """Triggers a child run and returns it once final (check ``.status``; ``.output`` holds
         the result). Suspends this run until then. Options are ``trigger_run``'s; the child's
         ``max_attempts`` defaults to that of the task registered under that name here."""
