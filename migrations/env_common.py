@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import psycopg
 from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
@@ -21,11 +22,11 @@ def run(section: str) -> None:
            or os.environ.get(ADMIN_URL_VARS[section]))
     if not url:
         raise SystemExit(f"no database URL: pass -x url=... or set {ADMIN_URL_VARS[section]}")
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
     if context.is_offline_mode():
         raise SystemExit("runops migrations run online only (they carry PL/pgSQL bodies)")
-    engine = create_engine(url, poolclass=NullPool)
+    # libpq reads the URL (postgresql://… or key=value), as everywhere else in runops: sslmode,
+    # service files and the rest mean the same here.
+    engine = create_engine("postgresql+psycopg://", poolclass=NullPool, creator=lambda: psycopg.connect(url))
     with engine.connect() as connection:
         # Each store has its own version table, so two stores in one database never wait on
         # each other's (the multidb template's hang).

@@ -199,13 +199,15 @@ def test_version_prints_the_installed_version() -> None:
 
 
 def test_mint_kind_with_only_a_kind_sets_the_default(cli: Cli) -> None:
+    before = json.loads(run(cli, "--json", "split", "status")[1])["default_mint_kind"]
+    other = "cuid" if before == "ksuid" else "ksuid"
     try:
-        code, out, err = run(cli, "--json", "mint-kind", "cuid")
+        code, out, err = run(cli, "--json", "mint-kind", other)
         assert code == 0, err
-        assert json.loads(out)["default_mint_kind"] == "cuid"
+        assert json.loads(out)["default_mint_kind"] == other
     finally:
-        code, out, err = run(cli, "--json", "mint-kind", "ksuid")
-    assert code == 0 and json.loads(out)["default_mint_kind"] == "ksuid", err
+        code, out, err = run(cli, "--json", "mint-kind", before)
+    assert code == 0 and json.loads(out)["default_mint_kind"] == before, err
     code, _, err = run(cli, "mint-kind", "sometimes")
     assert code == 2 and err.count("\n") == 1 and "KIND" in err
 

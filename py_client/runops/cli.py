@@ -1,7 +1,8 @@
 """The `runops` command. Human output by default, --json for scripts.
 
 Exit codes: 0 ok; 1 an unexpected failure; 2 bad usage; 3 a store is behind its migrations
-(`migrate --check`); 4 a benchmark missed a target; 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
+(`migrate --check`); 4 a benchmark missed a target; 5 `migrate` found a precondition missing
+(nothing changed); 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
 13 illegal transition, 14 not found, 15 environment unusable, 16 invalid input,
 17 split refused, 18 retryable conflict, 19 store unavailable).
 """
@@ -33,6 +34,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def exit_code(err: RunOpsError) -> int:
+    if isinstance(err, migrations.PreconditionFailed):
+        return 5
     if err.sqlstate and err.sqlstate.startswith("RO"):
         return 10 + int(err.sqlstate[2:])
     return 1
@@ -194,32 +197,32 @@ def dev_status(ctx: Ctx) -> None:
 
 # -- migrate --------------------------------------------------------------------------------
 
-def _admin_urls(control_plane_url: str | None, run_ops_url: str | None) -> tuple[str, str | None]:
-    cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_ADMIN_URL")
-    ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_ADMIN_URL")
-    if cp:
-        return cp, ro
-    admin = LocalStores.from_cwd().admin_urls()
-    return admin[CONTROL_PLANE], ro or admin[RUN_OPS]
-
-
 @main.command()
-@click.option("--control-plane-url",
-              help="Admin (superuser) URL; default RUNOPS_CONTROL_PLANE_ADMIN_URL or the local store.")
-@click.option("--run-ops-url",
-              help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL or the local store.")
+@click.option("--control-plane-url", help="Admin (superuser) URL of the control plane; default "
+              "RUNOPS_CONTROL_PLANE_ADMIN_URL, then RUNOPS_CONTROL_PLANE_URL, then the local dev store.")
+@click.option("--run-ops-url", help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL, then "
+              "RUNOPS_RUN_OPS_URL, then the local dev store (only when no URL at all is set).")
+@click.option("--peer-host", "peer_hosts", multiple=True, metavar="STORE=HOST[:PORT]",
+              help="How the other store's server reaches STORE (control_plane or run_ops), when that differs "
+                   "from the URL's host: used by the FDW and the mirror's subscription. Repeatable.")
 @click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
 @click.option("--print-alembic-ini", is_flag=True,
               help="Print the path of the alembic.ini for plain `alembic -c` and exit.")
 @pass_ctx
 @reports_errors
-def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, check: bool,
-            print_alembic_ini: bool) -> None:
-    """Upgrade both stores to head, then (re)wire the FDW both ways and the tenant mirror."""
+def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, peer_hosts: tuple[str, ...],
+            check: bool, print_alembic_ini: bool) -> None:
+    """Check the preconditions (exit 5, nothing changed, when one is missing), upgrade both stores
+    to head, then (re)wire the FDW both ways and the tenant mirror."""
     if print_alembic_ini:
         click.echo(str(ALEMBIC_INI))
         return
-    cp, ro = _admin_urls(control_plane_url, run_ops_url)
+    found = migrations.resolve_targets(control_plane_url, run_ops_url)
+    peers = migrations.parse_peer_hosts(peer_hosts)
+    for target in found.values():
+        click.echo(f"using {target.describe()}", err=True)
+    cp = found[CONTROL_PLANE].url
+    ro = found[RUN_OPS].url if RUN_OPS in found else None
     targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
     if check:
         rows = [(store, migrations.current_revision(store, url), migrations.head_revision(store, url))
@@ -233,7 +236,7 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, ch
         if behind:
             sys.exit(3)
         return
-    report = migrations.migrate(cp, ro)
+    report = migrations.migrate(cp, ro, peers)
     if ctx.as_json:
         emit_json(report)
         return

@@ -7,6 +7,7 @@ the tenant mirror — depends on where the *other* store is, so it is not part o
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,9 +17,17 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .errors import RunOpsError
 from .schema import ALEMBIC_INI, SQL
 
 SECTIONS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
+LABELS = {"CONTROL_PLANE": "control plane", "RUN_OPS": "run-ops store"}
+# Where `runops migrate` takes each store's URL from, in order; the local dev stores only when
+# none of them is set.
+URL_VARS = {"CONTROL_PLANE": ("RUNOPS_CONTROL_PLANE_ADMIN_URL", "RUNOPS_CONTROL_PLANE_URL"),
+            "RUN_OPS": ("RUNOPS_RUN_OPS_ADMIN_URL", "RUNOPS_RUN_OPS_URL")}
+# libpq options the FDW servers and the subscription take over from the DBA's URL.
+CARRIED_OPTIONS = ("sslmode",)
 PUBLICATION = "runops_tenants"
 SUBSCRIPTION = "runops_mirror"
 MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings")
@@ -62,9 +71,184 @@ class Identity:
 
 def identity(url: str) -> Identity:
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT (pg_control_system()).system_identifier::text, current_database()").fetchone()
-        assert row is not None
-        return Identity(row[0], row[1])
+        return _identity(conn)
+
+
+def _identity(conn: psycopg.Connection[Any]) -> Identity:
+    row = conn.execute("SELECT (pg_control_system()).system_identifier::text, current_database()").fetchone()
+    assert row is not None
+    return Identity(row[0], row[1])
+
+
+class PreconditionFailed(RunOpsError):
+    """`runops migrate` found something missing before changing anything (exit 5)."""
+
+
+@dataclass
+class Target:
+    """A store `runops migrate` acts on, and where its URL came from."""
+
+    store: str
+    url: str
+    source: str
+
+    def describe(self) -> str:
+        info = conninfo_to_dict(self.url)
+        where = f"{info.get('user') or '(default user)'}@{info.get('host') or '(local socket)'}:" \
+                f"{info.get('port') or 5432}/{info.get('dbname') or '(default database)'}"
+        return f"{LABELS[self.store]}: {where} (from {self.source})"
+
+
+def resolve_targets(control_plane_url: str | None = None, run_ops_url: str | None = None,
+                    environ: dict[str, str] | None = None) -> dict[str, Target]:
+    """The stores to migrate: the flags, else RUNOPS_*_ADMIN_URL, else RUNOPS_*_URL; the local dev
+    stores only when none of these is set. A run-ops store alone is never migrated."""
+    env = dict(os.environ) if environ is None else environ
+    flags = {"CONTROL_PLANE": control_plane_url, "RUN_OPS": run_ops_url}
+    found: dict[str, Target] = {}
+    for store, flag in flags.items():
+        if flag:
+            found[store] = Target(store, flag, f"--{SECTIONS[store].replace('_', '-')}-url")
+            continue
+        for var in URL_VARS[store]:
+            if env.get(var):
+                found[store] = Target(store, env[var], var)
+                break
+    if not found:
+        from .local_cluster import LocalStores
+
+        admin = LocalStores.from_cwd().admin_urls()
+        return {store: Target(store, url, "the local dev stores in .runops/") for store, url in admin.items()}
+    if "CONTROL_PLANE" not in found:
+        raise PreconditionFailed("no control-plane URL (a run-ops store is never migrated alone): pass "
+                                 "--control-plane-url or set RUNOPS_CONTROL_PLANE_ADMIN_URL")
+    return found
+
+
+def parse_peer_hosts(values: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
+    """``--peer-host control_plane=HOST[:PORT]``: how the *other* store's server reaches this one."""
+    peers: dict[str, dict[str, str]] = {}
+    for value in values:
+        name, _, where = value.partition("=")
+        store = name.strip().upper().replace("-", "_")
+        if store not in SECTIONS or not where:
+            raise PreconditionFailed(f"--peer-host {value!r}: expected control_plane=HOST[:PORT] "
+                                     "or run_ops=HOST[:PORT]")
+        host, _, port = where.rpartition(":") if where.count(":") == 1 else (where, "", "")
+        peers[store] = {"host": host, **({"port": port} if port else {})}
+    return peers
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _privilege_problem(conn: psycopg.Connection[Any], label: str) -> str | None:
+    """None for a superuser; else the grants the install needs that this login lacks, if any."""
+    row = conn.execute("""
+        SELECT r.rolname, r.rolsuper, r.rolcreaterole, current_database(),
+               has_database_privilege(current_database(), 'CREATE'),
+               EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'postgres_fdw'),
+               EXISTS (SELECT 1 FROM pg_foreign_data_wrapper WHERE fdwname = 'postgres_fdw')
+                 AND has_foreign_data_wrapper_privilege('postgres_fdw', 'USAGE'),
+               (SELECT pg_has_role(current_user, o.oid, 'MEMBER') FROM pg_roles o WHERE o.rolname = 'runops_owner')
+        FROM pg_roles r WHERE r.rolname = current_user""").fetchone()
+    assert row is not None
+    user, is_super, createrole, db, create_db, fdw_installed, fdw_usage, owner_member = row
+    if is_super:
+        return None
+    u, d = sql.Identifier(user).as_string(conn), sql.Identifier(db).as_string(conn)
+    missing = []
+    if not createrole:
+        missing.append(f"CREATEROLE (ALTER ROLE {u} CREATEROLE)")
+    if not create_db:
+        missing.append(f"CREATE on the database (GRANT CREATE ON DATABASE {d} TO {u})")
+    if not fdw_installed:
+        missing.append(f"postgres_fdw (a superuser runs CREATE EXTENSION postgres_fdw in {d})")
+    elif not fdw_usage:
+        missing.append(f"USAGE on postgres_fdw (GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {u})")
+    if owner_member is False:
+        missing.append(f"membership in runops_owner (GRANT runops_owner TO {u})")
+    if not missing:
+        return None
+    return f"{label}: {user} is not a superuser and lacks " + "; ".join(missing) + " — or run migrate as a superuser"
+
+
+def _mirror_problem(cp: psycopg.Connection[Any]) -> str | None:
+    """Logical replication (when possible at all: wal_level = logical and a superuser) must have
+    its slot's WAL bounded."""
+    row = cp.execute("SELECT current_setting('wal_level'), current_setting('max_slot_wal_keep_size'), "
+                     "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
+    assert row is not None
+    wal_level, keep, is_super = row
+    if wal_level != "logical" or not is_super:
+        return None  # the mirror is pulled by tick; _wire_mirror says so
+    if keep in ("-1", "-1kB"):
+        return ("control plane: max_slot_wal_keep_size is unlimited, so a dead run-ops store could fill its disk "
+                "through the mirror's replication slot: ALTER SYSTEM SET max_slot_wal_keep_size = '10GB'; "
+                "SELECT pg_reload_conf();")
+    return None
+
+
+def _probe_peer(conn: psycopg.Connection[Any], peer: dict[str, str], peer_url: str, label: str,
+                peer_label: str) -> str | None:
+    """Connects from this store's server to the peer through postgres_fdw, as the wiring will,
+    inside a transaction that is rolled back: nothing stays behind."""
+    info = conninfo_to_dict(peer_url)
+    options = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v))
+                                 for k, v in _server_options(peer).items())
+    login = {"user": str(info.get("user") or "postgres"),
+             **({"password": str(info["password"])} if info.get("password") else {})}
+    mapping = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in login.items())
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+            conn.execute(sql.SQL("CREATE SERVER runops_preflight FOREIGN DATA WRAPPER postgres_fdw OPTIONS ({})")
+                         .format(options))
+            conn.execute(sql.SQL("CREATE USER MAPPING FOR CURRENT_USER SERVER runops_preflight OPTIONS ({})")
+                         .format(mapping))
+            conn.execute("CREATE SCHEMA runops_preflight")
+            conn.execute("CREATE FOREIGN TABLE runops_preflight.probe (datname name) SERVER runops_preflight "
+                         "OPTIONS (schema_name 'pg_catalog', table_name 'pg_database')")
+            conn.execute("SELECT count(*) FROM runops_preflight.probe")
+    except psycopg.Error as exc:
+        return (f"{label} cannot reach the {peer_label} at {peer['host']}:{peer['port']} as its FDW will "
+                f"({_first_line(exc)}): check pg_hba.conf and the network between the servers, or pass "
+                f"--peer-host {'control_plane' if peer_label == 'control plane' else 'run_ops'}=HOST[:PORT]")
+    return None
+
+
+def preflight(control_plane_url: str, run_ops_url: str | None,
+              peers: dict[str, dict[str, str]] | None = None) -> bool:
+    """Checks everything `migrate` needs before it changes anything; raises PreconditionFailed
+    naming what is missing and how to fix it. Returns whether the two URLs name distinct
+    databases (to be wired)."""
+    urls = {"CONTROL_PLANE": control_plane_url, **({"RUN_OPS": run_ops_url} if run_ops_url else {})}
+    problems: list[str] = []
+    conns: dict[str, psycopg.Connection[Any]] = {}
+    try:
+        for store, url in urls.items():
+            try:
+                conns[store] = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            except psycopg.Error as exc:
+                problems.append(f"{LABELS[store]}: cannot connect ({_first_line(exc)})")
+        for store, conn in conns.items():
+            if problem := _privilege_problem(conn, LABELS[store]):
+                problems.append(problem)
+        distinct = len(conns) == 2 and _identity(conns["CONTROL_PLANE"]) != _identity(conns["RUN_OPS"])
+        if distinct and not problems:
+            if problem := _mirror_problem(conns["CONTROL_PLANE"]):
+                problems.append(problem)
+            for store, other in (("RUN_OPS", "CONTROL_PLANE"), ("CONTROL_PLANE", "RUN_OPS")):
+                if problem := _probe_peer(conns[store], _target(urls[other], (peers or {}).get(other)), urls[other],
+                                          f"the {LABELS[store]}", LABELS[other]):
+                    problems.append(problem)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    if problems:
+        raise PreconditionFailed("; ".join(problems) + " (nothing was changed)")
+    return distinct
 
 
 @dataclass
@@ -75,33 +259,61 @@ class MigrateReport:
     notes: list[str]
 
 
-def migrate(control_plane_url: str, run_ops_url: str | None) -> MigrateReport:
-    """Upgrades both stores and wires them; with one URL (or two naming the same database) it
-    installs the control plane only and wires nothing."""
+def migrate(control_plane_url: str, run_ops_url: str | None,
+            peers: dict[str, dict[str, str]] | None = None) -> MigrateReport:
+    """Checks the preconditions (nothing changes when one is missing), upgrades both stores and
+    wires them; with one URL (or two naming the same database) it installs the control plane
+    only and wires nothing. ``peers`` overrides the host/port the other store's server uses to
+    reach a store (``--peer-host``)."""
     notes: list[str] = []
+    distinct = preflight(control_plane_url, run_ops_url, peers)
     upgrade("CONTROL_PLANE", control_plane_url)
     if run_ops_url is None:
         return MigrateReport(["CONTROL_PLANE"], False, "none", notes)
-    if identity(run_ops_url) == identity(control_plane_url):
+    if not distinct:
         notes.append("both URLs name the same database: installed the control plane only, wired nothing")
         return MigrateReport(["CONTROL_PLANE"], False, "none", notes)
     upgrade("RUN_OPS", run_ops_url)
-    mirror = wire(control_plane_url, run_ops_url, notes)
+    mirror = wire(control_plane_url, run_ops_url, notes, peers)
     return MigrateReport(["CONTROL_PLANE", "RUN_OPS"], True, mirror, notes)
 
 
-def _target(url: str) -> dict[str, str]:
+def _target(url: str, override: dict[str, str] | None = None) -> dict[str, str]:
+    """Where the other store's server reaches the store of ``url``: the URL's host, port and
+    database (or ``override``'s host and port), and the libpq options carried over."""
     info = conninfo_to_dict(url)
-    return {"host": str(info.get("host") or "127.0.0.1"), "port": str(info.get("port") or "5432"),
-            "dbname": str(info.get("dbname") or info.get("user") or "postgres")}
+    target = {"host": str(info.get("host") or "127.0.0.1"), "port": str(info.get("port") or "5432"),
+              "dbname": str(info.get("dbname") or info.get("user") or "postgres")}
+    target.update({k: str(info[k]) for k in CARRIED_OPTIONS if info.get(k)})
+    target.update(override or {})
+    return target
+
+
+def _server_options(peer: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in peer.items() if k in ("host", "port", "dbname", *CARRIED_OPTIONS)}
 
 
 def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) -> None:
     template = (SQL / "fdw" / "wire_peer.sql").read_text()
     text = template.format(host=sql.quote(peer["host"]), port=sql.quote(peer["port"]),
                            dbname=sql.quote(peer["dbname"]), login=login)
+    carried = sql.SQL(", ").join(sql.SQL("ADD {} {}").format(sql.Identifier(k), sql.Literal(peer[k]))
+                                 for k in CARRIED_OPTIONS if k in peer)
     with conn.transaction():
         conn.execute(text)
+        if any(k in peer for k in CARRIED_OPTIONS):
+            conn.execute(sql.SQL("ALTER SERVER runops_peer OPTIONS ({})").format(carried))
+
+
+def _fdw_works(conn: psycopg.Connection[Any]) -> psycopg.Error | None:
+    """Reads through the wired mapping as runops_owner, the role the functions run as."""
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("SET LOCAL ROLE runops_owner")
+            conn.execute("SELECT 1 FROM runops_peer.store_identity_view LIMIT 1")
+    except psycopg.Error as exc:
+        return exc
+    return None
 
 
 def _fdw_login(role: str, password: str) -> str:
@@ -130,16 +342,46 @@ def _fdw_login_role(conn: psycopg.Connection[Any]) -> tuple[str, str]:
     return role, password
 
 
-def wire(control_plane_url: str, run_ops_url: str, notes: list[str]) -> str:
+def _wire_checked(conn: psycopg.Connection[Any], peer_conn: psycopg.Connection[Any], peer: dict[str, str],
+                  label: str, notes: list[str]) -> None:
+    """Wires ``conn``'s FDW to the peer and reads through it. A peer that asks the FDW login no
+    password (trust) makes postgres_fdw refuse the non-superuser mapping; a superuser may then
+    declare that on the mapping (password_required 'false')."""
+    login = _fdw_login(*_fdw_login_role(peer_conn))
+
+    def attempt(login: str) -> psycopg.Error | None:
+        try:
+            _wire_peer(conn, peer, login)  # imports the foreign tables: connects already
+        except psycopg.Error as exc:
+            return exc
+        return _fdw_works(conn)
+
+    failure = attempt(login)
+    if failure is not None and failure.sqlstate == "2F003":  # "password is required"
+        failure = attempt(login + ", password_required 'false'")
+        notes.append(f"the {label} asks the FDW login no password (trust): its mapping sets password_required "
+                     "'false' (require scram for TCP logins there to drop this)")
+    if failure is not None:
+        raise PreconditionFailed(f"the FDW cannot read the {label} at {peer['host']}:{peer['port']} "
+                                 f"({_first_line(failure)}): check pg_hba.conf for the runops_fdw_* logins")
+
+
+def wire(control_plane_url: str, run_ops_url: str, notes: list[str],
+         peers: dict[str, dict[str, str]] | None = None) -> str:
     """postgres_fdw both ways, then the tenant mirror. Idempotent."""
+    peers = peers or {}
     with psycopg.connect(control_plane_url, autocommit=True) as cp, \
             psycopg.connect(run_ops_url, autocommit=True) as ro:
-        _wire_peer(ro, _target(control_plane_url), _fdw_login(*_fdw_login_role(cp)))
-        _wire_peer(cp, _target(run_ops_url), _fdw_login(*_fdw_login_role(ro)))
-        return _wire_mirror(cp, ro, control_plane_url, notes)
+        cp_target = _target(control_plane_url, peers.get("CONTROL_PLANE"))
+        _wire_checked(ro, cp, cp_target, LABELS["CONTROL_PLANE"], notes)
+        _wire_checked(cp, ro, _target(run_ops_url, peers.get("RUN_OPS")), LABELS["RUN_OPS"], notes)
+        # The subscription connects from the run-ops server: the control plane as that server
+        # reaches it, with the URL's login, password and TLS options.
+        subscription_url = make_conninfo(control_plane_url, host=cp_target["host"], port=cp_target["port"])
+        return _wire_mirror(cp, ro, subscription_url, notes)
 
 
-def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], control_plane_url: str,
+def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subscription_url: str,
                  notes: list[str]) -> str:
     row = cp.execute("SELECT current_setting('wal_level'), "
                      "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)").fetchone()
@@ -164,7 +406,7 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], contr
                           "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
     # The subscription connects with the admin URL as given: password and TLS options included,
     # each value quoted as libpq wants.
-    conninfo = make_conninfo(control_plane_url)
+    conninfo = make_conninfo(subscription_url)
     if existing:
         ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
             sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
