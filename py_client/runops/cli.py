@@ -271,6 +271,7 @@ def _ident(i: dict[str, Any] | None) -> str:
 @pass_ctx
 @reports_errors
 def split_status(ctx: Ctx) -> None:
+    """Whether the split is enabled, the two stores' identities and the mint kinds."""
     _show_split(ctx, ctx.client().split_status())
 
 
@@ -286,6 +287,7 @@ def split_enable(ctx: Ctx) -> None:
 @pass_ctx
 @reports_errors
 def split_disable(ctx: Ctx) -> None:
+    """Disable the split: new root runs mint cuids on the control plane again."""
     _show_split(ctx, ctx.client().disable_split())
 
 
@@ -327,7 +329,7 @@ def env_group() -> None:
 @click.argument("project_slug")
 @click.argument("env_slug")
 @click.option("--type", "env_type", default="DEVELOPMENT",
-              type=click.Choice(["DEVELOPMENT", "STAGING", "PREVIEW", "PRODUCTION"]))
+              type=click.Choice(["DEVELOPMENT", "STAGING", "PREVIEW", "PRODUCTION"]), help="The environment's type.")
 @click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]), help="The new organization's mint kind.")
 @pass_ctx
 @reports_errors
@@ -361,12 +363,13 @@ def _json_arg(value: str | None, what: str) -> Any:
 @click.argument("task")
 @click.option("--payload", help="JSON payload.")
 @click.option("--key", "idempotency_key", help="Idempotency key.")
-@click.option("--scope", "idempotency_key_scope", type=click.Choice(["run", "attempt", "global"]))
+@click.option("--scope", "idempotency_key_scope", type=click.Choice(["run", "attempt", "global"]),
+              help="Idempotency key scope (default run).")
 @click.option("--key-ttl", "idempotency_key_ttl", help="Idempotency key TTL, e.g. 1h.")
 @click.option("--parent", "parent_run_id", help="Parent run id.")
 @click.option("--delay", help="Delay (10m) or timestamp with offset.")
 @click.option("--ttl", help="Expire if not started within this duration.")
-@click.option("--tag", "tags", multiple=True)
+@click.option("--tag", "tags", multiple=True, help="A tag for the run (repeatable).")
 @click.option("--options", "raw_options", help="Any other trigger options, as a JSON object.")
 @pass_ctx
 @reports_errors
@@ -481,7 +484,8 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
 @main.command()
 @click.option("--loop", is_flag=True, help="Keep ticking until interrupted.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")
-@click.option("--max-rows", type=int, default=1000, show_default=True)
+@click.option("--max-rows", type=int, default=1000, show_default=True,
+              help="Most rows each kind of work handles per pass.")
 @pass_ctx
 @reports_errors
 def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
@@ -622,7 +626,7 @@ def _batch_item(item: Any, number: int) -> dict[str, Any]:
 @click.argument("file", type=click.File("r"))
 @click.option("--env", "environment_id", required=True, help="The environment to trigger in.")
 @click.option("--key", "idempotency_key", help="Batch idempotency key (items without a key use KEY-index).")
-@click.option("--chunk-size", type=int, default=1000, show_default=True)
+@click.option("--chunk-size", type=int, default=1000, show_default=True, help="Items sent per call.")
 @click.option("--wait", is_flag=True, help="Wait until every run is final (run a worker meanwhile).")
 @click.option("--timeout", type=float, default=0, help="With --wait: give up after this many seconds.")
 @pass_ctx
