@@ -16,8 +16,94 @@ SQL = r'''
 SET LOCAL search_path = runops, pg_catalog, pg_temp;
 SET LOCAL check_function_bodies = off;
 -- sql/upgrades/r0002_seam/10_seam.sql
--- r0002: across the seam. Upgrades an r0001 store in place (data kept); a fresh install gets the
--- same shape from sql/schema/ and sql/fdw/. Function bodies follow this file in the revision.
+-- r0002, across the seam: the idempotency claim ledger (sql/schema/35_idempotency_claims.sql)
+-- and the snapshot view the run-ops store reads to judge a control-plane claim
+-- (sql/fdw/00_identity_views.sql). Adds objects only: data stays in place.
+CREATE TABLE runops.idempotency_claims (
+  environment_id  text COLLATE "C" NOT NULL,
+  task_identifier text NOT NULL,
+  key_hash        text COLLATE "C" NOT NULL,
+  run_id          text COLLATE "C" NOT NULL,
+  claimant_xid    bigint,
+  expires_at      timestamptz NOT NULL,
+  claimed_at      timestamptz NOT NULL,
+  PRIMARY KEY (environment_id, task_identifier, key_hash)
+);
+CREATE INDEX idempotency_claims_expiry_idx ON runops.idempotency_claims (expires_at);
+ALTER TABLE runops.idempotency_claims OWNER TO runops_owner;
+GRANT SELECT ON runops.idempotency_claims TO runops_fdw;
+DO $$
+BEGIN
+  IF 'RESIDENCY_OF_THIS_STORE' = 'NEW' THEN
+    GRANT INSERT, UPDATE ON runops.idempotency_claims TO runops_fdw;
+  END IF;
+END
+$$;
+
+CREATE VIEW runops.xact_snapshot_view AS SELECT pg_catalog.pg_current_snapshot()::text AS snapshot;
+ALTER VIEW runops.xact_snapshot_view OWNER TO runops_owner;
+GRANT SELECT ON runops.xact_snapshot_view TO runops_fdw;
+
+-- An unwired store gets the empty stand-ins. A wired one gets nothing here: until `runops
+-- migrate` re-imports the foreign tables, a control-plane keyed trigger fails loudly on the
+-- missing runops_peer.idempotency_claims instead of claiming in the wrong place.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
+    CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
+
+-- create_run also reports the residency of the run it returns (a cached holder may live in the
+-- other store): a new OUT column, so the old signature goes first.
+DROP FUNCTION runops.create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb);
+
+-- list_runs (sql/functions/listing.sql): its filter type and its row (sql/schema/25_types.sql,
+-- sql/schema/30_views.sql).
+CREATE TYPE runops.list_filters AS (
+  statuses         text[],
+  task_identifiers text[],
+  tags             text[],
+  created_after    timestamptz,
+  created_before   timestamptz,
+  batch_id         text
+);
+ALTER TYPE runops.list_filters OWNER TO runops_owner;
+CREATE VIEW runops.run_page_row AS SELECT v.*, NULL::text AS cursor FROM runops.run_view AS v WHERE false;
+ALTER VIEW runops.run_page_row OWNER TO runops_owner;
+
+-- sql/upgrades/r0002_seam/20_input_and_guards.sql
+-- r0002, bounded input and the environment guard (SPEC §3 [1.2]).
+--
+-- The JSON limits are per store: an operator changes them with UPDATE runops.store_config.
+ALTER TABLE runops.store_config
+  ADD COLUMN max_json_bytes integer NOT NULL DEFAULT 3145728 CHECK (max_json_bytes BETWEEN 65536 AND 268435455);
+ALTER TABLE runops.store_config
+  ADD COLUMN max_json_depth integer NOT NULL DEFAULT 64 CHECK (max_json_depth BETWEEN 32 AND 512);
+
+-- Every write naming a row by id gains a trailing `environment_id text DEFAULT NULL`. A new
+-- signature is a new function, so the old ones go first (the function files that follow
+-- recreate them, and after_functions.sql grants the new ones). Calls that pass the old
+-- arguments resolve to the new functions through the default.
+DROP FUNCTION runops.heartbeat_run(text, text);
+DROP FUNCTION runops.start_attempt(text, text);
+DROP FUNCTION runops.complete_attempt(text, integer, jsonb);
+DROP FUNCTION runops.fail_attempt(text, integer, jsonb, timestamptz);
+DROP FUNCTION runops.create_checkpoint(text, integer, text, text, jsonb);
+DROP FUNCTION runops.resume_run(text);
+DROP FUNCTION runops.finalize_run(text, text, jsonb, jsonb);
+DROP FUNCTION runops.cancel_run(text, text);
+DROP FUNCTION runops.block_run(text, text[], jsonb);
+DROP FUNCTION runops.complete_waitpoint(text, jsonb, boolean);
+DROP FUNCTION runops.append_batch_items(text, integer, jsonb);
+DROP FUNCTION runops.seal_batch(text);
+DROP FUNCTION runops.resume_batch_run(text);
+-- Internal: lock_run takes the guard too.
+DROP FUNCTION runops.lock_run(text);
 
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
@@ -115,6 +201,8 @@ AS $$
 DECLARE
   bad record;
   spec trigger_spec;
+  limits record;
+  deep boolean;
 BEGIN
   IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
     PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
@@ -128,7 +216,7 @@ BEGIN
               WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
                 THEN 'has fields other than task, payload and options'
               WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+                   OR NOT task_identifier_is_valid(e.item ->> 'task')
                 THEN 'needs a task of 1-128 letters, digits or _.:/-'
               WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
                 THEN 'options must be an object'
@@ -138,7 +226,7 @@ BEGIN
   WHERE jsonb_typeof(e.item) <> 'object'
      OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
      OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+     OR NOT task_identifier_is_valid(e.item ->> 'task')
      OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
   ORDER BY e.n LIMIT 1;
   IF FOUND THEN
@@ -151,7 +239,8 @@ BEGIN
     WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
        OR (e.item -> 'options' ? 'idempotency_key'
            AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
-                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048))
+                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
+                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
     ORDER BY e.n
   LOOP
     IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
@@ -164,6 +253,21 @@ BEGIN
       PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
     END;
   END LOOP;
+
+  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
+  --    text per item for the size, one path over the whole call for the depth.
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
+  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
+         octet_length((e.item -> 'payload')::text) AS bytes
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
+     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
+  END IF;
 
 END
 $$;
@@ -554,7 +658,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.append_batch_items(batch_id text, start_index integer, items jsonb)
+CREATE OR REPLACE FUNCTION runops.append_batch_items(batch_id text, start_index integer, items jsonb,
+                                                    environment_id text DEFAULT NULL)
 RETURNS SETOF runops.appended_items
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -570,10 +675,14 @@ BEGIN
   PERFORM validate_batch_items(items, start_index);
   n := jsonb_array_length(items);
   b := lock_batch(append_batch_items.batch_id);  -- appenders of one batch take turns
+  PERFORM require_row_environment(b.environment_id, append_batch_items.environment_id, 'batch',
+                                  append_batch_items.batch_id);
   IF start_index > b.expected_count - n THEN  -- (start_index + n could overflow an integer)
     PERFORM raise_error('RO006', format('items %s to %s are past the batch''s expected_count of %s',
                                         start_index, start_index + n - 1, b.expected_count));
   END IF;
+  -- The RO005 gate of every entry point that admits runs, before the RO003 checks.
+  env := require_usable(load_environment(b.environment_id), b.environment_id);
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed)', b.id));
   END IF;
@@ -582,12 +691,11 @@ BEGIN
        WHERE NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = k)) THEN
     PERFORM raise_error('RO003', format('batch_%s is sealed: it takes no new items', b.id));
   END IF;
-  env := load_environment(b.environment_id);
   RETURN NEXT ROW('batch_' || b.id, start_index, add_batch_items(b, env, start_index, items))::appended_items;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.seal_batch(batch_id text)
+CREATE OR REPLACE FUNCTION runops.seal_batch(batch_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.sealed_batch
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -595,6 +703,7 @@ AS $$
 DECLARE
   b batches := lock_batch(seal_batch.batch_id);
 BEGIN
+  PERFORM require_row_environment(b.environment_id, seal_batch.environment_id, 'batch', seal_batch.batch_id);
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed); it cannot be sealed', b.id));
   END IF;
@@ -611,7 +720,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.resume_batch_run(batch_id text)
+CREATE OR REPLACE FUNCTION runops.resume_batch_run(batch_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.batch_row
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -619,6 +728,8 @@ AS $$
 DECLARE
   b batches := lock_batch(resume_batch_run.batch_id);
 BEGIN
+  PERFORM require_row_environment(b.environment_id, resume_batch_run.environment_id, 'batch',
+                                  resume_batch_run.batch_id);
   -- Recount from the runs themselves (the incremental count is the fast path; this is the
   -- authority), then complete if every item has finished. Idempotent.
   UPDATE batches AS x
@@ -746,6 +857,265 @@ BEGIN
 END
 $$;
 
+-- sql/functions/claims.sql
+-- One key, one run across both stores (SPEC §6): the claim ledger protocol.
+--
+--   claims_required        whether a keyed trigger in this store must claim (split ever enabled, peer wired)
+--   lock_key_claim         control plane: serialise same-key claimants here, and against enable_split
+--   judge_claim            is the holder a claim names live, dead, or still committing?
+--   claim_idempotency_key  claim a key for a run about to be created, or learn the live holder
+--   backfill_claims        enable_split: claims for the keys that predate the split
+--   prune_claims           tick (run-ops): drop claims long past their expiry
+--
+-- The argument that this yields exactly one key-holding run is docs/idempotency-across-stores.md.
+
+CREATE OR REPLACE FUNCTION runops.claims_required()
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN (current_split_settings()).ever_enabled AND peer_wired();
+END
+$$;
+
+-- Control plane only. Same-key claimants on this store queue on a per-key advisory lock, held to
+-- the end of the transaction, so a claimant judging a claim written here never sees a claimant
+-- mid-commit (locks are released after the commit is visible). The shared gate lock orders keyed
+-- triggers against enable_split (which takes it exclusively and backfills the claims): a trigger
+-- that decided not to claim has committed before the backfill reads the runs.
+CREATE OR REPLACE FUNCTION runops.lock_key_claim(environment_id text, task_identifier text, key_hash text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+  PERFORM pg_advisory_xact_lock(hashtextextended(environment_id || '/' || task_identifier || '/' || key_hash, 0));
+END
+$$;
+
+-- The verdict on a claim's holder, read in this store or through the FDW:
+--   LIVE     the holder exists, still carries the key, and the key is not dead: it is the run
+--   DEAD     expired, ended badly, lost its key (reset), or never committed: take the claim over
+--   PENDING  the control-plane transaction that wrote the claim had not finished when we looked
+--            (postgres_fdw commits the remote claim just before the local run): retry (RO008)
+-- For a holder written by a control-plane transaction (claimant_xid), "finished" is asked of the
+-- snapshot the holder is read in, in the same statement, so the two answers agree: a claimant
+-- that finished before that snapshot either committed its run (visible) or never will.
+CREATE OR REPLACE FUNCTION runops.judge_claim(environment_id text, task_identifier text, key_hash text,
+                                              run_id text, claimant_xid bigint, expires_at timestamptz,
+                                              at timestamptz, OUT verdict text, OUT holder_status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  residency text := try_classify_bare(run_id);
+  finished boolean;
+  h_hash text;
+  h_expires_at timestamptz;
+  h_environment text;
+  h_task text;
+BEGIN
+  IF expires_at <= at OR residency IS NULL THEN
+    verdict := 'DEAD';
+    RETURN;
+  END IF;
+  IF residency = local_residency() THEN
+    -- One statement, one snapshot: "finished" and the holder's row agree.
+    SELECT claimant_xid IS NULL OR claimant_xid = pg_current_xact_id()::text::bigint
+             OR pg_visible_in_snapshot(claimant_xid::text::xid8, pg_current_snapshot()),
+           r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
+    INTO finished, holder_status, h_hash, h_expires_at, h_environment, h_task
+    FROM (SELECT) AS one
+    LEFT JOIN runs AS r ON r.id = judge_claim.run_id;
+  ELSE
+    -- postgres_fdw reads every foreign table of this transaction in one REPEATABLE READ
+    -- snapshot, so the snapshot the view reports is the one the holder is read in.
+    BEGIN
+      finished := claimant_xid IS NULL;
+      IF NOT finished THEN
+        SELECT pg_visible_in_snapshot(claimant_xid::text::xid8, v.snapshot::pg_snapshot) INTO finished
+        FROM runops_peer.xact_snapshot_view AS v;
+      END IF;
+      SELECT r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
+      INTO holder_status, h_hash, h_expires_at, h_environment, h_task
+      FROM runops_peer.runs AS r WHERE r.id = judge_claim.run_id;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', format('the %s store, which holds the run claiming this idempotency key, is unavailable: %s',
+                                          store_for_residency(residency), SQLERRM));
+    END;
+  END IF;
+  IF NOT finished THEN
+    verdict := 'PENDING';
+  ELSIF holder_status IS NULL OR h_hash IS DISTINCT FROM key_hash OR h_environment <> judge_claim.environment_id
+        OR h_task <> judge_claim.task_identifier OR idempotency_key_is_dead(holder_status, h_expires_at, at) THEN
+    verdict := 'DEAD';
+  ELSE
+    verdict := 'LIVE';
+  END IF;
+END
+$$;
+
+-- Claims the key for run_id (about to be created by the caller, in this transaction), or returns
+-- the live holder (holder_id, bare) for the caller to return as cached. A dead holder's claim is
+-- taken over with a compare-and-swap; a dead local holder lets go of its key at once, a dead
+-- holder in the other store is cleared lazily by its own store. On the run-ops store the ledger
+-- is local (atomic with the run); on the control plane it is written through the FDW, under
+-- lock_key_claim.
+CREATE OR REPLACE FUNCTION runops.claim_idempotency_key(environment_id text, task_identifier text, key_hash text,
+                                                        expires_at timestamptz, run_id text,
+                                                        OUT holder_id text, OUT holder_status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  local_ledger constant boolean := local_residency() = 'NEW';
+  my_xid bigint;
+  c record;
+  judged record;
+  passes integer := 0;
+BEGIN
+  IF NOT local_ledger THEN
+    my_xid := pg_current_xact_id()::text::bigint;
+  END IF;
+  LOOP
+    passes := passes + 1;
+    IF passes > 8 THEN
+      PERFORM raise_error('RO008', 'the idempotency claim kept changing under concurrent triggers; retry the same call');
+    END IF;
+    BEGIN
+      IF local_ledger THEN
+        INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                            expires_at, claimed_at)
+        VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
+                claim_idempotency_key.expires_at, ts)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+          RETURN;
+        END IF;
+        SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
+        FROM idempotency_claims AS l
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
+      ELSE
+        INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                                    expires_at, claimed_at)
+        VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid,
+                claim_idempotency_key.expires_at, ts)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+          RETURN;
+        END IF;
+        SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
+        FROM runops_peer.idempotency_claims AS l
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
+      END IF;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
+    END;
+    CONTINUE WHEN c.run_id IS NULL;  -- pruned meanwhile: claim again
+
+    judged := judge_claim(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                          claim_idempotency_key.key_hash, c.run_id, c.claimant_xid, c.expires_at, ts);
+    IF judged.verdict = 'LIVE' THEN
+      holder_id := c.run_id;
+      holder_status := judged.holder_status;
+      RETURN;
+    ELSIF judged.verdict = 'PENDING' THEN
+      PERFORM raise_error('RO008', 'another trigger with this idempotency key is committing in the other store; retry the same call');
+    END IF;
+
+    -- Dead: take the claim over, if nobody else did since we read it.
+    BEGIN
+      IF local_ledger THEN
+        UPDATE idempotency_claims AS l
+        SET run_id = claim_idempotency_key.run_id, claimant_xid = NULL, expires_at = claim_idempotency_key.expires_at,
+            claimed_at = ts
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
+          AND l.run_id = c.run_id;
+      ELSE
+        UPDATE runops_peer.idempotency_claims AS l
+        SET run_id = claim_idempotency_key.run_id, claimant_xid = my_xid, expires_at = claim_idempotency_key.expires_at,
+            claimed_at = ts
+        WHERE l.environment_id = claim_idempotency_key.environment_id
+          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
+          AND l.run_id = c.run_id;
+      END IF;
+    EXCEPTION WHEN connection_exception THEN
+      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
+    END;
+    IF FOUND THEN
+      IF try_classify_bare(c.run_id) = local_residency() THEN
+        PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
+      END IF;
+      RETURN;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
+-- concurrent releaser a no-op).
+CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  UPDATE runs AS r
+  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
+END
+$$;
+
+-- enable_split, first time only: claims for every live key held by a run of this store, so the
+-- run-ops store never has to ask the control plane about keys that predate the split. Runs under
+-- the gate lock (lock_key_claim) so no unclaimed keyed run commits after it. claimant_xid is this
+-- transaction: a reader that sees it finished also sees every run it names.
+CREATE OR REPLACE FUNCTION runops.backfill_claims()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n bigint;
+BEGIN
+  INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                              expires_at, claimed_at)
+  SELECT r.environment_id, r.task_identifier, r.idempotency_key_hash, r.id, pg_current_xact_id()::text::bigint,
+         r.idempotency_key_expires_at, ts
+  FROM runs AS r
+  WHERE r.idempotency_key_hash IS NOT NULL
+    AND NOT idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts)
+  ON CONFLICT DO NOTHING;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+EXCEPTION WHEN connection_exception THEN
+  PERFORM raise_error('RO007', 'split refused: the run-ops store is unreachable for the idempotency claim backfill: '
+                               || SQLERRM);
+  RETURN 0;
+END
+$$;
+
+-- Claims whose key expired a day ago name no live holder (a takeover would have rewritten them):
+-- pruned in bounded batches by tick on the run-ops store.
+CREATE OR REPLACE FUNCTION runops.prune_claims(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  DELETE FROM idempotency_claims AS l
+  WHERE l.ctid = ANY (ARRAY(SELECT x.ctid FROM idempotency_claims AS x
+                            WHERE x.expires_at < now() - interval '1 day'
+                            ORDER BY x.expires_at LIMIT max_rows FOR UPDATE SKIP LOCKED));
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- sql/functions/errors.sql
 -- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
 -- that says what was wrong, with which value, and what is accepted.
@@ -754,12 +1124,30 @@ $$;
 -- execute them, always from a public function whose search_path is pinned, and a SET clause
 -- would stop PostgreSQL inlining the SQL ones and cost a GUC save/restore per call.
 
+-- At most a short prefix of any input a message quotes: a 1 MB id must not reach the log whole.
+CREATE OR REPLACE FUNCTION runops.input_prefix(value text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN length(value) > 100 THEN left(value, 100) || '...' ELSE value END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.raise_error(code text, message text, detail text DEFAULT NULL,
                                               hint text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 AS $$
 BEGIN
+  -- The backstop for a call site that quotes an input whole: no message outgrows 512 characters.
+  IF length(message) > 512 THEN
+    message := left(message, 512) || '...';
+  END IF;
+  IF length(detail) > 512 THEN
+    detail := left(detail, 512) || '...';
+  END IF;
+  IF length(hint) > 512 THEN
+    hint := left(hint, 512) || '...';
+  END IF;
   -- RAISE needs literal option lists, so the NULL combinations are spelled out.
   IF detail IS NULL AND hint IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message;
@@ -847,7 +1235,8 @@ DECLARE
 BEGIN
   IF residency IS NULL THEN
     PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
-                                        'optionally with one friendly prefix such as run_', quote_nullable(bare)));
+                                        'optionally with one friendly prefix such as run_',
+                                        quote_nullable(input_prefix(bare))));
   END IF;
   RETURN residency;
 END
@@ -865,7 +1254,7 @@ BEGIN
     PERFORM raise_error('RO006', format('%s is required', what));
   END IF;
   IF bare IS NULL THEN
-    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, id, kind),
+    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, input_prefix(id), kind),
                         NULL, format('pass the bare id or the friendly form %s_<id>', kind));
   END IF;
   PERFORM classify_bare(bare);
@@ -884,7 +1273,7 @@ DECLARE
 BEGIN
   IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
     PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
-                                         what, quote_nullable(value)));
+                                         what, quote_nullable(input_prefix(value))));
   END IF;
   -- Bound the seconds before building an interval: 999999999999w would overflow it.
   amount := left(value, -1)::numeric * CASE right(value, 1)
@@ -905,12 +1294,12 @@ AS $$
 BEGIN
   IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
     PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
-                                         what, quote_nullable(value)));
+                                         what, quote_nullable(input_prefix(value))));
   END IF;
   RETURN value::timestamptz;
 EXCEPTION
   WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
-    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, value));
+    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
     RETURN NULL;
 END
 $$;
@@ -930,7 +1319,9 @@ BEGIN
 END
 $$;
 
--- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null.
+-- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
+-- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
+-- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
 CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
@@ -947,6 +1338,10 @@ BEGIN
   IF length(value #>> '{}') > max_length THEN
     PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
                                          key, length(value #>> '{}'), max_length));
+  END IF;
+  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
+    PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
+                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
   END IF;
   RETURN value #>> '{}';
 END
@@ -965,7 +1360,7 @@ BEGIN
   IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
      OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
     PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
-                                         key, min_value, max_value, value));
+                                         key, min_value, max_value, input_prefix(value::text)));
   END IF;
   RETURN (value #>> '{}')::integer;
 END
@@ -982,7 +1377,7 @@ BEGIN
     RETURN NULL;
   END IF;
   IF jsonb_typeof(value) <> 'boolean' THEN
-    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, value));
+    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
   END IF;
   RETURN value::text::boolean;
 END
@@ -998,8 +1393,126 @@ DECLARE
 BEGIN
   SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
   IF unknown IS NOT NULL THEN
-    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(unknown)),
+    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(input_prefix(unknown))),
                         NULL, 'accepted: ' || array_to_string(allowed, ', '));
+  END IF;
+END
+$$;
+
+-- Bounded input (SPEC §3 [1.2]): nothing the API accepts may break a reader or an index.
+--
+--   max_index_text_bytes  every indexed text (keys, tags, queues, task ids) is at most 2048 bytes
+--                         in UTF-8 as well as its character limit: a btree entry must stay under
+--                         ~2.7 kB, and 2048 four-byte characters would not (54000).
+--   check_json_bounds     payload, metadata, output and error: at most store_config.max_json_bytes
+--                         serialized (default 3 MiB) and max_json_depth levels of nesting
+--                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
+-- The limits are read from store_config only for values that could exceed the smallest limit a
+-- store may configure (64 KiB, 32 levels): the common small payload costs one conversion to
+-- text and a jsonpath walk of its first 32 levels.
+
+CREATE OR REPLACE FUNCTION runops.max_index_text_bytes()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 2048
+$$;
+
+-- The path that finds a container at nesting level `depth` (the root is level 0): it exists
+-- exactly when the value nests deeper than `depth` levels. prefix selects where to look from.
+CREATE OR REPLACE FUNCTION runops.json_too_deep_path(depth integer, prefix text DEFAULT '$')
+RETURNS jsonpath
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ('strict ' || prefix || '.**{' || depth || '} ? (@.type() == "array" || @.type() == "object")')::jsonpath
+$$;
+
+-- The check itself, against this store's limits, for a value already known to be large or
+-- bracket-heavy. bytes is its serialized size.
+CREATE OR REPLACE FUNCTION runops.check_json_limits(value jsonb, bytes integer, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  limits record;
+BEGIN
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  IF bytes > limits.max_json_bytes THEN
+    PERFORM raise_error('RO006', format('%s is %s bytes serialized; the limit is %s bytes', what, bytes,
+                                        limits.max_json_bytes),
+                        NULL, 'store large data elsewhere and pass a reference');
+  END IF;
+  IF jsonb_path_exists(value, json_too_deep_path(limits.max_json_depth)) THEN
+    PERFORM raise_error('RO006', format('%s nests deeper than %s levels', what, limits.max_json_depth));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.check_json_bounds(value jsonb, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bytes integer;
+BEGIN
+  IF value IS NULL THEN
+    RETURN;
+  END IF;
+  -- The conversion is the cost (about as much as writing the value); no bound on the stored
+  -- jsonb size can replace it: a 10-byte numeric 1e100000 prints as 100001 digits.
+  bytes := octet_length(value::text);
+  IF bytes <= 65536
+     AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")') THEN
+    RETURN;
+  END IF;
+  PERFORM check_json_limits(value, bytes, what);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.task_identifier_is_valid(task_identifier text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  -- An unbounded pattern and a length check: a bounded {0,127} costs ~5 us per match. ASCII
+  -- only, so 128 characters are 128 bytes.
+  SELECT length(task_identifier) <= 128 AND task_identifier ~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+$$;
+
+-- The one validation of a run about to be admitted (trigger_run, trigger_failed_task; batch
+-- items take the same checks set-based in validate_batch_items): every RO006 before anything is
+-- looked up. Returns the parsed options.
+CREATE OR REPLACE FUNCTION runops.validate_new_run(environment_id text, task_identifier text, payload jsonb,
+                                                   options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  spec trigger_spec;
+BEGIN
+  IF environment_id IS NULL OR environment_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task_identifier IS NULL OR NOT task_identifier_is_valid(task_identifier) THEN
+    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
+                                         quote_nullable(input_prefix(task_identifier))));
+  END IF;
+  spec := parse_trigger_options(options);
+  PERFORM check_json_bounds(payload, 'payload');
+  RETURN spec;
+END
+$$;
+
+-- Environment guard (SPEC §3 [1.2]): a write naming a row by id may say which environment the
+-- caller acts for; a row of another environment is then "not found" (RO004), and nothing changes.
+CREATE OR REPLACE FUNCTION runops.require_row_environment(row_environment_id text, environment_id text, what text,
+                                                          id text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF environment_id IS NOT NULL AND row_environment_id IS DISTINCT FROM environment_id THEN
+    PERFORM raise_error('RO004', format('%s %s not found in environment %s', what, input_prefix(id),
+                                        quote_literal(input_prefix(environment_id))));
   END IF;
 END
 $$;
@@ -1263,6 +1776,9 @@ $$;
 --   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
 --   finalize_run      any live -> any final
 --   cancel_run        any live -> CANCELED, down the tree of live children
+-- Every write naming a run takes an optional trailing environment_id (the environment guard,
+-- SPEC §3 [1.2]): lock_run answers RO004 for another environment's run. Outputs, errors and
+-- metadata pass check_json_bounds (RO006) before anything is locked.
 -- A run that turns final completes the edges waiting on it (its RUN waitpoint) and closes its
 -- open attempt, in the same transaction (after_run_final).
 
@@ -1336,8 +1852,9 @@ END
 $$;
 
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
--- store's run, RO004 when it is missing. Locks the run.
-CREATE OR REPLACE FUNCTION runops.lock_run(run_id text)
+-- store's run, RO004 when it is missing or (environment_id given) of another environment.
+-- Locks the run.
+CREATE OR REPLACE FUNCTION runops.lock_run(run_id text, environment_id text)
 RETURNS runops.runs
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -1353,6 +1870,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', run_id));
   END IF;
+  PERFORM require_row_environment(r.environment_id, lock_run.environment_id, 'run', run_id);
   RETURN r;
 END
 $$;
@@ -1362,8 +1880,8 @@ RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
-  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 THEN
-    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters');
+  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 OR octet_length(worker_id) > 1024 THEN
+    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters (at most 1024 bytes)');
   END IF;
   RETURN worker_id;
 END
@@ -1459,7 +1977,8 @@ BEGIN
   tasks := option_text_array(o, 'tasks');
   env := load_environment(dequeue_runs.environment_id);
   IF env.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(dequeue_runs.environment_id)));
+    PERFORM raise_error('RO004', format('environment %s not found',
+                                        quote_nullable(input_prefix(dequeue_runs.environment_id))));
   END IF;
   IF env.paused OR env.archived OR env.project_deleted THEN
     RETURN;  -- a paused environment hands out no work; attempts in flight still complete
@@ -1513,14 +2032,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text)
+CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   worker text := require_worker(heartbeat_run.worker_id);
-  r runs := lock_run(heartbeat_run.run_id);
+  r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
 BEGIN
   PERFORM require_lease(r, worker, 'heartbeat_run');
   UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
@@ -1529,14 +2048,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text)
+CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   worker text := require_worker(start_attempt.worker_id);
-  r runs := lock_run(start_attempt.run_id);
+  r runs := lock_run(start_attempt.run_id, start_attempt.environment_id);
   ts timestamptz := now();
   paused attempts;
   next_number integer;
@@ -1580,15 +2099,18 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb)
+CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb,
+                                                   environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   n integer := require_attempt_number(complete_attempt.attempt_number);
-  r runs := lock_run(complete_attempt.run_id);
+  r runs;
 BEGIN
+  PERFORM check_json_bounds(complete_attempt.output, 'output');
+  r := lock_run(complete_attempt.run_id, complete_attempt.environment_id);
   -- The same attempt's completion, repeated (a retried network call), returns the row as it is.
   IF r.status = 'COMPLETED_SUCCESSFULLY' AND r.attempt_number = n THEN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -1605,18 +2127,20 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.fail_attempt(run_id text, attempt_number integer, error jsonb,
-                                               retry_at timestamptz DEFAULT NULL)
+                                               retry_at timestamptz DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   n integer := require_attempt_number(fail_attempt.attempt_number);
-  r runs := lock_run(fail_attempt.run_id);
+  r runs;
   ts timestamptz := now();
   named text;
   final_status text;
 BEGIN
+  PERFORM check_json_bounds(fail_attempt.error, 'error');
+  r := lock_run(fail_attempt.run_id, fail_attempt.environment_id);
   IF fail_attempt.error IS NOT NULL AND jsonb_typeof(fail_attempt.error) = 'object' THEN
     named := fail_attempt.error ->> 'status';
   END IF;
@@ -1649,7 +2173,8 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.create_checkpoint(run_id text, attempt_number integer, reason text,
-                                                    location text, metadata jsonb DEFAULT '{}')
+                                                    location text, metadata jsonb DEFAULT '{}',
+                                                    environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -1663,12 +2188,14 @@ BEGIN
   IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
                                       'RETRYING_AFTER_FAILURE') THEN
     PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
-                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s', quote_nullable(reason)));
+                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s',
+                                        quote_nullable(input_prefix(reason))));
   END IF;
   IF location IS NULL OR location = '' OR length(location) > 2048 THEN
     PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');
   END IF;
-  r := lock_run(create_checkpoint.run_id);
+  PERFORM check_json_bounds(meta, 'metadata');
+  r := lock_run(create_checkpoint.run_id, create_checkpoint.environment_id);
   PERFORM require_current_attempt(r, n, 'create_checkpoint');
   INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
   VALUES (mint_id(),
@@ -1716,13 +2243,13 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.resume_run(run_id text)
+CREATE OR REPLACE FUNCTION runops.resume_run(run_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  r runs := lock_run(resume_run.run_id);
+  r runs := lock_run(resume_run.run_id, resume_run.environment_id);
 BEGIN
   -- Idempotent: the client sends it as a follow-up and tick may get there first.
   IF r.status = 'WAITING_TO_RESUME' THEN
@@ -1734,7 +2261,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.finalize_run(run_id text, status text, error jsonb DEFAULT NULL,
-                                               output jsonb DEFAULT NULL)
+                                               output jsonb DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -1747,9 +2274,11 @@ BEGIN
   IF final_status IS NULL OR NOT is_final_status(final_status) THEN
     PERFORM raise_error('RO006', format('finalize_run needs a final status (CANCELED, INTERRUPTED, COMPLETED_SUCCESSFULLY, '
                                         'COMPLETED_WITH_ERRORS, SYSTEM_FAILURE, CRASHED, EXPIRED, TIMED_OUT), got %s',
-                                        quote_nullable(final_status)));
+                                        quote_nullable(input_prefix(final_status))));
   END IF;
-  r := lock_run(finalize_run.run_id);
+  PERFORM check_json_bounds(finalize_run.error, 'error');
+  PERFORM check_json_bounds(finalize_run.output, 'output');
+  r := lock_run(finalize_run.run_id, finalize_run.environment_id);
   -- Repeating the call that made the run final returns it unchanged.
   IF r.status = final_status THEN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -1799,7 +2328,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -1821,11 +2350,210 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', cancel_run.run_id));
   END IF;
+  PERFORM require_row_environment(r.environment_id, cancel_run.environment_id, 'run', cancel_run.run_id);
   -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
   IF NOT is_final_status(r.status) THEN
     PERFORM cancel_trees(ARRAY[r.id], reason);
   END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+-- sql/functions/listing.sql
+-- Listing an environment's runs across both stores (SPEC §4, list_runs).
+--
+--   list_runs        the merged listing: this store's page and the other store's, merged
+--   list_store_runs  this store's page only (the client asks both stores and merges itself)
+--   run_cursor / parse_run_cursor   the cursor format shared with the client
+--   parse_list_filters               statuses, task_identifiers, tags, created_after/_before, batch_id
+--
+-- Order: created_at DESC, then the bare id DESC in byte order. A cursor resumes strictly after
+-- its row: base64url (no padding) of the JSON text {"c": created_at in µs, "r": bare id}.
+-- Each side is a keyset query — created_at <= c AND (created_at < c OR (created_at = c AND
+-- id < r)), which the index (environment_id, created_at DESC, id DESC) answers from the
+-- cursor on and postgres_fdw ships whole — limited to the page size, so a merged page reads at
+-- most two pages, however many runs are stored.
+
+CREATE OR REPLACE FUNCTION runops.run_cursor(created_at timestamptz, id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT rtrim(translate(encode(convert_to(
+           jsonb_build_object('c', (extract(epoch FROM created_at) * 1000000)::bigint, 'r', id)::text, 'UTF8'),
+           'base64'), E'+/\n', '-_'), '=')
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_run_cursor(cursor text, OUT created_at timestamptz, OUT id text)
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  padded text;
+  doc jsonb;
+BEGIN
+  IF cursor IS NULL THEN
+    RETURN;
+  END IF;
+  BEGIN
+    padded := translate(cursor, '-_', '+/');
+    padded := padded || repeat('=', (4 - length(padded) % 4) % 4);
+    doc := convert_from(decode(padded, 'base64'), 'UTF8')::jsonb;
+    created_at := to_timestamp(0) + ((doc ->> 'c')::bigint * interval '1 microsecond');
+    id := doc ->> 'r';
+  EXCEPTION WHEN OTHERS THEN
+    doc := NULL;
+  END;
+  IF doc IS NULL OR jsonb_typeof(doc -> 'c') <> 'number' OR jsonb_typeof(doc -> 'r') <> 'string'
+     OR length(id) NOT BETWEEN 1 AND 64 THEN
+    PERFORM raise_error('RO006', format('cursor %s is not a list_runs cursor', left(quote_literal(cursor), 100)),
+                        NULL, 'pass the cursor column of a row list_runs returned, or NULL for the first page');
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_list_filters(filters jsonb)
+RETURNS runops.list_filters
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  f jsonb := require_object(filters, 'filters');
+  result list_filters;
+  raw text;
+BEGIN
+  IF (f - ARRAY['statuses', 'task_identifiers', 'tags', 'created_after', 'created_before', 'batch_id']) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(f, ARRAY['statuses', 'task_identifiers', 'tags', 'created_after', 'created_before',
+                                            'batch_id'], 'list_runs filter');
+  END IF;
+  result.statuses := option_text_array(f, 'statuses');
+  IF EXISTS (SELECT FROM unnest(result.statuses) AS s
+             WHERE NOT EXISTS (SELECT FROM status_transitions AS t WHERE t.to_status = s)) THEN
+    PERFORM raise_error('RO006', 'filter statuses names an unknown status');
+  END IF;
+  result.task_identifiers := option_text_array(f, 'task_identifiers');
+  result.tags := option_text_array(f, 'tags');
+  raw := option_text(f, 'created_after');
+  IF raw IS NOT NULL THEN
+    result.created_after := parse_timestamp(raw, 'filter created_after');
+  END IF;
+  raw := option_text(f, 'created_before');
+  IF raw IS NOT NULL THEN
+    result.created_before := parse_timestamp(raw, 'filter created_before');
+  END IF;
+  raw := option_text(f, 'batch_id');
+  IF raw IS NOT NULL THEN
+    result.batch_id := bare_id(raw, 'batch');
+    IF result.batch_id IS NULL THEN
+      PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
+    END IF;
+    result.batch_id := 'batch_' || result.batch_id;
+  END IF;
+  RETURN result;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_page_size(page_size integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 200 THEN
+    PERFORM raise_error('RO006', format('page_size must be 1 to 200, got %s', quote_nullable(page_size)));
+  END IF;
+  RETURN page_size;
+END
+$$;
+
+-- One store's page. Every predicate is a plain comparison with a parameter, so the same text
+-- serves the local table and, through postgres_fdw, the other store (shipped whole, ORDER BY and
+-- LIMIT included: see docs/listing.md for EXPLAIN VERBOSE).
+CREATE OR REPLACE FUNCTION runops.list_store_runs(environment_id text, page_size integer DEFAULT 25,
+                                                  cursor text DEFAULT NULL, filters jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_page_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_page_size(page_size);
+  f list_filters := parse_list_filters(filters);
+  after record := parse_run_cursor(cursor);
+  env_id text := list_store_runs.environment_id;
+  c timestamptz := coalesce(after.created_at, 'infinity');
+  r text := coalesce(after.id, '');
+  first_page boolean := after.id IS NULL;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  RETURN QUERY
+  SELECT v.*, run_cursor(v.created_at, v.id)
+  FROM run_view AS v
+  WHERE v.environment_id = env_id
+    AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+    AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+    AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+    AND (f.tags IS NULL OR v.tags @> f.tags)
+    AND (f.created_after IS NULL OR v.created_at > f.created_after)
+    AND (f.created_before IS NULL OR v.created_at < f.created_before)
+    AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+  ORDER BY v.created_at DESC, v.id DESC
+  LIMIT n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.list_runs(environment_id text, page_size integer DEFAULT 25,
+                                            cursor text DEFAULT NULL, filters jsonb DEFAULT '{}')
+RETURNS SETOF runops.run_page_row
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_page_size(page_size);
+  f list_filters := parse_list_filters(filters);
+  after record := parse_run_cursor(cursor);
+  env_id text := list_runs.environment_id;
+  c timestamptz := coalesce(after.created_at, 'infinity');
+  r text := coalesce(after.id, '');
+  first_page boolean := after.id IS NULL;
+BEGIN
+  IF env_id IS NULL OR env_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  -- A store that was never split, or never wired, has no other side to read.
+  IF NOT claims_required() THEN
+    RETURN QUERY SELECT * FROM list_store_runs(env_id, n, cursor, filters);
+    RETURN;
+  END IF;
+  BEGIN
+    -- Both sides are spelled out (not calls of list_store_runs) so the foreign one is a plain
+    -- scan of runops_peer.run_view that postgres_fdw ships with its WHERE, ORDER BY and LIMIT.
+    RETURN QUERY
+    SELECT u.*, run_cursor(u.created_at, u.id)
+    FROM ((SELECT * FROM run_view AS v
+           WHERE v.environment_id = env_id
+             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+             AND (f.tags IS NULL OR v.tags @> f.tags)
+             AND (f.created_after IS NULL OR v.created_at > f.created_after)
+             AND (f.created_before IS NULL OR v.created_at < f.created_before)
+             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT n)
+          UNION ALL
+          (SELECT * FROM runops_peer.run_view AS v
+           WHERE v.environment_id = env_id
+             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
+             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
+             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
+             AND (f.tags IS NULL OR v.tags @> f.tags)
+             AND (f.created_after IS NULL OR v.created_at > f.created_after)
+             AND (f.created_before IS NULL OR v.created_at < f.created_before)
+             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT n)) AS u
+    ORDER BY u.created_at DESC, u.id DESC
+    LIMIT n;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the other store is unavailable for the merged listing: ' || SQLERRM,
+                        NULL, 'list each store with list_store_runs, or retry when it is back');
+  END;
 END
 $$;
 
@@ -1866,6 +2594,63 @@ BEGIN
     PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
                                         store_for_residency(residency), get_run.run_id, SQLERRM));
   END;
+END
+$$;
+
+-- sql/functions/retention.sql
+-- Retention (SPEC §4, purge_runs): deletes final runs older than a duration, with their
+-- subgraphs (attempts, checkpoints, the edges they were blocked by), in bounded batches.
+--
+-- A run is purged only when nothing can still need it: it is final; it has no child run and
+-- parents no batch (children and batches go first, in this or a later call, so foreign keys
+-- hold without cascades); no pending edge in this store waits on it; no open batch counts it.
+-- A finished batch goes once its runs are gone. Claims naming a purged run are judged dead.
+-- Age is measured from updated_at: a final run's last change is when it turned final.
+
+CREATE OR REPLACE FUNCTION runops.purge_runs(older_than text, max_rows integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  cutoff timestamptz := now() - parse_duration(older_than, 'older_than');
+  n integer := require_max_rows(max_rows, 'max_rows');
+  ids text[];
+  purged integer;
+BEGIN
+  SELECT array_agg(r.id) INTO ids
+  FROM (SELECT r.id FROM runs AS r
+        WHERE r.status IN (SELECT t.to_status FROM status_transitions AS t WHERE t.made_by = 'finalize_run')
+          AND r.updated_at < cutoff
+          AND NOT EXISTS (SELECT FROM runs AS c WHERE c.parent_run_id = r.id)
+          AND NOT EXISTS (SELECT FROM batches AS b WHERE b.parent_run_id = r.id)
+          AND NOT EXISTS (SELECT FROM run_waitpoints AS w WHERE w.waitpoint_id = r.id AND w.completed_at IS NULL)
+          AND NOT EXISTS (SELECT FROM batch_items AS i JOIN batches AS b ON b.id = i.batch_id
+                          WHERE i.run_id = r.id AND b.status IN ('PENDING', 'PROCESSING'))
+        ORDER BY r.updated_at
+        LIMIT n
+        FOR UPDATE OF r SKIP LOCKED) AS r;
+  purged := coalesce(cardinality(ids), 0);
+  IF purged > 0 THEN
+    DELETE FROM run_waitpoints AS w WHERE w.run_id = ANY (ids);
+    DELETE FROM attempts AS a WHERE a.run_id = ANY (ids);
+    DELETE FROM checkpoints AS k WHERE k.run_id = ANY (ids);
+    DELETE FROM runs AS r WHERE r.id = ANY (ids);
+  END IF;
+  -- Finished batches with no run left.
+  DELETE FROM batch_items AS i
+  USING (SELECT b.id FROM batches AS b
+         WHERE b.status IN ('COMPLETED', 'ABORTED') AND b.updated_at < cutoff
+           AND NOT EXISTS (SELECT FROM runs AS r WHERE r.batch_id = b.id)
+         LIMIT n FOR UPDATE SKIP LOCKED) AS gone
+  WHERE i.batch_id = gone.id;
+  DELETE FROM batches AS b
+  WHERE b.id IN (SELECT x.id FROM batches AS x
+                 WHERE x.status IN ('COMPLETED', 'ABORTED') AND x.updated_at < cutoff
+                   AND NOT EXISTS (SELECT FROM runs AS r WHERE r.batch_id = x.id)
+                   AND NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = x.id)
+                 LIMIT n FOR UPDATE SKIP LOCKED);
+  RETURN purged;
 END
 $$;
 
@@ -2126,6 +2911,9 @@ BEGIN
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  IF local_residency() = 'NEW' THEN
+    counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
+  END IF;
   PERFORM set_mover('');
   RETURN counts;
 END
@@ -2296,7 +3084,7 @@ DECLARE
 BEGIN
   IF residency IS NULL THEN
     IF env.id IS NULL THEN
-      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
     END IF;
     residency := root_residency(env);
   END IF;
@@ -2473,6 +3261,12 @@ BEGIN
   IF (probe ->> 'same_cluster')::boolean THEN
     RAISE WARNING 'the run-ops store is another database of the control plane''s cluster; a separate cluster is recommended';
   END IF;
+  -- The first enable claims every live key of this store in the ledger (SPEC §6), holding the
+  -- gate that keyed triggers pass through (lock_key_claim), so no unclaimed key slips past.
+  PERFORM pg_advisory_xact_lock(1919250031, 1);
+  IF NOT (current_split_settings()).ever_enabled THEN
+    probe := probe || jsonb_build_object('claims_backfilled', backfill_claims());
+  END IF;
   UPDATE split_settings SET enabled = true, ever_enabled = true, updated_at = now();
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'enable_split',
@@ -2503,7 +3297,7 @@ BEGIN
   IF kind IS NULL OR kind NOT IN ('cuid', 'ksuid') AND NOT (allow_default AND kind = 'default') THEN
     PERFORM raise_error('RO006', format('mint kind must be cuid or ksuid%s, got %s',
                                          CASE WHEN allow_default THEN ' (or default, to follow the default)' ELSE '' END,
-                                         quote_nullable(kind)));
+                                         quote_nullable(input_prefix(kind))));
   END IF;
   RETURN nullif(kind, 'default');
 END
@@ -2522,7 +3316,7 @@ BEGIN
   UPDATE organizations AS o SET mint_kind = new_kind, updated_at = now()
   WHERE o.id = set_mint_kind.organization_id;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('organization %s not found', set_mint_kind.organization_id));
+    PERFORM raise_error('RO004', format('organization %s not found', input_prefix(set_mint_kind.organization_id)));
   END IF;
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'set_mint_kind', 'ACCEPTED',
@@ -2569,7 +3363,7 @@ AS $$
 BEGIN
   IF slug IS NULL OR slug !~ '^[a-z0-9][a-z0-9-]{0,62}$' THEN
     PERFORM raise_error('RO006', format('%s slug must be 1-63 lower-case letters, digits or dashes, got %s',
-                                         what, quote_nullable(slug)));
+                                         what, quote_nullable(input_prefix(slug))));
   END IF;
   RETURN slug;
 END
@@ -2589,7 +3383,7 @@ BEGIN
   PERFORM reject_unknown_options(opts, ARRAY['title', 'mint_kind'], 'organization');
   kind := option_text(opts, 'mint_kind');
   IF kind IS NOT NULL AND kind NOT IN ('cuid', 'ksuid') THEN
-    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', kind));
+    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', input_prefix(kind)));
   END IF;
   PERFORM require_control_plane('create_organization');
   INSERT INTO organizations AS o (id, slug, title, mint_kind, created_at, updated_at)
@@ -2614,7 +3408,7 @@ BEGIN
   PERFORM require_slug(create_project.slug, 'project');
   PERFORM require_control_plane('create_project');
   IF NOT EXISTS (SELECT FROM organizations AS o WHERE o.id = create_project.organization_id) THEN
-    PERFORM raise_error('RO004', format('organization %s not found', create_project.organization_id));
+    PERFORM raise_error('RO004', format('organization %s not found', input_prefix(create_project.organization_id)));
   END IF;
   INSERT INTO projects AS p (id, organization_id, slug, created_at, updated_at)
   VALUES (new_id, create_project.organization_id, create_project.slug, now(), now())
@@ -2640,13 +3434,13 @@ BEGIN
   IF create_environment.type IS NULL
      OR create_environment.type NOT IN ('DEVELOPMENT', 'STAGING', 'PREVIEW', 'PRODUCTION') THEN
     PERFORM raise_error('RO006', format('environment type must be DEVELOPMENT, STAGING, PREVIEW or PRODUCTION, got %s',
-                                         quote_nullable(create_environment.type)));
+                                         quote_nullable(input_prefix(create_environment.type))));
   END IF;
   PERFORM require_control_plane('create_environment');
   SELECT p.organization_id INTO org_id
   FROM projects AS p WHERE p.id = create_environment.project_id AND p.deleted_at IS NULL;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('project %s not found', create_environment.project_id));
+    PERFORM raise_error('RO004', format('project %s not found', input_prefix(create_environment.project_id)));
   END IF;
   INSERT INTO runtime_environments AS e (id, project_id, organization_id, slug, type, created_at, updated_at)
   VALUES (new_id, create_environment.project_id, org_id, create_environment.slug, create_environment.type,
@@ -2683,7 +3477,7 @@ BEGIN
       updated_at = now()
   WHERE e.id = update_environment.environment_id;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('environment %s not found', update_environment.environment_id));
+    PERFORM raise_error('RO004', format('environment %s not found', input_prefix(update_environment.environment_id)));
   END IF;
 END
 $$;
@@ -2727,7 +3521,7 @@ BEGIN
     WHERE e.id = load_environment.environment_id;
   EXCEPTION WHEN connection_exception THEN
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
-                                 || load_environment.environment_id || ' is not in the local mirror yet');
+                                 || input_prefix(load_environment.environment_id) || ' is not in the local mirror yet');
   END;
   IF ctx.id IS NULL THEN
     ctx.split_enabled := s.enabled;
@@ -2745,11 +3539,11 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   IF ctx.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
   END IF;
   IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
     PERFORM raise_error('RO005',
-      format('environment %s cannot take new work: it is %s', environment_id,
+      format('environment %s cannot take new work: it is %s', ctx.id,
              CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
                   WHEN ctx.project_deleted THEN 'in a deleted project'
                   ELSE 'in an organization whose runs are disabled' END),
@@ -2828,7 +3622,7 @@ $$;
 -- sql/functions/trigger_run.sql
 -- Triggering runs, and idempotency.
 --
--- trigger_run = parse_trigger_options (RO006) -> load_environment (one query, with the split
+-- trigger_run = validate_new_run (RO006, in errors.sql) -> load_environment (one query, with the split
 --   settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
 --   -> require_usable (RO004, RO005) -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
@@ -2862,7 +3656,8 @@ BEGIN
   END IF;
   -- The next most common: only a key.
   IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048 THEN
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
     spec.idempotency_key := o ->> 'idempotency_key';
     spec.idempotency_key_scope := 'run';
     spec.idempotency_key_ttl := interval '30 days';
@@ -2941,6 +3736,7 @@ BEGIN
     PERFORM raise_error('RO006', 'option metadata must be a JSON object');
   END IF;
   spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
+  PERFORM check_json_bounds(spec.metadata, 'option metadata');
 
   raw := option_text(o, 'run_id');
   IF raw IS NOT NULL THEN
@@ -3001,7 +3797,7 @@ $$;
 CREATE OR REPLACE FUNCTION runops.create_run(
   env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
   spec runops.trigger_spec, initial_status text, error jsonb,
-  OUT run_id text, OUT is_cached boolean, OUT status text)
+  OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -3011,7 +3807,10 @@ DECLARE
   new_id text;
   run_status text := initial_status;
   attempts integer := 0;
+  must_claim boolean;
+  claim record;
 BEGIN
+  residency := local_residency();
   IF spec.idempotency_key IS NOT NULL THEN
     key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
                                      coalesce(spec.parent_attempt_number, parent.attempt_number));
@@ -3053,15 +3852,35 @@ BEGIN
           PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
         END IF;
-        -- Dead key: release it so the new run can hold it. The guard on the hash makes a
-        -- concurrent releaser a no-op.
-        UPDATE runs AS r
-        SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-        WHERE r.id = existing.id AND r.idempotency_key_hash = key_hash;
+        -- Dead key: release it so the new run can hold it.
+        PERFORM release_dead_key(existing.id, key_hash);
       END IF;
     END IF;
 
     new_id := coalesce(spec.run_id, mint_id());
+    -- Across the seam (SPEC §6): once the split was ever enabled, a new key holder first claims
+    -- the key in the ledger, which may name a live holder in either store.
+    IF key_hash IS NOT NULL THEN
+      IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
+        -- Decided under the gate lock, against the settings as they are now.
+        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
+        must_claim := claims_required();
+        IF must_claim THEN
+          CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
+        END IF;
+      END IF;
+      must_claim := coalesce(must_claim, claims_required());
+      IF must_claim THEN
+        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
+                                       new_id);
+        IF claim.holder_id IS NOT NULL THEN
+          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
+          residency := classify_bare(claim.holder_id);
+          PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
+          RETURN;
+        END IF;
+      END IF;
+    END IF;
     INSERT INTO runs AS r (
       id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
       metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -3160,15 +3979,7 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  -- An unbounded pattern and a length check: a bounded {0,127} costs ~5 us per match.
-  IF task IS NULL OR length(task) > 128 OR task !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$' THEN
-    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
-                                         quote_nullable(task)));
-  END IF;
-  spec := parse_trigger_options(trigger_run.options);
+  spec := validate_new_run(env_id, task, trigger_run.payload, trigger_run.options);
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -3198,7 +4009,7 @@ BEGIN
   run_id := created.run_id;
   is_cached := created.is_cached;
   status := created.status;
-  residency := local_residency();
+  residency := created.residency;  -- a cached holder may live in the other store
   RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
 END
 $$;
@@ -3218,16 +4029,12 @@ DECLARE
   owner_residency text;
   env environment_context;
   parent runs;
+  target batches;
   created record;
   existing text;
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  IF task IS NULL OR task = '' OR length(task) > 128 THEN
-    PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
-  END IF;
-  spec := parse_trigger_options(trigger_failed_task.options);
+  spec := validate_new_run(env_id, task, trigger_failed_task.payload, trigger_failed_task.options);
+  PERFORM check_json_bounds(trigger_failed_task.error, 'error');
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -3236,14 +4043,14 @@ BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     parent := require_parent(spec, env_id);
   END IF;
-  -- The failure is recorded even in an environment that takes no new work: it reports work
-  -- that was already accepted.
-  IF env.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', env_id));
+  IF spec.batch_id IS NOT NULL THEN
+    target := lock_batch_for_index(spec, env_id);
   END IF;
+  -- Admitted like any other run (SPEC §3 [1.2]): an environment that takes no new work is RO005.
+  env := require_usable(env, env_id);
   PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(lock_batch_for_index(spec, env_id), spec);
+    existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
       RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
       RETURN;
@@ -3254,7 +4061,7 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, local_residency();
+  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, created.residency;
 END
 $$;
 
@@ -3300,6 +4107,8 @@ $$;
 -- A local completion completes local edges and resumes their runs in the same transaction;
 -- edges in the other store are reported back (remote_run_ids) so the client can send resume_run
 -- there, and tick there re-checks any it missed by reading this store through the FDW.
+-- block_run and complete_waitpoint take the optional environment guard (RO004 for another
+-- environment's row); a completion's output passes check_json_bounds.
 
 -- The waitpoint named by a bare id, from the store its shape names. 0 rows when it does not
 -- exist (or lives in a store that is not wired). RO009 when that store is unreachable.
@@ -3511,7 +4320,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.block_run(run_id text, waitpoint_ids text[], options jsonb DEFAULT '{}')
+CREATE OR REPLACE FUNCTION runops.block_run(run_id text, waitpoint_ids text[], options jsonb DEFAULT '{}',
+                                            environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -3540,7 +4350,7 @@ BEGIN
   FOREACH raw IN ARRAY waitpoint_ids LOOP
     bare_ids := bare_ids || require_id(raw, 'waitpoint', 'waitpoint id');
   END LOOP;
-  r := lock_run(block_run.run_id);
+  r := lock_run(block_run.run_id, block_run.environment_id);
   FOREACH raw IN ARRAY bare_ids LOOP
     SELECT * INTO w FROM find_waitpoint(raw);
     IF w.id IS NULL OR w.environment_id <> r.environment_id THEN
@@ -3563,29 +4373,36 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.complete_waitpoint(waitpoint_id text, output jsonb DEFAULT NULL,
-                                                     is_error boolean DEFAULT false)
+                                                     is_error boolean DEFAULT false, environment_id text DEFAULT NULL)
 RETURNS TABLE (completed_now boolean, unblocked_run_ids text[], remote_run_ids text[])
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  bare text := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency text := classify_bare(bare);
+  bare text;
+  residency text;
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
   now_done boolean := false;
+  env_id text := complete_waitpoint.environment_id;
 BEGIN
+  PERFORM check_json_bounds(complete_waitpoint.output, 'output');
+  bare := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
+  residency := classify_bare(bare);
   IF residency <> local_residency() THEN
     PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
   END IF;
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
-  IF NOT FOUND THEN
-    IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare) THEN
+  IF FOUND THEN
+    PERFORM require_row_environment(w.environment_id, env_id, 'waitpoint', complete_waitpoint.waitpoint_id);
+  ELSE
+    -- Another environment's run or batch is "not found" (RO004 comes before RO003).
+    IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id)) THEN
       PERFORM raise_error('RO003', format('%s is a RUN waitpoint: it completes when its run does',
                                           complete_waitpoint.waitpoint_id));
     END IF;
-    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare) THEN
+    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id)) THEN
       PERFORM raise_error('RO003', format('%s is a BATCH waitpoint: it completes when its batch does',
                                           complete_waitpoint.waitpoint_id));
     END IF;
@@ -3669,7 +4486,7 @@ GRANT EXECUTE ON FUNCTION
   runops.trigger_route(text, jsonb),
   runops.reset_idempotency_key(text, text, text, text, text, integer),
   runops.get_run(text, text),
-  runops.finalize_run(text, text, jsonb, jsonb),
+  runops.finalize_run(text, text, jsonb, jsonb, text),
   runops.create_organization(text, jsonb),
   runops.create_project(text, text),
   runops.create_environment(text, text, text),
@@ -3682,13 +4499,13 @@ GRANT EXECUTE ON FUNCTION
   runops.pull_tenant_mirror(),
   runops.mirror_fingerprint(),
   runops.dequeue_runs(text, text, integer, jsonb),
-  runops.heartbeat_run(text, text),
-  runops.start_attempt(text, text),
-  runops.complete_attempt(text, integer, jsonb),
-  runops.fail_attempt(text, integer, jsonb, timestamptz),
-  runops.create_checkpoint(text, integer, text, text, jsonb),
-  runops.resume_run(text),
-  runops.cancel_run(text, text),
+  runops.heartbeat_run(text, text, text),
+  runops.start_attempt(text, text, text),
+  runops.complete_attempt(text, integer, jsonb, text),
+  runops.fail_attempt(text, integer, jsonb, timestamptz, text),
+  runops.create_checkpoint(text, integer, text, text, jsonb, text),
+  runops.resume_run(text, text),
+  runops.cancel_run(text, text, text),
   runops.cancel_dev_session_runs(text, text),
   runops.execute_tasks_waiting_for_deploy(text, text[]),
   runops.trigger_failed_task(text, text, jsonb, jsonb, jsonb),
@@ -3696,15 +4513,15 @@ GRANT EXECUTE ON FUNCTION
   runops.expire_enqueued_runs(integer),
   runops.tick(integer),
   runops.create_waitpoint(text, text, jsonb),
-  runops.block_run(text, text[], jsonb),
-  runops.complete_waitpoint(text, jsonb, boolean),
+  runops.block_run(text, text[], jsonb, text),
+  runops.complete_waitpoint(text, jsonb, boolean, text),
   runops.get_waitpoint(text, text),
   runops.batch_trigger(text, jsonb, jsonb),
   runops.create_batch(text, integer, jsonb),
-  runops.append_batch_items(text, integer, jsonb),
-  runops.seal_batch(text),
+  runops.append_batch_items(text, integer, jsonb, text),
+  runops.seal_batch(text, text),
   runops.get_batch(text, text),
-  runops.resume_batch_run(text)
+  runops.resume_batch_run(text, text)
   TO runops_app;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
 

@@ -329,14 +329,16 @@ class RunOps:
                           {"r": run_id, "e": environment_id}, Run)
         return rows[0] if rows else None
 
-    def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None) -> Run:
+    def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
+                     environment_id: str | None = None) -> Run:
         return self._rows(self._write_store_of(run_id),
-                          "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s)",
+                          "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s, %(env)s)",
                           {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
-                           "o": None if output is None else Jsonb(output)}, Run)[0]
+                           "o": None if output is None else Jsonb(output), "env": environment_id}, Run)[0]
 
     def _run_call(self, function: str, run_id: str, args: str, params: dict[str, Any]) -> Run:
-        """A per-run function, on the store that owns the run."""
+        """A per-run function, on the store that owns the run. Every one of them takes the
+        environment guard last (``environment_id``: RO004 for another environment's run)."""
         return self._rows(self._write_store_of(run_id), f"SELECT * FROM runops.{function}(%(r)s{args})",
                           {"r": run_id, **params}, Run)[0]
 
@@ -356,34 +358,37 @@ class RunOps:
                                 {**params, "n": max_runs - len(taken)}, Run)
         return taken
 
-    def heartbeat_run(self, run_id: str, worker_id: str) -> Run:
-        return self._run_call("heartbeat_run", run_id, ", %(w)s", {"w": worker_id})
+    def heartbeat_run(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        return self._run_call("heartbeat_run", run_id, ", %(w)s, %(env)s", {"w": worker_id, "env": environment_id})
 
-    def start_attempt(self, run_id: str, worker_id: str) -> Run:
-        return self._run_call("start_attempt", run_id, ", %(w)s", {"w": worker_id})
+    def start_attempt(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        return self._run_call("start_attempt", run_id, ", %(w)s, %(env)s", {"w": worker_id, "env": environment_id})
 
-    def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None) -> Run:
-        return self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s",
-                              {"n": attempt_number, "o": Jsonb(output)})
+    def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None, *,
+                         environment_id: str | None = None) -> Run:
+        return self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s, %(env)s",
+                              {"n": attempt_number, "o": Jsonb(output), "env": environment_id})
 
     def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
-                     retry_at: dt.datetime | None = None) -> Run:
-        return self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s",
-                              {"n": attempt_number, "x": Jsonb(error), "t": retry_at})
+                     retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
+        return self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s, %(env)s",
+                              {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id})
 
     def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
-                          metadata: Any = None) -> Run:
-        return self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s",
-                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {})})
+                          metadata: Any = None, *, environment_id: str | None = None) -> Run:
+        return self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s, %(env)s",
+                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
+                               "env": environment_id})
 
-    def resume_run(self, run_id: str) -> Run:
-        return self._run_call("resume_run", run_id, "", {})
+    def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
+        return self._run_call("resume_run", run_id, ", %(env)s", {"env": environment_id})
 
-    def cancel_run(self, run_id: str, reason: str | None = None) -> Run:
-        return self._run_call("cancel_run", run_id, ", %(c)s", {"c": reason})
+    def cancel_run(self, run_id: str, reason: str | None = None, *, environment_id: str | None = None) -> Run:
+        return self._run_call("cancel_run", run_id, ", %(c)s, %(env)s", {"c": reason, "env": environment_id})
 
-    def block_run(self, run_id: str, waitpoint_ids: list[str]) -> Run:
-        return self._run_call("block_run", run_id, ", %(w)s, '{}'", {"w": waitpoint_ids})
+    def block_run(self, run_id: str, waitpoint_ids: list[str], *, environment_id: str | None = None) -> Run:
+        return self._run_call("block_run", run_id, ", %(w)s, '{}', %(env)s",
+                              {"w": waitpoint_ids, "env": environment_id})
 
     # -- waitpoints ---------------------------------------------------------------------------------
 
@@ -405,15 +410,16 @@ class RunOps:
         return rows[0] if rows else None
 
     def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
-                           is_error: bool = False) -> WaitpointCompletion:
+                           is_error: bool = False, environment_id: str | None = None) -> WaitpointCompletion:
         """Completes it, then sends resume_run to the other store for the runs waiting there
         (tick there catches any follow-up lost to a crash)."""
         done = self._rows(self._write_store_of(waitpoint_id),
-                          "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s)",
-                          {"w": waitpoint_id, "o": Jsonb(output), "x": is_error}, WaitpointCompletion)[0]
+                          "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s, %(env)s)",
+                          {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id},
+                          WaitpointCompletion)[0]
         for run_id in done.remote_run_ids:
             try:
-                self.resume_run(run_id)
+                self.resume_run(run_id, environment_id=environment_id)
             except RunOpsError:
                 # The waitpoint is complete either way; tick in that store resumes the run.
                 continue
@@ -440,18 +446,20 @@ class RunOps:
 
         return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
 
-    def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]]) -> BatchAppended:
+    def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]], *,
+                           environment_id: str | None = None) -> BatchAppended:
         return self._rows(self._write_store_of(batch_id),
-                          "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s)",
-                          {"b": batch_id, "s": start_index, "i": _items(items)}, BatchAppended)[0]
+                          "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s, %(env)s)",
+                          {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
+                          BatchAppended)[0]
 
-    def seal_batch(self, batch_id: str) -> BatchSealed:
-        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s)",
-                          {"b": batch_id}, BatchSealed)[0]
+    def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
+        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s, %(env)s)",
+                          {"b": batch_id, "env": environment_id}, BatchSealed)[0]
 
-    def resume_batch_run(self, batch_id: str) -> Batch:
-        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.resume_batch_run(%(b)s)",
-                          {"b": batch_id}, Batch)[0]
+    def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
+        return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.resume_batch_run(%(b)s, %(env)s)",
+                          {"b": batch_id, "env": environment_id}, Batch)[0]
 
     def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
         residency = ids.try_classify_residency(batch_id)

@@ -93,6 +93,8 @@ AS $$
 DECLARE
   bad record;
   spec trigger_spec;
+  limits record;
+  deep boolean;
 BEGIN
   IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
     PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
@@ -106,7 +108,7 @@ BEGIN
               WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
                 THEN 'has fields other than task, payload and options'
               WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+                   OR NOT task_identifier_is_valid(e.item ->> 'task')
                 THEN 'needs a task of 1-128 letters, digits or _.:/-'
               WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
                 THEN 'options must be an object'
@@ -116,7 +118,7 @@ BEGIN
   WHERE jsonb_typeof(e.item) <> 'object'
      OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
      OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR length(e.item ->> 'task') > 128 OR (e.item ->> 'task') !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+     OR NOT task_identifier_is_valid(e.item ->> 'task')
      OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
   ORDER BY e.n LIMIT 1;
   IF FOUND THEN
@@ -129,7 +131,8 @@ BEGIN
     WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
        OR (e.item -> 'options' ? 'idempotency_key'
            AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
-                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048))
+                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
+                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
     ORDER BY e.n
   LOOP
     IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
@@ -142,6 +145,21 @@ BEGIN
       PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
     END;
   END LOOP;
+
+  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
+  --    text per item for the size, one path over the whole call for the depth.
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
+  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
+         octet_length((e.item -> 'payload')::text) AS bytes
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
+     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
+  END IF;
 
 END
 $$;
@@ -532,7 +550,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.append_batch_items(batch_id text, start_index integer, items jsonb)
+CREATE OR REPLACE FUNCTION runops.append_batch_items(batch_id text, start_index integer, items jsonb,
+                                                    environment_id text DEFAULT NULL)
 RETURNS SETOF runops.appended_items
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -548,10 +567,14 @@ BEGIN
   PERFORM validate_batch_items(items, start_index);
   n := jsonb_array_length(items);
   b := lock_batch(append_batch_items.batch_id);  -- appenders of one batch take turns
+  PERFORM require_row_environment(b.environment_id, append_batch_items.environment_id, 'batch',
+                                  append_batch_items.batch_id);
   IF start_index > b.expected_count - n THEN  -- (start_index + n could overflow an integer)
     PERFORM raise_error('RO006', format('items %s to %s are past the batch''s expected_count of %s',
                                         start_index, start_index + n - 1, b.expected_count));
   END IF;
+  -- The RO005 gate of every entry point that admits runs, before the RO003 checks.
+  env := require_usable(load_environment(b.environment_id), b.environment_id);
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed)', b.id));
   END IF;
@@ -560,12 +583,11 @@ BEGIN
        WHERE NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = k)) THEN
     PERFORM raise_error('RO003', format('batch_%s is sealed: it takes no new items', b.id));
   END IF;
-  env := load_environment(b.environment_id);
   RETURN NEXT ROW('batch_' || b.id, start_index, add_batch_items(b, env, start_index, items))::appended_items;
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.seal_batch(batch_id text)
+CREATE OR REPLACE FUNCTION runops.seal_batch(batch_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.sealed_batch
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -573,6 +595,7 @@ AS $$
 DECLARE
   b batches := lock_batch(seal_batch.batch_id);
 BEGIN
+  PERFORM require_row_environment(b.environment_id, seal_batch.environment_id, 'batch', seal_batch.batch_id);
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed); it cannot be sealed', b.id));
   END IF;
@@ -589,7 +612,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.resume_batch_run(batch_id text)
+CREATE OR REPLACE FUNCTION runops.resume_batch_run(batch_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.batch_row
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -597,6 +620,8 @@ AS $$
 DECLARE
   b batches := lock_batch(resume_batch_run.batch_id);
 BEGIN
+  PERFORM require_row_environment(b.environment_id, resume_batch_run.environment_id, 'batch',
+                                  resume_batch_run.batch_id);
   -- Recount from the runs themselves (the incremental count is the fast path; this is the
   -- authority), then complete if every item has finished. Idempotent.
   UPDATE batches AS x

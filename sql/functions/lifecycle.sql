@@ -13,6 +13,9 @@
 --   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
 --   finalize_run      any live -> any final
 --   cancel_run        any live -> CANCELED, down the tree of live children
+-- Every write naming a run takes an optional trailing environment_id (the environment guard,
+-- SPEC §3 [1.2]): lock_run answers RO004 for another environment's run. Outputs, errors and
+-- metadata pass check_json_bounds (RO006) before anything is locked.
 -- A run that turns final completes the edges waiting on it (its RUN waitpoint) and closes its
 -- open attempt, in the same transaction (after_run_final).
 
@@ -86,8 +89,9 @@ END
 $$;
 
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
--- store's run, RO004 when it is missing. Locks the run.
-CREATE OR REPLACE FUNCTION runops.lock_run(run_id text)
+-- store's run, RO004 when it is missing or (environment_id given) of another environment.
+-- Locks the run.
+CREATE OR REPLACE FUNCTION runops.lock_run(run_id text, environment_id text)
 RETURNS runops.runs
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -103,6 +107,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', run_id));
   END IF;
+  PERFORM require_row_environment(r.environment_id, lock_run.environment_id, 'run', run_id);
   RETURN r;
 END
 $$;
@@ -112,8 +117,8 @@ RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
-  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 THEN
-    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters');
+  IF worker_id IS NULL OR worker_id = '' OR length(worker_id) > 256 OR octet_length(worker_id) > 1024 THEN
+    PERFORM raise_error('RO006', 'worker_id must be 1 to 256 characters (at most 1024 bytes)');
   END IF;
   RETURN worker_id;
 END
@@ -209,7 +214,8 @@ BEGIN
   tasks := option_text_array(o, 'tasks');
   env := load_environment(dequeue_runs.environment_id);
   IF env.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(dequeue_runs.environment_id)));
+    PERFORM raise_error('RO004', format('environment %s not found',
+                                        quote_nullable(input_prefix(dequeue_runs.environment_id))));
   END IF;
   IF env.paused OR env.archived OR env.project_deleted THEN
     RETURN;  -- a paused environment hands out no work; attempts in flight still complete
@@ -263,14 +269,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text)
+CREATE OR REPLACE FUNCTION runops.heartbeat_run(run_id text, worker_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   worker text := require_worker(heartbeat_run.worker_id);
-  r runs := lock_run(heartbeat_run.run_id);
+  r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
 BEGIN
   PERFORM require_lease(r, worker, 'heartbeat_run');
   UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
@@ -279,14 +285,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text)
+CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   worker text := require_worker(start_attempt.worker_id);
-  r runs := lock_run(start_attempt.run_id);
+  r runs := lock_run(start_attempt.run_id, start_attempt.environment_id);
   ts timestamptz := now();
   paused attempts;
   next_number integer;
@@ -330,15 +336,18 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb)
+CREATE OR REPLACE FUNCTION runops.complete_attempt(run_id text, attempt_number integer, output jsonb,
+                                                   environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   n integer := require_attempt_number(complete_attempt.attempt_number);
-  r runs := lock_run(complete_attempt.run_id);
+  r runs;
 BEGIN
+  PERFORM check_json_bounds(complete_attempt.output, 'output');
+  r := lock_run(complete_attempt.run_id, complete_attempt.environment_id);
   -- The same attempt's completion, repeated (a retried network call), returns the row as it is.
   IF r.status = 'COMPLETED_SUCCESSFULLY' AND r.attempt_number = n THEN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -355,18 +364,20 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.fail_attempt(run_id text, attempt_number integer, error jsonb,
-                                               retry_at timestamptz DEFAULT NULL)
+                                               retry_at timestamptz DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   n integer := require_attempt_number(fail_attempt.attempt_number);
-  r runs := lock_run(fail_attempt.run_id);
+  r runs;
   ts timestamptz := now();
   named text;
   final_status text;
 BEGIN
+  PERFORM check_json_bounds(fail_attempt.error, 'error');
+  r := lock_run(fail_attempt.run_id, fail_attempt.environment_id);
   IF fail_attempt.error IS NOT NULL AND jsonb_typeof(fail_attempt.error) = 'object' THEN
     named := fail_attempt.error ->> 'status';
   END IF;
@@ -399,7 +410,8 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.create_checkpoint(run_id text, attempt_number integer, reason text,
-                                                    location text, metadata jsonb DEFAULT '{}')
+                                                    location text, metadata jsonb DEFAULT '{}',
+                                                    environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -413,12 +425,14 @@ BEGIN
   IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
                                       'RETRYING_AFTER_FAILURE') THEN
     PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
-                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s', quote_nullable(reason)));
+                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s',
+                                        quote_nullable(input_prefix(reason))));
   END IF;
   IF location IS NULL OR location = '' OR length(location) > 2048 THEN
     PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');
   END IF;
-  r := lock_run(create_checkpoint.run_id);
+  PERFORM check_json_bounds(meta, 'metadata');
+  r := lock_run(create_checkpoint.run_id, create_checkpoint.environment_id);
   PERFORM require_current_attempt(r, n, 'create_checkpoint');
   INSERT INTO checkpoints (id, run_id, environment_id, attempt_number, reason, location, metadata, created_at)
   VALUES (mint_id(),
@@ -466,13 +480,13 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.resume_run(run_id text)
+CREATE OR REPLACE FUNCTION runops.resume_run(run_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  r runs := lock_run(resume_run.run_id);
+  r runs := lock_run(resume_run.run_id, resume_run.environment_id);
 BEGIN
   -- Idempotent: the client sends it as a follow-up and tick may get there first.
   IF r.status = 'WAITING_TO_RESUME' THEN
@@ -484,7 +498,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.finalize_run(run_id text, status text, error jsonb DEFAULT NULL,
-                                               output jsonb DEFAULT NULL)
+                                               output jsonb DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -497,9 +511,11 @@ BEGIN
   IF final_status IS NULL OR NOT is_final_status(final_status) THEN
     PERFORM raise_error('RO006', format('finalize_run needs a final status (CANCELED, INTERRUPTED, COMPLETED_SUCCESSFULLY, '
                                         'COMPLETED_WITH_ERRORS, SYSTEM_FAILURE, CRASHED, EXPIRED, TIMED_OUT), got %s',
-                                        quote_nullable(final_status)));
+                                        quote_nullable(input_prefix(final_status))));
   END IF;
-  r := lock_run(finalize_run.run_id);
+  PERFORM check_json_bounds(finalize_run.error, 'error');
+  PERFORM check_json_bounds(finalize_run.output, 'output');
+  r := lock_run(finalize_run.run_id, finalize_run.environment_id);
   -- Repeating the call that made the run final returns it unchanged.
   IF r.status = final_status THEN
     RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -549,7 +565,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION runops.cancel_run(run_id text, reason text DEFAULT NULL, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -571,6 +587,7 @@ BEGIN
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', cancel_run.run_id));
   END IF;
+  PERFORM require_row_environment(r.environment_id, cancel_run.environment_id, 'run', cancel_run.run_id);
   -- Canceling a final run changes nothing (and repeating a cancel returns the same row).
   IF NOT is_final_status(r.status) THEN
     PERFORM cancel_trees(ARRAY[r.id], reason);

@@ -88,7 +88,7 @@ DECLARE
 BEGIN
   IF residency IS NULL THEN
     IF env.id IS NULL THEN
-      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+      PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
     END IF;
     residency := root_residency(env);
   END IF;
@@ -301,7 +301,7 @@ BEGIN
   IF kind IS NULL OR kind NOT IN ('cuid', 'ksuid') AND NOT (allow_default AND kind = 'default') THEN
     PERFORM raise_error('RO006', format('mint kind must be cuid or ksuid%s, got %s',
                                          CASE WHEN allow_default THEN ' (or default, to follow the default)' ELSE '' END,
-                                         quote_nullable(kind)));
+                                         quote_nullable(input_prefix(kind))));
   END IF;
   RETURN nullif(kind, 'default');
 END
@@ -320,7 +320,7 @@ BEGIN
   UPDATE organizations AS o SET mint_kind = new_kind, updated_at = now()
   WHERE o.id = set_mint_kind.organization_id;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('organization %s not found', set_mint_kind.organization_id));
+    PERFORM raise_error('RO004', format('organization %s not found', input_prefix(set_mint_kind.organization_id)));
   END IF;
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'set_mint_kind', 'ACCEPTED',

@@ -21,7 +21,7 @@ AS $$
 BEGIN
   IF slug IS NULL OR slug !~ '^[a-z0-9][a-z0-9-]{0,62}$' THEN
     PERFORM raise_error('RO006', format('%s slug must be 1-63 lower-case letters, digits or dashes, got %s',
-                                         what, quote_nullable(slug)));
+                                         what, quote_nullable(input_prefix(slug))));
   END IF;
   RETURN slug;
 END
@@ -41,7 +41,7 @@ BEGIN
   PERFORM reject_unknown_options(opts, ARRAY['title', 'mint_kind'], 'organization');
   kind := option_text(opts, 'mint_kind');
   IF kind IS NOT NULL AND kind NOT IN ('cuid', 'ksuid') THEN
-    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', kind));
+    PERFORM raise_error('RO006', format('mint_kind must be cuid or ksuid, got %s', input_prefix(kind)));
   END IF;
   PERFORM require_control_plane('create_organization');
   INSERT INTO organizations AS o (id, slug, title, mint_kind, created_at, updated_at)
@@ -66,7 +66,7 @@ BEGIN
   PERFORM require_slug(create_project.slug, 'project');
   PERFORM require_control_plane('create_project');
   IF NOT EXISTS (SELECT FROM organizations AS o WHERE o.id = create_project.organization_id) THEN
-    PERFORM raise_error('RO004', format('organization %s not found', create_project.organization_id));
+    PERFORM raise_error('RO004', format('organization %s not found', input_prefix(create_project.organization_id)));
   END IF;
   INSERT INTO projects AS p (id, organization_id, slug, created_at, updated_at)
   VALUES (new_id, create_project.organization_id, create_project.slug, now(), now())
@@ -92,13 +92,13 @@ BEGIN
   IF create_environment.type IS NULL
      OR create_environment.type NOT IN ('DEVELOPMENT', 'STAGING', 'PREVIEW', 'PRODUCTION') THEN
     PERFORM raise_error('RO006', format('environment type must be DEVELOPMENT, STAGING, PREVIEW or PRODUCTION, got %s',
-                                         quote_nullable(create_environment.type)));
+                                         quote_nullable(input_prefix(create_environment.type))));
   END IF;
   PERFORM require_control_plane('create_environment');
   SELECT p.organization_id INTO org_id
   FROM projects AS p WHERE p.id = create_environment.project_id AND p.deleted_at IS NULL;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('project %s not found', create_environment.project_id));
+    PERFORM raise_error('RO004', format('project %s not found', input_prefix(create_environment.project_id)));
   END IF;
   INSERT INTO runtime_environments AS e (id, project_id, organization_id, slug, type, created_at, updated_at)
   VALUES (new_id, create_environment.project_id, org_id, create_environment.slug, create_environment.type,
@@ -135,7 +135,7 @@ BEGIN
       updated_at = now()
   WHERE e.id = update_environment.environment_id;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('environment %s not found', update_environment.environment_id));
+    PERFORM raise_error('RO004', format('environment %s not found', input_prefix(update_environment.environment_id)));
   END IF;
 END
 $$;
@@ -179,7 +179,7 @@ BEGIN
     WHERE e.id = load_environment.environment_id;
   EXCEPTION WHEN connection_exception THEN
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
-                                 || load_environment.environment_id || ' is not in the local mirror yet');
+                                 || input_prefix(load_environment.environment_id) || ' is not in the local mirror yet');
   END;
   IF ctx.id IS NULL THEN
     ctx.split_enabled := s.enabled;
@@ -197,11 +197,11 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   IF ctx.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(environment_id)));
+    PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
   END IF;
   IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
     PERFORM raise_error('RO005',
-      format('environment %s cannot take new work: it is %s', environment_id,
+      format('environment %s cannot take new work: it is %s', ctx.id,
              CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
                   WHEN ctx.project_deleted THEN 'in a deleted project'
                   ELSE 'in an organization whose runs are disabled' END),

@@ -1,6 +1,6 @@
 -- Triggering runs, and idempotency.
 --
--- trigger_run = parse_trigger_options (RO006) -> load_environment (one query, with the split
+-- trigger_run = validate_new_run (RO006, in errors.sql) -> load_environment (one query, with the split
 --   settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
 --   -> require_usable (RO004, RO005) -> create_run.
 -- create_run is the one idempotency routine: single triggers, children and (later) batch items
@@ -34,7 +34,8 @@ BEGIN
   END IF;
   -- The next most common: only a key.
   IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048 THEN
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
     spec.idempotency_key := o ->> 'idempotency_key';
     spec.idempotency_key_scope := 'run';
     spec.idempotency_key_ttl := interval '30 days';
@@ -113,6 +114,7 @@ BEGIN
     PERFORM raise_error('RO006', 'option metadata must be a JSON object');
   END IF;
   spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
+  PERFORM check_json_bounds(spec.metadata, 'option metadata');
 
   raw := option_text(o, 'run_id');
   IF raw IS NOT NULL THEN
@@ -355,15 +357,7 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  -- An unbounded pattern and a length check: a bounded {0,127} costs ~5 us per match.
-  IF task IS NULL OR length(task) > 128 OR task !~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$' THEN
-    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
-                                         quote_nullable(task)));
-  END IF;
-  spec := parse_trigger_options(trigger_run.options);
+  spec := validate_new_run(env_id, task, trigger_run.payload, trigger_run.options);
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -413,16 +407,12 @@ DECLARE
   owner_residency text;
   env environment_context;
   parent runs;
+  target batches;
   created record;
   existing text;
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  IF task IS NULL OR task = '' OR length(task) > 128 THEN
-    PERFORM raise_error('RO006', 'task_identifier must be 1 to 128 characters');
-  END IF;
-  spec := parse_trigger_options(trigger_failed_task.options);
+  spec := validate_new_run(env_id, task, trigger_failed_task.payload, trigger_failed_task.options);
+  PERFORM check_json_bounds(trigger_failed_task.error, 'error');
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -431,14 +421,14 @@ BEGIN
   IF spec.parent_run_id IS NOT NULL THEN
     parent := require_parent(spec, env_id);
   END IF;
-  -- The failure is recorded even in an environment that takes no new work: it reports work
-  -- that was already accepted.
-  IF env.id IS NULL THEN
-    PERFORM raise_error('RO004', format('environment %s not found', env_id));
+  IF spec.batch_id IS NOT NULL THEN
+    target := lock_batch_for_index(spec, env_id);
   END IF;
+  -- Admitted like any other run (SPEC §3 [1.2]): an environment that takes no new work is RO005.
+  env := require_usable(env, env_id);
   PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
   IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(lock_batch_for_index(spec, env_id), spec);
+    existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
       RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
       RETURN;

@@ -4,6 +4,8 @@
 -- A local completion completes local edges and resumes their runs in the same transaction;
 -- edges in the other store are reported back (remote_run_ids) so the client can send resume_run
 -- there, and tick there re-checks any it missed by reading this store through the FDW.
+-- block_run and complete_waitpoint take the optional environment guard (RO004 for another
+-- environment's row); a completion's output passes check_json_bounds.
 
 -- The waitpoint named by a bare id, from the store its shape names. 0 rows when it does not
 -- exist (or lives in a store that is not wired). RO009 when that store is unreachable.
@@ -215,7 +217,8 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.block_run(run_id text, waitpoint_ids text[], options jsonb DEFAULT '{}')
+CREATE OR REPLACE FUNCTION runops.block_run(run_id text, waitpoint_ids text[], options jsonb DEFAULT '{}',
+                                            environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
@@ -244,7 +247,7 @@ BEGIN
   FOREACH raw IN ARRAY waitpoint_ids LOOP
     bare_ids := bare_ids || require_id(raw, 'waitpoint', 'waitpoint id');
   END LOOP;
-  r := lock_run(block_run.run_id);
+  r := lock_run(block_run.run_id, block_run.environment_id);
   FOREACH raw IN ARRAY bare_ids LOOP
     SELECT * INTO w FROM find_waitpoint(raw);
     IF w.id IS NULL OR w.environment_id <> r.environment_id THEN
@@ -267,29 +270,36 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.complete_waitpoint(waitpoint_id text, output jsonb DEFAULT NULL,
-                                                     is_error boolean DEFAULT false)
+                                                     is_error boolean DEFAULT false, environment_id text DEFAULT NULL)
 RETURNS TABLE (completed_now boolean, unblocked_run_ids text[], remote_run_ids text[])
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  bare text := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency text := classify_bare(bare);
+  bare text;
+  residency text;
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
   now_done boolean := false;
+  env_id text := complete_waitpoint.environment_id;
 BEGIN
+  PERFORM check_json_bounds(complete_waitpoint.output, 'output');
+  bare := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
+  residency := classify_bare(bare);
   IF residency <> local_residency() THEN
     PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
   END IF;
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
-  IF NOT FOUND THEN
-    IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare) THEN
+  IF FOUND THEN
+    PERFORM require_row_environment(w.environment_id, env_id, 'waitpoint', complete_waitpoint.waitpoint_id);
+  ELSE
+    -- Another environment's run or batch is "not found" (RO004 comes before RO003).
+    IF EXISTS (SELECT FROM runs AS x WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id)) THEN
       PERFORM raise_error('RO003', format('%s is a RUN waitpoint: it completes when its run does',
                                           complete_waitpoint.waitpoint_id));
     END IF;
-    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare) THEN
+    IF EXISTS (SELECT FROM batches AS x WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id)) THEN
       PERFORM raise_error('RO003', format('%s is a BATCH waitpoint: it completes when its batch does',
                                           complete_waitpoint.waitpoint_id));
     END IF;

@@ -44,7 +44,7 @@ SELECT has_function('runops', 'trigger_route', ARRAY['text', 'jsonb'], 'trigger_
 SELECT has_function('runops', 'reset_idempotency_key', ARRAY['text', 'text', 'text', 'text', 'text', 'integer'],
                     'reset_idempotency_key(text, text, text, text, text, integer) exists');
 SELECT has_function('runops', 'get_run', ARRAY['text', 'text'], 'get_run(text, text) exists');
-SELECT has_function('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'finalize_run(text, text, jsonb, jsonb) exists');
+SELECT has_function('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb', 'text'], 'finalize_run(text, text, jsonb, jsonb, text) exists');
 SELECT has_function('runops', 'create_organization', ARRAY['text', 'jsonb'], 'create_organization(text, jsonb) exists');
 SELECT has_function('runops', 'create_project', ARRAY['text', 'text'], 'create_project(text, text) exists');
 SELECT has_function('runops', 'create_environment', ARRAY['text', 'text', 'text'], 'create_environment(text, text, text) exists');
@@ -62,7 +62,7 @@ SELECT is(pg_catalog.pg_get_function_result('runops.trigger_run(text, text, json
 SELECT function_returns('runops', 'trigger_route', ARRAY['text', 'jsonb'], 'text');
 SELECT function_returns('runops', 'reset_idempotency_key', ARRAY['text', 'text', 'text', 'text', 'text', 'integer'], 'integer');
 SELECT function_returns('runops', 'get_run', ARRAY['text', 'text'], 'setof runops.run_view');
-SELECT function_returns('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'setof runops.run_view');
+SELECT function_returns('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb', 'text'], 'setof runops.run_view');
 SELECT function_returns('runops', 'create_organization', ARRAY['text', 'jsonb'], 'text');
 SELECT function_returns('runops', 'create_project', ARRAY['text', 'text'], 'text');
 SELECT function_returns('runops', 'create_environment', ARRAY['text', 'text', 'text'], 'text');
@@ -78,7 +78,7 @@ SELECT is_definer('runops', 'trigger_route', ARRAY['text', 'jsonb'], 'trigger_ro
 SELECT is_definer('runops', 'reset_idempotency_key', ARRAY['text', 'text', 'text', 'text', 'text', 'integer'],
                   'reset_idempotency_key is SECURITY DEFINER');
 SELECT is_definer('runops', 'get_run', ARRAY['text', 'text'], 'get_run is SECURITY DEFINER');
-SELECT is_definer('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'finalize_run is SECURITY DEFINER');
+SELECT is_definer('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb', 'text'], 'finalize_run is SECURITY DEFINER');
 SELECT is_definer('runops', 'create_organization', ARRAY['text', 'jsonb'], 'create_organization is SECURITY DEFINER');
 SELECT is_definer('runops', 'create_project', ARRAY['text', 'text'], 'create_project is SECURITY DEFINER');
 SELECT is_definer('runops', 'create_environment', ARRAY['text', 'text', 'text'], 'create_environment is SECURITY DEFINER');
@@ -99,7 +99,7 @@ $$, 'every SECURITY DEFINER function in runops has SET search_path = runops, pg_
 
 -- SPEC §5: owned by a NOLOGIN non-superuser owner role.
 SELECT function_owner_is('runops', 'trigger_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'runops_owner');
-SELECT function_owner_is('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'runops_owner');
+SELECT function_owner_is('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb', 'text'], 'runops_owner');
 SELECT is_empty($$
   SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc AS p
   WHERE p.pronamespace = 'runops'::regnamespace AND p.proowner <> 'runops_owner'::regrole
@@ -120,7 +120,7 @@ SELECT function_privs_are('runops', 'trigger_route', ARRAY['text', 'jsonb'], 'ru
 SELECT function_privs_are('runops', 'reset_idempotency_key', ARRAY['text', 'text', 'text', 'text', 'text', 'integer'],
                           'runops_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('runops', 'get_run', ARRAY['text', 'text'], 'runops_app', ARRAY['EXECUTE']);
-SELECT function_privs_are('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb'], 'runops_app', ARRAY['EXECUTE']);
+SELECT function_privs_are('runops', 'finalize_run', ARRAY['text', 'text', 'jsonb', 'jsonb', 'text'], 'runops_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('runops', 'create_organization', ARRAY['text', 'jsonb'], 'runops_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('runops', 'create_project', ARRAY['text', 'text'], 'runops_app', ARRAY['EXECUTE']);
 SELECT function_privs_are('runops', 'create_environment', ARRAY['text', 'text', 'text'], 'runops_app', ARRAY['EXECUTE']);
