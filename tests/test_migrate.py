@@ -142,5 +142,17 @@ def test_stores_that_trust_tcp_logins_are_wired_with_password_required_false_and
     with psycopg.connect(admin[RUN_OPS]) as conn:
         sub = conn.execute("SELECT subconninfo FROM pg_subscription WHERE subname = %s",
                            [migrate.SUBSCRIPTION]).fetchone()
-    if report.mirror == "logical replication":
-        assert sub is not None and "host=localhost" in sub[0] and "sslmode=disable" in sub[0]
+    assert report.mirror == "logical replication"
+    assert sub is not None and "host=localhost" in sub[0] and "sslmode=disable" in sub[0]
+    assert "user=runops_mirror_runops" in sub[0]  # a replication role, not the DBA's superuser
+
+
+def test_the_mirror_replicates_as_its_own_role(stores: Stores, client) -> None:
+    with psycopg.connect(stores.admin[RUN_OPS]) as conn:
+        row = conn.execute("SELECT subconninfo FROM pg_subscription WHERE subname = %s",
+                           [migrate.SUBSCRIPTION]).fetchone()
+    assert row is not None and "user=runops_mirror_" in row[0] and "user=postgres" not in row[0]
+    org = client.create_organization(f"mirror-{os.getpid()}-{time.monotonic_ns() % 10**6}")
+    assert client.wait_for_mirror()
+    with psycopg.connect(stores.admin[RUN_OPS]) as conn:
+        assert conn.execute("SELECT 1 FROM runops.organizations WHERE id = %s", [org]).fetchone() == (1,)

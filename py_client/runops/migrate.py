@@ -381,6 +381,24 @@ def wire(control_plane_url: str, run_ops_url: str, notes: list[str],
         return _wire_mirror(cp, ro, subscription_url, notes)
 
 
+def _mirror_login_role(cp: psycopg.Connection[Any]) -> dict[str, str]:
+    """(Re)creates runops_mirror_<database> on the control plane, with a fresh password: the
+    login the subscription replicates as. REPLICATION and SELECT on the published tables (the
+    initial copy) and nothing else."""
+    row = cp.execute("SELECT current_database()").fetchone()
+    assert row is not None
+    role = f"runops_mirror_{row[0]}"[:63]
+    password = secrets.token_urlsafe(24)
+    exists = cp.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
+    verb = "ALTER" if exists else "CREATE"
+    cp.execute(sql.SQL(verb + " ROLE {} LOGIN REPLICATION PASSWORD {}").format(sql.Identifier(role),
+                                                                               sql.Literal(password)))
+    cp.execute(sql.SQL("GRANT USAGE ON SCHEMA runops TO {}").format(sql.Identifier(role)))
+    cp.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
+        sql.SQL(", ").join(sql.Identifier("runops", t) for t in MIRRORED_TABLES), sql.Identifier(role)))
+    return {"user": role, "password": password}
+
+
 def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subscription_url: str,
                  notes: list[str]) -> str:
     row = cp.execute("SELECT current_setting('wal_level'), "
@@ -404,9 +422,9 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subsc
     slot = f"runops_mirror_{pub[0]}_{sub[0][-8:]}_{sub[1]}"
     existing = ro.execute("SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
                           "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
-    # The subscription connects with the admin URL as given: password and TLS options included,
-    # each value quoted as libpq wants.
-    conninfo = make_conninfo(subscription_url)
+    # The subscription logs in as a dedicated replication role (not the DBA's superuser), with the
+    # URL's host, port and TLS options; each value quoted as libpq wants.
+    conninfo = make_conninfo(subscription_url, **_mirror_login_role(cp))
     if existing:
         ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
             sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
