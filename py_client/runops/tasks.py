@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Unpack
 
 from .models import ChildTriggerOptions, Run
-from .retry import Backoff
+from .retry import Backoff, call_with_retry
 
 if TYPE_CHECKING:
     from .client import RunOps
@@ -157,6 +157,8 @@ class TaskContext:
         return self.run.environment_id
 
     # -- the replay machinery ---------------------------------------------------------------------
+    # Writes go through call_with_retry: a retryable conflict rolled the call back, so sending it
+    # again is always safe (and the keys make a repeat find what the first call made).
 
     def _next_step(self) -> int:
         self._step += 1
@@ -168,9 +170,9 @@ class TaskContext:
 
     def _suspend(self, reason: str, step: int) -> Suspended:
         """Checkpoints the run (it resumes at once if nothing blocks it any more)."""
-        suspended = self.client.create_checkpoint(
+        suspended = call_with_retry(lambda: self.client.create_checkpoint(
             self.run_id, self.attempt_number, reason, f"runops-worker://{self.worker_id}/{self.run_id}/step-{step}",
-            {"step": step})
+            {"step": step}))
         return Suspended(suspended, reason)
 
     # -- waits ------------------------------------------------------------------------------------
@@ -183,10 +185,10 @@ class TaskContext:
         known = self.registry.get(task) if self.registry is not None else None
         if known is not None and known.max_attempts is not None:
             options.setdefault("max_attempts", known.max_attempts)
-        child = self.client.trigger_run(
+        child = call_with_retry(lambda: self.client.trigger_run(
             self.environment_id, task, payload, parent_run_id=self.run_id, parent_attempt_number=self.attempt_number,
             resume_parent_on_completion=True, idempotency_key=f"step-{step}", idempotency_key_scope="attempt",
-            **options)
+            **options))
         done = self.client.get_run(child.run_id)
         if done is not None and done.is_final:
             return done
@@ -196,8 +198,9 @@ class TaskContext:
         """Triggers a batch of child runs (items as for ``batch_trigger``: ``{task, payload,
         options}``) and returns them, in item order, once all are final. Suspends until then."""
         step = self._next_step()
-        batch = self.client.batch_trigger(self.environment_id, items, parent_run_id=self.run_id,
-                                          resume_parent_on_completion=True, idempotency_key=self._key("batch", step))
+        batch = call_with_retry(lambda: self.client.batch_trigger(
+            self.environment_id, items, parent_run_id=self.run_id, resume_parent_on_completion=True,
+            idempotency_key=self._key("batch", step)))
         got = self.client.get_batch(batch.batch_id)
         if got is not None and got.status in ("COMPLETED", "ABORTED"):
             runs = [self.client.get_run(run_id) for run_id in got.run_ids]
@@ -219,16 +222,17 @@ class TaskContext:
     def _wait_datetime(self, completed_after: str) -> None:
         step = self._next_step()
         # The key holds the due time fixed at the first run; a re-run finds the same waitpoint.
-        waitpoint = self.client.create_waitpoint(self.environment_id, "DATETIME", completed_after=completed_after,
-                                                 idempotency_key=self._key("wait", step))
+        waitpoint = call_with_retry(lambda: self.client.create_waitpoint(
+            self.environment_id, "DATETIME", completed_after=completed_after, idempotency_key=self._key("wait", step)))
         self._block_until_done(waitpoint.waitpoint_id, "WAIT_FOR_DURATION", step)
 
     def create_token(self, *, timeout: str | None = None, tags: list[str] | None = None) -> str:
         """A MANUAL waitpoint (a token) for someone else to complete with ``complete_waitpoint``;
         the same one on every re-run of this attempt. ``timeout`` is a duration like ``1h``."""
         step = self._next_step()
-        return self.client.create_waitpoint(self.environment_id, "MANUAL", timeout=timeout, tags=tags,
-                                            idempotency_key=self._key("token", step)).waitpoint_id
+        return call_with_retry(lambda: self.client.create_waitpoint(
+            self.environment_id, "MANUAL", timeout=timeout, tags=tags,
+            idempotency_key=self._key("token", step))).waitpoint_id
 
     def wait_for_token(self, waitpoint_id: str) -> Any:
         """Waits until the token (a MANUAL waitpoint) is completed and returns its output;
@@ -242,7 +246,7 @@ class TaskContext:
     def _block_until_done(self, waitpoint_id: str, reason: str, step: int) -> Any:
         # Block first, then look: a completion between the two is seen by the checkpoint, which
         # resumes at once when nothing blocks the run.
-        self.client.block_run(self.run_id, [waitpoint_id])
+        call_with_retry(lambda: self.client.block_run(self.run_id, [waitpoint_id]))
         waitpoint = self.client.get_waitpoint(waitpoint_id)
         if waitpoint is not None and waitpoint.status == "COMPLETED":
             return waitpoint
