@@ -131,9 +131,10 @@ def test_a_task_the_worker_does_not_know_fails_with_a_clear_error(client: RunOps
     assert "'no-such-task'" in done.error["message"] and "add" in done.error["message"]
 
 
-def test_trigger_and_wait_resumes_the_parent_with_each_childs_result(client: RunOps, make_env,
-                                                                     start_worker) -> None:
-    env = make_env("ksuid").environment_id
+@pytest.mark.parametrize("mint_kind", ["cuid", "ksuid"])  # runs on the control plane, then on run-ops
+def test_trigger_and_wait_resumes_the_parent_with_each_childs_result(client: RunOps, make_env, start_worker,
+                                                                     mint_kind: str) -> None:
+    env = make_env(mint_kind).environment_id
     start_worker(env)
     parent = client.trigger_run(env, "parent", {})
     done = client.wait_for_run(parent.run_id, timeout=20)
@@ -204,6 +205,20 @@ def test_sigterm_finishes_short_attempts_and_hands_back_the_rest(client: RunOps,
     again = wait_for_status(client, long.run_id, "EXECUTING")
     assert (again.locked_by, again.attempt_number) == ("second", 1)
     client.cancel_run(long.run_id, "test over")
+
+
+def test_run_worker_in_process_runs_the_clients_own_tasks(stores: Stores, make_env) -> None:
+    env = make_env("ksuid").environment_id
+    with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS]) as ro:
+        @ro.task("double")
+        def double(ctx: Any, payload: Any) -> Any:
+            return payload * 2
+
+        run = ro.trigger_run(env, "double", 21)
+        seen: list[Any] = []
+        assert ro.run_worker(env, concurrency=2, once=True, handle_signals=False, on_outcome=seen.append) == 1
+        assert [(o.run_id, o.result) for o in seen] == [(run.run_id, "completed")]
+        assert ro.get_run(run.run_id).output == 42  # type: ignore[union-attr]
 
 
 # -- waiting -------------------------------------------------------------------------------------------
