@@ -315,3 +315,72 @@ def one(conn: psycopg.Connection[Any], query: str, params: list[Any] | None = No
     row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
     assert row is not None
     return row[0]
+
+
+def batch(conn: psycopg.Connection[Any], env: str, items: list[dict[str, Any]], **options: Any) -> tuple[Any, ...]:
+    row = conn.execute("SELECT * FROM runops.batch_trigger(%s, %s, %s)", [env, Jsonb(items), Jsonb(options)]).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_batch_item_keys_resolve_to_a_holder_in_the_other_store_and_the_batch_still_completes(
+        client: RunOps, make_env, store_conn, stores: Stores) -> None:
+    env = make_env("ksuid")
+    cp, ro = store_conn(CONTROL_PLANE), store_conn(RUN_OPS)
+    holder = trigger(ro, env.environment_id, idempotency_key="item-k")
+    flip(client, env.organization_id, "cuid")
+    items = [{"task": "t", "options": {"idempotency_key": "item-k"}},
+             {"task": "t", "options": {"idempotency_key": "item-k"}},
+             {"task": "t", "options": {"idempotency_key": "fresh"}}]
+    batch_id, cached, run_ids = batch(cp, env.environment_id, items)
+    assert run_ids[0] == run_ids[1] == holder[0]
+    assert run_ids[2].startswith("run_c") and run_ids[2] != holder[0]
+    # The fresh key is claimed too: a NEW trigger of it gets the LEGACY run.
+    flip(client, env.organization_id, "ksuid")
+    assert trigger(ro, env.environment_id, idempotency_key="fresh")[:2] == (run_ids[2], True)
+    finalize(cp, run_ids[2], "COMPLETED_SUCCESSFULLY")
+    assert cp.execute("SELECT status FROM runops.get_batch(%s)", [batch_id]).fetchone() == ("PROCESSING",)
+    finalize(ro, holder[0], "COMPLETED_SUCCESSFULLY")  # finishing in the other store is seen by tick
+    cp.execute("SELECT runops.tick()")
+    row = cp.execute("SELECT status, run_ids FROM runops.get_batch(%s)", [batch_id]).fetchone()
+    assert row == ("COMPLETED", run_ids)
+    with psycopg.connect(stores.admin[CONTROL_PLANE]) as admin:
+        output = admin.execute("SELECT output FROM runops.batches WHERE id = %s", [batch_id[6:]]).fetchone()
+    assert output is not None
+    assert [o["status"] for o in output[0]] == ["COMPLETED_SUCCESSFULLY"] * 3
+
+
+def test_batch_keys_raced_against_single_triggers_in_the_other_store_yield_one_run_each(
+        client: RunOps, make_env, stores: Stores) -> None:
+    env = make_env("cuid")
+    with psycopg.connect(stores.app[CONTROL_PLANE], autocommit=True) as conn:
+        parent = trigger(conn, env.environment_id, "parent")[0]
+    flip(client, env.organization_id, "ksuid")
+    keys = [f"bk-{i}" for i in range(5)]
+    conns = [psycopg.connect(stores.app[s], autocommit=True) for s in [CONTROL_PLANE, RUN_OPS] * 6]
+    try:
+        def call(i: int) -> Callable[[], list[str]]:
+            conn = conns[i]
+            if i % 2 == 0:  # a batch of a LEGACY parent on the control plane, global keys
+                items = [{"task": "t", "options": {"idempotency_key": k, "idempotency_key_scope": "global"}}
+                         for k in keys]
+
+                def run_batch() -> list[str]:
+                    for attempt in itertools.count():
+                        try:
+                            return list(batch(conn, env.environment_id, items, parent_run_id=parent)[2])
+                        except psycopg.Error as exc:
+                            if sqlstate_of(exc) not in RETRYABLE or attempt > 50:
+                                raise
+                    raise AssertionError("unreachable")
+                return run_batch
+            return lambda: [trigger(conn, env.environment_id, idempotency_key=k, idempotency_key_scope="global")[0]
+                            for k in keys]
+
+        results = run_race([call(i) for i in range(len(conns))])
+    finally:
+        for c in conns:
+            c.close()
+    for j in range(len(keys)):
+        assert len({r[j] for r in results}) == 1, [r[j] for r in results]
+    assert len(key_holders(stores, env.environment_id)) == len(keys)

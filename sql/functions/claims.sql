@@ -255,3 +255,45 @@ BEGIN
   RETURN n;
 END
 $$;
+
+-- Batch items (add_batch_items): the same claims, for every keyed position that is about to
+-- create a run. Returns, position by position, the live holder a position must take instead
+-- (NULL where this call now holds the key, or the position creates nothing). On the run-ops store
+-- one INSERT claims every key the ledger lacks and only the conflicts go through the single-key
+-- path; on the control plane each key goes through the single-key path (one FDW round trip each,
+-- under its lock, locks taken in key order so two batches never deadlock).
+CREATE OR REPLACE FUNCTION runops.claim_batch_keys(environment_id text, tasks text[], hashes text[], run_ids text[],
+                                                   creates boolean[], expires timestamptz[])
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+BEGIN
+  IF local_residency() = 'NEW' THEN
+    INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                        expires_at, claimed_at)
+    SELECT claim_batch_keys.environment_id, w.t, w.h, w.r, NULL, w.x, ts
+    FROM unnest(tasks, hashes, run_ids, creates, expires) AS w(t, h, r, c, x)
+    WHERE w.c AND w.h IS NOT NULL
+    ON CONFLICT DO NOTHING;
+  ELSE
+    PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+    PERFORM pg_advisory_xact_lock(hashtextextended(claim_batch_keys.environment_id || '/' || k.t || '/' || k.h, 0))
+    FROM (SELECT DISTINCT w.t, w.h FROM unnest(tasks, hashes, creates) AS w(t, h, c)
+          WHERE w.c AND w.h IS NOT NULL ORDER BY 1, 2) AS k;
+  END IF;
+  -- A position whose claim names its own new run holds the key; any other keyed creator asks
+  -- the single-key path (which judges, takes over, or answers the live holder).
+  RETURN ARRAY(
+    SELECT CASE WHEN w.c AND w.h IS NOT NULL AND mine.run_id IS DISTINCT FROM w.r
+                THEN (claim_idempotency_key(claim_batch_keys.environment_id, w.t, w.h, w.x, w.r)).holder_id
+           END
+    FROM unnest(tasks, hashes, run_ids, creates, expires) WITH ORDINALITY AS w(t, h, r, c, x, k)
+    LEFT JOIN LATERAL (SELECT l.run_id FROM idempotency_claims AS l
+                       WHERE local_residency() = 'NEW' AND w.c AND w.h IS NOT NULL
+                         AND l.environment_id = claim_batch_keys.environment_id AND l.task_identifier = w.t
+                         AND l.key_hash = w.h) AS mine ON true
+    ORDER BY w.k);
+END
+$$;

@@ -252,7 +252,8 @@ BEGIN
     'timed_out', enforce_max_duration(n),
     'leases_released', release_lapsed_leases(n));
   counts := counts || complete_due_waitpoints(n)
-            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
+            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
+                                  'batches_finished_remote', finish_remote_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
   IF local_residency() = 'NEW' THEN
     counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));

@@ -116,9 +116,13 @@ CREATE TABLE runops.batches (
   output                     jsonb,                -- [{index, run_id, status}] once COMPLETED
   completed_at               timestamptz,
   created_at                 timestamptz NOT NULL,
-  updated_at                 timestamptz NOT NULL
+  updated_at                 timestamptz NOT NULL,
+  remote_items               integer NOT NULL DEFAULT 0   -- items whose (cached) run lives in the other store:
+                                                          -- never in final_count, read when the batch may finish
 );
 CREATE INDEX batches_seal_idx ON runops.batches (seal_deadline) WHERE status = 'PENDING';
+-- Sealed batches waiting on runs in the other store: tick reads them (finish_remote_batches).
+CREATE INDEX batches_remote_idx ON runops.batches (updated_at) WHERE status = 'PROCESSING' AND remote_items > 0;
 CREATE UNIQUE INDEX batches_idempotency_key_idx
   ON runops.batches (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 ALTER TABLE runops.runs ADD FOREIGN KEY (batch_id) REFERENCES runops.batches (id);

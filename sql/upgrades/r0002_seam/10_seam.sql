@@ -57,3 +57,19 @@ CREATE TYPE runops.list_filters AS (
 ALTER TYPE runops.list_filters OWNER TO runops_owner;
 CREATE VIEW runops.run_page_row AS SELECT v.*, NULL::text AS cursor FROM runops.run_view AS v WHERE false;
 ALTER VIEW runops.run_page_row OWNER TO runops_owner;
+
+-- Batch items claim their keys too, so an item may resolve to a run in the other store
+-- (sql/schema/20_run_graph.sql): counted by reading it, not through final_count. A constant
+-- default: no table rewrite.
+ALTER TABLE runops.batches ADD COLUMN remote_items integer NOT NULL DEFAULT 0;
+CREATE INDEX batches_remote_idx ON runops.batches (updated_at) WHERE status = 'PROCESSING' AND remote_items > 0;
+DO $$
+BEGIN
+  -- The unwired stand-in follows the table (a wired store re-imports it in `runops migrate`).
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE OR REPLACE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
