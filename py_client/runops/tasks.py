@@ -76,6 +76,11 @@ class Suspended(BaseException):  # noqa: N818 — a control-flow signal, like Ge
         self.reason = reason
 
 
+class RunLost(BaseException):  # noqa: N818 — a control-flow signal
+    """Raised by a context call once the run is no longer this worker's (handed back at
+    shutdown, canceled, or its lease lapsed), so an abandoned task stops touching it."""
+
+
 @dataclass(frozen=True)
 class Task:
     """A registered task: ``name`` is the run's task identifier."""
@@ -161,6 +166,8 @@ class TaskContext:
     # again is always safe (and the keys make a repeat find what the first call made).
 
     def _next_step(self) -> int:
+        if self.lost.is_set():
+            raise RunLost(f"{self.run_id} is no longer this worker's")
         self._step += 1
         return self._step
 
@@ -170,6 +177,8 @@ class TaskContext:
 
     def _suspend(self, reason: str, step: int) -> Suspended:
         """Checkpoints the run (it resumes at once if nothing blocks it any more)."""
+        if self.lost.is_set():
+            raise RunLost(f"{self.run_id} is no longer this worker's")
         suspended = call_with_retry(lambda: self.client.create_checkpoint(
             self.run_id, self.attempt_number, reason, f"runops-worker://{self.worker_id}/{self.run_id}/step-{step}",
             {"step": step}))

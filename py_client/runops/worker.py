@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import IllegalTransition, NotFound, RunOpsError
 from .models import Run
 from .retry import OUTAGE_BACKOFF, TRANSIENT, run_loop
-from .tasks import Suspended, TaskContext, TaskError, TaskRegistry
+from .tasks import RunLost, Suspended, TaskContext, TaskError, TaskRegistry
 
 if TYPE_CHECKING:
     from .client import RunOps
@@ -68,8 +68,9 @@ class Outcome:
 class _InFlight:
     run: Run
     attempt: int | None = None  # set once start_attempt returned EXECUTING
-    released: bool = False
-    lost: threading.Event = field(default_factory=threading.Event)
+    released: bool = False      # handed back at shutdown: this thread reports nothing more
+    reporting: bool = False     # its final report is under way: too late to hand it back
+    lost: threading.Event = field(default_factory=threading.Event)  # the task's ctx.lost
 
 
 def default_worker_id() -> str:
@@ -177,7 +178,10 @@ class Worker:
             self._wake.wait(min(0.1, max(0.0, deadline - time.monotonic())))
         with self._lock:
             self._releasing = True
-            running = [f for f in self._in_flight.values() if f.attempt is not None]
+            running = [f for f in self._in_flight.values() if f.attempt is not None and not f.reporting]
+            for flight in running:
+                flight.released = True
+                flight.lost.set()  # the task's further context calls stop (RunLost)
         for flight in running:
             self._release(flight)
         # Runs dequeued but not yet started release themselves right after start_attempt.
@@ -190,8 +194,7 @@ class Worker:
 
     def _release(self, flight: _InFlight) -> None:
         """Hands a running attempt back: PENDING at once, the same attempt number kept."""
-        assert flight.attempt is not None
-        flight.released = True
+        assert flight.attempt is not None and flight.released
         try:
             self._report(lambda: self.client.create_checkpoint(
                 flight.run.run_id, flight.attempt or 0, "WAIT_FOR_DURATION",
@@ -251,7 +254,7 @@ class Worker:
             return
         with self._lock:
             flight.attempt = n
-            release_now = self._releasing
+            release_now = flight.released = self._releasing
         if release_now:
             self._release(flight)
             return
@@ -270,9 +273,11 @@ class Worker:
         except Suspended:
             self._outcome(run, n, "suspended")
             return
+        except RunLost:
+            if not flight.released:
+                self._outcome(run, n, "lost")
+            return
         except Exception as exc:  # the task failed: report it, retry per policy
-            if flight.released:
-                return
             limit = min(started.max_attempts, task.max_attempts or started.max_attempts)
             retry_at = None
             if n < limit and not (isinstance(exc, TaskError) and not exc.retry):
@@ -287,8 +292,10 @@ class Worker:
         self._finish(flight, lambda: self.client.complete_attempt(run.run_id, n, output), "completed")
 
     def _finish(self, flight: _InFlight, call: Callable[[], Run], result: str) -> None:
-        if flight.released:
-            return  # handed back at shutdown: its next worker reports it
+        with self._lock:
+            if flight.released:
+                return  # handed back at shutdown: its next worker reports it
+            flight.reporting = True
         assert flight.attempt is not None
         try:
             done = self._report(call)
