@@ -30,7 +30,7 @@ from .models import (
     WaitpointStatus,
 )
 from .retry import Backoff, call_with_retry
-from .tasks import Task, TaskContext, TaskError, TaskRegistry, TokenFailed
+from .tasks import RunLost, Task, TaskContext, TaskError, TaskRegistry, TokenFailed
 from .worker import Outcome, Worker
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
     "RunStatus", "BatchStatus", "WaitpointStatus", "RUN_STATUSES", "FINAL_STATUSES",
     "TriggerOptions", "ChildTriggerOptions",
     "classify_residency", "try_classify_residency",
-    "Backoff", "call_with_retry", "Task", "TaskContext", "TaskError", "TaskRegistry", "TokenFailed",
+    "Backoff", "call_with_retry", "Task", "TaskContext", "TaskError", "TaskRegistry", "TokenFailed", "RunLost",
     "Worker", "Outcome",
     "RunOpsError", "UnclassifiableId", "WrongStore", "IllegalTransition", "NotFound",
     "EnvironmentUnusable", "InvalidInput", "SplitRefused", "RetryableConflict", "StoreUnavailable",
