@@ -66,6 +66,10 @@ def test_plpgsql_functions_have_no_errors(stores: Stores, store: str) -> None:
         schema = _install_plpgsql_check(conn)
         functions = _plpgsql_functions(conn)
         assert functions, "no PL/pgSQL functions in schema runops"
+        # The bodies run as their owner (SECURITY DEFINER): checked as the owner too, with its
+        # privileges and its FDW mapping (list_runs' foreign table asks the remote at plan time).
+        conn.execute(f"GRANT USAGE ON SCHEMA {sql.Identifier(schema).as_string(conn)} TO runops_owner")
+        conn.execute("SET ROLE runops_owner")
         conn.execute(f"SET search_path = {PINNED_SEARCH_PATH}")
         errors: list[str] = []
         warnings: set[str] = set()

@@ -53,6 +53,7 @@ BEGIN
     SET LOCAL ROLE runops_owner;
     CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
     CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
+    CREATE VIEW runops_peer.run_list_view AS SELECT * FROM runops.run_view WHERE false;
     RESET ROLE;
   END IF;
 END
@@ -75,6 +76,22 @@ CREATE TYPE runops.list_filters AS (
 ALTER TYPE runops.list_filters OWNER TO runops_owner;
 CREATE VIEW runops.run_page_row AS SELECT v.*, NULL::text AS cursor FROM runops.run_view AS v WHERE false;
 ALTER VIEW runops.run_page_row OWNER TO runops_owner;
+
+-- Batch items claim their keys too, so an item may resolve to a run in the other store
+-- (sql/schema/20_run_graph.sql): counted by reading it, not through final_count. A constant
+-- default: no table rewrite.
+ALTER TABLE runops.batches ADD COLUMN remote_items integer NOT NULL DEFAULT 0;
+CREATE INDEX batches_remote_idx ON runops.batches (updated_at) WHERE status = 'PROCESSING' AND remote_items > 0;
+DO $$
+BEGIN
+  -- The unwired stand-in follows the table (a wired store re-imports it in `runops migrate`).
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE OR REPLACE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
 
 -- sql/upgrades/r0002_seam/20_input_and_guards.sql
 -- r0002, bounded input and the environment guard (SPEC §3 [1.2]).
@@ -291,6 +308,7 @@ DECLARE
   item_creates boolean[];   -- positions that create a run in this pass
   item_creator bigint[];    -- for each position, the position creating its run
   item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  holders text[];           -- per position, the live holder of its key in either store (claims)
   creator_count bigint;
   inserted bigint;
   dead_ids text[];
@@ -389,6 +407,24 @@ BEGIN
             FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)) AS x;
       EXIT WHEN creator_count = 0;
       new_ids := mint_ids(cardinality(item_idx));  -- one per position; non-creators' go unused
+      -- Across the seam (SPEC §6): keyed creators claim their keys; a key with a live holder in
+      -- either store resolves its whole group to that holder, which then creates nothing.
+      IF has_keys AND claims_required() THEN
+        holders := claim_batch_keys(env.id, item_task, item_hash, new_ids, item_creates,
+                                    ARRAY(SELECT ts + x FROM unnest(item_key_ttl) AS x));
+        IF EXISTS (SELECT FROM unnest(holders) AS x WHERE x IS NOT NULL) THEN
+          SELECT array_agg(coalesce(x.run, x.group_holder) ORDER BY x.k),
+                 array_agg(x.creates AND x.holder IS NULL ORDER BY x.k),
+                 count(*) FILTER (WHERE x.creates AND x.holder IS NULL)
+          INTO item_run, item_creates, creator_count
+          FROM (SELECT w.k, w.run, w.creates, w.holder,
+                       CASE WHEN w.run IS NULL AND w.h IS NOT NULL
+                            THEN max(w.holder) OVER (PARTITION BY w.t, w.h, w.run IS NULL) END AS group_holder
+                FROM unnest(item_task, item_hash, item_run, item_creates, holders)
+                       WITH ORDINALITY AS w(t, h, run, creates, holder, k)) AS x;
+          EXIT WHEN creator_count = 0;
+        END IF;
+      END IF;
       INSERT INTO runs AS r (
         id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
         queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -438,6 +474,9 @@ BEGIN
     --    does not carry this transaction's xmin is one.
     INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
     SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run) AS u(i, r);
+    IF holders IS NOT NULL THEN
+      PERFORM count_remote_items(b.id, item_run);
+    END IF;
     PERFORM count_attached(b.id, cardinality(item_idx),
                            ARRAY(SELECT w.run FROM unnest(item_hash, item_run, item_made) AS w(h, run, made)
                                  JOIN LATERAL (SELECT r.xmin FROM runs AS r
@@ -486,16 +525,44 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   b batches;
+  remote_ids text[];
+  remote_final bigint;
+  remote_statuses jsonb := '[]';
 BEGIN
   SELECT * INTO b FROM batches AS x WHERE x.id = finish_batch_if_done.batch_id FOR UPDATE;
-  IF NOT FOUND OR b.status <> 'PROCESSING' OR b.final_count < b.expected_count THEN
+  IF NOT FOUND OR b.status <> 'PROCESSING' OR b.final_count + b.remote_items < b.expected_count THEN
     RETURN false;
+  END IF;
+  IF b.remote_items > 0 THEN
+    -- Items whose run lives in the other store are counted by reading them (an id list, so
+    -- postgres_fdw ships one = ANY); unreachable: not yet, tick asks again.
+    remote_ids := ARRAY(SELECT i.run_id FROM batch_items AS i
+                        WHERE i.batch_id = b.id AND try_classify_bare(i.run_id) <> local_residency());
+    BEGIN
+      SELECT coalesce(jsonb_agg(jsonb_build_object('id', r.id, 'status', r.status)), '[]'::jsonb)
+      INTO remote_statuses
+      FROM runops_peer.runs AS r WHERE r.id = ANY (remote_ids);
+    EXCEPTION WHEN connection_exception THEN
+      RETURN false;
+    END;
+    -- Per item: two items may name the same run.
+    SELECT count(*) INTO remote_final
+    FROM unnest(remote_ids) AS u(id)
+    JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text) ON rr.id = u.id
+    WHERE is_final_status(rr.status);
+    IF b.final_count + remote_final < b.expected_count THEN
+      RETURN false;
+    END IF;
   END IF;
   UPDATE batches AS x
   SET status = 'COMPLETED', completed_at = now(), updated_at = now(),
       output = (SELECT coalesce(jsonb_agg(jsonb_build_object('index', i.item_index, 'run_id', 'run_' || i.run_id,
-                                                              'status', r.status) ORDER BY i.item_index), '[]'::jsonb)
-                FROM batch_items AS i JOIN runs AS r ON r.id = i.run_id
+                                                              'status', coalesce(r.status, rr.status))
+                                          ORDER BY i.item_index), '[]'::jsonb)
+                FROM batch_items AS i
+                LEFT JOIN runs AS r ON r.id = i.run_id
+                LEFT JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text)
+                  ON rr.id = i.run_id
                 WHERE i.batch_id = b.id)
   WHERE x.id = b.id;
   PERFORM complete_local_edges(b.id);
@@ -503,6 +570,40 @@ BEGIN
 END
 $$;
 
+-- Items resolved to a run in the other store (a live key holder there): they count toward
+-- completion when finish_batch_if_done reads them, never through final_count.
+CREATE OR REPLACE FUNCTION runops.count_remote_items(batch_id text, run_ids text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  SELECT count(*) INTO n FROM unnest(run_ids) AS u(id) WHERE try_classify_bare(u.id) <> local_residency();
+  IF n > 0 THEN
+    UPDATE batches AS x SET remote_items = x.remote_items + n WHERE x.id = count_remote_items.batch_id;
+  END IF;
+END
+$$;
+
+-- tick: sealed batches that wait on runs in the other store (their finishing is not seen here).
+CREATE OR REPLACE FUNCTION runops.finish_remote_batches(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  waiting text;
+  n integer := 0;
+BEGIN
+  FOR waiting IN SELECT x.id FROM batches AS x WHERE x.status = 'PROCESSING' AND x.remote_items > 0
+                 ORDER BY x.updated_at LIMIT max_rows LOOP
+    IF finish_batch_if_done(waiting) THEN
+      n := n + 1;
+    END IF;
+  END LOOP;
+  RETURN n;
+END
+$$;
 -- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
 CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
 RETURNS void
@@ -853,6 +954,7 @@ AS $$
 BEGIN
   INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
   VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
+  PERFORM count_remote_items(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
   PERFORM count_attached(attach_batch_item.batch_id, 1, ARRAY[attach_batch_item.run_id]);
 END
 $$;
@@ -1113,6 +1215,48 @@ BEGIN
                             ORDER BY x.expires_at LIMIT max_rows FOR UPDATE SKIP LOCKED));
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
+END
+$$;
+
+-- Batch items (add_batch_items): the same claims, for every keyed position that is about to
+-- create a run. Returns, position by position, the live holder a position must take instead
+-- (NULL where this call now holds the key, or the position creates nothing). On the run-ops store
+-- one INSERT claims every key the ledger lacks and only the conflicts go through the single-key
+-- path; on the control plane each key goes through the single-key path (one FDW round trip each,
+-- under its lock, locks taken in key order so two batches never deadlock).
+CREATE OR REPLACE FUNCTION runops.claim_batch_keys(environment_id text, tasks text[], hashes text[], run_ids text[],
+                                                   creates boolean[], expires timestamptz[])
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+BEGIN
+  IF local_residency() = 'NEW' THEN
+    INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                        expires_at, claimed_at)
+    SELECT claim_batch_keys.environment_id, w.t, w.h, w.r, NULL, w.x, ts
+    FROM unnest(tasks, hashes, run_ids, creates, expires) AS w(t, h, r, c, x)
+    WHERE w.c AND w.h IS NOT NULL
+    ON CONFLICT DO NOTHING;
+  ELSE
+    PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+    PERFORM pg_advisory_xact_lock(hashtextextended(claim_batch_keys.environment_id || '/' || k.t || '/' || k.h, 0))
+    FROM (SELECT DISTINCT w.t, w.h FROM unnest(tasks, hashes, creates) AS w(t, h, c)
+          WHERE w.c AND w.h IS NOT NULL ORDER BY 1, 2) AS k;
+  END IF;
+  -- A position whose claim names its own new run holds the key; any other keyed creator asks
+  -- the single-key path (which judges, takes over, or answers the live holder).
+  RETURN ARRAY(
+    SELECT CASE WHEN w.c AND w.h IS NOT NULL AND mine.run_id IS DISTINCT FROM w.r
+                THEN (claim_idempotency_key(claim_batch_keys.environment_id, w.t, w.h, w.x, w.r)).holder_id
+           END
+    FROM unnest(tasks, hashes, run_ids, creates, expires) WITH ORDINALITY AS w(t, h, r, c, x, k)
+    LEFT JOIN LATERAL (SELECT l.run_id FROM idempotency_claims AS l
+                       WHERE local_residency() = 'NEW' AND w.c AND w.h IS NOT NULL
+                         AND l.environment_id = claim_batch_keys.environment_id AND l.task_identifier = w.t
+                         AND l.key_hash = w.h) AS mine ON true
+    ORDER BY w.k);
 END
 $$;
 
@@ -2524,7 +2668,7 @@ BEGIN
   END IF;
   BEGIN
     -- Both sides are spelled out (not calls of list_store_runs) so the foreign one is a plain
-    -- scan of runops_peer.run_view that postgres_fdw ships with its WHERE, ORDER BY and LIMIT.
+    -- scan of runops_peer.run_list_view that postgres_fdw ships with its WHERE and ORDER BY.
     RETURN QUERY
     SELECT u.*, run_cursor(u.created_at, u.id)
     FROM ((SELECT * FROM run_view AS v
@@ -2538,7 +2682,7 @@ BEGIN
              AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
            ORDER BY v.created_at DESC, v.id DESC LIMIT n)
           UNION ALL
-          (SELECT * FROM runops_peer.run_view AS v
+          (SELECT * FROM runops_peer.run_list_view AS v
            WHERE v.environment_id = env_id
              AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
              AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
@@ -2909,7 +3053,8 @@ BEGIN
     'timed_out', enforce_max_duration(n),
     'leases_released', release_lapsed_leases(n));
   counts := counts || complete_due_waitpoints(n)
-            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n));
+            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
+                                  'batches_finished_remote', finish_remote_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
   IF local_residency() = 'NEW' THEN
     counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
@@ -4486,6 +4631,9 @@ GRANT EXECUTE ON FUNCTION
   runops.trigger_route(text, jsonb),
   runops.reset_idempotency_key(text, text, text, text, text, integer),
   runops.get_run(text, text),
+  runops.list_runs(text, integer, text, jsonb),
+  runops.list_store_runs(text, integer, text, jsonb),
+  runops.purge_runs(text, integer),
   runops.finalize_run(text, text, jsonb, jsonb, text),
   runops.create_organization(text, jsonb),
   runops.create_project(text, text),

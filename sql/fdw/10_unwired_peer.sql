@@ -7,6 +7,7 @@ REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
 SET LOCAL ROLE runops_owner;
 CREATE VIEW runops_peer.runs AS SELECT * FROM runops.runs WHERE false;
 CREATE VIEW runops_peer.run_view AS SELECT * FROM runops.run_view WHERE false;
+CREATE VIEW runops_peer.run_list_view AS SELECT * FROM runops.run_view WHERE false;
 CREATE VIEW runops_peer.batches AS SELECT * FROM runops.batches WHERE false;
 CREATE VIEW runops_peer.batch_items AS SELECT * FROM runops.batch_items WHERE false;
 CREATE VIEW runops_peer.waitpoints AS SELECT * FROM runops.waitpoints WHERE false;

@@ -24,7 +24,25 @@ IMPORT FOREIGN SCHEMA runops
 -- The claim ledger is the one foreign table this store writes (SPEC §5); the remote login may
 -- write nothing else.
 ALTER FOREIGN TABLE runops_peer.idempotency_claims OPTIONS (ADD updatable 'true');
--- Remote estimates let the planner see that the other store answers list_runs' keyset query in
--- order from its index: ORDER BY is shipped, and the fetch stops at the page (docs/listing.md).
-ALTER FOREIGN TABLE runops_peer.run_view OPTIONS (ADD use_remote_estimate 'true');
+-- list_runs reads the other store's run_view through a second foreign table with remote
+-- estimates, which let the planner see that the other store answers the keyset query in order
+-- from its index: ORDER BY is shipped and the fetch stops at the page (docs/listing.md). Only
+-- this table asks the remote at plan time, so reads by id plan without a round trip. Its
+-- columns are this store's run_view's: both stores run the same revision.
+DO $$
+DECLARE
+  columns text;
+BEGIN
+  SELECT string_agg(pg_catalog.format('%I %s%s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                                      CASE WHEN a.attcollation NOT IN (0, 100)
+                                           THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END),
+                    ', ' ORDER BY a.attnum)
+  INTO columns
+  FROM pg_catalog.pg_attribute AS a
+  WHERE a.attrelid = 'runops.run_view'::regclass AND a.attnum > 0 AND NOT a.attisdropped;
+  EXECUTE pg_catalog.format('CREATE FOREIGN TABLE runops_peer.run_list_view (%s) SERVER runops_peer '
+                            'OPTIONS (schema_name %L, table_name %L, use_remote_estimate %L)',
+                            columns, 'runops', 'run_view', 'true');
+END
+$$;
 RESET ROLE;

@@ -162,7 +162,7 @@ BEGIN
   END IF;
   BEGIN
     -- Both sides are spelled out (not calls of list_store_runs) so the foreign one is a plain
-    -- scan of runops_peer.run_view that postgres_fdw ships with its WHERE, ORDER BY and LIMIT.
+    -- scan of runops_peer.run_list_view that postgres_fdw ships with its WHERE and ORDER BY.
     RETURN QUERY
     SELECT u.*, run_cursor(u.created_at, u.id)
     FROM ((SELECT * FROM run_view AS v
@@ -176,7 +176,7 @@ BEGIN
              AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
            ORDER BY v.created_at DESC, v.id DESC LIMIT n)
           UNION ALL
-          (SELECT * FROM runops_peer.run_view AS v
+          (SELECT * FROM runops_peer.run_list_view AS v
            WHERE v.environment_id = env_id
              AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
              AND (f.statuses IS NULL OR v.status = ANY (f.statuses))

@@ -35,6 +35,7 @@ BEGIN
     SET LOCAL ROLE runops_owner;
     CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
     CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
+    CREATE VIEW runops_peer.run_list_view AS SELECT * FROM runops.run_view WHERE false;
     RESET ROLE;
   END IF;
 END
