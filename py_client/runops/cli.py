@@ -412,6 +412,37 @@ def _require_run(client: RunOps, run_id: str, environment_id: str | None = None)
     return run
 
 
+@runs.command("ls")
+@click.option("--env", "environment_id", required=True, help="The environment whose runs to list.")
+@click.option("--limit", "page_size", type=click.IntRange(1, 200), default=25, show_default=True,
+              help="Runs per page.")
+@click.option("--cursor", help="Resume after the run this cursor names (printed after each page).")
+@click.option("--status", "statuses", multiple=True, help="Only runs in this status (repeatable: any of).")
+@click.option("--task", "task_identifiers", multiple=True, help="Only runs of this task (repeatable: any of).")
+@click.option("--tag", "tags", multiple=True, help="Only runs carrying this tag (repeatable: all of).")
+@click.option("--created-after", help="Only runs created after this timestamp (with an offset).")
+@click.option("--created-before", help="Only runs created before this timestamp (with an offset).")
+@click.option("--batch", "batch_id", help="Only runs this batch created.")
+@pass_ctx
+@reports_errors
+def runs_ls(ctx: Ctx, environment_id: str, page_size: int, cursor: str | None, statuses: tuple[str, ...],
+            task_identifiers: tuple[str, ...], tags: tuple[str, ...], created_after: str | None,
+            created_before: str | None, batch_id: str | None) -> None:
+    """List an environment's runs across both stores, newest first, one page at a time."""
+    many = {"statuses": statuses, "task_identifiers": task_identifiers, "tags": tags}
+    filters: dict[str, object] = {k: list(v) for k, v in many.items() if v}
+    filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
+                                      "batch_id": batch_id}.items() if v})
+    page = ctx.client().list_runs(environment_id, page_size, cursor, **filters)
+    if ctx.as_json:
+        emit_json({"runs": page.runs, "next_cursor": page.next_cursor})
+        return
+    table([(r.run_id, r.task_identifier, r.status, r.residency, r.created_at) for r in page.runs],
+          ["run", "task", "status", "residency", "created"])
+    if page.next_cursor:
+        click.echo(f"next page: runops runs ls --env {environment_id} --cursor {page.next_cursor}")
+
+
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
@@ -479,6 +510,30 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
                 click.echo(f"error: still {status} after {timeout:g}s", err=True)
                 sys.exit(1)
             current = client.get_run(run_id) or current  # a notification can be missed; the row cannot
+
+
+@main.command()
+@click.option("--older-than", required=True, help="Purge final runs that turned final longer ago than this (e.g. 30d).")
+@click.option("--batch-size", type=click.IntRange(1, 100000), default=10000, show_default=True,
+              help="Runs per call and store; calls repeat until nothing is left.")
+@pass_ctx
+@reports_errors
+def purge(ctx: Ctx, older_than: str, batch_size: int) -> None:
+    """Delete old final runs and their subgraphs from both stores, in bounded batches (a
+    progress line per batch on stderr)."""
+    client = ctx.client()
+    total: dict[str, int] = {}
+    while True:
+        counts = client.purge_runs(older_than, batch_size)
+        for store, n in counts.items():
+            total[store] = total.get(store, 0) + n
+        if sum(counts.values()) == 0:
+            break
+        click.echo("purged so far: " + ", ".join(f"{store} {n}" for store, n in sorted(total.items())), err=True)
+    if ctx.as_json:
+        emit_json({"purged": total})
+    else:
+        table(sorted(total.items()), ["store", "purged"])
 
 
 @main.command()

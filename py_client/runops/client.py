@@ -6,6 +6,7 @@ Nothing here decides anything the database decides; it only picks the store to a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import threading
@@ -29,14 +30,16 @@ from .models import (
     BatchCreated,
     BatchSealed,
     BatchTriggered,
+    ListedRun,
     Run,
+    RunPage,
     StoreIdentity,
     TriggerResult,
     Waitpoint,
     WaitpointCompletion,
     WaitpointCreated,
 )
-from .retry import Backoff
+from .retry import CONFLICT_BACKOFF, Backoff, call_with_retry
 from .tasks import Task, TaskFunction, TaskRegistry
 
 T = TypeVar("T")
@@ -69,8 +72,19 @@ class RunOps:
     """Client for both stores. Use :meth:`connect`; close it (or use ``with``) when done."""
 
     def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
-                 max_pool_size: int = 8, timeout: float = 10.0) -> None:
+                 max_pool_size: int = 8, timeout: float = 10.0,
+                 control_plane_replica_url: str | None = None, run_ops_replica_url: str | None = None,
+                 read_your_writes: float = 60.0) -> None:
+        """``*_replica_url``: streaming replicas that reads by id and listings may use. A read of
+        anything this client wrote in the last ``read_your_writes`` seconds (a run, batch or
+        waitpoint, or a listing of an environment it triggered in) goes to the primary, and a
+        replica that has not replayed a row yet is never trusted with "missing": the primary is
+        asked. Everything that gates a write reads the primary."""
         self._pools: dict[str, ConnectionPool] = {}
+        self._replicas: dict[str, ConnectionPool] = {}
+        self._written: dict[str, float] = {}
+        self._written_lock = threading.Lock()
+        self._read_your_writes = read_your_writes
         self._urls: dict[str, str] = {CONTROL_PLANE: control_plane_url}
         self._timeout = timeout
         self._routes: dict[str, tuple[str, float]] = {}
@@ -79,6 +93,9 @@ class RunOps:
         if run_ops_url and run_ops_url != control_plane_url:
             self._pools[RUN_OPS] = self._pool(run_ops_url, max_pool_size)
             self._urls[RUN_OPS] = run_ops_url
+        for store, url in ((CONTROL_PLANE, control_plane_replica_url), (RUN_OPS, run_ops_replica_url)):
+            if url and store in self._pools:
+                self._replicas[store] = self._pool(url, max_pool_size)
 
     @staticmethod
     def _pool(url: str, max_size: int) -> ConnectionPool:
@@ -94,6 +111,10 @@ class RunOps:
             kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
         cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
         ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
+        for key, var in (("control_plane_replica_url", "RUNOPS_CONTROL_PLANE_REPLICA_URL"),
+                         ("run_ops_replica_url", "RUNOPS_RUN_OPS_REPLICA_URL")):
+            if key not in kwargs and os.environ.get(var):
+                kwargs[key] = os.environ[var]
         if not cp:
             from .local_cluster import LocalStores
 
@@ -102,7 +123,7 @@ class RunOps:
         return cls(cp, ro, **kwargs)
 
     def close(self) -> None:
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._replicas.values()]:
             pool.close()
 
     def __enter__(self) -> RunOps:
@@ -118,8 +139,8 @@ class RunOps:
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _connection(self, store: str) -> Iterator[psycopg.Connection[Any]]:
-        pool = self._pools.get(store)
+    def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        pool = (self._replicas if replica else self._pools).get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
         try:
@@ -130,12 +151,12 @@ class RunOps:
         except psycopg.Error as exc:
             raise translate(exc) from exc
 
-    def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> list[T]:
+    def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
         factory = _ROW_FACTORIES.get(cls)
         if factory is None:
             factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
         # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
-        with self._connection(store) as conn, conn.cursor(row_factory=factory) as cur:
+        with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
             cur.execute(sql, params, prepare=True)
             return cur.fetchall()
 
@@ -153,17 +174,66 @@ class RunOps:
         store = self._store_of(id_)
         if store == RUN_OPS and not self.split_wired:
             raise NotFound(f"{id_} not found: no run-ops store is configured")
+        self._note_written(id_)
         return store
 
+    # -- replicas: reads by id and listings, never what this client just wrote ------------------
+
+    def _note_written(self, *keys: str | None) -> None:
+        if not self._replicas:
+            return
+        until = time.monotonic() + self._read_your_writes
+        with self._written_lock:
+            if len(self._written) > 100_000:  # forget what has aged out
+                now = time.monotonic()
+                self._written = {k: t for k, t in self._written.items() if t > now}
+            for key in keys:
+                if key:
+                    self._written[key] = until
+
+    def _note_result(self, result: Any) -> Any:
+        """Remembers the ids a creating call returned (and keeps its result)."""
+        if self._replicas:
+            self._note_written(*(getattr(result, a, None) for a in ("run_id", "batch_id", "waitpoint_id")),
+                               *(getattr(result, "run_ids", None) or []))
+        return result
+
+    def _recently_written(self, key: str) -> bool:
+        with self._written_lock:
+            until = self._written.get(key)
+        return until is not None and until > time.monotonic()
+
+    def _read_rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], key: str) -> list[T]:
+        """A read by id or a listing: from the store's replica when there is one and ``key`` was
+        not written by this client lately; a replica that errs or has no row yet defers to the
+        primary, so a row is never reported missing because of replication lag."""
+        if store in self._replicas and not self._recently_written(key):
+            try:
+                rows = self._rows(store, sql, params, cls, replica=True)
+            except StoreUnavailable:
+                rows = []
+            if rows:
+                return rows
+        return self._rows(store, sql, params, cls)
+
     def _with_wrong_store_retry(self, store: str, call: Any) -> Any:
-        """Runs call(store); on RO002 retries once on the store the error names."""
-        try:
-            return call(store)
-        except WrongStore as exc:
-            other = exc.owning_store
-            if other is None or other == store or other not in self._pools:
-                raise
-            return call(other)
+        """Runs call(store); on RO002 follows the store the error names. Right after a mint-kind
+        flip the two stores can disagree for the mirror's lag (about a second), so the call may
+        bounce back: it follows again, with the conflict backoff, up to five hops. A retryable
+        conflict (RO008, 40001, 40P01: the transaction rolled back, so nothing was created) is
+        retried with the same backoff — e.g. a keyed trigger meeting a claim whose control-plane
+        transaction is still committing (docs/idempotency-across-stores.md)."""
+        for hop in range(1, 6):
+            try:
+                return self._note_result(call_with_retry(functools.partial(call, store), tries=8))
+            except WrongStore as exc:
+                other = exc.owning_store
+                if other is None or other == store or other not in self._pools or hop == 5:
+                    raise
+                if hop > 1:
+                    time.sleep(CONFLICT_BACKOFF.delay(hop))
+                store = other
+        raise AssertionError("unreachable")
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -246,6 +316,7 @@ class RunOps:
         return store
 
     def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
+        self._note_written(environment_id)  # its listing is read fresh for a while (replicas)
         for anchor in ("run_id", "parent_run_id", "batch_id"):
             value = options.get(anchor)
             if value is not None:
@@ -315,6 +386,37 @@ class RunOps:
             self._scalar(RUN_OPS, "SELECT runops.pull_tenant_mirror()", {})
             time.sleep(0.05)
 
+    def list_runs(self, environment_id: str, page_size: int = 25, cursor: str | None = None,
+                  **filters: Any) -> RunPage:
+        """One page of the environment's runs across both stores, newest first (``created_at``,
+        then the bare id in byte order). Each store answers its own keyset page
+        (``list_store_runs``, no FDW hop) and the two are merged here exactly as SQL
+        ``list_runs`` merges them, so a cursor from either continues in both. Filters:
+        ``statuses``, ``task_identifiers`` (any of), ``tags`` (all of), ``created_after``,
+        ``created_before`` (exclusive; datetimes with a timezone), ``batch_id``."""
+        doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in filters.items()}
+        params = {"e": environment_id, "n": page_size, "c": cursor, "f": Jsonb(doc)}
+        query = "SELECT * FROM runops.list_store_runs(%(e)s, %(n)s, %(c)s, %(f)s)"
+        rows: list[ListedRun] = []
+        for store in self._pools:
+            if store in self._replicas and not self._recently_written(environment_id):
+                try:  # a listing may lag; an environment this client triggered in is read fresh
+                    rows += self._rows(store, query, params, ListedRun, replica=True)
+                    continue
+                except StoreUnavailable:
+                    pass
+            rows += self._rows(store, query, params, ListedRun)
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)  # ASCII ids: str order is byte order
+        page = rows[:page_size]
+        return RunPage(page, page[-1].cursor if len(page) == page_size else None)
+
+    def purge_runs(self, older_than: str, max_rows: int = 10000) -> dict[str, int]:
+        """Deletes, on each store, final runs older than ``older_than`` (a duration such as
+        ``30d``) and their subgraphs, up to ``max_rows`` runs per store; the count per store."""
+        return {store: int(self._scalar(store, "SELECT runops.purge_runs(%(o)s, %(n)s)",
+                                        {"o": older_than, "n": max_rows}))
+                for store in self._pools}
+
     def get_run(self, run_id: str, environment_id: str | None = None, *,
                 through: str | None = None) -> Run | None:
         """The run from its owning store (no FDW hop), or None. ``through`` asks a given store
@@ -325,8 +427,8 @@ class RunOps:
         store = through or ids.store_for(residency)
         if store not in self._pools:
             return None
-        rows = self._rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
-                          {"r": run_id, "e": environment_id}, Run)
+        rows = self._read_rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
+                               {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
 
     def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
@@ -405,8 +507,8 @@ class RunOps:
         residency = ids.try_classify_residency(waitpoint_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
-        rows = self._rows(ids.store_for(residency), "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
-                          {"w": waitpoint_id, "e": environment_id}, Waitpoint)
+        rows = self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
+                               {"w": waitpoint_id, "e": environment_id}, Waitpoint, waitpoint_id)
         return rows[0] if rows else None
 
     def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
@@ -465,8 +567,8 @@ class RunOps:
         residency = ids.try_classify_residency(batch_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
-        rows = self._rows(ids.store_for(residency), "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
-                          {"b": batch_id, "e": environment_id}, Batch)
+        rows = self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
+                               {"b": batch_id, "e": environment_id}, Batch, batch_id)
         return rows[0] if rows else None
 
     def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,

@@ -183,6 +183,7 @@ DECLARE
   item_creates boolean[];   -- positions that create a run in this pass
   item_creator bigint[];    -- for each position, the position creating its run
   item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  holders text[];           -- per position, the live holder of its key in either store (claims)
   creator_count bigint;
   inserted bigint;
   dead_ids text[];
@@ -281,6 +282,24 @@ BEGIN
             FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)) AS x;
       EXIT WHEN creator_count = 0;
       new_ids := mint_ids(cardinality(item_idx));  -- one per position; non-creators' go unused
+      -- Across the seam (SPEC §6): keyed creators claim their keys; a key with a live holder in
+      -- either store resolves its whole group to that holder, which then creates nothing.
+      IF has_keys AND claims_required() THEN
+        holders := claim_batch_keys(env.id, item_task, item_hash, new_ids, item_creates,
+                                    ARRAY(SELECT ts + x FROM unnest(item_key_ttl) AS x));
+        IF EXISTS (SELECT FROM unnest(holders) AS x WHERE x IS NOT NULL) THEN
+          SELECT array_agg(coalesce(x.run, x.group_holder) ORDER BY x.k),
+                 array_agg(x.creates AND x.holder IS NULL ORDER BY x.k),
+                 count(*) FILTER (WHERE x.creates AND x.holder IS NULL)
+          INTO item_run, item_creates, creator_count
+          FROM (SELECT w.k, w.run, w.creates, w.holder,
+                       CASE WHEN w.run IS NULL AND w.h IS NOT NULL
+                            THEN max(w.holder) OVER (PARTITION BY w.t, w.h, w.run IS NULL) END AS group_holder
+                FROM unnest(item_task, item_hash, item_run, item_creates, holders)
+                       WITH ORDINALITY AS w(t, h, run, creates, holder, k)) AS x;
+          EXIT WHEN creator_count = 0;
+        END IF;
+      END IF;
       INSERT INTO runs AS r (
         id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
         queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
@@ -330,6 +349,9 @@ BEGIN
     --    does not carry this transaction's xmin is one.
     INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
     SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run) AS u(i, r);
+    IF holders IS NOT NULL THEN
+      PERFORM count_remote_items(b.id, item_run);
+    END IF;
     PERFORM count_attached(b.id, cardinality(item_idx),
                            ARRAY(SELECT w.run FROM unnest(item_hash, item_run, item_made) AS w(h, run, made)
                                  JOIN LATERAL (SELECT r.xmin FROM runs AS r
@@ -378,16 +400,44 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   b batches;
+  remote_ids text[];
+  remote_final bigint;
+  remote_statuses jsonb := '[]';
 BEGIN
   SELECT * INTO b FROM batches AS x WHERE x.id = finish_batch_if_done.batch_id FOR UPDATE;
-  IF NOT FOUND OR b.status <> 'PROCESSING' OR b.final_count < b.expected_count THEN
+  IF NOT FOUND OR b.status <> 'PROCESSING' OR b.final_count + b.remote_items < b.expected_count THEN
     RETURN false;
+  END IF;
+  IF b.remote_items > 0 THEN
+    -- Items whose run lives in the other store are counted by reading them (an id list, so
+    -- postgres_fdw ships one = ANY); unreachable: not yet, tick asks again.
+    remote_ids := ARRAY(SELECT i.run_id FROM batch_items AS i
+                        WHERE i.batch_id = b.id AND try_classify_bare(i.run_id) <> local_residency());
+    BEGIN
+      SELECT coalesce(jsonb_agg(jsonb_build_object('id', r.id, 'status', r.status)), '[]'::jsonb)
+      INTO remote_statuses
+      FROM runops_peer.runs AS r WHERE r.id = ANY (remote_ids);
+    EXCEPTION WHEN connection_exception THEN
+      RETURN false;
+    END;
+    -- Per item: two items may name the same run.
+    SELECT count(*) INTO remote_final
+    FROM unnest(remote_ids) AS u(id)
+    JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text) ON rr.id = u.id
+    WHERE is_final_status(rr.status);
+    IF b.final_count + remote_final < b.expected_count THEN
+      RETURN false;
+    END IF;
   END IF;
   UPDATE batches AS x
   SET status = 'COMPLETED', completed_at = now(), updated_at = now(),
       output = (SELECT coalesce(jsonb_agg(jsonb_build_object('index', i.item_index, 'run_id', 'run_' || i.run_id,
-                                                              'status', r.status) ORDER BY i.item_index), '[]'::jsonb)
-                FROM batch_items AS i JOIN runs AS r ON r.id = i.run_id
+                                                              'status', coalesce(r.status, rr.status))
+                                          ORDER BY i.item_index), '[]'::jsonb)
+                FROM batch_items AS i
+                LEFT JOIN runs AS r ON r.id = i.run_id
+                LEFT JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text)
+                  ON rr.id = i.run_id
                 WHERE i.batch_id = b.id)
   WHERE x.id = b.id;
   PERFORM complete_local_edges(b.id);
@@ -395,6 +445,40 @@ BEGIN
 END
 $$;
 
+-- Items resolved to a run in the other store (a live key holder there): they count toward
+-- completion when finish_batch_if_done reads them, never through final_count.
+CREATE OR REPLACE FUNCTION runops.count_remote_items(batch_id text, run_ids text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  SELECT count(*) INTO n FROM unnest(run_ids) AS u(id) WHERE try_classify_bare(u.id) <> local_residency();
+  IF n > 0 THEN
+    UPDATE batches AS x SET remote_items = x.remote_items + n WHERE x.id = count_remote_items.batch_id;
+  END IF;
+END
+$$;
+
+-- tick: sealed batches that wait on runs in the other store (their finishing is not seen here).
+CREATE OR REPLACE FUNCTION runops.finish_remote_batches(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  waiting text;
+  n integer := 0;
+BEGIN
+  FOR waiting IN SELECT x.id FROM batches AS x WHERE x.status = 'PROCESSING' AND x.remote_items > 0
+                 ORDER BY x.updated_at LIMIT max_rows LOOP
+    IF finish_batch_if_done(waiting) THEN
+      n := n + 1;
+    END IF;
+  END LOOP;
+  RETURN n;
+END
+$$;
 -- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
 CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
 RETURNS void
@@ -745,6 +829,7 @@ AS $$
 BEGIN
   INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
   VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
+  PERFORM count_remote_items(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
   PERFORM count_attached(attach_batch_item.batch_id, 1, ARRAY[attach_batch_item.run_id]);
 END
 $$;
