@@ -6,11 +6,12 @@ Starts two throwaway local clusters (fsync and synchronous_commit on, as ``runop
    once) work an environment while 4 threads trigger N runs of a no-op task through the Python
    client; the rate is N / (first trigger → last completion), i.e. trigger → dequeue → start →
    complete, all through the worker;
-2. **the same loop without the worker**, as a yardstick in the same run: 4 threads of the
+2. **drain**: the same workers through N runs triggered before they start;
+3. **the same loop without the worker**, as a yardstick in the same run: 4 threads of the
    client's ``dequeue_runs(1)`` → ``start_attempt`` → ``complete_attempt`` over N pre-triggered
    runs, and the plain trigger rate of 4 threads; the worker's full loop is compared with the
    two back to back (1 / (1/triggers + 1/loop)), since it does both;
-3. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
+4. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
    /proc) over wall time.
 
 Prints the figures (docs/benchmarks.md, "Worker loop"). Not a test: nothing here runs under
@@ -98,6 +99,32 @@ def full_loop(app: dict[str, str], admin_url: str, env: str, runs: int, workers:
     return per_thread * 4 / elapsed
 
 
+def drain(app: dict[str, str], admin_url: str, env: str, runs: int, workers: int, concurrency: int) -> float:
+    """Runs/s of the workers through N runs triggered before they start (no trigger traffic)."""
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8) as client, \
+            psycopg.connect(admin_url, autocommit=True) as admin:
+        done = _completed(admin, env)
+
+        def produce() -> None:
+            for _ in range(runs // 4):
+                client.trigger_run(env, "noop")
+
+        producers = [threading.Thread(target=produce) for _ in range(4)]
+        for p in producers:
+            p.start()
+        for p in producers:
+            p.join()
+        procs = _workers(app, env, workers, concurrency)
+        while _completed(admin, env) < done + 1:
+            time.sleep(0.01)
+        began = time.monotonic()
+        while _completed(admin, env) < done + runs // 4 * 4:
+            time.sleep(0.01)
+        rate = (runs // 4 * 4 - 1) / (time.monotonic() - began)
+    _stop(procs)
+    return rate
+
+
 def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
     """(trigger rate, dequeue-start-complete rate) of 4 client threads, no worker."""
     with RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8) as client:
@@ -153,8 +180,11 @@ def main() -> int:
                 "idle"), "e", "PRODUCTION")
             client.wait_for_mirror()
         rate = full_loop(app, stores.admin_urls()[RUN_OPS], env, args.runs, args.workers, args.concurrency)
+        drained = drain(app, stores.admin_urls()[RUN_OPS], env, args.runs, args.workers, args.concurrency)
         triggers, bare = bare_loop(app, env, args.runs)
         idle = idle_cpu(app, idle_env)
+        print(f"drain of {args.runs} pre-triggered runs through the workers: {drained:,.0f} runs/s "
+              f"({drained / bare:.2f} x the bare client loop)")
         both = 1 / (1 / triggers + 1 / bare)  # the two bare phases back to back, per run
         print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"triggers alone, 4 client threads: {triggers:,.0f} runs/s")
