@@ -181,7 +181,7 @@ class TaskContext:
             raise RunLost(f"{self.run_id} is no longer this worker's")
         suspended = call_with_retry(lambda: self.client.create_checkpoint(
             self.run_id, self.attempt_number, reason, f"runops-worker://{self.worker_id}/{self.run_id}/step-{step}",
-            {"step": step}))
+            {"step": step}, environment_id=self.environment_id))
         return Suspended(suspended, reason)
 
     # -- waits ------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class TaskContext:
     def _block_until_done(self, waitpoint_id: str, reason: str, step: int) -> Any:
         # Block first, then look: a completion between the two is seen by the checkpoint, which
         # resumes at once when nothing blocks the run.
-        call_with_retry(lambda: self.client.block_run(self.run_id, [waitpoint_id]))
+        call_with_retry(lambda: self.client.block_run(self.run_id, [waitpoint_id], environment_id=self.environment_id))
         waitpoint = self.client.get_waitpoint(waitpoint_id)
         if waitpoint is not None and waitpoint.status == "COMPLETED":
             return waitpoint

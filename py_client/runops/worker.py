@@ -199,7 +199,8 @@ class Worker:
             self._report(lambda: self.client.create_checkpoint(
                 flight.run.run_id, flight.attempt or 0, "WAIT_FOR_DURATION",
                 f"runops-worker://{self.worker_id}/{flight.run.run_id}/released",
-                {"released_by": self.worker_id, "why": "worker shutdown"}), patience=5.0)
+                {"released_by": self.worker_id, "why": "worker shutdown"}, environment_id=self.environment_id),
+                patience=5.0)
         except IllegalTransition:
             return  # it finished (or was canceled) meanwhile
         except RunOpsError as exc:
@@ -244,7 +245,8 @@ class Worker:
     def _attempt(self, run: Run) -> None:
         flight = self._in_flight[run.run_id]
         try:
-            started = self._report(lambda: self.client.start_attempt(run.run_id, self.worker_id))
+            started = self._report(lambda: self.client.start_attempt(run.run_id, self.worker_id,
+                                                                     environment_id=self.environment_id))
         except (IllegalTransition, NotFound):
             self._outcome(run, run.attempt_number, "lost")
             return
@@ -264,7 +266,8 @@ class Worker:
             error = {"name": "UnknownTask", "status": "SYSTEM_FAILURE",
                      "message": f"no task named {started.task_identifier!r} is registered with worker "
                                 f"{self.worker_id} (it knows: {known})"}
-            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error), "failed")
+            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error,
+                                                                  environment_id=self.environment_id), "failed")
             return
         ctx = TaskContext(self.client, started, self.worker_id, self.tasks, flight.lost)
         try:
@@ -286,10 +289,12 @@ class Worker:
                 retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
             error = {"name": type(exc).__name__, "message": str(exc) or type(exc).__name__,
                      "stack": "".join(traceback.format_exception(exc))[-8000:]}
-            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error, retry_at=retry_at),
+            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error, retry_at=retry_at,
+                                                                   environment_id=self.environment_id),
                          "retrying" if retry_at else "failed")
             return
-        self._finish(flight, lambda: self.client.complete_attempt(run.run_id, n, output), "completed")
+        self._finish(flight, lambda: self.client.complete_attempt(run.run_id, n, output,
+                                                                   environment_id=self.environment_id), "completed")
 
     def _finish(self, flight: _InFlight, call: Callable[[], Run], result: str) -> None:
         with self._lock:
@@ -316,7 +321,8 @@ class Worker:
                 beating = [f for f in self._in_flight.values() if f.attempt is not None and not f.released]
             for flight in beating:
                 try:
-                    self.client.heartbeat_run(flight.run.run_id, self.worker_id)
+                    self.client.heartbeat_run(flight.run.run_id, self.worker_id,
+                                              environment_id=self.environment_id)
                 except IllegalTransition:
                     flight.lost.set()  # canceled or taken back; its thread learns when it reports
                 except Exception as exc:  # an outage: the next beat tries again
