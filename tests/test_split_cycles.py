@@ -83,7 +83,8 @@ def test_split_cycles_and_flips_under_traffic_lose_and_duplicate_nothing(client:
     orgs = list(envs)
     try:
         steps: list[Any] = [client.disable_split, client.enable_split,
-                            lambda: client.set_mint_kind(orgs[0], "ksuid"), lambda: client.set_mint_kind(orgs[1], "cuid"),
+                            lambda: client.set_mint_kind(orgs[0], "ksuid"),
+                            lambda: client.set_mint_kind(orgs[1], "cuid"),
                             client.disable_split, lambda: client.set_mint_kind(orgs[0], "cuid"),
                             client.enable_split, lambda: client.set_mint_kind(orgs[1], "ksuid")]
         for step in steps:
