@@ -36,6 +36,7 @@ GRANT EXECUTE ON FUNCTION
   runops.list_runs(text, integer, text, jsonb),
   runops.list_store_runs(text, integer, text, jsonb),
   runops.purge_runs(text, integer),
+  runops.list_environments(text),
   runops.finalize_run(text, text, jsonb, jsonb, text),
   runops.create_organization(text, jsonb),
   runops.create_project(text, text),

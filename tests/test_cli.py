@@ -253,3 +253,28 @@ def test_a_store_that_is_not_configured_is_not_reported_as_not_found(cli: Cli, m
 
 def test_the_state_file_is_readable_by_its_owner_only(stores: Stores) -> None:
     assert (stores.home / ".runops" / "state.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_env_list_runs_ls_and_purge(cli: Cli, client: RunOps, make_env) -> None:
+    env = make_env("cuid")
+    code, out, _ = run(cli, "--json", "env", "list", "--org", env.organization_id)
+    assert code == 0, out
+    assert [(e["environment_id"], e["mint_kind"]) for e in json.loads(out)] == [(env.environment_id, "cuid")]
+    legacy = client.trigger_run(env.environment_id, "ls-task", {}).run_id
+    client.set_mint_kind(env.organization_id, "ksuid")
+    assert client.wait_for_mirror()
+    new = client.trigger_run(env.environment_id, "ls-task", {}).run_id
+    code, out, _ = run(cli, "--json", "runs", "ls", "--env", env.environment_id, "--limit", "1")
+    assert code == 0, out
+    first = json.loads(out)
+    assert [r["run_id"] for r in first["runs"]] == [new] and first["next_cursor"]
+    code, out, _ = run(cli, "--json", "runs", "ls", "--env", env.environment_id, "--cursor", first["next_cursor"])
+    assert [r["run_id"] for r in json.loads(out)["runs"]] == [legacy]
+    code, out, _ = run(cli, "runs", "ls", "--env", env.environment_id, "--status", "PENDING", "--task", "ls-task")
+    assert code == 0 and legacy in out and new in out and "LEGACY" in out and "NEW" in out
+    code, out, _ = run(cli, "runs", "ls", "--env", env.environment_id, "--limit", "500")
+    assert code == 2  # click refuses the page size before any call
+    code, out, _ = run(cli, "--json", "purge", "--older-than", "365d", "--batch-size", "10")
+    assert code == 0 and set(json.loads(out)["purged"]) == {"CONTROL_PLANE", "RUN_OPS"}
+    code, _, err = run(cli, "purge", "--older-than", "soon")
+    assert code == 16 and err.count("\n") == 1  # RO006: one line

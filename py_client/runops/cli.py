@@ -347,6 +347,21 @@ def env_create(ctx: Ctx, org_slug: str, project_slug: str, env_slug: str, env_ty
         fields(result)
 
 
+@env_group.command("list")
+@click.option("--org", "organization_id", help="Only this organization's environments (its id).")
+@pass_ctx
+@reports_errors
+def env_list(ctx: Ctx, organization_id: str | None) -> None:
+    """List environments with their project, organization and the mint kind their roots follow."""
+    envs = ctx.client().list_environments(organization_id)
+    if ctx.as_json:
+        emit_json(envs)
+        return
+    table([(e.environment_id, f"{e.organization_slug}/{e.project_slug}/{e.environment_slug}", e.type, e.mint_kind,
+            "paused" if e.paused else ("archived" if e.archived else "")) for e in envs],
+          ["environment", "org/project/env", "type", "mint kind", "state"])
+
+
 # -- runs -----------------------------------------------------------------------------------
 
 def _json_arg(value: str | None, what: str) -> Any:

@@ -30,6 +30,7 @@ from .models import (
     BatchCreated,
     BatchSealed,
     BatchTriggered,
+    EnvironmentInfo,
     ListedRun,
     Run,
     RunPage,
@@ -260,6 +261,12 @@ class RunOps:
     def create_environment(self, project_id: str, slug: str, type: str) -> str:
         return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_environment(%(p)s, %(s)s, %(t)s)",
                                 {"p": project_id, "s": slug, "t": type}))
+
+    def list_environments(self, organization_id: str | None = None) -> list[EnvironmentInfo]:
+        """Every environment (or one organization's), with its project, organization and the
+        mint kind its roots follow; from the control plane."""
+        return self._rows(CONTROL_PLANE, "SELECT * FROM runops.list_environments(%(o)s)", {"o": organization_id},
+                          EnvironmentInfo)
 
     def update_environment(self, environment_id: str, **changes: Any) -> None:
         self._scalar(CONTROL_PLANE, "SELECT runops.update_environment(%(e)s, %(c)s)",

@@ -216,3 +216,20 @@ class RunPage:
 
     runs: list[ListedRun]
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class EnvironmentInfo:
+    """A row of list_environments: an environment, its project and organization."""
+
+    environment_id: str
+    environment_slug: str
+    type: str
+    project_id: str
+    project_slug: str
+    organization_id: str
+    organization_slug: str
+    mint_kind: str
+    paused: bool
+    archived: bool
+    created_at: dt.datetime

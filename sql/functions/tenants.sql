@@ -276,3 +276,28 @@ AS $$
     (SELECT string_agg(s.enabled::text || s.ever_enabled::text || s.default_mint_kind || extract(epoch FROM s.updated_at)::text, ',')
      FROM split_settings AS s)))
 $$;
+
+-- Tenants as an operator sees them (`runops env list`): every environment with its project,
+-- organization and the mint kind its roots follow. Control plane only (the home of tenants).
+CREATE OR REPLACE FUNCTION runops.list_environments(of_organization_id text DEFAULT NULL)
+RETURNS TABLE (environment_id text, environment_slug text, type text, project_id text, project_slug text,
+               organization_id text, organization_slug text, mint_kind text, paused boolean, archived boolean,
+               created_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  org text := of_organization_id;
+BEGIN
+  PERFORM require_control_plane('list_environments');
+  RETURN QUERY
+  SELECT e.id::text, e.slug, e.type, p.id::text, p.slug, o.id::text, o.slug,
+         coalesce(o.mint_kind, s.default_mint_kind), e.paused, e.archived, e.created_at
+  FROM runtime_environments AS e
+  JOIN projects AS p ON p.id = e.project_id
+  JOIN organizations AS o ON o.id = e.organization_id
+  CROSS JOIN current_split_settings() AS s
+  WHERE org IS NULL OR e.organization_id = org
+  ORDER BY o.slug, p.slug, e.slug;
+END
+$$;

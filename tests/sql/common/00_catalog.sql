@@ -159,6 +159,8 @@ SELECT is_empty($$
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits7', 'base62_digits10',
       'pull_tenant_mirror', 'mirror_fingerprint',
+      'list_store_runs',  -- one store's list_runs page, for the client's own merge (docs/listing.md)
+      'list_environments',  -- `runops env list` (control plane)
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
