@@ -87,9 +87,9 @@ def translate(exc: psycopg.Error) -> Exception:
     if cls is None:
         if (isinstance(exc, psycopg.OperationalError) and not code) or code.startswith("08") \
                 or code in UNAVAILABLE_SQLSTATES:
-            err = StoreUnavailable(str(exc).strip() or "a store is unavailable")
-            err.__cause__ = exc
-            return err
+            gone = StoreUnavailable(str(exc).strip() or "a store is unavailable")
+            gone.__cause__ = exc
+            return gone
         return exc
     err = cls(diag.message_primary or str(exc), diag.message_detail, diag.message_hint)
     err.__cause__ = exc
