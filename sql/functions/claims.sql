@@ -121,22 +121,24 @@ BEGIN
     IF passes > 8 THEN
       PERFORM raise_error('RO008', 'the idempotency claim kept changing under concurrent triggers; retry the same call');
     END IF;
-    BEGIN
-      IF local_ledger THEN
-        INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
-                                            expires_at, claimed_at)
-        VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
-                claim_idempotency_key.expires_at, ts)
-        ON CONFLICT DO NOTHING;
-        IF FOUND THEN
-          RETURN;
-        END IF;
-        SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
-        FROM idempotency_claims AS l
-        WHERE l.environment_id = claim_idempotency_key.environment_id
-          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
-      ELSE
+    -- The local ledger needs no exception block (a block is a subtransaction on the hot path);
+    -- the remote one turns a lost connection into RO009.
+    IF local_ledger THEN
+      INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                          expires_at, claimed_at)
+      VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+              claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
+              claim_idempotency_key.expires_at, ts)
+      ON CONFLICT DO NOTHING;
+      IF FOUND THEN
+        RETURN;
+      END IF;
+      SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
+      FROM idempotency_claims AS l
+      WHERE l.environment_id = claim_idempotency_key.environment_id
+        AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
+    ELSE
+      BEGIN
         INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
                                                     expires_at, claimed_at)
         VALUES (claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
@@ -150,10 +152,11 @@ BEGIN
         FROM runops_peer.idempotency_claims AS l
         WHERE l.environment_id = claim_idempotency_key.environment_id
           AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
-      END IF;
-    EXCEPTION WHEN connection_exception THEN
-      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
-    END;
+      EXCEPTION WHEN connection_exception THEN
+        PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: '
+                                     || SQLERRM);
+      END;
+    END IF;
     CONTINUE WHEN c.run_id IS NULL;  -- pruned meanwhile: claim again
 
     judged := judge_claim(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
@@ -167,25 +170,26 @@ BEGIN
     END IF;
 
     -- Dead: take the claim over, if nobody else did since we read it.
-    BEGIN
-      IF local_ledger THEN
-        UPDATE idempotency_claims AS l
-        SET run_id = claim_idempotency_key.run_id, claimant_xid = NULL, expires_at = claim_idempotency_key.expires_at,
-            claimed_at = ts
-        WHERE l.environment_id = claim_idempotency_key.environment_id
-          AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
-          AND l.run_id = c.run_id;
-      ELSE
+    IF local_ledger THEN
+      UPDATE idempotency_claims AS l
+      SET run_id = claim_idempotency_key.run_id, claimant_xid = NULL, expires_at = claim_idempotency_key.expires_at,
+          claimed_at = ts
+      WHERE l.environment_id = claim_idempotency_key.environment_id
+        AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
+        AND l.run_id = c.run_id;
+    ELSE
+      BEGIN
         UPDATE runops_peer.idempotency_claims AS l
         SET run_id = claim_idempotency_key.run_id, claimant_xid = my_xid, expires_at = claim_idempotency_key.expires_at,
             claimed_at = ts
         WHERE l.environment_id = claim_idempotency_key.environment_id
           AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
           AND l.run_id = c.run_id;
-      END IF;
-    EXCEPTION WHEN connection_exception THEN
-      PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: ' || SQLERRM);
-    END;
+      EXCEPTION WHEN connection_exception THEN
+        PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: '
+                                     || SQLERRM);
+      END;
+    END IF;
     IF FOUND THEN
       IF try_classify_bare(c.run_id) = local_residency() THEN
         PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
