@@ -37,6 +37,7 @@ GRANT EXECUTE ON FUNCTION
   runops.list_store_runs(text, integer, text, jsonb),
   runops.purge_runs(text, integer),
   runops.list_environments(text),
+  runops.metrics(text),
   runops.finalize_run(text, text, jsonb, jsonb, text),
   runops.create_organization(text, jsonb),
   runops.create_project(text, text),

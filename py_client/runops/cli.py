@@ -551,6 +551,154 @@ def purge(ctx: Ctx, older_than: str, batch_size: int) -> None:
         table(sorted(total.items()), ["store", "purged"])
 
 
+def _store_metrics(client: RunOps, environment_id: str | None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Each store's figures, asked one store at a time: what answered, and why the others did not."""
+    figures: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for store in (CONTROL_PLANE, RUN_OPS):
+        if store == RUN_OPS and not client.split_wired:
+            continue
+        try:
+            figures.update(client.metrics(environment_id, store=store))
+        except RunOpsError as err:
+            if err.sqlstate == "RO006":
+                raise  # bad input is the caller's, not the store's
+            failures[store] = err.message
+        except psycopg.Error as err:
+            failures[store] = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return figures, failures
+
+
+def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> None:
+    """Serves both stores' figures at http://HOST:PORT/metrics in the Prometheus text format,
+    read fresh on every scrape; a store that does not answer is runops_store_up 0."""
+    import signal
+    import threading
+    from collections.abc import Iterator
+
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.registry import Collector
+
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT or :PORT, got {listen!r}", param_hint="--listen")
+    host = host.strip("[]") or "0.0.0.0"
+    client = RunOps.connect(timeout=timeout)
+    _store_metrics(client, environment_id)  # bad input (RO006) fails here, not on every scrape
+
+    class StoreCollector(Collector):
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            figures, failures = _store_metrics(client, environment_id)
+            for store, why in failures.items():
+                click.echo(f"{time.strftime('%H:%M:%S')}  {store} did not answer: {why}", err=True)
+            up = GaugeMetricFamily("runops_store_up", "1 when the store answered this scrape, else 0.",
+                                   labels=["store"])
+            runs = GaugeMetricFamily("runops_runs", "Runs in this store, per environment and status.",
+                                     labels=["store", "environment", "status"])
+            depth = GaugeMetricFamily("runops_queue_depth", "PENDING runs waiting to be dequeued, per environment.",
+                                      labels=["store", "environment"])
+            oldest = GaugeMetricFamily("runops_oldest_pending_seconds",
+                                       "Age of the oldest PENDING run (since it was queued), per environment.",
+                                       labels=["store", "environment"])
+            lapsed = GaugeMetricFamily("runops_lapsed_leases",
+                                       "DEQUEUED/EXECUTING runs whose lease has run out (tick retries or fails them).",
+                                       labels=["store"])
+            batches = GaugeMetricFamily("runops_open_batches", "Batches still PENDING (open) or PROCESSING (sealed).",
+                                        labels=["store"])
+            claims = GaugeMetricFamily("runops_claims", "Rows in the idempotency claim ledger (run-ops store).",
+                                       labels=["store"])
+            lag = GaugeMetricFamily("runops_mirror_lag_seconds",
+                                    "Seconds since the control plane last confirmed a WAL position to the tenant "
+                                    "mirror's subscription (absent under the pull engine).", labels=["store"])
+            streaming = GaugeMetricFamily("runops_mirror_streaming",
+                                          "1 when the tenant mirror's subscription worker is running, else 0.",
+                                          labels=["store"])
+            for store in failures:
+                up.add_metric([store], 0)
+            for store, f in figures.items():
+                up.add_metric([store], 1)
+                for env, statuses in (f.get("runs") or {}).items():
+                    for status, n in statuses.items():
+                        runs.add_metric([store, env, status], n)
+                for env, q in (f.get("queues") or {}).items():
+                    depth.add_metric([store, env], q["depth"])
+                    if q.get("oldest_pending_seconds") is not None:
+                        oldest.add_metric([store, env], float(q["oldest_pending_seconds"]))
+                lapsed.add_metric([store], f["lapsed_leases"])
+                batches.add_metric([store], f["open_batches"])
+                if f.get("claims") is not None:
+                    claims.add_metric([store], f["claims"])
+                mirror = f.get("mirror") or {}
+                if mirror.get("lag_seconds") is not None:
+                    lag.add_metric([store], float(mirror["lag_seconds"]))
+                if mirror.get("engine") == "subscription":
+                    streaming.add_metric([store], 1 if mirror.get("streaming") else 0)
+            yield from (up, runs, depth, oldest, lapsed, batches, claims, lag, streaming)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector())
+    server, thread = start_http_server(int(port_text), addr=host, registry=registry)
+    click.echo(f"serving metrics at http://{listen if host != '0.0.0.0' else host + ':' + port_text}/metrics",
+               err=True)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        client.close()
+
+
+@main.command()
+@click.option("--env", "environment_id", help="Only this environment's figures.")
+@click.option("--listen", metavar="HOST:PORT",
+              help="Serve the figures at http://HOST:PORT/metrics in the Prometheus text format (e.g. :9187) "
+                   "until SIGTERM/SIGINT, instead of printing them once.")
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=5.0, show_default=True,
+              help="With --listen: seconds a store may take to hand out a connection before a scrape "
+                   "reports it down.")
+@pass_ctx
+@reports_errors
+def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: float) -> None:
+    """Both stores' operational figures: runs per status per environment, queue depth and the
+    oldest pending age, lapsed leases, open batches, the claim ledger and the mirror's lag
+    (docs/operations.md). Exits 19 when a store did not answer (after printing the other's)."""
+    if listen is not None:
+        _serve_metrics(listen, environment_id, timeout)
+        return
+    figures, failures = _store_metrics(ctx.client(), environment_id)
+    if ctx.as_json:
+        emit_json({**figures, **{store: {"error": why} for store, why in failures.items()}})
+    else:
+        table([(store, env, status, n) for store, f in figures.items()
+               for env, statuses in sorted(f["runs"].items()) for status, n in sorted(statuses.items())],
+              ["store", "environment", "status", "runs"], title="Runs")
+        click.echo()
+        table([(store, env, q["depth"], q["oldest_pending_seconds"]) for store, f in figures.items()
+               for env, q in sorted(f["queues"].items())],
+              ["store", "environment", "queue depth", "oldest pending (s)"], title="Queues")
+        click.echo()
+        rows: list[tuple[Any, ...]] = []
+        for store, f in figures.items():
+            mirror = f.get("mirror") or {}
+            rows.append((store, "up", f["lapsed_leases"], f["open_batches"], f.get("claims"),
+                         mirror.get("engine"), mirror.get("lag_seconds")))
+        rows += [(store, f"down: {why}", None, None, None, None, None) for store, why in failures.items()]
+        table(rows, ["store", "state", "lapsed leases", "open batches", "claims", "mirror", "mirror lag (s)"],
+              title="Stores")
+    if failures:
+        store, why = next(iter(failures.items()))
+        raise StoreUnavailable(f"the {store} store did not answer: {why}")
+
+
 @main.command()
 @click.option("--loop", is_flag=True, help="Keep ticking until interrupted.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")

@@ -615,6 +615,16 @@ class RunOps:
     def _each_store(self, sql: str, params: dict[str, Any]) -> dict[str, Any]:
         return {store: self._scalar(store, sql, params) for store in self._pools}
 
+    def metrics(self, environment_id: str | None = None, *, store: str | None = None) -> dict[str, dict[str, Any]]:
+        """Each configured store's operational figures (SQL ``runops.metrics``), keyed by store:
+        runs per status per environment, queue depth and oldest pending age, lapsed leases, open
+        batches, and on the run-ops store the claim ledger size and the mirror's freshness.
+        ``environment_id`` narrows them to one environment; ``store`` asks one store only (the
+        Prometheus endpoint asks each store on its own, so one that does not answer is reported,
+        not fatal)."""
+        targets = [store] if store is not None else list(self._pools)
+        return {s: dict(self._scalar(s, "SELECT runops.metrics(%(e)s)", {"e": environment_id})) for s in targets}
+
     def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
         return self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows})
 
