@@ -602,7 +602,7 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
                                        "Age of the oldest PENDING run (since it was queued), per environment.",
                                        labels=["store", "environment"])
             lapsed = GaugeMetricFamily("runops_lapsed_leases",
-                                       "DEQUEUED/EXECUTING runs whose lease has run out (tick retries or fails them).",
+                                       "DEQUEUED/EXECUTING runs whose lease ran out (tick puts them back to PENDING).",
                                        labels=["store"])
             batches = GaugeMetricFamily("runops_open_batches", "Batches still PENDING (open) or PROCESSING (sealed).",
                                         labels=["store"])

@@ -9,7 +9,7 @@
 --                   scan; acceptable for a scrape every 15 s or more) — with an environment given,
 --                   only that environment's runs through runs_environment_created_idx
 --   queues          PENDING runs per environment and the oldest one's age: runs_queue_idx
---   lapsed_leases   DEQUEUED/EXECUTING runs whose lease ran out (tick will retry or fail them):
+--   lapsed_leases   DEQUEUED/EXECUTING runs whose lease ran out (tick puts them back to PENDING):
 --                   runs_active_idx, whose predicate is exactly that status set
 --   open_batches    PENDING (open) and PROCESSING (sealed, unfinished) batches: a scan of
 --                   batches filtered by status (batches_seal_idx covers only the PENDING ones)
