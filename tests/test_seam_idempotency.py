@@ -384,3 +384,33 @@ def test_batch_keys_raced_against_single_triggers_in_the_other_store_yield_one_r
     for j in range(len(keys)):
         assert len({r[j] for r in results}) == 1, [r[j] for r in results]
     assert len(key_holders(stores, env.environment_id)) == len(keys)
+
+
+def test_until_the_ledger_is_complete_a_claim_adopts_a_holder_no_claim_names(client: RunOps, make_env,
+                                                                            store_conn, stores: Stores) -> None:
+    """A pair upgraded from r0001 holds keys no claim names until `runops migrate` backfills them
+    (split_settings.claims_backfilled_at). Meanwhile a new claim checks the other store's runs
+    and adopts a live holder there instead of making a second run."""
+    env = make_env("cuid")
+    cp, ro = store_conn(CONTROL_PLANE), store_conn(RUN_OPS)
+    held = trigger(cp, env.environment_id, idempotency_key="pre")
+    with psycopg.connect(stores.admin[CONTROL_PLANE], autocommit=True) as cp_admin, \
+            psycopg.connect(stores.admin[RUN_OPS], autocommit=True) as ro_admin:
+        # As after an upgrade: the claim is not there, and the ledger is not marked complete.
+        ro_admin.execute("DELETE FROM runops.idempotency_claims WHERE environment_id = %s", [env.environment_id])
+        cp_admin.execute("UPDATE runops.split_settings SET claims_backfilled_at = NULL, updated_at = now()")
+        try:
+            flip(client, env.organization_id, "ksuid")
+            again = trigger(ro, env.environment_id, idempotency_key="pre")
+            assert again == (held[0], True, held[2], "LEGACY")
+            claim = ro_admin.execute("SELECT run_id FROM runops.idempotency_claims WHERE environment_id = %s",
+                                     [env.environment_id]).fetchall()
+            assert claim == [(held[0][4:],)]  # adopted: the ledger now names the old holder
+        finally:
+            cp_admin.execute("SET ROLE runops_owner")
+            assert cp_admin.execute("SELECT runops.complete_claims_backfill()").fetchone() is not None
+            cp_admin.execute("RESET ROLE")
+            assert client.wait_for_mirror()
+    with psycopg.connect(stores.admin[CONTROL_PLANE]) as cp_admin:
+        assert cp_admin.execute("SELECT claims_backfilled_at IS NOT NULL FROM runops.split_settings").fetchone() \
+            == (True,)

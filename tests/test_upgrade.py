@@ -26,7 +26,7 @@ What the upgrade costs triggers (seen on every run; asserted as the only errors 
 * a call racing the commit may fail with XX000 "cache lookup failed for function": r0002 drops
   and recreates the functions whose signature changed, and PostgreSQL does not lock functions;
 * deadlocks (40P01) against the DDL, retryable.
-Keys held before the upgrade are not claimed in the ledger: see PRE_UPGRADE_KEYS_UNCLAIMED.
+Keys held before the upgrade are claimed by `runops migrate` after the re-wire (complete_claims_backfill).
 """
 
 from __future__ import annotations
@@ -475,19 +475,8 @@ def test_a_key_claimed_after_the_upgrade_is_found_across_stores(upgraded: Upgrad
     assert (again["run_id"], again["is_cached"]) == (held["run_id"], True)
 
 
-# GAP (reported to the lead). A key held before the upgrade has no claim in the ledger: at r0001
-# there was no ledger, enable_split backfills claims only on the *first* enable (ever_enabled was
-# already true at r0001, so no later enable backfills), and neither r0002 nor `runops migrate`
-# backfills. After a flip, a trigger in the other store creates a second run for the key
-# (is_cached false). Running backfill_claims() on the control plane as runops_owner after the
-# re-wire (and the same INSERT into its local ledger on the run-ops store) closes it.
-PRE_UPGRADE_KEYS_UNCLAIMED = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="GAP: keys held before the r0002 upgrade are never claimed in the ledger (enable_split backfills only "
-           "on the first enable, which ran at r0001); a trigger in the other store after a flip makes a second run")
-
-
-@PRE_UPGRADE_KEYS_UNCLAIMED
+# Keys held before the upgrade: at r0001 there was no ledger and enable_split had already run, so
+# `runops migrate` (complete_claims_backfill, after the re-wire) claims them; both directions.
 def test_a_key_held_by_a_legacy_run_before_the_upgrade_is_found_by_a_new_trigger(upgraded: Upgraded,
                                                                                  app_conn) -> None:
     cp, ro = app_conn[CONTROL_PLANE], app_conn[RUN_OPS]
@@ -497,7 +486,6 @@ def test_a_key_held_by_a_legacy_run_before_the_upgrade_is_found_by_a_new_trigger
     assert (again["run_id"], again["is_cached"]) == (upgraded.fills[CONTROL_PLANE].keyed["cross"], True)
 
 
-@PRE_UPGRADE_KEYS_UNCLAIMED
 def test_a_key_held_by_a_new_run_before_the_upgrade_is_found_by_a_legacy_trigger(upgraded: Upgraded,
                                                                                 app_conn) -> None:
     cp, ro = app_conn[CONTROL_PLANE], app_conn[RUN_OPS]

@@ -93,6 +93,20 @@ BEGIN
 END
 $$;
 
+-- When the ledger came to hold every key (sql/schema/10_tenants.sql). A store upgraded with the
+-- split already enabled has keys no claim names: until `runops migrate` backfills them
+-- (complete_claims_backfill) both stores check the other store's runs before trusting a claim.
+ALTER TABLE runops.split_settings ADD COLUMN claims_backfilled_at timestamptz;
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE OR REPLACE VIEW runops_peer.split_settings AS SELECT * FROM runops.split_settings WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
+
 -- sql/upgrades/r0002_seam/20_input_and_guards.sql
 -- r0002, bounded input and the environment guard (SPEC §3 [1.2]).
 --
@@ -967,6 +981,8 @@ $$;
 --   judge_claim            is the holder a claim names live, dead, or still committing?
 --   claim_idempotency_key  claim a key for a run about to be created, or learn the live holder
 --   backfill_claims        enable_split: claims for the keys that predate the split
+--   complete_claims_backfill  `runops migrate`: the same for a store upgraded from r0001
+--   adopt_unclaimed_holder    until then, a new claim checks the other store's runs
 --   prune_claims           tick (run-ops): drop claims long past their expiry
 --
 -- The argument that this yields exactly one key-holding run is docs/idempotency-across-stores.md.
@@ -1093,6 +1109,9 @@ BEGIN
               claim_idempotency_key.expires_at, ts)
       ON CONFLICT DO NOTHING;
       IF FOUND THEN
+        SELECT * INTO holder_id, holder_status
+        FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                                    claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
         RETURN;
       END IF;
       SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
@@ -1108,6 +1127,9 @@ BEGIN
                 claim_idempotency_key.expires_at, ts)
         ON CONFLICT DO NOTHING;
         IF FOUND THEN
+          SELECT * INTO holder_id, holder_status
+          FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                                      claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
           RETURN;
         END IF;
         SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
@@ -1156,9 +1178,91 @@ BEGIN
       IF try_classify_bare(c.run_id) = local_residency() THEN
         PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
       END IF;
+      SELECT * INTO holder_id, holder_status
+      FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                                  claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
       RETURN;
     END IF;
   END LOOP;
+END
+$$;
+
+-- Until the ledger holds every key (split_settings.claims_backfilled_at: a store upgraded from
+-- r0001 with the split already enabled has keys no claim names), a claim just taken is checked
+-- against the other store's runs: a live holder there, committed before the upgrade, is adopted —
+-- the claim is turned to it — and returned. Once backfilled this is one settings read.
+CREATE OR REPLACE FUNCTION runops.adopt_unclaimed_holder(environment_id text, task_identifier text, key_hash text,
+                                                         run_id text, at timestamptz,
+                                                         OUT holder_id text, OUT holder_status text)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  h record;
+BEGIN
+  IF (current_split_settings()).claims_backfilled_at IS NOT NULL THEN
+    RETURN;
+  END IF;
+  BEGIN
+    SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO h
+    FROM runops_peer.runs AS r
+    WHERE r.environment_id = adopt_unclaimed_holder.environment_id
+      AND r.task_identifier = adopt_unclaimed_holder.task_identifier
+      AND r.idempotency_key_hash = adopt_unclaimed_holder.key_hash;
+  EXCEPTION WHEN connection_exception THEN
+    PERFORM raise_error('RO009', 'the other store is unavailable to check a key that predates the claim ledger: '
+                                 || SQLERRM, NULL, 'run `runops migrate` to backfill the ledger');
+  END;
+  IF h.id IS NULL OR idempotency_key_is_dead(h.status, h.expires_at, at) THEN
+    RETURN;
+  END IF;
+  IF local_residency() = 'NEW' THEN
+    UPDATE idempotency_claims AS l SET run_id = h.id, claimant_xid = NULL, expires_at = h.expires_at
+    WHERE l.environment_id = adopt_unclaimed_holder.environment_id
+      AND l.task_identifier = adopt_unclaimed_holder.task_identifier
+      AND l.key_hash = adopt_unclaimed_holder.key_hash AND l.run_id = adopt_unclaimed_holder.run_id;
+  ELSE
+    UPDATE runops_peer.idempotency_claims AS l SET run_id = h.id, claimant_xid = NULL, expires_at = h.expires_at
+    WHERE l.environment_id = adopt_unclaimed_holder.environment_id
+      AND l.task_identifier = adopt_unclaimed_holder.task_identifier
+      AND l.key_hash = adopt_unclaimed_holder.key_hash AND l.run_id = adopt_unclaimed_holder.run_id;
+  END IF;
+  holder_id := h.id;
+  holder_status := h.status;
+END
+$$;
+
+-- `runops migrate`, after wiring, on the run-ops store first and then on the control plane: the
+-- claims a store upgraded from r0001 lacks. The run-ops store claims its own live keyed runs;
+-- the control plane claims its own through the FDW under the split gate (as enable_split does)
+-- and marks the ledger complete, which reaches run-ops through the mirror. Idempotent; 0 when
+-- there is nothing to do (the split never enabled, or the ledger already complete).
+CREATE OR REPLACE FUNCTION runops.complete_claims_backfill()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  s split_settings := current_split_settings();
+  ts timestamptz := now();
+  n bigint := 0;
+BEGIN
+  IF NOT s.ever_enabled OR s.claims_backfilled_at IS NOT NULL THEN
+    RETURN 0;
+  END IF;
+  IF local_residency() = 'NEW' THEN
+    INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
+                                        expires_at, claimed_at)
+    SELECT r.environment_id, r.task_identifier, r.idempotency_key_hash, r.id, NULL, r.idempotency_key_expires_at, ts
+    FROM runs AS r
+    WHERE r.idempotency_key_hash IS NOT NULL AND NOT idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts)
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+  END IF;
+  PERFORM pg_advisory_xact_lock(1919250031, 1);
+  n := backfill_claims();
+  UPDATE split_settings SET claims_backfilled_at = now(), updated_at = now();
+  RETURN n;
 END
 $$;
 
@@ -1236,14 +1340,16 @@ AS $$
 DECLARE
   ts timestamptz := now();
 BEGIN
-  IF local_residency() = 'NEW' THEN
+  IF local_residency() = 'NEW' AND (current_split_settings()).claims_backfilled_at IS NOT NULL THEN
+    -- (Before the ledger is complete every key goes through the single path, which checks the
+    -- other store for a holder that predates the ledger.)
     INSERT INTO idempotency_claims AS l (environment_id, task_identifier, key_hash, run_id, claimant_xid,
                                         expires_at, claimed_at)
     SELECT claim_batch_keys.environment_id, w.t, w.h, w.r, NULL, w.x, ts
     FROM unnest(tasks, hashes, run_ids, creates, expires) AS w(t, h, r, c, x)
     WHERE w.c AND w.h IS NOT NULL
     ON CONFLICT DO NOTHING;
-  ELSE
+  ELSIF local_residency() = 'LEGACY' THEN
     PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
     PERFORM pg_advisory_xact_lock(hashtextextended(claim_batch_keys.environment_id || '/' || k.t || '/' || k.h, 0))
     FROM (SELECT DISTINCT w.t, w.h FROM unnest(tasks, hashes, creates) AS w(t, h, c)
@@ -3304,7 +3410,7 @@ DECLARE
 BEGIN
   SELECT * INTO s FROM split_settings;
   IF NOT FOUND THEN
-    s := ROW(true, false, false, 'cuid', NULL);
+    s := ROW(true, false, false, 'cuid', NULL, NULL);
   END IF;
   RETURN s;
 END
@@ -3550,7 +3656,9 @@ BEGIN
   IF NOT (current_split_settings()).ever_enabled THEN
     probe := probe || jsonb_build_object('claims_backfilled', backfill_claims());
   END IF;
-  UPDATE split_settings SET enabled = true, ever_enabled = true, updated_at = now();
+  UPDATE split_settings
+  SET enabled = true, ever_enabled = true, updated_at = now(),
+      claims_backfilled_at = CASE WHEN ever_enabled THEN claims_backfilled_at ELSE now() END;
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'enable_split',
           CASE WHEN (probe ->> 'same_cluster')::boolean THEN 'ACCEPTED_WITH_WARNING' ELSE 'ACCEPTED' END, probe);
@@ -3880,7 +3988,8 @@ BEGIN
   GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
   ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
-    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at
+    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
+    claims_backfilled_at = excluded.claims_backfilled_at
   WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
   GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   RETURN n;

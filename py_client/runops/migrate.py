@@ -378,7 +378,21 @@ def wire(control_plane_url: str, run_ops_url: str, notes: list[str],
         # The subscription connects from the run-ops server: the control plane as that server
         # reaches it, with the URL's login, password and TLS options.
         subscription_url = make_conninfo(control_plane_url, host=cp_target["host"], port=cp_target["port"])
-        return _wire_mirror(cp, ro, subscription_url, notes)
+        mirror = _wire_mirror(cp, ro, subscription_url, notes)
+        _complete_claims_backfill(cp, ro, notes)
+        return mirror
+
+
+def _complete_claims_backfill(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], notes: list[str]) -> None:
+    """A pair upgraded from r0001 with the split enabled: claims for the keys its runs already
+    hold (docs/idempotency-across-stores.md). The run-ops store's own keys first, then the
+    control plane's, which also marks the ledger complete. Nothing to do on a fresh pair."""
+    claimed = 0
+    for conn in (ro, cp):
+        row = conn.execute("SELECT runops.complete_claims_backfill()").fetchone()
+        claimed += int(row[0]) if row else 0
+    if claimed:
+        notes.append(f"the idempotency claim ledger took {claimed} keys held before the upgrade")
 
 
 def _mirror_login_role(cp: psycopg.Connection[Any]) -> dict[str, str]:

@@ -25,7 +25,7 @@ DECLARE
 BEGIN
   SELECT * INTO s FROM split_settings;
   IF NOT FOUND THEN
-    s := ROW(true, false, false, 'cuid', NULL);
+    s := ROW(true, false, false, 'cuid', NULL, NULL);
   END IF;
   RETURN s;
 END
@@ -271,7 +271,9 @@ BEGIN
   IF NOT (current_split_settings()).ever_enabled THEN
     probe := probe || jsonb_build_object('claims_backfilled', backfill_claims());
   END IF;
-  UPDATE split_settings SET enabled = true, ever_enabled = true, updated_at = now();
+  UPDATE split_settings
+  SET enabled = true, ever_enabled = true, updated_at = now(),
+      claims_backfilled_at = CASE WHEN ever_enabled THEN claims_backfilled_at ELSE now() END;
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'enable_split',
           CASE WHEN (probe ->> 'same_cluster')::boolean THEN 'ACCEPTED_WITH_WARNING' ELSE 'ACCEPTED' END, probe);

@@ -255,7 +255,8 @@ BEGIN
   GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
   ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
-    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at
+    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
+    claims_backfilled_at = excluded.claims_backfilled_at
   WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
   GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   RETURN n;

@@ -52,7 +52,11 @@ CREATE TABLE runops.split_settings (
   enabled           boolean NOT NULL DEFAULT false,
   ever_enabled      boolean NOT NULL DEFAULT false,
   default_mint_kind text NOT NULL DEFAULT 'cuid' CHECK (default_mint_kind IN ('cuid', 'ksuid')),
-  updated_at        timestamptz NOT NULL DEFAULT pg_catalog.now()
+  updated_at        timestamptz NOT NULL DEFAULT pg_catalog.now(),
+  -- When the idempotency claim ledger came to hold every key of both stores (the first enable,
+  -- or `runops migrate` after an upgrade from r0001). Until then a claim is checked against the
+  -- other store's runs too (docs/idempotency-across-stores.md).
+  claims_backfilled_at timestamptz
 );
 
 CREATE TABLE runops.split_audit (

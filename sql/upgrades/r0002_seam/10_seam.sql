@@ -74,3 +74,17 @@ BEGIN
   END IF;
 END
 $$;
+
+-- When the ledger came to hold every key (sql/schema/10_tenants.sql). A store upgraded with the
+-- split already enabled has keys no claim names: until `runops migrate` backfills them
+-- (complete_claims_backfill) both stores check the other store's runs before trusting a claim.
+ALTER TABLE runops.split_settings ADD COLUMN claims_backfilled_at timestamptz;
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer') THEN
+    SET LOCAL ROLE runops_owner;
+    CREATE OR REPLACE VIEW runops_peer.split_settings AS SELECT * FROM runops.split_settings WHERE false;
+    RESET ROLE;
+  END IF;
+END
+$$;
