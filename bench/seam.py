@@ -12,7 +12,9 @@ On two throwaway clusters (fsync and synchronous_commit on, as ``runops bench``)
   a direct prepared ``get_run`` point read on one connection (one thread each, interleaved).
 * a 50-row ``list_runs`` page merged across both stores against a one-store page
   (``list_store_runs``), first page and a page 5,000 rows deep, with 10k and 1M runs stored
-  (half in each store, created_at spread over a day).
+  (half in each store, created_at spread over a day);
+* ``purge_runs`` of old final runs with their attempts: rate, and table and index sizes before,
+  after the purge and after VACUUM.
 
 Each line prints the rate, the ratio, and server CPU µs per call. Not a test.
 """
@@ -109,8 +111,9 @@ def point_reads(pgbench: Path, stores: Any, app: dict[str, str], env_legacy: str
                 work = run_pgbench(pgbench, app[store], path, seconds, {"run": run_id})
                 after = [server_cpu_seconds(c.datadir) for c in stores.clusters.values()]
                 via[store].append(work.calls_per_s)
-                if None not in before and None not in after:
-                    cpu[store].append(sum(a - b for a, b in zip(after, before, strict=True)) / work.all_calls * 1e6)
+                spent = [a - b for a, b in zip(after, before, strict=True) if a is not None and b is not None]
+                if len(spent) == len(before):
+                    cpu[store].append(sum(spent) / work.all_calls * 1e6)
     direct, fdw = statistics.median(via[CONTROL_PLANE]), statistics.median(via[RUN_OPS])
     results.append({"workload": "get_run of a LEGACY run, asked on run-ops (FDW)", "rate": fdw,
                     "cpu_us": statistics.median(cpu[RUN_OPS]) if cpu[RUN_OPS] else None,
@@ -192,11 +195,61 @@ def listings(pgbench: Path, stores: Any, app: dict[str, str], sizes: list[int], 
     return results
 
 
+def purge(stores: Any, app: dict[str, str], total: int) -> list[dict[str, Any]]:
+    """``purge_runs`` on the run-ops store: ``total`` final runs aged 40 days, each with an
+    attempt; the table and index sizes before, after the purge, and after VACUUM."""
+    admin = stores.admin_urls()[RUN_OPS]
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+        org = client.create_organization(f"bench-purge-{time.monotonic_ns()}", mint_kind="ksuid")
+        project = client.create_project(org, "p")
+        env = client.create_environment(project, "e", "PRODUCTION")
+    size_sql = ("SELECT pg_table_size('runops.runs'), pg_indexes_size('runops.runs'), "
+                "pg_total_relation_size('runops.attempts')")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("""
+            INSERT INTO runops.runs (id, environment_id, project_id, organization_id, task_identifier, status,
+                                     payload, queue, created_at, updated_at)
+            SELECT runops.generate_ksuid(), %s, %s, %s, 't', 'COMPLETED_SUCCESSFULLY', '{"n": 1}', 'task/t',
+                   now() - interval '41 days', now() - interval '40 days'
+            FROM generate_series(1, %s)""", [env, project, org, total])
+        conn.execute("""
+            INSERT INTO runops.attempts (id, run_id, environment_id, number, status, started_at, completed_at)
+            SELECT runops.generate_ksuid(), r.id, r.environment_id, 1, 'COMPLETED', r.created_at, r.updated_at
+            FROM runops.runs AS r WHERE r.environment_id = %s""", [env])
+        conn.execute("VACUUM ANALYZE runops.runs, runops.attempts")
+        before = conn.execute(size_sql).fetchone()
+    with psycopg.connect(app[RUN_OPS], autocommit=True) as conn:
+        start, calls, purged = time.perf_counter(), 0, 0
+        while True:
+            row = conn.execute("SELECT runops.purge_runs('30d', 10000)").fetchone()
+            calls += 1
+            if not row or row[0] == 0:
+                break
+            purged += row[0]
+        seconds = time.perf_counter() - start
+    with psycopg.connect(admin, autocommit=True) as conn:
+        after = conn.execute(size_sql).fetchone()
+        conn.execute("VACUUM runops.runs, runops.attempts")
+        vacuumed = conn.execute(size_sql).fetchone()
+    assert before and after and vacuumed
+
+    def mb(row: Any) -> str:
+        return f"runs {row[0] / 2**20:.0f} MB + indexes {row[1] / 2**20:.0f} MB, attempts {row[2] / 2**20:.0f} MB"
+
+    print(f"purge: {purged:,} runs in {calls} calls of 10,000, {seconds:.1f} s ({purged / seconds:,.0f} runs/s)")
+    print(f"  before: {mb(before)}\n  after purge: {mb(after)}\n  after VACUUM: {mb(vacuumed)}")
+    return [{"workload": f"purge_runs of {purged:,} runs (10,000 per call)", "rate": purged / seconds, "cpu_us": None,
+             "against": f"before {mb(before)}; after VACUUM {mb(vacuumed)}", "ratio": 1.0, "target": "(sizes)"}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", default="10000,1000000", help="Stored-run counts for the listing phases.")
+    parser.add_argument("--purge", type=int, default=200_000, help="Runs purged in the retention phase (0: skip).")
+    parser.add_argument("--only", choices=["purge"], help="Run only the retention phase.")
     args = parser.parse_args()
     pgbench = find_pgbench()
     with tempfile.TemporaryDirectory(prefix="runops-seam-bench-") as tmp:
@@ -210,10 +263,14 @@ def main() -> int:
                 org = client.create_organization(f"bench-legacy-{time.monotonic_ns()}", mint_kind="cuid")
                 env_legacy = client.create_environment(client.create_project(org, "p"), "e", "PRODUCTION")
                 client.wait_for_mirror()
-            results = keyed_triggers(pgbench, stores, app, env_new, env_legacy, args.seconds, args.rounds)
-            results += point_reads(pgbench, stores, app, env_legacy, args.seconds, args.rounds)
-            results += listings(pgbench, stores, app, [int(x) for x in args.runs.split(",")], args.seconds,
-                                args.rounds)
+            results: list[dict[str, Any]] = []
+            if args.only is None:
+                results += keyed_triggers(pgbench, stores, app, env_new, env_legacy, args.seconds, args.rounds)
+                results += point_reads(pgbench, stores, app, env_legacy, args.seconds, args.rounds)
+                results += listings(pgbench, stores, app, [int(x) for x in args.runs.split(",")], args.seconds,
+                                    args.rounds)
+            if args.purge:
+                results += purge(stores, app, args.purge)
         finally:
             stores.destroy()
     print(f"{'workload':58} {'rate/s':>9} {'CPU µs':>7} {'ratio':>6}  against / target")
