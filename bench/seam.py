@@ -249,7 +249,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", default="10000,1000000", help="Stored-run counts for the listing phases.")
     parser.add_argument("--purge", type=int, default=200_000, help="Runs purged in the retention phase (0: skip).")
-    parser.add_argument("--only", choices=["purge"], help="Run only the retention phase.")
+    parser.add_argument("--only", choices=["purge", "keyed"], help="Run only the retention or the keyed phase.")
     args = parser.parse_args()
     pgbench = find_pgbench()
     with tempfile.TemporaryDirectory(prefix="runops-seam-bench-") as tmp:
@@ -269,7 +269,9 @@ def main() -> int:
                 results += point_reads(pgbench, stores, app, env_legacy, args.seconds, args.rounds)
                 results += listings(pgbench, stores, app, [int(x) for x in args.runs.split(",")], args.seconds,
                                     args.rounds)
-            if args.purge:
+            if args.only == "keyed":
+                results += keyed_triggers(pgbench, stores, app, env_new, env_legacy, args.seconds, args.rounds)
+            if args.purge and args.only in (None, "purge"):
                 results += purge(stores, app, args.purge)
         finally:
             stores.destroy()

@@ -423,7 +423,7 @@ BEGIN
       new_ids := mint_ids(cardinality(item_idx));  -- one per position; non-creators' go unused
       -- Across the seam (SPEC §6): keyed creators claim their keys; a key with a live holder in
       -- either store resolves its whole group to that holder, which then creates nothing.
-      IF has_keys AND claims_required() THEN
+      IF has_keys AND keyed_claims_required(env) THEN
         holders := claim_batch_keys(env.id, item_task, item_hash, new_ids, item_creates,
                                     ARRAY(SELECT ts + x FROM unnest(item_key_ttl) AS x));
         IF EXISTS (SELECT FROM unnest(holders) AS x WHERE x IS NOT NULL) THEN
@@ -977,6 +977,7 @@ $$;
 -- One key, one run across both stores (SPEC §6): the claim ledger protocol.
 --
 --   claims_required        whether a keyed trigger in this store must claim (split ever enabled, peer wired)
+--   keyed_claims_required  the same, decided once per call on the hot path
 --   lock_key_claim         control plane: serialise same-key claimants here, and against enable_split
 --   judge_claim            is the holder a claim names live, dead, or still committing?
 --   claim_idempotency_key  claim a key for a run about to be created, or learn the live holder
@@ -993,6 +994,23 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   RETURN (current_split_settings()).ever_enabled AND peer_wired();
+END
+$$;
+
+-- Whether a keyed write here must claim, decided once per call: on the run-ops store the
+-- environment context already says whether the split was ever enabled (the ledger is local); on
+-- the control plane under the shared split gate, so enable_split's backfill sees every keyed run
+-- that decided not to claim.
+CREATE OR REPLACE FUNCTION runops.keyed_claims_required(env runops.environment_context)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  IF local_residency() = 'NEW' THEN
+    RETURN coalesce(env.split_ever_enabled, false);
+  END IF;
+  PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+  RETURN claims_required();
 END
 $$;
 
@@ -4286,7 +4304,7 @@ BEGIN
           CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
         END IF;
       END IF;
-      must_claim := coalesce(must_claim, claims_required());
+      must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
       IF must_claim THEN
         claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);

@@ -40,9 +40,11 @@ BEGIN
   INTO columns
   FROM pg_catalog.pg_attribute AS a
   WHERE a.attrelid = 'runops.run_view'::regclass AND a.attnum > 0 AND NOT a.attisdropped;
+  -- fetch_size: a page is at most 200 rows, 25 by default; the server's 1,000 made the other
+  -- store produce and ship twenty times the page (measured: 12x slower merged pages).
   EXECUTE pg_catalog.format('CREATE FOREIGN TABLE runops_peer.run_list_view (%s) SERVER runops_peer '
-                            'OPTIONS (schema_name %L, table_name %L, use_remote_estimate %L)',
-                            columns, 'runops', 'run_view', 'true');
+                            'OPTIONS (schema_name %L, table_name %L, use_remote_estimate %L, fetch_size %L)',
+                            columns, 'runops', 'run_view', 'true', '100');
 END
 $$;
 RESET ROLE;

@@ -284,7 +284,7 @@ BEGIN
       new_ids := mint_ids(cardinality(item_idx));  -- one per position; non-creators' go unused
       -- Across the seam (SPEC §6): keyed creators claim their keys; a key with a live holder in
       -- either store resolves its whole group to that holder, which then creates nothing.
-      IF has_keys AND claims_required() THEN
+      IF has_keys AND keyed_claims_required(env) THEN
         holders := claim_batch_keys(env.id, item_task, item_hash, new_ids, item_creates,
                                     ARRAY(SELECT ts + x FROM unnest(item_key_ttl) AS x));
         IF EXISTS (SELECT FROM unnest(holders) AS x WHERE x IS NOT NULL) THEN

@@ -1,6 +1,7 @@
 -- One key, one run across both stores (SPEC §6): the claim ledger protocol.
 --
 --   claims_required        whether a keyed trigger in this store must claim (split ever enabled, peer wired)
+--   keyed_claims_required  the same, decided once per call on the hot path
 --   lock_key_claim         control plane: serialise same-key claimants here, and against enable_split
 --   judge_claim            is the holder a claim names live, dead, or still committing?
 --   claim_idempotency_key  claim a key for a run about to be created, or learn the live holder
@@ -17,6 +18,23 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   RETURN (current_split_settings()).ever_enabled AND peer_wired();
+END
+$$;
+
+-- Whether a keyed write here must claim, decided once per call: on the run-ops store the
+-- environment context already says whether the split was ever enabled (the ledger is local); on
+-- the control plane under the shared split gate, so enable_split's backfill sees every keyed run
+-- that decided not to claim.
+CREATE OR REPLACE FUNCTION runops.keyed_claims_required(env runops.environment_context)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  IF local_residency() = 'NEW' THEN
+    RETURN coalesce(env.split_ever_enabled, false);
+  END IF;
+  PERFORM pg_advisory_xact_lock_shared(1919250031, 1);
+  RETURN claims_required();
 END
 $$;
 

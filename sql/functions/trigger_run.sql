@@ -247,7 +247,7 @@ BEGIN
           CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
         END IF;
       END IF;
-      must_claim := coalesce(must_claim, claims_required());
+      must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
       IF must_claim THEN
         claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);
