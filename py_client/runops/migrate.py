@@ -41,10 +41,20 @@ def alembic_config(store: str, url: str) -> Any:
     return cfg
 
 
-def upgrade(store: str, url: str, revision: str = "head") -> None:
+def upgrade(store: str, url: str, revision: str = "head", *, tries: int = 5) -> None:
+    """Upgrades one store. A revision's DDL under live traffic can deadlock with an application
+    transaction; when the upgrade is the one PostgreSQL cancels, its transaction rolled back
+    whole, so it is run again (a few times, with a pause)."""
     from alembic import command
 
-    command.upgrade(alembic_config(store, url), revision)
+    for attempt in range(1, tries + 1):
+        try:
+            command.upgrade(alembic_config(store, url), revision)
+            return
+        except psycopg.errors.DeadlockDetected:
+            if attempt == tries:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def head_revision(store: str, url: str) -> str | None:
