@@ -157,7 +157,7 @@ def test_the_foreign_side_ships_its_keyset_order_and_limit(stores: Stores) -> No
         # The statement list_runs runs, with its PL/pgSQL variables as parameters.
         conn.execute("""
             PREPARE side(text, timestamptz, text, boolean, integer) AS
-            SELECT * FROM runops_peer.run_list_view AS v
+            SELECT v.*, runops.run_cursor(v.created_at, v.id) FROM runops_peer.run_list_view AS v
             WHERE v.environment_id = $1 AND v.created_at <= $2
               AND (v.created_at < $2 OR (v.created_at = $2 AND v.id < $3) OR $4)
             ORDER BY v.created_at DESC, v.id DESC LIMIT $5""")

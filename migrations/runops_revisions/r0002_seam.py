@@ -2825,22 +2825,14 @@ BEGIN
     RETURN;
   END IF;
   BEGIN
-    -- Both sides are spelled out (not calls of list_store_runs) so the foreign one is a plain
-    -- scan of runops_peer.run_list_view that postgres_fdw ships with its WHERE and ORDER BY.
+    -- This store's page is list_store_runs'; the other store's is the same keyset query spelled
+    -- out over runops_peer.run_list_view, a plain scan postgres_fdw ships with its WHERE and
+    -- ORDER BY (the cursor is computed here, on the page's rows).
     RETURN QUERY
-    SELECT u.*, run_cursor(u.created_at, u.id)
-    FROM ((SELECT * FROM run_view AS v
-           WHERE v.environment_id = env_id
-             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
-             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
-             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
-             AND (f.tags IS NULL OR v.tags @> f.tags)
-             AND (f.created_after IS NULL OR v.created_at > f.created_after)
-             AND (f.created_before IS NULL OR v.created_at < f.created_before)
-             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
-           ORDER BY v.created_at DESC, v.id DESC LIMIT n)
+    SELECT *
+    FROM ((SELECT * FROM list_store_runs(env_id, n, cursor, filters))
           UNION ALL
-          (SELECT * FROM runops_peer.run_list_view AS v
+          (SELECT v.*, run_cursor(v.created_at, v.id) FROM runops_peer.run_list_view AS v
            WHERE v.environment_id = env_id
              AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
              AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
