@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -20,21 +20,28 @@ from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from tests.conftest import Stores, sqlstate_of
 
 RETRYABLE = {"RO008", "40001", "40P01"}
+T = TypeVar("T")
 
 
-def trigger(conn: psycopg.Connection[Any], env: str, task: str = "t", **options: Any) -> tuple[str, bool, str, str]:
-    """trigger_run as a SQL caller does it, retrying what the SPEC calls retryable."""
+def retrying(call: Callable[[], T]) -> T:
+    """A SQL call as a careful SQL caller makes it: again, after a short pause, on what the SPEC
+    calls retryable (the transaction rolled back, so nothing was written)."""
     for attempt in itertools.count():
         try:
-            row = conn.execute("SELECT * FROM runops.trigger_run(%s, %s, '{}', %s)",
-                               [env, task, Jsonb(options)]).fetchone()
-            assert row is not None
-            return row
+            return call()
         except psycopg.Error as exc:
             if sqlstate_of(exc) not in RETRYABLE or attempt > 50:
                 raise
             time.sleep(random.uniform(0.001, 0.01))
     raise AssertionError("unreachable")
+
+
+def trigger(conn: psycopg.Connection[Any], env: str, task: str = "t", **options: Any) -> tuple[str, bool, str, str]:
+    """trigger_run as a SQL caller does it, retrying what the SPEC calls retryable."""
+    row = retrying(lambda: conn.execute("SELECT * FROM runops.trigger_run(%s, %s, '{}', %s)",
+                                        [env, task, Jsonb(options)]).fetchone())
+    assert row is not None
+    return row
 
 
 def flip(client: RunOps, org: str, kind: str) -> None:
@@ -365,15 +372,8 @@ def test_batch_keys_raced_against_single_triggers_in_the_other_store_yield_one_r
                 items = [{"task": "t", "options": {"idempotency_key": k, "idempotency_key_scope": "global"}}
                          for k in keys]
 
-                def run_batch() -> list[str]:
-                    for attempt in itertools.count():
-                        try:
-                            return list(batch(conn, env.environment_id, items, parent_run_id=parent)[2])
-                        except psycopg.Error as exc:
-                            if sqlstate_of(exc) not in RETRYABLE or attempt > 50:
-                                raise
-                    raise AssertionError("unreachable")
-                return run_batch
+                return lambda: list(retrying(lambda: batch(conn, env.environment_id, items,
+                                                          parent_run_id=parent))[2])
             return lambda: [trigger(conn, env.environment_id, idempotency_key=k, idempotency_key_scope="global")[0]
                             for k in keys]
 
