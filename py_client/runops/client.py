@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -22,7 +23,16 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import ids
-from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
+from .errors import (
+    NotFound,
+    RetryableConflict,
+    RunOpsError,
+    SplitRefused,
+    StoreUnavailable,
+    WrongStore,
+    is_connection_failure,
+    translate,
+)
 from .models import (
     FINAL_STATUSES,
     Batch,
@@ -44,10 +54,18 @@ from .retry import CONFLICT_BACKOFF, Backoff, call_with_retry
 from .tasks import Task, TaskFunction, TaskRegistry
 
 T = TypeVar("T")
+log = logging.getLogger("runops")
 
 CONTROL_PLANE = "CONTROL_PLANE"
 RUN_OPS = "RUN_OPS"
 ROUTE_CACHE_SECONDS = 1.0
+# How long a call waits for a pooled connection to a store whose last connection failed.
+DEGRADED_WAIT = 0.25
+# While the control plane is down, root triggers route from the run-ops mirror and ask the control
+# plane again at most this often.
+ROUTE_PROBE_SECONDS = 2.0
+TRIGGER_ROUTE = "SELECT runops.trigger_route(%(e)s, %(o)s)"
+DEQUEUE_RUNS = "SELECT * FROM runops.dequeue_runs(%(e)s, %(w)s, %(n)s, %(o)s)"
 _ROW_FACTORIES: dict[type, Any] = {}
 
 
@@ -67,6 +85,65 @@ def _items(items: list[dict[str, Any]]) -> Jsonb:
     """Batch items, with NUL bytes stripped from their keys as from a single trigger's."""
     return Jsonb([{**item, "options": _strip_key(item["options"])} if isinstance(item.get("options"), dict) else item
                   for item in items])
+
+
+def _ask_control_plane(down: dict[str, float], now: float) -> bool:
+    """Whether a route lookup asks the control plane (else the run-ops store's mirror). The
+    control plane is the authority, but a lookup that finds it down is answered by run-ops
+    (SPEC §7 [1.2]: the NEW hot path never needs the control plane), and for
+    ``ROUTE_PROBE_SECONDS`` after a failure it is not asked at all. The mirror is right to answer:
+    nothing can change the split settings while the control plane is down, so it holds what the
+    control plane last committed; a route made stale by a flip replicated late is corrected by
+    RO002, as for any cached route."""
+    failed = down.get(CONTROL_PLANE)
+    return failed is None or now - failed >= ROUTE_PROBE_SECONDS
+
+
+class _Leasing:
+    """dequeue_runs over several stores, as both clients run it (the loop is theirs, the
+    decisions are here). Runs a store leased are this worker's the moment that store answers,
+    so they are never dropped for another store's error: once something is leased, an error
+    from a later store is logged and the leased runs returned (a lasting error shows on the next
+    call, which finds nothing leased first). Before that, an unavailable store is skipped and
+    any other error raised; when every store was unavailable the first StoreUnavailable is."""
+
+    def __init__(self, stores: list[str], max_runs: int) -> None:
+        self.stores, self.max_runs = stores, max_runs
+        self.taken: list[Run] = []
+        self.gone: list[StoreUnavailable] = []
+
+    def wanted(self) -> int:
+        return self.max_runs - len(self.taken)
+
+    def failed(self, store: str, exc: Exception) -> None:
+        """Called from an ``except Exception`` around one store's lease: re-raises what must be."""
+        if isinstance(exc, StoreUnavailable):
+            self.gone.append(exc)
+        elif not self.taken:
+            raise exc
+        else:
+            log.warning("dequeue_runs: the %s store failed after %d runs were leased elsewhere; returning those: %s",
+                        store, len(self.taken), exc)
+
+    def result(self) -> list[Run]:
+        if self.gone and len(self.gone) == len(self.stores):
+            raise self.gone[0]
+        if self.gone:
+            log.debug("dequeue_runs: %d of %d stores unavailable; leased from the others: %s",
+                      len(self.gone), len(self.stores), self.gone[0])
+        return self.taken
+
+
+def _partial_or_raise(done: dict[str, Any], gone: dict[str, StoreUnavailable], partial: bool) -> dict[str, Any]:
+    """What :meth:`RunOps._each_store` returns once every store was asked."""
+    if gone and (not done or not partial):
+        names = ", ".join(gone)
+        first = next(iter(gone.values()))
+        err = StoreUnavailable(f"{names} did not answer" + (f" (done on {', '.join(done)}; safe to repeat)"
+                                                             if done else "") + f": {first.message}")
+        err.__cause__ = first
+        raise err
+    return done
 
 
 class RunOps:
@@ -90,6 +167,10 @@ class RunOps:
         self._timeout = timeout
         self._routes: dict[str, tuple[str, float]] = {}
         self._routes_lock = threading.Lock()
+        # Stores whose connection failed most recently (monotonic time of the failure); cleared
+        # by the next call that gets through.
+        self._down: dict[str, float] = {}
+        self._replica_down: dict[str, float] = {}
         self._pools[CONTROL_PLANE] = self._pool(control_plane_url, max_pool_size)
         if run_ops_url and run_ops_url != control_plane_url:
             self._pools[RUN_OPS] = self._pool(run_ops_url, max_pool_size)
@@ -141,16 +222,31 @@ class RunOps:
 
     @contextmanager
     def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
-        pool = (self._replicas if replica else self._pools).get(store)
+        """A pooled connection to ``store``; any database error comes out translated, and every
+        connection-level failure as StoreUnavailable. A store whose connection failed last time
+        gets only ``DEGRADED_WAIT`` for a pooled connection (the pool reconnects in the
+        background, so a store that is back answers at once): one store's outage must not
+        stall every call that also asks the other store for the full timeout."""
+        pools = self._replicas if replica else self._pools
+        pool = pools.get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
+        health = self._replica_down if replica else self._down
+        wait = min(self._timeout, DEGRADED_WAIT) if store in health else self._timeout
         try:
-            with pool.connection(timeout=self._timeout) as conn:
+            with pool.connection(timeout=wait) as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise StoreUnavailable(f"the {store} store is unavailable: {exc}") from exc
+            health[store] = time.monotonic()
+            raise StoreUnavailable(f"the {store} store is unavailable (no connection within {wait:g}s): "
+                                   f"{exc}") from exc
         except psycopg.Error as exc:
+            if is_connection_failure(exc):
+                health[store] = time.monotonic()
+            else:
+                health.pop(store, None)  # the store answered, if only with an error
             raise translate(exc) from exc
+        health.pop(store, None)
 
     def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
         factory = _ROW_FACTORIES.get(cls)
@@ -307,8 +403,21 @@ class RunOps:
     # -- triggering ---------------------------------------------------------------------------
 
     def trigger_route(self, environment_id: str, **options: Any) -> str:
-        return str(self._scalar(CONTROL_PLANE, "SELECT runops.trigger_route(%(e)s, %(o)s)",
-                                {"e": environment_id, "o": _options(options)}))
+        """The store (CONTROL_PLANE or RUN_OPS) a root trigger of the environment belongs in, from
+        the control plane's ``trigger_route``; when the control plane does not answer, from the
+        run-ops store's (its mirror of the split settings). StoreUnavailable when neither answers."""
+        params = {"e": environment_id, "o": _options(options)}
+        return self._route(params, time.monotonic())
+
+    def _route(self, params: dict[str, Any], now: float) -> str:
+        if RUN_OPS not in self._pools:
+            return str(self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+        if _ask_control_plane(self._down, now):
+            try:
+                return str(self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+            except StoreUnavailable:
+                pass
+        return str(self._scalar(RUN_OPS, TRIGGER_ROUTE, params))
 
     def _root_route(self, environment_id: str) -> str:
         """Where a root trigger goes, cached for at most a second per environment."""
@@ -317,7 +426,7 @@ class RunOps:
             hit = self._routes.get(environment_id)
         if hit and hit[1] > now:
             return hit[0]
-        store = self.trigger_route(environment_id)
+        store = self._route({"e": environment_id, "o": _options({})}, now)
         with self._routes_lock:
             self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
         return store
@@ -372,7 +481,7 @@ class RunOps:
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
         query = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
-        return sum(int(self._scalar(store, query, params)) for store in self._pools)
+        return sum(int(n) for n in self._each_store(query, params).values())
 
     # -- reads and per-run writes ---------------------------------------------------------------
 
@@ -420,9 +529,8 @@ class RunOps:
     def purge_runs(self, older_than: str, max_rows: int = 10000) -> dict[str, int]:
         """Deletes, on each store, final runs older than ``older_than`` (a duration such as
         ``30d``) and their subgraphs, up to ``max_rows`` runs per store; the count per store."""
-        return {store: int(self._scalar(store, "SELECT runops.purge_runs(%(o)s, %(n)s)",
-                                        {"o": older_than, "n": max_rows}))
-                for store in self._pools}
+        counts = self._each_store("SELECT runops.purge_runs(%(o)s, %(n)s)", {"o": older_than, "n": max_rows})
+        return {store: int(n) for store, n in counts.items()}
 
     def get_run(self, run_id: str, environment_id: str | None = None, *,
                 through: str | None = None) -> Run | None:
@@ -455,17 +563,21 @@ class RunOps:
 
     def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
                      queues: list[str] | None = None, tasks: list[str] | None = None) -> list[Run]:
-        """Runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency limit
-        is exact within each store (SPEC: the total may reach twice the limit during a split)."""
+        """Leases runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency
+        limit is exact within each store (SPEC: the total may reach twice the limit during a split).
+        A store that fails does not cost what the other leased: those runs are returned, and
+        StoreUnavailable is raised only when every store was unavailable."""
         params = {"e": environment_id, "w": worker_id,
                   "o": _options({"lease": lease, "queues": queues, "tasks": tasks})}
-        taken: list[Run] = []
-        for store in (RUN_OPS, CONTROL_PLANE):
-            if store not in self._pools or len(taken) >= max_runs:
-                continue
-            taken += self._rows(store, "SELECT * FROM runops.dequeue_runs(%(e)s, %(w)s, %(n)s, %(o)s)",
-                                {**params, "n": max_runs - len(taken)}, Run)
-        return taken
+        leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
+        for store in leasing.stores:
+            if leasing.wanted() <= 0:
+                break
+            try:
+                leasing.taken += self._rows(store, DEQUEUE_RUNS, {**params, "n": leasing.wanted()}, Run)
+            except Exception as exc:  # what the other store leased must reach the caller
+                leasing.failed(store, exc)
+        return leasing.result()
 
     def heartbeat_run(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
         return self._run_call("heartbeat_run", run_id, ", %(w)s, %(env)s", {"w": worker_id, "env": environment_id})
@@ -612,8 +724,21 @@ class RunOps:
 
     # -- services, run on every store ---------------------------------------------------------------
 
-    def _each_store(self, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-        return {store: self._scalar(store, sql, params) for store in self._pools}
+    def _each_store(self, sql: str, params: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
+        """``sql`` on every store, each committing its own work. A store that is unavailable
+        never keeps the others from doing theirs: every store is asked. Then, with ``partial``
+        (upkeep that the next pass repeats), the stores that answered are returned and
+        StoreUnavailable raised only if none did; without it (a command the caller must know
+        was done everywhere; each is safe to repeat), StoreUnavailable names the stores that
+        did not answer."""
+        done: dict[str, Any] = {}
+        gone: dict[str, StoreUnavailable] = {}
+        for store in self._pools:
+            try:
+                done[store] = self._scalar(store, sql, params)
+            except StoreUnavailable as exc:
+                gone[store] = exc
+        return _partial_or_raise(done, gone, partial)
 
     def metrics(self, environment_id: str | None = None, *, store: str | None = None) -> dict[str, dict[str, Any]]:
         """Each configured store's operational figures (SQL ``runops.metrics``), keyed by store:
@@ -626,13 +751,15 @@ class RunOps:
         return {s: dict(self._scalar(s, "SELECT runops.metrics(%(e)s)", {"e": environment_id})) for s in targets}
 
     def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
-        return self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows})
+        return self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows}, partial=True)
 
     def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
-        return sum(self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs}).values())
+        return sum(self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs},
+                                    partial=True).values())
 
     def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
-        return sum(self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs}).values())
+        return sum(self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs},
+                                    partial=True).values())
 
     def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
         return sum(self._each_store("SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)",

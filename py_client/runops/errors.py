@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 
 class RunOpsError(Exception):
@@ -72,21 +73,42 @@ BY_SQLSTATE: dict[str, type[RunOpsError]] = {
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
 # The store went away under the call: a connection failure (class 08), or the server ended the
-# session (an administrator's terminate or a fast shutdown, a crash, a server still starting).
-# A query cancel (57014) is not among them: it passes through, as the SPEC says.
-UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03"}
+# session (an administrator's terminate or a fast shutdown, a crash, a server still starting, the
+# database dropped, an idle session timed out). A query cancel (57014) is not among them: it
+# passes through, as the SPEC says.
+UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "57P04", "57P05"}
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to a store failed (as opposed to a statement failing
+    on a live connection): a pool that produced no connection in time, a connect that failed, a
+    socket that dropped (psycopg raises those as OperationalError without a SQLSTATE), class 08,
+    or a session the server ended. RO009 is not one: that is a live store saying *its peer* is
+    unavailable."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    code = exc.diag.sqlstate or exc.sqlstate or ""
+    if code:
+        return code.startswith("08") or code in UNAVAILABLE_SQLSTATES
+    return isinstance(exc, psycopg.OperationalError)
 
 
 def translate(exc: psycopg.Error) -> Exception:
-    """The named exception for a database error; anything else passes through unchanged."""
+    """The named exception for a database error; anything else passes through unchanged.
+    Every connection-level failure (see :func:`is_connection_failure`) is StoreUnavailable."""
+    if isinstance(exc, PoolTimeout):
+        gone = StoreUnavailable(f"no connection to the store within the timeout: {exc}")
+        gone.__cause__ = exc
+        return gone
     diag = exc.diag
-    code = diag.sqlstate or ""
+    code = diag.sqlstate or exc.sqlstate or ""
     cls = BY_SQLSTATE.get(code)
     if cls is None and code in RETRYABLE_SQLSTATES:
         cls = RetryableConflict
     if cls is None:
-        if (isinstance(exc, psycopg.OperationalError) and not code) or code.startswith("08") \
-                or code in UNAVAILABLE_SQLSTATES:
+        if is_connection_failure(exc):
             gone = StoreUnavailable(str(exc).strip() or "a store is unavailable")
             gone.__cause__ = exc
             return gone
