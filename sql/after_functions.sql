@@ -49,6 +49,7 @@ GRANT EXECUTE ON FUNCTION
   runops.set_mint_kind(text, text),
   runops.set_default_mint_kind(text),
   runops.pull_tenant_mirror(),
+  runops.mirror_status(),
   runops.mirror_fingerprint(),
   runops.dequeue_runs(text, text, integer, jsonb),
   runops.heartbeat_run(text, text, text),

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,16 @@ def stores() -> Iterator[Stores]:
 
 
 @contextlib.contextmanager
-def running_stores() -> Iterator[Stores]:
+def running_stores(*, heartbeat: bool = True) -> Iterator[Stores]:
     """A control plane and a run-ops store on two fresh clusters, migrated, wired and split as
     after `runops dev up`; destroyed on exit. The session's `stores`, and fault tests that need
-    clusters of their own to kill."""
+    clusters of their own to kill.
+
+    With `heartbeat`, a thread stamps the control plane's tick heartbeat every few seconds, as a
+    deployment's scheduled tick does: replication carries it to the run-ops store and keeps its
+    tenant mirror within the freshness bound (SPEC §4 [1.2]). Tests call tick() themselves and
+    count what it did, so the thread stamps the heartbeat only (runops.beat), never a whole tick.
+    Tests of the freshness bound itself turn it off."""
     # Under the system temp directory, world-traversable: the postgres user must reach it.
     home = Path(tempfile.mkdtemp(prefix="runops-test-"))
     home.chmod(0o755)
@@ -66,10 +73,33 @@ def running_stores() -> Iterator[Stores]:
         with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
             client.enable_split()
             assert client.wait_for_mirror()
-        yield Stores(home, local, admin, app)
+        with contextlib.ExitStack() as beating:
+            if heartbeat:
+                beating.enter_context(_control_plane_heartbeat(admin[CONTROL_PLANE]))
+            yield Stores(home, local, admin, app)
     finally:
         local.destroy()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _control_plane_heartbeat(url: str, every: float = 3.0) -> Iterator[None]:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            # Fault tests stop and kill this control plane: a missed beat is what they test.
+            with contextlib.suppress(psycopg.Error):
+                with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                    conn.execute("SELECT runops.beat('control_plane_tick')")
+
+    thread = threading.Thread(target=beat, name="control-plane-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @pytest.fixture(scope="session")

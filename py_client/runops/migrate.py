@@ -30,7 +30,8 @@ URL_VARS = {"CONTROL_PLANE": ("RUNOPS_CONTROL_PLANE_ADMIN_URL", "RUNOPS_CONTROL_
 CARRIED_OPTIONS = ("sslmode",)
 PUBLICATION = "runops_tenants"
 SUBSCRIPTION = "runops_mirror"
-MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings")
+# heartbeats carries the control plane's tick to the run-ops store: the mirror's freshness.
+MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings", "heartbeats")
 
 
 def alembic_config(store: str, url: str) -> Any:
@@ -405,7 +406,7 @@ def _complete_claims_backfill(cp: psycopg.Connection[Any], ro: psycopg.Connectio
         notes.append(f"the idempotency claim ledger took {claimed} keys held before the upgrade")
 
 
-def _mirror_login_role(cp: psycopg.Connection[Any]) -> dict[str, str]:
+def _mirror_login_role(cp: psycopg.Connection[Any], mirrored: list[str]) -> dict[str, str]:
     """(Re)creates runops_mirror_<database> on the control plane, with a fresh password: the
     login the subscription replicates as. REPLICATION and SELECT on the published tables (the
     initial copy) and nothing else."""
@@ -419,7 +420,7 @@ def _mirror_login_role(cp: psycopg.Connection[Any]) -> dict[str, str]:
                                                                                sql.Literal(password)))
     cp.execute(sql.SQL("GRANT USAGE ON SCHEMA runops TO {}").format(sql.Identifier(role)))
     cp.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
-        sql.SQL(", ").join(sql.Identifier("runops", t) for t in MIRRORED_TABLES), sql.Identifier(role)))
+        sql.SQL(", ").join(sql.Identifier("runops", t) for t in mirrored), sql.Identifier(role)))
     return {"user": role, "password": password}
 
 
@@ -433,9 +434,11 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subsc
                      "wal_level = logical on the control plane and superuser URLs)")
         ro.execute("SELECT runops.pull_tenant_mirror()")
         return "pull"
-    tables = sql.SQL(", ").join(sql.Identifier("runops", t) for t in MIRRORED_TABLES)
+    mirrored = _mirrored_tables(cp)
+    tables = sql.SQL(", ").join(sql.Identifier("runops", t) for t in mirrored)
     if cp.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", [PUBLICATION]).fetchone() is None:
         cp.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(sql.Identifier(PUBLICATION), tables))
+    added = _publish_missing_tables(cp, mirrored)
     # One slot per (publisher database, subscriber database), named so that two databases of one
     # cluster never share or wait on each other's slot. Creating it here, before the
     # subscription, avoids CREATE SUBSCRIPTION waiting on its own cluster.
@@ -448,11 +451,26 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subsc
                           "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
     # The subscription logs in as a dedicated replication role (not the DBA's superuser), with the
     # URL's host, port and TLS options; each value quoted as libpq wants.
-    conninfo = make_conninfo(subscription_url, **_mirror_login_role(cp))
+    conninfo = make_conninfo(subscription_url, **_mirror_login_role(cp, mirrored))
+    slot_row = cp.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", [slot]).fetchone()
+    if existing and (slot_row is None or slot_row[0] == "lost"):
+        # max_slot_wal_keep_size invalidated the slot (or it was dropped): the subscription can
+        # never resume from it. Start over with a new slot and a fresh copy (the pull keeps the
+        # mirror fresh meanwhile, and the copy below replaces what it wrote).
+        notes.append("the tenant mirror's replication slot was lost: the subscription was recreated")
+        _drop_subscription(ro)
+        if slot_row is not None:
+            cp.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        existing = None
     if existing:
-        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(
-            sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo)))
-        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(sql.Identifier(SUBSCRIPTION)))
+        name = sql.Identifier(SUBSCRIPTION)
+        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} CONNECTION {}").format(name, sql.Literal(conninfo)))
+        ro.execute(sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(name))
+        if added:
+            # Tables published since the subscription was made (an upgrade added them): their
+            # rows already exist on both sides (the revision seeds them), so no copy.
+            ro.execute(sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)").format(name))
+        ro.execute("SELECT runops.pull_tenant_mirror()")
         return "logical replication"
     if cp.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", [slot]).fetchone() is None:
         cp.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
@@ -464,12 +482,53 @@ def _wire_mirror(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], subsc
                            "WITH (create_slot = false, slot_name = {}, copy_data = true)").format(
             sql.Identifier(SUBSCRIPTION), sql.Literal(conninfo), sql.Identifier(PUBLICATION), sql.Literal(slot)))
     except psycopg.Error as exc:
+        _restore_heartbeat_rows(ro)
         ro.execute("SELECT runops.pull_tenant_mirror()")
         notes.append(f"the tenant mirror is pulled by tick: the subscription could not be created ({exc})")
         return "pull"
     if not _wait_for_initial_sync(ro):
+        # The copy brings the heartbeat rows when it is done (inserting them now would make it
+        # fail); until then the mirror counts as stale and new work reads through the FDW.
         notes.append("the tenant mirror's initial copy is still running; the mirror catches up shortly")
+        return "logical replication"
+    ro.execute("SELECT runops.pull_tenant_mirror()")  # stamps the mirror fresh as of now
     return "logical replication"
+
+
+def _mirrored_tables(cp: psycopg.Connection[Any]) -> list[str]:
+    """The mirrored tables the control plane's revision has (an older release wired by its own
+    `runops migrate` mirrors fewer; the upgrade test wires one)."""
+    return [t for t in MIRRORED_TABLES
+            if cp.execute("SELECT to_regclass(%s)", [f"runops.{t}"]).fetchone() != (None,)]
+
+
+def _publish_missing_tables(cp: psycopg.Connection[Any], mirrored: list[str]) -> bool:
+    """Adds to the publication the mirrored tables it lacks (a store made before a revision that
+    mirrors more). True when it added any."""
+    have = {r[0] for r in cp.execute("SELECT tablename FROM pg_publication_tables "
+                                     "WHERE pubname = %s AND schemaname = 'runops'", [PUBLICATION])}
+    missing = [t for t in mirrored if t not in have]
+    for table in missing:
+        cp.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+            sql.Identifier(PUBLICATION), sql.Identifier("runops", table)))
+    return bool(missing)
+
+
+def _restore_heartbeat_rows(ro: psycopg.Connection[Any]) -> None:
+    """The heartbeat rows the TRUNCATE before the initial copy removed, when no copy will bring
+    them back (the subscription could not be made)."""
+    if ro.execute("SELECT to_regclass('runops.heartbeats')").fetchone() == (None,):
+        return
+    ro.execute("INSERT INTO runops.heartbeats (source) VALUES ('control_plane_tick'), ('run_ops_tick'), "
+               "('mirror_pull') ON CONFLICT (source) DO NOTHING")
+
+
+def _drop_subscription(ro: psycopg.Connection[Any]) -> None:
+    """Drops this database's subscription without touching its slot (gone, or dropped by the caller)."""
+    name = sql.Identifier(SUBSCRIPTION)
+    ro.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(name))
+    ro.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(name))
+    ro.execute(sql.SQL("DROP SUBSCRIPTION {}").format(name))
 
 
 def _wait_for_initial_sync(ro: psycopg.Connection[Any], timeout: float = 30.0) -> bool:
@@ -497,10 +556,7 @@ def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
                          "WHERE s.subname = %s AND d.datname = current_database()", [SUBSCRIPTION]).fetchone()
         if row is not None:
             _wait_for_initial_sync(ro)
-            name = sql.Identifier(SUBSCRIPTION)
-            ro.execute(sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(name))
-            ro.execute(sql.SQL("ALTER SUBSCRIPTION {} SET (slot_name = NONE)").format(name))
-            ro.execute(sql.SQL("DROP SUBSCRIPTION {}").format(name))
+            _drop_subscription(ro)
             cp.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                        "WHERE slot_name = %s AND NOT active", [row[0]])
         cp.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(PUBLICATION)))

@@ -114,7 +114,8 @@ BEGIN
         'enabled', NULL, 'streaming', NULL, 'latest_end_time', NULL, 'last_msg_receipt_time', NULL,
         'lag_seconds', NULL);
     END IF;
-    mirror := mirror || jsonb_build_object(
+    -- The freshness figures (state, age_seconds, bound_seconds, fresh) come from mirror_status.
+    mirror := mirror_status() || mirror || jsonb_build_object(
       'split_settings_updated_at', (SELECT s.updated_at FROM split_settings AS s));
   END IF;
 

@@ -222,13 +222,25 @@ BEGIN
 END
 $$;
 
--- The mirror pull as a tick step: an unreachable control plane must not roll back the rest of
--- the tick's work (-1 says it failed; the next tick tries again).
+-- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
+-- logical replication only once the mirror is 10 s old (replication is not applying, or the
+-- control plane's tick is not running), well inside the freshness bound. An unreachable
+-- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
+-- tick tries again).
 CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
+  IF local_residency() <> 'NEW' THEN
+    RETURN 0;
+  END IF;
+  IF EXISTS (SELECT FROM heartbeats AS h WHERE h.source IN ('control_plane_tick', 'mirror_pull')
+             AND h.beat_at > pg_catalog.now() - interval '10 seconds')
+     AND EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+    RETURN 0;
+  END IF;
   RETURN pull_tenant_mirror();
 EXCEPTION WHEN connection_exception THEN
   RETURN -1;
@@ -257,6 +269,10 @@ BEGIN
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
   IF local_residency() = 'NEW' THEN
     counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
+    PERFORM beat('run_ops_tick');
+  ELSE
+    -- Replication carries this row to the run-ops store: the tenant mirror's heartbeat.
+    PERFORM beat('control_plane_tick');
   END IF;
   PERFORM set_mover('');
   RETURN counts;

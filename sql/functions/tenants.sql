@@ -142,7 +142,9 @@ $$;
 
 -- The environment as new work sees it, with the split settings: local tables first (the
 -- control plane's own, or the run-ops mirror), then — on run-ops only — the control plane
--- through the FDW. NULL id when it exists nowhere (the split fields are filled either way).
+-- through the FDW: on a mirror miss, and whenever the mirror is older than the freshness bound
+-- (then the split settings are read there too, so no admission and no root mint decision rests
+-- on stale state). NULL id when it exists nowhere (the split fields are filled either way).
 CREATE OR REPLACE FUNCTION runops.load_environment(environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
@@ -150,6 +152,7 @@ AS $$
 DECLARE
   ctx environment_context;
   s split_settings;
+  stale text;
 BEGIN
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
@@ -161,14 +164,19 @@ BEGIN
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id
   LEFT JOIN organizations AS o ON o.id = e.organization_id;
-  IF ctx.id IS NOT NULL OR local_residency() = 'LEGACY' THEN
+  IF local_residency() = 'LEGACY' OR NOT peer_wired() THEN
     RETURN ctx;
   END IF;
-  IF NOT peer_wired() THEN
+  stale := mirror_stale();
+  IF ctx.id IS NOT NULL AND stale IS NULL THEN
     RETURN ctx;
   END IF;
-  s := current_split_settings();
   BEGIN
+    IF stale IS NULL THEN
+      s := current_split_settings();
+    ELSE
+      SELECT * INTO s FROM runops_peer.split_settings;
+    END IF;
     SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
            p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
            e.notifications, s.enabled, s.ever_enabled, s.default_mint_kind
@@ -178,15 +186,93 @@ BEGIN
     JOIN runops_peer.organizations AS o ON o.id = e.organization_id
     WHERE e.id = load_environment.environment_id;
   EXCEPTION WHEN connection_exception THEN
+    IF stale IS NOT NULL THEN
+      PERFORM raise_error('RO009', 'the tenant mirror on this run-ops store is ' || stale
+                                   || ', and the control-plane store is unavailable to refresh it',
+                          NULL, 'new work resumes when replication or tick''s pull brings the mirror up to date');
+    END IF;
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
                                  || input_prefix(load_environment.environment_id) || ' is not in the local mirror yet');
   END;
   IF ctx.id IS NULL THEN
-    ctx.split_enabled := s.enabled;
-    ctx.split_ever_enabled := s.ever_enabled;
-    ctx.default_mint_kind := s.default_mint_kind;
+    ctx.split_enabled := coalesce(s.enabled, false);
+    ctx.split_ever_enabled := coalesce(s.ever_enabled, false);
+    ctx.default_mint_kind := coalesce(s.default_mint_kind, 'cuid');
   END IF;
   RETURN ctx;
+END
+$$;
+
+-- NULL while the run-ops store's tenant mirror is within the freshness bound
+-- (store_config.mirror_freshness_seconds); otherwise how stale it is, in words for RO009. The
+-- mirror is as fresh as the newer of two heartbeats: the control plane's tick as replication
+-- delivered it, and this store's last pull. Real time (pg_catalog.now()), never the test clock:
+-- replication does not follow runops.now().
+CREATE OR REPLACE FUNCTION runops.mirror_stale()
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE
+    WHEN h.fed_at IS NULL THEN format('never refreshed (bound %s s)', c.mirror_freshness_seconds)
+    WHEN h.fed_at < pg_catalog.now() - pg_catalog.make_interval(secs => c.mirror_freshness_seconds)
+      THEN format('%s s old (bound %s s)', floor(extract(epoch FROM pg_catalog.now() - h.fed_at)),
+                  c.mirror_freshness_seconds)
+  END
+  FROM store_config AS c,
+       (SELECT max(b.beat_at) AS fed_at FROM heartbeats AS b
+        WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS h
+$$;
+
+-- How the run-ops store's tenant mirror is fed and how fresh it is (`runops doctor`, metrics):
+--   engine  subscription | pull | none (run-ops not wired); home on the control plane
+--   state   applying | disabled | not_running (enabled, no apply worker: erroring or its slot is
+--           gone) | pull | unwired
+-- age_seconds is from the newer mirror heartbeat; fresh says whether new work may rest on it.
+CREATE OR REPLACE FUNCTION runops.mirror_status()
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  sub record;
+  engine text;
+  state text;
+  cp_tick timestamptz;
+  pulled timestamptz;
+  bound integer;
+BEGIN
+  IF local_residency() = 'LEGACY' THEN
+    RETURN jsonb_build_object('engine', 'home', 'fresh', true);
+  END IF;
+  SELECT s.subenabled AS enabled, st.pid IS NOT NULL AS running INTO sub
+  FROM pg_subscription AS s
+  LEFT JOIN pg_stat_subscription AS st ON st.subid = s.oid AND st.relid IS NULL
+  WHERE s.subname = 'runops_mirror'
+    AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database());
+  IF FOUND THEN
+    engine := 'subscription';
+    state := CASE WHEN NOT sub.enabled THEN 'disabled' WHEN NOT sub.running THEN 'not_running' ELSE 'applying' END;
+  ELSIF peer_wired() THEN
+    engine := 'pull';
+    state := 'pull';
+  ELSE
+    engine := 'none';
+    state := 'unwired';
+  END IF;
+  SELECT max(h.beat_at) FILTER (WHERE h.source = 'control_plane_tick'),
+         max(h.beat_at) FILTER (WHERE h.source = 'mirror_pull')
+  INTO cp_tick, pulled FROM heartbeats AS h;
+  SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
+  RETURN jsonb_build_object(
+    'engine', engine,
+    'state', state,
+    'subscription_enabled', sub.enabled,
+    'worker_running', sub.running,
+    'control_plane_tick_at', cp_tick,
+    'pulled_at', pulled,
+    'age_seconds', round(extract(epoch FROM pg_catalog.now() - greatest(cp_tick, pulled))::numeric, 3),
+    'bound_seconds', bound,
+    'fresh', mirror_stale() IS NULL);
 END
 $$;
 
@@ -220,9 +306,13 @@ BEGIN
 END
 $$;
 
--- Fallback engine for the mirror when logical replication is not available: a pull through the
--- FDW, run by `runops migrate` and by tick. Never used while a subscription feeds the tables
--- (two writers would fight over the same rows).
+-- The mirror's pull through the FDW: the engine when logical replication is not available,
+-- and the stand-in whenever replication is not applying (tick pulls once the mirror is older
+-- than pull_mirror_for_tick's threshold). While a subscription exists — even disabled or broken
+-- — the pull only refreshes rows the mirror already has: a row it inserted would make the
+-- subscription's own INSERT of it fail once it applies again, and stop it. New tenants are read
+-- through on a mirror miss meanwhile (load_environment). Either way it stamps the mirror_pull
+-- heartbeat: the mirror is now as fresh as this pull.
 CREATE OR REPLACE FUNCTION runops.pull_tenant_mirror()
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -232,35 +322,65 @@ DECLARE
   n integer := 0;
   k integer;
 BEGIN
-  IF local_residency() <> 'NEW' OR NOT peer_wired()
-     OR EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
-                AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+  IF local_residency() <> 'NEW' OR NOT peer_wired() THEN
     RETURN 0;
   END IF;
-  INSERT INTO organizations SELECT * FROM runops_peer.organizations
-  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
-    runs_enabled = excluded.runs_enabled, updated_at = excluded.updated_at
-  WHERE organizations.updated_at IS DISTINCT FROM excluded.updated_at;
-  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
-  INSERT INTO projects SELECT * FROM runops_peer.projects
-  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, deleted_at = excluded.deleted_at,
-    updated_at = excluded.updated_at
-  WHERE projects.updated_at IS DISTINCT FROM excluded.updated_at;
-  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
-  INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
-  ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
-    maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
-    updated_at = excluded.updated_at
-  WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
-  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
-  INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
-  ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
-    default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
-    claims_backfilled_at = excluded.claims_backfilled_at
-  WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
-  GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  IF EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+             AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+    UPDATE organizations AS o SET slug = p.slug, title = p.title, mint_kind = p.mint_kind,
+      runs_enabled = p.runs_enabled, updated_at = p.updated_at
+    FROM runops_peer.organizations AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE projects AS o SET slug = p.slug, deleted_at = p.deleted_at, updated_at = p.updated_at
+    FROM runops_peer.projects AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE runtime_environments AS o SET slug = p.slug, paused = p.paused, archived = p.archived,
+      maximum_concurrency_limit = p.maximum_concurrency_limit, notifications = p.notifications,
+      updated_at = p.updated_at
+    FROM runops_peer.runtime_environments AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE split_settings AS o SET enabled = p.enabled, ever_enabled = p.ever_enabled,
+      default_mint_kind = p.default_mint_kind, updated_at = p.updated_at,
+      claims_backfilled_at = p.claims_backfilled_at
+    FROM runops_peer.split_settings AS p WHERE o.updated_at IS DISTINCT FROM p.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  ELSE
+    INSERT INTO organizations SELECT * FROM runops_peer.organizations
+    ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
+      runs_enabled = excluded.runs_enabled, updated_at = excluded.updated_at
+    WHERE organizations.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO projects SELECT * FROM runops_peer.projects
+    ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, deleted_at = excluded.deleted_at,
+      updated_at = excluded.updated_at
+    WHERE projects.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
+    ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
+      maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
+      updated_at = excluded.updated_at
+    WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO split_settings SELECT * FROM runops_peer.split_settings
+    ON CONFLICT (singleton) DO UPDATE SET enabled = excluded.enabled, ever_enabled = excluded.ever_enabled,
+      default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
+      claims_backfilled_at = excluded.claims_backfilled_at
+    WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+  END IF;
+  PERFORM beat('mirror_pull');
   RETURN n;
 END
+$$;
+
+-- Stamps a heartbeat with this transaction's time. Concurrent ticks do not queue on the row: one
+-- that finds it locked skips (the holder is stamping it anyway).
+CREATE OR REPLACE FUNCTION runops.beat(of_source text)
+RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+  UPDATE runops.heartbeats AS h SET beat_at = pg_catalog.now()
+  WHERE h.source = (SELECT l.source FROM runops.heartbeats AS l WHERE l.source = of_source FOR UPDATE SKIP LOCKED)
 $$;
 
 -- What the mirror must equal: a digest of the tenant rows and the split settings. Operator

@@ -27,11 +27,14 @@ GRANT USAGE ON SCHEMA runops TO runops_app, runops_fdw;
 -- Every session reads this to know which store it is in; the migration history sets the row.
 -- The JSON limits (payload, metadata, output, error) are per store; an operator may change them
 -- with UPDATE (check_json_bounds skips values below the smallest allowed limits: 64 KiB, 32 levels).
+-- mirror_freshness_seconds (run-ops): the oldest tenant mirror new work may be admitted on
+-- (SPEC §4 [1.2] freshness bound; runops.mirror_stale).
 CREATE TABLE runops.store_config (
   singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   store_role text NOT NULL CHECK (store_role IN ('CONTROL_PLANE', 'RUN_OPS')),
   max_json_bytes integer NOT NULL DEFAULT 3145728 CHECK (max_json_bytes BETWEEN 65536 AND 268435455),
-  max_json_depth integer NOT NULL DEFAULT 64 CHECK (max_json_depth BETWEEN 32 AND 512)
+  max_json_depth integer NOT NULL DEFAULT 64 CHECK (max_json_depth BETWEEN 32 AND 512),
+  mirror_freshness_seconds integer NOT NULL DEFAULT 60 CHECK (mirror_freshness_seconds BETWEEN 1 AND 86400)
 );
 ALTER TABLE runops.store_config OWNER TO runops_owner;
 GRANT SELECT ON runops.store_config TO runops_app, runops_fdw;
