@@ -20,6 +20,7 @@ from psycopg_pool import PoolTimeout
 from runops import StoreUnavailable
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import is_connection_failure, translate
+from tests.client_flavours import Blocking
 from tests.conftest import Stores, running_stores
 
 pytestmark = pytest.mark.faults
@@ -44,14 +45,29 @@ def servers(pair: Stores) -> Iterator[dict[str, Any]]:
         cluster.start(bindir)
 
 
-@pytest.fixture
-def pair_client(pair: Stores) -> Iterator[RunOps]:
-    # Per test: a stopped server leaves a pool of dead connections behind.
-    with RunOps(pair.app[CONTROL_PLANE], pair.app[RUN_OPS], timeout=TIMEOUT) as c:
+@pytest.fixture(params=["sync", "async"])
+def pair_client(request: pytest.FixtureRequest, pair: Stores) -> Iterator[Any]:
+    """Each test runs on both clients (the async one driven through Blocking). Per test: a
+    stopped server leaves a pool of dead connections behind."""
+    flavour = RunOps if request.param == "sync" else Blocking
+    with flavour(pair.app[CONTROL_PLANE], pair.app[RUN_OPS], timeout=TIMEOUT) as c:
         yield c
 
 
-def new_org_env(client: RunOps, kind: str) -> tuple[str, str]:
+def listening(client: Any, env: str, store: str) -> None:
+    """Opens (and closes) a LISTEN connection with either client."""
+    if isinstance(client, Blocking):
+        async def listen() -> None:
+            async with client.inner.listen(env, store):
+                pass
+
+        client.run(listen())
+    else:
+        with client.listen(env, store):
+            pass
+
+
+def new_org_env(client: Any, kind: str) -> tuple[str, str]:
     org = client.create_organization(f"avail-{time.monotonic_ns()}", mint_kind=kind)
     env = client.create_environment(client.create_project(org, "p"), "e", "PRODUCTION")
     assert client.wait_for_mirror()
@@ -69,7 +85,7 @@ def runs_in(pair: Stores, store: str, env: str) -> dict[str, str]:
 
 
 def test_new_root_triggers_route_from_the_run_ops_mirror_while_the_control_plane_is_down(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     _, new = new_org_env(pair_client, "ksuid")
     _, legacy = new_org_env(pair_client, "cuid")
     legacy_run = pair_client.trigger_run(legacy, "t")
@@ -113,7 +129,7 @@ def test_new_root_triggers_route_from_the_run_ops_mirror_while_the_control_plane
 # -- per-store calls never strand work ----------------------------------------------------------------
 
 
-def split_environment(client: RunOps) -> tuple[str, list[str], list[str]]:
+def split_environment(client: Any) -> tuple[str, list[str], list[str]]:
     """An environment with PENDING runs in both stores: LEGACY roots before a mint-kind flip,
     NEW ones after it. Returns (env, legacy ids, new ids), bare."""
     org, env = new_org_env(client, "cuid")
@@ -127,7 +143,7 @@ def split_environment(client: RunOps) -> tuple[str, list[str], list[str]]:
 
 
 def test_dequeue_returns_what_run_ops_leased_while_the_control_plane_is_down(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     env, legacy, new = split_environment(pair_client)
     servers["stop"](CONTROL_PLANE)
 
@@ -143,7 +159,7 @@ def test_dequeue_returns_what_run_ops_leased_while_the_control_plane_is_down(
 
 
 def test_dequeue_returns_the_control_planes_runs_while_run_ops_is_down(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     env, legacy, new = split_environment(pair_client)
     servers["stop"](RUN_OPS)
 
@@ -155,7 +171,7 @@ def test_dequeue_returns_the_control_planes_runs_while_run_ops_is_down(
 
 
 def test_dequeue_raises_store_unavailable_only_when_every_store_is_down(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     env, _, _ = split_environment(pair_client)
     servers["stop"](CONTROL_PLANE)
     servers["stop"](RUN_OPS)
@@ -164,7 +180,7 @@ def test_dequeue_raises_store_unavailable_only_when_every_store_is_down(
 
 
 def test_upkeep_runs_on_the_store_that_answers_and_commands_say_which_did_not(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     _, env = new_org_env(pair_client, "ksuid")
     keyed = pair_client.trigger_run(env, "t", idempotency_key="k", idempotency_key_scope="global")
     servers["stop"](CONTROL_PLANE)
@@ -204,7 +220,7 @@ def test_a_cancelled_statement_is_not_a_store_outage() -> None:
 
 
 def test_a_terminated_session_and_a_stopped_store_raise_store_unavailable(
-        pair: Stores, pair_client: RunOps, servers: dict[str, Any]) -> None:
+        pair: Stores, pair_client: Any, servers: dict[str, Any]) -> None:
     _, env = new_org_env(pair_client, "ksuid")
     run = pair_client.trigger_run(env, "t")
     with psycopg.connect(pair.admin[RUN_OPS], autocommit=True) as admin:
@@ -215,5 +231,5 @@ def test_a_terminated_session_and_a_stopped_store_raise_store_unavailable(
     servers["stop"](RUN_OPS)
     with pytest.raises(StoreUnavailable):
         pair_client.get_run(run.run_id)
-    with pytest.raises(StoreUnavailable), pair_client.listen(env, RUN_OPS):
-        pass
+    with pytest.raises(StoreUnavailable):
+        listening(pair_client, env, RUN_OPS)

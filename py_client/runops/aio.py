@@ -1,24 +1,24 @@
-"""The asyncio client: :class:`AsyncRunOps`, the application-facing methods of :class:`RunOps`
-on psycopg ``AsyncConnectionPool`` s, with the same routing, SQL, results and exceptions.
+"""The asyncio client: :class:`AsyncRunOps`, every public method of :class:`RunOps` on psycopg
+``AsyncConnectionPool`` s, with the same signatures, routing, SQL, results and exceptions.
 
     async with await AsyncRunOps.connect() as ro:
         run = await ro.trigger_run(env_id, "send-email", {"to": "a@example.com"}, idempotency_key="order-42")
         done = await ro.wait_for_run(run.run_id, timeout=60)
 
-It covers triggering (single and batch), reads, cancel, waitpoints, the worker's per-run calls,
-``tick`` and waiting; operator calls (tenants, split control, mirror, purge) stay on the sync
-client. A task worker is the sync :class:`runops.worker.Worker` (one thread per running
-attempt): an async application triggers and waits here and runs its workers as processes.
+What decides anything without I/O (id-shape routing, the route cache, the stores' health, the
+replica bookkeeping, the lease gathering, the page merge) lives once, in runops.client, and
+both clients call it; this module holds the awaitable calls. ``run_worker`` runs the
+thread-based worker (tasks are plain functions) in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -26,65 +26,77 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from . import ids
-from .client import CONTROL_PLANE, ROUTE_CACHE_SECONDS, RUN_OPS, _items, _options
-from .errors import NotFound, RunOpsError, StoreUnavailable, WrongStore, translate
+from .client import (
+    _ROW_FACTORIES,
+    CONTROL_PLANE,
+    DEQUEUE_RUNS,
+    RUN_OPS,
+    TRIGGER_ROUTE,
+    RunOps,
+    _ask_control_plane,
+    _connect_urls,
+    _ignore_chunk,
+    _items,
+    _Leasing,
+    _merge_page,
+    _options,
+    _partial_or_raise,
+    _Router,
+    _split_refusal,
+)
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
 from .models import (
     FINAL_STATUSES,
     Batch,
+    BatchAppended,
+    BatchCreated,
+    BatchSealed,
     BatchTriggered,
+    EnvironmentInfo,
+    ListedRun,
     Run,
+    RunPage,
+    StoreIdentity,
     TriggerResult,
     Waitpoint,
     WaitpointCompletion,
     WaitpointCreated,
 )
+from .retry import CONFLICT_BACKOFF, call_with_retry_async
 
 T = TypeVar("T")
 
 
-class AsyncRunOps:
+class AsyncRunOps(_Router[AsyncConnectionPool]):
     """asyncio client for both stores. Use ``await AsyncRunOps.connect()`` (or ``async with``)."""
 
-    def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
-                 max_pool_size: int = 8, timeout: float = 10.0) -> None:
-        self._urls: dict[str, str] = {CONTROL_PLANE: control_plane_url}
-        if run_ops_url and run_ops_url != control_plane_url:
-            self._urls[RUN_OPS] = run_ops_url
-        self._timeout = timeout
-        self._routes: dict[str, tuple[str, float]] = {}
-        self._pools = {store: AsyncConnectionPool(url, min_size=1, max_size=max_pool_size, open=False,
-                                                  kwargs={"autocommit": True}, name="runops-async")
-                       for store, url in self._urls.items()}
+    @staticmethod
+    def _pool(url: str, max_size: int) -> AsyncConnectionPool:
+        # Opened by connect(), open() or ``async with``: an async pool opens inside a running loop.
+        return AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False,
+                                   kwargs={"autocommit": True}, name="runops-async")
 
     @classmethod
     async def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                       **kwargs: Any) -> AsyncRunOps:
         """Like :meth:`RunOps.connect` (URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL,
         else the local dev stores), with the pools opened."""
-        if "timeout" not in kwargs and os.environ.get("RUNOPS_TIMEOUT"):
-            kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
-        cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
-        ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
-        if not cp:
-            from .local_cluster import LocalStores
-
-            urls = LocalStores.from_cwd().app_urls()
-            cp, ro = urls[CONTROL_PLANE], ro or urls[RUN_OPS]
+        cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
         client = cls(cp, ro, **kwargs)
         await client.open()
         return client
 
     async def open(self) -> None:
-        """Opens the pools (``connect`` and ``async with`` do it)."""
-        for pool in self._pools.values():
+        """Opens the pools (``connect`` and ``async with`` do it); the stores need not be up yet."""
+        for pool in [*self._pools.values(), *self._replicas.values()]:
             await pool.open(wait=False)
 
     async def close(self) -> None:
         """Closes the pools."""
-        for pool in self._pools.values():
+        for pool in [*self._pools.values(), *self._replicas.values()]:
             await pool.close()
 
     async def __aenter__(self) -> AsyncRunOps:
@@ -94,90 +106,161 @@ class AsyncRunOps:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @property
-    def split_wired(self) -> bool:
-        return RUN_OPS in self._pools
-
     # -- plumbing -----------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _connection(self, store: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        pool = self._pools.get(store)
+    async def _connection(self, store: str, replica: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """As :meth:`RunOps._connection`."""
+        pool = (self._replicas if replica else self._pools).get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
+        wait = self._wait(store, replica)
         try:
-            async with pool.connection(timeout=self._timeout) as conn:
+            async with pool.connection(timeout=wait) as conn:
                 yield conn
-        except PoolTimeout as exc:
-            raise StoreUnavailable(f"the {store} store is unavailable: {exc}") from exc
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise self._failed(store, replica, exc, wait) from exc
+        self._answered(store, replica)
 
-    async def _rows(self, store: str, query: str, params: dict[str, Any], cls: type[T]) -> list[T]:
-        async with self._connection(store) as conn, conn.cursor(row_factory=class_row(cls)) as cur:
-            await cur.execute(query, params, prepare=True)
+    async def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
+        factory = _ROW_FACTORIES.get(cls)
+        if factory is None:
+            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
+        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
+        async with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
+            await cur.execute(sql, params, prepare=True)
             return await cur.fetchall()
 
-    async def _scalar(self, store: str, query: str, params: dict[str, Any]) -> Any:
+    async def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
         async with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(query, params, prepare=True)
+            await cur.execute(sql, params, prepare=True)
             row = await cur.fetchone()
             return None if row is None else row[0]
 
-    def _write_store_of(self, id_: str) -> str:
-        store = ids.store_for(ids.classify_residency(id_))
-        if store == RUN_OPS and not self.split_wired:
-            raise NotFound(f"{id_} not found: no run-ops store is configured")
-        return store
-
-    def _read_store_of(self, id_: str) -> str | None:
-        residency = ids.try_classify_residency(id_)
-        if residency is None or ids.store_for(residency) not in self._pools:
-            return None
-        return ids.store_for(residency)
+    async def _read_rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], key: str) -> list[T]:
+        """A read by id or a listing: from the store's replica when there is one and ``key`` was
+        not written by this client lately; a replica that errs or has no row yet defers to the
+        primary, so a row is never reported missing because of replication lag."""
+        if store in self._replicas and not self._recently_written(key):
+            try:
+                rows = await self._rows(store, sql, params, cls, replica=True)
+            except StoreUnavailable:
+                rows = []
+            if rows:
+                return rows
+        return await self._rows(store, sql, params, cls)
 
     async def _with_wrong_store_retry(self, store: str, call: Callable[[str], Awaitable[T]]) -> T:
-        try:
-            return await call(store)
-        except WrongStore as exc:
-            other = exc.owning_store
-            if other is None or other == store or other not in self._pools:
-                raise
-            return await call(other)
-
-    async def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
-        """The store for a trigger: its anchor's (run, parent, batch), else the environment's root
-        route cached for a second — as :class:`RunOps` decides it."""
-        for anchor in ("run_id", "parent_run_id", "batch_id"):
-            value = options.get(anchor)
-            if value is not None:
-                residency = ids.try_classify_residency(value)
-                if residency is None:
-                    return CONTROL_PLANE
-                store = ids.store_for(residency)
-                return store if store in self._pools else CONTROL_PLANE
-        now = time.monotonic()
-        hit = self._routes.get(environment_id)
-        if hit and hit[1] > now:
-            store = hit[0]
-        else:
+        """As :meth:`RunOps._with_wrong_store_retry`: follows RO002 up to five hops and retries
+        retryable conflicts, with the same backoff."""
+        for hop in range(1, 6):
             try:
-                store = await self.trigger_route(environment_id)
-            except RunOpsError:
-                return CONTROL_PLANE
-            self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
-        return store if store in self._pools else CONTROL_PLANE
+                return self._note_result(await call_with_retry_async(functools.partial(call, store), tries=8))
+            except WrongStore as exc:
+                other = exc.owning_store
+                if other is None or other == store or other not in self._pools or hop == 5:
+                    raise
+                if hop > 1:
+                    await asyncio.sleep(CONFLICT_BACKOFF.delay(hop))
+                store = other
+        raise AssertionError("unreachable")
 
-    # -- triggering and reads -----------------------------------------------------------------------
+    async def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
+        return (await self._rows(store, "SELECT * FROM runops.store_identity()", {}, StoreIdentity))[0]
+
+    async def store_role(self, store: str = CONTROL_PLANE) -> str:
+        return str(await self._scalar(store, "SELECT runops.store_role()", {}))
+
+    # -- tenants (control plane) --------------------------------------------------------------
+
+    async def create_organization(self, slug: str, *, title: str | None = None,
+                                  mint_kind: str | None = None) -> str:
+        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_organization(%(slug)s, %(o)s)",
+                                {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
+
+    async def create_project(self, organization_id: str, slug: str) -> str:
+        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_project(%(org)s, %(slug)s)",
+                                {"org": organization_id, "slug": slug}))
+
+    async def create_environment(self, project_id: str, slug: str, type: str) -> str:
+        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_environment(%(p)s, %(s)s, %(t)s)",
+                                {"p": project_id, "s": slug, "t": type}))
+
+    async def list_environments(self, organization_id: str | None = None) -> list[EnvironmentInfo]:
+        """Every environment (or one organization's), with its project, organization and the
+        mint kind its roots follow; from the control plane."""
+        return await self._rows(CONTROL_PLANE, "SELECT * FROM runops.list_environments(%(o)s)", {"o": organization_id},
+                                EnvironmentInfo)
+
+    async def update_environment(self, environment_id: str, **changes: Any) -> None:
+        await self._scalar(CONTROL_PLANE, "SELECT runops.update_environment(%(e)s, %(c)s)",
+                           {"e": environment_id, "c": _options(changes)})
+
+    # -- split control (control plane) ---------------------------------------------------------
+
+    async def split_status(self) -> dict[str, Any]:
+        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.split_status()", {}))
+
+    async def enable_split(self) -> dict[str, Any]:
+        """Enables the split once three identities agree: the run-ops store this client talks to,
+        the control plane's FDW target, and (checked in SQL) that store's FDW view back."""
+        if RUN_OPS in self._pools:
+            refusal = _split_refusal(await self.store_identity(RUN_OPS), await self.store_identity(CONTROL_PLANE),
+                                     (await self.split_status()).get("run_ops") or {})
+            if refusal:
+                raise SplitRefused(refusal)
+        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.enable_split()", {}))
+
+    async def disable_split(self) -> dict[str, Any]:
+        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.disable_split()", {}))
+
+    async def set_mint_kind(self, organization_id: str, kind: str) -> None:
+        await self._scalar(CONTROL_PLANE, "SELECT runops.set_mint_kind(%(o)s, %(k)s)",
+                           {"o": organization_id, "k": kind})
+
+    async def set_default_mint_kind(self, kind: str) -> None:
+        await self._scalar(CONTROL_PLANE, "SELECT runops.set_default_mint_kind(%(k)s)", {"k": kind})
+
+    # -- triggering ---------------------------------------------------------------------------
 
     async def trigger_route(self, environment_id: str, **options: Any) -> str:
-        """The store a root trigger of the environment goes to (``trigger_route``)."""
-        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.trigger_route(%(e)s, %(o)s)",
-                                      {"e": environment_id, "o": _options(options)}))
+        """The store (CONTROL_PLANE or RUN_OPS) a root trigger of the environment belongs in, from
+        the control plane's ``trigger_route``; when the control plane does not answer, from the
+        run-ops store's (its mirror of the split settings). StoreUnavailable when neither answers."""
+        params = {"e": environment_id, "o": _options(options)}
+        return await self._route(params, time.monotonic())
+
+    async def _route(self, params: dict[str, Any], now: float) -> str:
+        if RUN_OPS not in self._pools:
+            return str(await self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+        if _ask_control_plane(self._down, now):
+            try:
+                return str(await self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+            except StoreUnavailable:
+                pass
+        return str(await self._scalar(RUN_OPS, TRIGGER_ROUTE, params))
+
+    async def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
+        """The store for a trigger: its anchor's, else the environment's root route (cached for
+        at most a second)."""
+        anchored = self._anchor_store(environment_id, options)
+        if anchored is not None:
+            return anchored
+        now = time.monotonic()
+        store = self._cached_route(environment_id, now)
+        if store is None:
+            try:
+                store = await self._route({"e": environment_id, "o": _options({})}, now)
+            except RunOpsError:
+                # Let the trigger itself report the problem, so errors keep the SPEC's order
+                # (a bad option is RO006 even when the environment is unknown).
+                return CONTROL_PLANE
+            self._remember_route(environment_id, store, now)
+        # Without that store configured, ask the control plane: its RO002 names the owner.
+        return store if store in self._pools else CONTROL_PLANE
 
     async def trigger_run(self, environment_id: str, task_identifier: str, payload: Any = None,
                           **options: Any) -> TriggerResult:
-        """Triggers a run (``trigger_run``; options as :meth:`RunOps.trigger_run`)."""
         params = {"e": environment_id, "t": task_identifier,
                   "p": Jsonb({} if payload is None else payload), "o": _options(options)}
 
@@ -187,95 +270,158 @@ class AsyncRunOps:
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
-    async def batch_trigger(self, environment_id: str, items: list[dict[str, Any]],
-                            **options: Any) -> BatchTriggered:
-        """One call: the batch, sealed, with all its runs (``batch_trigger``)."""
-        params = {"e": environment_id, "i": _items(items), "o": _options(options)}
+    async def trigger_failed_task(self, environment_id: str, task_identifier: str, payload: Any, error: Any,
+                                  **options: Any) -> TriggerResult:
+        params = {"e": environment_id, "t": task_identifier, "p": Jsonb(payload), "x": Jsonb(error),
+                  "o": _options(options)}
 
-        async def call(store: str) -> BatchTriggered:
-            return (await self._rows(store, "SELECT * FROM runops.batch_trigger(%(e)s, %(i)s, %(o)s)",
-                                     params, BatchTriggered))[0]
+        async def call(store: str) -> TriggerResult:
+            return (await self._rows(store,
+                                     "SELECT * FROM runops.trigger_failed_task(%(e)s, %(t)s, %(p)s, %(x)s, %(o)s)",
+                                     params, TriggerResult))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
-    async def get_run(self, run_id: str, environment_id: str | None = None) -> Run | None:
-        """The run from its owning store, or None."""
-        store = self._read_store_of(run_id)
-        if store is None:
+    async def reset_idempotency_key(self, environment_id: str, task_identifier: str, idempotency_key: str, *,
+                                    scope: str = "run", parent_run_id: str | None = None,
+                                    parent_attempt_number: int | None = None) -> int:
+        """Clears the key on every store (a key may predate a mint-kind flip)."""
+        params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
+                  "s": scope, "p": parent_run_id, "a": parent_attempt_number}
+        query = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
+        return sum(int(n) for n in (await self._each_store(query, params)).values())
+
+    # -- reads and per-run writes ---------------------------------------------------------------
+
+    async def wait_for_mirror(self, timeout: float = 10.0) -> bool:
+        """Waits until the run-ops mirror holds what the control plane holds (tenants and split
+        settings). Operator commands call it after a change; True when caught up."""
+        if RUN_OPS not in self._pools:
+            return True
+        deadline = time.monotonic() + timeout
+        query = "SELECT runops.mirror_fingerprint()"
+        while True:
+            if await self._scalar(CONTROL_PLANE, query, {}) == await self._scalar(RUN_OPS, query, {}):
+                with self._routes_lock:
+                    self._routes.clear()
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await self._scalar(RUN_OPS, "SELECT runops.pull_tenant_mirror()", {})
+            await asyncio.sleep(0.05)
+
+    async def list_runs(self, environment_id: str, page_size: int = 25, cursor: str | None = None,
+                        **filters: Any) -> RunPage:
+        """One page of the environment's runs across both stores, newest first (``created_at``,
+        then the bare id in byte order). Each store answers its own keyset page
+        (``list_store_runs``, no FDW hop) and the two are merged here exactly as SQL
+        ``list_runs`` merges them, so a cursor from either continues in both. Filters:
+        ``statuses``, ``task_identifiers`` (any of), ``tags`` (all of), ``created_after``,
+        ``created_before`` (exclusive; datetimes with a timezone), ``batch_id``."""
+        doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in filters.items()}
+        params = {"e": environment_id, "n": page_size, "c": cursor, "f": Jsonb(doc)}
+        query = "SELECT * FROM runops.list_store_runs(%(e)s, %(n)s, %(c)s, %(f)s)"
+        rows: list[ListedRun] = []
+        for store in self._pools:
+            if store in self._replicas and not self._recently_written(environment_id):
+                try:  # a listing may lag; an environment this client triggered in is read fresh
+                    rows += await self._rows(store, query, params, ListedRun, replica=True)
+                    continue
+                except StoreUnavailable:
+                    pass
+            rows += await self._rows(store, query, params, ListedRun)
+        return _merge_page(rows, page_size)
+
+    async def purge_runs(self, older_than: str, max_rows: int = 10000) -> dict[str, int]:
+        """Deletes, on each store, final runs older than ``older_than`` (a duration such as
+        ``30d``) and their subgraphs, up to ``max_rows`` runs per store; the count per store."""
+        counts = await self._each_store("SELECT runops.purge_runs(%(o)s, %(n)s)", {"o": older_than, "n": max_rows})
+        return {store: int(n) for store, n in counts.items()}
+
+    async def get_run(self, run_id: str, environment_id: str | None = None, *,
+                      through: str | None = None) -> Run | None:
+        """The run from its owning store (no FDW hop), or None. ``through`` asks a given store
+        instead, which reads through its FDW when it does not own the run."""
+        residency = ids.try_classify_residency(run_id)
+        if residency is None:
             return None
-        rows = await self._rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
-                                {"r": run_id, "e": environment_id}, Run)
+        store = through or ids.store_for(residency)
+        if store not in self._pools:
+            return None
+        rows = await self._read_rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
+                                     {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
 
-    async def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
-        """The batch from its owning store, or None."""
-        store = self._read_store_of(batch_id)
-        if store is None:
-            return None
-        rows = await self._rows(store, "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
-                                {"b": batch_id, "e": environment_id}, Batch)
-        return rows[0] if rows else None
-
-    # -- per-run writes (the worker's path) ----------------------------------------------------------
+    async def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
+                           environment_id: str | None = None) -> Run:
+        return (await self._rows(self._write_store_of(run_id),
+                                 "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s, %(env)s)",
+                                 {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
+                                 "o": None if output is None else Jsonb(output), "env": environment_id}, Run))[0]
 
     async def _run_call(self, function: str, run_id: str, args: str, params: dict[str, Any]) -> Run:
+        """A per-run function, on the store that owns the run. Every one of them takes the
+        environment guard last (``environment_id``: RO004 for another environment's run)."""
         return (await self._rows(self._write_store_of(run_id), f"SELECT * FROM runops.{function}(%(r)s{args})",
                                  {"r": run_id, **params}, Run))[0]
 
-    async def cancel_run(self, run_id: str, reason: str | None = None) -> Run:
-        """Cancels the run and its live descendants (``cancel_run``)."""
-        return await self._run_call("cancel_run", run_id, ", %(c)s", {"c": reason})
-
-    async def resume_run(self, run_id: str) -> Run:
-        """Resumes a waiting run once nothing blocks it (``resume_run``; idempotent)."""
-        return await self._run_call("resume_run", run_id, "", {})
+    # -- the worker's path ------------------------------------------------------------------------
 
     async def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
                            queues: list[str] | None = None, tasks: list[str] | None = None) -> list[Run]:
-        """Runs from both stores (run-ops first), at most ``max_runs`` in all (``dequeue_runs``)."""
+        """Leases runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency
+        limit is exact within each store (SPEC: the total may reach twice the limit during a split).
+        A store that fails does not cost what the other leased: those runs are returned, and
+        StoreUnavailable is raised only when every store was unavailable."""
         params = {"e": environment_id, "w": worker_id,
                   "o": _options({"lease": lease, "queues": queues, "tasks": tasks})}
-        taken: list[Run] = []
-        for store in (RUN_OPS, CONTROL_PLANE):
-            if store not in self._pools or len(taken) >= max_runs:
-                continue
-            taken += await self._rows(store, "SELECT * FROM runops.dequeue_runs(%(e)s, %(w)s, %(n)s, %(o)s)",
-                                      {**params, "n": max_runs - len(taken)}, Run)
-        return taken
+        leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
+        for store in leasing.stores:
+            if leasing.wanted() <= 0:
+                break
+            try:
+                leasing.taken += await self._rows(store, DEQUEUE_RUNS, {**params, "n": leasing.wanted()}, Run)
+            except Exception as exc:  # what the other store leased must reach the caller
+                leasing.failed(store, exc)
+        return leasing.result()
 
-    async def heartbeat_run(self, run_id: str, worker_id: str) -> Run:
-        """Extends the worker's lease (``heartbeat_run``)."""
-        return await self._run_call("heartbeat_run", run_id, ", %(w)s", {"w": worker_id})
+    async def heartbeat_run(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        return await self._run_call("heartbeat_run", run_id, ", %(w)s, %(env)s",
+                                    {"w": worker_id, "env": environment_id})
 
-    async def start_attempt(self, run_id: str, worker_id: str) -> Run:
-        """DEQUEUED → EXECUTING with the next (or the paused) attempt (``start_attempt``)."""
-        return await self._run_call("start_attempt", run_id, ", %(w)s", {"w": worker_id})
+    async def start_attempt(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        return await self._run_call("start_attempt", run_id, ", %(w)s, %(env)s",
+                                    {"w": worker_id, "env": environment_id})
 
-    async def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None) -> Run:
-        """Completes the attempt with its output (``complete_attempt``)."""
-        return await self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s",
-                                    {"n": attempt_number, "o": Jsonb(output)})
+    async def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None, *,
+                               environment_id: str | None = None) -> Run:
+        return await self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s, %(env)s",
+                                    {"n": attempt_number, "o": Jsonb(output), "env": environment_id})
 
     async def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
-                           retry_at: dt.datetime | None = None) -> Run:
-        """Fails the attempt; retried at ``retry_at`` while attempts remain (``fail_attempt``)."""
-        return await self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s",
-                                    {"n": attempt_number, "x": Jsonb(error), "t": retry_at})
+                           retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
+        return await self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s, %(env)s",
+                                    {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id})
 
     async def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
-                                metadata: Any = None) -> Run:
-        """Suspends the executing run (``create_checkpoint``)."""
-        return await self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s",
-                                    {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {})})
+                                metadata: Any = None, *, environment_id: str | None = None) -> Run:
+        return await self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s, %(env)s",
+                                    {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
+                                    "env": environment_id})
 
-    async def block_run(self, run_id: str, waitpoint_ids: list[str]) -> Run:
-        """Makes the run wait on the waitpoints (``block_run``)."""
-        return await self._run_call("block_run", run_id, ", %(w)s", {"w": waitpoint_ids})
+    async def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
+        return await self._run_call("resume_run", run_id, ", %(env)s", {"env": environment_id})
 
-    # -- waitpoints and services ---------------------------------------------------------------------
+    async def cancel_run(self, run_id: str, reason: str | None = None, *, environment_id: str | None = None) -> Run:
+        return await self._run_call("cancel_run", run_id, ", %(c)s, %(env)s", {"c": reason, "env": environment_id})
+
+    async def block_run(self, run_id: str, waitpoint_ids: list[str], *, environment_id: str | None = None) -> Run:
+        return await self._run_call("block_run", run_id, ", %(w)s, '{}', %(env)s",
+                                    {"w": waitpoint_ids, "env": environment_id})
+
+    # -- waitpoints ---------------------------------------------------------------------------------
 
     async def create_waitpoint(self, environment_id: str, type: str, **options: Any) -> WaitpointCreated:
-        """A DATETIME or MANUAL waitpoint (``create_waitpoint``)."""
         params = {"e": environment_id, "t": type, "o": _options(options)}
 
         async def call(store: str) -> WaitpointCreated:
@@ -285,64 +431,227 @@ class AsyncRunOps:
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, {}), call)
 
     async def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
-        """The waitpoint from its owning store, or None."""
-        store = self._read_store_of(waitpoint_id)
-        if store is None:
+        residency = ids.try_classify_residency(waitpoint_id)
+        if residency is None or ids.store_for(residency) not in self._pools:
             return None
-        rows = await self._rows(store, "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
-                                {"w": waitpoint_id, "e": environment_id}, Waitpoint)
+        rows = await self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
+                                     {"w": waitpoint_id, "e": environment_id}, Waitpoint, waitpoint_id)
         return rows[0] if rows else None
 
     async def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
-                                 is_error: bool = False) -> WaitpointCompletion:
-        """Completes it, then sends ``resume_run`` to the other store for the runs waiting there."""
+                                 is_error: bool = False, environment_id: str | None = None) -> WaitpointCompletion:
+        """Completes it, then sends resume_run to the other store for the runs waiting there
+        (tick there catches any follow-up lost to a crash)."""
         done = (await self._rows(self._write_store_of(waitpoint_id),
-                                 "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s)",
-                                 {"w": waitpoint_id, "o": Jsonb(output), "x": is_error}, WaitpointCompletion))[0]
+                                 "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s, %(env)s)",
+                                 {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id},
+                                 WaitpointCompletion))[0]
         for run_id in done.remote_run_ids:
             try:
-                await self.resume_run(run_id)
+                await self.resume_run(run_id, environment_id=environment_id)
             except RunOpsError:
-                continue  # tick in that store resumes it
+                # The waitpoint is complete either way; tick in that store resumes the run.
+                continue
         return done
 
-    async def tick(self, max_rows: int = 1000) -> dict[str, Any]:
-        """One pass of time-driven work on every store (``tick``)."""
-        return {store: await self._scalar(store, "SELECT runops.tick(%(n)s)", {"n": max_rows})
-                for store in self._pools}
+    # -- batches -----------------------------------------------------------------------------------
 
-    # -- waiting -----------------------------------------------------------------------------------------
+    async def batch_trigger(self, environment_id: str, items: list[dict[str, Any]], **options: Any) -> BatchTriggered:
+        """One call: the batch, sealed, with all its runs (run_ids in item order)."""
+        params = {"e": environment_id, "i": _items(items), "o": _options(options)}
+
+        async def call(store: str) -> BatchTriggered:
+            return (await self._rows(store, "SELECT * FROM runops.batch_trigger(%(e)s, %(i)s, %(o)s)",
+                                     params, BatchTriggered))[0]
+
+        return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
+
+    async def create_batch(self, environment_id: str, expected_count: int, **options: Any) -> BatchCreated:
+        params = {"e": environment_id, "n": expected_count, "o": _options(options)}
+
+        async def call(store: str) -> BatchCreated:
+            return (await self._rows(store, "SELECT * FROM runops.create_batch(%(e)s, %(n)s, %(o)s)",
+                                     params, BatchCreated))[0]
+
+        return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
+
+    async def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]], *,
+                                 environment_id: str | None = None) -> BatchAppended:
+        return (await self._rows(self._write_store_of(batch_id),
+                                 "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s, %(env)s)",
+                                 {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
+                                 BatchAppended))[0]
+
+    async def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
+        return (await self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s, %(env)s)",
+                                 {"b": batch_id, "env": environment_id}, BatchSealed))[0]
+
+    async def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
+        return (await self._rows(self._write_store_of(batch_id),
+                                 "SELECT * FROM runops.resume_batch_run(%(b)s, %(env)s)",
+                                 {"b": batch_id, "env": environment_id}, Batch))[0]
+
+    async def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
+        residency = ids.try_classify_residency(batch_id)
+        if residency is None or ids.store_for(residency) not in self._pools:
+            return None
+        rows = await self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
+                                     {"b": batch_id, "e": environment_id}, Batch, batch_id)
+        return rows[0] if rows else None
+
+    async def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,
+                           chunk_size: int = 1000, retries: int = 3, seal: bool = True,
+                           on_chunk: Callable[[BatchAppended], None] = _ignore_chunk, **options: Any) -> BatchCreated:
+        """Creates a batch and appends ``items`` in chunks, then seals it. A chunk that fails
+        with a dropped connection or a retryable conflict is sent again: the server keeps the
+        first content of every index, so a re-sent chunk creates nothing twice."""
+        created = await self.create_batch(environment_id, expected_count, **options)
+        chunk: list[dict[str, Any]] = []
+        start = 0
+
+        async def send() -> None:
+            for attempt in range(retries + 1):
+                try:
+                    on_chunk(await self.append_batch_items(created.batch_id, start, chunk))
+                    return
+                except (StoreUnavailable, RetryableConflict):
+                    if attempt == retries:
+                        raise
+                    await asyncio.sleep(0.1 * 2 ** attempt)
+
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == chunk_size:
+                await send()
+                start += len(chunk)
+                chunk = []
+        if chunk:
+            await send()
+        if seal:
+            await self.seal_batch(created.batch_id)
+        return created
+
+    # -- services, run on every store ---------------------------------------------------------------
+
+    async def _each_store(self, sql: str, params: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
+        """``sql`` on every store, each committing its own work. A store that is unavailable
+        never keeps the others from doing theirs: every store is asked. Then, with ``partial``
+        (upkeep that the next pass repeats), the stores that answered are returned and
+        StoreUnavailable raised only if none did; without it (a command the caller must know
+        was done everywhere; each is safe to repeat), StoreUnavailable names the stores that
+        did not answer."""
+        done: dict[str, Any] = {}
+        gone: dict[str, StoreUnavailable] = {}
+        for store in self._pools:
+            try:
+                done[store] = await self._scalar(store, sql, params)
+            except StoreUnavailable as exc:
+                gone[store] = exc
+        return _partial_or_raise(done, gone, partial)
+
+    async def metrics(self, environment_id: str | None = None, *,
+                      store: str | None = None) -> dict[str, dict[str, Any]]:
+        """Each configured store's operational figures (SQL ``runops.metrics``), keyed by store:
+        runs per status per environment, queue depth and oldest pending age, lapsed leases, open
+        batches, and on the run-ops store the claim ledger size and the mirror's freshness.
+        ``environment_id`` narrows them to one environment; ``store`` asks one store only (the
+        Prometheus endpoint asks each store on its own, so one that does not answer is reported,
+        not fatal)."""
+        targets = [store] if store is not None else list(self._pools)
+        return {s: dict(await self._scalar(s, "SELECT runops.metrics(%(e)s)", {"e": environment_id})) for s in targets}
+
+    async def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
+        return await self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows}, partial=True)
+
+    async def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
+        return sum((await self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs},
+                                    partial=True)).values())
+
+    async def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
+        return sum((await self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs},
+                                    partial=True)).values())
+
+    async def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
+        return sum((await self._each_store("SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)",
+                                    {"e": environment_id, "d": dev_session_id})).values())
+
+    async def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
+        return sum((await self._each_store("SELECT runops.execute_tasks_waiting_for_deploy(%(e)s, %(t)s)",
+                                    {"e": environment_id, "t": task_identifiers})).values())
+
+    # -- notifications --------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def listen(self, environment_id: str, store: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A dedicated connection LISTENing to an environment's status changes on one store
+        (StoreUnavailable when the store cannot be reached)."""
+        url = self._urls.get(store)
+        if url is None:
+            raise StoreUnavailable(f"no {store} store is configured")
+        try:
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}")))
+                yield conn
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+    # -- tasks, workers and waiting (issue 12) ---------------------------------------------------------
+
+    async def run_worker(self, environment_id: str, concurrency: int = 4, **options: Any) -> int:
+        """Works ``environment_id``'s runs with this client's tasks (``options`` as
+        :meth:`RunOps.run_worker`); returns the number of runs handled. The worker is the
+        thread-based :class:`runops.worker.Worker` (task functions are plain callables), run in a
+        thread on a sync client with this client's URLs; cancelling this coroutine stops it and
+        waits for its drain."""
+        from .worker import Worker
+
+        sync = RunOps(self._urls[CONTROL_PLANE], self._urls.get(RUN_OPS), timeout=self._timeout)
+        worker = Worker(sync, environment_id, self.tasks, concurrency=concurrency, **options)
+        running = asyncio.ensure_future(asyncio.to_thread(worker.run))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            worker.stop()
+            await running
+            raise
+        finally:
+            if running.done():
+                sync.close()
 
     async def wait_for_run(self, run_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Run:
-        """As :meth:`RunOps.wait_for_run`: the final run; ``TimeoutError`` after ``timeout``."""
+        """Blocks until the run is final and returns it; ``TimeoutError`` after ``timeout``
+        seconds (None: no limit), ``NotFound`` if there is no such run. Woken by the owning
+        store's notifications; it re-reads the run every ``poll_interval`` seconds as well, and
+        keeps polling (and reconnecting) when the LISTEN connection drops."""
         first = await self.get_run(run_id)
         if first is None:
             raise NotFound(f"run {run_id} not found")
         if first.is_final:
             return first
+        canonical = first.run_id
         last = [first]
 
         async def check() -> Run | None:
-            current = await self.get_run(first.run_id)
+            current = await self.get_run(canonical)
             if current is None:
                 raise NotFound(f"run {run_id} not found (purged while waiting?)")
             last[0] = current
             return current if current.is_final else None
 
         def wakes(event: dict[str, Any]) -> bool:
-            return event.get("run_id") == first.run_id and event.get("new_status") in FINAL_STATUSES
+            return event.get("run_id") == canonical and event.get("new_status") in FINAL_STATUSES
 
-        return await self._wait_until(first.environment_id, self._write_store_of(first.run_id), check, wakes,
-                                      timeout, poll_interval, lambda: f"run {first.run_id} is still {last[0].status}")
+        return await self._wait_until(first.environment_id, self._store_of(canonical), check, wakes, timeout,
+                                      poll_interval, lambda: f"run {canonical} is still {last[0].status}")
 
-    async def wait_for_batch(self, batch_id: str, timeout: float | None = None, *,
-                             poll_interval: float = 2.0) -> Batch:
-        """As :meth:`RunOps.wait_for_batch`: the COMPLETED or ABORTED batch."""
+    async def wait_for_batch(self, batch_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Batch:
+        """Blocks until the batch is COMPLETED (all its runs final) or ABORTED and returns it;
+        ``TimeoutError`` after ``timeout`` seconds, ``NotFound`` if there is no such batch.
+        Woken by notifications of its runs turning final, with the same poll fallback as
+        :meth:`wait_for_run`."""
         first = await self.get_batch(batch_id)
         if first is None:
             raise NotFound(f"batch {batch_id} not found")
-        if first.status in ("COMPLETED", "ABORTED"):
-            return first
         last = [first]
         members = set(first.run_ids)
 
@@ -357,14 +666,19 @@ class AsyncRunOps:
         def wakes(event: dict[str, Any]) -> bool:
             return event.get("new_status") in FINAL_STATUSES and (not members or event.get("run_id") in members)
 
-        return await self._wait_until(first.environment_id, self._write_store_of(first.batch_id), check, wakes,
-                                      timeout, poll_interval,
-                                      lambda: f"batch {first.batch_id} is still {last[0].status}")
+        if first.status in ("COMPLETED", "ABORTED"):
+            return first
+        return await self._wait_until(first.environment_id, self._store_of(first.batch_id), check, wakes, timeout,
+                                      poll_interval, lambda: f"batch {first.batch_id} is still {last[0].status} "
+                                      f"({last[0].item_count}/{last[0].expected_count} items)")
 
     async def _wait_until(self, environment_id: str, store: str, check: Callable[[], Awaitable[T | None]],
                           wakes: Callable[[dict[str, Any]], bool], timeout: float | None, poll_interval: float,
                           still: Callable[[], str]) -> T:
-        """The loop of :meth:`RunOps._wait_until`, on an async LISTEN connection."""
+        """``await check()`` until it returns something: after LISTEN is in place (so no change slips
+        between), on every notification ``wakes`` accepts, and every ``poll_interval`` seconds.
+        A dropped LISTEN connection or an unavailable store falls back to polling, and LISTEN is
+        tried again on the next round."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float:
@@ -375,11 +689,9 @@ class AsyncRunOps:
                 raise TimeoutError(f"{still()} after {timeout:g}s")
             return min(poll_interval, remaining)
 
-        channel = sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}"))
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self._urls[store], autocommit=True) as conn:
-                    await conn.execute(channel)
+                async with self.listen(environment_id, store) as conn:
                     while True:
                         got = await check()
                         if got is not None:

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -54,6 +54,7 @@ from .retry import CONFLICT_BACKOFF, Backoff, call_with_retry
 from .tasks import Task, TaskFunction, TaskRegistry
 
 T = TypeVar("T")
+P = TypeVar("P")
 log = logging.getLogger("runops")
 
 CONTROL_PLANE = "CONTROL_PLANE"
@@ -146,8 +147,55 @@ def _partial_or_raise(done: dict[str, Any], gone: dict[str, StoreUnavailable], p
     return done
 
 
-class RunOps:
-    """Client for both stores. Use :meth:`connect`; close it (or use ``with``) when done."""
+def _connect_urls(control_plane_url: str | None, run_ops_url: str | None,
+                  kwargs: dict[str, Any]) -> tuple[str, str | None]:
+    """``connect``'s URLs: the arguments, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else
+    the local dev stores; RUNOPS_TIMEOUT and RUNOPS_*_REPLICA_URL fill ``kwargs`` not given."""
+    if "timeout" not in kwargs and os.environ.get("RUNOPS_TIMEOUT"):
+        kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
+    cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
+    ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
+    for key, var in (("control_plane_replica_url", "RUNOPS_CONTROL_PLANE_REPLICA_URL"),
+                     ("run_ops_replica_url", "RUNOPS_RUN_OPS_REPLICA_URL")):
+        if key not in kwargs and os.environ.get(var):
+            kwargs[key] = os.environ[var]
+    if not cp:
+        from .local_cluster import LocalStores
+
+        urls = LocalStores.from_cwd().app_urls()
+        cp, ro = urls[CONTROL_PLANE], ro or urls[RUN_OPS]
+    return cp, ro
+
+
+def _merge_page(rows: list[ListedRun], page_size: int) -> RunPage:
+    """Both stores' keyset pages merged exactly as SQL ``list_runs`` merges them."""
+    rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)  # ASCII ids: str order is byte order
+    page = rows[:page_size]
+    return RunPage(page, page[-1].cursor if len(page) == page_size else None)
+
+
+def _split_refusal(mine: StoreIdentity, control: StoreIdentity, target: dict[str, Any]) -> str | None:
+    """Why ``enable_split`` must refuse before asking SQL, or None: the run-ops store the client
+    talks to must be neither the control plane itself nor another database than its FDW's."""
+    if (mine.system_identifier, mine.database_name) == (control.system_identifier, control.database_name):
+        return "split refused: the run-ops URL names the control-plane database itself"
+    if (target.get("system_identifier"), target.get("database_name")) != (mine.system_identifier,
+                                                                           mine.database_name):
+        return ("split refused: the control plane's FDW reaches a different database "
+                f"({target.get('database_name')}, system {target.get('system_identifier')}) "
+                f"than this client's run-ops URL ({mine.database_name}, "
+                f"system {mine.system_identifier}); re-run `runops migrate` with the right URLs")
+    return None
+
+
+def _ignore_chunk(appended: BatchAppended) -> None:
+    """``stream_batch``'s default ``on_chunk``."""
+
+
+class _Router(Generic[P]):
+    """What :class:`RunOps` and :class:`runops.aio.AsyncRunOps` share, none of it I/O: the pools
+    by store, id-shape routing, the route cache, the stores' health, and what this client wrote
+    lately (for replica reads). Each client adds the calls, blocking or awaitable."""
 
     def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
                  max_pool_size: int = 8, timeout: float = 10.0,
@@ -158,8 +206,8 @@ class RunOps:
         waitpoint, or a listing of an environment it triggered in) goes to the primary, and a
         replica that has not replayed a row yet is never trusted with "missing": the primary is
         asked. Everything that gates a write reads the primary."""
-        self._pools: dict[str, ConnectionPool] = {}
-        self._replicas: dict[str, ConnectionPool] = {}
+        self._pools: dict[str, P] = {}
+        self._replicas: dict[str, P] = {}
         self._written: dict[str, float] = {}
         self._written_lock = threading.Lock()
         self._read_your_writes = read_your_writes
@@ -180,91 +228,26 @@ class RunOps:
                 self._replicas[store] = self._pool(url, max_pool_size)
 
     @staticmethod
-    def _pool(url: str, max_size: int) -> ConnectionPool:
-        return ConnectionPool(url, min_size=1, max_size=max_size, open=True,
-                              kwargs={"autocommit": True}, name="runops")
-
-    @classmethod
-    def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
-                **kwargs: Any) -> RunOps:
-        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else the local dev stores.
-        RUNOPS_TIMEOUT (seconds, default 10) bounds the wait for a pooled connection."""
-        if "timeout" not in kwargs and os.environ.get("RUNOPS_TIMEOUT"):
-            kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
-        cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
-        ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
-        for key, var in (("control_plane_replica_url", "RUNOPS_CONTROL_PLANE_REPLICA_URL"),
-                         ("run_ops_replica_url", "RUNOPS_RUN_OPS_REPLICA_URL")):
-            if key not in kwargs and os.environ.get(var):
-                kwargs[key] = os.environ[var]
-        if not cp:
-            from .local_cluster import LocalStores
-
-            urls = LocalStores.from_cwd().app_urls()
-            cp, ro = urls[CONTROL_PLANE], ro or urls[RUN_OPS]
-        return cls(cp, ro, **kwargs)
-
-    def close(self) -> None:
-        for pool in [*self._pools.values(), *self._replicas.values()]:
-            pool.close()
-
-    def __enter__(self) -> RunOps:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _pool(url: str, max_size: int) -> P:
+        raise NotImplementedError
 
     @property
     def split_wired(self) -> bool:
+        """Whether a run-ops store is configured (else every call goes to the control plane)."""
         return RUN_OPS in self._pools
 
-    # -- plumbing ---------------------------------------------------------------------------
-
-    @contextmanager
-    def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection to ``store``; any database error comes out translated, and every
-        connection-level failure as StoreUnavailable. A store whose connection failed last time
-        gets only ``DEGRADED_WAIT`` for a pooled connection (the pool reconnects in the
-        background, so a store that is back answers at once): one store's outage must not
-        stall every call that also asks the other store for the full timeout."""
-        pools = self._replicas if replica else self._pools
-        pool = pools.get(store)
-        if pool is None:
-            raise StoreUnavailable(f"no {store} store is configured")
-        health = self._replica_down if replica else self._down
-        wait = min(self._timeout, DEGRADED_WAIT) if store in health else self._timeout
-        try:
-            with pool.connection(timeout=wait) as conn:
-                yield conn
-        except PoolTimeout as exc:
-            health[store] = time.monotonic()
-            raise StoreUnavailable(f"the {store} store is unavailable (no connection within {wait:g}s): "
-                                   f"{exc}") from exc
-        except psycopg.Error as exc:
-            if is_connection_failure(exc):
-                health[store] = time.monotonic()
-            else:
-                health.pop(store, None)  # the store answered, if only with an error
-            raise translate(exc) from exc
-        health.pop(store, None)
-
-    def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
-        factory = _ROW_FACTORIES.get(cls)
-        if factory is None:
-            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
-        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
-        with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
-            cur.execute(sql, params, prepare=True)
-            return cur.fetchall()
-
-    def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
-        with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
-            cur.execute(sql, params, prepare=True)
-            row = cur.fetchone()
-            return None if row is None else row[0]
+    classify_residency = staticmethod(ids.classify_residency)
+    try_classify_residency = staticmethod(ids.try_classify_residency)
 
     def _store_of(self, id_: str) -> str:
         return ids.store_for(ids.classify_residency(id_))
+
+    def _read_store_of(self, id_: str) -> str | None:
+        """The configured store that owns ``id_``, or None (no such shape, or not configured)."""
+        residency = ids.try_classify_residency(id_)
+        if residency is None or ids.store_for(residency) not in self._pools:
+            return None
+        return ids.store_for(residency)
 
     def _write_store_of(self, id_: str) -> str:
         """The store to send a write naming ``id_``; NotFound for NEW ids with no run-ops store."""
@@ -273,6 +256,57 @@ class RunOps:
             raise NotFound(f"{id_} not found: no run-ops store is configured")
         self._note_written(id_)
         return store
+
+    def _anchor_store(self, environment_id: str, options: dict[str, Any]) -> str | None:
+        """A trigger's store when an option anchors it (its pre-minted id, parent or batch),
+        else None: a root, routed by ``trigger_route``."""
+        self._note_written(environment_id)  # its listing is read fresh for a while (replicas)
+        for anchor in ("run_id", "parent_run_id", "batch_id"):
+            value = options.get(anchor)
+            if value is not None:
+                residency = ids.try_classify_residency(value)
+                # An unclassifiable anchor goes to the control plane, which explains the error.
+                if residency is None:
+                    return CONTROL_PLANE
+                store = ids.store_for(residency)
+                return store if store in self._pools else CONTROL_PLANE
+        return None
+
+    def _cached_route(self, environment_id: str, now: float) -> str | None:
+        with self._routes_lock:
+            hit = self._routes.get(environment_id)
+        return hit[0] if hit and hit[1] > now else None
+
+    def _remember_route(self, environment_id: str, store: str, now: float) -> None:
+        with self._routes_lock:
+            self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
+
+    # -- the stores' health: a store that just failed gets a short wait -------------------------
+
+    def _wait(self, store: str, replica: bool) -> float:
+        """How long a call waits for a pooled connection to ``store``. A store whose connection
+        failed last time gets only ``DEGRADED_WAIT`` (the pool reconnects in the background, so
+        a store that is back answers at once): one store's outage must not stall every call
+        that also asks the other store for the full timeout."""
+        health = self._replica_down if replica else self._down
+        return min(self._timeout, DEGRADED_WAIT) if store in health else self._timeout
+
+    def _failed(self, store: str, replica: bool, exc: psycopg.Error, wait: float) -> Exception:
+        """The exception a call to ``store`` raises for ``exc``; a connection-level failure marks
+        the store as down until a call gets through."""
+        health = self._replica_down if replica else self._down
+        if not is_connection_failure(exc):
+            health.pop(store, None)  # the store answered, if only with an error
+            return translate(exc)
+        health[store] = time.monotonic()
+        if isinstance(exc, PoolTimeout):
+            gone = StoreUnavailable(f"the {store} store is unavailable (no connection within {wait:g}s): {exc}")
+            gone.__cause__ = exc
+            return gone
+        return translate(exc)
+
+    def _answered(self, store: str, replica: bool) -> None:
+        (self._replica_down if replica else self._down).pop(store, None)
 
     # -- replicas: reads by id and listings, never what this client just wrote ------------------
 
@@ -288,7 +322,7 @@ class RunOps:
                 if key:
                     self._written[key] = until
 
-    def _note_result(self, result: Any) -> Any:
+    def _note_result(self, result: T) -> T:
         """Remembers the ids a creating call returned (and keeps its result)."""
         if self._replicas:
             self._note_written(*(getattr(result, a, None) for a in ("run_id", "batch_id", "waitpoint_id")),
@@ -299,6 +333,85 @@ class RunOps:
         with self._written_lock:
             until = self._written.get(key)
         return until is not None and until > time.monotonic()
+
+    # -- tasks ---------------------------------------------------------------------------------------
+
+    _task_registry: TaskRegistry | None = None
+
+    @property
+    def tasks(self) -> TaskRegistry:
+        """The tasks registered on this client with :meth:`task` (what :meth:`run_worker` runs)."""
+        if self._task_registry is None:
+            self._task_registry = TaskRegistry()
+        return self._task_registry
+
+    def task(self, name: str, *, max_attempts: int | None = None,
+             retry: Backoff | None = None) -> Callable[[TaskFunction], Task]:
+        """Decorator: registers ``fn(ctx, payload)`` as the code of task ``name``.
+
+        ``max_attempts`` caps the attempts a worker makes (the run's own ``max_attempts``, a
+        trigger option defaulting to 3, caps them too); ``retry`` is the delay between them
+        (default ``Backoff(initial=1, factor=2, maximum=300, jitter=0.2)``). See runops.tasks."""
+        return self.tasks.task(name, max_attempts=max_attempts, retry=retry)
+
+
+class RunOps(_Router[ConnectionPool]):
+    """Client for both stores. Use :meth:`connect`; close it (or use ``with``) when done."""
+
+    @staticmethod
+    def _pool(url: str, max_size: int) -> ConnectionPool:
+        return ConnectionPool(url, min_size=1, max_size=max_size, open=True,
+                              kwargs={"autocommit": True}, name="runops")
+
+    @classmethod
+    def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
+                **kwargs: Any) -> RunOps:
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else the local dev stores.
+        RUNOPS_TIMEOUT (seconds, default 10) bounds the wait for a pooled connection."""
+        cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
+        return cls(cp, ro, **kwargs)
+
+    def close(self) -> None:
+        for pool in [*self._pools.values(), *self._replicas.values()]:
+            pool.close()
+
+    def __enter__(self) -> RunOps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection to ``store``; any database error comes out translated, and every
+        connection-level failure as StoreUnavailable (see :meth:`_wait`)."""
+        pool = (self._replicas if replica else self._pools).get(store)
+        if pool is None:
+            raise StoreUnavailable(f"no {store} store is configured")
+        wait = self._wait(store, replica)
+        try:
+            with pool.connection(timeout=wait) as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise self._failed(store, replica, exc, wait) from exc
+        self._answered(store, replica)
+
+    def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
+        factory = _ROW_FACTORIES.get(cls)
+        if factory is None:
+            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
+        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
+        with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
+            cur.execute(sql, params, prepare=True)
+            return cur.fetchall()
+
+    def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
+        with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(sql, params, prepare=True)
+            row = cur.fetchone()
+            return None if row is None else row[0]
 
     def _read_rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], key: str) -> list[T]:
         """A read by id or a listing: from the store's replica when there is one and ``key`` was
@@ -331,11 +444,6 @@ class RunOps:
                     time.sleep(CONFLICT_BACKOFF.delay(hop))
                 store = other
         raise AssertionError("unreachable")
-
-    # -- identity ---------------------------------------------------------------------------
-
-    classify_residency = staticmethod(ids.classify_residency)
-    try_classify_residency = staticmethod(ids.try_classify_residency)
 
     def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
         return self._rows(store, "SELECT * FROM runops.store_identity()", {}, StoreIdentity)[0]
@@ -377,17 +485,10 @@ class RunOps:
         """Enables the split once three identities agree: the run-ops store this client talks to,
         the control plane's FDW target, and (checked in SQL) that store's FDW view back."""
         if RUN_OPS in self._pools:
-            mine = self.store_identity(RUN_OPS)
-            control = self.store_identity(CONTROL_PLANE)
-            if (mine.system_identifier, mine.database_name) == (control.system_identifier, control.database_name):
-                raise SplitRefused("split refused: the run-ops URL names the control-plane database itself")
-            target = self.split_status().get("run_ops") or {}
-            if (target.get("system_identifier"), target.get("database_name")) != (
-                    mine.system_identifier, mine.database_name):
-                raise SplitRefused("split refused: the control plane's FDW reaches a different database "
-                                   f"({target.get('database_name')}, system {target.get('system_identifier')}) "
-                                   f"than this client's run-ops URL ({mine.database_name}, "
-                                   f"system {mine.system_identifier}); re-run `runops migrate` with the right URLs")
+            refusal = _split_refusal(self.store_identity(RUN_OPS), self.store_identity(CONTROL_PLANE),
+                                     self.split_status().get("run_ops") or {})
+            if refusal:
+                raise SplitRefused(refusal)
         return dict(self._scalar(CONTROL_PLANE, "SELECT runops.enable_split()", {}))
 
     def disable_split(self) -> dict[str, Any]:
@@ -419,35 +520,22 @@ class RunOps:
                 pass
         return str(self._scalar(RUN_OPS, TRIGGER_ROUTE, params))
 
-    def _root_route(self, environment_id: str) -> str:
-        """Where a root trigger goes, cached for at most a second per environment."""
-        now = time.monotonic()
-        with self._routes_lock:
-            hit = self._routes.get(environment_id)
-        if hit and hit[1] > now:
-            return hit[0]
-        store = self._route({"e": environment_id, "o": _options({})}, now)
-        with self._routes_lock:
-            self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
-        return store
-
     def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
-        self._note_written(environment_id)  # its listing is read fresh for a while (replicas)
-        for anchor in ("run_id", "parent_run_id", "batch_id"):
-            value = options.get(anchor)
-            if value is not None:
-                residency = ids.try_classify_residency(value)
-                # An unclassifiable anchor goes to the control plane, which explains the error.
-                if residency is None:
-                    return CONTROL_PLANE
-                store = ids.store_for(residency)
-                return store if store in self._pools else CONTROL_PLANE
-        try:
-            store = self._root_route(environment_id)
-        except RunOpsError:
-            # Let trigger_run itself report the problem, so errors keep the SPEC's order
-            # (a bad option is RO006 even when the environment is unknown).
-            return CONTROL_PLANE
+        """The store for a trigger: its anchor's, else the environment's root route (cached for
+        at most a second)."""
+        anchored = self._anchor_store(environment_id, options)
+        if anchored is not None:
+            return anchored
+        now = time.monotonic()
+        store = self._cached_route(environment_id, now)
+        if store is None:
+            try:
+                store = self._route({"e": environment_id, "o": _options({})}, now)
+            except RunOpsError:
+                # Let the trigger itself report the problem, so errors keep the SPEC's order
+                # (a bad option is RO006 even when the environment is unknown).
+                return CONTROL_PLANE
+            self._remember_route(environment_id, store, now)
         # Without that store configured, ask the control plane: its RO002 names the owner.
         return store if store in self._pools else CONTROL_PLANE
 
@@ -522,9 +610,7 @@ class RunOps:
                 except StoreUnavailable:
                     pass
             rows += self._rows(store, query, params, ListedRun)
-        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)  # ASCII ids: str order is byte order
-        page = rows[:page_size]
-        return RunPage(page, page[-1].cursor if len(page) == page_size else None)
+        return _merge_page(rows, page_size)
 
     def purge_runs(self, older_than: str, max_rows: int = 10000) -> dict[str, int]:
         """Deletes, on each store, final runs older than ``older_than`` (a duration such as
@@ -692,7 +778,7 @@ class RunOps:
 
     def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,
                      chunk_size: int = 1000, retries: int = 3, seal: bool = True,
-                     on_chunk: Callable[[BatchAppended], None] = lambda a: None, **options: Any) -> BatchCreated:
+                     on_chunk: Callable[[BatchAppended], None] = _ignore_chunk, **options: Any) -> BatchCreated:
         """Creates a batch and appends ``items`` in chunks, then seals it. A chunk that fails
         with a dropped connection or a retryable conflict is sent again: the server keeps the
         first content of every index, so a re-sent chunk creates nothing twice."""
@@ -785,24 +871,6 @@ class RunOps:
             raise translate(exc) from exc
 
     # -- tasks, workers and waiting (issue 12) ---------------------------------------------------------
-
-    _task_registry: TaskRegistry | None = None
-
-    @property
-    def tasks(self) -> TaskRegistry:
-        """The tasks registered on this client with :meth:`task` (what :meth:`run_worker` runs)."""
-        if self._task_registry is None:
-            self._task_registry = TaskRegistry()
-        return self._task_registry
-
-    def task(self, name: str, *, max_attempts: int | None = None,
-             retry: Backoff | None = None) -> Callable[[TaskFunction], Task]:
-        """Decorator: registers ``fn(ctx, payload)`` as the code of task ``name``.
-
-        ``max_attempts`` caps the attempts a worker makes (the run's own ``max_attempts``, a
-        trigger option defaulting to 3, caps them too); ``retry`` is the delay between them
-        (default ``Backoff(initial=1, factor=2, maximum=300, jitter=0.2)``). See runops.tasks."""
-        return self.tasks.task(name, max_attempts=max_attempts, retry=retry)
 
     def run_worker(self, environment_id: str, concurrency: int = 4, **options: Any) -> int:
         """Works ``environment_id``'s runs with this client's tasks until SIGTERM/SIGINT (or

@@ -3,7 +3,8 @@
 * :class:`Backoff` is the one delay schedule: exponential, capped, with jitter. Task retries
   (``@ro.task(retry=Backoff(...))``), conflict retries and outage waits all use it.
 * :func:`call_with_retry` repeats one call on a retryable conflict (RO008, 40001, 40P01, which
-  the client raises as :class:`RetryableConflict`) — and, when asked, on a store outage.
+  the client raises as :class:`RetryableConflict`) — and, when asked, on a store outage;
+  :func:`call_with_retry_async` is the same for the async client.
 * :func:`run_loop` is the long-running loop of the worker and of ``tick --loop``: it calls a step
   again and again and, when a store drops out, waits with a growing, jittered delay and goes on
   when the store is back, instead of exiting.
@@ -11,11 +12,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,6 +70,21 @@ def call_with_retry(call: Callable[[], T], *, tries: int = 5, backoff: Backoff =
             if n == tries:
                 raise
             time.sleep(backoff.delay(n))
+    raise AssertionError("unreachable")
+
+
+async def call_with_retry_async(call: Callable[[], Awaitable[T]], *, tries: int = 5,
+                                backoff: Backoff = CONFLICT_BACKOFF,
+                                retry_on: tuple[type[BaseException], ...] = (RetryableConflict,)) -> T:
+    """:func:`call_with_retry` for a coroutine function (the async client's), sleeping without
+    blocking the event loop."""
+    for n in range(1, tries + 1):
+        try:
+            return await call()
+        except retry_on:
+            if n == tries:
+                raise
+            await asyncio.sleep(backoff.delay(n))
     raise AssertionError("unreachable")
 
 
