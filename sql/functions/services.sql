@@ -223,8 +223,9 @@ END
 $$;
 
 -- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
--- logical replication only once the mirror is 10 s old (replication is not applying, or the
--- control plane's tick is not running), well inside the freshness bound. An unreachable
+-- logical replication only once the mirror is 10 s old, or a third of the freshness bound if
+-- that is less (replication is not applying, or the control plane's tick is not running), so
+-- the pull has refreshed it well before the bound turns new work away. An unreachable
 -- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
 -- tick tries again).
 CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
@@ -235,8 +236,9 @@ BEGIN
   IF local_residency() <> 'NEW' THEN
     RETURN 0;
   END IF;
-  IF EXISTS (SELECT FROM heartbeats AS h WHERE h.source IN ('control_plane_tick', 'mirror_pull')
-             AND h.beat_at > pg_catalog.now() - interval '10 seconds')
+  IF EXISTS (SELECT FROM heartbeats AS h, store_config AS c
+             WHERE h.source IN ('control_plane_tick', 'mirror_pull')
+               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => least(10, c.mirror_freshness_seconds / 3.0)))
      AND EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
                  AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
     RETURN 0;
