@@ -162,6 +162,7 @@ SELECT is_empty($$
       'list_store_runs',  -- one store's list_runs page, for the client's own merge (docs/listing.md)
       'list_environments',  -- `runops env list` (control plane)
       'metrics',  -- SPEC §4 [1.2]: `runops metrics` and its Prometheus endpoint
+      'mirror_status',  -- SPEC §4 [1.2] freshness bound: `runops doctor` and metrics
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
