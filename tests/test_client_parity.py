@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import secrets
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -51,6 +52,25 @@ def test_every_call_that_does_io_is_a_coroutine_on_the_async_client() -> None:
         if name not in no_io:
             assert inspect.iscoroutinefunction(member), name
     assert inspect.isasyncgenfunction(inspect.unwrap(AsyncRunOps.listen))  # an async context manager
+
+
+@pytest.mark.parametrize("cls", [RunOps, AsyncRunOps])
+def test_every_public_method_has_a_docstring(cls: type) -> None:
+    undocumented = [name for name, member in public_methods(cls).items()
+                    if not inspect.getdoc(member.fget if isinstance(member, property) else member)]
+    assert undocumented == []
+
+
+def test_unknown_trigger_options_are_refused_before_any_round_trip() -> None:
+    # Nothing listens on this port: a round trip would be StoreUnavailable, not InvalidInput.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"postgresql://nobody@127.0.0.1:{probe.getsockname()[1]}/none"
+    for flavour in (RunOps, Blocking):
+        with flavour(dead, timeout=0.5) as nowhere:
+            with pytest.raises(InvalidInput, match="unknown trigger option idempotency_kye") as refused:
+                nowhere.trigger_run("env_x", "t", idempotency_kye="k")
+            assert refused.value.hint is not None and "idempotency_key" in refused.value.hint
 
 
 # -- the same scenarios on both ------------------------------------------------------------------------

@@ -19,14 +19,23 @@ from .models import (
     FINAL_STATUSES,
     RUN_STATUSES,
     Batch,
+    BatchAppended,
+    BatchCreated,
+    BatchSealed,
     BatchStatus,
+    BatchTriggered,
     ChildTriggerOptions,
+    EnvironmentInfo,
+    ListedRun,
     Run,
+    RunPage,
     RunStatus,
     StoreIdentity,
     TriggerOptions,
     TriggerResult,
     Waitpoint,
+    WaitpointCompletion,
+    WaitpointCreated,
     WaitpointStatus,
 )
 from .retry import Backoff, call_with_retry
@@ -35,6 +44,8 @@ from .worker import Outcome, Worker
 
 __all__ = [
     "CONTROL_PLANE", "RUN_OPS", "RunOps", "AsyncRunOps", "Run", "Batch", "Waitpoint", "StoreIdentity", "TriggerResult",
+    "ListedRun", "RunPage", "EnvironmentInfo", "BatchTriggered", "BatchCreated", "BatchAppended", "BatchSealed",
+    "WaitpointCreated", "WaitpointCompletion",
     "RunStatus", "BatchStatus", "WaitpointStatus", "RUN_STATUSES", "FINAL_STATUSES",
     "TriggerOptions", "ChildTriggerOptions",
     "classify_residency", "try_classify_residency",

@@ -12,9 +12,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, Unpack
 
 import psycopg
 from psycopg import sql
@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import ids
 from .errors import (
+    InvalidInput,
     NotFound,
     RetryableConflict,
     RunOpsError,
@@ -45,6 +46,7 @@ from .models import (
     Run,
     RunPage,
     StoreIdentity,
+    TriggerOptions,
     TriggerResult,
     Waitpoint,
     WaitpointCompletion,
@@ -80,6 +82,19 @@ def _strip_key(opts: dict[str, Any]) -> dict[str, Any]:
 def _options(values: dict[str, Any]) -> Jsonb:
     """Keyword options to the jsonb the SQL API takes: None means "not given"."""
     return Jsonb(_strip_key({k: v for k, v in values.items() if v is not None}))
+
+
+TRIGGER_OPTION_NAMES = frozenset(TriggerOptions.__optional_keys__)
+
+
+def _trigger_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``trigger_run``'s options as a plain dict, after refusing names the SQL API does not know
+    (a typo would otherwise cost a round trip to learn the same RO006)."""
+    unknown = sorted(set(options) - TRIGGER_OPTION_NAMES)
+    if unknown:
+        raise InvalidInput(f"unknown trigger option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+                           hint="the options are: " + ", ".join(sorted(TRIGGER_OPTION_NAMES)))
+    return dict(options)
 
 
 def _items(items: list[dict[str, Any]]) -> Jsonb:
@@ -236,8 +251,16 @@ class _Router(Generic[P]):
         """Whether a run-ops store is configured (else every call goes to the control plane)."""
         return RUN_OPS in self._pools
 
-    classify_residency = staticmethod(ids.classify_residency)
-    try_classify_residency = staticmethod(ids.try_classify_residency)
+    @staticmethod
+    def classify_residency(id_: str | None) -> ids.Residency:
+        """LEGACY (cuid) or NEW (ksuid) from an id's shape alone, no round trip; UnclassifiableId
+        (RO001) for any other shape."""
+        return ids.classify_residency(id_)
+
+    @staticmethod
+    def try_classify_residency(id_: str | None) -> ids.Residency | None:
+        """As :meth:`classify_residency`, with None for an id of no known shape."""
+        return ids.try_classify_residency(id_)
 
     def _store_of(self, id_: str) -> str:
         return ids.store_for(ids.classify_residency(id_))
@@ -294,10 +317,16 @@ class _Router(Generic[P]):
     def _failed(self, store: str, replica: bool, exc: psycopg.Error, wait: float) -> Exception:
         """The exception a call to ``store`` raises for ``exc``; a connection-level failure marks
         the store as down until a call gets through."""
-        health = self._replica_down if replica else self._down
         if not is_connection_failure(exc):
-            health.pop(store, None)  # the store answered, if only with an error
+            self._answered(store, replica)  # the store answered, if only with an error
             return translate(exc)
+        health = self._replica_down if replica else self._down
+        if store not in health:
+            # Logged once per outage (and once when it ends): a caller that carries on with the
+            # other store, such as dequeue_runs, raises nothing that would tell of it.
+            log.warning("the %s %s is unavailable; its calls wait at most %gs for a connection until it answers: %s",
+                        store, "replica" if replica else "store", DEGRADED_WAIT,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         health[store] = time.monotonic()
         if isinstance(exc, PoolTimeout):
             gone = StoreUnavailable(f"the {store} store is unavailable (no connection within {wait:g}s): {exc}")
@@ -306,7 +335,8 @@ class _Router(Generic[P]):
         return translate(exc)
 
     def _answered(self, store: str, replica: bool) -> None:
-        (self._replica_down if replica else self._down).pop(store, None)
+        if (self._replica_down if replica else self._down).pop(store, None) is not None:
+            log.warning("the %s %s is back", store, "replica" if replica else "store")
 
     # -- replicas: reads by id and listings, never what this client just wrote ------------------
 
@@ -372,6 +402,7 @@ class RunOps(_Router[ConnectionPool]):
         return cls(cp, ro, **kwargs)
 
     def close(self) -> None:
+        """Closes the connection pools."""
         for pool in [*self._pools.values(), *self._replicas.values()]:
             pool.close()
 
@@ -446,23 +477,30 @@ class RunOps(_Router[ConnectionPool]):
         raise AssertionError("unreachable")
 
     def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
+        """The identity (system identifier, database, role, version) of one store."""
         return self._rows(store, "SELECT * FROM runops.store_identity()", {}, StoreIdentity)[0]
 
     def store_role(self, store: str = CONTROL_PLANE) -> str:
+        """The role one store has (CONTROL_PLANE or RUN_OPS)."""
         return str(self._scalar(store, "SELECT runops.store_role()", {}))
 
     # -- tenants (control plane) --------------------------------------------------------------
 
     def create_organization(self, slug: str, *, title: str | None = None,
                             mint_kind: str | None = None) -> str:
+        """Creates an organization on the control plane (``mint_kind``: cuid or ksuid, else the
+        default); its id. Raises InvalidInput."""
         return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_organization(%(slug)s, %(o)s)",
                                 {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
 
     def create_project(self, organization_id: str, slug: str) -> str:
+        """Creates a project in an organization on the control plane; its id. Raises InvalidInput, NotFound."""
         return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_project(%(org)s, %(slug)s)",
                                 {"org": organization_id, "slug": slug}))
 
     def create_environment(self, project_id: str, slug: str, type: str) -> str:
+        """Creates an environment (``type``: PRODUCTION, STAGING, DEVELOPMENT, PREVIEW) on the
+        control plane; its id. Raises InvalidInput, NotFound."""
         return str(self._scalar(CONTROL_PLANE, "SELECT runops.create_environment(%(p)s, %(s)s, %(t)s)",
                                 {"p": project_id, "s": slug, "t": type}))
 
@@ -473,12 +511,15 @@ class RunOps(_Router[ConnectionPool]):
                           EnvironmentInfo)
 
     def update_environment(self, environment_id: str, **changes: Any) -> None:
+        """Changes an environment (``paused``, ``archived``, ...) on the control plane. Raises
+        InvalidInput, NotFound."""
         self._scalar(CONTROL_PLANE, "SELECT runops.update_environment(%(e)s, %(c)s)",
                      {"e": environment_id, "c": _options(changes)})
 
     # -- split control (control plane) ---------------------------------------------------------
 
     def split_status(self) -> dict[str, Any]:
+        """The split's state and both stores' identities, from the control plane."""
         return dict(self._scalar(CONTROL_PLANE, "SELECT runops.split_status()", {}))
 
     def enable_split(self) -> dict[str, Any]:
@@ -492,13 +533,18 @@ class RunOps(_Router[ConnectionPool]):
         return dict(self._scalar(CONTROL_PLANE, "SELECT runops.enable_split()", {}))
 
     def disable_split(self) -> dict[str, Any]:
+        """Disables the split on the control plane (new roots are LEGACY again); the new status."""
         return dict(self._scalar(CONTROL_PLANE, "SELECT runops.disable_split()", {}))
 
     def set_mint_kind(self, organization_id: str, kind: str) -> None:
+        """Sets an organization's mint kind (cuid: roots LEGACY; ksuid: roots NEW), on the control
+        plane. Raises InvalidInput, NotFound."""
         self._scalar(CONTROL_PLANE, "SELECT runops.set_mint_kind(%(o)s, %(k)s)",
                      {"o": organization_id, "k": kind})
 
     def set_default_mint_kind(self, kind: str) -> None:
+        """Sets the mint kind (cuid or ksuid) of organizations without their own, on the control
+        plane. Raises InvalidInput."""
         self._scalar(CONTROL_PLANE, "SELECT runops.set_default_mint_kind(%(k)s)", {"k": kind})
 
     # -- triggering ---------------------------------------------------------------------------
@@ -540,18 +586,25 @@ class RunOps(_Router[ConnectionPool]):
         return store if store in self._pools else CONTROL_PLANE
 
     def trigger_run(self, environment_id: str, task_identifier: str, payload: Any = None,
-                    **options: Any) -> TriggerResult:
+                    **options: Unpack[TriggerOptions]) -> TriggerResult:
+        """Triggers a run: roots in the environment's store (``trigger_route``, cached a second; from
+        the run-ops mirror when the control plane is down), children in their anchor's. Unknown
+        option names raise InvalidInput before any round trip; the SQL raises InvalidInput,
+        NotFound, EnvironmentUnusable, UnclassifiableId."""
+        given = _trigger_options(options)
         params = {"e": environment_id, "t": task_identifier,
-                  "p": Jsonb({} if payload is None else payload), "o": _options(options)}
+                  "p": Jsonb({} if payload is None else payload), "o": _options(given)}
 
         def call(store: str) -> TriggerResult:
             return self._rows(store, "SELECT * FROM runops.trigger_run(%(e)s, %(t)s, %(p)s, %(o)s)",
                               params, TriggerResult)[0]
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, given), call)  # type: ignore[no-any-return]
 
     def trigger_failed_task(self, environment_id: str, task_identifier: str, payload: Any, error: Any,
                             **options: Any) -> TriggerResult:
+        """Records a run that failed before it could be triggered (final at once), in the
+        environment's root store; options as :meth:`trigger_run`. Raises InvalidInput, NotFound."""
         params = {"e": environment_id, "t": task_identifier, "p": Jsonb(payload), "x": Jsonb(error),
                   "o": _options(options)}
 
@@ -634,6 +687,8 @@ class RunOps(_Router[ConnectionPool]):
 
     def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
                      environment_id: str | None = None) -> Run:
+        """Moves the run to a final ``status`` with ``error``/``output``, on the run's store.
+        Raises NotFound, IllegalTransition, InvalidInput."""
         return self._rows(self._write_store_of(run_id),
                           "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s, %(env)s)",
                           {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
@@ -666,40 +721,57 @@ class RunOps(_Router[ConnectionPool]):
         return leasing.result()
 
     def heartbeat_run(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        """Extends the worker's lease on the run, on the run's store. Raises NotFound, IllegalTransition
+        (the lease was lost)."""
         return self._run_call("heartbeat_run", run_id, ", %(w)s, %(env)s", {"w": worker_id, "env": environment_id})
 
     def start_attempt(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
+        """DEQUEUED -> EXECUTING with the next (or the paused) attempt, on the run's store. Raises
+        NotFound, IllegalTransition (another worker's lease)."""
         return self._run_call("start_attempt", run_id, ", %(w)s, %(env)s", {"w": worker_id, "env": environment_id})
 
     def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None, *,
                          environment_id: str | None = None) -> Run:
+        """Completes the executing attempt with ``output``, on the run's store. Raises NotFound,
+        IllegalTransition."""
         return self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s, %(env)s",
                               {"n": attempt_number, "o": Jsonb(output), "env": environment_id})
 
     def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
                      retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
+        """Fails the executing attempt; retried at ``retry_at`` while attempts remain, else final.
+        On the run's store. Raises NotFound, IllegalTransition, InvalidInput."""
         return self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s, %(env)s",
                               {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id})
 
     def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
                           metadata: Any = None, *, environment_id: str | None = None) -> Run:
+        """Suspends the executing run (WAITING_TO_RESUME, or PENDING when nothing blocks it any
+        more), on the run's store. Raises NotFound, IllegalTransition."""
         return self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s, %(env)s",
                               {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
                                "env": environment_id})
 
     def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
+        """Resumes a waiting run once nothing blocks it, on the run's store (idempotent). Raises
+        NotFound, IllegalTransition."""
         return self._run_call("resume_run", run_id, ", %(env)s", {"env": environment_id})
 
     def cancel_run(self, run_id: str, reason: str | None = None, *, environment_id: str | None = None) -> Run:
+        """Cancels the run and its live descendants, on the run's store. Raises NotFound,
+        IllegalTransition (already final), UnclassifiableId."""
         return self._run_call("cancel_run", run_id, ", %(c)s, %(env)s", {"c": reason, "env": environment_id})
 
     def block_run(self, run_id: str, waitpoint_ids: list[str], *, environment_id: str | None = None) -> Run:
+        """Makes the run wait on the waitpoints, on the run's store. Raises NotFound, IllegalTransition."""
         return self._run_call("block_run", run_id, ", %(w)s, '{}', %(env)s",
                               {"w": waitpoint_ids, "env": environment_id})
 
     # -- waitpoints ---------------------------------------------------------------------------------
 
     def create_waitpoint(self, environment_id: str, type: str, **options: Any) -> WaitpointCreated:
+        """Creates a DATETIME or MANUAL waitpoint in the environment's root store (options:
+        ``completed_after``, ``idempotency_key``, ...). Raises InvalidInput, NotFound."""
         params = {"e": environment_id, "t": type, "o": _options(options)}
 
         def call(store: str) -> WaitpointCreated:
@@ -709,6 +781,7 @@ class RunOps(_Router[ConnectionPool]):
         return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call)  # type: ignore[no-any-return]
 
     def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
+        """The waitpoint from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
         residency = ids.try_classify_residency(waitpoint_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
@@ -745,6 +818,8 @@ class RunOps(_Router[ConnectionPool]):
         return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
 
     def create_batch(self, environment_id: str, expected_count: int, **options: Any) -> BatchCreated:
+        """Creates an open batch of ``expected_count`` items in the environment's root store (filled
+        by :meth:`append_batch_items`, then sealed). Raises InvalidInput, NotFound, EnvironmentUnusable."""
         params = {"e": environment_id, "n": expected_count, "o": _options(options)}
 
         def call(store: str) -> BatchCreated:
@@ -755,20 +830,26 @@ class RunOps(_Router[ConnectionPool]):
 
     def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]], *,
                            environment_id: str | None = None) -> BatchAppended:
+        """Adds items from ``start_index`` to an open batch, on the batch's store; a re-sent index creates
+        nothing twice. Raises NotFound, InvalidInput, IllegalTransition (sealed)."""
         return self._rows(self._write_store_of(batch_id),
                           "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s, %(env)s)",
                           {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
                           BatchAppended)[0]
 
     def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
+        """Seals an open batch (no more items), on the batch's store. Raises NotFound, IllegalTransition."""
         return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s, %(env)s)",
                           {"b": batch_id, "env": environment_id}, BatchSealed)[0]
 
     def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
+        """Resumes the run waiting on this batch once all its runs are final, on the batch's store
+        (idempotent); the batch. Raises NotFound."""
         return self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.resume_batch_run(%(b)s, %(env)s)",
                           {"b": batch_id, "env": environment_id}, Batch)[0]
 
     def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
+        """The batch from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
         residency = ids.try_classify_residency(batch_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
@@ -837,21 +918,31 @@ class RunOps(_Router[ConnectionPool]):
         return {s: dict(self._scalar(s, "SELECT runops.metrics(%(e)s)", {"e": environment_id})) for s in targets}
 
     def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
+        """One pass of time-driven work on every store that answers; counts by store (a store that
+        did not answer is absent). StoreUnavailable only when none answers."""
         return self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows}, partial=True)
 
     def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
+        """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
+        when none answers."""
         return sum(self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs},
                                     partial=True).values())
 
     def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
+        """Expires queued runs whose ttl ran out, on every store that answers; the count.
+        StoreUnavailable only when none answers."""
         return sum(self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs},
                                     partial=True).values())
 
     def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
+        """Cancels a dev session's live runs on every store; the count. StoreUnavailable names a
+        store that did not answer (the others did their part; safe to repeat)."""
         return sum(self._each_store("SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)",
                                     {"e": environment_id, "d": dev_session_id}).values())
 
     def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
+        """Queues the environment's runs waiting for a deploy of these tasks, on every store; the
+        count. StoreUnavailable names a store that did not answer (safe to repeat)."""
         return sum(self._each_store("SELECT runops.execute_tasks_waiting_for_deploy(%(e)s, %(t)s)",
                                     {"e": environment_id, "t": task_identifiers}).values())
 
