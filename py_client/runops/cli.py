@@ -4,7 +4,8 @@ Exit codes: 0 ok; 1 an unexpected failure; 2 bad usage; 3 a store is behind its 
 (`migrate --check`); 4 a benchmark missed a target; 5 `migrate` found a precondition missing
 (nothing changed); 10 + n for an RO00n error (11 unclassifiable id, 12 wrong store,
 13 illegal transition, 14 not found, 15 environment unusable, 16 invalid input,
-17 split refused, 18 retryable conflict, 19 store unavailable).
+17 split refused, 18 retryable conflict, 19 store unavailable). `doctor` exits by its worst
+check instead: 0 all ok, 1 a warning, 2 a failure.
 """
 
 from __future__ import annotations
@@ -153,23 +154,43 @@ def dev_up(ctx: Ctx) -> None:
         with RunOps(urls[CONTROL_PLANE], urls[RUN_OPS]) as client:
             status = client.enable_split()
             client.wait_for_mirror()
+            _wait_for_mirror_worker(admin[RUN_OPS])
+            # Time-driven work runs here as in a deployment (docs/decisions.md): a first pass
+            # now, so the stores are fresh before this command returns, then the background loop.
+            client.tick()
+        ticker = stores.start_ticker()
         bar.update(1)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if ctx.as_json:
-        emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status})
+        emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status,
+                   "ticker_pid": ticker})
         return
     table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
            (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
           ["store", "port", "url"], title="local stores are up")
     click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
+    click.echo(f"tick: `runops tick --loop` runs in the background (pid {ticker}, log {stores.ticker_log}); "
+               "`runops dev down` stops it")
+
+
+def _wait_for_mirror_worker(run_ops_url: str, timeout: float = 15.0) -> None:
+    """After a restart the subscription's apply worker starts some seconds after the server:
+    wait for it (bounded), so `dev up` returns a pair `doctor` finds fully up."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(run_ops_url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT runops.mirror_status() ->> 'state'").fetchone()
+            if row is None or row[0] != "not_running":
+                return
+            time.sleep(0.2)
 
 
 @dev.command("down")
 @pass_ctx
 @reports_errors
 def dev_down(ctx: Ctx) -> None:
-    """Stop both local stores (their data stays)."""
+    """Stop both local stores and their background tick (their data stays)."""
     stores = LocalStores.from_cwd()
     stores.stop()
     if ctx.as_json:
@@ -186,11 +207,14 @@ def dev_status(ctx: Ctx) -> None:
     stores = LocalStores.from_cwd()
     running = stores.running()
     urls = stores.app_urls()
+    ticking = stores.ticker_running()
     if ctx.as_json:
-        emit_json({"running": running, "urls": urls, "data_root": stores.data_root})
+        emit_json({"running": running, "urls": urls, "data_root": stores.data_root,
+                   "ticker_pid": stores.ticker_pid if ticking else None})
     else:
         table([(s, "running" if running[s] else "stopped", c.port, c.datadir) for s, c in stores.clusters.items()],
               ["store", "state", "port", "data"])
+        click.echo(f"tick: {f'running (pid {stores.ticker_pid})' if ticking else 'not running'}")
     if not all(running.values()):
         sys.exit(1)
 
@@ -244,6 +268,46 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, pe
                f"tenant mirror: {report.mirror}")
     for note in report.notes:
         click.echo(f"note: {note}")
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--control-plane-url", help="URL of the control plane (an admin URL sees everything); default as "
+              "for migrate: RUNOPS_CONTROL_PLANE_ADMIN_URL, then RUNOPS_CONTROL_PLANE_URL, then the local dev store.")
+@click.option("--run-ops-url", help="URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL, then "
+              "RUNOPS_RUN_OPS_URL, then the local dev store (only when no URL at all is set).")
+@pass_ctx
+def doctor(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None) -> None:
+    """Check both stores and say what to fix: identities and versions, the topology the sentinel
+    sees, migrations, function drift against sql/functions, the FDW both ways, the tenant mirror
+    and its replication slot, tick freshness, and stuck work (docs/operations.md, "doctor").
+    Changes nothing.
+
+    One line per check: `ok|warn|fail  CHECK  DETAIL` (--json: the checks with their figures).
+    Exit code by the worst check: 0 all ok, 1 a warning, 2 a failure (a store that does not
+    answer is a failure naming it).
+    """
+    from . import doctor as doctoring
+
+    try:
+        targets = migrations.resolve_targets(control_plane_url, run_ops_url)
+    except RunOpsError as err:
+        # Nothing to examine is itself the finding, reported like any other check.
+        report = doctoring.Report([], [doctoring.Check("targets", "fail", err.message)])
+    else:
+        if not ctx.as_json:
+            for target in targets.values():
+                click.echo(f"examining {target.describe()}")
+        report = doctoring.examine(targets)
+    if ctx.as_json:
+        emit_json(report.as_json())
+    else:
+        width = max(len(c.name) for c in report.checks)
+        for check in report.checks:
+            colour = {"ok": "green", "warn": "yellow", "fail": "red"}[check.severity]
+            click.echo(click.style(f"{check.severity:<4}", fg=colour) + f"  {check.name.ljust(width)}  {check.detail}")
+    sys.exit(report.exit_code)
 
 
 # -- split ----------------------------------------------------------------------------------
@@ -704,9 +768,11 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")
 @click.option("--max-rows", type=int, default=1000, show_default=True,
               help="Most rows each kind of work handles per pass.")
+@click.option("--dev-home", hidden=True, help="Set by `dev up`: the local stores this loop ticks for.")
+@click.option("--dev-token", hidden=True, help="Set by `dev up`: stop once the stores name another ticker.")
 @pass_ctx
 @reports_errors
-def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
+def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | None, dev_token: str | None) -> None:
     """Run one pass of all time-driven work on every store (or keep doing it with --loop).
     With --loop a store outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
     import signal
@@ -736,10 +802,17 @@ def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int) -> None:
         stopping.set()
         wake.set()
 
+    def should_stop() -> bool:
+        # The ticker `dev up` started ends with its stores (removed, stopped, or handed to a
+        # newer ticker), even if nobody signals it.
+        if dev_home is not None and dev_token is not None and not LocalStores.wants_ticker(dev_home, dev_token):
+            return True
+        return stopping.is_set()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _log_to_stderr()
-    run_loop(one_pass, wake=wake, should_stop=stopping.is_set, what="tick")
+    run_loop(one_pass, wake=wake, should_stop=should_stop, what="tick")
 
 
 def _log_to_stderr() -> None:

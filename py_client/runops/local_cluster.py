@@ -16,9 +16,12 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -202,6 +205,12 @@ class LocalStores:
     bindir: str
     app_password: str
     clusters: dict[str, Cluster]
+    # The background `runops tick --loop` that `dev up` starts for these stores (docs/decisions.md:
+    # local stores tick like a deployment does); `dev down` stops it. The token, written before
+    # the ticker starts, is how the ticker knows it is still the one these stores want, and how
+    # we know a live pid is still that ticker.
+    ticker_pid: int | None = None
+    ticker_token: str | None = None
 
     @staticmethod
     def state_file(home: Path) -> Path:
@@ -262,8 +271,70 @@ class LocalStores:
             cluster.create_database()
 
     def stop(self) -> None:
+        self.stop_ticker()
         for cluster in self.clusters.values():
             cluster.stop(Path(self.bindir))
+
+    @property
+    def ticker_log(self) -> Path:
+        return Path(self.home) / "tick.log"
+
+    def ticker_running(self) -> bool:
+        """Whether the recorded ticker is alive — and is still our ticker, not a process that
+        inherited its pid after a reboot."""
+        if self.ticker_pid is None or self.ticker_token is None:
+            return False
+        try:
+            cmdline = Path(f"/proc/{self.ticker_pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return self.ticker_token.encode() in cmdline
+
+    def start_ticker(self) -> int:
+        """Starts `runops tick --loop` for these stores in the background, detached from this
+        terminal (its own session; stdout discarded, warnings to .runops/tick.log), once."""
+        if self.ticker_running():
+            assert self.ticker_pid is not None
+            return self.ticker_pid
+        urls = self.app_urls()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNOPS_")}
+        env.update({"RUNOPS_CONTROL_PLANE_URL": urls["CONTROL_PLANE"], "RUNOPS_RUN_OPS_URL": urls["RUN_OPS"]})
+        self.ticker_token = secrets.token_hex(8)
+        self.save()
+        with open(self.ticker_log, "ab") as log:
+            child = subprocess.Popen([sys.executable, "-m", "runops.cli", "tick", "--loop",
+                                      "--dev-home", self.home, "--dev-token", self.ticker_token],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                     cwd=Path(self.home).parent, env=env, start_new_session=True)
+        self.ticker_pid = child.pid
+        self.save()
+        return child.pid
+
+    def stop_ticker(self, timeout: float = 10.0) -> None:
+        """Ends the ticker (SIGTERM: it finishes its pass) and forgets it."""
+        if self.ticker_running():
+            assert self.ticker_pid is not None
+            os.kill(self.ticker_pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.ticker_running() and time.monotonic() < deadline:
+                _reap(self.ticker_pid)
+                time.sleep(0.1)
+            if self.ticker_running():
+                os.kill(self.ticker_pid, signal.SIGKILL)
+        if self.ticker_pid is not None or self.ticker_token is not None:
+            self.ticker_pid = self.ticker_token = None
+            if Path(self.home).is_dir():  # destroy() may stop stores whose home is already gone
+                self.save()
+
+    @staticmethod
+    def wants_ticker(home: str, token: str) -> bool:
+        """Whether ``home``'s state still names the ticker holding ``token``: a ticker whose
+        stores were removed, stopped or handed to another ticker stops itself."""
+        try:
+            raw = json.loads(LocalStores.state_file(Path(home)).read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(raw.get("ticker_token") == token)
 
     def running(self) -> dict[str, bool]:
         return {store: c.running(Path(self.bindir)) for store, c in self.clusters.items()}
@@ -280,6 +351,15 @@ class LocalStores:
         for c in self.clusters.values():
             shutil.rmtree(c.datadir, ignore_errors=True)
             shutil.rmtree(c.socket_dir, ignore_errors=True)
+
+
+def _reap(pid: int) -> None:
+    """Collects the ticker's exit status when this process started it (else it would linger as
+    a zombie that still looks alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
 
 
 def _server_user_can_write_after_chown(home: Path) -> bool:

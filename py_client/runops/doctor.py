@@ -1,0 +1,717 @@
+"""`runops doctor`: is this pair of stores healthy, and if not, what to do about it.
+
+Each check is a small function that looks at one thing and returns one :class:`Check` (ok, warn
+or fail, a one-line detail, and the figures behind it). The checks only read: doctor never
+changes a store. docs/operations.md ("doctor") says what each check means and what to do.
+
+Which databases: the same resolution `runops migrate` uses (flags, RUNOPS_*_ADMIN_URL,
+RUNOPS_*_URL, the local dev stores). Some checks read catalog and runops tables an application
+login may not see; they ask for an admin URL instead of guessing.
+
+A store that does not answer is one `fail` line naming it; the checks that need it are left
+out, and the checks the other store can still answer (its FDW towards the missing one, say) run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from . import migrate as migrations
+from .errors import StoreUnavailable, translate
+from .schema import SQL, render
+
+CONTROL_PLANE, RUN_OPS = "CONTROL_PLANE", "RUN_OPS"
+LABELS = migrations.LABELS
+SEVERITIES = ("ok", "warn", "fail")
+EXIT_CODES = {"ok": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every number doctor judges by, in one place (docs/operations.md explains each)."""
+
+    # tick runs every 1-2 s (`runops tick --loop`, pg_cron's tick_every): a minute without a beat
+    # means delayed runs, retries and lapsed leases are a minute late; ten, that nothing ticks.
+    tick_warn_seconds: float = 60.0
+    tick_fail_seconds: float = 600.0
+    # Work tick should have done by now, given some slack for a busy tick (1,000 rows per step).
+    stuck_grace_seconds: float = 300.0
+    # A sealed batch whose runs have not all finished after a day: its runs are stuck or lost.
+    processing_batch_warn_seconds: float = 86400.0
+    # WAL a replication slot holds back, as a share of max_slot_wal_keep_size (the slot is lost
+    # at 1.0); and the absolute figure when that setting is unlimited.
+    slot_retained_warn_fraction: float = 0.5
+    slot_retained_warn_bytes: int = 1 << 30
+    # How long doctor waits for one statement (an FDW probe to a hung peer must not hang doctor).
+    statement_timeout_ms: int = 10000
+    connect_timeout_seconds: int = 5
+
+
+THRESHOLDS = Thresholds()
+
+
+@dataclass
+class Check:
+    name: str
+    severity: str          # ok | warn | fail
+    detail: str            # one line
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.severity in SEVERITIES, self.severity
+
+
+def worst(checks: list[Check]) -> str:
+    return max((c.severity for c in checks), key=SEVERITIES.index, default="ok")
+
+
+def exit_code(checks: list[Check]) -> int:
+    """0 when every check is ok, 1 when the worst is a warning, 2 when one failed."""
+    return EXIT_CODES[worst(checks)]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line, and its DETAIL's (postgres_fdw puts the cause there: "could not
+    connect to server" / "Connection refused")."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    diag = getattr(exc, "diag", None)
+    detail = getattr(diag, "message_detail", None) if diag is not None else None
+    if detail and detail.strip():
+        line += f" ({detail.strip().splitlines()[0]})"
+    return line
+
+
+def _slug(store: str) -> str:
+    return migrations.SECTIONS[store]
+
+
+# -- the installed functions against sql/functions --------------------------------------------
+
+_FUNCTION_HEADER = re.compile(r"^CREATE\s+(?:OR\s+REPLACE\s+)?FUNCTION\s+runops\.(\w+)\s*\(", re.I | re.M)
+_BODY_START = re.compile(r"\bAS\s+(\$\w*\$)", re.I)
+
+
+def _closing_paren(text: str, start: int) -> int:
+    """The index of the parenthesis closing the one at ``start`` (quotes and nesting skipped)."""
+    depth, i = 0, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "'":
+            i = text.index("'", i + 1)
+        elif ch == '"':
+            i = text.index('"', i + 1)
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError("unbalanced parentheses")
+
+
+def _input_arity(arguments: str) -> int:
+    """How many input arguments an argument list declares (pg_proc.pronargs: OUT ones excluded)."""
+    parts, depth, current = [], 0, ""
+    for ch in arguments:
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += ch == "("
+        depth -= ch == ")"
+        current += ch
+    parts.append(current)
+    return sum(1 for p in parts if p.strip() and not re.match(r"\s*OUT\s", p, re.I))
+
+
+def shipped_functions(store: str) -> dict[tuple[str, int], list[str]]:
+    """The bodies sql/functions/*.sql gives this store, keyed by (name, input arity): the text
+    between each function's dollar quotes, rendered for the store as the revisions render it.
+    Functions with an SQL-standard body (no dollar quotes) carry no comparable text: ''."""
+    found: dict[tuple[str, int], list[str]] = {}
+    for path in sorted((SQL / "functions").glob("*.sql")):
+        text = render(path.read_text(), store)
+        pos = 0
+        while match := _FUNCTION_HEADER.search(text, pos):
+            close = _closing_paren(text, match.end() - 1)
+            arity = _input_arity(text[match.end():close])
+            end_of_statement = text.find(";", close)
+            body = _BODY_START.search(text, close)
+            source = ""
+            if body is not None and (end_of_statement < 0 or body.start() < end_of_statement):
+                tag = body.group(1)
+                finish = text.index(tag, body.end())
+                source = text[body.end():finish]
+                pos = finish + len(tag)
+            else:
+                pos = close
+            found.setdefault((match.group(1), arity), []).append(source)
+    return found
+
+
+# -- connections ----------------------------------------------------------------------------
+
+@dataclass
+class Store:
+    """One examined database: its role, where its URL came from, and an open connection (None
+    when it did not answer)."""
+
+    store: str
+    target: migrations.Target
+    conn: psycopg.Connection[Any] | None = None
+    error: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.store]
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.store)
+
+
+def open_store(target: migrations.Target, thresholds: Thresholds = THRESHOLDS) -> Store:
+    found = Store(target.store, target)
+    try:
+        found.conn = psycopg.connect(target.url, autocommit=True, connect_timeout=thresholds.connect_timeout_seconds,
+                                     options=f"-c statement_timeout={thresholds.statement_timeout_ms}",
+                                     application_name="runops doctor")
+    except psycopg.Error as exc:
+        found.error = _first_line(translate(exc))
+    return found
+
+
+class NeedsAdmin(Exception):
+    """The login may not read what a check needs (an application URL, not an admin one)."""
+
+
+@contextmanager
+def _reading(store: Store) -> Iterator[psycopg.Connection[Any]]:
+    """One check's transaction on ``store``: rolled back afterwards (doctor changes nothing)."""
+    assert store.conn is not None
+    try:
+        with store.conn.transaction(force_rollback=True):
+            yield store.conn
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise NeedsAdmin(_first_line(exc)) from exc
+
+
+def _lost(store: Store) -> bool:
+    """Whether the connection to the store itself went away (not an error it reported)."""
+    return store.conn is None or store.conn.broken or store.conn.closed
+
+
+def guarded(name: str, store: Store, check: Callable[[], Check]) -> Check:
+    """Runs one check; never raises. A store that went away is a `fail` naming it; a login
+    without the privileges a check needs is a `warn` asking for an admin URL."""
+    try:
+        return check()
+    except NeedsAdmin as exc:
+        return Check(name, "warn", f"cannot check as this login ({exc}): give doctor an admin URL "
+                                   f"(RUNOPS_{store.slug.upper()}_ADMIN_URL or --{store.slug.replace('_', '-')}-url)")
+    except psycopg.Error as exc:
+        gone = translate(exc)
+        if isinstance(gone, StoreUnavailable) or _lost(store):
+            return Check(name, "fail", f"the {store.label} became unavailable (StoreUnavailable): {_first_line(exc)}")
+        return Check(name, "fail", f"{_first_line(exc)} (on the {store.label})")
+    except Exception as exc:  # a bug in a check must not hide the others' answers
+        return Check(name, "fail", f"the check itself failed: {type(exc).__name__}: {_first_line(exc)}")
+
+
+# -- the checks -----------------------------------------------------------------------------
+
+def check_store(store: Store) -> Check:
+    """Reachable, which server and database it is, and that it is the store it was named as."""
+    name = f"store.{store.slug}"
+    if store.conn is None:
+        return Check(name, "fail", f"the {store.label} is unavailable (StoreUnavailable): {store.error}",
+                     {"where": store.target.describe()})
+
+    def run() -> Check:
+        with _reading(store) as conn:
+            row = conn.execute("""
+                SELECT current_setting('server_version'), current_database(),
+                       (SELECT oid FROM pg_database WHERE datname = current_database())::bigint,
+                       current_user, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                       to_regprocedure('runops.store_role()') IS NOT NULL""").fetchone()
+            assert row is not None
+            version, database, oid, user, is_super, installed = row
+            facts: dict[str, Any] = {"server_version": version, "database_name": database, "database_oid": oid,
+                                     "login": user, "superuser": is_super, "store_role": None,
+                                     "system_identifier": None}
+            store.facts.update(facts)
+            try:
+                with conn.transaction():
+                    control = conn.execute("SELECT (pg_control_system()).system_identifier::text").fetchone()
+                facts["system_identifier"] = control[0] if control else None
+            except psycopg.errors.InsufficientPrivilege:
+                pass  # pg_control_system() needs pg_monitor or a superuser on some installations
+            if installed:
+                role = conn.execute("SELECT runops.store_role()").fetchone()
+                facts["store_role"] = role[0] if role else None
+            store.facts.update(facts)
+        who = f"as {user}{' (superuser)' if is_super else ''}"
+        sysid = facts["system_identifier"] or "(hidden)"
+        where = f"PostgreSQL {str(version).split()[0]}, database {database}, system {sysid}"
+        if not installed:
+            return Check(name, "fail", f"{where}: runops is not installed here (run `runops migrate`)", facts)
+        if facts["store_role"] != store.store:
+            return Check(name, "fail", f"{where}: this database is a {facts['store_role']} store, named here as the "
+                                       f"{store.label} (are the two URLs swapped?)", facts)
+        return Check(name, "ok", f"{where}, store_role {facts['store_role']}, {who}", facts)
+
+    return guarded(name, store, run)
+
+
+def check_topology(stores: dict[str, Store]) -> Check:
+    """Which databases these are to each other: distinct, the same cluster, or the same database
+    — doctor's own comparison of the two URLs and the control plane's sentinel verdict
+    (split_status(), which also asks the run-ops store which control plane its FDW reads)."""
+    name = "topology"
+    cp = stores[CONTROL_PLANE]
+    ro = stores.get(RUN_OPS)
+
+    def run() -> Check:
+        with _reading(cp) as conn:
+            row = conn.execute("SELECT runops.split_status()").fetchone()
+        status: dict[str, Any] = row[0] if row else {}
+        data: dict[str, Any] = {"split_status": status, "control_plane": cp.facts,
+                                "run_ops": ro.facts if ro else None}
+        enabled, distinct, reason = status.get("enabled"), status.get("distinct"), status.get("reason")
+        if ro is None:
+            if enabled:
+                return Check(name, "warn", "the split is enabled but no run-ops URL was given: only the control plane "
+                                           "was examined (set RUNOPS_RUN_OPS_ADMIN_URL or --run-ops-url)", data)
+            return Check(name, "ok", f"control plane only (split {'enabled' if enabled else 'not enabled'}: "
+                                     f"{reason})", data)
+        mine, theirs = cp.facts, ro.facts
+        same_db = (mine.get("system_identifier") is not None
+                   and mine.get("system_identifier") == theirs.get("system_identifier")
+                   and mine.get("database_name") == theirs.get("database_name"))
+        if same_db:
+            return Check(name, "fail", "the run-ops URL names the control plane's own database: initialise a separate "
+                                       "run-ops database and wire it with `runops migrate`", data)
+        seen = status.get("run_ops") or {}
+        if seen and theirs.get("system_identifier") and (
+                seen.get("system_identifier") != theirs.get("system_identifier")
+                or seen.get("database_name") != theirs.get("database_name")):
+            return Check(name, "fail", f"the control plane's FDW reads {seen.get('database_name')} of system "
+                                       f"{seen.get('system_identifier')}, but the run-ops URL names "
+                                       f"{theirs.get('database_name')} of system {theirs.get('system_identifier')}: "
+                                       "re-wire with `runops migrate` and these two URLs", data)
+        if not distinct:
+            return Check(name, "fail" if enabled else "warn",
+                         f"split {'enabled' if enabled else 'not enabled'}, and the sentinel says: {reason}", data)
+        same_cluster = mine.get("system_identifier") == theirs.get("system_identifier")
+        if same_cluster:
+            return Check(name, "warn", f"two databases of one cluster ({reason}); split "
+                                       f"{'enabled' if enabled else 'not enabled'}", data)
+        return Check(name, "ok" if enabled else "warn",
+                     f"{mine.get('database_name')}@{mine.get('system_identifier')} and "
+                     f"{theirs.get('database_name')}@{theirs.get('system_identifier')}: {reason}; split "
+                     + ("enabled" if enabled else "not enabled (`runops split enable`)"), data)
+
+    return guarded(name, cp, run)
+
+
+def check_migrations(store: Store) -> Check:
+    """The store's Alembic revision against the head this runops ships."""
+    name = f"migrations.{store.slug}"
+
+    def run() -> Check:
+        from alembic.script import ScriptDirectory
+        from alembic.util import CommandError
+
+        url = store.target.url
+        try:
+            current = migrations.current_revision(store.store, url)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise NeedsAdmin(_first_line(exc)) from exc
+        head = migrations.head_revision(store.store, url)
+        data = {"current": current, "head": head}
+        if current is None:
+            return Check(name, "fail", f"no migrations applied (head {head}): run `runops migrate`", data)
+        if current == head:
+            return Check(name, "ok", f"at head {head}", data)
+        script = ScriptDirectory.from_config(migrations.alembic_config(store.store, url))
+        try:
+            script.get_revision(current)
+        except CommandError:
+            return Check(name, "warn", f"at {current}, which this runops does not know (head {head}): a newer "
+                                       "release migrated it; upgrade this runops", data)
+        return Check(name, "fail", f"at {current}, behind head {head}: run `runops migrate`", data)
+
+    return guarded(name, store, run)
+
+
+def check_functions(store: Store, migrations_current: bool) -> Check:
+    """Drift: the installed runops functions against the bodies in sql/functions (what this
+    runops ships), compared by name and input arity."""
+    name = f"functions.{store.slug}"
+
+    def run() -> Check:
+        shipped = shipped_functions(store.store)
+        with _reading(store) as conn:
+            rows = conn.execute("""
+                SELECT p.proname, p.pronargs, p.prosrc FROM pg_proc AS p
+                WHERE p.pronamespace = 'runops'::regnamespace AND p.prokind = 'f'""").fetchall()
+        installed: dict[tuple[str, int], list[str]] = {}
+        for proname, nargs, source in rows:
+            installed.setdefault((proname, int(nargs)), []).append(source or "")
+        missing = sorted(f"{n}/{a}" for n, a in shipped if (n, a) not in installed)
+        drifted = sorted(f"{n}/{a}" for (n, a), bodies in shipped.items()
+                         if (n, a) in installed and sorted(bodies) != sorted(installed[(n, a)])
+                         and any(bodies))
+        data = {"shipped": len(shipped), "installed": len(installed), "missing": missing, "drifted": drifted}
+        why = "" if migrations_current else " (the store is behind its migrations: `runops migrate`)"
+        if missing:
+            return Check(name, "fail", f"{len(missing)} function(s) of sql/functions are not installed: "
+                                       f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}{why}", data)
+        if drifted:
+            return Check(name, "warn", f"{len(drifted)} installed function(s) differ from sql/functions: "
+                                       f"{', '.join(drifted[:5])}{' ...' if len(drifted) > 5 else ''}"
+                                       f"{why or ' (edited in place, or sql/ changed without a revision)'}", data)
+        return Check(name, "ok", f"{len(shipped)} functions equal sql/functions", data)
+
+    return guarded(name, store, run)
+
+
+def check_fdw(store: Store, peer_store: str, expect_wired: bool) -> Check:
+    """A cheap read through this store's runops_peer foreign tables, as the functions read them
+    (as runops_owner, whose user mapping the FDW uses)."""
+    peer_label = LABELS[peer_store]
+    name = f"fdw.{store.slug}_to_{_slug(peer_store)}"
+
+    def run() -> Check:
+        with _reading(store) as conn:
+            wired_row = conn.execute("SELECT runops.peer_wired()").fetchone()
+            wired = bool(wired_row and wired_row[0])
+            server = conn.execute("SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'runops_peer'").fetchone()
+        options = dict(o.split("=", 1) for o in (server[0] or [])) if server else {}
+        target = f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('dbname', '?')}"
+        data: dict[str, Any] = {"wired": wired, "server": options}
+        if not wired:
+            return Check(name, "fail" if expect_wired else "ok",
+                         f"the {store.label}'s FDW is not wired"
+                         + (": run `runops migrate` with both URLs" if expect_wired else " (one store)"), data)
+        assert store.conn is not None
+        with store.conn.transaction(force_rollback=True):
+            try:
+                # The user mapping belongs to runops_owner: read as the functions do.
+                store.conn.execute("SET LOCAL ROLE runops_owner")
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise NeedsAdmin(_first_line(exc)) from exc
+            try:
+                # A savepoint: whatever the remote says, the rollback above still runs cleanly.
+                with store.conn.transaction():
+                    store.conn.execute("SELECT count(*) FROM runops_peer.split_settings").fetchone()
+            except psycopg.Error as exc:
+                if _lost(store):
+                    raise
+                return Check(name, "fail", f"the {store.label} cannot read the {peer_label} through postgres_fdw "
+                                           f"(server runops_peer -> {target}): {_first_line(exc)}",
+                             {**data, "error": _first_line(exc)})
+        return Check(name, "ok", f"the {store.label} reads the {peer_label} at {target}", data)
+
+    return guarded(name, store, run)
+
+
+def _mirror_status(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
+    """runops.mirror_status() where this store has it (r0003 on); else None."""
+    row = conn.execute("SELECT to_regprocedure('runops.mirror_status()') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    status = conn.execute("SELECT runops.mirror_status()").fetchone()
+    return dict(status[0]) if status else None
+
+
+def _subscription_fallback(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """What a store without mirror_status() can say from the catalogs: the engine and whether it
+    applies, not how fresh the mirror is."""
+    row = conn.execute("""
+        SELECT s.subenabled, st.pid IS NOT NULL,
+               round(extract(epoch FROM now() - st.latest_end_time)::numeric, 3)
+        FROM pg_subscription AS s
+        LEFT JOIN pg_stat_subscription AS st ON st.subid = s.oid AND st.relid IS NULL
+        WHERE s.subname = 'runops_mirror'
+          AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())""").fetchone()
+    wired = conn.execute("SELECT runops.peer_wired()").fetchone()
+    if row is None:
+        engine, state = ("pull", "pull") if wired and wired[0] else ("none", "unwired")
+        return {"engine": engine, "state": state, "subscription_enabled": None, "worker_running": None,
+                "age_seconds": None, "bound_seconds": None, "fresh": None}
+    enabled, running, lag = row
+    state = "disabled" if not enabled else ("applying" if running else "not_running")
+    return {"engine": "subscription", "state": state, "subscription_enabled": enabled, "worker_running": running,
+            "age_seconds": float(lag) if lag is not None else None, "bound_seconds": None, "fresh": None}
+
+
+def check_mirror(store: Store) -> Check:
+    """The run-ops store's tenant mirror: engine, state, age against its freshness bound."""
+    name = "mirror"
+
+    def run() -> Check:
+        with _reading(store) as conn:
+            status = _mirror_status(conn)
+            fallback = status is None
+            if status is None:
+                status = _subscription_fallback(conn)
+        data = {**status, "from": "catalogs (no runops.mirror_status(): store before r0003)" if fallback
+                else "runops.mirror_status()"}
+        engine, state, fresh = status.get("engine"), status.get("state"), status.get("fresh")
+        age, bound = status.get("age_seconds"), status.get("bound_seconds")
+        when = ("never refreshed" if age is None else f"{float(age):.1f} s old") + \
+            (f" (bound {bound} s)" if bound is not None else "")
+        if state == "unwired":
+            return Check(name, "fail", "the run-ops store is not wired to a control plane: no tenant mirror "
+                                       "(run `runops migrate` with both URLs)", data)
+        if fresh is False:
+            return Check(name, "fail", f"the tenant mirror is stale: {when}, engine {engine}, state {state}; new work "
+                                       "on the run-ops store reads tenants through the FDW, and fails RO009 when "
+                                       "that is down (is tick running on both stores?)", data)
+        if state == "disabled":
+            return Check(name, "warn", f"the subscription runops_mirror is disabled; tick's pull stands in ({when}): "
+                                       "ALTER SUBSCRIPTION runops_mirror ENABLE on the run-ops store", data)
+        if state == "not_running":
+            return Check(name, "warn", f"the subscription runops_mirror is enabled but no apply worker runs (its "
+                                       f"slot lost, the control plane unreachable, or an apply error: see the "
+                                       f"run-ops server log); tick's pull stands in ({when})", data)
+        if fallback:
+            return Check(name, "warn", f"engine {engine}, state {state}; freshness unknown: this store has no "
+                                       "runops.mirror_status() (run `runops migrate`)", data)
+        how = "logical replication applying" if engine == "subscription" else "pulled by tick through the FDW"
+        return Check(name, "ok", f"{how}, {when}", data)
+
+    return guarded(name, store, run)
+
+
+def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """The control plane's runops_mirror_* replication slots: active, WAL status, WAL retained."""
+    name = "mirror.slot"
+
+    def run() -> Check:
+        with _reading(cp) as conn:
+            keep_row = conn.execute("SELECT pg_size_bytes(CASE WHEN current_setting('max_slot_wal_keep_size') "
+                                    "IN ('-1', '-1kB') THEN NULL ELSE current_setting('max_slot_wal_keep_size') "
+                                    "END)").fetchone()
+            rows = conn.execute(r"""
+                SELECT slot_name, active, wal_status,
+                       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size
+                FROM pg_replication_slots
+                WHERE slot_name LIKE 'runops\_mirror\_%' AND database = current_database()
+                ORDER BY slot_name""").fetchall()
+        keep = int(keep_row[0]) if keep_row and keep_row[0] is not None else None
+        used: str | None = None
+        if ro is not None and ro.conn is not None and not _lost(ro):
+            with _reading(ro) as conn:
+                sub = conn.execute("""
+                    SELECT s.subslotname FROM pg_subscription AS s
+                    WHERE s.subname = 'runops_mirror'
+                      AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())
+                    """).fetchone()
+            used = sub[0] if sub else None
+        slots = [{"slot_name": n, "active": a, "wal_status": w, "retained_bytes": r, "safe_wal_size": s,
+                  "used_by_examined_run_ops": n == used} for n, a, w, r, s in rows]
+        data = {"slots": slots, "max_slot_wal_keep_size_bytes": keep, "subscription_slot": used}
+        if not slots:
+            if used:
+                return Check(name, "fail", f"the run-ops subscription uses slot {used}, which the control plane does "
+                                           "not have: `runops migrate` recreates it", data)
+            return Check(name, "ok", "no runops_mirror_* slot (the mirror is pulled, or the split is not wired)",
+                         data)
+        problems: list[tuple[str, str]] = []
+        limit = thresholds.slot_retained_warn_fraction * keep if keep else thresholds.slot_retained_warn_bytes
+        for s in slots:
+            slot, retained = s["slot_name"], s["retained_bytes"] or 0
+            if s["wal_status"] == "lost":
+                problems.append(("fail", f"slot {slot} lost WAL its subscriber needs: `runops migrate` recreates the "
+                                         "slot and the subscription (tick's pull keeps the mirror fresh meanwhile)"))
+            elif s["wal_status"] == "unreserved":
+                problems.append(("warn", f"slot {slot} is past max_slot_wal_keep_size and about to be lost"))
+            elif retained > limit:
+                problems.append(("warn", f"slot {slot} holds back {_size(retained)} of WAL (warn above "
+                                         f"{_size(int(limit))}): is its subscriber applying?"))
+            if not s["active"] and s["wal_status"] != "lost":
+                stale = used is not None and slot != used
+                problems.append(("warn", f"slot {slot} is inactive" + (
+                    " and used by no subscription of the examined run-ops store: drop it if no other run-ops "
+                    f"database uses it (SELECT pg_drop_replication_slot('{slot}'))" if stale
+                    else ": no subscriber is streaming from it, so the control plane keeps its WAL")))
+        if keep is None:
+            problems.append(("warn", "max_slot_wal_keep_size is unlimited: a dead run-ops store could fill the "
+                                     "control plane's disk (ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')"))
+        if used and used not in {s["slot_name"] for s in slots}:
+            problems.append(("fail", f"the run-ops subscription uses slot {used}, which the control plane does not "
+                                     "have: `runops migrate` recreates it"))
+        if problems:
+            severity = "fail" if any(p[0] == "fail" for p in problems) else "warn"
+            return Check(name, severity, "; ".join(p[1] for p in problems), data)
+        summary = ", ".join(f"{s['slot_name']} active, {s['wal_status']}, {_size(s['retained_bytes'] or 0)} retained"
+                            for s in slots)
+        return Check(name, "ok", summary, data)
+
+    return guarded(name, cp, run)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+TICK_SOURCES = {CONTROL_PLANE: "control_plane_tick", RUN_OPS: "run_ops_tick"}
+
+
+def check_tick(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """When this store's tick() last ran (runops.heartbeats)."""
+    name = f"tick.{store.slug}"
+    source = TICK_SOURCES[store.store]
+
+    def run() -> Check:
+        with _reading(store) as conn:
+            exists = conn.execute("SELECT to_regclass('runops.heartbeats') IS NOT NULL").fetchone()
+            if not exists or not exists[0]:
+                return Check(name, "warn", "cannot tell: this store has no runops.heartbeats (it predates r0003: "
+                                           "run `runops migrate`)", {"source": source})
+            row = conn.execute("SELECT beat_at, extract(epoch FROM now() - beat_at)::float8 FROM runops.heartbeats "
+                               "WHERE source = %s", [source]).fetchone()
+        beat_at, age = (row[0], float(row[1] or 0)) if row else (None, 0.0)
+        data = {"source": source, "beat_at": beat_at, "age_seconds": age,
+                "warn_seconds": thresholds.tick_warn_seconds, "fail_seconds": thresholds.tick_fail_seconds}
+        fix = "run `runops tick --loop` (or schedule runops.tick_every with pg_cron: docs/pg_cron.md)"
+        if beat_at is None:
+            return Check(name, "warn", f"tick has never run on the {store.label}: {fix}", data)
+        if age >= thresholds.tick_fail_seconds:
+            return Check(name, "fail", f"tick last ran {age:.0f} s ago on the {store.label}: delays, retries, leases "
+                                       f"and waitpoints are not moving; {fix}", data)
+        if age >= thresholds.tick_warn_seconds:
+            return Check(name, "warn", f"tick last ran {age:.0f} s ago on the {store.label} (warn after "
+                                       f"{thresholds.tick_warn_seconds:.0f} s): is `runops tick --loop` running?",
+                         data)
+        return Check(name, "ok", f"tick ran {age:.1f} s ago", data)
+
+    return guarded(name, store, run)
+
+
+# Each is (key, what it means, the query: one count and the oldest age in seconds). The $grace
+# parameter is stuck_grace_seconds, $processing processing_batch_warn_seconds. Each predicate
+# follows an index tick itself uses, except PROCESSING batches (a scan of batches by status).
+STUCK_WORK = (
+    ("lapsed_leases", "DEQUEUED/EXECUTING runs whose lease ran out (tick puts them back to PENDING)", """
+        SELECT count(*), extract(epoch FROM now() - min(lease_expires_at))::float8 FROM runops.runs
+        WHERE status IN ('DEQUEUED', 'EXECUTING') AND lease_expires_at < now() - make_interval(secs => %(grace)s)"""),
+    ("unsealed_batches", "open batches past their seal timeout (tick aborts them)", """
+        SELECT count(*), extract(epoch FROM now() - min(seal_deadline))::float8 FROM runops.batches
+        WHERE status = 'PENDING' AND seal_deadline < now() - make_interval(secs => %(grace)s)"""),
+    ("long_processing_batches", "sealed batches whose runs have not all finished", """
+        SELECT count(*), extract(epoch FROM now() - min(coalesce(sealed_at, created_at)))::float8
+        FROM runops.batches
+        WHERE status = 'PROCESSING' AND coalesce(sealed_at, created_at) < now() - make_interval(secs => %(processing)s)
+        """),
+    ("overdue_waitpoints", "DATETIME waitpoints past their time, MANUAL ones past their timeout (tick completes them)",
+     """
+        SELECT count(*), extract(epoch FROM now() - min(coalesce(completed_after, timeout_at)))::float8
+        FROM runops.waitpoints
+        WHERE status = 'PENDING'
+          AND ((type = 'DATETIME' AND completed_after < now() - make_interval(secs => %(grace)s))
+               OR timeout_at < now() - make_interval(secs => %(grace)s))"""),
+    ("unresumed_runs", "WAITING_TO_RESUME runs (not MANUAL) with every waitpoint completed (tick resumes them)", """
+        SELECT count(*), extract(epoch FROM now() - min(r.updated_at))::float8 FROM runops.runs AS r
+        WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
+          AND r.updated_at < now() - make_interval(secs => %(grace)s)
+          AND NOT EXISTS (SELECT FROM runops.run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)"""),
+)
+
+
+def check_stuck_work(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """Work tick should have moved by now, and batches that never finish."""
+    name = f"work.{store.slug}"
+
+    def run() -> Check:
+        params = {"grace": thresholds.stuck_grace_seconds, "processing": thresholds.processing_batch_warn_seconds}
+        found: dict[str, Any] = {}
+        with _reading(store) as conn:
+            for key, _, query in STUCK_WORK:
+                row = conn.execute(query, params).fetchone()
+                assert row is not None
+                found[key] = {"count": int(row[0]), "oldest_seconds": row[1]}
+        data = {**found, "grace_seconds": thresholds.stuck_grace_seconds,
+                "processing_warn_seconds": thresholds.processing_batch_warn_seconds}
+        stuck = [(key, what) for key, what, _ in STUCK_WORK if found[key]["count"]]
+        if stuck:
+            parts = [f"{found[k]['count']} {what} (oldest {found[k]['oldest_seconds']:.0f} s)" for k, what in stuck]
+            return Check(name, "warn", "; ".join(parts), data)
+        return Check(name, "ok", f"nothing overdue by more than {thresholds.stuck_grace_seconds:.0f} s", data)
+
+    return guarded(name, store, run)
+
+
+# -- the whole examination --------------------------------------------------------------------
+
+@dataclass
+class Report:
+    targets: list[migrations.Target]
+    checks: list[Check]
+
+    @property
+    def worst(self) -> str:
+        return worst(self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.checks)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"targets": [{"store": t.store, "where": t.describe(), "source": t.source} for t in self.targets],
+                "worst": self.worst, "exit_code": self.exit_code,
+                "checks": [{"name": c.name, "severity": c.severity, "detail": c.detail, "data": c.data}
+                           for c in self.checks]}
+
+
+def examine(targets: dict[str, migrations.Target], thresholds: Thresholds = THRESHOLDS) -> Report:
+    """Every check against the stores ``targets`` names (migrate.resolve_targets)."""
+    if RUN_OPS in targets and targets[RUN_OPS].url == targets[CONTROL_PLANE].url:
+        targets = {CONTROL_PLANE: targets[CONTROL_PLANE]}  # migrate, too, treats this as one store
+    stores = {store: open_store(t, thresholds) for store, t in targets.items()}
+    try:
+        return Report(list(targets.values()), _run_checks(stores, thresholds))
+    finally:
+        for s in stores.values():
+            if s.conn is not None:
+                s.conn.close()
+
+
+def _run_checks(stores: dict[str, Store], thresholds: Thresholds) -> list[Check]:
+    checks = [check_store(s) for s in stores.values()]
+    answered = {name: s for name, s in stores.items() if s.conn is not None and s.facts.get("store_role") == name}
+    cp, ro = answered.get(CONTROL_PLANE), answered.get(RUN_OPS)
+    pair = RUN_OPS in stores
+    if cp is not None and (not pair or ro is not None):
+        checks.append(check_topology({CONTROL_PLANE: cp, **({RUN_OPS: ro} if ro else {})}))
+    behind: dict[str, bool] = {}
+    for s in answered.values():
+        result = check_migrations(s)
+        behind[s.store] = result.severity != "ok"
+        checks.append(result)
+    checks += [check_functions(s, not behind[s.store]) for s in answered.values()]
+    if cp is not None:
+        checks.append(check_fdw(cp, RUN_OPS, expect_wired=pair))
+    if ro is not None:
+        checks.append(check_fdw(ro, CONTROL_PLANE, expect_wired=True))
+        checks.append(check_mirror(ro))
+    if cp is not None and pair:
+        checks.append(check_slots(cp, ro, thresholds))
+    checks += [check_tick(s, thresholds) for s in answered.values()]
+    checks += [check_stuck_work(s, thresholds) for s in answered.values()]
+    return checks
