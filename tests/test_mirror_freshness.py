@@ -26,6 +26,8 @@ from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 
 from .conftest import Stores, running_stores, sqlstate_of
 
+pytestmark = pytest.mark.faults
+
 BOUND = 3  # seconds: store_config.mirror_freshness_seconds on these pairs
 
 
