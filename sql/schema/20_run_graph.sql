@@ -206,8 +206,10 @@ ALTER TABLE runops.waitpoints OWNER TO runops_owner;
 ALTER TABLE runops.run_waitpoints OWNER TO runops_owner;
 ALTER TABLE runops.attempts OWNER TO runops_owner;
 ALTER TABLE runops.checkpoints OWNER TO runops_owner;
+-- The other store's FDW login reads exactly the tables it imports (sql/fdw/wire_peer.sql);
+-- attempts and checkpoints never cross (docs/security.md).
 GRANT SELECT ON runops.runs, runops.batches, runops.batch_items, runops.waitpoints,
-                runops.run_waitpoints, runops.attempts, runops.checkpoints
+                runops.run_waitpoints
   TO runops_fdw;
 
 -- Statuses, one per line:

@@ -34,3 +34,7 @@ CREATE TABLE runops.heartbeats (
 );
 ALTER TABLE runops.heartbeats OWNER TO runops_owner;
 INSERT INTO runops.heartbeats (source) VALUES ('control_plane_tick'), ('run_ops_tick'), ('mirror_pull');
+
+-- The FDW login reads exactly the tables the other store imports (docs/security.md): attempts
+-- and checkpoints never cross.
+REVOKE SELECT ON runops.attempts, runops.checkpoints FROM runops_fdw;
