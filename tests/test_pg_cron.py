@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
 
 from runops.client import CONTROL_PLANE
-from tests.conftest import Stores
+from tests.conftest import Stores, sqlstate_of
 from tests.lifecycle_helpers import one, trigger
 
 
@@ -18,6 +19,20 @@ def test_tick_every_ticks_repeatedly_and_commits_each_pass(cp, legacy_env) -> No
     cp.execute("CALL runops.tick_every(3, 1)")
     assert time.monotonic() - started >= 1.5  # passes at 0 s, 1 s and 2 s
     assert one(cp, "get_run", run_id)["status"] == "PENDING"  # a later pass, with the real clock, enqueued it
+
+
+def test_tick_every_refuses_a_transaction_block_and_long_pins(stores: Stores) -> None:
+    """The issue's reproduction: inside a transaction the first COMMIT failed with 2D000 after a
+    pass had run, and the app could pin a backend for an hour."""
+    with psycopg.connect(stores.app[CONTROL_PLANE]) as conn:  # not autocommit: psycopg sends BEGIN
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute("CALL runops.tick_every(2, 1)")
+        assert sqlstate_of(caught.value) == "RO006"
+        assert "outside a transaction block" in str(caught.value)
+    with psycopg.connect(stores.app[CONTROL_PLANE], autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute("CALL runops.tick_every(3600, 2)")
+        assert sqlstate_of(caught.value) == "RO006"
 
 
 def test_pg_cron_runs_tick_inside_postgresql(stores: Stores, legacy_env, cp) -> None:

@@ -3311,6 +3311,10 @@ $$;
 -- minute is over, committing after each pass so a tick's work is visible at once.
 --   SELECT cron.schedule('runops-tick', '* * * * *', 'CALL runops.tick_every(55, 2)');
 -- A procedure that commits may not be SECURITY DEFINER or carry SET; it only calls tick().
+-- At most 300 s a call (a scheduler's minute fits; no caller pins a backend for longer), and
+-- only outside a transaction block, where its COMMIT would fail after the first pass: there,
+-- the transaction began before this statement, so now() (the transaction's start) is earlier
+-- than statement_timestamp(); a statement that starts its own transaction sees them equal.
 CREATE OR REPLACE PROCEDURE runops.tick_every(for_seconds integer, every_seconds integer DEFAULT 2,
                                               max_rows integer DEFAULT 1000)
 LANGUAGE plpgsql
@@ -3318,10 +3322,14 @@ AS $$
 DECLARE
   stop_at timestamptz := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => for_seconds);
 BEGIN
-  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 3600 OR every_seconds IS NULL
+  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 300 OR every_seconds IS NULL
      OR every_seconds NOT BETWEEN 1 AND for_seconds THEN
-    RAISE EXCEPTION 'tick_every needs 1 to 3600 seconds and an interval of 1 s up to that'
+    RAISE EXCEPTION 'tick_every needs 1 to 300 seconds and an interval of 1 s up to that'
       USING ERRCODE = 'RO006';
+  END IF;
+  IF pg_catalog.now() <> pg_catalog.statement_timestamp() THEN
+    RAISE EXCEPTION 'tick_every commits after each pass: CALL it on its own, outside a transaction block'
+      USING ERRCODE = 'RO006', HINT = 'use autocommit, or call runops.tick() inside your transaction';
   END IF;
   LOOP
     PERFORM runops.tick(max_rows);
