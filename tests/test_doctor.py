@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from runops.client import CONTROL_PLANE, RUN_OPS
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from tests.conftest import Stores, running_stores
 
 RUNOPS = Path(sys.executable).parent / "runops"
@@ -201,6 +201,28 @@ def test_a_drifted_function_is_named(pair: Stores) -> None:
     assert checks["functions.control_plane"]["severity"] == "warn"
     assert checks["functions.control_plane"]["data"]["drifted"] == ["input_prefix/1"]
     assert checks["functions.run_ops"]["severity"] == "ok"
+
+
+def test_a_lapsed_lease_tick_has_not_released_is_stuck_work(pair: Stores) -> None:
+    with RunOps(pair.app[CONTROL_PLANE], pair.app[RUN_OPS]) as client:
+        org = client.create_organization("doctor-stuck", mint_kind="ksuid")
+        env = client.create_environment(client.create_project(org, "p"), "e", "PRODUCTION")
+        client.wait_for_mirror()
+        run = client.trigger_run(env, "stuck", {})
+        [taken] = client.dequeue_runs(env, "gone-worker", 1)
+    assert taken.run_id == run.run_id
+    tick(pair)  # everything else fresh
+    with superuser(pair, RUN_OPS) as ro:
+        # A worker that died an hour ago, and no tick since to hand its run back.
+        ro.execute("UPDATE runops.runs SET lease_expires_at = now() - interval '1 hour' WHERE id = %s",
+                   [run.run_id.removeprefix("run_")])
+    code, checks, _ = doctor(pair)
+    assert code == 1
+    assert checks["work.run_ops"]["severity"] == "warn" and "lease ran out" in checks["work.run_ops"]["detail"]
+    assert checks["work.run_ops"]["data"]["lapsed_leases"]["count"] == 1
+    assert checks["work.control_plane"]["severity"] == "ok"
+    tick(pair)  # tick puts the run back to PENDING: nothing stuck any more
+    assert doctor(pair)[1]["work.run_ops"]["severity"] == "ok"
 
 
 def test_a_store_that_is_down_is_one_fail_line_naming_it(pair: Stores) -> None:
