@@ -132,6 +132,9 @@ def test_mirror_freshness_on_the_run_ops_store(client: RunOps) -> None:
         assert 0 <= mirror["lag_seconds"] < 300
     else:
         assert mirror["lag_seconds"] is None
+    # The freshness bound's figures (mirror_status): the session's heartbeat keeps it fresh.
+    assert mirror["fresh"] is True and mirror["bound_seconds"] == 60
+    assert 0 <= mirror["age_seconds"] < 60
 
 
 @pytest.mark.parametrize("store", [CONTROL_PLANE, RUN_OPS])
@@ -243,6 +246,10 @@ def test_listen_serves_both_stores_in_the_prometheus_format(stores: Stores, clie
         assert value(samples, "runops_claims", store=CONTROL_PLANE) is None
         if client.metrics()[RUN_OPS]["mirror"]["engine"] == "subscription":
             assert value(samples, "runops_mirror_lag_seconds", store=RUN_OPS) is not None
+        assert value(samples, "runops_mirror_fresh", store=RUN_OPS) == 1
+        age = value(samples, "runops_mirror_age_seconds", store=RUN_OPS)
+        assert age is not None and 0 <= age < 60
+        assert value(samples, "runops_mirror_fresh", store=CONTROL_PLANE) is None
         # Values are read fresh on every scrape.
         env = busy_envs[RUN_OPS]
         client.trigger_run(env, "t", {})

@@ -678,6 +678,13 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
             streaming = GaugeMetricFamily("runops_mirror_streaming",
                                           "1 when the tenant mirror's subscription worker is running, else 0.",
                                           labels=["store"])
+            age = GaugeMetricFamily("runops_mirror_age_seconds",
+                                    "Age of the tenant mirror on the run-ops store: since the newer of the "
+                                    "control plane's replicated tick heartbeat and the last pull.", labels=["store"])
+            fresh = GaugeMetricFamily("runops_mirror_fresh",
+                                      "1 while the tenant mirror is within its freshness bound (new work is "
+                                      "admitted from it), else 0 (new work reads the control plane, or is RO009).",
+                                      labels=["store"])
             for store in failures:
                 up.add_metric([store], 0)
             for store, f in figures.items():
@@ -698,7 +705,11 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
                     lag.add_metric([store], float(mirror["lag_seconds"]))
                 if mirror.get("engine") == "subscription":
                     streaming.add_metric([store], 1 if mirror.get("streaming") else 0)
-            yield from (up, runs, depth, oldest, lapsed, batches, claims, lag, streaming)
+                if mirror.get("engine") in ("subscription", "pull"):
+                    if mirror.get("age_seconds") is not None:
+                        age.add_metric([store], float(mirror["age_seconds"]))
+                    fresh.add_metric([store], 1 if mirror.get("fresh") else 0)
+            yield from (up, runs, depth, oldest, lapsed, batches, claims, lag, streaming, age, fresh)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector())
