@@ -278,6 +278,8 @@ def test_dev_up_then_demo_leaves_stores_doctor_finds_green_and_dev_down_stops_th
             for cluster in state["clusters"].values():
                 shutil.rmtree(cluster["datadir"], ignore_errors=True)
                 shutil.rmtree(cluster["socket_dir"], ignore_errors=True)
+            if not Path(state["data_root"]).is_relative_to(tmp_path):
+                shutil.rmtree(state["data_root"], ignore_errors=True)
     assert code == 0, out + err
     deadline = time.monotonic() + 15
     while Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes():
