@@ -8,9 +8,12 @@
 CREATE EXTENSION IF NOT EXISTS postgres_fdw;
 DROP SCHEMA IF EXISTS runops_peer CASCADE;
 DROP SERVER IF EXISTS runops_peer CASCADE;
+-- connect_timeout: a peer that drops packets (rather than refusing) fails a call in 5 s with
+-- RO009, instead of holding it for the kernel's TCP timeout (statement_timeout does not cover
+-- postgres_fdw's connect).
 CREATE SERVER runops_peer FOREIGN DATA WRAPPER postgres_fdw
   OPTIONS (host {host}, port {port}, dbname {dbname}, fetch_size '1000', updatable 'false',
-           application_name 'runops_peer');
+           application_name 'runops_peer', connect_timeout '5');
 GRANT USAGE ON FOREIGN SERVER runops_peer TO runops_owner;
 CREATE USER MAPPING FOR runops_owner SERVER runops_peer OPTIONS ({login});
 CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
