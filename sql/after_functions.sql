@@ -87,8 +87,5 @@ CREATE OR REPLACE TRIGGER runs_status_guard
 CREATE OR REPLACE TRIGGER runs_after_final
   AFTER UPDATE OF status ON runops.runs
   FOR EACH ROW
-  WHEN (NEW.status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                       'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
-        AND OLD.status NOT IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                               'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT'))
+  WHEN (runops.is_final_status(NEW.status) AND NOT runops.is_final_status(OLD.status))
   EXECUTE FUNCTION runops.after_run_final();

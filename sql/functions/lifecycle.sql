@@ -19,13 +19,7 @@
 -- A run that turns final completes the edges waiting on it (its RUN waitpoint) and closes its
 -- open attempt, in the same transaction (after_run_final).
 
-CREATE OR REPLACE FUNCTION runops.is_final_status(status text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                    'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
-$$;
+-- Which statuses are final: runops.is_final_status, with the vocabulary (sql/schema/20_run_graph.sql).
 
 -- Names the move the next status change makes; returns the previous mover so nested moves
 -- (a completion resuming a parent) can restore it.

@@ -203,7 +203,7 @@ BEGIN
     WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
       AND (NOT EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)
            OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL
-                      AND length(e.waitpoint_id) <> length(r.id)))
+                      AND try_classify_residency(e.waitpoint_id) <> local_residency()))
     ORDER BY r.updated_at LIMIT max_runs FOR UPDATE SKIP LOCKED
   LOOP
     BEGIN

@@ -156,13 +156,13 @@ AS $$
 $$;
 
 -- A held key is dead — ignored by dedup — once it expired (at the caller's runops.now(), passed
--- in so a set-based caller reads the clock once) or its run ended badly.
+-- in so a set-based caller reads the clock once) or its run ended in a status that releases it
+-- (runops.run_statuses.releases_key).
 CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz, at timestamptz)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$
-  SELECT expires_at <= at
-      OR status IN ('INTERRUPTED', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED', 'TIMED_OUT', 'EXPIRED')
+  SELECT expires_at <= at OR runops.status_releases_key(status)
 $$;
 
 -- Creates one run in this store, or returns the run that already holds its key (or its

@@ -10,11 +10,68 @@
 --   run_waitpoints  edges "run is blocked by waitpoint"; they live with the blocked run
 --   attempts        one row per execution attempt of a run, numbered from 1
 --   checkpoints     snapshots taken when a run suspends
+--   run_statuses        the status vocabulary as data: which statuses are final, which release
+--                       their run's idempotency key (and the functions the hot paths inline)
 --   status_transitions  the state machine as data: allowed from -> to, and who makes the move
 --
 -- Ids are stored bare (no friendly prefix) and compared byte-wise (COLLATE "C"), because KSUID
 -- text sorts like its bytes only under byte order. Columns that point at tenant rows carry no
 -- foreign key: on run-ops those rows are a mirror.
+
+-- Every run status, once. Rules about statuses ask this table or the IMMUTABLE functions below,
+-- which hold the same lists as constants because they sit in hot places a table read would slow
+-- (the CHECK on runs.status, the after-final trigger's WHEN, dedup): PostgreSQL inlines them into
+-- each plan. tests/test_vocabulary.py proves functions, table and the Python RunStatus agree.
+CREATE TABLE runops.run_statuses (
+  status       text PRIMARY KEY,
+  is_final     boolean NOT NULL,   -- a final run never changes again
+  releases_key boolean NOT NULL,   -- a run ending here lets go of its idempotency key (SPEC §4)
+  meaning      text NOT NULL,
+  CHECK (is_final OR NOT releases_key)
+);
+INSERT INTO runops.run_statuses (status, is_final, releases_key, meaning) VALUES
+  ('DELAYED',                false, false, 'triggered with a delay; becomes PENDING when it is due'),
+  ('PENDING',                false, false, 'queued, waiting for a worker'),
+  ('PENDING_VERSION',        false, false, 'waiting for a deployed version that has the task'),
+  ('WAITING_FOR_DEPLOY',     false, false, 'waiting for a first deploy (legacy engine)'),
+  ('DEQUEUED',               false, false, 'locked to a worker under a lease, attempt not started'),
+  ('EXECUTING',              false, false, 'an attempt is running'),
+  ('WAITING_TO_RESUME',      false, false, 'suspended at a checkpoint until its blockers complete'),
+  ('RETRYING_AFTER_FAILURE', false, false, 'an attempt failed; re-queued at retry_at'),
+  ('PAUSED',                 false, false, 'held by an operator'),
+  ('CANCELED',               true,  false, 'canceled; its key stays held, so a retrigger returns it'),
+  ('INTERRUPTED',            true,  true,  'interrupted by the platform'),
+  ('COMPLETED_SUCCESSFULLY', true,  false, 'the task returned its output'),
+  ('COMPLETED_WITH_ERRORS',  true,  true,  'the task failed (no attempts or retries left)'),
+  ('SYSTEM_FAILURE',         true,  true,  'the platform failed it (e.g. it could not be triggered)'),
+  ('CRASHED',                true,  true,  'all attempts were used up'),
+  ('EXPIRED',                true,  true,  'its ttl ran out before a worker took it'),
+  ('TIMED_OUT',              true,  true,  'ran past max_duration');
+ALTER TABLE runops.run_statuses OWNER TO runops_owner;
+
+-- The vocabulary's constants (see run_statuses). Plain IMMUTABLE SQL so that PostgreSQL inlines
+-- them: a CHECK or trigger WHEN calling a function it cannot inline costs a call per row.
+CREATE FUNCTION runops.is_run_status(status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN status IN ('DELAYED', 'PENDING', 'PENDING_VERSION', 'WAITING_FOR_DEPLOY', 'DEQUEUED', 'EXECUTING',
+                  'WAITING_TO_RESUME', 'RETRYING_AFTER_FAILURE', 'PAUSED', 'CANCELED', 'INTERRUPTED',
+                  'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED',
+                  'TIMED_OUT');
+ALTER FUNCTION runops.is_run_status(text) OWNER TO runops_owner;
+CREATE FUNCTION runops.is_final_status(status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                    'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+$$;
+ALTER FUNCTION runops.is_final_status(text) OWNER TO runops_owner;
+CREATE FUNCTION runops.status_releases_key(status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN status IN ('INTERRUPTED', 'COMPLETED_WITH_ERRORS', 'SYSTEM_FAILURE', 'CRASHED', 'TIMED_OUT', 'EXPIRED');
+ALTER FUNCTION runops.status_releases_key(text) OWNER TO runops_owner;
 
 CREATE TABLE runops.status_transitions (
   from_status text NOT NULL,   -- 'NEW' stands for "the row does not exist yet"
@@ -29,7 +86,7 @@ CREATE TABLE runops.runs (
   project_id                  text COLLATE "C" NOT NULL,
   organization_id             text COLLATE "C" NOT NULL,
   task_identifier             text NOT NULL,
-  status                      text NOT NULL,
+  status                      text NOT NULL CHECK (runops.is_run_status(status)),
   payload                     jsonb NOT NULL,
   output                      jsonb,
   error                       jsonb,
@@ -212,17 +269,7 @@ GRANT SELECT ON runops.runs, runops.batches, runops.batch_items, runops.waitpoin
                 runops.run_waitpoints
   TO runops_fdw;
 
--- Statuses, one per line:
---   DELAYED                 triggered with a delay; becomes PENDING when it is due
---   PENDING                 queued, waiting for a worker
---   PENDING_VERSION         waiting for a deployed version that has the task
---   WAITING_FOR_DEPLOY      waiting for a first deploy (legacy engine)
---   DEQUEUED                locked to a worker under a lease, attempt not started
---   EXECUTING               an attempt is running
---   WAITING_TO_RESUME       suspended at a checkpoint until its blockers complete
---   RETRYING_AFTER_FAILURE  an attempt failed; re-queued at retry_at
---   PAUSED                  held by an operator
---   CANCELED .. TIMED_OUT   final: never change again
+-- The moves between statuses (runops.run_statuses says what each status means).
 INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
   ('NEW', 'PENDING', 'trigger_run'),
   ('NEW', 'DELAYED', 'trigger_run'),
@@ -248,11 +295,9 @@ INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
   ('EXECUTING', 'WAITING_TO_RESUME', 'create_checkpoint'),
   ('WAITING_TO_RESUME', 'PENDING', 'resume_run'),
   ('PENDING', 'EXPIRED', 'expire_enqueued_runs');
+-- Any live status to any final one by finalize_run, and to CANCELED by cancel_run.
 INSERT INTO runops.status_transitions (from_status, to_status, made_by)
-SELECT live, final, mover
-FROM unnest(ARRAY['DELAYED', 'PENDING', 'PENDING_VERSION', 'WAITING_FOR_DEPLOY', 'DEQUEUED',
-                  'EXECUTING', 'WAITING_TO_RESUME', 'RETRYING_AFTER_FAILURE', 'PAUSED']) AS live,
-     unnest(ARRAY['CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
-                  'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT']) AS final,
+SELECT live.status, final.status, mover
+FROM runops.run_statuses AS live, runops.run_statuses AS final,
      unnest(ARRAY['finalize_run', 'cancel_run']) AS mover
-WHERE mover = 'finalize_run' OR final = 'CANCELED';
+WHERE NOT live.is_final AND final.is_final AND (mover = 'finalize_run' OR final.status = 'CANCELED');

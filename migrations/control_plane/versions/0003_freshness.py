@@ -1,4 +1,4 @@
-"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication (control plane).
+"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication; issue 10: the run-status vocabulary once, a CHECK on runs.status, one idempotency engine (control plane).
 
 Revision ID: 0003
 Revises: 0002

@@ -1,4 +1,4 @@
-"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication (run-ops store).
+"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication; issue 10: the run-status vocabulary once, a CHECK on runs.status, one idempotency engine (run-ops store).
 
 Revision ID: 0003
 Revises: 0002
