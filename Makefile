@@ -48,7 +48,7 @@ bench: $(STAMP) system-deps
 
 # Re-render the shared revision that carries sql/ (only while it is unreleased).
 revision: $(STAMP)
-	$(BIN)/python -m runops.revision $(NAME)
+	$(BIN)/python -m runops.ops.revision $(NAME)
 
 clean:
 	-$(BIN)/runops dev down

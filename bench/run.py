@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runops.bench import BATCH_REPS, SECTIONS, STREAM_REPS, main
+from runops.ops.bench import BATCH_REPS, SECTIONS, STREAM_REPS, main
 
 
 def cli(argv: list[str] | None = None) -> int:

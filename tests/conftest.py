@@ -23,9 +23,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
-from runops.local_cluster import LocalStores
+from runops.ops import migrate
+from runops.ops.local_cluster import LocalStores
 
 
 @dataclass

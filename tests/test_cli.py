@@ -15,9 +15,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ids import generate_ksuid
+from runops.ops import migrate
 from tests.conftest import Stores
 
 RUNOPS = Path(sys.executable).parent / "runops"
@@ -137,8 +137,8 @@ def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: 
     run_ = client.trigger_run(new_env.environment_id, "echo", {}, queue="watched")
     env = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": stores.app[CONTROL_PLANE],
            "RUNOPS_RUN_OPS_URL": stores.app[RUN_OPS]}
-    watcher = subprocess.Popen([sys.executable, "-m", "runops.cli", "runs", "watch", run_.run_id, "--timeout", "30"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    watcher = subprocess.Popen([sys.executable, "-m", "runops.ops.cli", "runs", "watch", run_.run_id,
+                                "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert watcher.stdout is not None
     first = watcher.stdout.readline()  # the current status, printed once LISTEN is in place
     assert "PENDING" in first
@@ -171,7 +171,7 @@ def test_batch_from_a_jsonl_file_with_wait(cli: Cli, client: RunOps, new_env, tm
     assert code == 0, err
     first = json.loads(out)
     assert first["batch"]["item_count"] == 7 and first["batch"]["status"] == "PROCESSING"
-    from runops.worker import run_worker
+    from runops.ops.reference_tasks import run_worker
 
     assert run_worker(client, env, "cli-test-worker", once=True) >= 7
     code, out, err = run(cli, "--json", "batch", str(path), "--env", env, "--key", "nightly",

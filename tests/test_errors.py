@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from runops import errors
-from runops.cli import exit_code
+from runops.ops.cli import exit_code
 
 CODES = {
     "RO001": errors.UnclassifiableId, "RO002": errors.WrongStore, "RO003": errors.IllegalTransition,
@@ -45,8 +45,8 @@ def test_wrong_store_names_the_owner() -> None:
 def test_an_illegal_transition_through_the_cli_exits_13(stores, client, new_env, monkeypatch) -> None:
     from click.testing import CliRunner
 
-    from runops.cli import main
     from runops.client import CONTROL_PLANE, RUN_OPS
+    from runops.ops.cli import main
 
     parent = client.trigger_run(new_env.environment_id, "p")
     client.finalize_run(parent.run_id, "COMPLETED_SUCCESSFULLY")

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS
-from runops.local_cluster import LocalStores, _as_server_user
+from runops.ops import migrate
+from runops.ops.local_cluster import LocalStores, _as_server_user
 from tests.conftest import Stores
 
 RUNOPS = Path(sys.executable).parent / "runops"

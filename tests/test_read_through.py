@@ -5,10 +5,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import StoreUnavailable
 from runops.ids import generate_ksuid
+from runops.ops import migrate
 from tests.conftest import Stores, sqlstate_of
 
 

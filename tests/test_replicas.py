@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
-from runops.local_cluster import Cluster, _as_server_user, _give_to_server_user, free_port
 from runops.models import Run
+from runops.ops.local_cluster import Cluster, _as_server_user, _give_to_server_user, free_port
 from tests.conftest import Stores
 
 LAG = 3.0

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from runops import migrate, schema
-from runops.cli import main
+from runops.ops import migrate, schema
+from runops.ops.cli import main
 from tests.conftest import sqlstate_of
 
 RUN_GRAPH = ("status_transitions", "runs", "batches", "batch_items", "waitpoints", "run_waitpoints",

@@ -291,7 +291,7 @@ def test_the_app_role_cannot_write_the_ledger(stores: Stores) -> None:
 def test_keys_that_predate_the_split_are_claimed_when_it_is_enabled(scratch_db, stores: Stores) -> None:
     """A fresh pair of stores: a keyed LEGACY run made before the split was ever enabled is
     returned by a NEW-minting trigger afterwards (enable_split backfills its claim)."""
-    from runops import migrate
+    from runops.ops import migrate
 
     cp_url, ro_url = scratch_db("seam_cp"), scratch_db("seam_ro")
     report = migrate.migrate(cp_url, ro_url)

@@ -12,8 +12,8 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS
+from runops.ops import migrate
 
 from .conftest import Env, Stores, sqlstate_of
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from runops import migrate
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import SplitRefused, WrongStore
+from runops.ops import migrate
 from tests.conftest import Stores, sqlstate_of
 
 

@@ -48,8 +48,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
-from runops import migrate, schema
 from runops.client import CONTROL_PLANE, RUN_OPS
+from runops.ops import migrate, schema
 from tests.conftest import Stores
 from tests.lifecycle_helpers import call, one
 from tests.test_schema import function_definitions, pg_dump_schema

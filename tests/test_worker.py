@@ -52,7 +52,7 @@ def start_worker(stores: Stores, tmp_path: Path) -> Iterator[Callable[..., Worke
     def start(environment_id: str, *args: str) -> WorkerProcess:
         log = tmp_path / f"worker-{len(started)}.log"
         with log.open("w") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "runops.cli", "worker", "--app", "tests.worker_app:ro",
+            proc = subprocess.Popen([sys.executable, "-m", "runops.ops.cli", "worker", "--app", "tests.worker_app:ro",
                                      "--env", environment_id, *args],
                                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         started.append(WorkerProcess(proc, log, env))
@@ -324,7 +324,7 @@ def test_task_registry_refuses_duplicates_and_backoff_grows_within_bounds() -> N
 def test_the_worker_waits_out_a_store_restart(stores: Stores, client: RunOps, make_env, start_worker) -> None:
     env = make_env("ksuid").environment_id
     worker = start_worker(env)
-    ticker = subprocess.Popen([sys.executable, "-m", "runops.cli", "tick", "--loop", "--interval", "0.2"],
+    ticker = subprocess.Popen([sys.executable, "-m", "runops.ops.cli", "tick", "--loop", "--interval", "0.2"],
                               cwd=ROOT, env=worker.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     before = client.trigger_run(env, "add", {"a": 1, "b": 1})
     assert client.wait_for_run(before.run_id, timeout=20).status == "COMPLETED_SUCCESSFULLY"

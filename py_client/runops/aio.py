@@ -20,27 +20,26 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import ids
+from . import ids, queries
 from .client import (
     _ROW_FACTORIES,
     CONTROL_PLANE,
-    DEQUEUE_RUNS,
     RUN_OPS,
-    TRIGGER_ROUTE,
     RunOps,
     _ask_control_plane,
     _connect_urls,
     _ignore_chunk,
     _items,
     _Leasing,
+    _local_urls,
     _merge_page,
     _options,
     _partial_or_raise,
@@ -84,9 +83,17 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     @classmethod
     async def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                       **kwargs: Any) -> AsyncRunOps:
-        """Like :meth:`RunOps.connect` (URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL,
-        else the local dev stores), with the pools opened."""
+        """Like :meth:`RunOps.connect` (URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL),
+        with the pools opened."""
         cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
+        client = cls(cp, ro, **kwargs)
+        await client.open()
+        return client
+
+    @classmethod
+    async def local(cls, home: str | Path | None = None, **kwargs: Any) -> AsyncRunOps:
+        """Like :meth:`RunOps.local` (the local stores of `runops dev up`), with the pools opened."""
+        cp, ro = _local_urls(home, kwargs)
         client = cls(cp, ro, **kwargs)
         await client.open()
         return client
@@ -169,11 +176,11 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
     async def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
         """The identity (system identifier, database, role, version) of one store."""
-        return (await self._rows(store, "SELECT * FROM runops.store_identity()", {}, StoreIdentity))[0]
+        return (await self._rows(store, queries.STORE_IDENTITY, {}, StoreIdentity))[0]
 
     async def store_role(self, store: str = CONTROL_PLANE) -> str:
         """The role one store has (CONTROL_PLANE or RUN_OPS)."""
-        return str(await self._scalar(store, "SELECT runops.store_role()", {}))
+        return str(await self._scalar(store, queries.STORE_ROLE, {}))
 
     # -- tenants (control plane) --------------------------------------------------------------
 
@@ -181,37 +188,37 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                                   mint_kind: str | None = None) -> str:
         """Creates an organization on the control plane (``mint_kind``: cuid or ksuid, else the
         default); its id. Raises InvalidInput."""
-        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_organization(%(slug)s, %(o)s)",
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ORGANIZATION,
                                 {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
 
     async def create_project(self, organization_id: str, slug: str) -> str:
         """Creates a project in an organization on the control plane; its id. Raises InvalidInput, NotFound."""
-        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_project(%(org)s, %(slug)s)",
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_PROJECT,
                                 {"org": organization_id, "slug": slug}))
 
     async def create_environment(self, project_id: str, slug: str, type: str) -> str:
         """Creates an environment (``type``: PRODUCTION, STAGING, DEVELOPMENT, PREVIEW) on the
         control plane; its id. Raises InvalidInput, NotFound."""
-        return str(await self._scalar(CONTROL_PLANE, "SELECT runops.create_environment(%(p)s, %(s)s, %(t)s)",
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ENVIRONMENT,
                                 {"p": project_id, "s": slug, "t": type}))
 
     async def list_environments(self, organization_id: str | None = None) -> list[EnvironmentInfo]:
         """Every environment (or one organization's), with its project, organization and the
         mint kind its roots follow; from the control plane."""
-        return await self._rows(CONTROL_PLANE, "SELECT * FROM runops.list_environments(%(o)s)", {"o": organization_id},
+        return await self._rows(CONTROL_PLANE, queries.LIST_ENVIRONMENTS, {"o": organization_id},
                                 EnvironmentInfo)
 
     async def update_environment(self, environment_id: str, **changes: Any) -> None:
         """Changes an environment (``paused``, ``archived``, ...) on the control plane. Raises
         InvalidInput, NotFound."""
-        await self._scalar(CONTROL_PLANE, "SELECT runops.update_environment(%(e)s, %(c)s)",
+        await self._scalar(CONTROL_PLANE, queries.UPDATE_ENVIRONMENT,
                            {"e": environment_id, "c": _options(changes)})
 
     # -- split control (control plane) ---------------------------------------------------------
 
     async def split_status(self) -> dict[str, Any]:
         """The split's state and both stores' identities, from the control plane."""
-        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.split_status()", {}))
+        return dict(await self._scalar(CONTROL_PLANE, queries.SPLIT_STATUS, {}))
 
     async def enable_split(self) -> dict[str, Any]:
         """Enables the split once three identities agree: the run-ops store this client talks to,
@@ -221,22 +228,22 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                                      (await self.split_status()).get("run_ops") or {})
             if refusal:
                 raise SplitRefused(refusal)
-        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.enable_split()", {}))
+        return dict(await self._scalar(CONTROL_PLANE, queries.ENABLE_SPLIT, {}))
 
     async def disable_split(self) -> dict[str, Any]:
         """Disables the split on the control plane (new roots are LEGACY again); the new status."""
-        return dict(await self._scalar(CONTROL_PLANE, "SELECT runops.disable_split()", {}))
+        return dict(await self._scalar(CONTROL_PLANE, queries.DISABLE_SPLIT, {}))
 
     async def set_mint_kind(self, organization_id: str, kind: str) -> None:
         """Sets an organization's mint kind (cuid: roots LEGACY; ksuid: roots NEW), on the control
         plane. Raises InvalidInput, NotFound."""
-        await self._scalar(CONTROL_PLANE, "SELECT runops.set_mint_kind(%(o)s, %(k)s)",
+        await self._scalar(CONTROL_PLANE, queries.SET_MINT_KIND,
                            {"o": organization_id, "k": kind})
 
     async def set_default_mint_kind(self, kind: str) -> None:
         """Sets the mint kind (cuid or ksuid) of organizations without their own, on the control
         plane. Raises InvalidInput."""
-        await self._scalar(CONTROL_PLANE, "SELECT runops.set_default_mint_kind(%(k)s)", {"k": kind})
+        await self._scalar(CONTROL_PLANE, queries.SET_DEFAULT_MINT_KIND, {"k": kind})
 
     # -- triggering ---------------------------------------------------------------------------
 
@@ -249,13 +256,13 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
     async def _route(self, params: dict[str, Any], now: float) -> str:
         if RUN_OPS not in self._pools:
-            return str(await self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+            return str(await self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
         if _ask_control_plane(self._down, now):
             try:
-                return str(await self._scalar(CONTROL_PLANE, TRIGGER_ROUTE, params))
+                return str(await self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
             except StoreUnavailable:
                 pass
-        return str(await self._scalar(RUN_OPS, TRIGGER_ROUTE, params))
+        return str(await self._scalar(RUN_OPS, queries.TRIGGER_ROUTE, params))
 
     async def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
         """The store for a trigger: its anchor's, else the environment's root route (cached for
@@ -287,7 +294,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                   "p": Jsonb({} if payload is None else payload), "o": _options(given)}
 
         async def call(store: str) -> TriggerResult:
-            return (await self._rows(store, "SELECT * FROM runops.trigger_run(%(e)s, %(t)s, %(p)s, %(o)s)",
+            return (await self._rows(store, queries.TRIGGER_RUN,
                                      params, TriggerResult))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, given), call)
@@ -301,7 +308,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
         async def call(store: str) -> TriggerResult:
             return (await self._rows(store,
-                                     "SELECT * FROM runops.trigger_failed_task(%(e)s, %(t)s, %(p)s, %(x)s, %(o)s)",
+                                     queries.TRIGGER_FAILED_TASK,
                                      params, TriggerResult))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
@@ -312,7 +319,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Clears the key on every store (a key may predate a mint-kind flip)."""
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
-        query = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
+        query = queries.RESET_IDEMPOTENCY_KEY
         return sum(int(n) for n in (await self._each_store(query, params)).values())
 
     # -- reads and per-run writes ---------------------------------------------------------------
@@ -323,7 +330,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         if RUN_OPS not in self._pools:
             return True
         deadline = time.monotonic() + timeout
-        query = "SELECT runops.mirror_fingerprint()"
+        query = queries.MIRROR_FINGERPRINT
         while True:
             if await self._scalar(CONTROL_PLANE, query, {}) == await self._scalar(RUN_OPS, query, {}):
                 with self._routes_lock:
@@ -331,7 +338,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                 return True
             if time.monotonic() > deadline:
                 return False
-            await self._scalar(RUN_OPS, "SELECT runops.pull_tenant_mirror()", {})
+            await self._scalar(RUN_OPS, queries.PULL_TENANT_MIRROR, {})
             await asyncio.sleep(0.05)
 
     async def list_runs(self, environment_id: str, page_size: int = 25, cursor: str | None = None,
@@ -344,7 +351,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         ``created_before`` (exclusive; datetimes with a timezone), ``batch_id``."""
         doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in filters.items()}
         params = {"e": environment_id, "n": page_size, "c": cursor, "f": Jsonb(doc)}
-        query = "SELECT * FROM runops.list_store_runs(%(e)s, %(n)s, %(c)s, %(f)s)"
+        query = queries.LIST_STORE_RUNS
         rows: list[ListedRun] = []
         for store in self._pools:
             if store in self._replicas and not self._recently_written(environment_id):
@@ -359,7 +366,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     async def purge_runs(self, older_than: str, max_rows: int = 10000) -> dict[str, int]:
         """Deletes, on each store, final runs older than ``older_than`` (a duration such as
         ``30d``) and their subgraphs, up to ``max_rows`` runs per store; the count per store."""
-        counts = await self._each_store("SELECT runops.purge_runs(%(o)s, %(n)s)", {"o": older_than, "n": max_rows})
+        counts = await self._each_store(queries.PURGE_RUNS, {"o": older_than, "n": max_rows})
         return {store: int(n) for store, n in counts.items()}
 
     async def get_run(self, run_id: str, environment_id: str | None = None, *,
@@ -372,7 +379,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         store = through or ids.store_for(residency)
         if store not in self._pools:
             return None
-        rows = await self._read_rows(store, "SELECT * FROM runops.get_run(%(r)s, %(e)s)",
+        rows = await self._read_rows(store, queries.GET_RUN,
                                      {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
 
@@ -381,14 +388,14 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Moves the run to a final ``status`` with ``error``/``output``, on the run's store.
         Raises NotFound, IllegalTransition, InvalidInput."""
         return (await self._rows(self._write_store_of(run_id),
-                                 "SELECT * FROM runops.finalize_run(%(r)s, %(s)s, %(e)s, %(o)s, %(env)s)",
+                                 queries.FINALIZE_RUN,
                                  {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
                                  "o": None if output is None else Jsonb(output), "env": environment_id}, Run))[0]
 
-    async def _run_call(self, function: str, run_id: str, args: str, params: dict[str, Any]) -> Run:
+    async def _run_call(self, query: str, run_id: str, params: dict[str, Any]) -> Run:
         """A per-run function, on the store that owns the run. Every one of them takes the
         environment guard last (``environment_id``: RO004 for another environment's run)."""
-        return (await self._rows(self._write_store_of(run_id), f"SELECT * FROM runops.{function}(%(r)s{args})",
+        return (await self._rows(self._write_store_of(run_id), query,
                                  {"r": run_id, **params}, Run))[0]
 
     # -- the worker's path ------------------------------------------------------------------------
@@ -406,7 +413,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
             if leasing.wanted() <= 0:
                 break
             try:
-                leasing.taken += await self._rows(store, DEQUEUE_RUNS, {**params, "n": leasing.wanted()}, Run)
+                leasing.taken += await self._rows(store, queries.DEQUEUE_RUNS, {**params, "n": leasing.wanted()}, Run)
             except Exception as exc:  # what the other store leased must reach the caller
                 leasing.failed(store, exc)
         return leasing.result()
@@ -414,51 +421,48 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     async def heartbeat_run(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
         """Extends the worker's lease on the run, on the run's store. Raises NotFound, IllegalTransition
         (the lease was lost)."""
-        return await self._run_call("heartbeat_run", run_id, ", %(w)s, %(env)s",
-                                    {"w": worker_id, "env": environment_id})
+        return await self._run_call(queries.HEARTBEAT_RUN, run_id, {"w": worker_id, "env": environment_id})
 
     async def start_attempt(self, run_id: str, worker_id: str, *, environment_id: str | None = None) -> Run:
         """DEQUEUED -> EXECUTING with the next (or the paused) attempt, on the run's store. Raises
         NotFound, IllegalTransition (another worker's lease)."""
-        return await self._run_call("start_attempt", run_id, ", %(w)s, %(env)s",
-                                    {"w": worker_id, "env": environment_id})
+        return await self._run_call(queries.START_ATTEMPT, run_id, {"w": worker_id, "env": environment_id})
 
     async def complete_attempt(self, run_id: str, attempt_number: int, output: Any = None, *,
                                environment_id: str | None = None) -> Run:
         """Completes the executing attempt with ``output``, on the run's store. Raises NotFound,
         IllegalTransition."""
-        return await self._run_call("complete_attempt", run_id, ", %(n)s, %(o)s, %(env)s",
-                                    {"n": attempt_number, "o": Jsonb(output), "env": environment_id})
+        return await self._run_call(queries.COMPLETE_ATTEMPT, run_id, {"n": attempt_number, "o": Jsonb(output),
+                                                                       "env": environment_id})
 
     async def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
                            retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
         """Fails the executing attempt; retried at ``retry_at`` while attempts remain, else final.
         On the run's store. Raises NotFound, IllegalTransition, InvalidInput."""
-        return await self._run_call("fail_attempt", run_id, ", %(n)s, %(x)s, %(t)s, %(env)s",
-                                    {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id})
+        return await self._run_call(queries.FAIL_ATTEMPT, run_id, {"n": attempt_number, "x": Jsonb(error),
+                                                                   "t": retry_at, "env": environment_id})
 
     async def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
                                 metadata: Any = None, *, environment_id: str | None = None) -> Run:
         """Suspends the executing run (WAITING_TO_RESUME, or PENDING when nothing blocks it any
         more), on the run's store. Raises NotFound, IllegalTransition."""
-        return await self._run_call("create_checkpoint", run_id, ", %(n)s, %(c)s, %(l)s, %(m)s, %(env)s",
-                                    {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
-                                    "env": environment_id})
+        return await self._run_call(queries.CREATE_CHECKPOINT, run_id,
+                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
+                               "env": environment_id})
 
     async def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
         """Resumes a waiting run once nothing blocks it, on the run's store (idempotent). Raises
         NotFound, IllegalTransition."""
-        return await self._run_call("resume_run", run_id, ", %(env)s", {"env": environment_id})
+        return await self._run_call(queries.RESUME_RUN, run_id, {"env": environment_id})
 
     async def cancel_run(self, run_id: str, reason: str | None = None, *, environment_id: str | None = None) -> Run:
         """Cancels the run and its live descendants, on the run's store. Raises NotFound,
         IllegalTransition (already final), UnclassifiableId."""
-        return await self._run_call("cancel_run", run_id, ", %(c)s, %(env)s", {"c": reason, "env": environment_id})
+        return await self._run_call(queries.CANCEL_RUN, run_id, {"c": reason, "env": environment_id})
 
     async def block_run(self, run_id: str, waitpoint_ids: list[str], *, environment_id: str | None = None) -> Run:
         """Makes the run wait on the waitpoints, on the run's store. Raises NotFound, IllegalTransition."""
-        return await self._run_call("block_run", run_id, ", %(w)s, '{}', %(env)s",
-                                    {"w": waitpoint_ids, "env": environment_id})
+        return await self._run_call(queries.BLOCK_RUN, run_id, {"w": waitpoint_ids, "env": environment_id})
 
     # -- waitpoints ---------------------------------------------------------------------------------
 
@@ -468,7 +472,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "t": type, "o": _options(options)}
 
         async def call(store: str) -> WaitpointCreated:
-            return (await self._rows(store, "SELECT * FROM runops.create_waitpoint(%(e)s, %(t)s, %(o)s)",
+            return (await self._rows(store, queries.CREATE_WAITPOINT,
                                      params, WaitpointCreated))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, {}), call)
@@ -478,7 +482,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         residency = ids.try_classify_residency(waitpoint_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
-        rows = await self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_waitpoint(%(w)s, %(e)s)",
+        rows = await self._read_rows(ids.store_for(residency), queries.GET_WAITPOINT,
                                      {"w": waitpoint_id, "e": environment_id}, Waitpoint, waitpoint_id)
         return rows[0] if rows else None
 
@@ -487,7 +491,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Completes it, then sends resume_run to the other store for the runs waiting there
         (tick there catches any follow-up lost to a crash)."""
         done = (await self._rows(self._write_store_of(waitpoint_id),
-                                 "SELECT * FROM runops.complete_waitpoint(%(w)s, %(o)s, %(x)s, %(env)s)",
+                                 queries.COMPLETE_WAITPOINT,
                                  {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id},
                                  WaitpointCompletion))[0]
         for run_id in done.remote_run_ids:
@@ -505,7 +509,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "i": _items(items), "o": _options(options)}
 
         async def call(store: str) -> BatchTriggered:
-            return (await self._rows(store, "SELECT * FROM runops.batch_trigger(%(e)s, %(i)s, %(o)s)",
+            return (await self._rows(store, queries.BATCH_TRIGGER,
                                      params, BatchTriggered))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
@@ -516,7 +520,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "n": expected_count, "o": _options(options)}
 
         async def call(store: str) -> BatchCreated:
-            return (await self._rows(store, "SELECT * FROM runops.create_batch(%(e)s, %(n)s, %(o)s)",
+            return (await self._rows(store, queries.CREATE_BATCH,
                                      params, BatchCreated))[0]
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
@@ -526,20 +530,20 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Adds items from ``start_index`` to an open batch, on the batch's store; a re-sent index creates
         nothing twice. Raises NotFound, InvalidInput, IllegalTransition (sealed)."""
         return (await self._rows(self._write_store_of(batch_id),
-                                 "SELECT * FROM runops.append_batch_items(%(b)s, %(s)s, %(i)s, %(env)s)",
+                                 queries.APPEND_BATCH_ITEMS,
                                  {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
                                  BatchAppended))[0]
 
     async def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
         """Seals an open batch (no more items), on the batch's store. Raises NotFound, IllegalTransition."""
-        return (await self._rows(self._write_store_of(batch_id), "SELECT * FROM runops.seal_batch(%(b)s, %(env)s)",
+        return (await self._rows(self._write_store_of(batch_id), queries.SEAL_BATCH,
                                  {"b": batch_id, "env": environment_id}, BatchSealed))[0]
 
     async def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
         """Resumes the run waiting on this batch once all its runs are final, on the batch's store
         (idempotent); the batch. Raises NotFound."""
         return (await self._rows(self._write_store_of(batch_id),
-                                 "SELECT * FROM runops.resume_batch_run(%(b)s, %(env)s)",
+                                 queries.RESUME_BATCH_RUN,
                                  {"b": batch_id, "env": environment_id}, Batch))[0]
 
     async def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
@@ -547,7 +551,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         residency = ids.try_classify_residency(batch_id)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
-        rows = await self._read_rows(ids.store_for(residency), "SELECT * FROM runops.get_batch(%(b)s, %(e)s)",
+        rows = await self._read_rows(ids.store_for(residency), queries.GET_BATCH,
                                      {"b": batch_id, "e": environment_id}, Batch, batch_id)
         return rows[0] if rows else None
 
@@ -610,35 +614,35 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         Prometheus endpoint asks each store on its own, so one that does not answer is reported,
         not fatal)."""
         targets = [store] if store is not None else list(self._pools)
-        return {s: dict(await self._scalar(s, "SELECT runops.metrics(%(e)s)", {"e": environment_id})) for s in targets}
+        return {s: dict(await self._scalar(s, queries.METRICS, {"e": environment_id})) for s in targets}
 
     async def tick(self, max_rows: int = 1000) -> dict[str, dict[str, int]]:
         """One pass of time-driven work on every store that answers; counts by store (a store that
         did not answer is absent). StoreUnavailable only when none answers."""
-        return await self._each_store("SELECT runops.tick(%(n)s)", {"n": max_rows}, partial=True)
+        return await self._each_store(queries.TICK, {"n": max_rows}, partial=True)
 
     async def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
         """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
         when none answers."""
-        return sum((await self._each_store("SELECT runops.enqueue_delayed_runs(%(n)s)", {"n": max_runs},
+        return sum((await self._each_store(queries.ENQUEUE_DELAYED_RUNS, {"n": max_runs},
                                     partial=True)).values())
 
     async def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
         """Expires queued runs whose ttl ran out, on every store that answers; the count.
         StoreUnavailable only when none answers."""
-        return sum((await self._each_store("SELECT runops.expire_enqueued_runs(%(n)s)", {"n": max_runs},
+        return sum((await self._each_store(queries.EXPIRE_ENQUEUED_RUNS, {"n": max_runs},
                                     partial=True)).values())
 
     async def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
         """Cancels a dev session's live runs on every store; the count. StoreUnavailable names a
         store that did not answer (the others did their part; safe to repeat)."""
-        return sum((await self._each_store("SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)",
+        return sum((await self._each_store(queries.CANCEL_DEV_SESSION_RUNS,
                                     {"e": environment_id, "d": dev_session_id})).values())
 
     async def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
         """Queues the environment's runs waiting for a deploy of these tasks, on every store; the
         count. StoreUnavailable names a store that did not answer (safe to repeat)."""
-        return sum((await self._each_store("SELECT runops.execute_tasks_waiting_for_deploy(%(e)s, %(t)s)",
+        return sum((await self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY,
                                     {"e": environment_id, "t": task_identifiers})).values())
 
     # -- notifications --------------------------------------------------------------------------------
@@ -652,7 +656,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
             raise StoreUnavailable(f"no {store} store is configured")
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}")))
+                await conn.execute(queries.listen(environment_id))
                 yield conn
         except psycopg.Error as exc:
             raise translate(exc) from exc

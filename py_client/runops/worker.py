@@ -23,8 +23,8 @@ with ``tick --loop``) backs off with jitter and continues when the store is back
 
 Wake-up is adaptive polling: right after work, the next dequeue follows at once; an empty queue
 doubles the pause from ``poll_interval[0]`` up to ``poll_interval[1]`` (docs/decisions.md says why
-not LISTEN). The reference tasks (:data:`REFERENCE_TASKS`: echo, sleep, fail, wait-for-child,
-fan-out) serve ``runops worker`` without ``--app`` and the demo.
+not LISTEN). The reference tasks that ``runops worker`` runs without ``--app`` (echo, sleep, fail,
+wait-for-child, fan-out) are tooling: :mod:`runops.ops.reference_tasks`.
 """
 
 from __future__ import annotations
@@ -327,64 +327,3 @@ class Worker:
                     flight.lost.set()  # canceled or taken back; its thread learns when it reports
                 except Exception as exc:  # an outage: the next beat tries again
                     log.warning("%s: heartbeat of %s failed: %s", self.worker_id, flight.run.run_id, exc)
-
-
-def run_worker(client: RunOps, environment_id: str, worker_id: str | None = None, *,
-               tasks: TaskRegistry | None = None, concurrency: int | None = None, max_runs: int | None = None,
-               once: bool = False, on_outcome: Callable[[Outcome], None] = lambda o: None,
-               should_stop: Callable[[], bool] | None = None, **options: Any) -> int:
-    """Runs a :class:`Worker` (the reference tasks unless ``tasks`` is given) and returns the
-    number of runs handled. ``max_runs`` is the older name of ``concurrency``; ``should_stop``
-    is polled every 0.1 s; ``options`` go to :class:`Worker`."""
-    worker = Worker(client, environment_id, REFERENCE_TASKS if tasks is None else tasks, worker_id=worker_id,
-                    concurrency=concurrency or max_runs or 4, once=once, on_outcome=on_outcome, **options)
-    if should_stop is not None:
-        def watch() -> None:
-            while not worker._stopping.wait(0.1):
-                if should_stop():
-                    worker.stop()
-
-        threading.Thread(target=watch, daemon=True).start()
-    return worker.run()
-
-
-# -- the reference tasks --------------------------------------------------------------------------------
-
-REFERENCE_TASKS = TaskRegistry()
-
-
-@REFERENCE_TASKS.task("echo")
-def _echo(ctx: TaskContext, payload: Any) -> Any:
-    """output = payload"""
-    return payload
-
-
-@REFERENCE_TASKS.task("sleep")
-def _sleep(ctx: TaskContext, payload: Any) -> Any:
-    """Sleeps payload["seconds"] (the worker heartbeats meanwhile)."""
-    seconds = float((payload or {}).get("seconds", 1))
-    time.sleep(seconds)
-    return {"slept": seconds}
-
-
-@REFERENCE_TASKS.task("fail")
-def _fail(ctx: TaskContext, payload: Any) -> Any:
-    """Fails with payload["message"]; retried after payload["retry_after"] seconds while attempts remain."""
-    p = payload or {}
-    raise TaskError(str(p.get("message", "the task failed")), retry_after=float(p.get("retry_after", 1)))
-
-
-@REFERENCE_TASKS.task("wait-for-child")
-def _wait_for_child(ctx: TaskContext, payload: Any) -> Any:
-    """Triggers payload["task"] with payload["payload"], waits for it, returns its outcome."""
-    p = payload or {}
-    child = ctx.trigger_and_wait(str(p.get("task", "echo")), p.get("payload", {}))
-    return {"child": child.run_id, "status": child.status, "output": child.output}
-
-
-@REFERENCE_TASKS.task("fan-out")
-def _fan_out(ctx: TaskContext, payload: Any) -> Any:
-    """Batch-triggers payload["items"], waits for all, returns [{index, run_id, status}]."""
-    runs = ctx.batch_trigger_and_wait(list((payload or {}).get("items", [])))
-    return {"batch": runs[0].batch_id if runs else None,
-            "items": [{"index": i, "run_id": r.run_id, "status": r.status} for i, r in enumerate(runs)]}

@@ -1,6 +1,6 @@
 """Writes a shared run-graph revision from the current ``sql/`` files.
 
-    python -m runops.revision r0002_seam "Across the seam: claim ledger, merged listing, purge"
+    python -m runops.ops.revision r0002_seam "Across the seam: claim ledger, merged listing, purge"
 
 r0001 (released) carries the whole install. Every later revision is a *delta*: the hand-written
 DDL in ``sql/upgrades/<name>/*.sql``, applied in file-name order (what changed in ``sql/schema/``
@@ -33,7 +33,7 @@ from .schema import (
 PREAMBLE = ("SET LOCAL search_path = runops, pg_catalog, pg_temp;\n"
             "SET LOCAL check_function_bodies = off;\n")
 
-MODULE = '''"""{name}: generated from sql/ by `python -m runops.revision {name}`. Do not edit by hand.
+MODULE = '''"""{name}: generated from sql/ by `python -m runops.ops.revision {name}`. Do not edit by hand.
 
 Both histories apply this text; RESIDENCY_CHECK(col) becomes each store's id-shape CHECK and
 RESIDENCY_OF_THIS_STORE its residency.

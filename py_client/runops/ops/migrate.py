@@ -17,7 +17,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import RunOpsError
+from runops.errors import RunOpsError
+
 from .schema import ALEMBIC_INI, SQL
 
 SECTIONS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}

@@ -16,18 +16,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import wraps
-from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
 import click
 import psycopg
 
-from . import ids
+from runops import ids
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.dev_stores import default_home
+from runops.errors import NotFound, RunOpsError, StoreUnavailable
+from runops.models import FINAL_STATUSES, Run
+
 from . import migrate as migrations
-from .client import CONTROL_PLANE, RUN_OPS, RunOps
-from .errors import NotFound, RunOpsError, StoreUnavailable
 from .local_cluster import ClusterError, LocalStores
-from .models import FINAL_STATUSES, Run
 from .output import emit_json, fields, table
 from .schema import ALEMBIC_INI
 
@@ -99,8 +100,11 @@ class Ctx:
         self._client: RunOps | None = None
 
     def client(self) -> RunOps:
+        """The stores RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL name; when neither is set, the
+        local stores of `runops dev up` (SPEC §7), as `migrate` and `doctor` fall back to them."""
         if self._client is None:
-            self._client = RunOps.connect()
+            configured = os.environ.get("RUNOPS_CONTROL_PLANE_URL") or os.environ.get("RUNOPS_RUN_OPS_URL")
+            self._client = RunOps.connect() if configured else RunOps.local()
         return self._client
 
     def close(self) -> None:
@@ -133,7 +137,7 @@ def dev() -> None:
 @reports_errors
 def dev_up(ctx: Ctx) -> None:
     """Initialise (once), start, migrate and wire both local stores, and enable the split."""
-    home = Path.cwd() / ".runops"
+    home = default_home()
     try:
         stores = LocalStores.from_cwd(home)
     except ClusterError:
@@ -789,7 +793,7 @@ def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | N
     import signal
     import threading
 
-    from .retry import run_loop
+    from runops.retry import run_loop
 
     client = ctx.client()
 
@@ -872,8 +876,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
            queues: tuple[str, ...], grace: float, lease: float, once: bool) -> None:
     """Work an environment's runs: your tasks (--app) or the reference ones (echo, sleep, fail,
     wait-for-child, fan-out). Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
-    from .tasks import TaskRegistry
-    from .worker import Outcome, Worker, default_worker_id
+    from runops.tasks import TaskRegistry
+    from runops.worker import Outcome, Worker, default_worker_id
 
     client: RunOps | None = None
     tasks: TaskRegistry | None = None
@@ -887,7 +891,7 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
             raise click.BadParameter(f"{app} is a {type(loaded).__name__}, not a RunOps client or a TaskRegistry",
                                      param_hint="--app")
     if tasks is None:
-        from .worker import REFERENCE_TASKS
+        from .reference_tasks import REFERENCE_TASKS
 
         tasks = REFERENCE_TASKS
     worker_id = worker_id or default_worker_id()

@@ -25,10 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RunOpsError
+from runops.dev_stores import DATABASE, NO_LOCAL_STORES, app_url, default_home, read_state, state_file
+from runops.errors import RunOpsError
 
 STORE_DIRS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
-DATABASE = "runops"
 
 
 class ClusterError(RunOpsError):
@@ -212,20 +212,11 @@ class LocalStores:
     ticker_pid: int | None = None
     ticker_token: str | None = None
 
-    @staticmethod
-    def state_file(home: Path) -> Path:
-        return home / "state.json"
-
     @classmethod
     def from_cwd(cls, home: Path | None = None) -> LocalStores:
-        home = home or Path.cwd() / ".runops"
-        state = cls.state_file(home)
-        if not state.exists():
-            raise ClusterError("no local stores here: run `runops dev up` (or set RUNOPS_CONTROL_PLANE_URL "
-                               "and RUNOPS_RUN_OPS_URL)")
-        if state.stat().st_mode & 0o077:
-            state.chmod(0o600)  # written by an older runops: it holds the application password
-        raw = json.loads(state.read_text())
+        raw = read_state(home or default_home())
+        if raw is None:
+            raise ClusterError(NO_LOCAL_STORES)
         raw["clusters"] = {k: Cluster(**v) for k, v in raw["clusters"].items()}
         return cls(**raw)
 
@@ -256,7 +247,7 @@ class LocalStores:
 
     def save(self) -> None:
         """Writes the state, readable by its owner only: it holds the application password."""
-        path = self.state_file(Path(self.home))
+        path = state_file(Path(self.home))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.fchmod(fd, 0o600)  # also when an older, wider file is rewritten
         with os.fdopen(fd, "w") as out:
@@ -302,7 +293,7 @@ class LocalStores:
         self.ticker_token = secrets.token_hex(8)
         self.save()
         with open(self.ticker_log, "ab") as log:
-            child = subprocess.Popen([sys.executable, "-m", "runops.cli", "tick", "--loop",
+            child = subprocess.Popen([sys.executable, "-m", "runops.ops.cli", "tick", "--loop",
                                       "--dev-home", self.home, "--dev-token", self.ticker_token],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                      cwd=Path(self.home).parent, env=env, start_new_session=True)
@@ -331,7 +322,7 @@ class LocalStores:
         """Whether ``home``'s state still names the ticker holding ``token``: a ticker whose
         stores were removed, stopped or handed to another ticker stops itself."""
         try:
-            raw = json.loads(LocalStores.state_file(Path(home)).read_text())
+            raw = json.loads(state_file(Path(home)).read_text())
         except (OSError, ValueError):
             return False
         return bool(raw.get("ticker_token") == token)
@@ -343,8 +334,7 @@ class LocalStores:
         return {store: c.admin_url() for store, c in self.clusters.items()}
 
     def app_urls(self) -> dict[str, str]:
-        return {store: f"postgresql://runops_app:{self.app_password}@127.0.0.1:{c.port}/{DATABASE}"
-                for store, c in self.clusters.items()}
+        return {store: app_url(self.app_password, c.port) for store, c in self.clusters.items()}
 
     def destroy(self) -> None:
         self.stop()

@@ -22,8 +22,9 @@ from typing import Any
 
 import psycopg
 
+from runops.errors import StoreUnavailable, translate
+
 from . import migrate as migrations
-from .errors import StoreUnavailable, translate
 from .schema import SQL, render
 
 CONTROL_PLANE, RUN_OPS = "CONTROL_PLANE", "RUN_OPS"

@@ -2,7 +2,7 @@
 
 ``sql/`` is the one place the schema and the functions are edited. A fresh install applies it
 directly (tests compare that with what the migrations build); revisions carry a copy of the text
-as it was when they were written (see ``python -m runops.revision``).
+as it was when they were written (see ``python -m runops.ops.revision``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
-# The checkout this module sits in (py_client/runops/ -> the repository). Only meaningful in a
-# checkout or an editable install: `python -m runops.revision` writes under it.
-ROOT = Path(__file__).resolve().parents[2]
+# The checkout this module sits in (py_client/runops/ops/ -> the repository). Only meaningful in a
+# checkout or an editable install: `python -m runops.ops.revision` writes under it.
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _data_dir(packaged: str, checkout: str) -> Path:

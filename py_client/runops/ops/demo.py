@@ -8,12 +8,14 @@ import secrets
 import click
 import psycopg
 
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.errors import SplitRefused
+from runops.worker import Outcome
+
 from . import migrate as migrations
-from .client import CONTROL_PLANE, RUN_OPS, RunOps
-from .errors import SplitRefused
 from .local_cluster import LocalStores
 from .output import table
-from .worker import Outcome, run_worker
+from .reference_tasks import run_worker
 
 
 def step(title: str) -> None:

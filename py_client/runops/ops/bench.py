@@ -60,11 +60,13 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.errors import RunOpsError
+
 from . import migrate
-from .client import CONTROL_PLANE, RUN_OPS, RunOps
-from .errors import RunOpsError
 from .local_cluster import LocalStores, find_bindir
 from .output import table
+from .schema import ROOT
 
 CLIENTS = 4
 THREADS = 2
@@ -176,7 +178,7 @@ class BatchPhaseResult:
 def scripts_dir() -> Path:
     """bench/pgbench of the repository this package is installed from (editable install), or
     of the current directory."""
-    candidates = [Path(__file__).resolve().parents[2] / "bench" / "pgbench", Path.cwd() / "bench" / "pgbench"]
+    candidates = [ROOT / "bench" / "pgbench", Path.cwd() / "bench" / "pgbench"]
     for c in candidates:
         if (c / "baseline.sql").exists():
             return c

@@ -1,0 +1,13 @@
+"""The operations side of runops: everything an operator or a developer runs, nothing an
+application needs. The client (``runops``) never imports it; it imports the client.
+
+* ``cli`` — the ``runops`` command;
+* ``local_cluster`` — the local stores of ``runops dev up`` and the tests' throwaway clusters;
+* ``schema`` — where ``sql/`` and ``migrations/`` are, and how a store installs them;
+* ``migrate`` — upgrading both stores and wiring them together (FDW, tenant mirror);
+* ``revision`` — rendering a shared revision from ``sql/`` (``python -m runops.ops.revision``);
+* ``doctor`` — ``runops doctor``'s checks;
+* ``bench`` — ``runops bench``, the benchmark harness (the scripts are in ``bench/``);
+* ``demo`` — ``runops demo`` and the reference tasks ``runops worker`` runs by default;
+* ``output`` — the CLI's tables and JSON.
+"""
