@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from runops.ops.bench import BATCH_REPS, SECTIONS, STREAM_REPS, main
+from harness import BATCH_REPS, SECTIONS, STREAM_REPS, main
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from harness import _bring_up, _make_environment, find_pgbench, run_pgbench, server_cpu_seconds
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
-from runops.ops.bench import _bring_up, _make_environment, find_pgbench, run_pgbench, server_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = HERE / "pgbench"

@@ -7,7 +7,8 @@ application needs. The client (``runops``) never imports it; it imports the clie
 * ``migrate`` — upgrading both stores and wiring them together (FDW, tenant mirror);
 * ``revision`` — rendering a shared revision from ``sql/`` (``python -m runops.ops.revision``);
 * ``doctor`` — ``runops doctor``'s checks;
-* ``bench`` — ``runops bench``, the benchmark harness (the scripts are in ``bench/``);
-* ``demo`` — ``runops demo`` and the reference tasks ``runops worker`` runs by default;
+* ``demo`` — ``runops demo``; ``reference_tasks`` — what ``runops worker`` runs by default;
 * ``output`` — the CLI's tables and JSON.
+
+``runops bench`` runs ``bench/harness.py`` of a checkout: the benchmarks live in ``bench/``.
 """

@@ -14,8 +14,10 @@ benchmark then measures, one phase after another (never in parallel):
 
 Every pgbench phase is ``pgbench -n -M prepared -c 4 -j 2 -T <seconds>`` as ``runops_app`` over
 TCP, with a CHECKPOINT before it. Each rate is reported as a ratio to the baseline of the same
-run (the Python client against ``trigger_no_key``), with its target. The scripts live in
-``bench/pgbench/`` of the repository; ``bench/run.py`` is the stand-alone entry point.
+run (the Python client against ``trigger_no_key``), with its target. The scripts live beside
+this harness in ``bench/pgbench/``; ``bench/run.py`` is the stand-alone entry point, and the
+other ``bench/*.py`` experiments build on this module. ``runops bench`` loads it from the
+checkout (the benchmarks' one home is ``bench/``: docs/decisions.md).
 
 Then, on the same clusters, the batch phases (issue 4), counted in rows per second and taken as
 the median of several repetitions (one connection, ``runops_app``, a CHECKPOINT before each
@@ -62,11 +64,11 @@ import psycopg
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import RunOpsError
+from runops.ops import migrate
+from runops.ops.local_cluster import LocalStores, find_bindir
+from runops.ops.output import table
 
-from . import migrate
-from .local_cluster import LocalStores, find_bindir
-from .output import table
-from .schema import ROOT
+HERE = Path(__file__).resolve().parent
 
 CLIENTS = 4
 THREADS = 2
@@ -176,14 +178,8 @@ class BatchPhaseResult:
 
 
 def scripts_dir() -> Path:
-    """bench/pgbench of the repository this package is installed from (editable install), or
-    of the current directory."""
-    candidates = [ROOT / "bench" / "pgbench", Path.cwd() / "bench" / "pgbench"]
-    for c in candidates:
-        if (c / "baseline.sql").exists():
-            return c
-    raise BenchError("the pgbench scripts (bench/pgbench/*.sql) were not found: run the benchmark from a "
-                     "checkout of the runops repository")
+    """The pgbench scripts, beside this harness in bench/pgbench/."""
+    return HERE / "pgbench"
 
 
 def find_pgbench() -> Path:
@@ -725,11 +721,8 @@ def print_results(result: dict[str, Any]) -> None:
                    f"installed functions md5 {str(src.get('functions_md5'))[:12]}")
 
 
-def default_results_dir() -> Path | None:
-    try:
-        return scripts_dir().parent / "results"
-    except BenchError:
-        return None
+def default_results_dir() -> Path:
+    return HERE / "results"
 
 
 def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
