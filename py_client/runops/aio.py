@@ -7,7 +7,8 @@
 
 What decides anything without I/O (id-shape routing, the route cache, the stores' health, the
 replica bookkeeping, the lease gathering, the page merge) lives once, in runops.client, and
-both clients call it; this module holds the awaitable calls. ``run_worker`` runs the
+both clients call it; both send the named statements of runops.queries; this module holds the
+awaitable calls. ``run_worker`` runs the
 thread-based worker (tasks are plain functions) in a thread.
 """
 

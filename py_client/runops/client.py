@@ -397,7 +397,8 @@ class _Router(Generic[P]):
 
 
 class RunOps(_Router[ConnectionPool]):
-    """Client for both stores. Use :meth:`connect`; close it (or use ``with``) when done."""
+    """Client for both stores. Use :meth:`connect` (or :meth:`local` for the stores of `runops dev up`);
+    close it (or use ``with``) when done."""
 
     @staticmethod
     def _pool(url: str, max_size: int) -> ConnectionPool:
