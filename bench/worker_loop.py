@@ -1,18 +1,32 @@
-"""Worker benchmark: ``python bench/worker_loop.py [--runs N] [--workers W] [--concurrency C]``.
+"""Worker benchmark: ``python bench/worker_loop.py [--runs N] [--workers W] [--concurrency C] [--rounds R]``.
 
-Starts two throwaway local clusters (fsync and synchronous_commit on, as ``runops bench``), then
+Starts two throwaway local clusters (fsync and synchronous_commit on, as ``runops bench``) and
+measures runops's worker against Procrastinate's on the same cluster, in the same run:
 
 1. **full loop**: W worker processes (``runops worker --app worker_loop:tasks``, C runs each at
-   once) work an environment while 4 threads trigger N runs of a no-op task through the Python
-   client; the rate is N / (first trigger → last completion), i.e. trigger → dequeue → start →
-   complete, all through the worker;
-2. **drain**: the same workers through N runs triggered before they start;
-3. **the same loop without the worker**, as a yardstick in the same run: 4 threads of the
-   client's ``dequeue_runs(1)`` → ``start_attempt`` → ``complete_attempt`` over N pre-triggered
-   runs, and the plain trigger rate of 4 threads; the worker's full loop is compared with the
-   two back to back (1 / (1/triggers + 1/loop)), since it does both;
-4. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
+   once) work a fresh environment while 4 threads trigger N runs of a no-op task through the
+   Python client; the rate is N / (first trigger → last completion), i.e. trigger → dequeue →
+   start → complete, all through the worker. Procrastinate: W ``procrastinate worker
+   --concurrency C`` processes while 4 threads ``defer()`` N no-op jobs; N / (first defer → last
+   job ``succeeded``), i.e. defer → fetch → finish;
+2. **drain**: the same workers through N runs (jobs) queued before they start, from the first
+   completion to the last;
+3. **idle CPU**: one worker on an empty queue for 10 s; its CPU time (user + system, from
    /proc) over wall time.
+
+The three are interleaved — runops, then Procrastinate, R rounds (default 3) — and the medians
+reported, because a shared 2-core machine is noisy. Each loop phase also records, per run, the
+worker processes' CPU, both clusters' CPU (every backend, the checkpointer and WAL writer too),
+and the transactions committed in the system's databases (``pg_stat_database``; the
+benchmark's own progress polls subtracted): one per statement on runops's autocommit
+connections, which makes it the count of SQL round trips.
+
+Procrastinate lives in a third database of the run-ops cluster (where runops's runs live: same
+cluster, same settings) and is installed on demand into a bench-only virtual environment
+(``--peers-venv``, kept between runs; never a project dependency); ``procrastinate_app.py`` is
+its app, task and deferrer. ``--skip-procrastinate`` measures runops alone. Then, once, the
+yardstick without any worker: 4 threads of the client's ``dequeue_runs(1)`` → ``start_attempt``
+→ ``complete_attempt`` over N pre-triggered runs, and the plain trigger rate of 4 threads.
 
 Prints the figures (docs/benchmarks.md, "Worker loop"). Not a test: nothing here runs under
 pytest, and nothing asserts on the numbers.
@@ -22,23 +36,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from harness import _bring_up, server_cpu_seconds
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.ops.local_cluster import DATABASE, LocalStores
 from runops.tasks import TaskContext, TaskRegistry
 
 HERE = Path(__file__).resolve().parent
 tasks = TaskRegistry()  # what the worker processes run (--app worker_loop:tasks)
+PEERS_DATABASE = "peers"
+POLL = 0.02  # seconds between the benchmark's progress polls
+WORKER_LOG = Path(tempfile.gettempdir()) / "runops-worker-bench-workers.log"
 
 
 @tasks.task("noop")
@@ -51,12 +74,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _workers(app: dict[str, str], env: str, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
-    environ = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": app[CONTROL_PLANE], "RUNOPS_RUN_OPS_URL": app[RUN_OPS]}
-    return [subprocess.Popen([sys.executable, "-m", "runops.cli", "worker", "--app", "worker_loop:tasks",
-                              "--env", env, "--concurrency", str(concurrency), "--id", f"bench-{i}"],
-                             cwd=HERE, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for i in range(count)]
+def _shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` as evenly as it goes."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -66,63 +86,302 @@ def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
         w.wait(timeout=60)
 
 
-def _completed(admin: psycopg.Connection[Any], env: str) -> int:
-    row = admin.execute("SELECT count(*) FROM runops.runs WHERE environment_id = %s "
-                        "AND status = 'COMPLETED_SUCCESSFULLY'", [env]).fetchone()
-    return int(row[0]) if row else 0
+@dataclass(frozen=True)
+class Phase:
+    """One timed loop: its rate and what each run cost."""
+
+    runs: int
+    seconds: float
+    worker_cpu_us: float  # the worker processes' CPU per run
+    server_cpu_us: float  # both clusters' CPU per run
+    xacts: float          # transactions per run in the system's databases (polls subtracted)
+
+    @property
+    def rate(self) -> float:
+        return self.runs / self.seconds
 
 
-def full_loop(app: dict[str, str], admin_url: str, env: str, runs: int, workers: int, concurrency: int) -> float:
-    procs = _workers(app, env, workers, concurrency)
+class Bench:
+    """The clusters, and how a phase is metered on them."""
+
+    def __init__(self, stores: LocalStores) -> None:
+        self.stores = stores
+        self.app = stores.app_urls()
+        self.admin = stores.admin_urls()
+        self.runops_dbs = [(CONTROL_PLANE, DATABASE), (RUN_OPS, DATABASE)]
+        self.peers_dbs = [(RUN_OPS, PEERS_DATABASE)]
+
+    def server_cpu(self) -> float:
+        return sum(server_cpu_seconds(c.datadir) or 0.0 for c in self.stores.clusters.values())
+
+    def xacts(self, databases: list[tuple[str, str]]) -> int:
+        """Transactions so far in ``databases``, once every client of theirs has gone (a backend
+        reports its counts when it exits, at the latest)."""
+        total = 0
+        for store, dbname in databases:
+            with psycopg.connect(self.stores.clusters[store].admin_url("postgres"), autocommit=True) as conn:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                        "AND backend_type = 'client backend'", [dbname]).fetchone()[0]:  # type: ignore[index]
+                    time.sleep(0.05)
+                conn.execute("SELECT pg_stat_clear_snapshot()")
+                total += conn.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                      "WHERE datname = %s", [dbname]).fetchone()[0]  # type: ignore[index]
+        return total
+
+
+class Meter:
+    """CPU of the workers and of the clusters between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, bench: Bench, workers: list[subprocess.Popen[bytes]]) -> None:
+        self.bench, self.pids = bench, [w.pid for w in workers]
+
+    def _now(self) -> tuple[float, float, float]:
+        return (time.monotonic(), sum(_cpu_seconds(p) for p in self.pids), self.bench.server_cpu())
+
+    def start(self) -> None:
+        self.began = self._now()
+
+    def stop(self) -> None:
+        self.ended = self._now()
+
+    def phase(self, runs: int, xacts: int) -> Phase:
+        (t0, w0, s0), (t1, w1, s1) = self.began, self.ended
+        return Phase(runs, t1 - t0, (w1 - w0) / runs * 1e6, (s1 - s0) / runs * 1e6, xacts / runs)
+
+
+# -- the two systems, behind one shape ---------------------------------------------------------------
+
+
+class System:
+    """What a loop phase needs from a system: workers, a producer of N runs, a count of finished ones."""
+
+    name = ""
+    databases: list[tuple[str, str]]
+
+    def workers(self, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+        raise NotImplementedError
+
+    def producer(self, runs: int) -> Producer:
+        raise NotImplementedError
+
+    def finished(self, poll: psycopg.Connection[Any]) -> int:
+        raise NotImplementedError
+
+    def poll_url(self) -> str:
+        raise NotImplementedError
+
+    def new_scope(self) -> None:
+        """Called before each phase: a fresh environment (runops) or a fresh id range (Procrastinate)."""
+
+
+class Producer:
+    """``warm()`` triggers one run and returns; ``go()`` starts N more; ``join()`` waits for them."""
+
+    def warm(self) -> None:
+        raise NotImplementedError
+
+    def go(self) -> None:
+        raise NotImplementedError
+
+    def join(self) -> None:
+        raise NotImplementedError
+
+
+class RunOpsSystem(System):
+    name = "runops"
+
+    def __init__(self, bench: Bench, organization: str) -> None:
+        self.bench, self.organization = bench, organization
+        self.databases = bench.runops_dbs
+        self.env = ""
+        self.serial = 0
+
+    def new_scope(self) -> None:
+        self.serial += 1
+        self.env = _environment(self.bench.app, self.organization, f"loop-{self.serial}")
+
+    def workers(self, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+        app = self.bench.app
+        environ = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": app[CONTROL_PLANE], "RUNOPS_RUN_OPS_URL": app[RUN_OPS]}
+        runops = Path(sys.executable).parent / "runops"  # the installed command, wherever its module lives
+        return [subprocess.Popen([str(runops), "worker", "--app", "worker_loop:tasks", "--env", self.env,
+                                  "--concurrency", str(concurrency), "--id", f"bench-{i}"],
+                                 cwd=HERE, env={**environ, "PYTHONPATH": str(HERE)}, stdout=subprocess.DEVNULL,
+                                 stderr=_worker_log())
+                for i in range(count)]
+
+    def producer(self, runs: int) -> Producer:
+        return _RunOpsProducer(self.bench.app, self.env, runs)
+
+    def finished(self, poll: psycopg.Connection[Any]) -> int:
+        row = poll.execute("SELECT count(*) FROM runops.runs WHERE environment_id = %s "
+                           "AND status = 'COMPLETED_SUCCESSFULLY'", [self.env]).fetchone()
+        return int(row[0]) if row else 0
+
+    def poll_url(self) -> str:
+        return self.bench.admin[RUN_OPS]
+
+
+class _RunOpsProducer(Producer):
+    def __init__(self, app: dict[str, str], env: str, runs: int) -> None:
+        self.client = RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8)
+        self.env = env
+        self.threads = [threading.Thread(target=self._produce, args=(share,)) for share in _shares(runs, 4)]
+
+    def _produce(self, count: int) -> None:
+        for _ in range(count):
+            self.client.trigger_run(self.env, "noop")
+
+    def warm(self) -> None:
+        self.client.trigger_run(self.env, "noop")  # fills the route cache
+
+    def go(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+        self.client.close()
+
+
+class ProcrastinateSystem(System):
+    name = "Procrastinate"
+
+    def __init__(self, bench: Bench, python: Path, task: str = "noop") -> None:
+        self.bench, self.python, self.task = bench, python, task
+        self.databases = bench.peers_dbs
+        self.url = bench.stores.clusters[RUN_OPS].admin_url(PEERS_DATABASE)
+        self.first_id = 0
+
+    def _environ(self) -> dict[str, str]:
+        return {**os.environ, "PEERS_DATABASE_URL": self.url}
+
+    def new_scope(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            row = conn.execute("SELECT coalesce(max(id), 0) FROM procrastinate_jobs").fetchone()
+        self.first_id = int(row[0]) if row else 0
+
+    def workers(self, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+        return [subprocess.Popen([str(self.python), "-m", "procrastinate", "--app", "procrastinate_app.app",
+                                  "worker", "--concurrency", str(concurrency), "--name", f"bench-{i}"],
+                                 cwd=HERE, env=self._environ(), stdout=subprocess.DEVNULL,
+                                 stderr=_worker_log())
+                for i in range(count)]
+
+    def producer(self, runs: int) -> Producer:
+        return _DeferProducer(self.python, self._environ(), self.task, runs)
+
+    def finished(self, poll: psycopg.Connection[Any]) -> int:
+        row = poll.execute("SELECT count(*) FROM procrastinate_jobs WHERE id > %s AND status = 'succeeded'",
+                           [self.first_id]).fetchone()
+        return int(row[0]) if row else 0
+
+    def poll_url(self) -> str:
+        return self.url
+
+
+class _DeferProducer(Producer):
+    """``procrastinate_app.py defer``: one warm-up job, then N on a line on its stdin."""
+
+    def __init__(self, python: Path, environ: dict[str, str], task: str, runs: int) -> None:
+        self.proc = subprocess.Popen([str(python), "procrastinate_app.py", "defer", str(runs), "--threads", "4",
+                                      "--task", task], cwd=HERE, env=environ, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def _expect(self, word: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != word:
+            raise RuntimeError(f"procrastinate_app.py defer said {line!r}, not {word!r}")
+
+    def warm(self) -> None:
+        self._expect("ready")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def join(self) -> None:
+        self._expect("done")
+        self.proc.wait(timeout=60)
+
+
+# -- the phases ------------------------------------------------------------------------------------------
+
+
+def _worker_log() -> Any:
+    return WORKER_LOG.open("ab")  # each worker process writes its stderr here
+
+
+def _wait_for(system: System, poll: psycopg.Connection[Any], count: int,
+              workers: list[subprocess.Popen[bytes]], pause: float = POLL) -> int:
+    """Polls until ``count`` runs finished; returns the number of polls. Fails when a worker died."""
+    polls = 0
+    while True:
+        polls += 1
+        if system.finished(poll) >= count:
+            return polls
+        if any(w.poll() is not None for w in workers):
+            raise RuntimeError(f"a {system.name} worker exited; see {WORKER_LOG}")
+        time.sleep(pause)
+
+
+def full_loop(bench: Bench, system: System, runs: int, workers: int, concurrency: int) -> Phase:
+    """Workers running while 4 threads produce ``runs``: N / (first trigger → last completion)."""
+    system.new_scope()
+    runs = runs // 4 * 4
+    x0 = bench.xacts(system.databases)
+    procs = system.workers(workers, concurrency)
+    meter = Meter(bench, procs)
     time.sleep(2.0)  # let them import and connect
-    per_thread = runs // 4
-    with RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8) as client, \
-            psycopg.connect(admin_url, autocommit=True) as admin:
-        client.trigger_run(env, "noop")  # warm the route cache
-        while _completed(admin, env) < 1:
-            time.sleep(0.05)
-        began = time.monotonic()
-
-        def produce() -> None:
-            for _ in range(per_thread):
-                client.trigger_run(env, "noop")
-
-        producers = [threading.Thread(target=produce) for _ in range(4)]
-        for p in producers:
-            p.start()
-        while _completed(admin, env) < 1 + per_thread * 4:
-            time.sleep(0.02)
-        elapsed = time.monotonic() - began
-        for p in producers:
-            p.join()
+    producer = system.producer(runs)
+    with psycopg.connect(system.poll_url(), autocommit=True) as poll:
+        producer.warm()
+        polls = _wait_for(system, poll, 1, procs)  # the warm-up run went all the way round
+        meter.start()
+        producer.go()
+        polls += _wait_for(system, poll, 1 + runs, procs)
+        meter.stop()
+        producer.join()
     _stop(procs)
-    return per_thread * 4 / elapsed
+    return meter.phase(runs, bench.xacts(system.databases) - x0 - polls)
 
 
-def drain(app: dict[str, str], admin_url: str, env: str, runs: int, workers: int, concurrency: int) -> float:
-    """Runs/s of the workers through N runs triggered before they start (no trigger traffic)."""
-    with RunOps(app[CONTROL_PLANE], app[RUN_OPS], max_pool_size=8) as client, \
-            psycopg.connect(admin_url, autocommit=True) as admin:
-        done = _completed(admin, env)
-
-        def produce() -> None:
-            for _ in range(runs // 4):
-                client.trigger_run(env, "noop")
-
-        producers = [threading.Thread(target=produce) for _ in range(4)]
-        for p in producers:
-            p.start()
-        for p in producers:
-            p.join()
-        procs = _workers(app, env, workers, concurrency)
-        while _completed(admin, env) < done + 1:
-            time.sleep(0.01)
-        began = time.monotonic()
-        while _completed(admin, env) < done + runs // 4 * 4:
-            time.sleep(0.01)
-        rate = (runs // 4 * 4 - 1) / (time.monotonic() - began)
+def drain(bench: Bench, system: System, runs: int, workers: int, concurrency: int) -> Phase:
+    """Runs/s of the workers through N runs queued before they start (no trigger traffic), from
+    the first completion to the last."""
+    system.new_scope()
+    runs = runs // 4 * 4
+    producer = system.producer(runs - 1)  # with its warm-up run, `runs` in all
+    producer.warm()
+    producer.go()
+    producer.join()
+    x0 = bench.xacts(system.databases)
+    procs = system.workers(workers, concurrency)
+    meter = Meter(bench, procs)
+    with psycopg.connect(system.poll_url(), autocommit=True) as poll:
+        polls = _wait_for(system, poll, 1, procs, pause=0.005)
+        meter.start()
+        polls += _wait_for(system, poll, runs, procs)
+        meter.stop()
     _stop(procs)
-    return rate
+    return meter.phase(runs - 1, bench.xacts(system.databases) - x0 - polls)
+
+
+def idle_cpu(system: System, seconds: float = 10.0) -> float:
+    """One worker on an empty queue: its CPU time over wall time, past start-up."""
+    system.new_scope()
+    [proc] = system.workers(1, 4)
+    time.sleep(3.0)  # past start-up and the poll interval's climb to its maximum
+    cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+    time.sleep(seconds)
+    share = (_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+    _stop([proc])
+    return share
 
 
 def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
@@ -149,14 +408,87 @@ def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def idle_cpu(app: dict[str, str], env: str, seconds: float = 10.0) -> float:
-    [proc] = _workers(app, env, 1, 4)
-    time.sleep(3.0)  # past start-up and the poll interval's climb to its maximum
-    cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
-    time.sleep(seconds)
-    share = (_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-    _stop([proc])
-    return share
+# -- set-up ----------------------------------------------------------------------------------------------
+
+
+def _organization(app: dict[str, str]) -> str:
+    """A ksuid organization, so its environments' root triggers belong to the run-ops store."""
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+        client.enable_split()
+        client.wait_for_mirror()
+        return client.create_organization(f"bench-{secrets.token_hex(3)}", mint_kind="ksuid")
+
+
+def _environment(app: dict[str, str], organization: str, name: str) -> str:
+    with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
+        env = client.create_environment(client.create_project(organization, name), "e", "PRODUCTION")
+        client.update_environment(env, maximum_concurrency_limit=1000)
+        if not client.wait_for_mirror() or client.trigger_route(env) != RUN_OPS:
+            raise RuntimeError(f"root triggers of {env} do not route to the run-ops store")
+    return env
+
+
+def peers_python(venv: Path) -> Path:
+    """The bench-only venv's python with Procrastinate (and psycopg's binary build, as the project
+    uses), made on first use with ``python -m venv`` and ``pip install``."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import procrastinate, psycopg; assert psycopg.pq.__impl__ == 'binary'"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"installing Procrastinate into {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "procrastinate", "psycopg[binary,pool]"], check=True)
+    return python
+
+
+def _peers_database(bench: Bench, python: Path) -> str:
+    """Creates the Procrastinate database, applies its schema; returns Procrastinate's version."""
+    bench.stores.clusters[RUN_OPS].create_database(PEERS_DATABASE)
+    url = bench.stores.clusters[RUN_OPS].admin_url(PEERS_DATABASE)
+    out = subprocess.run([str(python), "procrastinate_app.py", "schema"], cwd=HERE, check=True, text=True,
+                         capture_output=True, env={**os.environ, "PEERS_DATABASE_URL": url})
+    return out.stdout.strip()
+
+
+def _settings(bench: Bench) -> dict[str, str]:
+    with psycopg.connect(bench.stores.clusters[RUN_OPS].admin_url(PEERS_DATABASE), autocommit=True) as conn:
+        return {name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+                for name in ("server_version", "fsync", "synchronous_commit")}
+
+
+# -- the report ------------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    return "–".join(fmt.format(v) for v in (min(values), max(values))) if values else ""
+
+
+def report(results: dict[tuple[str, str], list[Phase]], idle: dict[str, list[float]], args: argparse.Namespace) -> None:
+    names = sorted({s for s, _ in results}, key=lambda s: s != "runops")
+    print()
+    print(f"{'workload':<44} {'system':<26} {'runs/s':>8} {'range':>13} {'ratio':>6} "
+          f"{'worker µs':>9} {'server µs':>9} {'xacts':>5}")
+    for workload in ("full loop", "drain"):
+        ours = [p.rate for p in results.get(("runops", workload), [])]
+        for name in names:
+            phases = results.get((name, workload), [])
+            if not phases:
+                continue
+            rate = _median([p.rate for p in phases])
+            ratio = f"{_median(ours) / rate:.2f}" if name != "runops" and ours else ""
+            print(f"{workload + ' (' + str(args.workers) + ' x ' + str(args.concurrency) + ')':<44} {name:<26} "
+                  f"{rate:>8,.0f} {_spread([p.rate for p in phases]):>13} {ratio:>6} "
+                  f"{_median([p.worker_cpu_us for p in phases]):>9,.0f} "
+                  f"{_median([p.server_cpu_us for p in phases]):>9,.0f} {_median([p.xacts for p in phases]):>5.2f}")
+    for name in sorted(idle, key=lambda s: s != "runops"):
+        shares = idle[name]
+        print(f"{'idle worker, empty queue (% of a core)':<44} {name:<26} {_median(shares) * 100:>7.2f}% "
+              f"{_spread([s * 100 for s in shares], '{:.2f}'):>13}")
+    print("(medians of the rounds; ratio = runops / the system; worker µs, server µs, xacts: per run)")
 
 
 def main() -> int:
@@ -164,35 +496,60 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-procrastinate", action="store_true")
+    parser.add_argument("--procrastinate-sync-task", action="store_true",
+                        help="also measure Procrastinate with a plain-function task (run in a thread, as runops's)")
+    parser.add_argument("--peers-venv", type=Path, default=Path(tempfile.gettempdir()) / "runops-bench-peers")
     args = parser.parse_args()
-    from runops.bench import _bring_up, _make_environment
-
+    python = None if args.skip_procrastinate else peers_python(args.peers_venv)
     home = Path(tempfile.mkdtemp(prefix="runops-worker-bench-"))
     home.chmod(0o755)
     stores = _bring_up(home)
     try:
-        app = stores.app_urls()
-        env = _make_environment(app)
-        with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
-            client.update_environment(env, maximum_concurrency_limit=1000)
-            idle_env = client.create_environment(client.create_project(
-                client.get_run(client.trigger_run(env, "noop").run_id).organization_id,  # type: ignore[union-attr]
-                "idle"), "e", "PRODUCTION")
-            client.wait_for_mirror()
-        rate = full_loop(app, stores.admin_urls()[RUN_OPS], env, args.runs, args.workers, args.concurrency)
-        drained = drain(app, stores.admin_urls()[RUN_OPS], env, args.runs, args.workers, args.concurrency)
-        triggers, bare = bare_loop(app, env, args.runs)
-        idle = idle_cpu(app, idle_env)
-        print(f"drain of {args.runs} pre-triggered runs through the workers: {drained:,.0f} runs/s "
-              f"({drained / bare:.2f} x the bare client loop)")
+        bench = Bench(stores)
+        ours = RunOpsSystem(bench, _organization(bench.app))
+        systems: list[System] = [ours]
+        if python is not None:
+            version = _peers_database(bench, python)
+            systems.append(ProcrastinateSystem(bench, python))
+            if args.procrastinate_sync_task:
+                sync = ProcrastinateSystem(bench, python, task="noop_sync")
+                sync.name = "Procrastinate (sync task)"
+                systems.append(sync)
+            print(f"Procrastinate {version}", flush=True)
+        settings = _settings(bench) if python is not None else {}
+        print(f"PostgreSQL {settings.get('server_version', '?')}, fsync {settings.get('fsync', '?')}, "
+              f"synchronous_commit {settings.get('synchronous_commit', '?')}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        results: dict[tuple[str, str], list[Phase]] = {}
+        idle: dict[str, list[float]] = {}
+        phases: list[tuple[str, Callable[[System], Phase]]] = [
+            ("full loop", lambda s: full_loop(bench, s, args.runs, args.workers, args.concurrency)),
+            ("drain", lambda s: drain(bench, s, args.runs, args.workers, args.concurrency)),
+        ]
+        for round_ in range(1, args.rounds + 1):
+            for workload, measure in phases:
+                for system in systems:
+                    phase = measure(system)
+                    results.setdefault((system.name, workload), []).append(phase)
+                    print(f"round {round_}  {workload:<10} {system.name:<26} {phase.rate:>7,.0f} runs/s  "
+                          f"worker {phase.worker_cpu_us:,.0f} µs/run  server {phase.server_cpu_us:,.0f} µs/run  "
+                          f"{phase.xacts:.2f} xacts/run  (load {os.getloadavg()[0]:.1f})", flush=True)
+            for system in systems[:2]:
+                share = idle_cpu(system)
+                idle.setdefault(system.name, []).append(share)
+                print(f"round {round_}  idle       {system.name:<26} {share * 100:.2f}% of a core", flush=True)
+        env = _environment(bench.app, ours.organization, "bare")
+        triggers, bare = bare_loop(bench.app, env, args.runs)
+        report(results, idle, args)
         both = 1 / (1 / triggers + 1 / bare)  # the two bare phases back to back, per run
-        print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"triggers alone, 4 client threads: {triggers:,.0f} runs/s")
-        print(f"dequeue -> start -> complete, 4 client threads, no worker: {bare:,.0f} runs/s")
-        print(f"full loop (trigger -> dequeue -> start -> complete), {args.workers} workers x concurrency "
-              f"{args.concurrency}, {args.runs} runs: {rate:,.0f} runs/s "
-              f"({rate / both:.2f} x the bare phases back to back, {both:,.0f} runs/s)")
-        print(f"idle worker on an empty queue: {idle * 100:.2f}% of a core")
+        loop = _median([p.rate for p in results[("runops", "full loop")]])
+        drained = _median([p.rate for p in results[("runops", "drain")]])
+        print(f"yardstick, no worker: triggers alone {triggers:,.0f} runs/s; dequeue -> start -> complete "
+              f"{bare:,.0f} runs/s; the two back to back {both:,.0f} runs/s "
+              f"(runops full loop {loop / both:.2f} x, drain {drained / bare:.2f} x the bare client loop)")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     finally:
         stores.destroy()
         shutil.rmtree(home, ignore_errors=True)
