@@ -1,5 +1,5 @@
--- Applied after every function file: grants, and the status-guard trigger. Applications (runops_app) may EXECUTE the public API and
--- nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
+-- Applied after every function file: ownership and grants. Applications (runops_app) may EXECUTE
+-- the public API and nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
 -- the identity views need.
 -- The SECURITY DEFINER functions must run as the NOLOGIN owner, never as the installing superuser.
 DO $$
@@ -77,15 +77,3 @@ GRANT EXECUTE ON FUNCTION
   runops.resume_batch_run(text, text)
   TO runops_app;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
-
-CREATE OR REPLACE TRIGGER runs_status_guard
-  BEFORE UPDATE OF status ON runops.runs
-  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-  EXECUTE FUNCTION runops.guard_run_status();
-
--- A run turned final completes what waits on it (its RUN waitpoint) in the same transaction.
-CREATE OR REPLACE TRIGGER runs_after_final
-  AFTER UPDATE OF status ON runops.runs
-  FOR EACH ROW
-  WHEN (runops.is_final_status(NEW.status) AND NOT runops.is_final_status(OLD.status))
-  EXECUTE FUNCTION runops.after_run_final();

@@ -208,40 +208,6 @@ FROM runops.batches AS b;
 -- (the batch's own id) completes with [{index, run_id, status}]. Open batches past their seal
 -- timeout are ABORTED by tick.
 
--- n fresh ids of this store's shape, in ascending byte order, for one chunk of a batch.
--- Minting each id in PL/pgSQL costs ~15 us; instead one id is minted and its last four
--- characters replaced by a counter starting at a random offset: the ids keep the timestamp and
--- about 100 random bits of the minted one, stay unique, and cost one expression each.
-CREATE OR REPLACE FUNCTION runops.mint_ids(n integer)
-RETURNS text[]
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  prefix text;
-  base bigint;
-  span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
-BEGIN
-  IF n <= 0 THEN
-    RETURN '{}'::text[];
-  END IF;
-  base := floor(random() * (span - n))::bigint;
-  IF local_residency() = 'NEW' THEN
-    prefix := left(generate_ksuid(), 23);
-    RETURN ARRAY(SELECT prefix || base62_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
-  END IF;
-  prefix := left(generate_cuid(), 21);
-  RETURN ARRAY(SELECT prefix || base36_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
-END
-$$;
-
--- One fresh id of this store's shape.
-CREATE OR REPLACE FUNCTION runops.mint_id()
-RETURNS text
-LANGUAGE sql VOLATILE
-AS $$
-  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
-$$;
-
 CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
 RETURNS runops.batch_row
 LANGUAGE plpgsql STABLE
@@ -275,89 +241,6 @@ BEGIN
     PERFORM raise_error('RO004', format('batch %s not found', batch_id));
   END IF;
   RETURN b;
-END
-$$;
-
--- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
--- batch already holds keep their first content. Returns the item run ids (friendly), in order.
--- Validates a chunk of batch items before anything is locked or written: RO006 naming the
--- first bad index (its shape set-based; options richer than a lone idempotency_key through
--- parse_trigger_options, the single-trigger parser, item by item).
-CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  bad record;
-  spec trigger_spec;
-  limits record;
-  deep boolean;
-BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
-  END IF;
-  IF jsonb_array_length(items) > 100000 THEN
-    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
-  END IF;
-  -- 1. Shape of every item, set-based: the first bad index is reported.
-  SELECT e.n - 1 + first_index AS idx,
-         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
-              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-                THEN 'has fields other than task, payload and options'
-              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR NOT task_identifier_is_valid(e.item ->> 'task')
-                THEN 'needs a task of 1-128 letters, digits or _.:/-'
-              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
-                THEN 'options must be an object'
-         END AS problem
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE jsonb_typeof(e.item) <> 'object'
-     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR NOT task_identifier_is_valid(e.item ->> 'task')
-     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
-  END IF;
-
-  FOR bad IN
-    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
-    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-    WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
-       OR (e.item -> 'options' ? 'idempotency_key'
-           AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
-                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
-                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
-    ORDER BY e.n
-  LOOP
-    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
-      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
-                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
-    END IF;
-    BEGIN
-      spec := parse_trigger_options(bad.opts);
-    EXCEPTION WHEN SQLSTATE 'RO006' THEN
-      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
-    END;
-  END LOOP;
-
-  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
-  --    text per item for the size, one path over the whole call for the depth.
-  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
-  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
-  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
-         octet_length((e.item -> 'payload')::text) AS bytes
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
-     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
-  END IF;
-
 END
 $$;
 
@@ -676,6 +559,7 @@ BEGIN
   RETURN n;
 END
 $$;
+
 -- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
 CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
 RETURNS void
@@ -692,38 +576,6 @@ BEGIN
     WHERE x.id = held.batch_id;
     PERFORM finish_batch_if_done(held.batch_id);
   END LOOP;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.parse_batch_options(options jsonb,
-  OUT idempotency_key text, OUT idempotency_key_ttl interval, OUT parent_run_id text,
-  OUT resume_parent_on_completion boolean, OUT seal_timeout interval)
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  o jsonb := require_object(options, 'options');
-  raw text;
-BEGIN
-  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
-                                          'resume_parent_on_completion', 'seal_timeout'], 'batch');
-  idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                        'option idempotency_key_ttl');
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    parent_run_id := bare_id(raw, 'run');
-    IF parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
 END
 $$;
 
@@ -1028,6 +880,197 @@ BEGIN
   VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
   PERFORM count_remote_items(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
   PERFORM count_attached(attach_batch_item.batch_id, 1, ARRAY[attach_batch_item.run_id]);
+END
+$$;
+
+-- sql/functions/bounded_input.sql
+-- Admission checks: what every entry point that admits runs validates before it looks anything up
+-- (SPEC §3 [1.2], bounded input), each failure RO006.
+--
+--   max_index_text_bytes  every indexed text (keys, tags, queues, task ids) is at most 2048 bytes
+--                         in UTF-8 as well as its character limit: a btree entry must stay under
+--                         ~2.7 kB, and 2048 four-byte characters would not (54000).
+--   check_json_bounds     payload, metadata, output and error: at most store_config.max_json_bytes
+--                         serialized (default 3 MiB) and max_json_depth levels of nesting
+--                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
+--   task_identifier_is_valid   1-128 of [A-Za-z0-9_.:/-]
+--   validate_new_run      trigger_run and trigger_failed_task: every RO006 of one run
+--   validate_batch_items  the same rules, set-based, for a chunk of batch items
+-- The limits are read from store_config only for values that could exceed the smallest limit a
+-- store may configure (64 KiB, 32 levels): the common small payload costs one conversion to
+-- text and a jsonpath walk of its first 32 levels.
+
+CREATE OR REPLACE FUNCTION runops.max_index_text_bytes()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 2048
+$$;
+
+-- The path that finds a container at nesting level `depth` (the root is level 0): it exists
+-- exactly when the value nests deeper than `depth` levels. prefix selects where to look from.
+CREATE OR REPLACE FUNCTION runops.json_too_deep_path(depth integer, prefix text DEFAULT '$')
+RETURNS jsonpath
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ('strict ' || prefix || '.**{' || depth || '} ? (@.type() == "array" || @.type() == "object")')::jsonpath
+$$;
+
+-- The check itself, against this store's limits, for a value already known to be large or
+-- bracket-heavy. bytes is its serialized size.
+CREATE OR REPLACE FUNCTION runops.check_json_limits(value jsonb, bytes integer, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  limits record;
+BEGIN
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  IF bytes > limits.max_json_bytes THEN
+    PERFORM raise_error('RO006', format('%s is %s bytes serialized; the limit is %s bytes', what, bytes,
+                                        limits.max_json_bytes),
+                        NULL, 'store large data elsewhere and pass a reference');
+  END IF;
+  IF jsonb_path_exists(value, json_too_deep_path(limits.max_json_depth)) THEN
+    PERFORM raise_error('RO006', format('%s nests deeper than %s levels', what, limits.max_json_depth));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.check_json_bounds(value jsonb, what text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bytes integer;
+BEGIN
+  IF value IS NULL THEN
+    RETURN;
+  END IF;
+  -- The conversion is the cost (about as much as writing the value); no bound on the stored
+  -- jsonb size can replace it: a 10-byte numeric 1e100000 prints as 100001 digits.
+  bytes := octet_length(value::text);
+  IF bytes <= 65536
+     AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")') THEN
+    RETURN;
+  END IF;
+  PERFORM check_json_limits(value, bytes, what);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.task_identifier_is_valid(task_identifier text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  -- An unbounded pattern and a length check: a bounded {0,127} costs ~5 us per match. ASCII
+  -- only, so 128 characters are 128 bytes.
+  SELECT length(task_identifier) <= 128 AND task_identifier ~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
+$$;
+
+-- The one validation of a run about to be admitted (trigger_run, trigger_failed_task; batch
+-- items take the same checks set-based in validate_batch_items): every RO006 before anything is
+-- looked up. Returns the parsed options.
+CREATE OR REPLACE FUNCTION runops.validate_new_run(environment_id text, task_identifier text, payload jsonb,
+                                                   options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  spec trigger_spec;
+BEGIN
+  IF environment_id IS NULL OR environment_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task_identifier IS NULL OR NOT task_identifier_is_valid(task_identifier) THEN
+    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
+                                         quote_nullable(input_prefix(task_identifier))));
+  END IF;
+  spec := parse_trigger_options(options);
+  PERFORM check_json_bounds(payload, 'payload');
+  RETURN spec;
+END
+$$;
+
+-- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
+-- batch already holds keep their first content. Returns the item run ids (friendly), in order.
+-- Validates a chunk of batch items before anything is locked or written: RO006 naming the
+-- first bad index (its shape set-based; options richer than a lone idempotency_key through
+-- parse_trigger_options, the single-trigger parser, item by item).
+CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bad record;
+  spec trigger_spec;
+  limits record;
+  deep boolean;
+BEGIN
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  END IF;
+  IF jsonb_array_length(items) > 100000 THEN
+    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
+  END IF;
+  -- 1. Shape of every item, set-based: the first bad index is reported.
+  SELECT e.n - 1 + first_index AS idx,
+         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
+              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+                THEN 'has fields other than task, payload and options'
+              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+                   OR NOT task_identifier_is_valid(e.item ->> 'task')
+                THEN 'needs a task of 1-128 letters, digits or _.:/-'
+              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
+                THEN 'options must be an object'
+         END AS problem
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE jsonb_typeof(e.item) <> 'object'
+     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+     OR NOT task_identifier_is_valid(e.item ->> 'task')
+     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
+  END IF;
+
+  FOR bad IN
+    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
+    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+    WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
+       OR (e.item -> 'options' ? 'idempotency_key'
+           AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
+                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
+                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
+    ORDER BY e.n
+  LOOP
+    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
+      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
+                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
+    END IF;
+    BEGIN
+      spec := parse_trigger_options(bad.opts);
+    EXCEPTION WHEN SQLSTATE 'RO006' THEN
+      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
+    END;
+  END LOOP;
+
+  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
+  --    text per item for the size, one path over the whole call for the depth.
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
+  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
+         octet_length((e.item -> 'payload')::text) AS bytes
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
+     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
+  END IF;
+
 END
 $$;
 
@@ -1342,19 +1385,6 @@ BEGIN
 END
 $$;
 
--- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
--- concurrent releaser a no-op).
-CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
-RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-  UPDATE runs AS r
-  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
-  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
-END
-$$;
-
 -- enable_split, first time only: claims for every live key held by a run of this store, so the
 -- run-ops store never has to ask the control plane about keys that predate the split. Runs under
 -- the gate lock (lock_key_claim) so no unclaimed keyed run commits after it. claimant_xid is this
@@ -1446,9 +1476,38 @@ BEGIN
 END
 $$;
 
+-- sql/functions/clock.sql
+-- The clock: every time comparison reads runops.now(), which tests freeze with the session setting
+-- runops.fake_now (SPEC §3).
+
+-- The one clock. runops.fake_now freezes it for tests, but only for members of runops_clock:
+-- anyone else setting it is ignored rather than obeyed.
+CREATE OR REPLACE FUNCTION runops.now()
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  fake text := pg_catalog.current_setting('runops.fake_now', true);
+BEGIN
+  IF fake IS NULL OR fake = '' THEN
+    RETURN pg_catalog.now();
+  END IF;
+  IF NOT pg_catalog.pg_has_role(session_user, 'runops_clock', 'MEMBER') THEN
+    RETURN pg_catalog.now();
+  END IF;
+  RETURN fake::timestamptz;
+END
+$$;
+
 -- sql/functions/errors.sql
--- Input parsing shared by every public function. Each failure is an RO SQLSTATE with a message
--- that says what was wrong, with which value, and what is accepted.
+-- Raising errors: every failure is an RO SQLSTATE with a message that says what was wrong, with
+-- which value, and what is accepted (SPEC §3).
+--
+--   input_prefix             the short prefix of an input a message may quote
+--   raise_error              the one RAISE (cuts message, detail and hint at 512 characters)
+--   raise_wrong_store        RO002 naming the owning store in DETAIL
+--   refuse_foreign_id        a write naming the other store's row: RO002 (or RO004 before any split)
+--   require_row_environment  the environment guard (SPEC §3 [1.2]): another environment's row is RO004
 --
 -- Internal helpers (here and in the other files) carry no SET search_path: only the owner may
 -- execute them, always from a public function whose search_path is pinned, and a SET clause
@@ -1518,320 +1577,6 @@ BEGIN
 END
 $$;
 
--- The residency of rows this store holds. Rendered per store at install, like the id-shape
--- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
--- query on each trigger.
-CREATE OR REPLACE FUNCTION runops.local_residency()
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT 'RESIDENCY_OF_THIS_STORE'::text
-$$;
-
-CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT CASE residency WHEN 'LEGACY' THEN 'CONTROL_PLANE' ELSE 'RUN_OPS' END
-$$;
-
--- Strips the friendly prefix of a caller's id. NULL when the id carries another kind's prefix
--- (a batch id passed as a run id): reads answer "no row" for it, writes raise RO006.
-CREATE OR REPLACE FUNCTION runops.bare_id(id text, kind text)
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT CASE
-           WHEN id !~ '^[a-z]+_' THEN id
-           WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
-         END
-$$;
-
--- The residency of an id whose friendly prefix is already stripped: only the first prefix is
--- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
-CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT CASE WHEN bare ~ '^[a-z]+_' THEN NULL ELSE try_classify_residency(bare) END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.classify_bare(bare text)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  residency text := try_classify_bare(bare);
-BEGIN
-  IF residency IS NULL THEN
-    PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
-                                        'optionally with one friendly prefix such as run_',
-                                        quote_nullable(input_prefix(bare))));
-  END IF;
-  RETURN residency;
-END
-$$;
-
--- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
-CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  bare text := bare_id(id, kind);
-BEGIN
-  IF id IS NULL OR id = '' THEN
-    PERFORM raise_error('RO006', format('%s is required', what));
-  END IF;
-  IF bare IS NULL THEN
-    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, input_prefix(id), kind),
-                        NULL, format('pass the bare id or the friendly form %s_<id>', kind));
-  END IF;
-  PERFORM classify_bare(bare);
-  RETURN bare;
-END
-$$;
-
--- Durations everywhere share one grammar: digits and one unit, at most 365 days.
-CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
-RETURNS interval
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  amount numeric;
-  parsed interval;
-BEGIN
-  IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
-                                         what, quote_nullable(input_prefix(value))));
-  END IF;
-  -- Bound the seconds before building an interval: 999999999999w would overflow it.
-  amount := left(value, -1)::numeric * CASE right(value, 1)
-              WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
-  IF amount > 365 * 86400 THEN
-    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
-  END IF;
-  parsed := make_interval(secs => amount::double precision);
-  RETURN parsed;
-END
-$$;
-
--- A timestamp from the caller must say which offset it is in: a bare local time is ambiguous.
-CREATE OR REPLACE FUNCTION runops.parse_timestamp(value text, what text)
-RETURNS timestamptz
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-  IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
-                                         what, quote_nullable(input_prefix(value))));
-  END IF;
-  RETURN value::timestamptz;
-EXCEPTION
-  WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
-    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.require_object(value jsonb, what text)
-RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF value IS NULL THEN
-    RETURN '{}'::jsonb;
-  END IF;
-  IF jsonb_typeof(value) <> 'object' THEN
-    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
-  END IF;
-  RETURN value;
-END
-$$;
-
--- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
--- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
--- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
-CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  value jsonb := options -> key;
-BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
-  IF jsonb_typeof(value) <> 'string' THEN
-    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
-  END IF;
-  IF length(value #>> '{}') > max_length THEN
-    PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
-                                         key, length(value #>> '{}'), max_length));
-  END IF;
-  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
-    PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
-                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
-  END IF;
-  RETURN value #>> '{}';
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.option_integer(options jsonb, key text, min_value integer, max_value integer)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  value jsonb := options -> key;
-BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
-  IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
-     OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
-    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
-                                         key, min_value, max_value, input_prefix(value::text)));
-  END IF;
-  RETURN (value #>> '{}')::integer;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.option_boolean(options jsonb, key text)
-RETURNS boolean
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  value jsonb := options -> key;
-BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
-  IF jsonb_typeof(value) <> 'boolean' THEN
-    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
-  END IF;
-  RETURN value::text::boolean;
-END
-$$;
-
--- Unknown option names are refused rather than ignored: a typo must not silently drop a key.
-CREATE OR REPLACE FUNCTION runops.reject_unknown_options(options jsonb, allowed text[], what text)
-RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  unknown text;
-BEGIN
-  SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
-  IF unknown IS NOT NULL THEN
-    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(input_prefix(unknown))),
-                        NULL, 'accepted: ' || array_to_string(allowed, ', '));
-  END IF;
-END
-$$;
-
--- Bounded input (SPEC §3 [1.2]): nothing the API accepts may break a reader or an index.
---
---   max_index_text_bytes  every indexed text (keys, tags, queues, task ids) is at most 2048 bytes
---                         in UTF-8 as well as its character limit: a btree entry must stay under
---                         ~2.7 kB, and 2048 four-byte characters would not (54000).
---   check_json_bounds     payload, metadata, output and error: at most store_config.max_json_bytes
---                         serialized (default 3 MiB) and max_json_depth levels of nesting
---                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
--- The limits are read from store_config only for values that could exceed the smallest limit a
--- store may configure (64 KiB, 32 levels): the common small payload costs one conversion to
--- text and a jsonpath walk of its first 32 levels.
-
-CREATE OR REPLACE FUNCTION runops.max_index_text_bytes()
-RETURNS integer
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT 2048
-$$;
-
--- The path that finds a container at nesting level `depth` (the root is level 0): it exists
--- exactly when the value nests deeper than `depth` levels. prefix selects where to look from.
-CREATE OR REPLACE FUNCTION runops.json_too_deep_path(depth integer, prefix text DEFAULT '$')
-RETURNS jsonpath
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT ('strict ' || prefix || '.**{' || depth || '} ? (@.type() == "array" || @.type() == "object")')::jsonpath
-$$;
-
--- The check itself, against this store's limits, for a value already known to be large or
--- bracket-heavy. bytes is its serialized size.
-CREATE OR REPLACE FUNCTION runops.check_json_limits(value jsonb, bytes integer, what text)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  limits record;
-BEGIN
-  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
-  IF bytes > limits.max_json_bytes THEN
-    PERFORM raise_error('RO006', format('%s is %s bytes serialized; the limit is %s bytes', what, bytes,
-                                        limits.max_json_bytes),
-                        NULL, 'store large data elsewhere and pass a reference');
-  END IF;
-  IF jsonb_path_exists(value, json_too_deep_path(limits.max_json_depth)) THEN
-    PERFORM raise_error('RO006', format('%s nests deeper than %s levels', what, limits.max_json_depth));
-  END IF;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.check_json_bounds(value jsonb, what text)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  bytes integer;
-BEGIN
-  IF value IS NULL THEN
-    RETURN;
-  END IF;
-  -- The conversion is the cost (about as much as writing the value); no bound on the stored
-  -- jsonb size can replace it: a 10-byte numeric 1e100000 prints as 100001 digits.
-  bytes := octet_length(value::text);
-  IF bytes <= 65536
-     AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")') THEN
-    RETURN;
-  END IF;
-  PERFORM check_json_limits(value, bytes, what);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.task_identifier_is_valid(task_identifier text)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE
-AS $$
-  -- An unbounded pattern and a length check: a bounded {0,127} costs ~5 us per match. ASCII
-  -- only, so 128 characters are 128 bytes.
-  SELECT length(task_identifier) <= 128 AND task_identifier ~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
-$$;
-
--- The one validation of a run about to be admitted (trigger_run, trigger_failed_task; batch
--- items take the same checks set-based in validate_batch_items): every RO006 before anything is
--- looked up. Returns the parsed options.
-CREATE OR REPLACE FUNCTION runops.validate_new_run(environment_id text, task_identifier text, payload jsonb,
-                                                   options jsonb)
-RETURNS runops.trigger_spec
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  spec trigger_spec;
-BEGIN
-  IF environment_id IS NULL OR environment_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  IF task_identifier IS NULL OR NOT task_identifier_is_valid(task_identifier) THEN
-    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
-                                         quote_nullable(input_prefix(task_identifier))));
-  END IF;
-  spec := parse_trigger_options(options);
-  PERFORM check_json_bounds(payload, 'payload');
-  RETURN spec;
-END
-$$;
-
 -- Environment guard (SPEC §3 [1.2]): a write naming a row by id may say which environment the
 -- caller acts for; a row of another environment is then "not found" (RO004), and nothing changes.
 CREATE OR REPLACE FUNCTION runops.require_row_environment(row_environment_id text, environment_id text, what text,
@@ -1847,246 +1592,215 @@ BEGIN
 END
 $$;
 
--- sql/functions/identity.sql
--- Identity: residency classification, id minting, store identity, and the clock.
--- These are plain functions (no SECURITY DEFINER): they read nothing a caller may not see.
+-- sql/functions/idempotency.sql
+-- Idempotency in one store (SPEC §4): the dedup key, when a held key is dead, and the one routine
+-- that decides "cached, dead (released), or create" for a run. Across both stores the claim
+-- ledger (claims.sql) stands beside it.
+--
+--   idempotency_key_hash     the dedup key, exactly as the SPEC writes it
+--   idempotency_key_is_dead  expired, or its run ended in a status that releases it (run_statuses)
+--   release_dead_key         the one release of a dead key
+--   create_run               single triggers, children and failed-task runs
+--   reset_idempotency_key    public: clear a key on this store's runs
 
--- Residency is a pure function of the id's shape. An optional friendly prefix (^[a-z]+_) is
--- stripped once; a bare 25-char cuid is LEGACY, a bare 27-char base62 KSUID within the KSUID
--- range is NEW, anything else is unclassifiable (NULL here).
-CREATE OR REPLACE FUNCTION runops.try_classify_residency(id text)
+-- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
+-- parent every scope acts as global. STABLE, like convert_to inside it: an IMMUTABLE label over
+-- a STABLE body stops PostgreSQL inlining it, and then it is planned again in every transaction.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_hash(key text, scope text, parent_run_id text,
+                                                       parent_attempt_number integer)
 RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT CASE
-           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^c[0-9a-z]{24}$' THEN 'LEGACY'
-           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^[0-9A-Za-z]{27}$'
-            AND pg_catalog.regexp_replace(id, '^[a-z]+_', '') COLLATE "C" <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'
-             THEN 'NEW'
-         END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.classify_residency(id text)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-AS $$
-DECLARE
-  residency text := runops.try_classify_residency(id);
-BEGIN
-  IF residency IS NULL THEN
-    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
-      USING ERRCODE = 'RO001';
-  END IF;
-  RETURN residency;
-END
-$$;
-
--- 20 raw bytes (4-byte big-endian seconds since 1 400 000 000, 16 random) to 27 base62 chars.
--- Two numeric divisions by 62^10 leave bigint-sized parts, so the digit loop stays in bigint.
-CREATE OR REPLACE FUNCTION runops.ksuid_encode(raw bytea)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
-AS $$
-DECLARE
-  alphabet constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
-  p10 constant bigint := 839299365868340224;   -- 62^10
-  n numeric := 0::numeric;
-  part bigint;
-  encoded text := '';
-BEGIN
-  IF pg_catalog.length(raw) <> 20 THEN
-    RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
-  END IF;
-  FOR i IN 0..4 LOOP
-    n := n * 4294967296::numeric
-         + ((pg_catalog.get_byte(raw, 4 * i)::bigint << 24)
-            | (pg_catalog.get_byte(raw, 4 * i + 1)::bigint << 16)
-            | (pg_catalog.get_byte(raw, 4 * i + 2)::bigint << 8)
-            | pg_catalog.get_byte(raw, 4 * i + 3)::bigint)::numeric;
-  END LOOP;
-  FOR p IN 1..3 LOOP
-    IF p < 3 THEN
-      part := pg_catalog.mod(n, p10::numeric)::bigint;
-      n := pg_catalog.div(n, p10::numeric);
-    ELSE
-      part := n::bigint;
-    END IF;
-    FOR i IN 1..(CASE WHEN p < 3 THEN 10 ELSE 7 END) LOOP
-      encoded := pg_catalog.substr(alphabet, (part % 62)::integer + 1, 1) || encoded;
-      part := part / 62;
-    END LOOP;
-  END LOOP;
-  RETURN encoded;
-END
-$$;
-
--- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
-CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
-$$;
-
-CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
-$$;
-
-CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
-$$;
-
-CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
-$$;
-
-CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
-RETURNS text
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
-$$;
-
--- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random
--- bytes of v4 UUIDs (core only: no pgcrypto; a v4 UUID fixes 6 of its 128 bits, so the payload
--- holds at least 122 random bits). The 160-bit number is cut into 7 + 10 + 10 base62 digits with
--- two numeric divisions; each part is a bigint, written out by an unrolled expression.
-CREATE OR REPLACE FUNCTION runops.generate_ksuid()
-RETURNS text
-LANGUAGE plpgsql VOLATILE PARALLEL SAFE
-AS $$
-DECLARE
-  p10 constant numeric := 839299365868340224;   -- 62^10
-  bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
-  n numeric := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
-                 * 340282366920938463463374607431768211456                                     -- 2^128
-               + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
-                  + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
-               + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
-               + 9223372036854775808;                                                         -- low 64 bits
-  low bigint := pg_catalog.mod(n, p10)::bigint;
-  middle bigint;
-BEGIN
-  n := pg_catalog.div(n, p10);
-  middle := pg_catalog.mod(n, p10)::bigint;
-  RETURN runops.base62_digits7(pg_catalog.div(n, p10)::bigint) || runops.base62_digits10(middle)
-         || runops.base62_digits10(low);
-END
-$$;
-
--- cuid v1 layout: 'c' + ms timestamp (8) + counter (4) + fingerprint (4) + random (8), base36.
-CREATE OR REPLACE FUNCTION runops.generate_cuid()
-RETURNS text
-LANGUAGE sql VOLATILE
-AS $$
-  SELECT 'c'
-      || runops.base36_digits8((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint)
-      || runops.base36_digits4(pg_catalog.nextval('runops.cuid_counter'))
-      || runops.base36_digits4((pg_catalog.pg_backend_pid() % 1296) * 1296
-                               + abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296)
-      || runops.base36_digits8(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
-                               % 2821109907456)
-$$;
-
-CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)
-RETURNS timestamptz
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-AS $$
-DECLARE
-  bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
-  n numeric := 0::numeric;
-  ch integer;
-BEGIN
-  IF runops.try_classify_residency(id) IS DISTINCT FROM 'NEW' THEN
-    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
-      USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
-  END IF;
-  FOR i IN 1..27 LOOP
-    ch := pg_catalog.ascii(pg_catalog.substr(bare, i, 1));
-    n := n * 62::numeric
-         + (CASE WHEN ch <= 57 THEN ch - 48 WHEN ch <= 90 THEN ch - 55 ELSE ch - 61 END)::numeric;
-  END LOOP;
-  -- The top 32 of 160 bits are the seconds since the KSUID epoch.
-  RETURN pg_catalog.to_timestamp((1400000000::numeric
-         + pg_catalog.div(n, 340282366920938463463374607431768211456::numeric))::double precision);
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.store_role()
-RETURNS text
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$
-  SELECT c.store_role FROM runops.store_config AS c
-$$;
-
-CREATE OR REPLACE FUNCTION runops.store_identity(
-  OUT system_identifier text, OUT database_name text, OUT database_oid bigint,
-  OUT store_role text, OUT server_version text)
-RETURNS SETOF record
 LANGUAGE sql STABLE
 AS $$
-  SELECT (pg_catalog.pg_control_system()).system_identifier::text,
-         pg_catalog.current_database()::text,
-         d.oid::bigint,
-         runops.store_role(),
-         pg_catalog.current_setting('server_version')
-  FROM pg_catalog.pg_database AS d
-  WHERE d.datname = pg_catalog.current_database()
+  SELECT encode(sha256(convert_to(array_to_string(
+           ARRAY[key] || CASE
+                           WHEN parent_run_id IS NULL OR scope = 'global' THEN ARRAY[]::text[]
+                           WHEN scope = 'attempt' THEN ARRAY['run_' || parent_run_id, parent_attempt_number::text]
+                           ELSE ARRAY['run_' || parent_run_id]
+                         END, '-'), 'UTF8')), 'hex')
 $$;
 
--- The one clock. runops.fake_now freezes it for tests, but only for members of runops_clock:
--- anyone else setting it is ignored rather than obeyed.
-CREATE OR REPLACE FUNCTION runops.now()
-RETURNS timestamptz
-LANGUAGE plpgsql STABLE
+-- A held key is dead — ignored by dedup — once it expired (at the caller's runops.now(), passed
+-- in so a set-based caller reads the clock once) or its run ended in a status that releases it
+-- (runops.run_statuses.releases_key).
+CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz, at timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT expires_at <= at OR runops.status_releases_key(status)
+$$;
+
+-- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
+-- concurrent releaser a no-op).
+CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  UPDATE runs AS r
+  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
+END
+$$;
+
+-- Creates one run in this store, or returns the run that already holds its key (or its
+-- pre-minted id). The caller has validated everything, decided this store owns the run, and
+-- looked up the parent (require_parent; a NULL row for a root).
+--
+-- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
+-- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
+-- winner. Reading first keeps the cached path free of id minting and of any write.
+CREATE OR REPLACE FUNCTION runops.create_run(
+  env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
+  spec runops.trigger_spec, initial_status text, error jsonb,
+  OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
+LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  fake text := pg_catalog.current_setting('runops.fake_now', true);
+  ts timestamptz := now();
+  key_hash text;
+  existing record;
+  new_id text;
+  run_status text := initial_status;
+  attempts integer := 0;
+  must_claim boolean;
+  claim record;
 BEGIN
-  IF fake IS NULL OR fake = '' THEN
-    RETURN pg_catalog.now();
+  residency := local_residency();
+  IF spec.idempotency_key IS NOT NULL THEN
+    key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
+                                     coalesce(spec.parent_attempt_number, parent.attempt_number));
   END IF;
-  IF NOT pg_catalog.pg_has_role(session_user, 'runops_clock', 'MEMBER') THEN
-    RETURN pg_catalog.now();
+  IF run_status IS NULL THEN
+    run_status := CASE WHEN spec.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END;
   END IF;
-  RETURN fake::timestamptz;
+
+  LOOP
+    attempts := attempts + 1;
+    IF attempts > 8 THEN
+      -- Only reachable when rows keep appearing and vanishing under us (purges racing triggers).
+      PERFORM raise_error('RO008', 'trigger kept conflicting with concurrent writes; retry the same call');
+    END IF;
+
+    IF spec.run_id IS NOT NULL THEN
+      SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
+      FROM runs AS r WHERE r.id = spec.run_id;
+      IF FOUND THEN
+        IF existing.environment_id <> env.id OR existing.task_identifier <> create_run.task_identifier THEN
+          PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
+                                               spec.run_id));
+        END IF;
+        run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        PERFORM wait_for_child(spec, parent, existing.id, existing.status);
+        RETURN;
+      END IF;
+    END IF;
+
+    IF key_hash IS NOT NULL THEN
+      SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO existing
+      FROM runs AS r
+      WHERE r.environment_id = env.id AND r.task_identifier = create_run.task_identifier
+        AND r.idempotency_key_hash = key_hash;
+      IF FOUND THEN
+        IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
+          run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
+          PERFORM wait_for_child(spec, parent, existing.id, existing.status);
+          RETURN;
+        END IF;
+        -- Dead key: release it so the new run can hold it.
+        PERFORM release_dead_key(existing.id, key_hash);
+      END IF;
+    END IF;
+
+    new_id := coalesce(spec.run_id, mint_id());
+    -- Across the seam (SPEC §6): once the split was ever enabled, a new key holder first claims
+    -- the key in the ledger, which may name a live holder in either store.
+    IF key_hash IS NOT NULL THEN
+      IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
+        -- Decided under the gate lock, against the settings as they are now.
+        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
+        must_claim := claims_required();
+        IF must_claim THEN
+          CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
+        END IF;
+      END IF;
+      must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
+      IF must_claim THEN
+        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
+                                       new_id);
+        IF claim.holder_id IS NOT NULL THEN
+          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
+          residency := classify_bare(claim.holder_id);
+          PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
+          RETURN;
+        END IF;
+      END IF;
+    END IF;
+    INSERT INTO runs AS r (
+      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
+      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
+      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
+      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
+      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
+    VALUES (
+      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
+      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
+      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
+      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+      CASE WHEN key_hash IS NOT NULL THEN
+        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
+      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
+      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
+      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
+      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
+      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
+      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      IF spec.resume_parent_on_completion THEN
+        PERFORM wait_for_child(spec, parent, new_id, run_status);
+      END IF;
+      RETURN;
+    END IF;
+    -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.reset_idempotency_key(
+  environment_id text, task_identifier text, idempotency_key text, scope text DEFAULT 'run',
+  parent_run_id text DEFAULT NULL, parent_attempt_number integer DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  parent text;
+  cleared integer;
+BEGIN
+  IF reset_idempotency_key.idempotency_key IS NULL OR reset_idempotency_key.idempotency_key = ''
+     OR length(reset_idempotency_key.idempotency_key) > 2048 THEN
+    PERFORM raise_error('RO006', 'idempotency_key must be 1 to 2048 characters');
+  END IF;
+  IF coalesce(scope, 'run') NOT IN ('run', 'attempt', 'global') THEN
+    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', scope));
+  END IF;
+  IF reset_idempotency_key.parent_run_id IS NOT NULL THEN
+    parent := require_id(reset_idempotency_key.parent_run_id, 'run', 'parent_run_id');
+    IF scope = 'attempt' AND reset_idempotency_key.parent_attempt_number IS NULL THEN
+      PERFORM raise_error('RO006', 'an attempt-scoped key needs parent_attempt_number');
+    END IF;
+  END IF;
+  UPDATE runs AS r
+  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  WHERE r.environment_id = reset_idempotency_key.environment_id
+    AND r.task_identifier = reset_idempotency_key.task_identifier
+    AND r.idempotency_key_hash = idempotency_key_hash(reset_idempotency_key.idempotency_key, coalesce(scope, 'run'),
+                                                      parent, reset_idempotency_key.parent_attempt_number);
+  GET DIAGNOSTICS cleared = ROW_COUNT;
+  RETURN cleared;
 END
 $$;
 
@@ -2106,6 +1820,8 @@ $$;
 --   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
 --   finalize_run      any live -> any final
 --   cancel_run        any live -> CANCELED, down the tree of live children
+--   cancel_dev_session_runs            the same for a dev session's live runs
+--   execute_tasks_waiting_for_deploy   WAITING_FOR_DEPLOY / PENDING_VERSION -> PENDING
 -- Every write naming a run takes an optional trailing environment_id (the environment guard,
 -- SPEC §3 [1.2]): lock_run answers RO004 for another environment's run. Outputs, errors and
 -- metadata pass check_json_bounds (RO006) before anything is locked.
@@ -2174,6 +1890,19 @@ BEGIN
   RETURN NULL;
 END
 $$;
+
+-- The two triggers behind the state machine: every status change passes the guard; a run turned
+-- final completes what waits on it (its RUN waitpoint) in the same transaction.
+CREATE OR REPLACE TRIGGER runs_status_guard
+  BEFORE UPDATE OF status ON runops.runs
+  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+  EXECUTE FUNCTION runops.guard_run_status();
+
+CREATE OR REPLACE TRIGGER runs_after_final
+  AFTER UPDATE OF status ON runops.runs
+  FOR EACH ROW
+  WHEN (runops.is_final_status(NEW.status) AND NOT runops.is_final_status(OLD.status))
+  EXECUTE FUNCTION runops.after_run_final();
 
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
 -- store's run, RO004 when it is missing or (environment_id given) of another environment.
@@ -2257,20 +1986,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT CASE
-           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
-           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
-           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
-           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
-           ELSE s || 's'
-         END
-  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
-$$;
-
 CREATE OR REPLACE FUNCTION runops.dequeue_runs(environment_id text, worker_id text, max_runs integer,
                                                options jsonb DEFAULT '{}')
 RETURNS SETOF runops.run_view
@@ -2335,24 +2050,6 @@ BEGIN
   -- A second statement: the UPDATE's new row versions are not visible inside the statement
   -- that made them.
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
-RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  value jsonb := options -> key;
-BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
-  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
-     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
-    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
-  END IF;
-  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
 END
 $$;
 
@@ -2683,6 +2380,54 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  roots text[];
+BEGIN
+  IF dev_session_id IS NULL OR dev_session_id = '' THEN
+    PERFORM raise_error('RO006', 'dev_session_id is required');
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
+  WHERE r.environment_id = cancel_dev_session_runs.environment_id
+    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
+  IF roots IS NULL THEN
+    RETURN 0;
+  END IF;
+  RETURN cancel_trees(roots, 'the dev session ended');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
+    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
+  END IF;
+  PERFORM set_mover('execute_tasks_waiting_for_deploy');
+  WITH waiting AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
+      AND r.task_identifier = ANY (task_identifiers)
+      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
+    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM waiting WHERE r.id = waiting.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- sql/functions/listing.sql
 -- Listing an environment's runs across both stores (SPEC §4, list_runs).
 --
@@ -3008,6 +2753,561 @@ BEGIN
 END
 $$;
 
+-- sql/functions/minting.sql
+-- Minting ids in this store's shape (SPEC §2): KSUIDs on run-ops, cuids on the control plane.
+--
+--   generate_ksuid / generate_cuid  public: one bare id of either shape
+--   ksuid_timestamp                 public: when a KSUID was minted
+--   mint_id                         one fresh id of this store's shape
+--   mint_ids                        n ids for a batch chunk (one minted, a counter in its tail)
+--   ksuid_encode, base62_digits*, base36_digits*   the encoders behind them
+-- These are plain functions (no SECURITY DEFINER): they read nothing a caller may not see.
+
+-- 20 raw bytes (4-byte big-endian seconds since 1 400 000 000, 16 random) to 27 base62 chars.
+-- Two numeric divisions by 62^10 leave bigint-sized parts, so the digit loop stays in bigint.
+CREATE OR REPLACE FUNCTION runops.ksuid_encode(raw bytea)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+DECLARE
+  alphabet constant text := '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+  p10 constant bigint := 839299365868340224;   -- 62^10
+  n numeric := 0::numeric;
+  part bigint;
+  encoded text := '';
+BEGIN
+  IF pg_catalog.length(raw) <> 20 THEN
+    RAISE EXCEPTION 'a KSUID is 20 bytes, got %', pg_catalog.length(raw) USING ERRCODE = 'RO006';
+  END IF;
+  FOR i IN 0..4 LOOP
+    n := n * 4294967296::numeric
+         + ((pg_catalog.get_byte(raw, 4 * i)::bigint << 24)
+            | (pg_catalog.get_byte(raw, 4 * i + 1)::bigint << 16)
+            | (pg_catalog.get_byte(raw, 4 * i + 2)::bigint << 8)
+            | pg_catalog.get_byte(raw, 4 * i + 3)::bigint)::numeric;
+  END LOOP;
+  FOR p IN 1..3 LOOP
+    IF p < 3 THEN
+      part := pg_catalog.mod(n, p10::numeric)::bigint;
+      n := pg_catalog.div(n, p10::numeric);
+    ELSE
+      part := n::bigint;
+    END IF;
+    FOR i IN 1..(CASE WHEN p < 3 THEN 10 ELSE 7 END) LOOP
+      encoded := pg_catalog.substr(alphabet, (part % 62)::integer + 1, 1) || encoded;
+      part := part / 62;
+    END LOOP;
+  END LOOP;
+  RETURN encoded;
+END
+$$;
+
+-- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
+CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
+      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
+      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+$$;
+
+-- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random
+-- bytes of v4 UUIDs (core only: no pgcrypto; a v4 UUID fixes 6 of its 128 bits, so the payload
+-- holds at least 122 random bits). The 160-bit number is cut into 7 + 10 + 10 base62 digits with
+-- two numeric divisions; each part is a bigint, written out by an unrolled expression.
+CREATE OR REPLACE FUNCTION runops.generate_ksuid()
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+AS $$
+DECLARE
+  p10 constant numeric := 839299365868340224;   -- 62^10
+  bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
+  n numeric := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
+                 * 340282366920938463463374607431768211456                                     -- 2^128
+               + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
+                  + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
+               + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
+               + 9223372036854775808;                                                         -- low 64 bits
+  low bigint := pg_catalog.mod(n, p10)::bigint;
+  middle bigint;
+BEGIN
+  n := pg_catalog.div(n, p10);
+  middle := pg_catalog.mod(n, p10)::bigint;
+  RETURN runops.base62_digits7(pg_catalog.div(n, p10)::bigint) || runops.base62_digits10(middle)
+         || runops.base62_digits10(low);
+END
+$$;
+
+-- cuid v1 layout: 'c' + ms timestamp (8) + counter (4) + fingerprint (4) + random (8), base36.
+CREATE OR REPLACE FUNCTION runops.generate_cuid()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT 'c'
+      || runops.base36_digits8((pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000)::bigint)
+      || runops.base36_digits4(pg_catalog.nextval('runops.cuid_counter'))
+      || runops.base36_digits4((pg_catalog.pg_backend_pid() % 1296) * 1296
+                               + abs(pg_catalog.hashtext(pg_catalog.current_database())) % 1296)
+      || runops.base36_digits8(('x' || pg_catalog.encode(pg_catalog.substr(pg_catalog.uuid_send(pg_catalog.gen_random_uuid()), 1, 6), 'hex'))::bit(48)::bigint
+                               % 2821109907456)
+$$;
+
+CREATE OR REPLACE FUNCTION runops.ksuid_timestamp(id text)
+RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  bare text := pg_catalog.regexp_replace(id, '^[a-z]+_', '');
+  n numeric := 0::numeric;
+  ch integer;
+BEGIN
+  IF runops.try_classify_residency(id) IS DISTINCT FROM 'NEW' THEN
+    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
+  END IF;
+  FOR i IN 1..27 LOOP
+    ch := pg_catalog.ascii(pg_catalog.substr(bare, i, 1));
+    n := n * 62::numeric
+         + (CASE WHEN ch <= 57 THEN ch - 48 WHEN ch <= 90 THEN ch - 55 ELSE ch - 61 END)::numeric;
+  END LOOP;
+  -- The top 32 of 160 bits are the seconds since the KSUID epoch.
+  RETURN pg_catalog.to_timestamp((1400000000::numeric
+         + pg_catalog.div(n, 340282366920938463463374607431768211456::numeric))::double precision);
+END
+$$;
+
+-- One fresh id of this store's shape.
+CREATE OR REPLACE FUNCTION runops.mint_id()
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
+$$;
+
+-- n fresh ids of this store's shape, in ascending byte order, for one chunk of a batch.
+-- Minting each id in PL/pgSQL costs ~15 us; instead one id is minted and its last four
+-- characters replaced by a counter starting at a random offset: the ids keep the timestamp and
+-- about 100 random bits of the minted one, stay unique, and cost one expression each.
+CREATE OR REPLACE FUNCTION runops.mint_ids(n integer)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  prefix text;
+  base bigint;
+  span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
+BEGIN
+  IF n <= 0 THEN
+    RETURN '{}'::text[];
+  END IF;
+  base := floor(random() * (span - n))::bigint;
+  IF local_residency() = 'NEW' THEN
+    prefix := left(generate_ksuid(), 23);
+    RETURN ARRAY(SELECT prefix || base62_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
+  END IF;
+  prefix := left(generate_cuid(), 21);
+  RETURN ARRAY(SELECT prefix || base36_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
+END
+$$;
+
+-- sql/functions/options.sql
+-- Parsing options: the one grammar for durations, timestamps and option values (SPEC §3), and
+-- the parsers of the two option sets built from it.
+--
+--   parse_duration, parse_timestamp, duration_text   durations (^\d+(s|m|h|d|w)$, <= 365 days) and back
+--   require_object, option_text, option_integer, option_boolean, option_text_array, reject_unknown_options
+--   parse_trigger_options   trigger_run's options -> trigger_spec, with the defaults
+--   parse_batch_options     batch_trigger/create_batch's options
+
+-- Durations everywhere share one grammar: digits and one unit, at most 365 days.
+CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  amount numeric;
+  parsed interval;
+BEGIN
+  IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
+                                         what, quote_nullable(input_prefix(value))));
+  END IF;
+  -- Bound the seconds before building an interval: 999999999999w would overflow it.
+  amount := left(value, -1)::numeric * CASE right(value, 1)
+              WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
+  IF amount > 365 * 86400 THEN
+    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+  END IF;
+  parsed := make_interval(secs => amount::double precision);
+  RETURN parsed;
+END
+$$;
+
+-- A timestamp from the caller must say which offset it is in: a bare local time is ambiguous.
+CREATE OR REPLACE FUNCTION runops.parse_timestamp(value text, what text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
+                                         what, quote_nullable(input_prefix(value))));
+  END IF;
+  RETURN value::timestamptz;
+EXCEPTION
+  WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
+    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
+           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
+           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
+           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
+           ELSE s || 's'
+         END
+  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_object(value jsonb, what text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL THEN
+    RETURN '{}'::jsonb;
+  END IF;
+  IF jsonb_typeof(value) <> 'object' THEN
+    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+  END IF;
+  RETURN value;
+END
+$$;
+
+-- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
+-- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
+-- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
+CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'string' THEN
+    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+  END IF;
+  IF length(value #>> '{}') > max_length THEN
+    PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
+                                         key, length(value #>> '{}'), max_length));
+  END IF;
+  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
+    PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
+                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
+  END IF;
+  RETURN value #>> '{}';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_integer(options jsonb, key text, min_value integer, max_value integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
+     OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
+    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
+                                         key, min_value, max_value, input_prefix(value::text)));
+  END IF;
+  RETURN (value #>> '{}')::integer;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_boolean(options jsonb, key text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'boolean' THEN
+    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
+  END IF;
+  RETURN value::text::boolean;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
+RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
+     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
+    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+  END IF;
+  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+-- Unknown option names are refused rather than ignored: a typo must not silently drop a key.
+CREATE OR REPLACE FUNCTION runops.reject_unknown_options(options jsonb, allowed text[], what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  unknown text;
+BEGIN
+  SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
+  IF unknown IS NOT NULL THEN
+    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(input_prefix(unknown))),
+                        NULL, 'accepted: ' || array_to_string(allowed, ', '));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  spec trigger_spec;
+  delay jsonb := o -> 'delay';
+  tags jsonb := o -> 'tags';
+  raw text;
+  allowed constant text[] := ARRAY[
+    'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
+    'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
+    'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
+    'dev_session_id'];
+BEGIN
+  -- The common case, no options at all, skips every check below.
+  IF o = '{}'::jsonb THEN
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  -- The next most common: only a key.
+  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
+    spec.idempotency_key := o ->> 'idempotency_key';
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  IF (o - allowed) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(o, allowed, 'trigger');
+  END IF;
+
+  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF spec.idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
+  IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
+    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
+                                         spec.idempotency_key_scope));
+  END IF;
+  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
+                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
+                                   ELSE interval '30 days' END;
+
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    spec.parent_run_id := bare_id(raw, 'run');
+    IF spec.parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
+  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+
+  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
+    raw := option_text(o, 'delay');
+    IF raw ~ '^\d+[smhdw]$' THEN
+      spec.delay_until := now() + parse_duration(raw, 'option delay');
+    ELSE
+      spec.delay_until := parse_timestamp(raw, 'option delay');
+    END IF;
+  END IF;
+  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
+    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
+  END IF;
+  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
+    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
+  END IF;
+  spec.queue := option_text(o, 'queue', 256);
+  spec.concurrency_key := option_text(o, 'concurrency_key', 256);
+
+  IF tags IS NOT NULL AND tags <> 'null'::jsonb THEN
+    IF jsonb_typeof(tags) = 'string' THEN
+      tags := jsonb_build_array(tags);
+    END IF;
+    IF jsonb_typeof(tags) <> 'array'
+       OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
+                  WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
+      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
+    END IF;
+    IF jsonb_array_length(tags) > 10 THEN
+      PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
+    END IF;
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO spec.tags FROM jsonb_array_elements_text(tags) AS t;
+  END IF;
+  spec.tags := coalesce(spec.tags, '{}');
+
+  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
+  spec.metadata := o -> 'metadata';
+  IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
+    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
+  END IF;
+  spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
+  PERFORM check_json_bounds(spec.metadata, 'option metadata');
+
+  raw := option_text(o, 'run_id');
+  IF raw IS NOT NULL THEN
+    spec.run_id := bare_id(raw, 'run');
+    IF spec.run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  raw := option_text(o, 'batch_id');
+  IF raw IS NOT NULL THEN
+    spec.batch_id := bare_id(raw, 'batch');
+    IF spec.batch_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
+    END IF;
+  END IF;
+  spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
+  IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
+    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
+  END IF;
+  spec.dev_session_id := option_text(o, 'dev_session_id', 256);
+  RETURN spec;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_batch_options(options jsonb,
+  OUT idempotency_key text, OUT idempotency_key_ttl interval, OUT parent_run_id text,
+  OUT resume_parent_on_completion boolean, OUT seal_timeout interval)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  raw text;
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
+                                          'resume_parent_on_completion', 'seal_timeout'], 'batch');
+  idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
+                                        'option idempotency_key_ttl');
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    parent_run_id := bare_id(raw, 'run');
+    IF parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
+END
+$$;
+
 -- sql/functions/reads.sql
 -- Read-through: a read answers from the store that owns the id — locally, or through the FDW —
 -- and never refuses: a missing, foreign-tenant, malformed or unroutable id is simply no row.
@@ -3045,6 +3345,123 @@ BEGIN
     PERFORM raise_error('RO009', format('the %s store that owns %s is unavailable: %s',
                                         store_for_residency(residency), get_run.run_id, SQLERRM));
   END;
+END
+$$;
+
+-- sql/functions/residency.sql
+-- Residency: which store an id belongs to, a pure function of its shape (SPEC §2).
+--
+--   try_classify_residency / classify_residency  public: LEGACY, NEW, or NULL / RO001
+--   local_residency        this store's residency (a constant rendered per store at install)
+--   store_for_residency    LEGACY -> CONTROL_PLANE, NEW -> RUN_OPS
+--   bare_id                a caller's id without its friendly prefix (NULL for another kind's)
+--   try_classify_bare / classify_bare   the residency of a bare id
+--   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
+--
+-- Ids are bare inside SQL; the friendly prefix is stripped where a public function takes an id
+-- (bare_id, require_id) and added where it returns one.
+
+-- Residency is a pure function of the id's shape. An optional friendly prefix (^[a-z]+_) is
+-- stripped once; a bare 25-char cuid is LEGACY, a bare 27-char base62 KSUID within the KSUID
+-- range is NEW, anything else is unclassifiable (NULL here).
+CREATE OR REPLACE FUNCTION runops.try_classify_residency(id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT CASE
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^c[0-9a-z]{24}$' THEN 'LEGACY'
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^[0-9A-Za-z]{27}$'
+            AND pg_catalog.regexp_replace(id, '^[a-z]+_', '') COLLATE "C" <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'
+             THEN 'NEW'
+         END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_residency(id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  residency text := runops.try_classify_residency(id);
+BEGIN
+  IF residency IS NULL THEN
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001';
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- The residency of rows this store holds. Rendered per store at install, like the id-shape
+-- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
+-- query on each trigger.
+CREATE OR REPLACE FUNCTION runops.local_residency()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 'RESIDENCY_OF_THIS_STORE'::text
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE residency WHEN 'LEGACY' THEN 'CONTROL_PLANE' ELSE 'RUN_OPS' END
+$$;
+
+-- Strips the friendly prefix of a caller's id. NULL when the id carries another kind's prefix
+-- (a batch id passed as a run id): reads answer "no row" for it, writes raise RO006.
+CREATE OR REPLACE FUNCTION runops.bare_id(id text, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN id !~ '^[a-z]+_' THEN id
+           WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
+         END
+$$;
+
+-- The residency of an id whose friendly prefix is already stripped: only the first prefix is
+-- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
+CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN bare ~ '^[a-z]+_' THEN NULL ELSE try_classify_residency(bare) END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_bare(bare text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency IS NULL THEN
+    PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
+                                        'optionally with one friendly prefix such as run_',
+                                        quote_nullable(input_prefix(bare))));
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
+CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  bare text := bare_id(id, kind);
+BEGIN
+  IF id IS NULL OR id = '' THEN
+    PERFORM raise_error('RO006', format('%s is required', what));
+  END IF;
+  IF bare IS NULL THEN
+    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, input_prefix(id), kind),
+                        NULL, format('pass the bare id or the friendly form %s_<id>', kind));
+  END IF;
+  PERFORM classify_bare(bare);
+  RETURN bare;
 END
 $$;
 
@@ -3102,372 +3519,6 @@ BEGIN
                    AND NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = x.id)
                  LIMIT n FOR UPDATE SKIP LOCKED);
   RETURN purged;
-END
-$$;
-
--- sql/functions/services.sql
--- Time-driven and operational services. Every time comparison reads runops.now() in this store.
--- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
--- never process a row twice: a row another tick holds is simply left to it.
-
-CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
-    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
-  END IF;
-  RETURN max_rows;
-END
-$$;
-
--- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
-CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
-  PERFORM set_mover('enqueue_delayed_runs');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$$;
-
--- PENDING runs never locked by a worker, whose TTL has run out (now >= queued_at + ttl), become
--- EXPIRED; their key is released and their RUN waitpoint completes with the error.
-CREATE OR REPLACE FUNCTION runops.expire_enqueued_runs(max_runs integer DEFAULT 1000)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
-  PERFORM set_mover('expire_enqueued_runs');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
-      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r
-  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
-      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
-      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
-                                 'status', 'EXPIRED')
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$$;
-
--- A worker that stopped heartbeating loses its run: back to PENDING for another worker (its
--- attempt is failed; the next start_attempt counts towards max_attempts). No run stays
--- DEQUEUED or EXECUTING forever.
-CREATE OR REPLACE FUNCTION runops.release_lapsed_leases(max_runs integer)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  ts timestamptz := now();
-  released text[];
-BEGIN
-  PERFORM set_mover('release_lapsed_leases');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status IN ('DEQUEUED', 'EXECUTING') AND r.lease_expires_at <= ts
-    ORDER BY r.lease_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
-  ), moved AS (
-    UPDATE runs AS r
-    SET status = 'PENDING', locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
-    FROM due WHERE r.id = due.id
-    RETURNING r.id
-  )
-  SELECT coalesce(array_agg(m.id), '{}') INTO released FROM moved AS m;
-  UPDATE attempts AS a
-  SET status = 'FAILED', completed_at = ts,
-      error = jsonb_build_object('message', 'the worker''s lease lapsed (no heartbeat)')
-  WHERE a.run_id = ANY (released) AND a.status = 'EXECUTING';
-  RETURN cardinality(released);
-END
-$$;
-
--- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
-CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM set_mover('requeue_retries');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$$;
-
--- EXECUTING past attempt start + max_duration -> TIMED_OUT.
-CREATE OR REPLACE FUNCTION runops.enforce_max_duration(max_runs integer)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM set_mover('enforce_max_duration');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'EXECUTING' AND r.execution_deadline <= ts
-    ORDER BY r.execution_deadline LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r
-  SET status = 'TIMED_OUT', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
-      execution_deadline = NULL, updated_at = ts,
-      error = jsonb_build_object('message', format('run exceeded its max_duration (%s)', duration_text(r.max_duration)),
-                                 'status', 'TIMED_OUT')
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$$;
-
--- Due DATETIME waitpoints complete; MANUAL ones past their timeout complete with an error.
--- Either way their local edges complete and the runs they were the last blocker of resume.
-CREATE OR REPLACE FUNCTION runops.complete_due_waitpoints(max_rows integer)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  ts timestamptz := now();
-  w record;
-  due text[];
-  datetimes integer := 0;
-  timeouts integer := 0;
-BEGIN
-  SELECT array_agg(x.id ORDER BY x.id) INTO due FROM (
-    SELECT x.id FROM waitpoints AS x
-    WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
-    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED) AS x;
-  IF due IS NULL THEN
-    RETURN jsonb_build_object('datetime_waitpoints', 0, 'manual_timeouts', 0);
-  END IF;
-  -- Lock every run these waitpoints unblock in one id order, before completing any: two ticks
-  -- completing different waitpoints of the same runs would otherwise lock them crosswise.
-  PERFORM FROM runs AS r
-  WHERE r.id IN (SELECT e.run_id FROM run_waitpoints AS e WHERE e.waitpoint_id = ANY (due) AND e.completed_at IS NULL)
-  ORDER BY r.id FOR UPDATE;
-  FOR w IN SELECT x.id, x.type FROM waitpoints AS x WHERE x.id = ANY (due) ORDER BY x.id
-  LOOP
-    UPDATE waitpoints AS x
-    SET status = 'COMPLETED', completed_at = ts,
-        output_is_error = (w.type = 'MANUAL'),
-        output = CASE WHEN w.type = 'MANUAL'
-                      THEN jsonb_build_object('message', 'waitpoint timed out') END
-    WHERE x.id = w.id;
-    PERFORM complete_local_edges(w.id);
-    IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
-  END LOOP;
-  RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);
-END
-$$;
-
--- WAIT_FOR_* runs whose blockers are all done — including blockers in the other store, read
--- through the FDW — resume. Local completions resume runs at once; this catches the rest (and
--- anything a crash left behind).
-CREATE OR REPLACE FUNCTION runops.resume_waiting_runs(max_runs integer)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  candidate text;
-  resumed integer := 0;
-BEGIN
-  FOR candidate IN
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
-      AND (NOT EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)
-           OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL
-                      AND try_classify_residency(e.waitpoint_id) <> local_residency()))
-    ORDER BY r.updated_at LIMIT max_runs FOR UPDATE SKIP LOCKED
-  LOOP
-    BEGIN
-      PERFORM refresh_blockers(candidate, true);
-    EXCEPTION WHEN SQLSTATE 'RO009' THEN
-      CONTINUE;  -- the other store is down: try again on the next tick
-    END;
-    IF resume_if_unblocked(candidate, false) THEN
-      resumed := resumed + 1;
-    ELSE
-      -- Still blocked: to the back of the line, so the next tick looks at others first.
-      UPDATE runs AS r SET updated_at = now() WHERE r.id = candidate;
-    END IF;
-  END LOOP;
-  RETURN resumed;
-END
-$$;
-
--- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
--- logical replication only once the mirror is 10 s old, or a third of the freshness bound if
--- that is less (replication is not applying, or the control plane's tick is not running), so
--- the pull has refreshed it well before the bound turns new work away. An unreachable
--- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
--- tick tries again).
-CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-  IF local_residency() <> 'NEW' THEN
-    RETURN 0;
-  END IF;
-  IF EXISTS (SELECT FROM heartbeats AS h, store_config AS c
-             WHERE h.source IN ('control_plane_tick', 'mirror_pull')
-               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => least(10, c.mirror_freshness_seconds / 3.0)))
-     AND EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
-                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
-    RETURN 0;
-  END IF;
-  RETURN pull_tenant_mirror();
-EXCEPTION WHEN connection_exception THEN
-  RETURN -1;
-END
-$$;
-
--- One pass of all time-driven work in this store. Safe to run from many processes at once.
-CREATE OR REPLACE FUNCTION runops.tick(max_rows integer DEFAULT 1000)
-RETURNS jsonb
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  n integer := require_max_rows(max_rows, 'max_rows');
-  counts jsonb;
-BEGIN
-  counts := jsonb_build_object(
-    'delayed', enqueue_delayed_runs(n),
-    'retried', requeue_retries(n),
-    'expired', expire_enqueued_runs(n),
-    'timed_out', enforce_max_duration(n),
-    'leases_released', release_lapsed_leases(n));
-  counts := counts || complete_due_waitpoints(n)
-            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
-                                  'batches_finished_remote', finish_remote_batches(n));
-  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
-  IF local_residency() = 'NEW' THEN
-    counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
-    PERFORM beat('run_ops_tick');
-  ELSE
-    -- Replication carries this row to the run-ops store: the tenant mirror's heartbeat.
-    PERFORM beat('control_plane_tick');
-  END IF;
-  PERFORM set_mover('');
-  RETURN counts;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  roots text[];
-BEGIN
-  IF dev_session_id IS NULL OR dev_session_id = '' THEN
-    PERFORM raise_error('RO006', 'dev_session_id is required');
-  END IF;
-  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
-  WHERE r.environment_id = cancel_dev_session_runs.environment_id
-    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
-  IF roots IS NULL THEN
-    RETURN 0;
-  END IF;
-  RETURN cancel_trees(roots, 'the dev session ended');
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
-    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
-  END IF;
-  PERFORM set_mover('execute_tasks_waiting_for_deploy');
-  WITH waiting AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
-      AND r.task_identifier = ANY (task_identifiers)
-      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
-    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
-  FROM waiting WHERE r.id = waiting.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$$;
-
--- For installations that schedule tick inside PostgreSQL with pg_cron (whose Debian build, 1.4,
--- schedules by the minute): a job started every minute ticks every few seconds until the
--- minute is over, committing after each pass so a tick's work is visible at once.
---   SELECT cron.schedule('runops-tick', '* * * * *', 'CALL runops.tick_every(55, 2)');
--- A procedure that commits may not be SECURITY DEFINER or carry SET; it only calls tick().
--- At most 300 s a call (a scheduler's minute fits; no caller pins a backend for longer), and
--- only outside a transaction block, where its COMMIT would fail after the first pass: there,
--- the transaction began before this statement, so now() (the transaction's start) is earlier
--- than statement_timestamp(); a statement that starts its own transaction sees them equal.
-CREATE OR REPLACE PROCEDURE runops.tick_every(for_seconds integer, every_seconds integer DEFAULT 2,
-                                              max_rows integer DEFAULT 1000)
-LANGUAGE plpgsql
-AS $$
-DECLARE
-  stop_at timestamptz := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => for_seconds);
-BEGIN
-  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 300 OR every_seconds IS NULL
-     OR every_seconds NOT BETWEEN 1 AND for_seconds THEN
-    RAISE EXCEPTION 'tick_every needs 1 to 300 seconds and an interval of 1 s up to that'
-      USING ERRCODE = 'RO006';
-  END IF;
-  IF pg_catalog.now() <> pg_catalog.statement_timestamp() THEN
-    RAISE EXCEPTION 'tick_every commits after each pass: CALL it on its own, outside a transaction block'
-      USING ERRCODE = 'RO006', HINT = 'use autocommit, or call runops.tick() inside your transaction';
-  END IF;
-  LOOP
-    PERFORM runops.tick(max_rows);
-    COMMIT;
-    EXIT WHEN pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => every_seconds) > stop_at;
-    PERFORM pg_catalog.pg_sleep(every_seconds::double precision);
-  END LOOP;
 END
 $$;
 
@@ -3817,6 +3868,32 @@ BEGIN
   INSERT INTO split_audit (actor, action, verdict, detail)
   VALUES (session_user, 'set_default_mint_kind', 'ACCEPTED', jsonb_build_object('kind', new_kind));
 END
+$$;
+
+-- sql/functions/store_identity.sql
+-- Which store this is (SPEC §4, identity functions): store_role and store_identity, plain
+-- functions (no SECURITY DEFINER) that read nothing a caller may not see.
+
+CREATE OR REPLACE FUNCTION runops.store_role()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+  SELECT c.store_role FROM runops.store_config AS c
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_identity(
+  OUT system_identifier text, OUT database_name text, OUT database_oid bigint,
+  OUT store_role text, OUT server_version text)
+RETURNS SETOF record
+LANGUAGE sql STABLE
+AS $$
+  SELECT (pg_catalog.pg_control_system()).system_identifier::text,
+         pg_catalog.current_database()::text,
+         d.oid::bigint,
+         runops.store_role(),
+         pg_catalog.current_setting('server_version')
+  FROM pg_catalog.pg_database AS d
+  WHERE d.datname = pg_catalog.current_database()
 $$;
 
 -- sql/functions/tenants.sql
@@ -4245,300 +4322,331 @@ BEGIN
 END
 $$;
 
--- sql/functions/trigger_run.sql
--- Triggering runs, and idempotency.
---
--- trigger_run = validate_new_run (RO006, in errors.sql) -> load_environment (one query, with the split
---   settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
---   -> require_usable (RO004, RO005) -> create_run.
--- create_run is the one idempotency routine: single triggers, children and (later) batch items
--- and failed-task runs all go through it.
+-- sql/functions/tick.sql
+-- tick: the time-driven steps of one store. Every time comparison reads runops.now() in this store.
+-- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
+-- never process a row twice: a row another tick holds is simply left to it.
 
-CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
-RETURNS runops.trigger_spec
-LANGUAGE plpgsql STABLE
+CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
 AS $$
-DECLARE
-  o jsonb := require_object(options, 'options');
-  spec trigger_spec;
-  delay jsonb := o -> 'delay';
-  tags jsonb := o -> 'tags';
-  raw text;
-  allowed constant text[] := ARRAY[
-    'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
-    'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
-    'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
-    'dev_session_id'];
 BEGIN
-  -- The common case, no options at all, skips every check below.
-  IF o = '{}'::jsonb THEN
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := 3;
-    spec.metadata := '{}';
-    RETURN spec;
+  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
+    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
   END IF;
-  -- The next most common: only a key.
-  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
-     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
-    spec.idempotency_key := o ->> 'idempotency_key';
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := 3;
-    spec.metadata := '{}';
-    RETURN spec;
-  END IF;
-  IF (o - allowed) <> '{}'::jsonb THEN
-    PERFORM reject_unknown_options(o, allowed, 'trigger');
-  END IF;
-
-  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF spec.idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
-  IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
-                                         spec.idempotency_key_scope));
-  END IF;
-  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
-                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
-                                   ELSE interval '30 days' END;
-
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    spec.parent_run_id := bare_id(raw, 'run');
-    IF spec.parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
-  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-
-  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
-    raw := option_text(o, 'delay');
-    IF raw ~ '^\d+[smhdw]$' THEN
-      spec.delay_until := now() + parse_duration(raw, 'option delay');
-    ELSE
-      spec.delay_until := parse_timestamp(raw, 'option delay');
-    END IF;
-  END IF;
-  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
-    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
-  END IF;
-  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
-    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
-  END IF;
-  spec.queue := option_text(o, 'queue', 256);
-  spec.concurrency_key := option_text(o, 'concurrency_key', 256);
-
-  IF tags IS NOT NULL AND tags <> 'null'::jsonb THEN
-    IF jsonb_typeof(tags) = 'string' THEN
-      tags := jsonb_build_array(tags);
-    END IF;
-    IF jsonb_typeof(tags) <> 'array'
-       OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
-                  WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
-      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
-    END IF;
-    IF jsonb_array_length(tags) > 10 THEN
-      PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
-    END IF;
-    SELECT array_agg(DISTINCT t ORDER BY t) INTO spec.tags FROM jsonb_array_elements_text(tags) AS t;
-  END IF;
-  spec.tags := coalesce(spec.tags, '{}');
-
-  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
-  spec.metadata := o -> 'metadata';
-  IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
-    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
-  END IF;
-  spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
-  PERFORM check_json_bounds(spec.metadata, 'option metadata');
-
-  raw := option_text(o, 'run_id');
-  IF raw IS NOT NULL THEN
-    spec.run_id := bare_id(raw, 'run');
-    IF spec.run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  raw := option_text(o, 'batch_id');
-  IF raw IS NOT NULL THEN
-    spec.batch_id := bare_id(raw, 'batch');
-    IF spec.batch_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
-    END IF;
-  END IF;
-  spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
-  IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
-    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
-  END IF;
-  spec.dev_session_id := option_text(o, 'dev_session_id', 256);
-  RETURN spec;
+  RETURN max_rows;
 END
 $$;
 
--- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
--- parent every scope acts as global. STABLE, like convert_to inside it: an IMMUTABLE label over
--- a STABLE body stops PostgreSQL inlining it, and then it is planned again in every transaction.
-CREATE OR REPLACE FUNCTION runops.idempotency_key_hash(key text, scope text, parent_run_id text,
-                                                       parent_attempt_number integer)
-RETURNS text
-LANGUAGE sql STABLE
+-- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
+CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
 AS $$
-  SELECT encode(sha256(convert_to(array_to_string(
-           ARRAY[key] || CASE
-                           WHEN parent_run_id IS NULL OR scope = 'global' THEN ARRAY[]::text[]
-                           WHEN scope = 'attempt' THEN ARRAY['run_' || parent_run_id, parent_attempt_number::text]
-                           ELSE ARRAY['run_' || parent_run_id]
-                         END, '-'), 'UTF8')), 'hex')
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('enqueue_delayed_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
 $$;
 
--- A held key is dead — ignored by dedup — once it expired (at the caller's runops.now(), passed
--- in so a set-based caller reads the clock once) or its run ended in a status that releases it
--- (runops.run_statuses.releases_key).
-CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz, at timestamptz)
-RETURNS boolean
-LANGUAGE sql IMMUTABLE
+-- PENDING runs never locked by a worker, whose TTL has run out (now >= queued_at + ttl), become
+-- EXPIRED; their key is released and their RUN waitpoint completes with the error.
+CREATE OR REPLACE FUNCTION runops.expire_enqueued_runs(max_runs integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
 AS $$
-  SELECT expires_at <= at OR runops.status_releases_key(status)
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM set_mover('expire_enqueued_runs');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
+      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
+      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
+      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
+                                 'status', 'EXPIRED')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
 $$;
 
--- Creates one run in this store, or returns the run that already holds its key (or its
--- pre-minted id). The caller has validated everything, decided this store owns the run, and
--- looked up the parent (require_parent; a NULL row for a root).
---
--- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
--- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
--- winner. Reading first keeps the cached path free of id minting and of any write.
-CREATE OR REPLACE FUNCTION runops.create_run(
-  env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
-  spec runops.trigger_spec, initial_status text, error jsonb,
-  OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
+-- A worker that stopped heartbeating loses its run: back to PENDING for another worker (its
+-- attempt is failed; the next start_attempt counts towards max_attempts). No run stays
+-- DEQUEUED or EXECUTING forever.
+CREATE OR REPLACE FUNCTION runops.release_lapsed_leases(max_runs integer)
+RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   ts timestamptz := now();
-  key_hash text;
-  existing record;
-  new_id text;
-  run_status text := initial_status;
-  attempts integer := 0;
-  must_claim boolean;
-  claim record;
+  released text[];
 BEGIN
-  residency := local_residency();
-  IF spec.idempotency_key IS NOT NULL THEN
-    key_hash := idempotency_key_hash(spec.idempotency_key, spec.idempotency_key_scope, spec.parent_run_id,
-                                     coalesce(spec.parent_attempt_number, parent.attempt_number));
-  END IF;
-  IF run_status IS NULL THEN
-    run_status := CASE WHEN spec.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END;
-  END IF;
+  PERFORM set_mover('release_lapsed_leases');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status IN ('DEQUEUED', 'EXECUTING') AND r.lease_expires_at <= ts
+    ORDER BY r.lease_expires_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'PENDING', locked_by = NULL, lease_expires_at = NULL, execution_deadline = NULL, updated_at = ts
+    FROM due WHERE r.id = due.id
+    RETURNING r.id
+  )
+  SELECT coalesce(array_agg(m.id), '{}') INTO released FROM moved AS m;
+  UPDATE attempts AS a
+  SET status = 'FAILED', completed_at = ts,
+      error = jsonb_build_object('message', 'the worker''s lease lapsed (no heartbeat)')
+  WHERE a.run_id = ANY (released) AND a.status = 'EXECUTING';
+  RETURN cardinality(released);
+END
+$$;
 
+-- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
+CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('requeue_retries');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- EXECUTING past attempt start + max_duration -> TIMED_OUT.
+CREATE OR REPLACE FUNCTION runops.enforce_max_duration(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover('enforce_max_duration');
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'EXECUTING' AND r.execution_deadline <= ts
+    ORDER BY r.execution_deadline LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'TIMED_OUT', completed_at = ts, locked_by = NULL, lease_expires_at = NULL,
+      execution_deadline = NULL, updated_at = ts,
+      error = jsonb_build_object('message', format('run exceeded its max_duration (%s)', duration_text(r.max_duration)),
+                                 'status', 'TIMED_OUT')
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Due DATETIME waitpoints complete; MANUAL ones past their timeout complete with an error.
+-- Either way their local edges complete and the runs they were the last blocker of resume.
+CREATE OR REPLACE FUNCTION runops.complete_due_waitpoints(max_rows integer)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  w record;
+  due text[];
+  datetimes integer := 0;
+  timeouts integer := 0;
+BEGIN
+  SELECT array_agg(x.id ORDER BY x.id) INTO due FROM (
+    SELECT x.id FROM waitpoints AS x
+    WHERE x.status = 'PENDING' AND ((x.type = 'DATETIME' AND x.completed_after <= ts) OR x.timeout_at <= ts)
+    ORDER BY x.id LIMIT max_rows FOR UPDATE SKIP LOCKED) AS x;
+  IF due IS NULL THEN
+    RETURN jsonb_build_object('datetime_waitpoints', 0, 'manual_timeouts', 0);
+  END IF;
+  -- Lock every run these waitpoints unblock in one id order, before completing any: two ticks
+  -- completing different waitpoints of the same runs would otherwise lock them crosswise.
+  PERFORM FROM runs AS r
+  WHERE r.id IN (SELECT e.run_id FROM run_waitpoints AS e WHERE e.waitpoint_id = ANY (due) AND e.completed_at IS NULL)
+  ORDER BY r.id FOR UPDATE;
+  FOR w IN SELECT x.id, x.type FROM waitpoints AS x WHERE x.id = ANY (due) ORDER BY x.id
   LOOP
-    attempts := attempts + 1;
-    IF attempts > 8 THEN
-      -- Only reachable when rows keep appearing and vanishing under us (purges racing triggers).
-      PERFORM raise_error('RO008', 'trigger kept conflicting with concurrent writes; retry the same call');
-    END IF;
+    UPDATE waitpoints AS x
+    SET status = 'COMPLETED', completed_at = ts,
+        output_is_error = (w.type = 'MANUAL'),
+        output = CASE WHEN w.type = 'MANUAL'
+                      THEN jsonb_build_object('message', 'waitpoint timed out') END
+    WHERE x.id = w.id;
+    PERFORM complete_local_edges(w.id);
+    IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
+  END LOOP;
+  RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);
+END
+$$;
 
-    IF spec.run_id IS NOT NULL THEN
-      SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
-      FROM runs AS r WHERE r.id = spec.run_id;
-      IF FOUND THEN
-        IF existing.environment_id <> env.id OR existing.task_identifier <> create_run.task_identifier THEN
-          PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
-                                               spec.run_id));
-        END IF;
-        run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
-        PERFORM wait_for_child(spec, parent, existing.id, existing.status);
-        RETURN;
-      END IF;
+-- WAIT_FOR_* runs whose blockers are all done — including blockers in the other store, read
+-- through the FDW — resume. Local completions resume runs at once; this catches the rest (and
+-- anything a crash left behind).
+CREATE OR REPLACE FUNCTION runops.resume_waiting_runs(max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  candidate text;
+  resumed integer := 0;
+BEGIN
+  FOR candidate IN
+    SELECT r.id FROM runs AS r
+    WHERE r.status = 'WAITING_TO_RESUME' AND r.suspended_reason IS DISTINCT FROM 'MANUAL'
+      AND (NOT EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL)
+           OR EXISTS (SELECT FROM run_waitpoints AS e WHERE e.run_id = r.id AND e.completed_at IS NULL
+                      AND try_classify_residency(e.waitpoint_id) <> local_residency()))
+    ORDER BY r.updated_at LIMIT max_runs FOR UPDATE SKIP LOCKED
+  LOOP
+    BEGIN
+      PERFORM refresh_blockers(candidate, true);
+    EXCEPTION WHEN SQLSTATE 'RO009' THEN
+      CONTINUE;  -- the other store is down: try again on the next tick
+    END;
+    IF resume_if_unblocked(candidate, false) THEN
+      resumed := resumed + 1;
+    ELSE
+      -- Still blocked: to the back of the line, so the next tick looks at others first.
+      UPDATE runs AS r SET updated_at = now() WHERE r.id = candidate;
     END IF;
+  END LOOP;
+  RETURN resumed;
+END
+$$;
 
-    IF key_hash IS NOT NULL THEN
-      SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO existing
-      FROM runs AS r
-      WHERE r.environment_id = env.id AND r.task_identifier = create_run.task_identifier
-        AND r.idempotency_key_hash = key_hash;
-      IF FOUND THEN
-        IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
-          run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
-          -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
-          PERFORM wait_for_child(spec, parent, existing.id, existing.status);
-          RETURN;
-        END IF;
-        -- Dead key: release it so the new run can hold it.
-        PERFORM release_dead_key(existing.id, key_hash);
-      END IF;
-    END IF;
+-- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
+-- logical replication only once the mirror is 10 s old, or a third of the freshness bound if
+-- that is less (replication is not applying, or the control plane's tick is not running), so
+-- the pull has refreshed it well before the bound turns new work away. An unreachable
+-- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
+-- tick tries again).
+CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  IF local_residency() <> 'NEW' THEN
+    RETURN 0;
+  END IF;
+  IF EXISTS (SELECT FROM heartbeats AS h, store_config AS c
+             WHERE h.source IN ('control_plane_tick', 'mirror_pull')
+               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => least(10, c.mirror_freshness_seconds / 3.0)))
+     AND EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+    RETURN 0;
+  END IF;
+  RETURN pull_tenant_mirror();
+EXCEPTION WHEN connection_exception THEN
+  RETURN -1;
+END
+$$;
 
-    new_id := coalesce(spec.run_id, mint_id());
-    -- Across the seam (SPEC §6): once the split was ever enabled, a new key holder first claims
-    -- the key in the ledger, which may name a live holder in either store.
-    IF key_hash IS NOT NULL THEN
-      IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
-        -- Decided under the gate lock, against the settings as they are now.
-        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
-        must_claim := claims_required();
-        IF must_claim THEN
-          CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
-        END IF;
-      END IF;
-      must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
-      IF must_claim THEN
-        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
-                                       new_id);
-        IF claim.holder_id IS NOT NULL THEN
-          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
-          residency := classify_bare(claim.holder_id);
-          PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
-          RETURN;
-        END IF;
-      END IF;
-    END IF;
-    INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
-      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
-      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
-    VALUES (
-      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
-      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
-      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
-      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
-      CASE WHEN key_hash IS NOT NULL THEN
-        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
-      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
-      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
-      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
-      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
-      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
-      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
-      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
-      run_id := 'run_' || new_id; is_cached := false; status := run_status;
-      IF spec.resume_parent_on_completion THEN
-        PERFORM wait_for_child(spec, parent, new_id, run_status);
-      END IF;
-      RETURN;
-    END IF;
-    -- Lost a race on the key or on the pre-minted id: the next pass reads the winner.
+-- One pass of all time-driven work in this store. Safe to run from many processes at once.
+CREATE OR REPLACE FUNCTION runops.tick(max_rows integer DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer := require_max_rows(max_rows, 'max_rows');
+  counts jsonb;
+BEGIN
+  counts := jsonb_build_object(
+    'delayed', enqueue_delayed_runs(n),
+    'retried', requeue_retries(n),
+    'expired', expire_enqueued_runs(n),
+    'timed_out', enforce_max_duration(n),
+    'leases_released', release_lapsed_leases(n));
+  counts := counts || complete_due_waitpoints(n)
+            || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
+                                  'batches_finished_remote', finish_remote_batches(n));
+  counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  IF local_residency() = 'NEW' THEN
+    counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
+    PERFORM beat('run_ops_tick');
+  ELSE
+    -- Replication carries this row to the run-ops store: the tenant mirror's heartbeat.
+    PERFORM beat('control_plane_tick');
+  END IF;
+  PERFORM set_mover('');
+  RETURN counts;
+END
+$$;
+
+-- For installations that schedule tick inside PostgreSQL with pg_cron (whose Debian build, 1.4,
+-- schedules by the minute): a job started every minute ticks every few seconds until the
+-- minute is over, committing after each pass so a tick's work is visible at once.
+--   SELECT cron.schedule('runops-tick', '* * * * *', 'CALL runops.tick_every(55, 2)');
+-- A procedure that commits may not be SECURITY DEFINER or carry SET; it only calls tick().
+-- At most 300 s a call (a scheduler's minute fits; no caller pins a backend for longer), and
+-- only outside a transaction block, where its COMMIT would fail after the first pass: there,
+-- the transaction began before this statement, so now() (the transaction's start) is earlier
+-- than statement_timestamp(); a statement that starts its own transaction sees them equal.
+CREATE OR REPLACE PROCEDURE runops.tick_every(for_seconds integer, every_seconds integer DEFAULT 2,
+                                              max_rows integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+  stop_at timestamptz := pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => for_seconds);
+BEGIN
+  IF for_seconds IS NULL OR for_seconds NOT BETWEEN 1 AND 300 OR every_seconds IS NULL
+     OR every_seconds NOT BETWEEN 1 AND for_seconds THEN
+    RAISE EXCEPTION 'tick_every needs 1 to 300 seconds and an interval of 1 s up to that'
+      USING ERRCODE = 'RO006';
+  END IF;
+  IF pg_catalog.now() <> pg_catalog.statement_timestamp() THEN
+    RAISE EXCEPTION 'tick_every commits after each pass: CALL it on its own, outside a transaction block'
+      USING ERRCODE = 'RO006', HINT = 'use autocommit, or call runops.tick() inside your transaction';
+  END IF;
+  LOOP
+    PERFORM runops.tick(max_rows);
+    COMMIT;
+    EXIT WHEN pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => every_seconds) > stop_at;
+    PERFORM pg_catalog.pg_sleep(every_seconds::double precision);
   END LOOP;
 END
 $$;
+
+-- sql/functions/trigger_run.sql
+-- Triggering runs (SPEC §4): trigger_run and trigger_failed_task.
+--
+-- trigger_run = validate_new_run (RO006, bounded_input.sql) -> load_environment (one query, with
+--   the split settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
+--   -> require_usable (RO004, RO005) -> create_run (idempotency.sql).
+-- trigger_failed_task takes the same path to a run born SYSTEM_FAILURE.
 
 -- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
@@ -4688,41 +4796,6 @@ BEGIN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
   RETURN QUERY SELECT created.run_id, created.is_cached, created.status, created.residency;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.reset_idempotency_key(
-  environment_id text, task_identifier text, idempotency_key text, scope text DEFAULT 'run',
-  parent_run_id text DEFAULT NULL, parent_attempt_number integer DEFAULT NULL)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  parent text;
-  cleared integer;
-BEGIN
-  IF reset_idempotency_key.idempotency_key IS NULL OR reset_idempotency_key.idempotency_key = ''
-     OR length(reset_idempotency_key.idempotency_key) > 2048 THEN
-    PERFORM raise_error('RO006', 'idempotency_key must be 1 to 2048 characters');
-  END IF;
-  IF coalesce(scope, 'run') NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', scope));
-  END IF;
-  IF reset_idempotency_key.parent_run_id IS NOT NULL THEN
-    parent := require_id(reset_idempotency_key.parent_run_id, 'run', 'parent_run_id');
-    IF scope = 'attempt' AND reset_idempotency_key.parent_attempt_number IS NULL THEN
-      PERFORM raise_error('RO006', 'an attempt-scoped key needs parent_attempt_number');
-    END IF;
-  END IF;
-  UPDATE runs AS r
-  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
-  WHERE r.environment_id = reset_idempotency_key.environment_id
-    AND r.task_identifier = reset_idempotency_key.task_identifier
-    AND r.idempotency_key_hash = idempotency_key_hash(reset_idempotency_key.idempotency_key, coalesce(scope, 'run'),
-                                                      parent, reset_idempotency_key.parent_attempt_number);
-  GET DIAGNOSTICS cleared = ROW_COUNT;
-  RETURN cleared;
 END
 $$;
 
@@ -5077,8 +5150,8 @@ END
 $$;
 
 -- sql/after_functions.sql
--- Applied after every function file: grants, and the status-guard trigger. Applications (runops_app) may EXECUTE the public API and
--- nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
+-- Applied after every function file: ownership and grants. Applications (runops_app) may EXECUTE
+-- the public API and nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
 -- the identity views need.
 -- The SECURITY DEFINER functions must run as the NOLOGIN owner, never as the installing superuser.
 DO $$
@@ -5156,18 +5229,6 @@ GRANT EXECUTE ON FUNCTION
   runops.resume_batch_run(text, text)
   TO runops_app;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
-
-CREATE OR REPLACE TRIGGER runs_status_guard
-  BEFORE UPDATE OF status ON runops.runs
-  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
-  EXECUTE FUNCTION runops.guard_run_status();
-
--- A run turned final completes what waits on it (its RUN waitpoint) in the same transaction.
-CREATE OR REPLACE TRIGGER runs_after_final
-  AFTER UPDATE OF status ON runops.runs
-  FOR EACH ROW
-  WHEN (runops.is_final_status(NEW.status) AND NOT runops.is_final_status(OLD.status))
-  EXECUTE FUNCTION runops.after_run_final();
 '''
 
 

@@ -11,40 +11,6 @@
 -- (the batch's own id) completes with [{index, run_id, status}]. Open batches past their seal
 -- timeout are ABORTED by tick.
 
--- n fresh ids of this store's shape, in ascending byte order, for one chunk of a batch.
--- Minting each id in PL/pgSQL costs ~15 us; instead one id is minted and its last four
--- characters replaced by a counter starting at a random offset: the ids keep the timestamp and
--- about 100 random bits of the minted one, stay unique, and cost one expression each.
-CREATE OR REPLACE FUNCTION runops.mint_ids(n integer)
-RETURNS text[]
-LANGUAGE plpgsql VOLATILE
-AS $$
-DECLARE
-  prefix text;
-  base bigint;
-  span bigint := CASE WHEN local_residency() = 'NEW' THEN 14776336 ELSE 1679616 END;  -- 62^4, 36^4
-BEGIN
-  IF n <= 0 THEN
-    RETURN '{}'::text[];
-  END IF;
-  base := floor(random() * (span - n))::bigint;
-  IF local_residency() = 'NEW' THEN
-    prefix := left(generate_ksuid(), 23);
-    RETURN ARRAY(SELECT prefix || base62_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
-  END IF;
-  prefix := left(generate_cuid(), 21);
-  RETURN ARRAY(SELECT prefix || base36_digits4(base + i) FROM generate_series(0, n - 1) AS i ORDER BY i);
-END
-$$;
-
--- One fresh id of this store's shape.
-CREATE OR REPLACE FUNCTION runops.mint_id()
-RETURNS text
-LANGUAGE sql VOLATILE
-AS $$
-  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
-$$;
-
 CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
 RETURNS runops.batch_row
 LANGUAGE plpgsql STABLE
@@ -78,89 +44,6 @@ BEGIN
     PERFORM raise_error('RO004', format('batch %s not found', batch_id));
   END IF;
   RETURN b;
-END
-$$;
-
--- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
--- batch already holds keep their first content. Returns the item run ids (friendly), in order.
--- Validates a chunk of batch items before anything is locked or written: RO006 naming the
--- first bad index (its shape set-based; options richer than a lone idempotency_key through
--- parse_trigger_options, the single-trigger parser, item by item).
-CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  bad record;
-  spec trigger_spec;
-  limits record;
-  deep boolean;
-BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
-  END IF;
-  IF jsonb_array_length(items) > 100000 THEN
-    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
-  END IF;
-  -- 1. Shape of every item, set-based: the first bad index is reported.
-  SELECT e.n - 1 + first_index AS idx,
-         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
-              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-                THEN 'has fields other than task, payload and options'
-              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR NOT task_identifier_is_valid(e.item ->> 'task')
-                THEN 'needs a task of 1-128 letters, digits or _.:/-'
-              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
-                THEN 'options must be an object'
-         END AS problem
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE jsonb_typeof(e.item) <> 'object'
-     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR NOT task_identifier_is_valid(e.item ->> 'task')
-     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
-  END IF;
-
-  FOR bad IN
-    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
-    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-    WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
-       OR (e.item -> 'options' ? 'idempotency_key'
-           AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
-                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
-                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
-    ORDER BY e.n
-  LOOP
-    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
-      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
-                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
-    END IF;
-    BEGIN
-      spec := parse_trigger_options(bad.opts);
-    EXCEPTION WHEN SQLSTATE 'RO006' THEN
-      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
-    END;
-  END LOOP;
-
-  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
-  --    text per item for the size, one path over the whole call for the depth.
-  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
-  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
-  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
-         octet_length((e.item -> 'payload')::text) AS bytes
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
-     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
-  END IF;
-
 END
 $$;
 
@@ -479,6 +362,7 @@ BEGIN
   RETURN n;
 END
 $$;
+
 -- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
 CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
 RETURNS void
@@ -495,38 +379,6 @@ BEGIN
     WHERE x.id = held.batch_id;
     PERFORM finish_batch_if_done(held.batch_id);
   END LOOP;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.parse_batch_options(options jsonb,
-  OUT idempotency_key text, OUT idempotency_key_ttl interval, OUT parent_run_id text,
-  OUT resume_parent_on_completion boolean, OUT seal_timeout interval)
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  o jsonb := require_object(options, 'options');
-  raw text;
-BEGIN
-  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
-                                          'resume_parent_on_completion', 'seal_timeout'], 'batch');
-  idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                        'option idempotency_key_ttl');
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    parent_run_id := bare_id(raw, 'run');
-    IF parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
 END
 $$;
 

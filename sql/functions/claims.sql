@@ -308,19 +308,6 @@ BEGIN
 END
 $$;
 
--- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
--- concurrent releaser a no-op).
-CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
-RETURNS void
-LANGUAGE plpgsql VOLATILE
-AS $$
-BEGIN
-  UPDATE runs AS r
-  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
-  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
-END
-$$;
-
 -- enable_split, first time only: claims for every live key held by a run of this store, so the
 -- run-ops store never has to ask the control plane about keys that predate the split. Runs under
 -- the gate lock (lock_key_claim) so no unclaimed keyed run commits after it. claimant_xid is this

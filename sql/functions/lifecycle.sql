@@ -13,6 +13,8 @@
 --   resume_run        WAITING_TO_RESUME -> PENDING   (once nothing blocks it)
 --   finalize_run      any live -> any final
 --   cancel_run        any live -> CANCELED, down the tree of live children
+--   cancel_dev_session_runs            the same for a dev session's live runs
+--   execute_tasks_waiting_for_deploy   WAITING_FOR_DEPLOY / PENDING_VERSION -> PENDING
 -- Every write naming a run takes an optional trailing environment_id (the environment guard,
 -- SPEC §3 [1.2]): lock_run answers RO004 for another environment's run. Outputs, errors and
 -- metadata pass check_json_bounds (RO006) before anything is locked.
@@ -81,6 +83,19 @@ BEGIN
   RETURN NULL;
 END
 $$;
+
+-- The two triggers behind the state machine: every status change passes the guard; a run turned
+-- final completes what waits on it (its RUN waitpoint) in the same transaction.
+CREATE OR REPLACE TRIGGER runs_status_guard
+  BEFORE UPDATE OF status ON runops.runs
+  FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+  EXECUTE FUNCTION runops.guard_run_status();
+
+CREATE OR REPLACE TRIGGER runs_after_final
+  AFTER UPDATE OF status ON runops.runs
+  FOR EACH ROW
+  WHEN (runops.is_final_status(NEW.status) AND NOT runops.is_final_status(OLD.status))
+  EXECUTE FUNCTION runops.after_run_final();
 
 -- The one row-level entry to a per-run write: RO006/RO001 for a bad id, RO002 for another
 -- store's run, RO004 when it is missing or (environment_id given) of another environment.
@@ -164,20 +179,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
-RETURNS text
-LANGUAGE sql IMMUTABLE
-AS $$
-  SELECT CASE
-           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
-           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
-           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
-           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
-           ELSE s || 's'
-         END
-  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
-$$;
-
 CREATE OR REPLACE FUNCTION runops.dequeue_runs(environment_id text, worker_id text, max_runs integer,
                                                options jsonb DEFAULT '{}')
 RETURNS SETOF runops.run_view
@@ -242,24 +243,6 @@ BEGIN
   -- A second statement: the UPDATE's new row versions are not visible inside the statement
   -- that made them.
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
-RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-DECLARE
-  value jsonb := options -> key;
-BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
-  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
-     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
-    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
-  END IF;
-  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
 END
 $$;
 
@@ -587,5 +570,53 @@ BEGIN
     PERFORM cancel_trees(ARRAY[r.id], reason);
   END IF;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  roots text[];
+BEGIN
+  IF dev_session_id IS NULL OR dev_session_id = '' THEN
+    PERFORM raise_error('RO006', 'dev_session_id is required');
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
+  WHERE r.environment_id = cancel_dev_session_runs.environment_id
+    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
+  IF roots IS NULL THEN
+    RETURN 0;
+  END IF;
+  RETURN cancel_trees(roots, 'the dev session ended');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
+    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
+  END IF;
+  PERFORM set_mover('execute_tasks_waiting_for_deploy');
+  WITH waiting AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
+      AND r.task_identifier = ANY (task_identifiers)
+      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
+    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
+  )
+  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
+  FROM waiting WHERE r.id = waiting.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
 END
 $$;

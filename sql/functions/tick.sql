@@ -1,4 +1,4 @@
--- Time-driven and operational services. Every time comparison reads runops.now() in this store.
+-- tick: the time-driven steps of one store. Every time comparison reads runops.now() in this store.
 -- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
 -- never process a row twice: a row another tick holds is simply left to it.
 
@@ -278,54 +278,6 @@ BEGIN
   END IF;
   PERFORM set_mover('');
   RETURN counts;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.cancel_dev_session_runs(environment_id text, dev_session_id text)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  roots text[];
-BEGIN
-  IF dev_session_id IS NULL OR dev_session_id = '' THEN
-    PERFORM raise_error('RO006', 'dev_session_id is required');
-  END IF;
-  SELECT array_agg(r.id ORDER BY r.id) INTO roots FROM runs AS r
-  WHERE r.environment_id = cancel_dev_session_runs.environment_id
-    AND r.dev_session_id = cancel_dev_session_runs.dev_session_id AND NOT is_final_status(r.status);
-  IF roots IS NULL THEN
-    RETURN 0;
-  END IF;
-  RETURN cancel_trees(roots, 'the dev session ended');
-END
-$$;
-
-CREATE OR REPLACE FUNCTION runops.execute_tasks_waiting_for_deploy(environment_id text, task_identifiers text[])
-RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  IF task_identifiers IS NULL OR cardinality(task_identifiers) = 0 THEN
-    PERFORM raise_error('RO006', 'task_identifiers must name at least one task');
-  END IF;
-  PERFORM set_mover('execute_tasks_waiting_for_deploy');
-  WITH waiting AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.environment_id = execute_tasks_waiting_for_deploy.environment_id
-      AND r.task_identifier = ANY (task_identifiers)
-      AND r.status IN ('WAITING_FOR_DEPLOY', 'PENDING_VERSION')
-    ORDER BY r.id FOR UPDATE  -- a one-shot call: wait for a locked run rather than leave it behind
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
-  FROM waiting WHERE r.id = waiting.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
 END
 $$;
 

@@ -1,0 +1,341 @@
+-- Parsing options: the one grammar for durations, timestamps and option values (SPEC §3), and
+-- the parsers of the two option sets built from it.
+--
+--   parse_duration, parse_timestamp, duration_text   durations (^\d+(s|m|h|d|w)$, <= 365 days) and back
+--   require_object, option_text, option_integer, option_boolean, option_text_array, reject_unknown_options
+--   parse_trigger_options   trigger_run's options -> trigger_spec, with the defaults
+--   parse_batch_options     batch_trigger/create_batch's options
+
+-- Durations everywhere share one grammar: digits and one unit, at most 365 days.
+CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  amount numeric;
+  parsed interval;
+BEGIN
+  IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
+                                         what, quote_nullable(input_prefix(value))));
+  END IF;
+  -- Bound the seconds before building an interval: 999999999999w would overflow it.
+  amount := left(value, -1)::numeric * CASE right(value, 1)
+              WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
+  IF amount > 365 * 86400 THEN
+    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+  END IF;
+  parsed := make_interval(secs => amount::double precision);
+  RETURN parsed;
+END
+$$;
+
+-- A timestamp from the caller must say which offset it is in: a bare local time is ambiguous.
+CREATE OR REPLACE FUNCTION runops.parse_timestamp(value text, what text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
+    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
+                                         what, quote_nullable(input_prefix(value))));
+  END IF;
+  RETURN value::timestamptz;
+EXCEPTION
+  WHEN data_exception THEN  -- month 13, offset +99, ...: any bad timestamp is the caller's input
+    PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN s % 604800 = 0 AND s > 0 THEN (s / 604800) || 'w'
+           WHEN s % 86400 = 0 AND s > 0 THEN (s / 86400) || 'd'
+           WHEN s % 3600 = 0 AND s > 0 THEN (s / 3600) || 'h'
+           WHEN s % 60 = 0 AND s > 0 THEN (s / 60) || 'm'
+           ELSE s || 's'
+         END
+  FROM (SELECT extract(epoch FROM d)::bigint AS s) AS x
+$$;
+
+CREATE OR REPLACE FUNCTION runops.require_object(value jsonb, what text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL THEN
+    RETURN '{}'::jsonb;
+  END IF;
+  IF jsonb_typeof(value) <> 'object' THEN
+    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+  END IF;
+  RETURN value;
+END
+$$;
+
+-- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
+-- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
+-- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
+CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'string' THEN
+    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+  END IF;
+  IF length(value #>> '{}') > max_length THEN
+    PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
+                                         key, length(value #>> '{}'), max_length));
+  END IF;
+  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
+    PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
+                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
+  END IF;
+  RETURN value #>> '{}';
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_integer(options jsonb, key text, min_value integer, max_value integer)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
+     OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
+    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
+                                         key, min_value, max_value, input_prefix(value::text)));
+  END IF;
+  RETURN (value #>> '{}')::integer;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_boolean(options jsonb, key text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'boolean' THEN
+    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
+  END IF;
+  RETURN value::text::boolean;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.option_text_array(options jsonb, key text)
+RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  value jsonb := options -> key;
+BEGIN
+  IF value IS NULL OR value = 'null'::jsonb THEN
+    RETURN NULL;
+  END IF;
+  IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
+     OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
+    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+  END IF;
+  RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+-- Unknown option names are refused rather than ignored: a typo must not silently drop a key.
+CREATE OR REPLACE FUNCTION runops.reject_unknown_options(options jsonb, allowed text[], what text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  unknown text;
+BEGIN
+  SELECT k INTO unknown FROM jsonb_object_keys(options) AS k WHERE k <> ALL (allowed) ORDER BY k LIMIT 1;
+  IF unknown IS NOT NULL THEN
+    PERFORM raise_error('RO006', format('unknown %s option %s', what, quote_literal(input_prefix(unknown))),
+                        NULL, 'accepted: ' || array_to_string(allowed, ', '));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  spec trigger_spec;
+  delay jsonb := o -> 'delay';
+  tags jsonb := o -> 'tags';
+  raw text;
+  allowed constant text[] := ARRAY[
+    'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
+    'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
+    'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
+    'dev_session_id'];
+BEGIN
+  -- The common case, no options at all, skips every check below.
+  IF o = '{}'::jsonb THEN
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  -- The next most common: only a key.
+  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
+    spec.idempotency_key := o ->> 'idempotency_key';
+    spec.idempotency_key_scope := 'run';
+    spec.idempotency_key_ttl := interval '30 days';
+    spec.resume_parent_on_completion := false;
+    spec.tags := '{}';
+    spec.max_attempts := 3;
+    spec.metadata := '{}';
+    RETURN spec;
+  END IF;
+  IF (o - allowed) <> '{}'::jsonb THEN
+    PERFORM reject_unknown_options(o, allowed, 'trigger');
+  END IF;
+
+  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF spec.idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
+  IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
+    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
+                                         spec.idempotency_key_scope));
+  END IF;
+  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
+                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
+                                   ELSE interval '30 days' END;
+
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    spec.parent_run_id := bare_id(raw, 'run');
+    IF spec.parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
+  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+
+  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
+    raw := option_text(o, 'delay');
+    IF raw ~ '^\d+[smhdw]$' THEN
+      spec.delay_until := now() + parse_duration(raw, 'option delay');
+    ELSE
+      spec.delay_until := parse_timestamp(raw, 'option delay');
+    END IF;
+  END IF;
+  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
+    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
+  END IF;
+  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
+    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
+  END IF;
+  spec.queue := option_text(o, 'queue', 256);
+  spec.concurrency_key := option_text(o, 'concurrency_key', 256);
+
+  IF tags IS NOT NULL AND tags <> 'null'::jsonb THEN
+    IF jsonb_typeof(tags) = 'string' THEN
+      tags := jsonb_build_array(tags);
+    END IF;
+    IF jsonb_typeof(tags) <> 'array'
+       OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
+                  WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
+      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
+    END IF;
+    IF jsonb_array_length(tags) > 10 THEN
+      PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
+    END IF;
+    SELECT array_agg(DISTINCT t ORDER BY t) INTO spec.tags FROM jsonb_array_elements_text(tags) AS t;
+  END IF;
+  spec.tags := coalesce(spec.tags, '{}');
+
+  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
+  spec.metadata := o -> 'metadata';
+  IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
+    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
+  END IF;
+  spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
+  PERFORM check_json_bounds(spec.metadata, 'option metadata');
+
+  raw := option_text(o, 'run_id');
+  IF raw IS NOT NULL THEN
+    spec.run_id := bare_id(raw, 'run');
+    IF spec.run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  raw := option_text(o, 'batch_id');
+  IF raw IS NOT NULL THEN
+    spec.batch_id := bare_id(raw, 'batch');
+    IF spec.batch_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
+    END IF;
+  END IF;
+  spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
+  IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
+    PERFORM raise_error('RO006', 'option batch_id needs batch_index');
+  END IF;
+  spec.dev_session_id := option_text(o, 'dev_session_id', 256);
+  RETURN spec;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.parse_batch_options(options jsonb,
+  OUT idempotency_key text, OUT idempotency_key_ttl interval, OUT parent_run_id text,
+  OUT resume_parent_on_completion boolean, OUT seal_timeout interval)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  o jsonb := require_object(options, 'options');
+  raw text;
+BEGIN
+  PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
+                                          'resume_parent_on_completion', 'seal_timeout'], 'batch');
+  idempotency_key := option_text(o, 'idempotency_key', 2048);
+  IF idempotency_key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
+                                        'option idempotency_key_ttl');
+  raw := option_text(o, 'parent_run_id');
+  IF raw IS NOT NULL THEN
+    parent_run_id := bare_id(raw, 'run');
+    IF parent_run_id IS NULL THEN
+      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
+    END IF;
+  END IF;
+  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
+  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
+END
+$$;

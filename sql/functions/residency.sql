@@ -1,0 +1,115 @@
+-- Residency: which store an id belongs to, a pure function of its shape (SPEC §2).
+--
+--   try_classify_residency / classify_residency  public: LEGACY, NEW, or NULL / RO001
+--   local_residency        this store's residency (a constant rendered per store at install)
+--   store_for_residency    LEGACY -> CONTROL_PLANE, NEW -> RUN_OPS
+--   bare_id                a caller's id without its friendly prefix (NULL for another kind's)
+--   try_classify_bare / classify_bare   the residency of a bare id
+--   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
+--
+-- Ids are bare inside SQL; the friendly prefix is stripped where a public function takes an id
+-- (bare_id, require_id) and added where it returns one.
+
+-- Residency is a pure function of the id's shape. An optional friendly prefix (^[a-z]+_) is
+-- stripped once; a bare 25-char cuid is LEGACY, a bare 27-char base62 KSUID within the KSUID
+-- range is NEW, anything else is unclassifiable (NULL here).
+CREATE OR REPLACE FUNCTION runops.try_classify_residency(id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT CASE
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^c[0-9a-z]{24}$' THEN 'LEGACY'
+           WHEN pg_catalog.regexp_replace(id, '^[a-z]+_', '') ~ '^[0-9A-Za-z]{27}$'
+            AND pg_catalog.regexp_replace(id, '^[a-z]+_', '') COLLATE "C" <= 'aWgEPTl1tmebfsQzFP4bxwgy80V'
+             THEN 'NEW'
+         END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_residency(id text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  residency text := runops.try_classify_residency(id);
+BEGIN
+  IF residency IS NULL THEN
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+      USING ERRCODE = 'RO001';
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- The residency of rows this store holds. Rendered per store at install, like the id-shape
+-- CHECK: a constant PostgreSQL folds into every plan, where reading store_config would cost a
+-- query on each trigger.
+CREATE OR REPLACE FUNCTION runops.local_residency()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 'RESIDENCY_OF_THIS_STORE'::text
+$$;
+
+CREATE OR REPLACE FUNCTION runops.store_for_residency(residency text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE residency WHEN 'LEGACY' THEN 'CONTROL_PLANE' ELSE 'RUN_OPS' END
+$$;
+
+-- Strips the friendly prefix of a caller's id. NULL when the id carries another kind's prefix
+-- (a batch id passed as a run id): reads answer "no row" for it, writes raise RO006.
+CREATE OR REPLACE FUNCTION runops.bare_id(id text, kind text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE
+           WHEN id !~ '^[a-z]+_' THEN id
+           WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
+         END
+$$;
+
+-- The residency of an id whose friendly prefix is already stripped: only the first prefix is
+-- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
+CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN bare ~ '^[a-z]+_' THEN NULL ELSE try_classify_residency(bare) END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.classify_bare(bare text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency IS NULL THEN
+    PERFORM raise_error('RO001', format('unclassifiable id %s: expected a 25-character cuid or a 27-character KSUID, '
+                                        'optionally with one friendly prefix such as run_',
+                                        quote_nullable(input_prefix(bare))));
+  END IF;
+  RETURN residency;
+END
+$$;
+
+-- The id a write names: RO006 when missing or of the wrong kind, RO001 when unclassifiable.
+CREATE OR REPLACE FUNCTION runops.require_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  bare text := bare_id(id, kind);
+BEGIN
+  IF id IS NULL OR id = '' THEN
+    PERFORM raise_error('RO006', format('%s is required', what));
+  END IF;
+  IF bare IS NULL THEN
+    PERFORM raise_error('RO006', format('%s %s is not a %s id', what, input_prefix(id), kind),
+                        NULL, format('pass the bare id or the friendly form %s_<id>', kind));
+  END IF;
+  PERFORM classify_bare(bare);
+  RETURN bare;
+END
+$$;
