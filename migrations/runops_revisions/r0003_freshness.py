@@ -194,6 +194,12 @@ SELECT 'waitpoint_' || b.id,
        b.id
 FROM runops.batches AS b;
 
+-- sql/upgrades/r0003_freshness/20_idempotency.sql
+-- r0003, issue 10: one release of run keys. release_idempotency_keys (sql/functions/idempotency.sql)
+-- replaces release_dead_key, whose callers (create_run, claim_idempotency_key) the function files
+-- re-applied after this one now call the new function.
+DROP FUNCTION runops.release_dead_key(text, text);
+
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
 -- have finished.
@@ -267,6 +273,7 @@ DECLARE
   creator_count bigint;
   inserted bigint;
   dead_ids text[];
+  dead_hashes text[];
   has_keys boolean;
   new_ids text[];
   passes integer := 0;
@@ -277,7 +284,7 @@ BEGIN
   IF b.parent_run_id IS NOT NULL THEN
     SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
   END IF;
-  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
+  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, default_idempotency_key_ttl());
 
   -- 3. Every new index as (index, task, payload, key, dedup hash, spec), in parallel arrays.
   --    Items without a key of their own use the batch key plus their index (and the batch's key
@@ -294,10 +301,10 @@ BEGIN
                                                   coalesce((x.spec).parent_attempt_number, parent.attempt_number))
                    END ORDER BY x.idx),
          array_agg(x.spec ORDER BY x.idx),
-         -- An item's own key lives 30 days (or its own TTL); a key derived from the batch key
-         -- lives as long as the batch key.
+         -- An item's own key lives the default TTL (or its own); a key derived from the batch
+         -- key lives as long as the batch key.
          array_agg(coalesce((x.spec).idempotency_key_ttl,
-                            CASE WHEN x.own_key THEN interval '30 days' ELSE default_ttl END) ORDER BY x.idx)
+                            CASE WHEN x.own_key THEN default_idempotency_key_ttl() ELSE default_ttl END) ORDER BY x.idx)
   INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec, item_key_ttl
   FROM (
     SELECT y.idx, y.task, y.payload, coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx) AS key,
@@ -338,17 +345,15 @@ BEGIN
       -- (A chunk without keys has nothing to look up.)
       IF has_keys THEN
         SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
-               array_agg(holder.id) FILTER (WHERE holder.dead)
-        INTO item_run, dead_ids
+               array_agg(holder.id) FILTER (WHERE holder.dead), array_agg(w.h) FILTER (WHERE holder.dead)
+        INTO item_run, dead_ids, dead_hashes
         FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
         LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts) AS dead
                            FROM runs AS r
                            WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
                              AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
         IF dead_ids IS NOT NULL THEN
-          UPDATE runs AS r
-          SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-          WHERE r.id = ANY (dead_ids);
+          PERFORM release_idempotency_keys(dead_ids, dead_hashes);
         END IF;
       END IF;
       -- Creators: unresolved positions, the first one per (task, key); every unkeyed one. Each
@@ -393,7 +398,7 @@ BEGIN
                CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
              CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
              b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-             w.i, coalesce(w.max_attempts, 3),
+             w.i, coalesce(w.max_attempts, default_max_attempts()),
              CASE WHEN w.delay_until > ts THEN w.delay_until END,
              w.ttl, w.max_duration, w.dev_session_id,
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
@@ -614,7 +619,7 @@ BEGIN
       SELECT * INTO batch FROM batches AS x
       WHERE x.environment_id = env.id AND x.idempotency_key = o.idempotency_key;
       IF FOUND THEN
-        IF batch.idempotency_key_expires_at > ts THEN
+        IF NOT idempotency_key_expired(batch.idempotency_key_expires_at, ts) THEN
           is_cached := true;
           IF o.resume_parent_on_completion THEN
             PERFORM add_blocker(parent.id, parent.environment_id, batch.id, batch.status IN ('COMPLETED', 'ABORTED'));
@@ -624,6 +629,8 @@ BEGIN
           END IF;
           RETURN;
         END IF;
+        -- An expired key rotates: the old batch lets go of it (batch keys die only by expiry:
+        -- docs/decisions.md).
         UPDATE batches AS x SET idempotency_key = NULL, idempotency_key_expires_at = NULL
         WHERE x.id = batch.id AND x.idempotency_key = o.idempotency_key;
       END IF;
@@ -1295,7 +1302,7 @@ BEGIN
     END IF;
     IF FOUND THEN
       IF try_classify_bare(c.run_id) = local_residency() THEN
-        PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
+        PERFORM release_idempotency_keys(ARRAY[c.run_id], ARRAY[claim_idempotency_key.key_hash]);
       END IF;
       SELECT * INTO holder_id, holder_status
       FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
@@ -1499,6 +1506,35 @@ BEGIN
 END
 $$;
 
+-- sql/functions/defaults.sql
+-- Defaults, once (SPEC §4): every entry point that leaves one of these out gets the value here.
+-- Plain IMMUTABLE SQL, so PostgreSQL folds each into the plans that use it: a constant, not a call.
+--
+--   default_idempotency_key_ttl  how long a key lives: runs, batches, batch items, waitpoints (30 days)
+--   default_max_attempts         attempts a run gets (3; runs.max_attempts carries the same DEFAULT)
+--   default_seal_timeout         how long an open batch waits to be sealed (10 minutes)
+
+CREATE OR REPLACE FUNCTION runops.default_idempotency_key_ttl()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '30 days'
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_max_attempts()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 3
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_seal_timeout()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '10 minutes'
+$$;
+
 -- sql/functions/errors.sql
 -- Raising errors: every failure is an RO SQLSTATE with a message that says what was wrong, with
 -- which value, and what is accepted (SPEC §3).
@@ -1598,8 +1634,9 @@ $$;
 -- ledger (claims.sql) stands beside it.
 --
 --   idempotency_key_hash     the dedup key, exactly as the SPEC writes it
+--   idempotency_key_expired  the expiry rule, which batch and waitpoint keys follow too
 --   idempotency_key_is_dead  expired, or its run ended in a status that releases it (run_statuses)
---   release_dead_key         the one release of a dead key
+--   release_idempotency_keys the one release of run keys: dead ones, a reset, an expiry
 --   create_run               single triggers, children and failed-task runs
 --   reset_idempotency_key    public: clear a key on this store's runs
 
@@ -1619,26 +1656,41 @@ AS $$
                          END, '-'), 'UTF8')), 'hex')
 $$;
 
--- A held key is dead — ignored by dedup — once it expired (at the caller's runops.now(), passed
--- in so a set-based caller reads the clock once) or its run ended in a status that releases it
--- (runops.run_statuses.releases_key).
+-- A key has expired once its expiry has come (at the caller's runops.now(), passed in so a
+-- set-based caller reads the clock once). Run, batch and waitpoint keys all expire so.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_expired(expires_at timestamptz, at timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT expires_at <= at
+$$;
+
+-- A run's held key is dead — ignored by dedup — once it expired or its run ended in a status
+-- that releases it (runops.run_statuses.releases_key).
 CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz, at timestamptz)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$
-  SELECT expires_at <= at OR runops.status_releases_key(status)
+  SELECT runops.idempotency_key_expired(expires_at, at) OR runops.status_releases_key(status)
 $$;
 
--- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
--- concurrent releaser a no-op).
-CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
-RETURNS void
+-- The one release of run keys: each run lets go of its key (raw key, hash and expiry), so a new
+-- run can hold it; reads of the old run then show no key. key_hashes, position by position,
+-- names the key to release: a run that no longer holds it (a concurrent releaser got there
+-- first) is left alone. A NULL hash releases whatever key the run holds. Returns how many let go.
+CREATE OR REPLACE FUNCTION runops.release_idempotency_keys(run_ids text[], key_hashes text[])
+RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+  released integer;
 BEGIN
   UPDATE runs AS r
   SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
-  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
+  FROM unnest(run_ids, key_hashes) AS u(id, key_hash)
+  WHERE r.id = u.id AND r.idempotency_key_hash = coalesce(u.key_hash, r.idempotency_key_hash);
+  GET DIAGNOSTICS released = ROW_COUNT;
+  RETURN released;
 END
 $$;
 
@@ -1708,7 +1760,7 @@ BEGIN
           RETURN;
         END IF;
         -- Dead key: release it so the new run can hold it.
-        PERFORM release_dead_key(existing.id, key_hash);
+        PERFORM release_idempotency_keys(ARRAY[existing.id], ARRAY[key_hash]);
       END IF;
     END IF;
 
@@ -1778,7 +1830,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   parent text;
-  cleared integer;
+  holders text[];
 BEGIN
   IF reset_idempotency_key.idempotency_key IS NULL OR reset_idempotency_key.idempotency_key = ''
      OR length(reset_idempotency_key.idempotency_key) > 2048 THEN
@@ -1793,14 +1845,12 @@ BEGIN
       PERFORM raise_error('RO006', 'an attempt-scoped key needs parent_attempt_number');
     END IF;
   END IF;
-  UPDATE runs AS r
-  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  SELECT array_agg(r.id) INTO holders FROM runs AS r
   WHERE r.environment_id = reset_idempotency_key.environment_id
     AND r.task_identifier = reset_idempotency_key.task_identifier
     AND r.idempotency_key_hash = idempotency_key_hash(reset_idempotency_key.idempotency_key, coalesce(scope, 'run'),
                                                       parent, reset_idempotency_key.parent_attempt_number);
-  GET DIAGNOSTICS cleared = ROW_COUNT;
-  RETURN cleared;
+  RETURN coalesce(release_idempotency_keys(holders, NULL), 0);
 END
 $$;
 
@@ -3159,26 +3209,17 @@ DECLARE
     'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
     'dev_session_id'];
 BEGIN
-  -- The common case, no options at all, skips every check below.
-  IF o = '{}'::jsonb THEN
+  -- The common cases, no options at all or only a valid key, skip every check below.
+  IF o = '{}'::jsonb
+     OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+         AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+         AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+    spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
     spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
+    spec.idempotency_key_ttl := default_idempotency_key_ttl();
     spec.resume_parent_on_completion := false;
     spec.tags := '{}';
-    spec.max_attempts := 3;
-    spec.metadata := '{}';
-    RETURN spec;
-  END IF;
-  -- The next most common: only a key.
-  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
-     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
-    spec.idempotency_key := o ->> 'idempotency_key';
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := 3;
+    spec.max_attempts := default_max_attempts();
     spec.metadata := '{}';
     RETURN spec;
   END IF;
@@ -3197,7 +3238,7 @@ BEGIN
   END IF;
   spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
                                    THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
-                                   ELSE interval '30 days' END;
+                                   ELSE default_idempotency_key_ttl() END;
 
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
@@ -3245,7 +3286,7 @@ BEGIN
   END IF;
   spec.tags := coalesce(spec.tags, '{}');
 
-  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
+  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), default_max_attempts());
   spec.metadata := o -> 'metadata';
   IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
     PERFORM raise_error('RO006', 'option metadata must be a JSON object');
@@ -3291,8 +3332,9 @@ BEGIN
   IF idempotency_key = '' THEN
     PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
   END IF;
-  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                        'option idempotency_key_ttl');
+  raw := option_text(o, 'idempotency_key_ttl');
+  idempotency_key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
+                              ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
     parent_run_id := bare_id(raw, 'run');
@@ -3304,7 +3346,8 @@ BEGIN
   IF resume_parent_on_completion AND parent_run_id IS NULL THEN
     PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
   END IF;
-  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
+  raw := option_text(o, 'seal_timeout');
+  seal_timeout := CASE WHEN raw IS NULL THEN default_seal_timeout() ELSE parse_duration(raw, 'option seal_timeout') END;
 END
 $$;
 
@@ -4372,7 +4415,8 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   ts timestamptz := now();
-  n integer;
+  expired text[];
+  keyed text[];
 BEGIN
   PERFORM require_max_rows(max_runs, 'max_runs');
   PERFORM set_mover('expire_enqueued_runs');
@@ -4381,15 +4425,22 @@ BEGIN
     WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
       AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
     ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
+        error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
+                                   'status', 'EXPIRED')
+    FROM due WHERE r.id = due.id
+    RETURNING r.id, r.idempotency_key_hash
   )
-  UPDATE runs AS r
-  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
-      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
-      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
-                                 'status', 'EXPIRED')
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
+  SELECT coalesce(array_agg(m.id), '{}'), array_agg(m.id) FILTER (WHERE m.idempotency_key_hash IS NOT NULL)
+  INTO expired, keyed FROM moved AS m;
+  -- EXPIRED releases its key (run_statuses): dedup would ignore it anyway, but an expired run is
+  -- let go of at once, so reads show no key on it.
+  IF keyed IS NOT NULL THEN
+    PERFORM release_idempotency_keys(keyed, NULL);
+  END IF;
+  RETURN cardinality(expired);
 END
 $$;
 
@@ -4646,7 +4697,7 @@ $$;
 -- trigger_run = validate_new_run (RO006, bounded_input.sql) -> load_environment (one query, with
 --   the split settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
 --   -> require_usable (RO004, RO005) -> create_run (idempotency.sql).
--- trigger_failed_task takes the same path to a run born SYSTEM_FAILURE.
+-- trigger_failed_task takes the same path (admit_run) to a run born SYSTEM_FAILURE.
 
 -- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
@@ -4696,16 +4747,19 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
-                                              payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
-RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
+-- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
+-- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
+-- create_run. initial_status NULL lets create_run choose PENDING or DELAYED.
+CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
+                                            options jsonb, initial_status text, error jsonb,
+                                            OUT run_id text, OUT is_cached boolean, OUT status text,
+                                            OUT residency text)
+LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   spec trigger_spec;
-  env_id text := trigger_run.environment_id;
-  task text := trigger_run.task_identifier;
+  env_id text := admit_run.environment_id;
+  task text := admit_run.task_identifier;
   owner_residency text;
   env environment_context;
   parent runs;
@@ -4713,62 +4767,10 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  spec := validate_new_run(env_id, task, trigger_run.payload, trigger_run.options);
-  env := load_environment(env_id);
-  owner_residency := decide_residency(env, env_id, spec);
-  IF owner_residency <> local_residency() THEN
-    PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
+  spec := validate_new_run(env_id, task, admit_run.payload, admit_run.options);
+  IF admit_run.error IS NOT NULL THEN
+    PERFORM check_json_bounds(admit_run.error, 'error');
   END IF;
-  IF spec.parent_run_id IS NOT NULL THEN
-    parent := require_parent(spec, env_id);
-  END IF;
-  IF spec.batch_id IS NOT NULL THEN
-    target := lock_batch_for_index(spec, env_id);
-  END IF;
-  env := require_usable(env, env_id);
-  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
-  IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(target, spec);
-    IF existing IS NOT NULL THEN
-      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
-      FROM runs AS r WHERE r.id = existing;
-      RETURN NEXT;
-      RETURN;
-    END IF;
-  END IF;
-  created := create_run(env, parent, task, trigger_run.payload, spec, NULL, NULL);
-  IF spec.batch_id IS NOT NULL THEN
-    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
-  END IF;
-  run_id := created.run_id;
-  is_cached := created.is_cached;
-  status := created.status;
-  residency := created.residency;  -- a cached holder may live in the other store
-  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
-END
-$$;
-
--- A run that could not be triggered (a bad batch item, a deploy that failed): born
--- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
-CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
-                                                      error jsonb, options jsonb DEFAULT '{}')
-RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  spec trigger_spec;
-  env_id text := trigger_failed_task.environment_id;
-  task text := trigger_failed_task.task_identifier;
-  owner_residency text;
-  env environment_context;
-  parent runs;
-  target batches;
-  created record;
-  existing text;
-BEGIN
-  spec := validate_new_run(env_id, task, trigger_failed_task.payload, trigger_failed_task.options);
-  PERFORM check_json_bounds(trigger_failed_task.error, 'error');
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -4786,16 +4788,59 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
-      RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
+      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      FROM runs AS r WHERE r.id = existing;
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, parent, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
-                        coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+  created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, created.residency;
+  run_id := created.run_id;
+  is_cached := created.is_cached;
+  status := created.status;
+  residency := created.residency;  -- a cached holder may live in the other store
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
+                                              payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  admitted record := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                               trigger_run.options, NULL, NULL);
+BEGIN
+  run_id := admitted.run_id;
+  is_cached := admitted.is_cached;
+  status := admitted.status;
+  residency := admitted.residency;
+  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
+END
+$$;
+
+-- A run that could not be triggered (a bad batch item, a deploy that failed): born
+-- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
+CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
+                                                      error jsonb, options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  admitted record := admit_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
+                               coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
+                               'SYSTEM_FAILURE',
+                               coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+BEGIN
+  run_id := admitted.run_id;
+  is_cached := admitted.is_cached;
+  status := admitted.status;
+  residency := admitted.residency;
+  RETURN NEXT;
 END
 $$;
 
@@ -4958,7 +5003,9 @@ BEGIN
   IF key = '' THEN
     PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
   END IF;
-  key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'), 'option idempotency_key_ttl');
+  raw := option_text(o, 'idempotency_key_ttl');
+  key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
+                  ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
   raw := option_text(o, 'completed_after');
   IF kind = 'DATETIME' THEN
     IF raw IS NULL THEN
@@ -4996,11 +5043,12 @@ BEGIN
       SELECT w.id, w.idempotency_key_expires_at AS expires_at INTO existing FROM waitpoints AS w
       WHERE w.environment_id = env.id AND w.idempotency_key = key;
       IF FOUND THEN
-        IF existing.expires_at > ts THEN
+        IF NOT idempotency_key_expired(existing.expires_at, ts) THEN
           RETURN QUERY SELECT 'waitpoint_' || existing.id, true;
           RETURN;
         END IF;
-        -- An expired key rotates: the old waitpoint lets go of it.
+        -- An expired key rotates: the old waitpoint lets go of it (waitpoint keys die only by
+        -- expiry: docs/decisions.md).
         UPDATE waitpoints AS w SET idempotency_key = NULL, idempotency_key_expires_at = NULL
         WHERE w.id = existing.id AND w.idempotency_key = key;
       END IF;

@@ -70,6 +70,7 @@ DECLARE
   creator_count bigint;
   inserted bigint;
   dead_ids text[];
+  dead_hashes text[];
   has_keys boolean;
   new_ids text[];
   passes integer := 0;
@@ -80,7 +81,7 @@ BEGIN
   IF b.parent_run_id IS NOT NULL THEN
     SELECT * INTO parent FROM runs AS r WHERE r.id = b.parent_run_id;
   END IF;
-  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, interval '30 days');
+  default_ttl := coalesce(b.idempotency_key_expires_at - b.created_at, default_idempotency_key_ttl());
 
   -- 3. Every new index as (index, task, payload, key, dedup hash, spec), in parallel arrays.
   --    Items without a key of their own use the batch key plus their index (and the batch's key
@@ -97,10 +98,10 @@ BEGIN
                                                   coalesce((x.spec).parent_attempt_number, parent.attempt_number))
                    END ORDER BY x.idx),
          array_agg(x.spec ORDER BY x.idx),
-         -- An item's own key lives 30 days (or its own TTL); a key derived from the batch key
-         -- lives as long as the batch key.
+         -- An item's own key lives the default TTL (or its own); a key derived from the batch
+         -- key lives as long as the batch key.
          array_agg(coalesce((x.spec).idempotency_key_ttl,
-                            CASE WHEN x.own_key THEN interval '30 days' ELSE default_ttl END) ORDER BY x.idx)
+                            CASE WHEN x.own_key THEN default_idempotency_key_ttl() ELSE default_ttl END) ORDER BY x.idx)
   INTO item_idx, item_task, item_payload, item_key, item_hash, item_spec, item_key_ttl
   FROM (
     SELECT y.idx, y.task, y.payload, coalesce(y.opts ->> 'idempotency_key', b.idempotency_key || '-' || y.idx) AS key,
@@ -141,17 +142,15 @@ BEGIN
       -- (A chunk without keys has nothing to look up.)
       IF has_keys THEN
         SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
-               array_agg(holder.id) FILTER (WHERE holder.dead)
-        INTO item_run, dead_ids
+               array_agg(holder.id) FILTER (WHERE holder.dead), array_agg(w.h) FILTER (WHERE holder.dead)
+        INTO item_run, dead_ids, dead_hashes
         FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
         LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts) AS dead
                            FROM runs AS r
                            WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
                              AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
         IF dead_ids IS NOT NULL THEN
-          UPDATE runs AS r
-          SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = ts
-          WHERE r.id = ANY (dead_ids);
+          PERFORM release_idempotency_keys(dead_ids, dead_hashes);
         END IF;
       END IF;
       -- Creators: unresolved positions, the first one per (task, key); every unkeyed one. Each
@@ -196,7 +195,7 @@ BEGIN
                CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
              CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
              b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-             w.i, coalesce(w.max_attempts, 3),
+             w.i, coalesce(w.max_attempts, default_max_attempts()),
              CASE WHEN w.delay_until > ts THEN w.delay_until END,
              w.ttl, w.max_duration, w.dev_session_id,
              CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
@@ -417,7 +416,7 @@ BEGIN
       SELECT * INTO batch FROM batches AS x
       WHERE x.environment_id = env.id AND x.idempotency_key = o.idempotency_key;
       IF FOUND THEN
-        IF batch.idempotency_key_expires_at > ts THEN
+        IF NOT idempotency_key_expired(batch.idempotency_key_expires_at, ts) THEN
           is_cached := true;
           IF o.resume_parent_on_completion THEN
             PERFORM add_blocker(parent.id, parent.environment_id, batch.id, batch.status IN ('COMPLETED', 'ABORTED'));
@@ -427,6 +426,8 @@ BEGIN
           END IF;
           RETURN;
         END IF;
+        -- An expired key rotates: the old batch lets go of it (batch keys die only by expiry:
+        -- docs/decisions.md).
         UPDATE batches AS x SET idempotency_key = NULL, idempotency_key_expires_at = NULL
         WHERE x.id = batch.id AND x.idempotency_key = o.idempotency_key;
       END IF;

@@ -218,7 +218,7 @@ BEGIN
     END IF;
     IF FOUND THEN
       IF try_classify_bare(c.run_id) = local_residency() THEN
-        PERFORM release_dead_key(c.run_id, claim_idempotency_key.key_hash);
+        PERFORM release_idempotency_keys(ARRAY[c.run_id], ARRAY[claim_idempotency_key.key_hash]);
       END IF;
       SELECT * INTO holder_id, holder_status
       FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,

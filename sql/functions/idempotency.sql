@@ -3,8 +3,9 @@
 -- ledger (claims.sql) stands beside it.
 --
 --   idempotency_key_hash     the dedup key, exactly as the SPEC writes it
+--   idempotency_key_expired  the expiry rule, which batch and waitpoint keys follow too
 --   idempotency_key_is_dead  expired, or its run ended in a status that releases it (run_statuses)
---   release_dead_key         the one release of a dead key
+--   release_idempotency_keys the one release of run keys: dead ones, a reset, an expiry
 --   create_run               single triggers, children and failed-task runs
 --   reset_idempotency_key    public: clear a key on this store's runs
 
@@ -24,26 +25,41 @@ AS $$
                          END, '-'), 'UTF8')), 'hex')
 $$;
 
--- A held key is dead — ignored by dedup — once it expired (at the caller's runops.now(), passed
--- in so a set-based caller reads the clock once) or its run ended in a status that releases it
--- (runops.run_statuses.releases_key).
+-- A key has expired once its expiry has come (at the caller's runops.now(), passed in so a
+-- set-based caller reads the clock once). Run, batch and waitpoint keys all expire so.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_expired(expires_at timestamptz, at timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT expires_at <= at
+$$;
+
+-- A run's held key is dead — ignored by dedup — once it expired or its run ended in a status
+-- that releases it (runops.run_statuses.releases_key).
 CREATE OR REPLACE FUNCTION runops.idempotency_key_is_dead(status text, expires_at timestamptz, at timestamptz)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
 AS $$
-  SELECT expires_at <= at OR runops.status_releases_key(status)
+  SELECT runops.idempotency_key_expired(expires_at, at) OR runops.status_releases_key(status)
 $$;
 
--- A dead key lets go of its run, so a new run can hold it (the guard on the hash makes a
--- concurrent releaser a no-op).
-CREATE OR REPLACE FUNCTION runops.release_dead_key(run_id text, key_hash text)
-RETURNS void
+-- The one release of run keys: each run lets go of its key (raw key, hash and expiry), so a new
+-- run can hold it; reads of the old run then show no key. key_hashes, position by position,
+-- names the key to release: a run that no longer holds it (a concurrent releaser got there
+-- first) is left alone. A NULL hash releases whatever key the run holds. Returns how many let go.
+CREATE OR REPLACE FUNCTION runops.release_idempotency_keys(run_ids text[], key_hashes text[])
+RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+  released integer;
 BEGIN
   UPDATE runs AS r
   SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
-  WHERE r.id = release_dead_key.run_id AND r.idempotency_key_hash = release_dead_key.key_hash;
+  FROM unnest(run_ids, key_hashes) AS u(id, key_hash)
+  WHERE r.id = u.id AND r.idempotency_key_hash = coalesce(u.key_hash, r.idempotency_key_hash);
+  GET DIAGNOSTICS released = ROW_COUNT;
+  RETURN released;
 END
 $$;
 
@@ -113,7 +129,7 @@ BEGIN
           RETURN;
         END IF;
         -- Dead key: release it so the new run can hold it.
-        PERFORM release_dead_key(existing.id, key_hash);
+        PERFORM release_idempotency_keys(ARRAY[existing.id], ARRAY[key_hash]);
       END IF;
     END IF;
 
@@ -183,7 +199,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   parent text;
-  cleared integer;
+  holders text[];
 BEGIN
   IF reset_idempotency_key.idempotency_key IS NULL OR reset_idempotency_key.idempotency_key = ''
      OR length(reset_idempotency_key.idempotency_key) > 2048 THEN
@@ -198,13 +214,11 @@ BEGIN
       PERFORM raise_error('RO006', 'an attempt-scoped key needs parent_attempt_number');
     END IF;
   END IF;
-  UPDATE runs AS r
-  SET idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL, updated_at = now()
+  SELECT array_agg(r.id) INTO holders FROM runs AS r
   WHERE r.environment_id = reset_idempotency_key.environment_id
     AND r.task_identifier = reset_idempotency_key.task_identifier
     AND r.idempotency_key_hash = idempotency_key_hash(reset_idempotency_key.idempotency_key, coalesce(scope, 'run'),
                                                       parent, reset_idempotency_key.parent_attempt_number);
-  GET DIAGNOSTICS cleared = ROW_COUNT;
-  RETURN cleared;
+  RETURN coalesce(release_idempotency_keys(holders, NULL), 0);
 END
 $$;

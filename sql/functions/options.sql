@@ -191,26 +191,17 @@ DECLARE
     'concurrency_key', 'tags', 'max_attempts', 'metadata', 'run_id', 'batch_id', 'batch_index',
     'dev_session_id'];
 BEGIN
-  -- The common case, no options at all, skips every check below.
-  IF o = '{}'::jsonb THEN
+  -- The common cases, no options at all or only a valid key, skip every check below.
+  IF o = '{}'::jsonb
+     OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
+         AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
+         AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+    spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
     spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
+    spec.idempotency_key_ttl := default_idempotency_key_ttl();
     spec.resume_parent_on_completion := false;
     spec.tags := '{}';
-    spec.max_attempts := 3;
-    spec.metadata := '{}';
-    RETURN spec;
-  END IF;
-  -- The next most common: only a key.
-  IF o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-     AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
-     AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes() THEN
-    spec.idempotency_key := o ->> 'idempotency_key';
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := interval '30 days';
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := 3;
+    spec.max_attempts := default_max_attempts();
     spec.metadata := '{}';
     RETURN spec;
   END IF;
@@ -229,7 +220,7 @@ BEGIN
   END IF;
   spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
                                    THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
-                                   ELSE interval '30 days' END;
+                                   ELSE default_idempotency_key_ttl() END;
 
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
@@ -277,7 +268,7 @@ BEGIN
   END IF;
   spec.tags := coalesce(spec.tags, '{}');
 
-  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), 3);
+  spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), default_max_attempts());
   spec.metadata := o -> 'metadata';
   IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
     PERFORM raise_error('RO006', 'option metadata must be a JSON object');
@@ -323,8 +314,9 @@ BEGIN
   IF idempotency_key = '' THEN
     PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
   END IF;
-  idempotency_key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'),
-                                        'option idempotency_key_ttl');
+  raw := option_text(o, 'idempotency_key_ttl');
+  idempotency_key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
+                              ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
   raw := option_text(o, 'parent_run_id');
   IF raw IS NOT NULL THEN
     parent_run_id := bare_id(raw, 'run');
@@ -336,6 +328,7 @@ BEGIN
   IF resume_parent_on_completion AND parent_run_id IS NULL THEN
     PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
   END IF;
-  seal_timeout := parse_duration(coalesce(option_text(o, 'seal_timeout'), '10m'), 'option seal_timeout');
+  raw := option_text(o, 'seal_timeout');
+  seal_timeout := CASE WHEN raw IS NULL THEN default_seal_timeout() ELSE parse_duration(raw, 'option seal_timeout') END;
 END
 $$;

@@ -47,7 +47,8 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   ts timestamptz := now();
-  n integer;
+  expired text[];
+  keyed text[];
 BEGIN
   PERFORM require_max_rows(max_runs, 'max_runs');
   PERFORM set_mover('expire_enqueued_runs');
@@ -56,15 +57,22 @@ BEGIN
     WHERE r.status = 'PENDING' AND r.ttl_expires_at IS NOT NULL AND r.started_at IS NULL
       AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
     ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  ), moved AS (
+    UPDATE runs AS r
+    SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
+        error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
+                                   'status', 'EXPIRED')
+    FROM due WHERE r.id = due.id
+    RETURNING r.id, r.idempotency_key_hash
   )
-  UPDATE runs AS r
-  SET status = 'EXPIRED', expired_at = ts, completed_at = ts, ttl_expires_at = NULL, updated_at = ts,
-      idempotency_key = NULL, idempotency_key_hash = NULL, idempotency_key_expires_at = NULL,
-      error = jsonb_build_object('message', format('run expired because its TTL (%s) was reached', duration_text(r.ttl)),
-                                 'status', 'EXPIRED')
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
+  SELECT coalesce(array_agg(m.id), '{}'), array_agg(m.id) FILTER (WHERE m.idempotency_key_hash IS NOT NULL)
+  INTO expired, keyed FROM moved AS m;
+  -- EXPIRED releases its key (run_statuses): dedup would ignore it anyway, but an expired run is
+  -- let go of at once, so reads show no key on it.
+  IF keyed IS NOT NULL THEN
+    PERFORM release_idempotency_keys(keyed, NULL);
+  END IF;
+  RETURN cardinality(expired);
 END
 $$;
 

@@ -3,7 +3,7 @@
 -- trigger_run = validate_new_run (RO006, bounded_input.sql) -> load_environment (one query, with
 --   the split settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
 --   -> require_usable (RO004, RO005) -> create_run (idempotency.sql).
--- trigger_failed_task takes the same path to a run born SYSTEM_FAILURE.
+-- trigger_failed_task takes the same path (admit_run) to a run born SYSTEM_FAILURE.
 
 -- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
@@ -53,16 +53,19 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
-                                              payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
-RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
+-- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
+-- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
+-- create_run. initial_status NULL lets create_run choose PENDING or DELAYED.
+CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
+                                            options jsonb, initial_status text, error jsonb,
+                                            OUT run_id text, OUT is_cached boolean, OUT status text,
+                                            OUT residency text)
+LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   spec trigger_spec;
-  env_id text := trigger_run.environment_id;
-  task text := trigger_run.task_identifier;
+  env_id text := admit_run.environment_id;
+  task text := admit_run.task_identifier;
   owner_residency text;
   env environment_context;
   parent runs;
@@ -70,62 +73,10 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  spec := validate_new_run(env_id, task, trigger_run.payload, trigger_run.options);
-  env := load_environment(env_id);
-  owner_residency := decide_residency(env, env_id, spec);
-  IF owner_residency <> local_residency() THEN
-    PERFORM raise_wrong_store('a new run of environment', env_id, store_for_residency(owner_residency));
+  spec := validate_new_run(env_id, task, admit_run.payload, admit_run.options);
+  IF admit_run.error IS NOT NULL THEN
+    PERFORM check_json_bounds(admit_run.error, 'error');
   END IF;
-  IF spec.parent_run_id IS NOT NULL THEN
-    parent := require_parent(spec, env_id);
-  END IF;
-  IF spec.batch_id IS NOT NULL THEN
-    target := lock_batch_for_index(spec, env_id);
-  END IF;
-  env := require_usable(env, env_id);
-  PERFORM require_waitable_parent(parent, spec.resume_parent_on_completion);
-  IF spec.batch_id IS NOT NULL THEN
-    existing := claim_batch_index(target, spec);
-    IF existing IS NOT NULL THEN
-      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
-      FROM runs AS r WHERE r.id = existing;
-      RETURN NEXT;
-      RETURN;
-    END IF;
-  END IF;
-  created := create_run(env, parent, task, trigger_run.payload, spec, NULL, NULL);
-  IF spec.batch_id IS NOT NULL THEN
-    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
-  END IF;
-  run_id := created.run_id;
-  is_cached := created.is_cached;
-  status := created.status;
-  residency := created.residency;  -- a cached holder may live in the other store
-  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
-END
-$$;
-
--- A run that could not be triggered (a bad batch item, a deploy that failed): born
--- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
-CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
-                                                      error jsonb, options jsonb DEFAULT '{}')
-RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = runops, pg_catalog, pg_temp
-AS $$
-DECLARE
-  spec trigger_spec;
-  env_id text := trigger_failed_task.environment_id;
-  task text := trigger_failed_task.task_identifier;
-  owner_residency text;
-  env environment_context;
-  parent runs;
-  target batches;
-  created record;
-  existing text;
-BEGIN
-  spec := validate_new_run(env_id, task, trigger_failed_task.payload, trigger_failed_task.options);
-  PERFORM check_json_bounds(trigger_failed_task.error, 'error');
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
   IF owner_residency <> local_residency() THEN
@@ -143,15 +94,58 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
-      RETURN QUERY SELECT 'run_' || r.id, true, r.status, local_residency() FROM runs AS r WHERE r.id = existing;
+      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      FROM runs AS r WHERE r.id = existing;
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, parent, task, coalesce(trigger_failed_task.payload, '{}'), spec, 'SYSTEM_FAILURE',
-                        coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+  created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
   END IF;
-  RETURN QUERY SELECT created.run_id, created.is_cached, created.status, created.residency;
+  run_id := created.run_id;
+  is_cached := created.is_cached;
+  status := created.status;
+  residency := created.residency;  -- a cached holder may live in the other store
+END
+$$;
+
+CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
+                                              payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  admitted record := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                               trigger_run.options, NULL, NULL);
+BEGIN
+  run_id := admitted.run_id;
+  is_cached := admitted.is_cached;
+  status := admitted.status;
+  residency := admitted.residency;
+  RETURN NEXT;  -- cheaper than RETURN QUERY, which runs a query into a tuplestore
+END
+$$;
+
+-- A run that could not be triggered (a bad batch item, a deploy that failed): born
+-- SYSTEM_FAILURE, so a batch still counts it and a waiting parent resumes with its error.
+CREATE OR REPLACE FUNCTION runops.trigger_failed_task(environment_id text, task_identifier text, payload jsonb,
+                                                      error jsonb, options jsonb DEFAULT '{}')
+RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+DECLARE
+  admitted record := admit_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
+                               coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
+                               'SYSTEM_FAILURE',
+                               coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+BEGIN
+  run_id := admitted.run_id;
+  is_cached := admitted.is_cached;
+  status := admitted.status;
+  residency := admitted.residency;
+  RETURN NEXT;
 END
 $$;

@@ -156,7 +156,9 @@ BEGIN
   IF key = '' THEN
     PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
   END IF;
-  key_ttl := parse_duration(coalesce(option_text(o, 'idempotency_key_ttl'), '30d'), 'option idempotency_key_ttl');
+  raw := option_text(o, 'idempotency_key_ttl');
+  key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
+                  ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
   raw := option_text(o, 'completed_after');
   IF kind = 'DATETIME' THEN
     IF raw IS NULL THEN
@@ -194,11 +196,12 @@ BEGIN
       SELECT w.id, w.idempotency_key_expires_at AS expires_at INTO existing FROM waitpoints AS w
       WHERE w.environment_id = env.id AND w.idempotency_key = key;
       IF FOUND THEN
-        IF existing.expires_at > ts THEN
+        IF NOT idempotency_key_expired(existing.expires_at, ts) THEN
           RETURN QUERY SELECT 'waitpoint_' || existing.id, true;
           RETURN;
         END IF;
-        -- An expired key rotates: the old waitpoint lets go of it.
+        -- An expired key rotates: the old waitpoint lets go of it (waitpoint keys die only by
+        -- expiry: docs/decisions.md).
         UPDATE waitpoints AS w SET idempotency_key = NULL, idempotency_key_expires_at = NULL
         WHERE w.id = existing.id AND w.idempotency_key = key;
       END IF;

@@ -1,0 +1,27 @@
+-- Defaults, once (SPEC §4): every entry point that leaves one of these out gets the value here.
+-- Plain IMMUTABLE SQL, so PostgreSQL folds each into the plans that use it: a constant, not a call.
+--
+--   default_idempotency_key_ttl  how long a key lives: runs, batches, batch items, waitpoints (30 days)
+--   default_max_attempts         attempts a run gets (3; runs.max_attempts carries the same DEFAULT)
+--   default_seal_timeout         how long an open batch waits to be sealed (10 minutes)
+
+CREATE OR REPLACE FUNCTION runops.default_idempotency_key_ttl()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '30 days'
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_max_attempts()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 3
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_seal_timeout()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '10 minutes'
+$$;
