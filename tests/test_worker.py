@@ -302,7 +302,7 @@ def test_run_status_is_the_sql_vocabulary(stores: Stores, store: str) -> None:
 
 
 def test_trigger_options_are_the_sql_option_names() -> None:
-    source = (ROOT / "sql" / "functions" / "trigger_run.sql").read_text()
+    source = (ROOT / "sql" / "functions" / "options.sql").read_text()  # parse_trigger_options
     allowed = re.search(r"allowed constant text\[\] := ARRAY\[(.*?)\];", source, re.S)
     assert allowed is not None
     assert set(re.findall(r"'(\w+)'", allowed.group(1))) == set(TriggerOptions.__optional_keys__)
