@@ -348,16 +348,34 @@ def split_status(ctx: Ctx) -> None:
 @pass_ctx
 @reports_errors
 def split_enable(ctx: Ctx) -> None:
-    """Enable the split; refused (exit 17) unless the run-ops store is a distinct database."""
-    _show_split(ctx, ctx.client().enable_split())
+    """Enable the split; refused (exit 17) unless the run-ops store is a distinct database.
+    Returns once the run-ops mirror has the change (exit 19 if it has not within 10 s)."""
+    client = ctx.client()
+    status = client.enable_split()
+    _require_mirrored(client)
+    _show_split(ctx, status)
 
 
 @split.command("disable")
 @pass_ctx
 @reports_errors
 def split_disable(ctx: Ctx) -> None:
-    """Disable the split: new root runs mint cuids on the control plane again."""
-    _show_split(ctx, ctx.client().disable_split())
+    """Disable the split: new root runs mint cuids on the control plane again. Returns once the
+    run-ops mirror has the change (exit 19 if it has not within 10 s)."""
+    client = ctx.client()
+    status = client.disable_split()
+    _require_mirrored(client)
+    _show_split(ctx, status)
+
+
+def _require_mirrored(client: RunOps) -> None:
+    """Operator changes to the split settings are made on the control plane; the run-ops store
+    acts on its mirror of them. A script that changes them and then triggers must see the change
+    everywhere, so the command returns only once the mirror has it — or says it has not."""
+    if not client.wait_for_mirror():
+        report_error("the change is made on the control plane, but the run-ops store's mirror has not "
+                     "applied it within 10 s; root runs there may still follow the old settings "
+                     "(run `runops doctor`)", 19)
 
 
 MINT_KINDS = ("cuid", "ksuid", "default")
@@ -382,7 +400,7 @@ def mint_kind(ctx: Ctx, args: tuple[str, ...]) -> None:
         if kind == "default":
             raise click.UsageError("the default mint kind must be cuid or ksuid")
         client.set_default_mint_kind(kind)
-    client.wait_for_mirror()
+    _require_mirrored(client)
     _show_split(ctx, client.split_status())
 
 
