@@ -355,7 +355,28 @@ def _bring_up(home: Path) -> LocalStores:
     migrate.migrate(admin[CONTROL_PLANE], admin[RUN_OPS])
     for url in admin.values():
         migrate.set_app_password(url, stores.app_password)
+    _tick_control_plane(admin[CONTROL_PLANE])
     return stores
+
+
+def _tick_control_plane(url: str, every: float = 1.0) -> None:
+    """Ticks the control plane every second for the rest of the process, as a deployment does.
+    Its tick is the tenant mirror's heartbeat: without it the run-ops store's mirror is stale 60 s
+    after wiring, and every trigger reads its environment through the FDW instead (SPEC §4 [1.2];
+    that measured 3.4 ms a call against 0.9 ms). The control plane is not the store under
+    measurement; an idle one's tick costs it a few ms a second."""
+
+    def tick() -> None:
+        while True:
+            try:
+                with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
+                    while True:
+                        conn.execute("SELECT runops.tick()")
+                        time.sleep(every)
+            except psycopg.Error:
+                time.sleep(every)  # the clusters are gone (the run is over) or restarting
+
+    threading.Thread(target=tick, name="control-plane-tick", daemon=True).start()
 
 
 def _make_environment(app: dict[str, str]) -> str:

@@ -152,25 +152,32 @@ AS $$
 DECLARE
   ctx environment_context;
   s split_settings;
+  fresh boolean;
   stale text;
 BEGIN
+  -- The mirror's freshness comes with the same query (on the control plane, where it means
+  -- nothing, it costs a two-row index scan): a separate call cost every run-ops admission 30 µs.
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
          e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
-         coalesce(st.default_mint_kind, 'cuid')
-  INTO ctx
-  FROM (SELECT 1) AS one
+         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, c.mirror_freshness_seconds)
+  INTO ctx.id, ctx.project_id, ctx.organization_id, ctx.type, ctx.paused, ctx.archived,
+       ctx.project_deleted, ctx.runs_enabled, ctx.mint_kind, ctx.maximum_concurrency_limit,
+       ctx.notifications, ctx.split_enabled, ctx.split_ever_enabled, ctx.default_mint_kind, fresh
+  FROM store_config AS c
+  CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM heartbeats AS b
+                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
   LEFT JOIN split_settings AS st ON true
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id
   LEFT JOIN organizations AS o ON o.id = e.organization_id;
-  IF local_residency() = 'LEGACY' OR NOT peer_wired() THEN
+  IF local_residency() = 'LEGACY' OR (ctx.id IS NOT NULL AND fresh) THEN
+    RETURN ctx;  -- the hot path: found in a fresh mirror, nothing more to read
+  END IF;
+  IF NOT peer_wired() THEN
     RETURN ctx;
   END IF;
-  stale := mirror_stale();
-  IF ctx.id IS NOT NULL AND stale IS NULL THEN
-    RETURN ctx;
-  END IF;
+  stale := CASE WHEN NOT fresh OR fresh IS NULL THEN mirror_stale() END;
   BEGIN
     IF stale IS NULL THEN
       s := current_split_settings();
@@ -203,6 +210,15 @@ BEGIN
 END
 $$;
 
+-- The freshness rule: a mirror last fed at fed_at (NULL: never) may carry new work. Inlined
+-- into its callers (a single expression).
+CREATE OR REPLACE FUNCTION runops.mirror_within_bound(fed_at timestamptz, bound_seconds integer)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+  SELECT coalesce(fed_at >= pg_catalog.now() - pg_catalog.make_interval(secs => bound_seconds), false)
+$$;
+
 -- NULL while the run-ops store's tenant mirror is within the freshness bound
 -- (store_config.mirror_freshness_seconds); otherwise how stale it is, in words for RO009. The
 -- mirror is as fresh as the newer of two heartbeats: the control plane's tick as replication
@@ -210,17 +226,22 @@ $$;
 -- replication does not follow runops.now().
 CREATE OR REPLACE FUNCTION runops.mirror_stale()
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT CASE
-    WHEN h.fed_at IS NULL THEN format('never refreshed (bound %s s)', c.mirror_freshness_seconds)
-    WHEN h.fed_at < pg_catalog.now() - pg_catalog.make_interval(secs => c.mirror_freshness_seconds)
-      THEN format('%s s old (bound %s s)', floor(extract(epoch FROM pg_catalog.now() - h.fed_at)),
-                  c.mirror_freshness_seconds)
-  END
-  FROM store_config AS c,
-       (SELECT max(b.beat_at) AS fed_at FROM heartbeats AS b
-        WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS h
+-- PL/pgSQL, not SQL: a SQL function that cannot be inlined is planned on every call.
+DECLARE
+  fed_at timestamptz;
+  bound integer;
+BEGIN
+  SELECT max(b.beat_at) INTO fed_at FROM heartbeats AS b WHERE b.source IN ('control_plane_tick', 'mirror_pull');
+  SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
+  IF mirror_within_bound(fed_at, bound) THEN
+    RETURN NULL;
+  ELSIF fed_at IS NULL THEN
+    RETURN format('never refreshed (bound %s s)', bound);
+  END IF;
+  RETURN format('%s s old (bound %s s)', floor(extract(epoch FROM pg_catalog.now() - fed_at)), bound);
+END
 $$;
 
 -- How the run-ops store's tenant mirror is fed and how fresh it is (`runops doctor`, metrics):
