@@ -278,3 +278,12 @@ def test_env_list_runs_ls_and_purge(cli: Cli, client: RunOps, make_env) -> None:
     assert code == 0 and set(json.loads(out)["purged"]) == {"CONTROL_PLANE", "RUN_OPS"}
     code, _, err = run(cli, "purge", "--older-than", "soon")
     assert code == 16 and err.count("\n") == 1  # RO006: one line
+
+
+def test_migrate_check_of_a_store_that_cannot_be_reached_exits_19_not_1() -> None:
+    """Found by the runbook's author: a connection failure outside the client exited 1."""
+    dead = "postgresql://postgres@127.0.0.1:1/runops?connect_timeout=2"
+    code, _, err = run(None, "migrate", "--check", "--control-plane-url", dead)
+    assert code == 19, err
+    using, error = err.strip().splitlines()  # which database it looked at, then one error line
+    assert using.startswith("using control plane") and error.startswith("error: ")

@@ -25,7 +25,7 @@ import psycopg
 from runops import ids
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.dev_stores import default_home
-from runops.errors import NotFound, RunOpsError, StoreUnavailable
+from runops.errors import NotFound, RunOpsError, StoreUnavailable, is_connection_failure
 from runops.models import FINAL_STATUSES, Run
 
 from . import migrate as migrations
@@ -69,7 +69,9 @@ def reports_errors(fn: F) -> F:
             report_error(err.message, exit_code(err), err.sqlstate)
         except psycopg.Error as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            report_error(first, 1)
+            # A store that cannot be reached is "unavailable" (19, as RO009), whichever command
+            # met it, never a generic failure: scripts retry on 19.
+            report_error(first, 19 if is_connection_failure(err) else 1)
 
     return cast(F, wrapper)
 
