@@ -219,6 +219,29 @@ AS $$
   SELECT coalesce(fed_at >= pg_catalog.now() - pg_catalog.make_interval(secs => bound_seconds), false)
 $$;
 
+-- When the mirror was last fed: the newer of the control plane's tick as replication delivered
+-- it and this store's last pull (NULL: never). load_environment reads the same inside its own
+-- query, which is the hot path.
+CREATE OR REPLACE FUNCTION runops.mirror_fed_at()
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN (SELECT max(b.beat_at) FROM heartbeats AS b WHERE b.source IN ('control_plane_tick', 'mirror_pull'));
+END
+$$;
+
+-- Whether this database subscribes to the control plane's tenant tables (enabled or not).
+CREATE OR REPLACE FUNCTION runops.mirror_subscribed()
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  RETURN EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
+                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database()));
+END
+$$;
+
 -- NULL while the run-ops store's tenant mirror is within the freshness bound
 -- (store_config.mirror_freshness_seconds); otherwise how stale it is, in words for RO009. The
 -- mirror is as fresh as the newer of two heartbeats: the control plane's tick as replication
@@ -233,7 +256,7 @@ DECLARE
   fed_at timestamptz;
   bound integer;
 BEGIN
-  SELECT max(b.beat_at) INTO fed_at FROM heartbeats AS b WHERE b.source IN ('control_plane_tick', 'mirror_pull');
+  fed_at := mirror_fed_at();
   SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
   IF mirror_within_bound(fed_at, bound) THEN
     RETURN NULL;
@@ -346,8 +369,7 @@ BEGIN
   IF local_residency() <> 'NEW' OR NOT peer_wired() THEN
     RETURN 0;
   END IF;
-  IF EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
-             AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+  IF mirror_subscribed() THEN
     UPDATE organizations AS o SET slug = p.slug, title = p.title, mint_kind = p.mint_kind,
       runs_enabled = p.runs_enabled, updated_at = p.updated_at
     FROM runops_peer.organizations AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;

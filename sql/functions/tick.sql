@@ -244,11 +244,9 @@ BEGIN
   IF local_residency() <> 'NEW' THEN
     RETURN 0;
   END IF;
-  IF EXISTS (SELECT FROM heartbeats AS h, store_config AS c
-             WHERE h.source IN ('control_plane_tick', 'mirror_pull')
-               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => least(10, c.mirror_freshness_seconds / 3.0)))
-     AND EXISTS (SELECT FROM pg_subscription AS s WHERE s.subname = 'runops_mirror'
-                 AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())) THEN
+  IF mirror_subscribed()
+     AND mirror_fed_at() > pg_catalog.now() - pg_catalog.make_interval(
+           secs => (SELECT least(10, c.mirror_freshness_seconds / 3.0) FROM store_config AS c)) THEN
     RETURN 0;
   END IF;
   RETURN pull_tenant_mirror();

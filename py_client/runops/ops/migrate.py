@@ -343,14 +343,22 @@ def _fdw_login_role(conn: psycopg.Connection[Any]) -> tuple[str, str]:
     password. One login per database — runops_fdw_<database> — so rewiring one store never
     invalidates the mapping of another database that reads from the same cluster. It inherits
     its (read-only) privileges from runops_fdw."""
+    role, password = _database_login(conn, "runops_fdw", "LOGIN")
+    conn.execute(sql.SQL("GRANT runops_fdw TO {}").format(sql.Identifier(role)))
+    return role, password
+
+
+def _database_login(conn: psycopg.Connection[Any], prefix: str, attributes: str) -> tuple[str, str]:
+    """(Re)creates the login ``<prefix>_<this database>`` with ``attributes`` and a fresh
+    password; returns both. Per database, so rewiring one database never breaks another's."""
     row = conn.execute("SELECT current_database()").fetchone()
     assert row is not None
-    role = f"runops_fdw_{row[0]}"[:63]
+    role = f"{prefix}_{row[0]}"[:63]
     password = secrets.token_urlsafe(24)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
     verb = "ALTER" if exists else "CREATE"
-    conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
-    conn.execute(sql.SQL("GRANT runops_fdw TO {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL(f"{verb} ROLE {{}} {attributes} PASSWORD {{}}").format(sql.Identifier(role),
+                                                                              sql.Literal(password)))
     return role, password
 
 
@@ -411,14 +419,7 @@ def _mirror_login_role(cp: psycopg.Connection[Any], mirrored: list[str]) -> dict
     """(Re)creates runops_mirror_<database> on the control plane, with a fresh password: the
     login the subscription replicates as. REPLICATION and SELECT on the published tables (the
     initial copy) and nothing else."""
-    row = cp.execute("SELECT current_database()").fetchone()
-    assert row is not None
-    role = f"runops_mirror_{row[0]}"[:63]
-    password = secrets.token_urlsafe(24)
-    exists = cp.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
-    verb = "ALTER" if exists else "CREATE"
-    cp.execute(sql.SQL(verb + " ROLE {} LOGIN REPLICATION PASSWORD {}").format(sql.Identifier(role),
-                                                                               sql.Literal(password)))
+    role, password = _database_login(cp, "runops_mirror", "LOGIN REPLICATION")
     cp.execute(sql.SQL("GRANT USAGE ON SCHEMA runops TO {}").format(sql.Identifier(role)))
     cp.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
         sql.SQL(", ").join(sql.Identifier("runops", t) for t in mirrored), sql.Identifier(role)))
