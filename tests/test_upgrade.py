@@ -369,7 +369,7 @@ def app_conn(upgraded: Upgraded) -> Iterator[dict[str, psycopg.Connection[Any]]]
 
 def test_both_stores_are_at_head_and_rewired(upgraded: Upgraded) -> None:
     for store, url in upgraded.admin.items():
-        assert migrate.current_revision(store, url) == migrate.head_revision(store, url) == "0003"
+        assert migrate.current_revision(store, url) == migrate.head_revision(store, url) == "0004"
         with psycopg.connect(url) as conn:
             row = conn.execute("""
                 SELECT runops.peer_wired(), to_regclass('runops_peer.idempotency_claims') IS NOT NULL,
@@ -529,9 +529,9 @@ def test_downgrade_of_a_delta_revision_is_refused_and_leaves_the_store_at_head(u
                                                                                  store: str) -> None:
     url = upgraded.admin[store]
     before = function_definitions(url)
-    with pytest.raises(NotImplementedError, match="r0003_freshness is not reversible in place"):
-        command.downgrade(migrate.alembic_config(store, url), "0002")
-    assert migrate.current_revision(store, url) == "0003"
+    with pytest.raises(NotImplementedError, match="r0004_speed is not reversible in place"):
+        command.downgrade(migrate.alembic_config(store, url), "0003")
+    assert migrate.current_revision(store, url) == "0004"
     assert function_definitions(url) == before
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT to_regclass('runops.idempotency_claims') IS NOT NULL").fetchone() == (True,)

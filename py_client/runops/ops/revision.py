@@ -95,7 +95,7 @@ def downgrade() -> None:
 '''
 
 # Revisions that have shipped: their text never changes again (add a new revision instead).
-RELEASED = {"r0001_foundation", "r0002_seam"}
+RELEASED = {"r0001_foundation", "r0002_seam", "r0003_freshness"}
 
 HISTORIES = {"CONTROL_PLANE": ("control_plane", "control plane"), "RUN_OPS": ("run_ops", "run-ops store")}
 
