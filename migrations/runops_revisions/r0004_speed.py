@@ -765,24 +765,31 @@ BEGIN
 END
 $$;
 
+-- Whether a JSON value is within the smallest limits any store may configure (64 KiB
+-- serialized, 32 levels): then no store's limit is crossed and store_config need not be read.
+-- Inlined SQL, so trigger_run's fast path holds it as a predicate.
+CREATE OR REPLACE FUNCTION runops.payload_within_smallest_limits(value jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT octet_length(value::text) <= 65536
+         AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")')
+$$;
+
 CREATE OR REPLACE FUNCTION runops.check_json_bounds(value jsonb, what text)
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-  bytes integer;
 BEGIN
   IF value IS NULL THEN
     RETURN;
   END IF;
   -- The conversion is the cost (about as much as writing the value); no bound on the stored
   -- jsonb size can replace it: a 10-byte numeric 1e100000 prints as 100001 digits.
-  bytes := octet_length(value::text);
-  IF bytes <= 65536
-     AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")') THEN
+  IF payload_within_smallest_limits(value) THEN
     RETURN;
   END IF;
-  PERFORM check_json_limits(value, bytes, what);
+  PERFORM check_json_limits(value, octet_length(value::text), what);
 END
 $$;
 
@@ -1609,27 +1616,17 @@ BEGIN
         END IF;
       END IF;
     END IF;
-    INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
-      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
-      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
-    VALUES (
-      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
-      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
-      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
-      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
-      CASE WHEN key_hash IS NOT NULL THEN
-        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
-      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
-      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
-      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
-      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
-      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
-      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
-      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
-    ON CONFLICT DO NOTHING;
+    IF key_hash IS NULL AND spec.run_id IS NULL THEN
+      -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
+      INSERT INTO runs
+      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+                            create_run.error, NULL, ts);
+    ELSE
+      INSERT INTO runs
+      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+                            create_run.error, key_hash, ts)
+      ON CONFLICT DO NOTHING;
+    END IF;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
       IF spec.resume_parent_on_completion THEN
@@ -2802,12 +2799,49 @@ BEGIN
 END
 $$;
 
--- One fresh id of this store's shape.
+-- One fresh id of this store's shape. PL/pgSQL, not a SQL CASE: PostgreSQL prepares every
+-- branch of an expression in each transaction, and the cuid branch alone cost 25 us there.
 CREATE OR REPLACE FUNCTION runops.mint_id()
 RETURNS text
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
-  SELECT CASE WHEN runops.local_residency() = 'NEW' THEN runops.generate_ksuid() ELSE runops.generate_cuid() END
+BEGIN
+  IF local_residency() = 'NEW' THEN
+    RETURN next_ksuid();
+  END IF;
+  RETURN generate_cuid();
+END
+$$;
+
+-- The KSUID a new run gets: cheap per call, because a session keeps what it minted last.
+-- generate_ksuid costs ~70 us at the top of a transaction (PL/pgSQL builds its ~30 expression
+-- nodes again in every transaction), a quarter of a trigger. So once per second (and once per
+-- 62^4 ids) a session mints a real KSUID and keeps its first 23 characters; each id then is that
+-- prefix and 4 base62 digits of a counter that starts at a random offset. The ids stay
+-- KSUID-shaped, time-ordered to the second, unique (sessions differ in ~100 random bits of the
+-- prefix) and below the maximum; what they give up is that ids of one session and second are
+-- neighbours, not independent draws (docs/decisions.md, "How much randomness an id keeps").
+-- The state lives in a session setting: '<epoch second>:<prefix>:<next counter>'.
+CREATE OR REPLACE FUNCTION runops.next_ksuid()
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  state text := pg_catalog.current_setting('runops.ksuid_state', true);
+  second text := pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint::text;
+  counter bigint;
+BEGIN
+  IF state IS NULL OR pg_catalog.split_part(state, ':', 1) <> second
+     OR pg_catalog.split_part(state, ':', 3)::bigint >= 14776336 THEN                  -- 62^4
+    -- A fresh prefix; the counter starts low enough to leave a million ids of room.
+    state := second || ':' || pg_catalog.left(runops.generate_ksuid(), 23) || ':'
+             || pg_catalog.floor(pg_catalog.random() * 13776336)::bigint;
+  END IF;
+  counter := pg_catalog.split_part(state, ':', 3)::bigint;
+  PERFORM pg_catalog.set_config('runops.ksuid_state',
+                                pg_catalog.left(state, pg_catalog.length(second) + 25) || (counter + 1), false);
+  RETURN pg_catalog.substr(state, pg_catalog.length(second) + 2, 23) || runops.base62_digits4(counter);
+END
 $$;
 
 -- n fresh ids of this store's shape, in ascending byte order, for one chunk of a batch.
@@ -3035,13 +3069,8 @@ BEGIN
      OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
          AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
          AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+    spec := no_options();
     spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := default_idempotency_key_ttl();
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := default_max_attempts();
-    spec.metadata := '{}';
     RETURN spec;
   END IF;
   IF (o - allowed) <> '{}'::jsonb THEN
@@ -3384,6 +3413,58 @@ BEGIN
                  LIMIT n FOR UPDATE SKIP LOCKED);
   RETURN purged;
 END
+$$;
+
+-- sql/functions/run_rows.sql
+-- The one run-row builder: what a new run's row holds, for every writer of new runs (the
+-- root fast path of trigger_run, create_run, batch items). Writers insert its row as is:
+--   INSERT INTO runs SELECT * FROM new_run(...)
+-- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
+-- folds what is constant there (a root without options costs no call at all); its row type is
+-- the table's, so its columns cannot drift from the table's order.
+--
+--   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
+--   key_hash      the dedup key the run holds (NULL: none, and the spec's key is not stored)
+--   at            the caller's runops.now(), read once
+CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
+                                          task_identifier text, payload jsonb, spec runops.trigger_spec,
+                                          status text, error jsonb, key_hash text, at timestamptz)
+RETURNS SETOF runops.runs
+LANGUAGE sql STABLE
+AS $$
+  SELECT id, env.id, env.project_id, env.organization_id, task_identifier, status,
+         coalesce(payload, '{}'::jsonb), NULL::jsonb, error,
+         coalesce(spec.metadata, '{}'::jsonb), coalesce(spec.tags, '{}'::text[]),
+         coalesce(spec.queue, 'task/' || task_identifier), spec.concurrency_key,
+         CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+         -- With no parent every scope acts as global, and says so.
+         CASE WHEN key_hash IS NOT NULL THEN
+           CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
+         END,
+         CASE WHEN key_hash IS NOT NULL
+              THEN at + coalesce(spec.idempotency_key_ttl, runops.default_idempotency_key_ttl()) END,
+         spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+         coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
+         spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
+         CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,
+         spec.dev_session_id,
+         NULL::text, NULL::interval, NULL::timestamptz, NULL::timestamptz,           -- no lease, no retry
+         CASE WHEN status = 'PENDING' THEN at + spec.ttl END,                         -- ttl_expires_at
+         NULL::timestamptz, NULL::text,                                               -- no deadline, not suspended
+         CASE WHEN status = 'PENDING' THEN at END,                                    -- queued_at
+         NULL::timestamptz,                                                           -- started_at
+         CASE WHEN status = 'SYSTEM_FAILURE' THEN at END,                             -- completed_at
+         NULL::timestamptz, at, at                                                    -- expired_at, created, updated
+$$;
+
+-- The options of a run that passed none (what parse_trigger_options answers for '{}'), as a
+-- constant the planner folds into new_run.
+CREATE OR REPLACE FUNCTION runops.no_options()
+RETURNS runops.trigger_spec
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ROW(NULL, 'run', runops.default_idempotency_key_ttl(), NULL, NULL, false, NULL, NULL, NULL, NULL, NULL,
+             '{}'::text[], runops.default_max_attempts(), '{}'::jsonb, NULL, NULL, NULL, NULL)::runops.trigger_spec
 $$;
 
 -- sql/functions/split.sql
@@ -4673,9 +4754,47 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  admitted record := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
-                               trigger_run.options, NULL, NULL);
+  admitted record;
+  ts timestamptz;
 BEGIN
+  -- The common call, a root run without options, in one statement: its WHERE holds every check
+  -- of admit_run that can pass without an error (valid input; the environment found, usable and
+  -- in a fresh mirror; its roots living in this store). On any miss nothing is written and the
+  -- full path below raises the error in the SPEC's order. A fresh id conflicts with nothing, so
+  -- a plain INSERT (ON CONFLICT would cost a speculative-insert WAL record per run).
+  IF trigger_run.options = '{}'::jsonb THEN
+    ts := now();
+    INSERT INTO runs
+    SELECT n.*
+    FROM runtime_environments AS e
+    JOIN projects AS p ON p.id = e.project_id
+    JOIN organizations AS o ON o.id = e.organization_id
+    CROSS JOIN split_settings AS st
+    CROSS JOIN LATERAL (SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+                                   p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind,
+                                   e.maximum_concurrency_limit, e.notifications, st.enabled, st.ever_enabled,
+                                   st.default_mint_kind)::environment_context AS ctx) AS x
+    CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
+                               x.ctx, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+                               'PENDING', NULL, NULL, ts) AS n
+    WHERE e.id = trigger_run.environment_id
+      AND task_identifier_is_valid(trigger_run.task_identifier)
+      AND (trigger_run.payload IS NULL OR payload_within_smallest_limits(trigger_run.payload))
+      AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
+      AND root_residency(x.ctx) = local_residency()
+      AND (local_residency() = 'LEGACY'
+           OR EXISTS (SELECT FROM heartbeats AS b CROSS JOIN store_config AS c
+                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')
+                        AND mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
+    RETURNING 'run_' || runs.id, false, runs.status, local_residency()
+    INTO run_id, is_cached, status, residency;
+    IF FOUND THEN
+      RETURN NEXT;
+      RETURN;
+    END IF;
+  END IF;
+  admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                        trigger_run.options, NULL, NULL);
   run_id := admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;

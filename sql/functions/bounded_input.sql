@@ -51,24 +51,31 @@ BEGIN
 END
 $$;
 
+-- Whether a JSON value is within the smallest limits any store may configure (64 KiB
+-- serialized, 32 levels): then no store's limit is crossed and store_config need not be read.
+-- Inlined SQL, so trigger_run's fast path holds it as a predicate.
+CREATE OR REPLACE FUNCTION runops.payload_within_smallest_limits(value jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT octet_length(value::text) <= 65536
+         AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")')
+$$;
+
 CREATE OR REPLACE FUNCTION runops.check_json_bounds(value jsonb, what text)
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-  bytes integer;
 BEGIN
   IF value IS NULL THEN
     RETURN;
   END IF;
   -- The conversion is the cost (about as much as writing the value); no bound on the stored
   -- jsonb size can replace it: a 10-byte numeric 1e100000 prints as 100001 digits.
-  bytes := octet_length(value::text);
-  IF bytes <= 65536
-     AND NOT jsonb_path_exists(value, 'strict $.**{32} ? (@.type() == "array" || @.type() == "object")') THEN
+  IF payload_within_smallest_limits(value) THEN
     RETURN;
   END IF;
-  PERFORM check_json_limits(value, bytes, what);
+  PERFORM check_json_limits(value, octet_length(value::text), what);
 END
 $$;
 

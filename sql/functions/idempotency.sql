@@ -157,27 +157,17 @@ BEGIN
         END IF;
       END IF;
     END IF;
-    INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, error,
-      metadata, tags, queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-      idempotency_key_expires_at, parent_run_id, parent_attempt_number, root_run_id, depth,
-      resume_parent_on_completion, batch_id, batch_index, max_attempts, delay_until, ttl, max_duration,
-      dev_session_id, queued_at, ttl_expires_at, completed_at, created_at, updated_at)
-    VALUES (
-      new_id, env.id, env.project_id, env.organization_id, create_run.task_identifier, run_status,
-      coalesce(create_run.payload, '{}'), create_run.error, spec.metadata, spec.tags,
-      coalesce(spec.queue, 'task/' || create_run.task_identifier), spec.concurrency_key,
-      CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
-      CASE WHEN key_hash IS NOT NULL THEN
-        CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE spec.idempotency_key_scope END END,
-      CASE WHEN key_hash IS NOT NULL THEN ts + spec.idempotency_key_ttl END,
-      spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
-      coalesce(parent.depth + 1, 0), spec.resume_parent_on_completion, spec.batch_id, spec.batch_index,
-      spec.max_attempts, CASE WHEN run_status = 'DELAYED' THEN spec.delay_until END, spec.ttl,
-      spec.max_duration, spec.dev_session_id, CASE WHEN run_status = 'PENDING' THEN ts END,
-      CASE WHEN run_status = 'PENDING' THEN ts + spec.ttl END,
-      CASE WHEN run_status = 'SYSTEM_FAILURE' THEN ts END, ts, ts)
-    ON CONFLICT DO NOTHING;
+    IF key_hash IS NULL AND spec.run_id IS NULL THEN
+      -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
+      INSERT INTO runs
+      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+                            create_run.error, NULL, ts);
+    ELSE
+      INSERT INTO runs
+      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+                            create_run.error, key_hash, ts)
+      ON CONFLICT DO NOTHING;
+    END IF;
     IF FOUND THEN
       run_id := 'run_' || new_id; is_cached := false; status := run_status;
       IF spec.resume_parent_on_completion THEN

@@ -196,13 +196,8 @@ BEGIN
      OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
          AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
          AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+    spec := no_options();
     spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
-    spec.idempotency_key_scope := 'run';
-    spec.idempotency_key_ttl := default_idempotency_key_ttl();
-    spec.resume_parent_on_completion := false;
-    spec.tags := '{}';
-    spec.max_attempts := default_max_attempts();
-    spec.metadata := '{}';
     RETURN spec;
   END IF;
   IF (o - allowed) <> '{}'::jsonb THEN

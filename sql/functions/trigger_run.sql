@@ -117,9 +117,47 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  admitted record := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
-                               trigger_run.options, NULL, NULL);
+  admitted record;
+  ts timestamptz;
 BEGIN
+  -- The common call, a root run without options, in one statement: its WHERE holds every check
+  -- of admit_run that can pass without an error (valid input; the environment found, usable and
+  -- in a fresh mirror; its roots living in this store). On any miss nothing is written and the
+  -- full path below raises the error in the SPEC's order. A fresh id conflicts with nothing, so
+  -- a plain INSERT (ON CONFLICT would cost a speculative-insert WAL record per run).
+  IF trigger_run.options = '{}'::jsonb THEN
+    ts := now();
+    INSERT INTO runs
+    SELECT n.*
+    FROM runtime_environments AS e
+    JOIN projects AS p ON p.id = e.project_id
+    JOIN organizations AS o ON o.id = e.organization_id
+    CROSS JOIN split_settings AS st
+    CROSS JOIN LATERAL (SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+                                   p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind,
+                                   e.maximum_concurrency_limit, e.notifications, st.enabled, st.ever_enabled,
+                                   st.default_mint_kind)::environment_context AS ctx) AS x
+    CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
+                               x.ctx, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+                               'PENDING', NULL, NULL, ts) AS n
+    WHERE e.id = trigger_run.environment_id
+      AND task_identifier_is_valid(trigger_run.task_identifier)
+      AND (trigger_run.payload IS NULL OR payload_within_smallest_limits(trigger_run.payload))
+      AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
+      AND root_residency(x.ctx) = local_residency()
+      AND (local_residency() = 'LEGACY'
+           OR EXISTS (SELECT FROM heartbeats AS b CROSS JOIN store_config AS c
+                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')
+                        AND mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
+    RETURNING 'run_' || runs.id, false, runs.status, local_residency()
+    INTO run_id, is_cached, status, residency;
+    IF FOUND THEN
+      RETURN NEXT;
+      RETURN;
+    END IF;
+  END IF;
+  admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                        trigger_run.options, NULL, NULL);
   run_id := admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;

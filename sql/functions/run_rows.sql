@@ -1,0 +1,50 @@
+-- The one run-row builder: what a new run's row holds, for every writer of new runs (the
+-- root fast path of trigger_run, create_run, batch items). Writers insert its row as is:
+--   INSERT INTO runs SELECT * FROM new_run(...)
+-- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
+-- folds what is constant there (a root without options costs no call at all); its row type is
+-- the table's, so its columns cannot drift from the table's order.
+--
+--   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
+--   key_hash      the dedup key the run holds (NULL: none, and the spec's key is not stored)
+--   at            the caller's runops.now(), read once
+CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
+                                          task_identifier text, payload jsonb, spec runops.trigger_spec,
+                                          status text, error jsonb, key_hash text, at timestamptz)
+RETURNS SETOF runops.runs
+LANGUAGE sql STABLE
+AS $$
+  SELECT id, env.id, env.project_id, env.organization_id, task_identifier, status,
+         coalesce(payload, '{}'::jsonb), NULL::jsonb, error,
+         coalesce(spec.metadata, '{}'::jsonb), coalesce(spec.tags, '{}'::text[]),
+         coalesce(spec.queue, 'task/' || task_identifier), spec.concurrency_key,
+         CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+         -- With no parent every scope acts as global, and says so.
+         CASE WHEN key_hash IS NOT NULL THEN
+           CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
+         END,
+         CASE WHEN key_hash IS NOT NULL
+              THEN at + coalesce(spec.idempotency_key_ttl, runops.default_idempotency_key_ttl()) END,
+         spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+         coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
+         spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
+         CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,
+         spec.dev_session_id,
+         NULL::text, NULL::interval, NULL::timestamptz, NULL::timestamptz,           -- no lease, no retry
+         CASE WHEN status = 'PENDING' THEN at + spec.ttl END,                         -- ttl_expires_at
+         NULL::timestamptz, NULL::text,                                               -- no deadline, not suspended
+         CASE WHEN status = 'PENDING' THEN at END,                                    -- queued_at
+         NULL::timestamptz,                                                           -- started_at
+         CASE WHEN status = 'SYSTEM_FAILURE' THEN at END,                             -- completed_at
+         NULL::timestamptz, at, at                                                    -- expired_at, created, updated
+$$;
+
+-- The options of a run that passed none (what parse_trigger_options answers for '{}'), as a
+-- constant the planner folds into new_run.
+CREATE OR REPLACE FUNCTION runops.no_options()
+RETURNS runops.trigger_spec
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ROW(NULL, 'run', runops.default_idempotency_key_ttl(), NULL, NULL, false, NULL, NULL, NULL, NULL, NULL,
+             '{}'::text[], runops.default_max_attempts(), '{}'::jsonb, NULL, NULL, NULL, NULL)::runops.trigger_spec
+$$;
