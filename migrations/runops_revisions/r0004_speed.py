@@ -3048,6 +3048,20 @@ BEGIN
 END
 $$;
 
+-- Options that are exactly one valid idempotency key: the common keyed trigger, which
+-- parse_trigger_options and trigger_run's fast path take without the other checks.
+CREATE OR REPLACE FUNCTION runops.only_a_valid_key(options jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  -- CASE, not AND: deleting a key from a non-object raises, and AND does not promise an order.
+  SELECT CASE WHEN jsonb_typeof(options) = 'object'
+              THEN options - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(options -> 'idempotency_key') = 'string'
+                   AND length(options ->> 'idempotency_key') BETWEEN 1 AND 2048
+                   AND octet_length(options ->> 'idempotency_key') <= runops.max_index_text_bytes()
+              ELSE false END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
 RETURNS runops.trigger_spec
 LANGUAGE plpgsql STABLE
@@ -3065,10 +3079,7 @@ DECLARE
     'dev_session_id'];
 BEGIN
   -- The common cases, no options at all or only a valid key, skip every check below.
-  IF o = '{}'::jsonb
-     OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-         AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
-         AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+  IF o = '{}'::jsonb OR only_a_valid_key(o) THEN
     spec := no_options();
     spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
     RETURN spec;
@@ -4747,6 +4758,36 @@ BEGIN
 END
 $$;
 
+-- The environment a root run without anchors is admitted into, when every check of admit_run
+-- passes: a valid task identifier and a payload within the smallest limits (validate_new_run;
+-- options are the caller's to check), the environment found in a fresh mirror
+-- (load_environment's rule), usable (require_usable), its roots living in this store
+-- (decide_residency). No row when any check fails: the caller then takes admit_run, which
+-- names the failure. Inlined SQL, so it costs no call of its own.
+CREATE OR REPLACE FUNCTION runops.root_admission(environment_id text, task_identifier text, payload jsonb)
+RETURNS SETOF runops.environment_context
+LANGUAGE sql STABLE
+AS $$
+  SELECT (x.ctx).*
+  FROM runops.runtime_environments AS e
+  JOIN runops.projects AS p ON p.id = e.project_id
+  JOIN runops.organizations AS o ON o.id = e.organization_id
+  CROSS JOIN runops.split_settings AS st
+  CROSS JOIN LATERAL (SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
+                                 p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind,
+                                 e.maximum_concurrency_limit, e.notifications, st.enabled, st.ever_enabled,
+                                 st.default_mint_kind)::runops.environment_context AS ctx) AS x
+  WHERE e.id = root_admission.environment_id
+    AND runops.task_identifier_is_valid(root_admission.task_identifier)
+    AND (root_admission.payload IS NULL OR runops.payload_within_smallest_limits(root_admission.payload))
+    AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
+    AND runops.root_residency(x.ctx) = runops.local_residency()
+    AND (runops.local_residency() = 'LEGACY'
+         OR EXISTS (SELECT FROM runops.heartbeats AS b CROSS JOIN runops.store_config AS c
+                    WHERE b.source IN ('control_plane_tick', 'mirror_pull')
+                      AND runops.mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
+$$;
+
 CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
                                               payload jsonb DEFAULT '{}', options jsonb DEFAULT '{}')
 RETURNS TABLE (run_id text, is_cached boolean, status text, residency text)
@@ -4756,39 +4797,39 @@ AS $$
 DECLARE
   admitted record;
   ts timestamptz;
+  spec trigger_spec;
+  env environment_context;
 BEGIN
-  -- The common call, a root run without options, in one statement: its WHERE holds every check
-  -- of admit_run that can pass without an error (valid input; the environment found, usable and
-  -- in a fresh mirror; its roots living in this store). On any miss nothing is written and the
-  -- full path below raises the error in the SPEC's order. A fresh id conflicts with nothing, so
-  -- a plain INSERT (ON CONFLICT would cost a speculative-insert WAL record per run).
+  -- The common calls, a root run without options or with only a key, skip admit_run's chain of
+  -- checks: root_admission holds every one of them that can pass without an error, as
+  -- predicates of one query. On any miss nothing was written and the full path below raises the
+  -- error in the SPEC's order. Without a key the run is one statement; a fresh id conflicts with
+  -- nothing, so a plain INSERT (ON CONFLICT costs a speculative-insert WAL record per run).
   IF trigger_run.options = '{}'::jsonb THEN
     ts := now();
     INSERT INTO runs
     SELECT n.*
-    FROM runtime_environments AS e
-    JOIN projects AS p ON p.id = e.project_id
-    JOIN organizations AS o ON o.id = e.organization_id
-    CROSS JOIN split_settings AS st
-    CROSS JOIN LATERAL (SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
-                                   p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind,
-                                   e.maximum_concurrency_limit, e.notifications, st.enabled, st.ever_enabled,
-                                   st.default_mint_kind)::environment_context AS ctx) AS x
+    FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload) AS admitted_env
     CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
-                               x.ctx, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+                               admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
                                'PENDING', NULL, NULL, ts) AS n
-    WHERE e.id = trigger_run.environment_id
-      AND task_identifier_is_valid(trigger_run.task_identifier)
-      AND (trigger_run.payload IS NULL OR payload_within_smallest_limits(trigger_run.payload))
-      AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
-      AND root_residency(x.ctx) = local_residency()
-      AND (local_residency() = 'LEGACY'
-           OR EXISTS (SELECT FROM heartbeats AS b CROSS JOIN store_config AS c
-                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')
-                        AND mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
     IF FOUND THEN
+      RETURN NEXT;
+      RETURN;
+    END IF;
+  ELSIF only_a_valid_key(trigger_run.options) THEN
+    -- A root with only a key: the same checks in one query, then the idempotency engine.
+    spec := no_options();
+    spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
+    SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
+    IF FOUND THEN
+      admitted := create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+      run_id := admitted.run_id;
+      is_cached := admitted.is_cached;
+      status := admitted.status;
+      residency := admitted.residency;
       RETURN NEXT;
       RETURN;
     END IF;

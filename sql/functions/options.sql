@@ -175,6 +175,20 @@ BEGIN
 END
 $$;
 
+-- Options that are exactly one valid idempotency key: the common keyed trigger, which
+-- parse_trigger_options and trigger_run's fast path take without the other checks.
+CREATE OR REPLACE FUNCTION runops.only_a_valid_key(options jsonb)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  -- CASE, not AND: deleting a key from a non-object raises, and AND does not promise an order.
+  SELECT CASE WHEN jsonb_typeof(options) = 'object'
+              THEN options - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(options -> 'idempotency_key') = 'string'
+                   AND length(options ->> 'idempotency_key') BETWEEN 1 AND 2048
+                   AND octet_length(options ->> 'idempotency_key') <= runops.max_index_text_bytes()
+              ELSE false END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.parse_trigger_options(options jsonb)
 RETURNS runops.trigger_spec
 LANGUAGE plpgsql STABLE
@@ -192,10 +206,7 @@ DECLARE
     'dev_session_id'];
 BEGIN
   -- The common cases, no options at all or only a valid key, skip every check below.
-  IF o = '{}'::jsonb
-     OR (o - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(o -> 'idempotency_key') = 'string'
-         AND length(o ->> 'idempotency_key') BETWEEN 1 AND 2048
-         AND octet_length(o ->> 'idempotency_key') <= max_index_text_bytes()) THEN
+  IF o = '{}'::jsonb OR only_a_valid_key(o) THEN
     spec := no_options();
     spec.idempotency_key := o ->> 'idempotency_key';  -- NULL without options
     RETURN spec;
