@@ -94,7 +94,7 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
   IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 200 THEN
-    PERFORM raise_error('RO006', format('page_size must be 1 to 200, got %s', quote_nullable(page_size)));
+    PERFORM raise_invalid('page_size', '1 to 200', quote_nullable(page_size));
   END IF;
   RETURN page_size;
 END
