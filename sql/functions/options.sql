@@ -169,6 +169,9 @@ BEGIN
      OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
     PERFORM raise_invalid('option ' || key, 'a non-empty array of strings');
   END IF;
+  IF value IS NULL THEN
+    RETURN NULL;  -- not given: no filter at all, where '{}' would match nothing
+  END IF;
   RETURN ARRAY(SELECT jsonb_array_elements_text(value));
 END
 $$;
