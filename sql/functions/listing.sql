@@ -82,6 +82,8 @@ BEGIN
     IF result.batch_id IS NULL THEN
       PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
     END IF;
+    -- Friendly on purpose: it is compared with run_view.batch_id as a plain column = parameter,
+    -- which postgres_fdw ships to the other store's view (docs/listing.md).
     result.batch_id := 'batch_' || result.batch_id;
   END IF;
   RETURN result;
