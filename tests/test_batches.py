@@ -4,7 +4,6 @@ inheritance, completion, seal timeouts, and concurrent streams."""
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any
 
 import psycopg
@@ -12,6 +11,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from runops.client import CONTROL_PLANE, RunOps
+from tests.concurrent_calls import race
 from tests.conftest import Stores, sqlstate_of
 from tests.lifecycle_helpers import T0, call, one, run_to_executing, set_clock, status, trigger
 
@@ -235,25 +235,15 @@ def test_two_clients_streaming_one_batch_create_each_index_once(stores: Stores, 
     b = one(conn, "create_batch", env_id, 40, {})["batch_id"]
     chunks = [[{"task": f"t{i}"} for i in range(start, start + 10)] for start in range(0, 40, 10)]
     conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(2)]
-    barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
 
     def stream(c: psycopg.Connection) -> None:
-        barrier.wait()
-        try:
-            for n, chunk in enumerate(chunks):
-                c.execute("SELECT * FROM runops.append_batch_items(%s, %s, %s)", [b, n * 10, Jsonb(chunk)])
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
+        for n, chunk in enumerate(chunks):
+            c.execute("SELECT * FROM runops.append_batch_items(%s, %s, %s)", [b, n * 10, Jsonb(chunk)])
 
-    threads = [threading.Thread(target=stream, args=(c,)) for c in conns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = race([lambda c=c: stream(c) for c in conns])
     for c in conns:
         c.close()
-    assert errors == []
+    assert not [r for r in results if isinstance(r, BaseException)], results
     got = one(conn, "get_batch", b)
     assert got["item_count"] == 40 and len(set(got["run_ids"])) == 40
     with psycopg.connect(stores.admin[store]) as admin:
@@ -271,23 +261,10 @@ def test_concurrent_batches_sharing_item_keys_create_one_run_per_key(stores: Sto
                                                                       conn) -> None:
     keys = [f"shared-{i}" for i in range(30)]
     conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(8)]
-    barrier = threading.Barrier(8)
-    results: list[Any] = [None] * 8
-
-    def go(i: int) -> None:
-        items = [{"task": "t", "options": {"idempotency_key": k}} for k in keys] + [{"task": "mine"}]
-        barrier.wait()
-        try:
-            results[i] = conns[i].execute("SELECT * FROM runops.batch_trigger(%s, %s)",
+    items = [{"task": "t", "options": {"idempotency_key": k}} for k in keys] + [{"task": "mine"}]
+    results = race([lambda c=c: c.execute("SELECT * FROM runops.batch_trigger(%s, %s)",
                                           [env_id, Jsonb(items)]).fetchone()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            results[i] = exc
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+                    for c in conns])
     for c in conns:
         c.close()
     assert not [r for r in results if isinstance(r, BaseException)], results

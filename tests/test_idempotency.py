@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ from psycopg.types.json import Jsonb
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ids import generate_ksuid
+from tests.concurrent_calls import race
 from tests.conftest import Env, Stores
 
 DEAD_STATUSES = ["INTERRUPTED", "COMPLETED_WITH_ERRORS", "SYSTEM_FAILURE", "CRASHED", "TIMED_OUT", "EXPIRED"]
@@ -139,33 +139,13 @@ def test_client_reset_clears_both_stores_and_strips_nul_bytes(client: RunOps, ma
     assert client.reset_idempotency_key(env.environment_id, "t", "a\x00b", scope="global") == 1
 
 
-def race(n: int, fn: Callable[[int], Any]) -> list[Any]:
-    """Runs fn(i) on n threads released together; returns results (or raised exceptions)."""
-    barrier = threading.Barrier(n)
-    results: list[Any] = [None] * n
-
-    def body(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001 - collected and asserted on by the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
 @pytest.mark.parametrize("round_", range(3))
 def test_32_connections_triggering_one_key_create_exactly_one_run(where, stores: Stores, round_: int) -> None:
     env, conn = where
     store = CONTROL_PLANE if conn.info.port == stores.local.clusters[CONTROL_PLANE].port else RUN_OPS
     conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(32)]
     try:
-        results = race(32, lambda i: trigger(conns[i], env.environment_id, idempotency_key=f"race-{round_}"))
+        results = race([lambda c=c: trigger(c, env.environment_id, idempotency_key=f"race-{round_}") for c in conns])
     finally:
         for c in conns:
             c.close()
@@ -181,7 +161,7 @@ def test_concurrent_retriggers_of_a_dead_key_create_exactly_one_new_run(where, s
     conn.execute("SELECT * FROM runops.finalize_run(%s, 'CRASHED')", [failed[0]])
     conns = [psycopg.connect(stores.app[store], autocommit=True) for _ in range(16)]
     try:
-        results = race(16, lambda i: trigger(conns[i], env.environment_id, idempotency_key="dead"))
+        results = race([lambda c=c: trigger(c, env.environment_id, idempotency_key="dead") for c in conns])
     finally:
         for c in conns:
             c.close()
@@ -193,7 +173,7 @@ def test_concurrent_retriggers_of_a_dead_key_create_exactly_one_new_run(where, s
 def test_concurrent_client_triggers_with_a_pre_minted_id_create_one_run(client: RunOps, make_env) -> None:
     env = make_env("ksuid")
     run_id = "run_" + generate_ksuid()  # minted by the client, as a retrying caller would
-    results = race(16, lambda i: client.trigger_run(env.environment_id, "t", {}, run_id=run_id))
+    results = race([lambda: client.trigger_run(env.environment_id, "t", {}, run_id=run_id)] * 16)
     assert not [r for r in results if isinstance(r, Exception)], results
     assert {r.run_id for r in results} == {run_id}
     assert sum(1 for r in results if not r.is_cached) == 1

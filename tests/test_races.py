@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
 from runops.client import CONTROL_PLANE
+from tests.concurrent_calls import race
 from tests.conftest import Stores
 from tests.lifecycle_helpers import call, one, run_to_executing, status, trigger
 
@@ -25,25 +24,6 @@ def connections(stores: Stores, store: str):
     yield open_
     for c in opened:
         c.close()
-
-
-def race(fns: list[Callable[[], Any]]) -> list[Any]:
-    barrier = threading.Barrier(len(fns))
-    results: list[Any] = [None] * len(fns)
-
-    def body(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fns[i]()
-        except Exception as exc:  # noqa: BLE001 - the test asserts on what came back
-            results[i] = exc
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def test_workers_never_dequeue_the_same_run(conn, connections, env_id: str) -> None:

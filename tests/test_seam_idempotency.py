@@ -17,6 +17,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from tests.concurrent_calls import race
 from tests.conftest import Stores, sqlstate_of
 
 RETRYABLE = {"RO008", "40001", "40P01"}
@@ -195,27 +196,6 @@ def test_failed_task_runs_claim_their_key_across_stores(client: RunOps, make_env
     assert row is not None and row[:2] == (live[0], True)
 
 
-def run_race(fns: list[Callable[[], Any]]) -> list[Any]:
-    results: list[Any] = [None] * len(fns)
-    barrier = threading.Barrier(len(fns))
-
-    def body(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = fns[i]()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert not errors, errors
-    return results
-
-
 @pytest.mark.parametrize("round_", range(3))
 def test_a_global_key_raced_from_both_stores_yields_one_run(client: RunOps, make_env, stores: Stores,
                                                             round_: int) -> None:
@@ -235,7 +215,8 @@ def test_a_global_key_raced_from_both_stores_yields_one_run(client: RunOps, make
                 options["parent_run_id"] = parent
             return lambda: [trigger(conn, env.environment_id, idempotency_key=k, **options)[0] for k in keys]
 
-        results = run_race([call(i) for i in range(len(conns))])
+        results = race([call(i) for i in range(len(conns))], timeout=None)
+        assert not [r for r in results if isinstance(r, BaseException)], results
     finally:
         for c in conns:
             c.close()
@@ -377,7 +358,8 @@ def test_batch_keys_raced_against_single_triggers_in_the_other_store_yield_one_r
             return lambda: [trigger(conn, env.environment_id, idempotency_key=k, idempotency_key_scope="global")[0]
                             for k in keys]
 
-        results = run_race([call(i) for i in range(len(conns))])
+        results = race([call(i) for i in range(len(conns))], timeout=None)
+        assert not [r for r in results if isinstance(r, BaseException)], results
     finally:
         for c in conns:
             c.close()

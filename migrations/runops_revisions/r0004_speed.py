@@ -21,6 +21,13 @@ SET LOCAL check_function_bodies = off;
 -- function files re-applied after them carry the new bodies.
 SELECT 1;
 
+-- sql/upgrades/r0004_speed/10_structure.sql
+-- r0004, issue 10: one home per rule. The range checks require_max_rows (tick.sql) and
+-- require_attempt_number (lifecycle.sql) are now require_between (bounded_input.sql); the
+-- function files re-applied after this one call it instead.
+DROP FUNCTION runops.require_max_rows(integer, text);
+DROP FUNCTION runops.require_attempt_number(integer);
+
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
 -- have finished.
@@ -721,6 +728,7 @@ $$;
 --   check_json_bounds     payload, metadata, output and error: at most store_config.max_json_bytes
 --                         serialized (default 3 MiB) and max_json_depth levels of nesting
 --                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
+--   require_between       a whole-number argument within its bounds (max_rows, max_runs, attempt numbers)
 --   task_identifier_is_valid   1-128 of [A-Za-z0-9_.:/-]
 --   validate_new_run      trigger_run and trigger_failed_task: every RO006 of one run
 --   validate_batch_items  the same rules, set-based, for a chunk of batch items
@@ -733,6 +741,19 @@ RETURNS integer
 LANGUAGE sql IMMUTABLE
 AS $$
   SELECT 2048
+$$;
+
+-- A whole-number argument within its bounds: NULL is as wrong as out of range. Returns it.
+CREATE OR REPLACE FUNCTION runops.require_between(value integer, low integer, high integer, what text)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL OR value NOT BETWEEN low AND high THEN
+    PERFORM raise_invalid(what, format('from %s to %s', low, high), quote_nullable(value));
+  END IF;
+  RETURN value;
+END
 $$;
 
 -- The path that finds a container at nesting level `depth` (the root is level 0): it exists
@@ -1341,6 +1362,7 @@ $$;
 --   default_idempotency_key_ttl  how long a key lives: runs, batches, batch items, waitpoints (30 days)
 --   default_max_attempts         attempts a run gets (3; runs.max_attempts carries the same DEFAULT)
 --   default_seal_timeout         how long an open batch waits to be sealed (10 minutes)
+--   default_lease                how long a dequeued run stays a worker's between heartbeats (5 minutes)
 
 CREATE OR REPLACE FUNCTION runops.default_idempotency_key_ttl()
 RETURNS interval
@@ -1363,12 +1385,20 @@ AS $$
   SELECT interval '10 minutes'
 $$;
 
+CREATE OR REPLACE FUNCTION runops.default_lease()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '5 minutes'
+$$;
+
 -- sql/functions/errors.sql
 -- Raising errors: every failure is an RO SQLSTATE with a message that says what was wrong, with
 -- which value, and what is accepted (SPEC §3).
 --
 --   input_prefix             the short prefix of an input a message may quote
 --   raise_error              the one RAISE (cuts message, detail and hint at 512 characters)
+--   raise_invalid            RO006 "<what> must be <expected>, got <got>": the one wording of bad input
 --   raise_wrong_store        RO002 naming the owning store in DETAIL
 --   refuse_foreign_id        a write naming the other store's row: RO002 (or RO004 before any split)
 --   require_row_environment  the environment guard (SPEC §3 [1.2]): another environment's row is RO004
@@ -1411,6 +1441,18 @@ BEGIN
   ELSE
     RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail, HINT = hint;
   END IF;
+END
+$$;
+
+-- An input of the wrong form, in one wording: "<what> must be <expected>", then ", got <got>" when
+-- what came helps the caller (got is already cut: input_prefix, a JSON type, quote_nullable).
+CREATE OR REPLACE FUNCTION runops.raise_invalid(what text, expected text, got text DEFAULT NULL,
+                                                hint text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM raise_error('RO006', format('%s must be %s', what, expected) || coalesce(', got ' || got, ''), NULL, hint);
 END
 $$;
 
@@ -1808,18 +1850,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.require_attempt_number(attempt_number integer)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF attempt_number IS NULL OR attempt_number NOT BETWEEN 1 AND 250 THEN
-    PERFORM raise_error('RO006', format('attempt_number must be from 1 to 250, got %s', quote_nullable(attempt_number)));
-  END IF;
-  RETURN attempt_number;
-END
-$$;
-
 -- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
 CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
 RETURNS void
@@ -1873,10 +1903,8 @@ DECLARE
   picked text[];
 BEGIN
   PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
-  IF max_runs IS NULL OR max_runs NOT BETWEEN 1 AND 1000 THEN
-    PERFORM raise_error('RO006', format('max_runs must be from 1 to 1000, got %s', quote_nullable(max_runs)));
-  END IF;
-  lease_for := parse_duration(coalesce(option_text(o, 'lease'), '5m'), 'option lease');
+  PERFORM require_between(max_runs, 1, 1000, 'max_runs');
+  lease_for := option_duration(o, 'lease', default_lease());
   IF lease_for < interval '1 second' THEN
     PERFORM raise_error('RO006', 'option lease must be at least 1s');
   END IF;
@@ -1931,7 +1959,7 @@ DECLARE
   r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
 BEGIN
   PERFORM require_lease(r, worker, 'heartbeat_run');
-  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
+  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, default_lease()), updated_at = now()
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
 END
@@ -1981,7 +2009,7 @@ BEGIN
   END IF;
   UPDATE runs AS x
   SET status = 'EXECUTING', attempt_number = next_number,
-      lease_expires_at = ts + coalesce(x.lease, interval '5 minutes'),
+      lease_expires_at = ts + coalesce(x.lease, default_lease()),
       execution_deadline = ts + x.max_duration, retry_at = NULL, updated_at = ts
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -1995,7 +2023,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(complete_attempt.attempt_number);
+  n integer := require_between(complete_attempt.attempt_number, 1, 250, 'attempt_number');
   r runs;
 BEGIN
   PERFORM check_json_bounds(complete_attempt.output, 'output');
@@ -2022,7 +2050,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(fail_attempt.attempt_number);
+  n integer := require_between(fail_attempt.attempt_number, 1, 250, 'attempt_number');
   r runs;
   ts timestamptz := now();
   named text;
@@ -2069,16 +2097,15 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(create_checkpoint.attempt_number);
+  n integer := require_between(create_checkpoint.attempt_number, 1, 250, 'attempt_number');
   meta jsonb := require_object(create_checkpoint.metadata, 'metadata');
   r runs;
   ts timestamptz := now();
 BEGIN
   IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
                                       'RETRYING_AFTER_FAILURE') THEN
-    PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
-                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s',
-                                        quote_nullable(input_prefix(reason))));
+    PERFORM raise_invalid('checkpoint reason', 'MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, WAIT_FOR_BATCH or '
+                          'RETRYING_AFTER_FAILURE', quote_nullable(input_prefix(reason)));
   END IF;
   IF location IS NULL OR location = '' OR length(location) > 2048 THEN
     PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');
@@ -2381,6 +2408,8 @@ BEGIN
     IF result.batch_id IS NULL THEN
       PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
     END IF;
+    -- Friendly on purpose: it is compared with run_view.batch_id as a plain column = parameter,
+    -- which postgres_fdw ships to the other store's view (docs/listing.md).
     result.batch_id := 'batch_' || result.batch_id;
   END IF;
   RETURN result;
@@ -2393,7 +2422,7 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
   IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 200 THEN
-    PERFORM raise_error('RO006', format('page_size must be 1 to 200, got %s', quote_nullable(page_size)));
+    PERFORM raise_invalid('page_size', '1 to 200', quote_nullable(page_size));
   END IF;
   RETURN page_size;
 END
@@ -2875,7 +2904,12 @@ $$;
 -- the parsers of the two option sets built from it.
 --
 --   parse_duration, parse_timestamp, duration_text   durations (^\d+(s|m|h|d|w)$, <= 365 days) and back
---   require_object, option_text, option_integer, option_boolean, option_text_array, reject_unknown_options
+--   parse_moment           "a duration from now, or a timestamp with an offset" (delay, completed_after)
+--   require_object, reject_unknown_options             the options object and its names
+--   option_value           options[key], absent and JSON null alike as NULL: where every reader starts
+--   option_text, option_integer, option_boolean, option_text_array   one typed value each
+--   option_duration, option_moment, option_id, option_idempotency_key,
+--   option_resume_parent   the options several parsers share, read and checked once
 --   parse_trigger_options   trigger_run's options -> trigger_spec, with the defaults
 --   parse_batch_options     batch_trigger/create_batch's options
 
@@ -2889,14 +2923,13 @@ DECLARE
   parsed interval;
 BEGIN
   IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
-                                         what, quote_nullable(input_prefix(value))));
+    PERFORM raise_invalid(what, 'a duration like 30s, 10m, 2h, 7d or 1w', quote_nullable(input_prefix(value)));
   END IF;
   -- Bound the seconds before building an interval: 999999999999w would overflow it.
   amount := left(value, -1)::numeric * CASE right(value, 1)
               WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
   IF amount > 365 * 86400 THEN
-    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+    PERFORM raise_invalid(what, 'at most 365 days', value);
   END IF;
   parsed := make_interval(secs => amount::double precision);
   RETURN parsed;
@@ -2910,8 +2943,8 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
-                                         what, quote_nullable(input_prefix(value))));
+    PERFORM raise_invalid(what, 'a duration or a timestamp with an offset (2030-01-01T00:00:00Z)',
+                          quote_nullable(input_prefix(value)));
   END IF;
   RETURN value::timestamptz;
 EXCEPTION
@@ -2919,6 +2952,16 @@ EXCEPTION
     PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
     RETURN NULL;
 END
+$$;
+
+-- A point in time a caller may give either way: a duration counts from ts, anything else must be a
+-- timestamp with an offset. NULL stays NULL.
+CREATE OR REPLACE FUNCTION runops.parse_moment(value text, what text, ts timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE WHEN value ~ '^\d+[smhdw]$' THEN ts + parse_duration(value, what)
+              WHEN value IS NOT NULL THEN parse_timestamp(value, what) END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
@@ -2944,37 +2987,45 @@ BEGIN
     RETURN '{}'::jsonb;
   END IF;
   IF jsonb_typeof(value) <> 'object' THEN
-    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+    PERFORM raise_invalid(what, 'a JSON object', jsonb_typeof(value));
   END IF;
   RETURN value;
 END
 $$;
 
--- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
--- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
--- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
+-- options[key] as the caller gave it. An absent option and a JSON null both mean "not given":
+-- NULL, which every reader below returns as is (jsonb_typeof(NULL) is NULL, so no check fires).
+CREATE OR REPLACE FUNCTION runops.option_value(options jsonb, key text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT nullif(options -> key, 'null'::jsonb)
+$$;
+
+-- Reads options[key] as the JSON type a caller must use. At most max_length characters and never
+-- more than 2048 bytes (max_index_text_bytes): option texts end up in btree indexes (keys,
+-- queues), whose entries must stay under ~2.7 kB. A wrong type is named by its JSON type, not
+-- quoted: the value may be a large object.
 CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
+  result text := value #>> '{}';
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'string' THEN
-    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+    PERFORM raise_invalid('option ' || key, 'a string', jsonb_typeof(value));
   END IF;
-  IF length(value #>> '{}') > max_length THEN
+  IF length(result) > max_length THEN
     PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
-                                         key, length(value #>> '{}'), max_length));
+                                         key, length(result), max_length));
   END IF;
-  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
+  IF octet_length(result) > max_index_text_bytes() THEN
     PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
-                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
+                                         key, octet_length(result), max_index_text_bytes()));
   END IF;
-  RETURN value #>> '{}';
+  RETURN result;
 END
 $$;
 
@@ -2983,15 +3034,13 @@ RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
+  -- The digits are checked before the cast, so 1e99 or 1.5 is the caller's error, not an overflow.
   IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
      OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
-    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
-                                         key, min_value, max_value, input_prefix(value::text)));
+    PERFORM raise_invalid('option ' || key, format('an integer from %s to %s', min_value, max_value),
+                          input_prefix(value::text));
   END IF;
   RETURN (value #>> '{}')::integer;
 END
@@ -3002,13 +3051,10 @@ RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'boolean' THEN
-    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
+    PERFORM raise_invalid('option ' || key, 'true or false', input_prefix(value::text));
   END IF;
   RETURN value::text::boolean;
 END
@@ -3019,16 +3065,81 @@ RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
      OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
-    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+    PERFORM raise_invalid('option ' || key, 'a non-empty array of strings');
+  END IF;
+  IF value IS NULL THEN
+    RETURN NULL;  -- not given: no filter at all, where '{}' would match nothing
   END IF;
   RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+-- A duration option (idempotency_key_ttl, ttl, seal_timeout, lease, ...), default_value when not given.
+CREATE OR REPLACE FUNCTION runops.option_duration(options jsonb, key text, default_value interval)
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN raw IS NULL THEN default_value ELSE parse_duration(raw, 'option ' || key) END
+  FROM option_text(options, key) AS raw
+$$;
+
+-- A point-in-time option (delay, completed_after): a duration from ts or a timestamp; NULL when
+-- not given.
+CREATE OR REPLACE FUNCTION runops.option_moment(options jsonb, key text, ts timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT parse_moment(option_text(options, key), 'option ' || key, ts)
+$$;
+
+-- An id option (parent_run_id, run_id, batch_id), bare: the friendly prefix of its kind is
+-- stripped, another kind's is RO006.
+CREATE OR REPLACE FUNCTION runops.option_id(options jsonb, key text, kind text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  raw text := option_text(options, key);
+  bare text := bare_id(raw, kind);
+BEGIN
+  IF raw IS NOT NULL AND bare IS NULL THEN
+    PERFORM raise_error('RO006', format('option %s %s is not a %s id', key, input_prefix(raw), kind));
+  END IF;
+  RETURN bare;
+END
+$$;
+
+-- The idempotency_key option of runs, batches and waitpoints: 1 to 2048 characters when given.
+CREATE OR REPLACE FUNCTION runops.option_idempotency_key(options jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  key text := option_text(options, 'idempotency_key', 2048);
+BEGIN
+  IF key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  RETURN key;
+END
+$$;
+
+-- resume_parent_on_completion (false when not given) of a run or batch: only with a parent to resume.
+CREATE OR REPLACE FUNCTION runops.option_resume_parent(options jsonb, parent_run_id text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  resume boolean := coalesce(option_boolean(options, 'resume_parent_on_completion'), false);
+BEGIN
+  IF resume AND parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+  RETURN resume;
 END
 $$;
 
@@ -3069,9 +3180,7 @@ AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
   spec trigger_spec;
-  delay jsonb := o -> 'delay';
   tags jsonb := o -> 'tags';
-  raw text;
   allowed constant text[] := ARRAY[
     'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
     'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
@@ -3088,46 +3197,18 @@ BEGIN
     PERFORM reject_unknown_options(o, allowed, 'trigger');
   END IF;
 
-  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF spec.idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
+  spec.idempotency_key := option_idempotency_key(o);
   spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
   IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
-                                         spec.idempotency_key_scope));
+    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global', spec.idempotency_key_scope);
   END IF;
-  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
-                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
-                                   ELSE default_idempotency_key_ttl() END;
-
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    spec.parent_run_id := bare_id(raw, 'run');
-    IF spec.parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
+  spec.idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
+  spec.parent_run_id := option_id(o, 'parent_run_id', 'run');
   spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
-  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-
-  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
-    raw := option_text(o, 'delay');
-    IF raw ~ '^\d+[smhdw]$' THEN
-      spec.delay_until := now() + parse_duration(raw, 'option delay');
-    ELSE
-      spec.delay_until := parse_timestamp(raw, 'option delay');
-    END IF;
-  END IF;
-  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
-    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
-  END IF;
-  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
-    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
-  END IF;
+  spec.resume_parent_on_completion := option_resume_parent(o, spec.parent_run_id);
+  spec.delay_until := option_moment(o, 'delay', now());
+  spec.ttl := option_duration(o, 'ttl', NULL);
+  spec.max_duration := option_duration(o, 'max_duration', NULL);
   spec.queue := option_text(o, 'queue', 256);
   spec.concurrency_key := option_text(o, 'concurrency_key', 256);
 
@@ -3138,7 +3219,7 @@ BEGIN
     IF jsonb_typeof(tags) <> 'array'
        OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
                   WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
-      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
+      PERFORM raise_invalid('option tags', 'a string or an array of strings of 1 to 128 characters');
     END IF;
     IF jsonb_array_length(tags) > 10 THEN
       PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
@@ -3150,25 +3231,13 @@ BEGIN
   spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), default_max_attempts());
   spec.metadata := o -> 'metadata';
   IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
-    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
+    PERFORM raise_invalid('option metadata', 'a JSON object');
   END IF;
   spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
   PERFORM check_json_bounds(spec.metadata, 'option metadata');
 
-  raw := option_text(o, 'run_id');
-  IF raw IS NOT NULL THEN
-    spec.run_id := bare_id(raw, 'run');
-    IF spec.run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  raw := option_text(o, 'batch_id');
-  IF raw IS NOT NULL THEN
-    spec.batch_id := bare_id(raw, 'batch');
-    IF spec.batch_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
-    END IF;
-  END IF;
+  spec.run_id := option_id(o, 'run_id', 'run');
+  spec.batch_id := option_id(o, 'batch_id', 'batch');
   spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
   IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
     PERFORM raise_error('RO006', 'option batch_id needs batch_index');
@@ -3185,30 +3254,14 @@ LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
-  raw text;
 BEGIN
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
                                           'resume_parent_on_completion', 'seal_timeout'], 'batch');
-  idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  raw := option_text(o, 'idempotency_key_ttl');
-  idempotency_key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
-                              ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    parent_run_id := bare_id(raw, 'run');
-    IF parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-  raw := option_text(o, 'seal_timeout');
-  seal_timeout := CASE WHEN raw IS NULL THEN default_seal_timeout() ELSE parse_duration(raw, 'option seal_timeout') END;
+  idempotency_key := option_idempotency_key(o);
+  idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
+  parent_run_id := option_id(o, 'parent_run_id', 'run');
+  resume_parent_on_completion := option_resume_parent(o, parent_run_id);
+  seal_timeout := option_duration(o, 'seal_timeout', default_seal_timeout());
 END
 $$;
 
@@ -3259,6 +3312,7 @@ $$;
 --   local_residency        this store's residency (a constant rendered per store at install)
 --   store_for_residency    LEGACY -> CONTROL_PLANE, NEW -> RUN_OPS
 --   bare_id                a caller's id without its friendly prefix (NULL for another kind's)
+--   friendly_ids           bare ids with their prefix, for a public function to return
 --   try_classify_bare / classify_bare   the residency of a bare id
 --   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
 --
@@ -3324,6 +3378,14 @@ AS $$
          END
 $$;
 
+-- The other direction, at the public edge: bare ids as a caller sees them (kind_<id>), in order.
+CREATE OR REPLACE FUNCTION runops.friendly_ids(ids text[], kind text)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ARRAY(SELECT kind || '_' || u.id FROM unnest(ids) WITH ORDINALITY AS u(id, n) ORDER BY u.n)
+$$;
+
 -- The residency of an id whose friendly prefix is already stripped: only the first prefix is
 -- ever stripped, so "run_run_c..." is unclassifiable rather than a cuid.
 CREATE OR REPLACE FUNCTION runops.try_classify_bare(bare text)
@@ -3386,7 +3448,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   cutoff timestamptz := now() - parse_duration(older_than, 'older_than');
-  n integer := require_max_rows(max_rows, 'max_rows');
+  n integer := require_between(max_rows, 1, 100000, 'max_rows');
   ids text[];
   purged integer;
 BEGIN
@@ -3782,9 +3844,9 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
   IF kind IS NULL OR kind NOT IN ('cuid', 'ksuid') AND NOT (allow_default AND kind = 'default') THEN
-    PERFORM raise_error('RO006', format('mint kind must be cuid or ksuid%s, got %s',
-                                         CASE WHEN allow_default THEN ' (or default, to follow the default)' ELSE '' END,
-                                         quote_nullable(input_prefix(kind))));
+    PERFORM raise_invalid('mint kind', 'cuid or ksuid' || CASE WHEN allow_default
+                                                               THEN ' (or default, to follow the default)' ELSE '' END,
+                          quote_nullable(input_prefix(kind)));
   END IF;
   RETURN nullif(kind, 'default');
 END
@@ -4326,18 +4388,6 @@ $$;
 -- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
 -- never process a row twice: a row another tick holds is simply left to it.
 
-CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
-    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
-  END IF;
-  RETURN max_rows;
-END
-$$;
-
 -- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
 CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
 RETURNS integer
@@ -4348,7 +4398,7 @@ DECLARE
   ts timestamptz := now();
   n integer;
 BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM require_between(max_runs, 1, 100000, 'max_runs');
   PERFORM set_mover('enqueue_delayed_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
@@ -4374,7 +4424,7 @@ DECLARE
   expired text[];
   keyed text[];
 BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM require_between(max_runs, 1, 100000, 'max_runs');
   PERFORM set_mover('expire_enqueued_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
@@ -4586,7 +4636,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_max_rows(max_rows, 'max_rows');
+  n integer := require_between(max_rows, 1, 100000, 'max_rows');
   counts jsonb;
 BEGIN
   counts := jsonb_build_object(
@@ -4914,7 +4964,7 @@ AS $$
 $$;
 
 -- Completes the pending local edges on a waitpoint and resumes the runs it was the last
--- blocker of. Returns the friendly ids of the runs nothing blocks any more.
+-- blocker of. Returns the (bare) ids of the runs nothing blocks any more.
 CREATE OR REPLACE FUNCTION runops.complete_local_edges(waitpoint_id text)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE
@@ -4932,7 +4982,7 @@ BEGIN
     UPDATE run_waitpoints AS e SET completed_at = now()
     WHERE e.run_id = blocked AND e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL;
     IF resume_if_unblocked(blocked, false) THEN
-      unblocked := unblocked || ('run_' || blocked);
+      unblocked := unblocked || blocked;
     END IF;
   END LOOP;
   RETURN unblocked;
@@ -5005,7 +5055,6 @@ DECLARE
   kind text := create_waitpoint.type;
   key text;
   key_ttl interval;
-  raw text;
   due timestamptz;
   timeout interval;
   tags text[];
@@ -5016,34 +5065,25 @@ DECLARE
   ts timestamptz := now();
 BEGIN
   IF kind IS NULL OR kind NOT IN ('DATETIME', 'MANUAL') THEN
-    PERFORM raise_error('RO006', format('waitpoint type must be DATETIME or MANUAL, got %s', quote_nullable(kind)),
-                        NULL, 'RUN and BATCH waitpoints come with their run or batch');
+    PERFORM raise_invalid('waitpoint type', 'DATETIME or MANUAL', quote_nullable(kind),
+                          'RUN and BATCH waitpoints come with their run or batch');
   END IF;
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',
                                           'tags'], 'waitpoint');
-  key := option_text(o, 'idempotency_key', 2048);
-  IF key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  raw := option_text(o, 'idempotency_key_ttl');
-  key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
-                  ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
-  raw := option_text(o, 'completed_after');
+  key := option_idempotency_key(o);
+  key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
   IF kind = 'DATETIME' THEN
-    IF raw IS NULL THEN
+    due := option_moment(o, 'completed_after', ts);
+    IF due IS NULL THEN
       PERFORM raise_error('RO006', 'a DATETIME waitpoint needs completed_after (a duration or a timestamp)');
     END IF;
-    due := CASE WHEN raw ~ '^\d+[smhdw]$' THEN ts + parse_duration(raw, 'option completed_after')
-                ELSE parse_timestamp(raw, 'option completed_after') END;
-  ELSIF raw IS NOT NULL THEN
+  ELSIF option_text(o, 'completed_after') IS NOT NULL THEN
     PERFORM raise_error('RO006', 'completed_after is for DATETIME waitpoints; a MANUAL one takes timeout');
   END IF;
-  IF o ? 'timeout' AND o -> 'timeout' <> 'null'::jsonb THEN
-    IF kind <> 'MANUAL' THEN
-      PERFORM raise_error('RO006', 'timeout is for MANUAL waitpoints');
-    END IF;
-    timeout := parse_duration(option_text(o, 'timeout'), 'option timeout');
+  IF kind <> 'MANUAL' AND option_value(o, 'timeout') IS NOT NULL THEN
+    PERFORM raise_error('RO006', 'timeout is for MANUAL waitpoints');
   END IF;
+  timeout := option_duration(o, 'timeout', NULL);
   tags := coalesce(option_text_array(o, 'tags'), '{}');
   IF cardinality(tags) > 10 THEN
     PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', cardinality(tags)));
@@ -5188,13 +5228,13 @@ BEGIN
   END IF;
   IF peer_wired() THEN
     BEGIN
-      SELECT coalesce(array_agg('run_' || e.run_id ORDER BY e.run_id), '{}'::text[]) INTO remote
+      SELECT coalesce(array_agg(e.run_id ORDER BY e.run_id), '{}'::text[]) INTO remote
       FROM runops_peer.run_waitpoints AS e WHERE e.waitpoint_id = bare AND e.completed_at IS NULL;
     EXCEPTION WHEN connection_exception THEN
       remote := '{}'::text[];  -- tick in the other store finds them when it is back
     END;
   END IF;
-  RETURN QUERY SELECT now_done, unblocked, remote;
+  RETURN QUERY SELECT now_done, friendly_ids(unblocked, 'run'), friendly_ids(remote, 'run');
 END
 $$;
 

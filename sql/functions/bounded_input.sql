@@ -7,6 +7,7 @@
 --   check_json_bounds     payload, metadata, output and error: at most store_config.max_json_bytes
 --                         serialized (default 3 MiB) and max_json_depth levels of nesting
 --                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
+--   require_between       a whole-number argument within its bounds (max_rows, max_runs, attempt numbers)
 --   task_identifier_is_valid   1-128 of [A-Za-z0-9_.:/-]
 --   validate_new_run      trigger_run and trigger_failed_task: every RO006 of one run
 --   validate_batch_items  the same rules, set-based, for a chunk of batch items
@@ -19,6 +20,19 @@ RETURNS integer
 LANGUAGE sql IMMUTABLE
 AS $$
   SELECT 2048
+$$;
+
+-- A whole-number argument within its bounds: NULL is as wrong as out of range. Returns it.
+CREATE OR REPLACE FUNCTION runops.require_between(value integer, low integer, high integer, what text)
+RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+  IF value IS NULL OR value NOT BETWEEN low AND high THEN
+    PERFORM raise_invalid(what, format('from %s to %s', low, high), quote_nullable(value));
+  END IF;
+  RETURN value;
+END
 $$;
 
 -- The path that finds a container at nesting level `depth` (the root is level 0): it exists

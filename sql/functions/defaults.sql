@@ -4,6 +4,7 @@
 --   default_idempotency_key_ttl  how long a key lives: runs, batches, batch items, waitpoints (30 days)
 --   default_max_attempts         attempts a run gets (3; runs.max_attempts carries the same DEFAULT)
 --   default_seal_timeout         how long an open batch waits to be sealed (10 minutes)
+--   default_lease                how long a dequeued run stays a worker's between heartbeats (5 minutes)
 
 CREATE OR REPLACE FUNCTION runops.default_idempotency_key_ttl()
 RETURNS interval
@@ -24,4 +25,11 @@ RETURNS interval
 LANGUAGE sql IMMUTABLE
 AS $$
   SELECT interval '10 minutes'
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_lease()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '5 minutes'
 $$;

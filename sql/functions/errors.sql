@@ -3,6 +3,7 @@
 --
 --   input_prefix             the short prefix of an input a message may quote
 --   raise_error              the one RAISE (cuts message, detail and hint at 512 characters)
+--   raise_invalid            RO006 "<what> must be <expected>, got <got>": the one wording of bad input
 --   raise_wrong_store        RO002 naming the owning store in DETAIL
 --   refuse_foreign_id        a write naming the other store's row: RO002 (or RO004 before any split)
 --   require_row_environment  the environment guard (SPEC §3 [1.2]): another environment's row is RO004
@@ -45,6 +46,18 @@ BEGIN
   ELSE
     RAISE EXCEPTION USING ERRCODE = code, MESSAGE = message, DETAIL = detail, HINT = hint;
   END IF;
+END
+$$;
+
+-- An input of the wrong form, in one wording: "<what> must be <expected>", then ", got <got>" when
+-- what came helps the caller (got is already cut: input_prefix, a JSON type, quote_nullable).
+CREATE OR REPLACE FUNCTION runops.raise_invalid(what text, expected text, got text DEFAULT NULL,
+                                                hint text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+  PERFORM raise_error('RO006', format('%s must be %s', what, expected) || coalesce(', got ' || got, ''), NULL, hint);
 END
 $$;
 

@@ -133,18 +133,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION runops.require_attempt_number(attempt_number integer)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF attempt_number IS NULL OR attempt_number NOT BETWEEN 1 AND 250 THEN
-    PERFORM raise_error('RO006', format('attempt_number must be from 1 to 250, got %s', quote_nullable(attempt_number)));
-  END IF;
-  RETURN attempt_number;
-END
-$$;
-
 -- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
 CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
 RETURNS void
@@ -198,10 +186,8 @@ DECLARE
   picked text[];
 BEGIN
   PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
-  IF max_runs IS NULL OR max_runs NOT BETWEEN 1 AND 1000 THEN
-    PERFORM raise_error('RO006', format('max_runs must be from 1 to 1000, got %s', quote_nullable(max_runs)));
-  END IF;
-  lease_for := parse_duration(coalesce(option_text(o, 'lease'), '5m'), 'option lease');
+  PERFORM require_between(max_runs, 1, 1000, 'max_runs');
+  lease_for := option_duration(o, 'lease', default_lease());
   IF lease_for < interval '1 second' THEN
     PERFORM raise_error('RO006', 'option lease must be at least 1s');
   END IF;
@@ -256,7 +242,7 @@ DECLARE
   r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
 BEGIN
   PERFORM require_lease(r, worker, 'heartbeat_run');
-  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, interval '5 minutes'), updated_at = now()
+  UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, default_lease()), updated_at = now()
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
 END
@@ -306,7 +292,7 @@ BEGIN
   END IF;
   UPDATE runs AS x
   SET status = 'EXECUTING', attempt_number = next_number,
-      lease_expires_at = ts + coalesce(x.lease, interval '5 minutes'),
+      lease_expires_at = ts + coalesce(x.lease, default_lease()),
       execution_deadline = ts + x.max_duration, retry_at = NULL, updated_at = ts
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -320,7 +306,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(complete_attempt.attempt_number);
+  n integer := require_between(complete_attempt.attempt_number, 1, 250, 'attempt_number');
   r runs;
 BEGIN
   PERFORM check_json_bounds(complete_attempt.output, 'output');
@@ -347,7 +333,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(fail_attempt.attempt_number);
+  n integer := require_between(fail_attempt.attempt_number, 1, 250, 'attempt_number');
   r runs;
   ts timestamptz := now();
   named text;
@@ -394,16 +380,15 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_attempt_number(create_checkpoint.attempt_number);
+  n integer := require_between(create_checkpoint.attempt_number, 1, 250, 'attempt_number');
   meta jsonb := require_object(create_checkpoint.metadata, 'metadata');
   r runs;
   ts timestamptz := now();
 BEGIN
   IF reason IS NULL OR reason NOT IN ('MANUAL', 'WAIT_FOR_DURATION', 'WAIT_FOR_TASK', 'WAIT_FOR_BATCH',
                                       'RETRYING_AFTER_FAILURE') THEN
-    PERFORM raise_error('RO006', format('checkpoint reason must be MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, '
-                                        'WAIT_FOR_BATCH or RETRYING_AFTER_FAILURE, got %s',
-                                        quote_nullable(input_prefix(reason))));
+    PERFORM raise_invalid('checkpoint reason', 'MANUAL, WAIT_FOR_DURATION, WAIT_FOR_TASK, WAIT_FOR_BATCH or '
+                          'RETRYING_AFTER_FAILURE', quote_nullable(input_prefix(reason)));
   END IF;
   IF location IS NULL OR location = '' OR length(location) > 2048 THEN
     PERFORM raise_error('RO006', 'checkpoint location must be 1 to 2048 characters');

@@ -82,6 +82,8 @@ BEGIN
     IF result.batch_id IS NULL THEN
       PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
     END IF;
+    -- Friendly on purpose: it is compared with run_view.batch_id as a plain column = parameter,
+    -- which postgres_fdw ships to the other store's view (docs/listing.md).
     result.batch_id := 'batch_' || result.batch_id;
   END IF;
   RETURN result;
@@ -94,7 +96,7 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
   IF page_size IS NULL OR page_size NOT BETWEEN 1 AND 200 THEN
-    PERFORM raise_error('RO006', format('page_size must be 1 to 200, got %s', quote_nullable(page_size)));
+    PERFORM raise_invalid('page_size', '1 to 200', quote_nullable(page_size));
   END IF;
   RETURN page_size;
 END

@@ -2,7 +2,12 @@
 -- the parsers of the two option sets built from it.
 --
 --   parse_duration, parse_timestamp, duration_text   durations (^\d+(s|m|h|d|w)$, <= 365 days) and back
---   require_object, option_text, option_integer, option_boolean, option_text_array, reject_unknown_options
+--   parse_moment           "a duration from now, or a timestamp with an offset" (delay, completed_after)
+--   require_object, reject_unknown_options             the options object and its names
+--   option_value           options[key], absent and JSON null alike as NULL: where every reader starts
+--   option_text, option_integer, option_boolean, option_text_array   one typed value each
+--   option_duration, option_moment, option_id, option_idempotency_key,
+--   option_resume_parent   the options several parsers share, read and checked once
 --   parse_trigger_options   trigger_run's options -> trigger_spec, with the defaults
 --   parse_batch_options     batch_trigger/create_batch's options
 
@@ -16,14 +21,13 @@ DECLARE
   parsed interval;
 BEGIN
   IF value IS NULL OR value !~ '^\d{1,12}(s|m|h|d|w)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration like 30s, 10m, 2h, 7d or 1w, got %s',
-                                         what, quote_nullable(input_prefix(value))));
+    PERFORM raise_invalid(what, 'a duration like 30s, 10m, 2h, 7d or 1w', quote_nullable(input_prefix(value)));
   END IF;
   -- Bound the seconds before building an interval: 999999999999w would overflow it.
   amount := left(value, -1)::numeric * CASE right(value, 1)
               WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600 WHEN 'd' THEN 86400 ELSE 604800 END;
   IF amount > 365 * 86400 THEN
-    PERFORM raise_error('RO006', format('%s must be at most 365 days, got %s', what, value));
+    PERFORM raise_invalid(what, 'at most 365 days', value);
   END IF;
   parsed := make_interval(secs => amount::double precision);
   RETURN parsed;
@@ -37,8 +41,8 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   IF value !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
-    PERFORM raise_error('RO006', format('%s must be a duration or a timestamp with an offset (2030-01-01T00:00:00Z), got %s',
-                                         what, quote_nullable(input_prefix(value))));
+    PERFORM raise_invalid(what, 'a duration or a timestamp with an offset (2030-01-01T00:00:00Z)',
+                          quote_nullable(input_prefix(value)));
   END IF;
   RETURN value::timestamptz;
 EXCEPTION
@@ -46,6 +50,16 @@ EXCEPTION
     PERFORM raise_error('RO006', format('%s is not a valid timestamp: %s', what, input_prefix(value)));
     RETURN NULL;
 END
+$$;
+
+-- A point in time a caller may give either way: a duration counts from ts, anything else must be a
+-- timestamp with an offset. NULL stays NULL.
+CREATE OR REPLACE FUNCTION runops.parse_moment(value text, what text, ts timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE WHEN value ~ '^\d+[smhdw]$' THEN ts + parse_duration(value, what)
+              WHEN value IS NOT NULL THEN parse_timestamp(value, what) END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.duration_text(d interval)
@@ -71,37 +85,45 @@ BEGIN
     RETURN '{}'::jsonb;
   END IF;
   IF jsonb_typeof(value) <> 'object' THEN
-    PERFORM raise_error('RO006', format('%s must be a JSON object, got %s', what, jsonb_typeof(value)));
+    PERFORM raise_invalid(what, 'a JSON object', jsonb_typeof(value));
   END IF;
   RETURN value;
 END
 $$;
 
--- Reads options[key] as the JSON type a caller must use; NULL when absent or JSON null. At most
--- max_length characters and never more than 2048 bytes (max_index_text_bytes): option texts end
--- up in btree indexes (keys, queues), whose entries must stay under ~2.7 kB.
+-- options[key] as the caller gave it. An absent option and a JSON null both mean "not given":
+-- NULL, which every reader below returns as is (jsonb_typeof(NULL) is NULL, so no check fires).
+CREATE OR REPLACE FUNCTION runops.option_value(options jsonb, key text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT nullif(options -> key, 'null'::jsonb)
+$$;
+
+-- Reads options[key] as the JSON type a caller must use. At most max_length characters and never
+-- more than 2048 bytes (max_index_text_bytes): option texts end up in btree indexes (keys,
+-- queues), whose entries must stay under ~2.7 kB. A wrong type is named by its JSON type, not
+-- quoted: the value may be a large object.
 CREATE OR REPLACE FUNCTION runops.option_text(options jsonb, key text, max_length integer DEFAULT 2048)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
+  result text := value #>> '{}';
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'string' THEN
-    PERFORM raise_error('RO006', format('option %s must be a string, got %s', key, jsonb_typeof(value)));
+    PERFORM raise_invalid('option ' || key, 'a string', jsonb_typeof(value));
   END IF;
-  IF length(value #>> '{}') > max_length THEN
+  IF length(result) > max_length THEN
     PERFORM raise_error('RO006', format('option %s is %s characters long; the limit is %s',
-                                         key, length(value #>> '{}'), max_length));
+                                         key, length(result), max_length));
   END IF;
-  IF octet_length(value #>> '{}') > max_index_text_bytes() THEN
+  IF octet_length(result) > max_index_text_bytes() THEN
     PERFORM raise_error('RO006', format('option %s is %s bytes long in UTF-8; the limit is %s bytes',
-                                         key, octet_length(value #>> '{}'), max_index_text_bytes()));
+                                         key, octet_length(result), max_index_text_bytes()));
   END IF;
-  RETURN value #>> '{}';
+  RETURN result;
 END
 $$;
 
@@ -110,15 +132,13 @@ RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
+  -- The digits are checked before the cast, so 1e99 or 1.5 is the caller's error, not an overflow.
   IF jsonb_typeof(value) <> 'number' OR (value #>> '{}') !~ '^-?\d{1,10}$'
      OR (value #>> '{}')::bigint NOT BETWEEN min_value AND max_value THEN
-    PERFORM raise_error('RO006', format('option %s must be an integer from %s to %s, got %s',
-                                         key, min_value, max_value, input_prefix(value::text)));
+    PERFORM raise_invalid('option ' || key, format('an integer from %s to %s', min_value, max_value),
+                          input_prefix(value::text));
   END IF;
   RETURN (value #>> '{}')::integer;
 END
@@ -129,13 +149,10 @@ RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'boolean' THEN
-    PERFORM raise_error('RO006', format('option %s must be true or false, got %s', key, input_prefix(value::text)));
+    PERFORM raise_invalid('option ' || key, 'true or false', input_prefix(value::text));
   END IF;
   RETURN value::text::boolean;
 END
@@ -146,16 +163,81 @@ RETURNS text[]
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  value jsonb := options -> key;
+  value jsonb := option_value(options, key);
 BEGIN
-  IF value IS NULL OR value = 'null'::jsonb THEN
-    RETURN NULL;
-  END IF;
   IF jsonb_typeof(value) <> 'array' OR jsonb_array_length(value) = 0
      OR EXISTS (SELECT FROM jsonb_array_elements(value) AS v WHERE jsonb_typeof(v) <> 'string') THEN
-    PERFORM raise_error('RO006', format('option %s must be a non-empty array of strings', key));
+    PERFORM raise_invalid('option ' || key, 'a non-empty array of strings');
+  END IF;
+  IF value IS NULL THEN
+    RETURN NULL;  -- not given: no filter at all, where '{}' would match nothing
   END IF;
   RETURN ARRAY(SELECT jsonb_array_elements_text(value));
+END
+$$;
+
+-- A duration option (idempotency_key_ttl, ttl, seal_timeout, lease, ...), default_value when not given.
+CREATE OR REPLACE FUNCTION runops.option_duration(options jsonb, key text, default_value interval)
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT CASE WHEN raw IS NULL THEN default_value ELSE parse_duration(raw, 'option ' || key) END
+  FROM option_text(options, key) AS raw
+$$;
+
+-- A point-in-time option (delay, completed_after): a duration from ts or a timestamp; NULL when
+-- not given.
+CREATE OR REPLACE FUNCTION runops.option_moment(options jsonb, key text, ts timestamptz)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT parse_moment(option_text(options, key), 'option ' || key, ts)
+$$;
+
+-- An id option (parent_run_id, run_id, batch_id), bare: the friendly prefix of its kind is
+-- stripped, another kind's is RO006.
+CREATE OR REPLACE FUNCTION runops.option_id(options jsonb, key text, kind text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  raw text := option_text(options, key);
+  bare text := bare_id(raw, kind);
+BEGIN
+  IF raw IS NOT NULL AND bare IS NULL THEN
+    PERFORM raise_error('RO006', format('option %s %s is not a %s id', key, input_prefix(raw), kind));
+  END IF;
+  RETURN bare;
+END
+$$;
+
+-- The idempotency_key option of runs, batches and waitpoints: 1 to 2048 characters when given.
+CREATE OR REPLACE FUNCTION runops.option_idempotency_key(options jsonb)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  key text := option_text(options, 'idempotency_key', 2048);
+BEGIN
+  IF key = '' THEN
+    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  END IF;
+  RETURN key;
+END
+$$;
+
+-- resume_parent_on_completion (false when not given) of a run or batch: only with a parent to resume.
+CREATE OR REPLACE FUNCTION runops.option_resume_parent(options jsonb, parent_run_id text)
+RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  resume boolean := coalesce(option_boolean(options, 'resume_parent_on_completion'), false);
+BEGIN
+  IF resume AND parent_run_id IS NULL THEN
+    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
+  END IF;
+  RETURN resume;
 END
 $$;
 
@@ -196,9 +278,7 @@ AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
   spec trigger_spec;
-  delay jsonb := o -> 'delay';
   tags jsonb := o -> 'tags';
-  raw text;
   allowed constant text[] := ARRAY[
     'idempotency_key', 'idempotency_key_scope', 'idempotency_key_ttl', 'parent_run_id',
     'parent_attempt_number', 'resume_parent_on_completion', 'delay', 'ttl', 'max_duration', 'queue',
@@ -215,46 +295,18 @@ BEGIN
     PERFORM reject_unknown_options(o, allowed, 'trigger');
   END IF;
 
-  spec.idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF spec.idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
+  spec.idempotency_key := option_idempotency_key(o);
   spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
   IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('option idempotency_key_scope must be run, attempt or global, got %s',
-                                         spec.idempotency_key_scope));
+    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global', spec.idempotency_key_scope);
   END IF;
-  spec.idempotency_key_ttl := CASE WHEN o ? 'idempotency_key_ttl'
-                                   THEN parse_duration(option_text(o, 'idempotency_key_ttl'), 'option idempotency_key_ttl')
-                                   ELSE default_idempotency_key_ttl() END;
-
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    spec.parent_run_id := bare_id(raw, 'run');
-    IF spec.parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
+  spec.idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
+  spec.parent_run_id := option_id(o, 'parent_run_id', 'run');
   spec.parent_attempt_number := option_integer(o, 'parent_attempt_number', 1, 250);
-  spec.resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF spec.resume_parent_on_completion AND spec.parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-
-  IF delay IS NOT NULL AND delay <> 'null'::jsonb THEN
-    raw := option_text(o, 'delay');
-    IF raw ~ '^\d+[smhdw]$' THEN
-      spec.delay_until := now() + parse_duration(raw, 'option delay');
-    ELSE
-      spec.delay_until := parse_timestamp(raw, 'option delay');
-    END IF;
-  END IF;
-  IF o ? 'ttl' AND o -> 'ttl' <> 'null'::jsonb THEN
-    spec.ttl := parse_duration(option_text(o, 'ttl'), 'option ttl');
-  END IF;
-  IF o ? 'max_duration' AND o -> 'max_duration' <> 'null'::jsonb THEN
-    spec.max_duration := parse_duration(option_text(o, 'max_duration'), 'option max_duration');
-  END IF;
+  spec.resume_parent_on_completion := option_resume_parent(o, spec.parent_run_id);
+  spec.delay_until := option_moment(o, 'delay', now());
+  spec.ttl := option_duration(o, 'ttl', NULL);
+  spec.max_duration := option_duration(o, 'max_duration', NULL);
   spec.queue := option_text(o, 'queue', 256);
   spec.concurrency_key := option_text(o, 'concurrency_key', 256);
 
@@ -265,7 +317,7 @@ BEGIN
     IF jsonb_typeof(tags) <> 'array'
        OR EXISTS (SELECT FROM jsonb_array_elements(tags) AS t
                   WHERE jsonb_typeof(t) <> 'string' OR length(t #>> '{}') NOT BETWEEN 1 AND 128) THEN
-      PERFORM raise_error('RO006', 'option tags must be a string or an array of strings of 1 to 128 characters');
+      PERFORM raise_invalid('option tags', 'a string or an array of strings of 1 to 128 characters');
     END IF;
     IF jsonb_array_length(tags) > 10 THEN
       PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', jsonb_array_length(tags)));
@@ -277,25 +329,13 @@ BEGIN
   spec.max_attempts := coalesce(option_integer(o, 'max_attempts', 1, 250), default_max_attempts());
   spec.metadata := o -> 'metadata';
   IF spec.metadata IS NOT NULL AND jsonb_typeof(spec.metadata) NOT IN ('object', 'null') THEN
-    PERFORM raise_error('RO006', 'option metadata must be a JSON object');
+    PERFORM raise_invalid('option metadata', 'a JSON object');
   END IF;
   spec.metadata := coalesce(nullif(spec.metadata, 'null'::jsonb), '{}');
   PERFORM check_json_bounds(spec.metadata, 'option metadata');
 
-  raw := option_text(o, 'run_id');
-  IF raw IS NOT NULL THEN
-    spec.run_id := bare_id(raw, 'run');
-    IF spec.run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  raw := option_text(o, 'batch_id');
-  IF raw IS NOT NULL THEN
-    spec.batch_id := bare_id(raw, 'batch');
-    IF spec.batch_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option batch_id %s is not a batch id', raw));
-    END IF;
-  END IF;
+  spec.run_id := option_id(o, 'run_id', 'run');
+  spec.batch_id := option_id(o, 'batch_id', 'batch');
   spec.batch_index := option_integer(o, 'batch_index', 0, 2147483647);
   IF spec.batch_id IS NOT NULL AND spec.batch_index IS NULL THEN
     PERFORM raise_error('RO006', 'option batch_id needs batch_index');
@@ -312,29 +352,13 @@ LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
   o jsonb := require_object(options, 'options');
-  raw text;
 BEGIN
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'parent_run_id',
                                           'resume_parent_on_completion', 'seal_timeout'], 'batch');
-  idempotency_key := option_text(o, 'idempotency_key', 2048);
-  IF idempotency_key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  raw := option_text(o, 'idempotency_key_ttl');
-  idempotency_key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
-                              ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
-  raw := option_text(o, 'parent_run_id');
-  IF raw IS NOT NULL THEN
-    parent_run_id := bare_id(raw, 'run');
-    IF parent_run_id IS NULL THEN
-      PERFORM raise_error('RO006', format('option parent_run_id %s is not a run id', raw));
-    END IF;
-  END IF;
-  resume_parent_on_completion := coalesce(option_boolean(o, 'resume_parent_on_completion'), false);
-  IF resume_parent_on_completion AND parent_run_id IS NULL THEN
-    PERFORM raise_error('RO006', 'option resume_parent_on_completion needs parent_run_id');
-  END IF;
-  raw := option_text(o, 'seal_timeout');
-  seal_timeout := CASE WHEN raw IS NULL THEN default_seal_timeout() ELSE parse_duration(raw, 'option seal_timeout') END;
+  idempotency_key := option_idempotency_key(o);
+  idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
+  parent_run_id := option_id(o, 'parent_run_id', 'run');
+  resume_parent_on_completion := option_resume_parent(o, parent_run_id);
+  seal_timeout := option_duration(o, 'seal_timeout', default_seal_timeout());
 END
 $$;

@@ -4,6 +4,7 @@
 --   local_residency        this store's residency (a constant rendered per store at install)
 --   store_for_residency    LEGACY -> CONTROL_PLANE, NEW -> RUN_OPS
 --   bare_id                a caller's id without its friendly prefix (NULL for another kind's)
+--   friendly_ids           bare ids with their prefix, for a public function to return
 --   try_classify_bare / classify_bare   the residency of a bare id
 --   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
 --
@@ -67,6 +68,14 @@ AS $$
            WHEN id !~ '^[a-z]+_' THEN id
            WHEN starts_with(id, kind || '_') THEN substr(id, length(kind) + 2)
          END
+$$;
+
+-- The other direction, at the public edge: bare ids as a caller sees them (kind_<id>), in order.
+CREATE OR REPLACE FUNCTION runops.friendly_ids(ids text[], kind text)
+RETURNS text[]
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ARRAY(SELECT kind || '_' || u.id FROM unnest(ids) WITH ORDINALITY AS u(id, n) ORDER BY u.n)
 $$;
 
 -- The residency of an id whose friendly prefix is already stripped: only the first prefix is

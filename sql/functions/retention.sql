@@ -14,7 +14,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   cutoff timestamptz := now() - parse_duration(older_than, 'older_than');
-  n integer := require_max_rows(max_rows, 'max_rows');
+  n integer := require_between(max_rows, 1, 100000, 'max_rows');
   ids text[];
   purged integer;
 BEGIN

@@ -301,9 +301,9 @@ LANGUAGE plpgsql IMMUTABLE
 AS $$
 BEGIN
   IF kind IS NULL OR kind NOT IN ('cuid', 'ksuid') AND NOT (allow_default AND kind = 'default') THEN
-    PERFORM raise_error('RO006', format('mint kind must be cuid or ksuid%s, got %s',
-                                         CASE WHEN allow_default THEN ' (or default, to follow the default)' ELSE '' END,
-                                         quote_nullable(input_prefix(kind))));
+    PERFORM raise_invalid('mint kind', 'cuid or ksuid' || CASE WHEN allow_default
+                                                               THEN ' (or default, to follow the default)' ELSE '' END,
+                          quote_nullable(input_prefix(kind)));
   END IF;
   RETURN nullif(kind, 'default');
 END

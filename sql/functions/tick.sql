@@ -2,18 +2,6 @@
 -- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
 -- never process a row twice: a row another tick holds is simply left to it.
 
-CREATE OR REPLACE FUNCTION runops.require_max_rows(max_rows integer, what text)
-RETURNS integer
-LANGUAGE plpgsql IMMUTABLE
-AS $$
-BEGIN
-  IF max_rows IS NULL OR max_rows NOT BETWEEN 1 AND 100000 THEN
-    PERFORM raise_error('RO006', format('%s must be from 1 to 100000, got %s', what, quote_nullable(max_rows)));
-  END IF;
-  RETURN max_rows;
-END
-$$;
-
 -- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
 CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
 RETURNS integer
@@ -24,7 +12,7 @@ DECLARE
   ts timestamptz := now();
   n integer;
 BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM require_between(max_runs, 1, 100000, 'max_runs');
   PERFORM set_mover('enqueue_delayed_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
@@ -50,7 +38,7 @@ DECLARE
   expired text[];
   keyed text[];
 BEGIN
-  PERFORM require_max_rows(max_runs, 'max_runs');
+  PERFORM require_between(max_runs, 1, 100000, 'max_runs');
   PERFORM set_mover('expire_enqueued_runs');
   WITH due AS (
     SELECT r.id FROM runs AS r
@@ -262,7 +250,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_max_rows(max_rows, 'max_rows');
+  n integer := require_between(max_rows, 1, 100000, 'max_rows');
   counts jsonb;
 BEGIN
   counts := jsonb_build_object(

@@ -45,7 +45,7 @@ AS $$
 $$;
 
 -- Completes the pending local edges on a waitpoint and resumes the runs it was the last
--- blocker of. Returns the friendly ids of the runs nothing blocks any more.
+-- blocker of. Returns the (bare) ids of the runs nothing blocks any more.
 CREATE OR REPLACE FUNCTION runops.complete_local_edges(waitpoint_id text)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE
@@ -63,7 +63,7 @@ BEGIN
     UPDATE run_waitpoints AS e SET completed_at = now()
     WHERE e.run_id = blocked AND e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL;
     IF resume_if_unblocked(blocked, false) THEN
-      unblocked := unblocked || ('run_' || blocked);
+      unblocked := unblocked || blocked;
     END IF;
   END LOOP;
   RETURN unblocked;
@@ -136,7 +136,6 @@ DECLARE
   kind text := create_waitpoint.type;
   key text;
   key_ttl interval;
-  raw text;
   due timestamptz;
   timeout interval;
   tags text[];
@@ -147,34 +146,25 @@ DECLARE
   ts timestamptz := now();
 BEGIN
   IF kind IS NULL OR kind NOT IN ('DATETIME', 'MANUAL') THEN
-    PERFORM raise_error('RO006', format('waitpoint type must be DATETIME or MANUAL, got %s', quote_nullable(kind)),
-                        NULL, 'RUN and BATCH waitpoints come with their run or batch');
+    PERFORM raise_invalid('waitpoint type', 'DATETIME or MANUAL', quote_nullable(kind),
+                          'RUN and BATCH waitpoints come with their run or batch');
   END IF;
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',
                                           'tags'], 'waitpoint');
-  key := option_text(o, 'idempotency_key', 2048);
-  IF key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
-  END IF;
-  raw := option_text(o, 'idempotency_key_ttl');
-  key_ttl := CASE WHEN raw IS NULL THEN default_idempotency_key_ttl()
-                  ELSE parse_duration(raw, 'option idempotency_key_ttl') END;
-  raw := option_text(o, 'completed_after');
+  key := option_idempotency_key(o);
+  key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
   IF kind = 'DATETIME' THEN
-    IF raw IS NULL THEN
+    due := option_moment(o, 'completed_after', ts);
+    IF due IS NULL THEN
       PERFORM raise_error('RO006', 'a DATETIME waitpoint needs completed_after (a duration or a timestamp)');
     END IF;
-    due := CASE WHEN raw ~ '^\d+[smhdw]$' THEN ts + parse_duration(raw, 'option completed_after')
-                ELSE parse_timestamp(raw, 'option completed_after') END;
-  ELSIF raw IS NOT NULL THEN
+  ELSIF option_text(o, 'completed_after') IS NOT NULL THEN
     PERFORM raise_error('RO006', 'completed_after is for DATETIME waitpoints; a MANUAL one takes timeout');
   END IF;
-  IF o ? 'timeout' AND o -> 'timeout' <> 'null'::jsonb THEN
-    IF kind <> 'MANUAL' THEN
-      PERFORM raise_error('RO006', 'timeout is for MANUAL waitpoints');
-    END IF;
-    timeout := parse_duration(option_text(o, 'timeout'), 'option timeout');
+  IF kind <> 'MANUAL' AND option_value(o, 'timeout') IS NOT NULL THEN
+    PERFORM raise_error('RO006', 'timeout is for MANUAL waitpoints');
   END IF;
+  timeout := option_duration(o, 'timeout', NULL);
   tags := coalesce(option_text_array(o, 'tags'), '{}');
   IF cardinality(tags) > 10 THEN
     PERFORM raise_error('RO006', format('option tags has %s tags; the limit is 10', cardinality(tags)));
@@ -319,13 +309,13 @@ BEGIN
   END IF;
   IF peer_wired() THEN
     BEGIN
-      SELECT coalesce(array_agg('run_' || e.run_id ORDER BY e.run_id), '{}'::text[]) INTO remote
+      SELECT coalesce(array_agg(e.run_id ORDER BY e.run_id), '{}'::text[]) INTO remote
       FROM runops_peer.run_waitpoints AS e WHERE e.waitpoint_id = bare AND e.completed_at IS NULL;
     EXCEPTION WHEN connection_exception THEN
       remote := '{}'::text[];  -- tick in the other store finds them when it is back
     END;
   END IF;
-  RETURN QUERY SELECT now_done, unblocked, remote;
+  RETURN QUERY SELECT now_done, friendly_ids(unblocked, 'run'), friendly_ids(remote, 'run');
 END
 $$;
 
