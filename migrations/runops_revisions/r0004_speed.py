@@ -1662,11 +1662,11 @@ BEGIN
       -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
       INSERT INTO runs
       SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, NULL, ts);
+                            create_run.error, NULL, NULL, NULL, ts);
     ELSE
       INSERT INTO runs
       SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, key_hash, ts)
+                            create_run.error, spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN
@@ -3496,12 +3496,15 @@ $$;
 -- folds what is constant there (a root without options costs no call at all); its row type is
 -- the table's, so its columns cannot drift from the table's order.
 --
+--   parent        the parent's row (NULL for a root): a child names it, a batch item its batch's
+--   spec          the parsed options (NULL: none); its key fields are not read, the key is passed
 --   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
---   key_hash      the dedup key the run holds (NULL: none, and the spec's key is not stored)
+--   key, key_hash the caller's key and its dedup key (NULL: the run holds none)
 --   at            the caller's runops.now(), read once
 CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
                                           task_identifier text, payload jsonb, spec runops.trigger_spec,
-                                          status text, error jsonb, key_hash text, at timestamptz)
+                                          status text, error jsonb, key text, key_hash text,
+                                          key_expires_at timestamptz, at timestamptz)
 RETURNS SETOF runops.runs
 LANGUAGE sql STABLE
 AS $$
@@ -3509,14 +3512,13 @@ AS $$
          coalesce(payload, '{}'::jsonb), NULL::jsonb, error,
          coalesce(spec.metadata, '{}'::jsonb), coalesce(spec.tags, '{}'::text[]),
          coalesce(spec.queue, 'task/' || task_identifier), spec.concurrency_key,
-         CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+         CASE WHEN key_hash IS NOT NULL THEN key END, key_hash,
          -- With no parent every scope acts as global, and says so.
          CASE WHEN key_hash IS NOT NULL THEN
-           CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
+           CASE WHEN parent.id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
          END,
-         CASE WHEN key_hash IS NOT NULL
-              THEN at + coalesce(spec.idempotency_key_ttl, runops.default_idempotency_key_ttl()) END,
-         spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+         CASE WHEN key_hash IS NOT NULL THEN key_expires_at END,
+         parent.id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
          coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
          spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
          CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,
@@ -4862,7 +4864,7 @@ BEGIN
     FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload) AS admitted_env
     CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
                                admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
-                               'PENDING', NULL, NULL, ts) AS n
+                               'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
     IF FOUND THEN

@@ -5,12 +5,15 @@
 -- folds what is constant there (a root without options costs no call at all); its row type is
 -- the table's, so its columns cannot drift from the table's order.
 --
+--   parent        the parent's row (NULL for a root): a child names it, a batch item its batch's
+--   spec          the parsed options (NULL: none); its key fields are not read, the key is passed
 --   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
---   key_hash      the dedup key the run holds (NULL: none, and the spec's key is not stored)
+--   key, key_hash the caller's key and its dedup key (NULL: the run holds none)
 --   at            the caller's runops.now(), read once
 CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
                                           task_identifier text, payload jsonb, spec runops.trigger_spec,
-                                          status text, error jsonb, key_hash text, at timestamptz)
+                                          status text, error jsonb, key text, key_hash text,
+                                          key_expires_at timestamptz, at timestamptz)
 RETURNS SETOF runops.runs
 LANGUAGE sql STABLE
 AS $$
@@ -18,14 +21,13 @@ AS $$
          coalesce(payload, '{}'::jsonb), NULL::jsonb, error,
          coalesce(spec.metadata, '{}'::jsonb), coalesce(spec.tags, '{}'::text[]),
          coalesce(spec.queue, 'task/' || task_identifier), spec.concurrency_key,
-         CASE WHEN key_hash IS NOT NULL THEN spec.idempotency_key END, key_hash,
+         CASE WHEN key_hash IS NOT NULL THEN key END, key_hash,
          -- With no parent every scope acts as global, and says so.
          CASE WHEN key_hash IS NOT NULL THEN
-           CASE WHEN spec.parent_run_id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
+           CASE WHEN parent.id IS NULL THEN 'global' ELSE coalesce(spec.idempotency_key_scope, 'run') END
          END,
-         CASE WHEN key_hash IS NOT NULL
-              THEN at + coalesce(spec.idempotency_key_ttl, runops.default_idempotency_key_ttl()) END,
-         spec.parent_run_id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
+         CASE WHEN key_hash IS NOT NULL THEN key_expires_at END,
+         parent.id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
          coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
          spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
          CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,

@@ -164,7 +164,7 @@ BEGIN
     FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload) AS admitted_env
     CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
                                admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
-                               'PENDING', NULL, NULL, ts) AS n
+                               'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
     IF FOUND THEN
