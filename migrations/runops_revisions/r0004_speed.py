@@ -1565,7 +1565,7 @@ END
 $$;
 
 -- Creates one run in this store, or returns the run that already holds its key (or its
--- pre-minted id). The caller has validated everything, decided this store owns the run, and
+-- pre-minted id): its bare id (the public functions add the prefix). The caller has validated everything, decided this store owns the run, and
 -- looked up the parent (require_parent; a NULL row for a root).
 --
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
@@ -1611,7 +1611,7 @@ BEGIN
           PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
                                                spec.run_id));
         END IF;
-        run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        run_id := existing.id; is_cached := true; status := existing.status;
         PERFORM wait_for_child(spec, parent, existing.id, existing.status);
         RETURN;
       END IF;
@@ -1624,7 +1624,7 @@ BEGIN
         AND r.idempotency_key_hash = key_hash;
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
-          run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          run_id := existing.id; is_cached := true; status := existing.status;
           -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
           PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
@@ -1651,7 +1651,7 @@ BEGIN
         claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);
         IF claim.holder_id IS NOT NULL THEN
-          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
+          run_id := claim.holder_id; is_cached := true; status := claim.holder_status;
           residency := classify_bare(claim.holder_id);
           PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
           RETURN;
@@ -1670,7 +1670,7 @@ BEGIN
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN
-      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      run_id := new_id; is_cached := false; status := run_status;
       IF spec.resume_parent_on_completion THEN
         PERFORM wait_for_child(spec, parent, new_id, run_status);
       END IF;
@@ -2699,18 +2699,13 @@ BEGIN
 END
 $$;
 
--- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
-CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
+-- Fixed-width base62 and base36 digits of a bigint. The four-digit forms are unrolled (one
+-- expression, no loop); the wider ones are made of them. All inline into their callers.
+CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
@@ -2720,27 +2715,15 @@ CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+  SELECT pg_catalog.right(runops.base62_digits4(v / 14776336), 3) || runops.base62_digits4(v % 14776336)  -- 62^4
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
+CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+  SELECT pg_catalog.right(runops.base62_digits4(v / 218340105584896), 2)                          -- 62^8
+      || runops.base62_digits4(v / 14776336 % 14776336) || runops.base62_digits4(v % 14776336)    -- 62^4
 $$;
 
 CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
@@ -2753,14 +2736,11 @@ AS $$
       || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
+CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+  SELECT runops.base36_digits4(v / 1679616 % 1679616) || runops.base36_digits4(v % 1679616)       -- 36^4
 $$;
 
 -- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random
@@ -4755,7 +4735,8 @@ $$;
 
 -- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
 -- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
--- create_run. initial_status NULL lets create_run choose PENDING or DELAYED.
+-- create_run. initial_status NULL lets create_run choose PENDING or DELAYED. The run's id comes
+-- back bare.
 CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
                                             options jsonb, initial_status text, error jsonb,
                                             OUT run_id text, OUT is_cached boolean, OUT status text,
@@ -4794,14 +4775,14 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
-      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      SELECT r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
       FROM runs AS r WHERE r.id = existing;
       RETURN;
     END IF;
   END IF;
   created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
   IF spec.batch_id IS NOT NULL THEN
-    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, created.run_id);
   END IF;
   run_id := created.run_id;
   is_cached := created.is_cached;
@@ -4878,7 +4859,7 @@ BEGIN
     SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
     IF FOUND THEN
       admitted := create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
-      run_id := admitted.run_id;
+      run_id := 'run_' || admitted.run_id;
       is_cached := admitted.is_cached;
       status := admitted.status;
       residency := admitted.residency;
@@ -4888,7 +4869,7 @@ BEGIN
   END IF;
   admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
                         trigger_run.options, NULL, NULL);
-  run_id := admitted.run_id;
+  run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
   residency := admitted.residency;
@@ -4910,7 +4891,7 @@ DECLARE
                                'SYSTEM_FAILURE',
                                coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
 BEGIN
-  run_id := admitted.run_id;
+  run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
   residency := admitted.residency;

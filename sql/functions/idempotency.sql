@@ -64,7 +64,7 @@ END
 $$;
 
 -- Creates one run in this store, or returns the run that already holds its key (or its
--- pre-minted id). The caller has validated everything, decided this store owns the run, and
+-- pre-minted id): its bare id (the public functions add the prefix). The caller has validated everything, decided this store owns the run, and
 -- looked up the parent (require_parent; a NULL row for a root).
 --
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
@@ -110,7 +110,7 @@ BEGIN
           PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
                                                spec.run_id));
         END IF;
-        run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+        run_id := existing.id; is_cached := true; status := existing.status;
         PERFORM wait_for_child(spec, parent, existing.id, existing.status);
         RETURN;
       END IF;
@@ -123,7 +123,7 @@ BEGIN
         AND r.idempotency_key_hash = key_hash;
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
-          run_id := 'run_' || existing.id; is_cached := true; status := existing.status;
+          run_id := existing.id; is_cached := true; status := existing.status;
           -- Trigger-and-wait on a cached run waits on that run (at once done if it finished).
           PERFORM wait_for_child(spec, parent, existing.id, existing.status);
           RETURN;
@@ -150,7 +150,7 @@ BEGIN
         claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);
         IF claim.holder_id IS NOT NULL THEN
-          run_id := 'run_' || claim.holder_id; is_cached := true; status := claim.holder_status;
+          run_id := claim.holder_id; is_cached := true; status := claim.holder_status;
           residency := classify_bare(claim.holder_id);
           PERFORM wait_for_child(spec, parent, claim.holder_id, claim.holder_status);
           RETURN;
@@ -169,7 +169,7 @@ BEGIN
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN
-      run_id := 'run_' || new_id; is_cached := false; status := run_status;
+      run_id := new_id; is_cached := false; status := run_status;
       IF spec.resume_parent_on_completion THEN
         PERFORM wait_for_child(spec, parent, new_id, run_status);
       END IF;

@@ -46,18 +46,13 @@ BEGIN
 END
 $$;
 
--- Fixed-width base62 and base36 digits of a bigint, unrolled: one expression, no loop.
-CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
+-- Fixed-width base62 and base36 digits of a bigint. The four-digit forms are unrolled (one
+-- expression, no loop); the wider ones are made of them. All inline into their callers.
+CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 13537086546263552 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 218340105584896 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3521614606208 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
+  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
       || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
@@ -67,27 +62,15 @@ CREATE OR REPLACE FUNCTION runops.base62_digits7(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 56800235584 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 916132832 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 14776336 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+  SELECT pg_catalog.right(runops.base62_digits4(v / 14776336), 3) || runops.base62_digits4(v % 14776336)  -- 62^4
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
+CREATE OR REPLACE FUNCTION runops.base62_digits10(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 78364164096 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 2176782336 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 60466176 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1679616 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 46656 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 1296 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v / 36 % 36)::integer + 1, 1)
-      || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
+  SELECT pg_catalog.right(runops.base62_digits4(v / 218340105584896), 2)                          -- 62^8
+      || runops.base62_digits4(v / 14776336 % 14776336) || runops.base62_digits4(v % 14776336)    -- 62^4
 $$;
 
 CREATE OR REPLACE FUNCTION runops.base36_digits4(v bigint)
@@ -100,14 +83,11 @@ AS $$
       || pg_catalog.substr('0123456789abcdefghijklmnopqrstuvwxyz', (v % 36)::integer + 1, 1)
 $$;
 
-CREATE OR REPLACE FUNCTION runops.base62_digits4(v bigint)
+CREATE OR REPLACE FUNCTION runops.base36_digits8(v bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 238328 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 3844 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v / 62 % 62)::integer + 1, 1)
-      || pg_catalog.substr('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', (v % 62)::integer + 1, 1)
+  SELECT runops.base36_digits4(v / 1679616 % 1679616) || runops.base36_digits4(v % 1679616)       -- 36^4
 $$;
 
 -- A KSUID: 32-bit seconds since the KSUID epoch, then a 128-bit payload taken from the random

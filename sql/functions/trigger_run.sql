@@ -55,7 +55,8 @@ $$;
 
 -- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
 -- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
--- create_run. initial_status NULL lets create_run choose PENDING or DELAYED.
+-- create_run. initial_status NULL lets create_run choose PENDING or DELAYED. The run's id comes
+-- back bare.
 CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
                                             options jsonb, initial_status text, error jsonb,
                                             OUT run_id text, OUT is_cached boolean, OUT status text,
@@ -94,14 +95,14 @@ BEGIN
   IF spec.batch_id IS NOT NULL THEN
     existing := claim_batch_index(target, spec);
     IF existing IS NOT NULL THEN
-      SELECT 'run_' || r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
+      SELECT r.id, true, r.status, local_residency() INTO run_id, is_cached, status, residency
       FROM runs AS r WHERE r.id = existing;
       RETURN;
     END IF;
   END IF;
   created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
   IF spec.batch_id IS NOT NULL THEN
-    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, substr(created.run_id, 5));
+    PERFORM attach_batch_item(spec.batch_id, spec.batch_index, created.run_id);
   END IF;
   run_id := created.run_id;
   is_cached := created.is_cached;
@@ -178,7 +179,7 @@ BEGIN
     SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
     IF FOUND THEN
       admitted := create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
-      run_id := admitted.run_id;
+      run_id := 'run_' || admitted.run_id;
       is_cached := admitted.is_cached;
       status := admitted.status;
       residency := admitted.residency;
@@ -188,7 +189,7 @@ BEGIN
   END IF;
   admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
                         trigger_run.options, NULL, NULL);
-  run_id := admitted.run_id;
+  run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
   residency := admitted.residency;
@@ -210,7 +211,7 @@ DECLARE
                                'SYSTEM_FAILURE',
                                coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
 BEGIN
-  run_id := admitted.run_id;
+  run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
   residency := admitted.residency;
