@@ -819,8 +819,11 @@ class Calls:
                          prepare=self._make_new_run),
             ]
 
+        def baseline_rows() -> int:
+            return int(_scalar(self.admin, "SELECT count(*) FROM bench.bench_baseline"))
+
         phases = [
-            self._pg("baseline", "baseline.sql", CLIENTS),
+            self._pg("baseline", "baseline.sql", CLIENTS, count=baseline_rows),
             self._pg("trigger_no_key", "trigger_no_key.sql", CLIENTS, count=self._runs),
             self._pg("trigger_new_key", "trigger_new_key.sql", CLIENTS, count=self._runs),
             self._pg("trigger_repeated_key", "trigger_repeated_key.sql", CLIENTS, count=self._runs,
@@ -834,7 +837,7 @@ class Calls:
                         return int(_scalar(c, sql))
                 phases.append(self._pg(call.name, call.script, CLIENTS, url=call.url, count=count))
         phases += read("", CLIENTS)
-        phases += [self._pg("baseline_c1", "baseline.sql", 1),
+        phases += [self._pg("baseline_c1", "baseline.sql", 1, count=baseline_rows),
                    self._pg("trigger_no_key_c1", "trigger_no_key.sql", 1, count=self._runs)]
         phases += read("_c1", 1)
         return phases
