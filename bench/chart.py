@@ -6,7 +6,8 @@ dependency): ``bench/harness.py`` calls it after each run and writes ``docs/benc
 Two panels, from the result's ``rows`` (the printed table's):
 
 * left: the 4-client enqueue calls, runops's and the peers', in calls per second (median of the
-  rounds; the whisker spans the rounds);
+  rounds; the whisker spans the rounds), each of a row's targets drawn as a marker at the rate it
+  asks for (its minimum times the rate of the row it is against: the baseline, a peer);
 * right: every row that has a yardstick, as its ratio to it (the baseline at the same clients,
   the set INSERT for batches, the local read for reads), with each target against the
   yardstick drawn as a tick — green bars meet every such target, red ones miss one.
@@ -25,6 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 MET, MISSED, PLAIN, PEER = "#2e7d32", "#c62828", "#607d8b", "#8d6e63"
+SHORT = {"baseline": "baseline", "trigger_no_key": "pgbench", "procrastinate_defer": "procr",
+         "procrastinate_defer_lock": "procr+lock", "graphile_add_job": "graphile",
+         "graphile_add_job_key": "graphile+key"}
+MARKERS = {"baseline": ("|", "black"), "trigger_no_key": ("|", "#37474f"), "procrastinate_defer": ("v", "#4e342e"),
+           "procrastinate_defer_lock": ("^", "#4e342e"), "graphile_add_job": ("D", "#6a1b9a"),
+           "graphile_add_job_key": ("s", "#6a1b9a")}
 PEERS = ("procrastinate_defer", "procrastinate_defer_lock", "graphile_add_job", "graphile_add_job_key")
 
 
@@ -55,10 +62,25 @@ def draw(result: dict[str, Any], out: Path) -> None:
     highs = [max(phases.get(r["name"], {}).get("rounds_calls_per_s") or [r["rate"]]) - r["rate"] for r in enqueue]
     left.barh(y, rates, xerr=[lows, highs], color=[_colour(r) for r in enqueue], capsize=3)
     left.set_yticks(y, [_label(r) for r in enqueue], fontsize=8)
-    left.set_xlabel("calls per second (median of the rounds; whisker: the rounds' range)")
+    left.set_xlabel("calls per second (median of the rounds; whisker: the rounds' range; marker: a target)")
     left.set_title("Enqueue, 4 clients: runops and its peers", fontsize=10)
-    for yi, rate in zip(y, rates, strict=True):
-        left.text(rate, yi, f" {rate:,.0f}", va="center", fontsize=7)
+    by_name = {r["name"]: r for r in rows}
+    shown: set[str] = set()
+    for yi, r, rate, high in zip(y, enqueue, rates, highs, strict=True):
+        left.text(rate + high, yi + 0.15, f" {rate:,.0f}", va="center", fontsize=7)
+        # Each target as the rate it asks for: its minimum times the rate of what it is against,
+        # one marker per yardstick (the legend names them).
+        for i, t in enumerate(r["targets"]):
+            against = by_name.get(t["against"])
+            if against is None or against["rate"] is None or against["unit"] != "calls":
+                continue
+            marker, colour = MARKERS.get(t["against"], ("x", "black"))
+            label = f"target: {t['minimum']:g} x {SHORT.get(t['against'], t['against'])}"
+            left.plot([t["minimum"] * against["rate"]], [yi - 0.22 + 0.14 * i], marker=marker, color=colour,
+                      linestyle="none", markersize=8, markeredgewidth=2, label=None if label in shown else label)
+            shown.add(label)
+    if shown:
+        left.legend(fontsize=6, loc="lower right")
 
     y = list(range(len(ratios)))[::-1]
     values = [r["ratio"] for r in ratios]
