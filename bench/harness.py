@@ -1018,7 +1018,7 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
             spread = (max(spread_values) - min(spread_values)) / mid if spread_values and mid else None
         else:
             spread = p.get("spread")
-        ref = "-" if r["reference"] is None else f"{_x(r['ratio'])} {SHORT.get(r['reference'], r['reference'])}"
+        ref = "-" if r["ratio"] is None else f"{_x(r['ratio'])} {SHORT.get(r['reference'], r['reference'])}"
         if r["reference"] is None and r["rate"] is not None:
             ref = "1.00"
         note = _target_cell(r["targets"])
@@ -1044,9 +1044,12 @@ def print_results(result: dict[str, Any]) -> None:
     reads; client: pgbench or the Python process), its ratio to its yardstick and to each peer,
     the rounds' spread, and its targets."""
     settings = result["machine"]["settings"]
-    title = (f"runops bench: fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}; "
-             f"calls: median of {result.get('rounds', 1)} interleaved rounds of {result['seconds']} s, "
-             f"pgbench -M prepared -c <c> -j {THREADS}; rows: median of repetitions, one connection")
+    title = f"runops bench: fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}"
+    if "calls" in result["sections"]:
+        title += (f"; calls: median of {result.get('rounds', 1)} interleaved rounds of {result['seconds']} s, "
+                  f"pgbench -M prepared -c <c> -j {THREADS}")
+    if "batches" in result["sections"]:
+        title += "; rows: median of repetitions, one connection"
     table(table_rows(result), TABLE_HEADERS, title=title)
     peers = result.get("peers") or {}
     if peers:
