@@ -1,41 +1,40 @@
-"""`runops bench`: trigger_run on the run-ops store against a plain INSERT baseline (SPEC §7), and
-batches against a set-based INSERT ... SELECT (issue 4).
+"""`runops bench`: one table of what runops's calls cost against a plain INSERT baseline (SPEC §7)
+and against its peers, Procrastinate and graphile-worker, all measured in the same run on the same
+cluster (issue 11), and batches against a set-based INSERT ... SELECT (issue 4).
 
 Two fresh local clusters (fsync and synchronous_commit on) are started in a temporary
-directory, migrated, wired and split, exactly as `runops dev up` does. On the run-ops store the
-benchmark then measures, one phase after another (never in parallel):
+directory, migrated, wired and split, exactly as `runops dev up` does, and the control plane is
+ticked every second (the tenant mirror's heartbeat). The peers are installed on demand into a
+bench-only place and get a database each on the run-ops cluster (``bench/peers.py``; never
+project dependencies). The workloads, rows of the table (``WORKLOADS``):
 
-* ``baseline``              a plain single-row INSERT into ``bench.bench_baseline`` (the SPEC's
-                            shape and indexes), measured first and last; the mean is the baseline;
-* ``trigger_no_key``        ``runops.trigger_run`` with no idempotency key;
-* ``python_client``         the same call through :class:`runops.client.RunOps`, 4 threads;
-* ``trigger_new_key``       ``trigger_run`` with a key no run holds yet;
-* ``trigger_repeated_key``  ``trigger_run`` with a key a live run holds (the cached path).
+* 4 clients: ``baseline`` (a plain single-row INSERT into ``bench.bench_baseline``, the SPEC's
+  shape and indexes); ``trigger_no_key``, ``trigger_new_key``, ``trigger_repeated_key``
+  (``runops.trigger_run`` without a key, with a key no run holds, with one of 1,000 keys live
+  runs hold: the cached path); ``python_client`` (``RunOps.trigger_run``, 4 threads);
+  Procrastinate's ``procrastinate_defer_jobs_v1`` without and with a queueing lock;
+  graphile-worker's ``add_job`` without and with a ``job_key``; reads by id: ``read_local``
+  (``runops.get_run`` of a NEW run on the run-ops store), ``read_fdw`` (``get_run`` of a LEGACY
+  run asked of the run-ops store: through postgres_fdw) and ``read_client`` (``RunOps.get_run``
+  of a NEW run, routed by the id's shape);
+* 1 client: the baseline, ``trigger_no_key`` and the three reads again;
+* batches (one connection): ``batch_baseline`` (INSERT ... SELECT of 10,000 rows),
+  ``batch_trigger`` of 10,000 items without and with keys, ``stream_batch`` of 100,000 items in
+  chunks of 1,000.
 
-Every pgbench phase is ``pgbench -n -M prepared -c 4 -j 2 -T <seconds>`` as ``runops_app`` over
-TCP, with a CHECKPOINT before it. Each rate is reported as a ratio to the baseline of the same
-run (the Python client against ``trigger_no_key``), with its target. The scripts live beside
-this harness in ``bench/pgbench/``; ``bench/run.py`` is the stand-alone entry point, and the
-other ``bench/*.py`` experiments build on this module. ``runops bench`` loads it from the
-checkout (the benchmarks' one home is ``bench/``: docs/decisions.md).
+Every pgbench phase is ``pgbench -n -M prepared -c <clients> -j <threads> -T <seconds>`` as
+``runops_app`` over TCP, with a per-transaction log for the latency percentiles. Before each
+phase every table the workloads write is emptied (runops's run graph, the baseline tables, the
+peers' job tables) and a CHECKPOINT runs. The call phases run in ``rounds`` (default 3) rounds,
+round-robin through every call workload in each; the rate reported is the median of the rounds,
+with their spread. Each row's ratio is to its own yardstick (the baseline at the same number of
+clients; the set INSERT for batches; the local read for the other reads) and, for the 4-client
+enqueue rows, to each peer. ``TARGETS`` (issue 11) are data here and the table marks each met or
+missed. ``bench/chart.py`` draws the same rows (``docs/benchmarks.png``).
 
-Then, on the same clusters, the batch phases (issue 4), counted in rows per second and taken as
-the median of several repetitions (one connection, ``runops_app``, a CHECKPOINT before each
-repetition, only the call's wall time counted):
-
-* ``batch_baseline``        one set-based ``INSERT ... SELECT`` of 10,000 rows into
-                            ``bench.bench_batch_baseline`` (the baseline's shape and indexes);
-* ``batch_trigger_no_key``  ``runops.batch_trigger`` with 10,000 items without keys;
-* ``batch_trigger_keys``    the same with a fresh idempotency key per item;
-* ``stream_batch``          ``RunOps.stream_batch`` of 100,000 items in chunks of 1,000
-                            (create, 100 appends, seal).
-
-The repetitions are interleaved (baseline, no key, keys; then baseline, stream), so load
-drifting during the run reaches every phase alike. Each batch is checked after its call
-(item_count, sealed, one run per item, keys held).
-
-Exit codes of :func:`main`: 0 every target met, 4 the benchmark ran but missed a target,
-1 it could not run.
+Exit codes of :func:`main`: 0 every target measured was met, 4 the benchmark ran but missed a
+target, 1 it could not run. A peer that cannot be installed is reported in its rows and its
+targets are not measured.
 """
 
 from __future__ import annotations
@@ -55,12 +54,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 import psycopg
+from peers import Peer, PeerUnavailable, chart_python, setup_peers
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import RunOpsError
@@ -73,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 CLIENTS = 4
 THREADS = 2
 PYTHON_THREADS = 4
+ROUNDS = 3
 REPEATED_KEYS = 1000
 TASK = "bench-task"
 PAYLOAD: dict[str, Any] = {"n": 1}
@@ -120,15 +121,71 @@ SELECT 'b' || %(p)s || g, 'run_b' || %(p)s || g, %(env)s, 'bench-task', 'PENDING
 FROM generate_series(1, %(n)s) AS g
 """
 BATCH_TRIGGER = "SELECT * FROM runops.batch_trigger(%(env)s, %(items)s::jsonb, '{}')"
+# What the workloads write on the run-ops store, emptied before each phase (the run graph with
+# its idempotency claims, and both baseline tables; the peers empty their own job tables).
+RESET_RUN_OPS = """
+TRUNCATE runops.runs, runops.attempts, runops.checkpoints, runops.batches, runops.batch_items,
+         runops.waitpoints, runops.run_waitpoints, runops.idempotency_claims,
+         bench.bench_baseline, bench.bench_batch_baseline
+"""
 
 
 class BenchError(RunOpsError):
     """The benchmark could not run (missing pgbench or scripts, a phase failed)."""
 
 
+# -- what is measured, and against what --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A row of the table: the workload, its clients, and the row its ratio is taken against."""
+
+    name: str
+    label: str
+    clients: int
+    unit: str                  # "calls" or "rows" (per second)
+    reference: str | None      # the row's own yardstick
+    versus_peers: bool = False  # a 4-client enqueue: its ratio to each peer is shown too
+
+
+PEER_WORKLOADS = ("procrastinate_defer", "procrastinate_defer_lock", "graphile_add_job", "graphile_add_job_key")
+READS = ("read_local", "read_fdw", "read_client")
+
+WORKLOADS = (
+    Workload("baseline", "baseline: INSERT (SPEC 7)", CLIENTS, "calls", None, True),
+    Workload("trigger_no_key", "trigger_run, no key", CLIENTS, "calls", "baseline", True),
+    Workload("trigger_new_key", "trigger_run, new key", CLIENTS, "calls", "baseline", True),
+    Workload("trigger_repeated_key", "trigger_run, cached (repeated key)", CLIENTS, "calls", "baseline", True),
+    Workload("python_client", "Python RunOps.trigger_run, no key", CLIENTS, "calls", "baseline", True),
+    Workload("procrastinate_defer", "Procrastinate defer", CLIENTS, "calls", "baseline", True),
+    Workload("procrastinate_defer_lock", "Procrastinate defer, queueing lock", CLIENTS, "calls", "baseline", True),
+    Workload("graphile_add_job", "graphile-worker add_job", CLIENTS, "calls", "baseline", True),
+    Workload("graphile_add_job_key", "graphile-worker add_job, job_key", CLIENTS, "calls", "baseline", True),
+    Workload("read_local", "get_run NEW, on run-ops (local)", CLIENTS, "calls", None),
+    Workload("read_fdw", "get_run LEGACY, on run-ops (FDW)", CLIENTS, "calls", "read_local"),
+    Workload("read_client", "Python RunOps.get_run NEW (routed)", CLIENTS, "calls", "read_local"),
+    Workload("baseline_c1", "baseline: INSERT (SPEC 7)", 1, "calls", None),
+    Workload("trigger_no_key_c1", "trigger_run, no key", 1, "calls", "baseline_c1"),
+    Workload("read_local_c1", "get_run NEW, on run-ops (local)", 1, "calls", None),
+    Workload("read_fdw_c1", "get_run LEGACY, on run-ops (FDW)", 1, "calls", "read_local_c1"),
+    Workload("read_client_c1", "Python RunOps.get_run NEW (routed)", 1, "calls", "read_local_c1"),
+    Workload("batch_baseline", f"set INSERT ... SELECT, {BATCH_ITEMS:,} rows", 1, "rows", None),
+    Workload("batch_trigger_no_key", f"batch_trigger, {BATCH_ITEMS:,} items, no keys", 1, "rows", "batch_baseline"),
+    Workload("batch_trigger_keys", f"batch_trigger, {BATCH_ITEMS:,} items, keys", 1, "rows", "batch_baseline"),
+    Workload("stream_batch", f"stream_batch, {STREAM_ITEMS:,} items streamed", 1, "rows", "batch_baseline"),
+)
+WORKLOAD = {w.name: w for w in WORKLOADS}
+# Short names of the yardsticks, for the table's headers and target cells.
+SHORT = {"baseline": "baseline", "baseline_c1": "baseline", "batch_baseline": "set INSERT",
+         "trigger_no_key": "pgbench trigger", "read_local": "local read", "read_local_c1": "local read",
+         "procrastinate_defer": "procr", "procrastinate_defer_lock": "procr+lock",
+         "graphile_add_job": "graphile", "graphile_add_job_key": "graphile+key"}
+
+
 @dataclass(frozen=True)
 class Target:
-    """What a phase is compared against, and the least ratio that passes."""
+    """The least ratio of ``name``'s rate to ``against``'s that passes (issue 11)."""
 
     name: str
     against: str
@@ -136,9 +193,13 @@ class Target:
 
 
 TARGETS = (
-    Target("trigger_no_key", "baseline", 0.80),
-    Target("trigger_new_key", "baseline", 0.75),
-    Target("trigger_repeated_key", "baseline", 1.00),
+    Target("trigger_no_key", "baseline", 0.70),
+    Target("trigger_no_key", "procrastinate_defer", 1.25),
+    Target("trigger_no_key", "graphile_add_job", 2.0),
+    Target("trigger_new_key", "baseline", 0.58),
+    Target("trigger_new_key", "procrastinate_defer_lock", 1.15),
+    Target("trigger_new_key", "graphile_add_job_key", 2.0),
+    Target("trigger_repeated_key", "baseline", 1.50),
     Target("python_client", "trigger_no_key", 0.85),
     Target("batch_trigger_no_key", "batch_baseline", 0.50),
     Target("batch_trigger_keys", "batch_baseline", 0.35),
@@ -146,19 +207,80 @@ TARGETS = (
 )
 
 
+def _ratio(rates: dict[str, float], name: str, against: str | None) -> float | None:
+    if against is None or rates.get(name) is None or not rates.get(against):
+        return None
+    return rates[name] / rates[against]
+
+
+def report_rows(rates: dict[str, float], unavailable: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The table's rows from the median rates (workload → per second): each workload measured
+    (or unavailable, with the reason), its ratio to its yardstick and to each peer, and its
+    targets, each met (True), missed (False) or not measured (None). Pure: no I/O."""
+    unavailable = unavailable or {}
+    rows: list[dict[str, Any]] = []
+    for w in WORKLOADS:
+        if w.name not in rates and w.name not in unavailable:
+            continue
+        rate = rates.get(w.name)
+        targets = []
+        for t in TARGETS:
+            if t.name == w.name:
+                r = _ratio(rates, w.name, t.against)
+                targets.append({"against": t.against, "minimum": t.minimum, "ratio": r,
+                                "met": None if r is None else r >= t.minimum,
+                                **({"not_measured": unavailable[t.against]} if t.against in unavailable else {})})
+        rows.append({"name": w.name, "label": w.label, "clients": w.clients, "unit": w.unit, "rate": rate,
+                     "reference": w.reference, "ratio": _ratio(rates, w.name, w.reference),
+                     "peers": {p: _ratio(rates, w.name, p) for p in PEER_WORKLOADS} if w.versus_peers else {},
+                     "targets": targets, "unavailable": unavailable.get(w.name)})
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]]) -> bool:
+    """Every target measured was met (one not measured, a peer missing, neither fails nor passes)."""
+    return all(t["met"] is not False for r in rows for t in r["targets"])
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class PhaseResult:
-    name: str
-    tool: str                  # "pgbench" or "python"
+class RoundResult:
+    """One call phase, one round."""
+
     calls_per_s: float
     calls: int
     failed: int
-    latency_ms: float | None
+    p50_ms: float | None
+    p99_ms: float | None
     wal_bytes_per_call: float | None
-    server_cpu_us_per_call: float | None   # every process of the run-ops cluster, per call
+    server_cpu_us_per_call: float | None   # the run-ops cluster (both clusters for reads via the FDW)
     client_cpu_us_per_call: float | None   # pgbench, or the Python process, per call
-    runs_created: int | None
+    rows_created: int | None               # rows the phase left in the tables it writes
     seconds: float
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """A call workload over its rounds: medians, and each round's rate."""
+
+    name: str
+    tool: str                  # "pgbench" or "python"
+    clients: int
+    calls_per_s: float         # median of the rounds
+    rounds_calls_per_s: list[float]
+    spread: float              # (max - min) / median of the rounds' rates
+    p50_ms: float | None       # medians of the rounds' figures from here on
+    p99_ms: float | None
+    wal_bytes_per_call: float | None
+    server_cpu_us_per_call: float | None
+    client_cpu_us_per_call: float | None
+    calls: int                 # over all rounds
+    failed: int
+    rows_created: list[int | None]
+    seconds: float
+    rounds: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -175,6 +297,34 @@ class BatchPhaseResult:
     server_cpu_us_per_row: float | None    # every process of the run-ops cluster, per row
     client_cpu_us_per_row: float | None    # the Python process, per row
     batch_ids: list[str]                   # the batches made (empty for the baseline)
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def aggregate(name: str, tool: str, clients: int, rounds: list[RoundResult]) -> PhaseResult:
+    rates = [r.calls_per_s for r in rounds]
+    mid = statistics.median(rates)
+    return PhaseResult(
+        name, tool, clients, mid, rates, (max(rates) - min(rates)) / mid if mid else 0.0,
+        _median([r.p50_ms for r in rounds]), _median([r.p99_ms for r in rounds]),
+        _median([r.wal_bytes_per_call for r in rounds]), _median([r.server_cpu_us_per_call for r in rounds]),
+        _median([r.client_cpu_us_per_call for r in rounds]), sum(r.calls for r in rounds),
+        sum(r.failed for r in rounds), [r.rows_created for r in rounds], sum(r.seconds for r in rounds),
+        [asdict(r) for r in rounds])
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` percentile (0 < q <= 100) of an ascending list."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * q // 100)))
+    return sorted_values[int(rank) - 1]
+
+
+# -- running the calls --------------------------------------------------------------------------------
 
 
 def scripts_dir() -> Path:
@@ -202,74 +352,102 @@ class Work:
     failed: int
     latency_ms: float | None
     all_calls: int             # with any warm-up: what the CPU and WAL figures are divided by
+    latencies_us: list[float] = field(default_factory=list)   # each call's, ascending (when logged)
 
 
-def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int, variables: dict[str, str]) -> Work:
-    """One pgbench run of ``script`` (its tps excludes the initial connection time)."""
-    cmd = [str(pgbench), "-n", "-M", "prepared", "-c", str(CLIENTS), "-j", str(THREADS),
-           "-T", str(seconds), "-f", str(script)]
-    for k, v in variables.items():
-        cmd += ["-D", f"{k}={v}"]
-    cmd.append(url)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 120)
-    tps, done = _TPS.search(out.stdout), _DONE.search(out.stdout)
-    if out.returncode != 0 or tps is None or done is None:
-        raise BenchError(f"pgbench {script.name} failed (exit {out.returncode}):\n"
-                         f"{out.stderr.strip()[-2000:]}\n{out.stdout.strip()[-1000:]}")
-    failed, latency = _FAILED.search(out.stdout), _LATENCY.search(out.stdout)
-    return Work(float(tps.group(1)), int(done.group(1)), int(failed.group(1)) if failed else 0,
-                float(latency.group(1)) if latency else None, int(done.group(1)))
+def _read_pgbench_logs(directory: Path) -> list[float]:
+    """Every transaction's latency (µs) from pgbench's per-transaction logs (``-l``): the third
+    field of each line."""
+    out: list[float] = []
+    for log in directory.iterdir():
+        with log.open() as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3:
+                    out.append(float(parts[2]))
+    out.sort()
+    return out
+
+
+def run_pgbench(pgbench: Path, url: str, script: Path, seconds: int, variables: dict[str, str], *,
+                clients: int = CLIENTS, threads: int = THREADS, latencies: bool = False) -> Work:
+    """One pgbench run of ``script`` (its tps excludes the initial connection time); with
+    ``latencies`` each transaction's latency, from its per-transaction log."""
+    with tempfile.TemporaryDirectory(prefix="runops-pgbench-") as logs:
+        cmd = [str(pgbench), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(threads, clients)),
+               "-T", str(seconds), "-f", str(script)]
+        if latencies:
+            cmd += ["-l", f"--log-prefix={logs}/tx"]
+        for k, v in variables.items():
+            cmd += ["-D", f"{k}={v}"]
+        cmd.append(url)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 120)
+        tps, done = _TPS.search(out.stdout), _DONE.search(out.stdout)
+        if out.returncode != 0 or tps is None or done is None:
+            raise BenchError(f"pgbench {script.name} failed (exit {out.returncode}):\n"
+                             f"{out.stderr.strip()[-2000:]}\n{out.stdout.strip()[-1000:]}")
+        failed, latency = _FAILED.search(out.stdout), _LATENCY.search(out.stdout)
+        return Work(float(tps.group(1)), int(done.group(1)), int(failed.group(1)) if failed else 0,
+                    float(latency.group(1)) if latency else None, int(done.group(1)),
+                    _read_pgbench_logs(Path(logs)) if latencies else [])
+
+
+def run_python_calls(client: RunOps, call: Callable[[RunOps], object], threads: int, seconds: int) -> Work:
+    """``threads`` threads making ``call`` in a loop on one shared client, after a one-second
+    warm-up (the pool grows to one connection per thread and psycopg prepares the statement after
+    five executions); each counted call is timed."""
+    counts = [0] * threads
+    warm = [0] * threads
+    failures = [0] * threads
+    times: list[list[float]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+    measuring = threading.Event()
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        try:
+            while not stop.is_set():
+                counting = measuring.is_set()
+                t0 = time.perf_counter()
+                try:
+                    call(client)
+                except RunOpsError:
+                    if counting:
+                        failures[i] += 1
+                    continue
+                if counting:
+                    counts[i] += 1
+                    times[i].append(time.perf_counter() - t0)
+                else:
+                    warm[i] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(1.0)
+    measuring.set()
+    t_start = time.perf_counter()
+    time.sleep(seconds)
+    total = sum(counts)
+    elapsed = time.perf_counter() - t_start
+    stop.set()
+    for t in pool:
+        t.join(timeout=30)
+    if errors:
+        raise BenchError(f"the Python client harness failed: {errors[0]!r}")
+    latencies = sorted(1e6 * s for ts in times for s in ts)
+    return Work(total / elapsed, total, sum(failures),
+                statistics.fmean(latencies) / 1000 if latencies else None, sum(counts) + sum(warm), latencies)
 
 
 def run_python_client(control_plane_url: str, run_ops_url: str, environment_id: str, seconds: int) -> Work:
     """PYTHON_THREADS threads calling RunOps.trigger_run (no key) in a loop on one shared client
     (a pool of PYTHON_THREADS connections), after a one-second warm-up."""
-    counts = [0] * PYTHON_THREADS
-    warm = [0] * PYTHON_THREADS
-    failures = [0] * PYTHON_THREADS
-    busy = [0.0] * PYTHON_THREADS
-    errors: list[BaseException] = []
-    measuring = threading.Event()
-    stop = threading.Event()
     with RunOps(control_plane_url, run_ops_url, max_pool_size=PYTHON_THREADS) as client:
-
-        def worker(i: int) -> None:
-            # Until `measuring` is set, the calls warm up: the pool grows to one connection per
-            # thread and psycopg prepares the statement (after 5 executions).
-            try:
-                while not stop.is_set():
-                    counting = measuring.is_set()
-                    t0 = time.perf_counter()
-                    try:
-                        client.trigger_run(environment_id, TASK, PAYLOAD)
-                    except RunOpsError:
-                        if counting:
-                            failures[i] += 1
-                        continue
-                    if counting:
-                        counts[i] += 1
-                        busy[i] += time.perf_counter() - t0
-                    else:
-                        warm[i] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-                errors.append(exc)
-
-        pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(PYTHON_THREADS)]
-        for t in pool:
-            t.start()
-        time.sleep(1.0)
-        measuring.set()
-        t_start = time.perf_counter()
-        time.sleep(seconds)
-        total = sum(counts)
-        elapsed = time.perf_counter() - t_start
-        stop.set()
-        for t in pool:
-            t.join(timeout=30)
-    if errors:
-        raise BenchError(f"the Python client harness failed: {errors[0]!r}")
-    return Work(total / elapsed, total, sum(failures), 1000.0 * sum(busy) / max(sum(counts), 1),
-                sum(counts) + sum(warm))
+        return run_python_calls(client, lambda c: c.trigger_run(environment_id, TASK, PAYLOAD),
+                                PYTHON_THREADS, seconds)
 
 
 def _scalar(conn: psycopg.Connection[Any], sql: str, params: tuple[Any, ...] = ()) -> Any:
@@ -298,12 +476,17 @@ def server_cpu_seconds(datadir: str) -> float | None:
         return None
 
 
-def _wait_for_backends_to_exit(admin: psycopg.Connection[Any], timeout: float = 10.0) -> None:
-    """Until the phase's connections are gone, so that their CPU time has been reaped."""
+def _wait_for_backends_to_exit(admin: psycopg.Connection[Any], timeout: float = 10.0,
+                               others: list[psycopg.Connection[Any]] | None = None) -> None:
+    """Until the phase's connections are gone, so that their CPU time has been reaped: every
+    client backend of ``admin``'s cluster but its own (any database: the peers' too), and those
+    postgres_fdw opened on the clusters of ``others``."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _scalar(
+    while time.monotonic() < deadline and (_scalar(
             admin, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                   "AND pid <> pg_backend_pid() AND datname = current_database()") > 0:
+                   "AND pid <> pg_backend_pid()") > 0 or any(_scalar(
+            o, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+               "AND application_name = 'postgres_fdw'") > 0 for o in others or [])):
         time.sleep(0.05)
     time.sleep(0.1)  # the postmaster reaps an exited backend asynchronously
 
@@ -342,10 +525,6 @@ def _source(admin: psycopg.Connection[Any]) -> dict[str, Any]:
     except (BenchError, OSError, subprocess.SubprocessError):
         pass
     return info
-
-
-def _mean(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else (a + b) / 2
 
 
 def _bring_up(home: Path) -> LocalStores:
@@ -463,10 +642,12 @@ def _check_batch(admin: psycopg.Connection[Any], client: RunOps, batch_id: str, 
 
 def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: str, datadir: str, *,
                      reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS,
-                     say: Callable[[str], None] = lambda _m: None) -> dict[str, BatchPhaseResult]:
+                     say: Callable[[str], None] = lambda _m: None,
+                     reset: Callable[[], None] = lambda: None) -> dict[str, BatchPhaseResult]:
     """The batch phases on the run-ops store (issue 4), one repetition after another:
     ``reps`` rounds of (baseline, batch_trigger without keys, with keys), then ``stream_reps``
-    rounds of (baseline, stream_batch). Each batch is checked after its call."""
+    rounds of (baseline, stream_batch). ``reset`` runs before each repetition (it empties the
+    tables); each batch is checked after its call."""
     if reps < 1 or stream_reps < 0:
         raise BenchError("the batch phases need at least one repetition")
     admin.execute(BATCH_BASELINE_DDL)
@@ -482,6 +663,7 @@ def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: s
         conn.execute("SELECT 1")
 
         def baseline(rep: int) -> None:
+            reset()
             prefix = secrets.token_hex(6)
             _, r = _timed_rep(admin, datadir, lambda: conn.execute(
                 BATCH_BASELINE_INSERT, {"p": prefix, "env": env, "n": n}))
@@ -493,6 +675,7 @@ def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: s
             say(f"  batch_baseline #{rep}: {n / r.seconds:.0f} rows/s")
 
         def trigger(name: str, items: str, keyed: bool, rep: int) -> None:
+            reset()
             row, r = _timed_rep(admin, datadir, lambda: conn.execute(
                 BATCH_TRIGGER, {"env": env, "items": items}).fetchone())
             if row is None or row[1]:
@@ -517,6 +700,7 @@ def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: s
             client.trigger_route(env)  # the pool is open and the route known before timing
         for rep in range(1, stream_reps + 1):
             baseline(reps + rep)
+            reset()
             created, r = _timed_rep(admin, datadir, lambda: client.stream_batch(
                 env, stream_items, expected_count=STREAM_ITEMS, chunk_size=STREAM_CHUNK))
             _check_batch(admin, client, created.batch_id, STREAM_ITEMS, False)
@@ -529,22 +713,207 @@ def run_batch_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: s
             for name, reps_ in timings.items() if reps_}
 
 
+
+
+# -- the call phases ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CallPhase:
+    """How one call workload is run and metered (one round: :meth:`Calls.measure`)."""
+
+    name: str
+    tool: str                              # "pgbench" or "python"
+    clients: int
+    run: Callable[[], Work]
+    client_cpu: Callable[[], float]
+    prepare: Callable[[], None] = lambda: None          # after the tables are emptied
+    count: Callable[[], int] | None = None              # rows the workload's tables hold
+    check: Callable[[RoundResult], None] = lambda _r: None
+    fdw: bool = False                      # reads through the FDW: both clusters' CPU counts
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Calls:
+    """The call workloads on one pair of clusters: set up once, then measured round by round."""
+
+    def __init__(self, stores: LocalStores, admin: psycopg.Connection[Any], cp_admin: psycopg.Connection[Any],
+                 env: str, pgbench: Path, seconds: int, peers: list[Peer], say: Callable[[str], None]) -> None:
+        self.stores, self.admin, self.cp_admin, self.env = stores, admin, cp_admin, env
+        self.app = stores.app_urls()
+        self.pgbench, self.seconds, self.peers, self.say = pgbench, seconds, peers, say
+        self.datadirs = {store: c.datadir for store, c in stores.clusters.items()}
+        self.new_run = ""     # the NEW run the reads read: made again after each reset
+        admin.execute(BASELINE_DDL)
+        admin.execute(BATCH_BASELINE_DDL)
+        with RunOps(self.app[CONTROL_PLANE], self.app[RUN_OPS]) as client:
+            org = client.create_organization(f"bench-legacy-{secrets.token_hex(3)}", mint_kind="cuid")
+            env_legacy = client.create_environment(client.create_project(org, "bench"), "e", "PRODUCTION")
+            self.legacy_run = client.trigger_run(env_legacy, TASK, PAYLOAD).run_id
+            if client.trigger_route(env_legacy) != CONTROL_PLANE:
+                raise BenchError(f"root triggers of {env_legacy} do not route to the control plane")
+        self.phases = self._phases()
+
+    # -- resetting and preparing
+
+    def reset(self) -> None:
+        """Empties every table the workloads write, on the run-ops store and in the peers' databases."""
+        self.admin.execute(RESET_RUN_OPS)
+        for peer in self.peers:
+            if peer.calls:
+                with psycopg.connect(self.stores.clusters[RUN_OPS].admin_url(peer.database), autocommit=True) as c:
+                    c.execute(peer.calls[0].reset_sql)
+
+    def _prefill_repeated_keys(self) -> None:
+        with psycopg.connect(self.app[RUN_OPS], autocommit=True) as ro:
+            ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, "
+                       "LATERAL runops.trigger_run(%s, %s, %s::jsonb, "
+                       "jsonb_build_object('idempotency_key', 'r' || g)) AS t",
+                       (REPEATED_KEYS, self.env, TASK, json.dumps(PAYLOAD)))
+
+    def _make_new_run(self) -> None:
+        with psycopg.connect(self.app[RUN_OPS], autocommit=True) as ro:
+            row = ro.execute("SELECT run_id, residency FROM runops.trigger_run(%s, %s, %s::jsonb, '{}')",
+                             (self.env, TASK, json.dumps(PAYLOAD))).fetchone()
+        if row is None or row[1] != "NEW":
+            raise BenchError(f"trigger_run on the run-ops store made {row!r}, not a NEW run")
+        self.new_run = str(row[0])
+
+    def _runs(self) -> int:
+        return int(_scalar(self.admin, "SELECT count(*) FROM runops.runs"))
+
+    # -- the workloads
+
+    def _pg(self, name: str, script: str, clients: int, url: str | None = None,
+            variables: Callable[[], dict[str, str]] = dict, **kw: Any) -> CallPhase:
+        def run() -> Work:
+            return run_pgbench(self.pgbench, url or self.app[RUN_OPS], scripts_dir() / script, self.seconds,
+                               {"env": self.env, "keys": str(REPEATED_KEYS), **variables()},
+                               clients=clients, latencies=True)
+        return CallPhase(name, "pgbench", clients, run, _children_cpu, **kw)
+
+    def _py(self, name: str, threads: int, call: Callable[[RunOps], object], **kw: Any) -> CallPhase:
+        def run() -> Work:
+            with RunOps(self.app[CONTROL_PLANE], self.app[RUN_OPS], max_pool_size=threads) as client:
+                return run_python_calls(client, call, threads, self.seconds)
+        return CallPhase(name, "python", threads, run, time.process_time, **kw)
+
+    def _phases(self) -> list[CallPhase]:
+        env = self.env
+
+        def no_runs_made(r: RoundResult) -> None:
+            if r.rows_created:
+                raise BenchError(f"the repeated-key phase created {r.rows_created} runs")
+
+        def read(suffix: str, clients: int) -> list[CallPhase]:
+            return [
+                self._pg(f"read_local{suffix}", "get_run.sql", clients, variables=lambda: {"run": self.new_run},
+                         prepare=self._make_new_run),
+                self._pg(f"read_fdw{suffix}", "get_run.sql", clients, variables=lambda: {"run": self.legacy_run},
+                         fdw=True),
+                self._py(f"read_client{suffix}", clients, lambda c: c.get_run(self.new_run),
+                         prepare=self._make_new_run),
+            ]
+
+        def baseline_rows() -> int:
+            return int(_scalar(self.admin, "SELECT count(*) FROM bench.bench_baseline"))
+
+        phases = [
+            self._pg("baseline", "baseline.sql", CLIENTS, count=baseline_rows),
+            self._pg("trigger_no_key", "trigger_no_key.sql", CLIENTS, count=self._runs),
+            self._pg("trigger_new_key", "trigger_new_key.sql", CLIENTS, count=self._runs),
+            self._pg("trigger_repeated_key", "trigger_repeated_key.sql", CLIENTS, count=self._runs,
+                     prepare=self._prefill_repeated_keys, check=no_runs_made),
+            self._py("python_client", PYTHON_THREADS, lambda c: c.trigger_run(env, TASK, PAYLOAD), count=self._runs),
+        ]
+        for peer in self.peers:
+            for call in peer.calls:
+                def count(sql: str = call.count_sql, db: str = peer.database) -> int:
+                    with psycopg.connect(self.stores.clusters[RUN_OPS].admin_url(db), autocommit=True) as c:
+                        return int(_scalar(c, sql))
+                phases.append(self._pg(call.name, call.script, CLIENTS, url=call.url, count=count))
+        phases += read("", CLIENTS)
+        phases += [self._pg("baseline_c1", "baseline.sql", 1, count=baseline_rows),
+                   self._pg("trigger_no_key_c1", "trigger_no_key.sql", 1, count=self._runs)]
+        phases += read("_c1", 1)
+        return phases
+
+    # -- one round of one phase
+
+    def measure(self, phase: CallPhase) -> RoundResult:
+        """Empties the tables, prepares, CHECKPOINTs, then runs the phase once, metered."""
+        others = [self.cp_admin] if phase.fdw else []
+        self.reset()
+        phase.prepare()
+        self.admin.execute("CHECKPOINT")
+        _wait_for_backends_to_exit(self.admin, others=others)
+        rows0 = phase.count() if phase.count else None
+        wal0 = _wal_lsn(self.admin)
+        servers = [self.datadirs[RUN_OPS]] + ([self.datadirs[CONTROL_PLANE]] if phase.fdw else [])
+        cpu0, client0, t0 = _cpu(servers), phase.client_cpu(), time.perf_counter()
+        w = phase.run()
+        elapsed = time.perf_counter() - t0
+        client1 = phase.client_cpu()
+        wal1 = _wal_lsn(self.admin)
+        _wait_for_backends_to_exit(self.admin, others=others)
+        cpu1 = _cpu(servers)
+        rows1 = phase.count() if phase.count else None
+        per_call = 1e6 / w.all_calls if w.all_calls else None
+        result = RoundResult(
+            w.calls_per_s, w.calls, w.failed,
+            None if not w.latencies_us else (percentile(w.latencies_us, 50) or 0) / 1000,
+            None if not w.latencies_us else (percentile(w.latencies_us, 99) or 0) / 1000,
+            (wal1 - wal0) / w.all_calls if w.all_calls else None,
+            None if cpu0 is None or cpu1 is None or per_call is None else (cpu1 - cpu0) * per_call,
+            None if per_call is None else (client1 - client0) * per_call,
+            None if rows0 is None or rows1 is None else rows1 - rows0, elapsed)
+        phase.check(result)
+        return result
+
+    def run(self, rounds: int) -> dict[str, PhaseResult]:
+        """``rounds`` rounds, each round-robin through every phase; the medians per phase."""
+        measured: dict[str, list[RoundResult]] = {p.name: [] for p in self.phases}
+        for n in range(1, rounds + 1):
+            for p in self.phases:
+                r = self.measure(p)
+                measured[p.name].append(r)
+                self.say(f"round {n}/{rounds} {p.name} (c={p.clients}): {r.calls_per_s:.0f}/s, "
+                         f"p99 {_us(r.p99_ms, 2)} ms, server {_us(r.server_cpu_us_per_call)} us/call")
+        return {p.name: aggregate(p.name, p.tool, p.clients, measured[p.name]) for p in self.phases}
+
+
+def _reset(admin: psycopg.Connection[Any]) -> None:
+    admin.execute(RESET_RUN_OPS)
+
+
+def _cpu(datadirs: list[str]) -> float | None:
+    values = [server_cpu_seconds(d) for d in datadirs]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+
+
 def run_bench(seconds: int = 10, *, keep: bool = False,
               progress: Callable[[str], None] | None = None,
               sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS,
-              stream_reps: int = STREAM_REPS) -> dict[str, Any]:
-    """Runs every phase on fresh local clusters and returns the results (phases, ratios against
-    the same run's baselines, targets, machine and settings): the call phases for ``seconds``
-    each, then the batch phases, ``batch_reps`` (``stream_reps`` for streaming) repetitions each.
-    ``sections`` picks "calls", "batches" or both."""
-    if seconds < 1:
-        raise BenchError("seconds must be at least 1")
+              stream_reps: int = STREAM_REPS, rounds: int = ROUNDS, peers: bool = True) -> dict[str, Any]:
+    """Runs every workload on fresh local clusters and returns the results (phases, the table's
+    rows with ratios against the same run's baselines and peers, targets, machine and settings):
+    the call phases for ``seconds`` each in ``rounds`` interleaved rounds, then the batch
+    phases, ``batch_reps`` (``stream_reps`` for streaming) repetitions each. ``sections`` picks
+    "calls", "batches" or both; ``peers`` False leaves Procrastinate and graphile-worker out."""
+    if seconds < 1 or rounds < 1:
+        raise BenchError("seconds and rounds must be at least 1")
     if not sections or set(sections) - set(SECTIONS):
         raise BenchError(f"sections must be among {', '.join(SECTIONS)}")
     say = progress or (lambda _msg: None)
     calls = "calls" in sections
     pgbench = find_pgbench() if calls else None
-    scripts = scripts_dir() if calls else None
     home = Path(tempfile.mkdtemp(prefix="runops-bench-"))
     home.chmod(0o755)  # the clusters run as the postgres user, which must reach them
     stores: LocalStores | None = None
@@ -557,7 +926,9 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
         env = _make_environment(app)
         phases: dict[str, PhaseResult] = {}
         batch_phases: dict[str, BatchPhaseResult] = {}
-        with psycopg.connect(admin_url, autocommit=True) as admin:
+        peer_list: list[Peer] = []
+        with psycopg.connect(admin_url, autocommit=True) as admin, \
+                psycopg.connect(stores.admin_urls()[CONTROL_PLANE], autocommit=True) as cp_admin:
             machine = _machine(admin)
             source = _source(admin)
             for name in ("fsync", "synchronous_commit"):
@@ -565,27 +936,30 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
                     raise BenchError(f"{name} is {machine['settings'][name]} on the run-ops store; the benchmark "
                                      "needs it on")
             datadir = stores.clusters[RUN_OPS].datadir
+            if calls and peers:
+                peer_list = setup_peers(admin_url, app[RUN_OPS], say)
             load_before = os.getloadavg()
-            if pgbench is not None and scripts is not None:
-                phases = _call_phases(admin, app, env, datadir, pgbench, scripts, seconds, say)
+            bench = Calls(stores, admin, cp_admin, env, pgbench, seconds, peer_list, say) \
+                if pgbench is not None else None
+            if bench is not None:
+                phases = bench.run(rounds)
             if "batches" in sections:
-                batch_phases = run_batch_phases(admin, app, env, datadir, reps=batch_reps,
-                                                stream_reps=stream_reps, say=say)
+                admin.execute(BASELINE_DDL)
+                batch_phases = run_batch_phases(admin, app, env, datadir, reps=batch_reps, stream_reps=stream_reps,
+                                                say=say, reset=lambda: _reset(admin))
             load_after = os.getloadavg()
-        rates: dict[str, tuple[float, str]] = {k: (v.calls_per_s, "calls") for k, v in phases.items()}
-        rates.update({k: (v.rows_per_s, "rows") for k, v in batch_phases.items()})
-        rows = []
-        for t in TARGETS:
-            if t.name not in rates or t.against not in rates:
-                continue
-            ratio = rates[t.name][0] / rates[t.against][0]
-            rows.append({"name": t.name, "rate": rates[t.name][0], "unit": rates[t.name][1], "against": t.against,
-                         "ratio": ratio, "target": t.minimum, "pass": ratio >= t.minimum,
-                         **({"calls_per_s": rates[t.name][0]} if rates[t.name][1] == "calls" else {})})
+        rates = {k: v.calls_per_s for k, v in phases.items()}
+        rates.update({k: v.rows_per_s for k, v in batch_phases.items()})
+        unavailable = {c: f"{p.name} unavailable: {p.error}" for p in peer_list if p.error
+                       for c in p.workloads}
+        if calls and not peers:
+            unavailable.update({c: "peers not measured (--no-peers)" for c in PEER_WORKLOADS})
+        rows = report_rows(rates, unavailable)
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
             "sections": list(sections),
             "seconds": seconds,
+            "rounds": rounds,
             "pgbench": {"clients": CLIENTS, "threads": THREADS, "mode": "prepared",
                         "path": None if pgbench is None else str(pgbench)},
             "python_threads": PYTHON_THREADS,
@@ -594,9 +968,11 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
                       "stream_chunk": STREAM_CHUNK, "stream_reps": stream_reps},
             "machine": {**machine, "loadavg_before": load_before, "loadavg_after": load_after},
             "source": source,
+            "peers": {p.name: {"version": p.version, "error": p.error} for p in peer_list},
+            "targets": [asdict(t) for t in TARGETS],
             "phases": {**{k: asdict(v) for k, v in phases.items()}, **{k: asdict(v) for k, v in batch_phases.items()}},
             "rows": rows,
-            "all_pass": all(r["pass"] for r in rows),
+            "all_pass": verdict(rows),
         }
         if keep:
             result["kept"] = {"home": str(home), "app_urls": app, "admin_urls": stores.admin_urls()}
@@ -608,133 +984,83 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _call_phases(admin: psycopg.Connection[Any], app: dict[str, str], env: str, datadir: str, pgbench: Path,
-                 scripts: Path, seconds: int, say: Callable[[str], None]) -> dict[str, PhaseResult]:
-    """The single-call phases: pgbench scripts and the Python client, ``seconds`` each."""
-    phases: dict[str, PhaseResult] = {}
-    admin.execute(BASELINE_DDL)
-    with psycopg.connect(app[RUN_OPS], autocommit=True) as ro:
-        ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, "
-                   "LATERAL runops.trigger_run(%s, %s, %s::jsonb, "
-                   "jsonb_build_object('idempotency_key', 'r' || g)) AS t",
-                   (REPEATED_KEYS, env, TASK, json.dumps(PAYLOAD)))
-    admin.execute("VACUUM ANALYZE runops.runs")
-    admin.execute("VACUUM ANALYZE bench.bench_baseline")
-
-    def measured(name: str, tool: str, work: Callable[[], Work],
-                 client_cpu: Callable[[], float]) -> PhaseResult:
-        admin.execute("CHECKPOINT")
-        runs0 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-        wal0 = _wal_lsn(admin)
-        cpu0, client0, t0 = server_cpu_seconds(datadir), client_cpu(), time.perf_counter()
-        w = work()
-        elapsed = time.perf_counter() - t0
-        client1 = client_cpu()
-        wal1 = _wal_lsn(admin)
-        _wait_for_backends_to_exit(admin)
-        cpu1 = server_cpu_seconds(datadir)
-        runs1 = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-        per_call = 1e6 / w.all_calls if w.all_calls else None
-        return PhaseResult(
-            name, tool, w.calls_per_s, w.calls, w.failed, w.latency_ms,
-            (wal1 - wal0) / w.all_calls if w.all_calls else None,
-            None if cpu0 is None or cpu1 is None or per_call is None else (cpu1 - cpu0) * per_call,
-            None if per_call is None else (client1 - client0) * per_call,
-            runs1 - runs0, elapsed)
-
-    def children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
-    def pg_phase(name: str, script: str) -> PhaseResult:
-        say(f"{name}: pgbench -n -M prepared -c {CLIENTS} -j {THREADS} -T {seconds} -f {script}")
-        return measured(name, "pgbench", lambda: run_pgbench(
-            pgbench, app[RUN_OPS], scripts / script, seconds, {"env": env, "keys": str(REPEATED_KEYS)}),
-            children_cpu)
-
-    def py_phase(name: str) -> PhaseResult:
-        say(f"{name}: {PYTHON_THREADS} threads calling RunOps.trigger_run for {seconds} s")
-        # The warm-up second creates runs too: runs_created counts them, and the CPU and WAL
-        # figures are divided by every call made.
-        return measured(name, "python", lambda: run_python_client(
-            app[CONTROL_PLANE], app[RUN_OPS], env, seconds), time.process_time)
-
-    first = pg_phase("baseline_first", "baseline.sql")
-    phases["trigger_no_key"] = pg_phase("trigger_no_key", "trigger_no_key.sql")
-    phases["python_client"] = py_phase("python_client")
-    phases["trigger_new_key"] = pg_phase("trigger_new_key", "trigger_new_key.sql")
-    phases["trigger_repeated_key"] = pg_phase("trigger_repeated_key", "trigger_repeated_key.sql")
-    last = pg_phase("baseline_last", "baseline.sql")
-    held = int(_scalar(admin, "SELECT count(*) FROM runops.runs WHERE idempotency_key LIKE 'r%%'"))
-    if held != REPEATED_KEYS:
-        raise BenchError(f"the repeated-key phase created runs: {held} runs hold r-keys, expected {REPEATED_KEYS}")
-    phases["baseline"] = PhaseResult(
-        "baseline", "pgbench", (first.calls_per_s + last.calls_per_s) / 2, first.calls + last.calls,
-        first.failed + last.failed, _mean(first.latency_ms, last.latency_ms),
-        _mean(first.wal_bytes_per_call, last.wal_bytes_per_call),
-        _mean(first.server_cpu_us_per_call, last.server_cpu_us_per_call),
-        _mean(first.client_cpu_us_per_call, last.client_cpu_us_per_call),
-        None, first.seconds + last.seconds)
-    phases["baseline_first"], phases["baseline_last"] = first, last
-    return phases
+# -- the table ---------------------------------------------------------------------------------------------
 
 
 def _us(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _range(values: list[float]) -> str:
-    return f"{min(values):.0f}-{max(values):.0f}"
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _target_cell(targets: list[dict[str, Any]]) -> str:
+    cells = []
+    for t in targets:
+        what = f">={t['minimum']:.2f} x {SHORT.get(t['against'], t['against'])}"
+        cells.append(f"{what} " + ("not measured" if t["met"] is None else "met" if t["met"] else "MISSED"))
+    return "; ".join(cells)
+
+
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The printed table's cells, one tuple per row of ``result['rows']``."""
+    ph = result["phases"]
+    out: list[tuple[str, ...]] = []
+    for r in result["rows"]:
+        p = ph.get(r["name"], {})
+        rows_unit = r["unit"] == "rows"
+        digits = 1 if rows_unit else 0
+        rate = "-" if r["rate"] is None else f"{r['rate']:.0f}" + (" rows" if rows_unit else "")
+        if rows_unit:
+            spread_values = p.get("reps_rows_per_s") or []
+            mid = r["rate"] or 0
+            spread = (max(spread_values) - min(spread_values)) / mid if spread_values and mid else None
+        else:
+            spread = p.get("spread")
+        ref = "-" if r["ratio"] is None else f"{_x(r['ratio'])} {SHORT.get(r['reference'], r['reference'])}"
+        if r["reference"] is None and r["rate"] is not None:
+            ref = "1.00"
+        note = _target_cell(r["targets"])
+        if r["unavailable"]:
+            note = r["unavailable"]
+        out.append((
+            r["label"], str(r["clients"]), rate,
+            _us(p.get("p50_ms"), 2), _us(p.get("p99_ms"), 2),
+            _us(p.get("server_cpu_us_per_row" if rows_unit else "server_cpu_us_per_call"), digits),
+            _us(p.get("client_cpu_us_per_row" if rows_unit else "client_cpu_us_per_call"), digits),
+            ref, *(_x(r["peers"].get(name)) if r["peers"] else "" for name in PEER_WORKLOADS),
+            "-" if spread is None else f"{100 * spread:.0f}%", note))
+    return out
+
+
+TABLE_HEADERS = ["workload", "c", "per s", "p50 ms", "p99 ms", "srv us", "cli us", "x ref",
+                 "x procr", "x procr+lock", "x graphile", "x graphile+key", "spread", "targets"]
 
 
 def print_results(result: dict[str, Any]) -> None:
-    """The table: each rate (calls or rows per second), its ratio and target, and the CPU each
-    call or row cost (server: every process of the run-ops cluster; client: pgbench or the
-    Python process)."""
-    ph = result["phases"]
-    rows: list[tuple[str, ...]] = []
-    for base_name, unit in (("baseline", "calls"), ("batch_baseline", "rows")):
-        base = ph.get(base_name)
-        if base is None:
-            continue
-        rate = base["calls_per_s"] if unit == "calls" else base["rows_per_s"]
-        suffix, digits = ("call", 0) if unit == "calls" else ("row", 1)
-        rows.append((base_name, f"{rate:.0f}", unit, "1.00", "-", "-", _us(base[f"server_cpu_us_per_{suffix}"], digits),
-                     _us(base[f"client_cpu_us_per_{suffix}"], digits)))
-        for r in result["rows"]:
-            if r.get("unit", "calls") != unit:
-                continue
-            p = ph[r["name"]]
-            rows.append((r["name"], f"{r.get('rate', r.get('calls_per_s')):.0f}", unit,
-                         f"{r['ratio']:.2f} x {r['against']}", f">= {r['target']:.2f}", "pass" if r["pass"] else "FAIL",
-                         _us(p[f"server_cpu_us_per_{suffix}"], digits), _us(p[f"client_cpu_us_per_{suffix}"], digits)))
+    """The one table: each workload's rate (calls or rows per second, median of the rounds),
+    latency p50/p99, CPU per call or row (server: the run-ops cluster, both clusters for FDW
+    reads; client: pgbench or the Python process), its ratio to its yardstick and to each peer,
+    the rounds' spread, and its targets."""
     settings = result["machine"]["settings"]
     title = f"runops bench: fsync={settings['fsync']}, synchronous_commit={settings['synchronous_commit']}"
-    if "baseline" in ph:
-        title += f"; calls: {result['seconds']} s per phase, pgbench -c {CLIENTS} -j {THREADS} -M prepared"
-    if "batch_baseline" in ph:
-        b = result["batch"]
-        title += f"; rows: median of {b['reps']} (stream {b['stream_reps']}) repetitions, one connection"
-    table(rows, ["name", "per s", "unit", "ratio", "target", "result", "server us/unit", "client us/unit"],
-          title=title)
+    if "calls" in result["sections"]:
+        title += (f"; calls: median of {result.get('rounds', 1)} interleaved rounds of {result['seconds']} s, "
+                  f"pgbench -M prepared -c <c> -j {THREADS}")
+    if "batches" in result["sections"]:
+        title += "; rows: median of repetitions, one connection"
+    table(table_rows(result), TABLE_HEADERS, title=title)
+    peers = result.get("peers") or {}
+    if peers:
+        click.echo("peers: " + ", ".join(f"{name} {p['version']}" if p["version"]
+                                         else f"{name} unavailable ({p['error']})" for name, p in peers.items()))
+    click.echo("x ref: ratio to the row's yardstick (baseline at the same clients; set INSERT for batches; the "
+               "local read for reads); x procr...: ratio to each peer's rate; spread: (max - min) / median of the "
+               "rounds (repetitions for batches)")
     load = result["machine"]
-    if "baseline" in ph:
-        click.echo(f"baseline = mean of first ({ph['baseline_first']['calls_per_s']:.0f}/s) and last "
-                   f"({ph['baseline_last']['calls_per_s']:.0f}/s) phase")
-    if "batch_baseline" in ph:
-        b = result["batch"]
-        click.echo(f"batch_baseline = median of {len(ph['batch_baseline']['reps_rows_per_s'])} INSERT ... SELECT "
-                   f"of {b['items']} rows; batch_trigger: {b['items']} items; stream_batch: {b['stream_items']} "
-                   f"items in chunks of {b['stream_chunk']}")
-        click.echo("rows/s of the repetitions (min-max): " + ", ".join(
-            f"{name} {_range(ph[name]['reps_rows_per_s'])}"
-            for name in ("batch_baseline", "batch_trigger_no_key", "batch_trigger_keys", "stream_batch")
-            if name in ph))
-        click.echo("WAL per row: " + ", ".join(
-            f"{name} {_us(ph[name]['wal_bytes_per_row'])} B"
-            for name in ("batch_baseline", "batch_trigger_no_key", "batch_trigger_keys", "stream_batch")
-            if name in ph))
-    click.echo(f"load average {load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after")
+    click.echo(f"load average {load['loadavg_before'][0]:.2f} before, {load['loadavg_after'][0]:.2f} after; "
+               f"targets: {'all met' if result['all_pass'] else 'MISSED'}")
     src = result.get("source", {})
     if src:
         click.echo(f"measured SQL: commit {src.get('git_head', '?')}"
@@ -746,23 +1072,48 @@ def default_results_dir() -> Path:
     return HERE / "results"
 
 
-def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
-         sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS) -> int:
-    """Runs the benchmark, prints the table, writes JSON to bench/results/. Exit code 0 when
-    every target is met, 4 when one is missed, 1 when the benchmark could not run."""
+def default_chart() -> Path | None:
+    docs = HERE.parent / "docs"
+    return docs / "benchmarks.png" if docs.is_dir() else None
+
+
+def draw_chart(results_json: Path, png: Path, say: Callable[[str], None]) -> bool:
+    """``bench/chart.py`` in the bench-only venv (matplotlib is no project dependency)."""
     try:
-        result = run_bench(seconds, keep=keep, progress=lambda m: click.echo(m, err=True), sections=sections,
-                           batch_reps=batch_reps, stream_reps=stream_reps)
+        python = chart_python(say)
+        out = subprocess.run([str(python), str(HERE / "chart.py"), str(results_json), str(png)],
+                             capture_output=True, text=True, check=False, timeout=300)
+    except (PeerUnavailable, OSError, subprocess.SubprocessError) as err:
+        say(f"no chart: {err}")
+        return False
+    if out.returncode != 0:
+        say(f"no chart: bench/chart.py failed: {out.stderr.strip()[-500:]}")
+        return False
+    return True
+
+
+def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
+         sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS,
+         rounds: int = ROUNDS, peers: bool = True, chart: Path | None = None) -> int:
+    """Runs the benchmark, prints the table, writes JSON to bench/results/ and the chart
+    (``chart``, default docs/benchmarks.png). Exit code 0 when every target measured is met, 4
+    when one is missed, 1 when the benchmark could not run."""
+    say: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        result = run_bench(seconds, keep=keep, progress=say, sections=sections, batch_reps=batch_reps,
+                           stream_reps=stream_reps, rounds=rounds, peers=peers)
     except (RunOpsError, psycopg.Error, OSError, subprocess.SubprocessError) as err:
         click.echo(f"error: {err}", err=True)
         return 1
     print_results(result)
     out_dir = results_dir or default_results_dir()
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"bench-{result['started_at'].replace(':', '').replace('+0000', 'Z')}.json"
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        click.echo(f"results: {path}")
+    path = out_dir / f"bench-{result['started_at'].replace(':', '').replace('+0000', 'Z')}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    click.echo(f"results: {path}")
+    png = chart or default_chart()
+    if png is not None and draw_chart(path, png, say):
+        click.echo(f"chart: {png}")
     if keep:
         click.echo(f"clusters kept in {result['kept']['home']}: {result['kept']['app_urls']}")
     return 0 if result["all_pass"] else EXIT_TARGET_MISSED
