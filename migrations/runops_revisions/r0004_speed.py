@@ -4843,8 +4843,11 @@ BEGIN
     INSERT INTO runs
     SELECT n.*
     FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload) AS admitted_env
-    CROSS JOIN LATERAL new_run(CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END,
-                               admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+    -- The id is minted in a sub-select of its own: a volatile argument would stop PostgreSQL
+    -- inlining new_run (it would run as a function call per run).
+    CROSS JOIN LATERAL (SELECT CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END
+                        AS id) AS minted
+    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
                                'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
