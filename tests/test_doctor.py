@@ -286,3 +286,46 @@ def test_dev_up_then_demo_leaves_stores_doctor_finds_green_and_dev_down_stops_th
         assert time.monotonic() < deadline, "the background tick outlived dev down"
         time.sleep(0.1)
     assert state["ticker_pid"] is None
+
+
+def test_deep_checks_the_references_the_functions_keep_instead_of_foreign_keys(pair: Stores) -> None:
+    """`doctor --deep` (SPEC §5 [1.2]): green on batches the functions made, cached items
+    included; a run naming a missing batch and an index held twice fail, each named."""
+    with RunOps(pair.app[CONTROL_PLANE], pair.app[RUN_OPS]) as client:
+        org = client.create_organization("doctor-deep", mint_kind="ksuid")
+        env = client.create_environment(client.create_project(org, "p"), "e", "PRODUCTION")
+        client.wait_for_mirror()
+        held = client.trigger_run(env, "t", {}, idempotency_key="deep-held")
+        made = client.batch_trigger(env, [{"task": "t"}, {"task": "t"},
+                                          {"task": "t", "options": {"idempotency_key": "deep-held"}}])
+    assert made.run_ids[2] == held.run_id
+    tick(pair)
+    code, checks, _ = doctor(pair)
+    assert code == 0 and not any(name.startswith("integrity.") for name in checks)  # only with --deep
+    code, checks, _ = doctor(pair, "--deep")
+    assert code == 0, checks
+    assert {checks[f"integrity.{s}"]["severity"] for s in ("control_plane", "run_ops")} == {"ok"}
+    assert checks["integrity.run_ops"]["data"]["indexes_held_twice"]["count"] == 0
+    first, second = (r.removeprefix("run_") for r in made.run_ids[:2])
+    batch = made.batch_id.removeprefix("batch_")
+    with superuser(pair, RUN_OPS) as ro:
+        [ghost] = ro.execute("SELECT runops.generate_ksuid()").fetchone()
+        ro.execute("UPDATE runops.runs SET batch_id = %s WHERE id = %s", [ghost, first])
+        ro.execute("INSERT INTO runops.batch_items (batch_id, item_index, run_id, created_at) "
+                   "VALUES (%s, 1, %s, now())", [batch, second])
+        try:
+            tick(pair)
+            code, checks, _ = doctor(pair, "--deep")
+        finally:
+            ro.execute("DELETE FROM runops.batch_items WHERE batch_id = %s AND item_index = 1", [batch])
+            ro.execute("UPDATE runops.runs SET batch_id = %s WHERE id = %s", [batch, first])
+    assert code == 2
+    found = checks["integrity.run_ops"]
+    assert found["severity"] == "fail"
+    assert (found["data"]["runs_naming_no_batch"]["count"], found["data"]["runs_naming_no_batch"]["examples"]) == \
+        (1, [first])
+    assert found["data"]["indexes_held_twice"]["examples"] == [f"{batch}/1"]
+    assert "runs whose batch_id names no batch" in found["detail"]
+    assert checks["integrity.control_plane"]["severity"] == "ok"
+    tick(pair)
+    assert doctor(pair, "--deep")[0] == 0

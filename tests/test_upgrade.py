@@ -226,8 +226,14 @@ def run_rows(admin_url: str) -> dict[str, tuple[Any, ...]]:
 
 
 def batch_item_rows(admin_url: str) -> list[tuple[Any, ...]]:
+    """Batch membership (batch, index, run): before r0004 all of it was in batch_items; since,
+    the runs a batch created carry it themselves and batch_items holds cached items only, so
+    the two sources together must say exactly what batch_items said."""
     with psycopg.connect(admin_url) as conn:
-        return conn.execute("SELECT batch_id, item_index, run_id FROM runops.batch_items ORDER BY 1, 2").fetchall()
+        return conn.execute("""SELECT batch_id, item_index, run_id FROM runops.batch_items
+                               UNION
+                               SELECT batch_id, batch_index, id FROM runops.runs WHERE batch_id IS NOT NULL
+                               ORDER BY 1, 2""").fetchall()
 
 
 @dataclass

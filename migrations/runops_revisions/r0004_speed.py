@@ -28,6 +28,75 @@ SELECT 1;
 DROP FUNCTION runops.require_max_rows(integer, text);
 DROP FUNCTION runops.require_attempt_number(integer);
 
+-- sql/upgrades/r0004_speed/20_batches.sql
+-- r0004, issue 11 item 2: batch membership in runs, no foreign keys to batches on the hot path
+-- (SPEC §4 and §5 [1.2]; docs/decisions.md "Batches").
+--
+-- A run a batch created is a member through its own runs.batch_id/batch_index; batch_items keeps
+-- only cached items (an index resolved to a run not created for it). The foreign keys
+-- runs.batch_id -> batches and batch_items.batch_id -> batches go: the functions keep those
+-- invariants, `runops doctor --deep` checks them.
+--
+-- Locks: dropping a foreign key takes ACCESS EXCLUSIVE on both its tables, and the index build
+-- and the move below need runs and batch_items still. All three are taken at once, 200 ms at a
+-- time with a retry (as r0002 and r0003 do), so the upgrade never queues every trigger behind a
+-- lock it is itself waiting for; a batch writer holds runs, batches and batch_items together, so
+-- taking them one by one could deadlock with it.
+DO $$
+DECLARE
+  previous text := current_setting('lock_timeout');
+  attempts integer := 0;
+BEGIN
+  LOOP
+    BEGIN
+      PERFORM set_config('lock_timeout', '200ms', true);
+      LOCK TABLE runops.runs, runops.batches, runops.batch_items IN ACCESS EXCLUSIVE MODE;
+      PERFORM set_config('lock_timeout', previous, true);
+      RETURN;
+    EXCEPTION WHEN lock_not_available THEN
+      attempts := attempts + 1;
+      IF attempts >= 600 THEN
+        RAISE EXCEPTION 'r0004 could not lock runops.runs, runops.batches and runops.batch_items in %s attempts: too busy to upgrade now', attempts;
+      END IF;
+      PERFORM pg_sleep(0.01 + random() * 0.04);
+    END;
+  END LOOP;
+END
+$$;
+
+ALTER TABLE runops.runs DROP CONSTRAINT runs_batch_id_fkey;
+ALTER TABLE runops.batch_items DROP CONSTRAINT batch_items_batch_id_fkey;
+
+-- Unique: every writer fills an index under the batch's row lock, after reading the index's
+-- members, so no store can hold two created runs at one index (a violation here means the
+-- store was already inconsistent, and the upgrade stops with it).
+CREATE UNIQUE INDEX runs_batch_member_idx ON runops.runs (batch_id, batch_index) WHERE batch_id IS NOT NULL;
+
+-- Every run with a batch_id was written with its batch_index and attached at that index in the
+-- same transaction (admit_run, add_batch_items), so each has a batch_items row naming it at its
+-- own index. Checked rather than assumed: a run naming a batch without such a row would become
+-- a member it was not, so the upgrade refuses instead.
+DO $$
+DECLARE
+  strays bigint;
+BEGIN
+  SELECT count(*) INTO strays FROM runops.runs AS r
+  WHERE r.batch_id IS NOT NULL
+    AND NOT EXISTS (SELECT FROM runops.batch_items AS i
+                    WHERE i.batch_id = r.batch_id AND i.item_index = r.batch_index AND i.run_id = r.id);
+  IF strays > 0 THEN
+    RAISE EXCEPTION 'r0004: % runs name a batch without being its item at their batch_index; nothing was changed', strays
+      USING HINT = 'SELECT id, batch_id, batch_index FROM runops.runs lists them; ask the runops maintainers before upgrading';
+  END IF;
+END
+$$;
+
+-- Move the created runs' membership out: their batch_items rows say again what the run row
+-- says. What remains are cached items only, the one rule the functions read.
+DELETE FROM runops.batch_items AS i
+USING runops.runs AS r
+WHERE r.id = i.run_id AND r.batch_id = i.batch_id AND r.batch_index = i.item_index;
+
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
 -- have finished.
@@ -41,6 +110,27 @@ DROP FUNCTION runops.require_attempt_number(integer);
 -- when it reaches expected_count on a sealed batch, the batch is COMPLETED and its waitpoint
 -- (the batch's own id) completes with [{index, run_id, status}]. Open batches past their seal
 -- timeout are ABORTED by tick.
+--
+-- Membership (index -> run) lives in two places (SPEC §4 [1.2], docs/decisions.md "Batches"):
+-- a run the batch created carries it in runs.batch_id/batch_index; only an index resolved to a
+-- run the batch did not create for it (a cached key, a duplicate key inside the batch, a holder
+-- in the other store) has a batch_items row. Every index is in exactly one of the two, and
+-- batch_members() is the one reader of both.
+
+-- A batch's members with an index in [lo, hi], in index order. Plain SQL, so PostgreSQL
+-- inlines it into each caller's plan (an index range scan of each side, merged).
+CREATE OR REPLACE FUNCTION runops.batch_members(batch_bare_id text, lo integer, hi integer)
+RETURNS TABLE (item_index integer, run_id text)
+LANGUAGE sql STABLE
+AS $$
+  SELECT m.item_index, m.run_id
+  FROM (SELECT r.batch_index AS item_index, r.id AS run_id FROM runops.runs AS r
+        WHERE r.batch_id = $1 AND r.batch_index BETWEEN $2 AND $3
+        UNION ALL
+        SELECT i.item_index, i.run_id FROM runops.batch_items AS i
+        WHERE i.batch_id = $1 AND i.item_index BETWEEN $2 AND $3) AS m
+  ORDER BY m.item_index
+$$;
 
 CREATE OR REPLACE FUNCTION runops.batch_row_of(b runops.batches)
 RETURNS runops.batch_row
@@ -50,7 +140,7 @@ DECLARE
   result batch_row;
 BEGIN
   result := ROW('batch_' || b.id, b.environment_id, b.status, b.expected_count, b.item_count,
-                ARRAY(SELECT 'run_' || i.run_id FROM batch_items AS i WHERE i.batch_id = b.id ORDER BY i.item_index),
+                ARRAY(SELECT 'run_' || m.run_id FROM batch_members(b.id, 0, b.expected_count - 1) AS m),
                 b.status <> 'PENDING', b.created_at, b.completed_at, b.idempotency_key);
   RETURN result;
 END
@@ -97,6 +187,7 @@ DECLARE
   item_creates boolean[];   -- positions that create a run in this pass
   item_creator bigint[];    -- for each position, the position creating its run
   item_made boolean[];      -- positions whose run this call made (when it made them all at once)
+  item_own boolean[];       -- positions whose run was created for them (a member through runs)
   holders text[];           -- per position, the live holder of its key in either store (claims)
   creator_count bigint;
   inserted bigint;
@@ -119,8 +210,39 @@ BEGIN
   --    TTL). Only rich items carry a parsed spec; the INSERT fills the defaults for the rest.
   --    Statements below unnest the arrays together rather than subscript them: subscripting an
   --    array of text walks it from the start, which is quadratic over a 10,000-item batch.
-  resent := EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id
-                    AND i.item_index BETWEEN first_index AND first_index + all_item_count - 1);
+  resent := EXISTS (SELECT FROM batch_members(b.id, first_index, first_index + all_item_count - 1));
+
+  -- The common case, fast: a chunk of new indexes with no key anywhere (no batch key, no item
+  -- key: `@?` answers that in one jsonpath walk) makes one new run per item, each a member
+  -- through its own row. One INSERT straight from the JSON, ids zipped by position (ROWS FROM,
+  -- never a join of two function scans), no resolution passes and no batch_items.
+  IF NOT resent AND b.idempotency_key IS NULL AND NOT (items @? '$[*].options.idempotency_key') THEN
+    new_ids := mint_ids(all_item_count);
+    INSERT INTO runs AS r (
+      id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
+      queue, concurrency_key, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
+      delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
+    SELECT x.nid, env.id, env.project_id, env.organization_id, x.t,
+           CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
+           x.p, coalesce((x.spec).metadata, '{}'::jsonb), coalesce((x.spec).tags, '{}'::text[]),
+           coalesce((x.spec).queue, 'task/' || x.t), (x.spec).concurrency_key,
+           b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
+           x.i, coalesce((x.spec).max_attempts, default_max_attempts()),
+           CASE WHEN (x.spec).delay_until > ts THEN (x.spec).delay_until END,
+           (x.spec).ttl, (x.spec).max_duration, (x.spec).dev_session_id,
+           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts END,
+           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts + (x.spec).ttl END,
+           ts, ts
+    -- OFFSET 0: each item's spec is parsed once, not once per column that reads it.
+    FROM (SELECT e.n - 1 + first_index AS i, e.nid, e.item ->> 'task' AS t,
+                 coalesce(e.item -> 'payload', '{}'::jsonb) AS p,
+                 CASE WHEN coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) = '{}'::jsonb THEN NULL
+                      ELSE parse_trigger_options(e.item -> 'options') END AS spec
+          FROM ROWS FROM (jsonb_array_elements(items), unnest(new_ids)) WITH ORDINALITY AS e(item, nid, n)
+          OFFSET 0) AS x;
+    PERFORM count_attached(b.id, all_item_count, '{}'::text[]);
+    RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(new_ids) AS u(r));
+  END IF;
   SELECT array_agg(x.idx ORDER BY x.idx), array_agg(x.task ORDER BY x.idx), array_agg(x.payload ORDER BY x.idx),
          array_agg(x.key ORDER BY x.idx),
          array_agg(CASE WHEN x.key IS NOT NULL
@@ -149,12 +271,16 @@ BEGIN
                  coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) AS opts
           FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
           WHERE NOT resent
-             OR NOT EXISTS (SELECT FROM batch_items AS i
-                            WHERE i.batch_id = b.id AND i.item_index = e.n - 1 + first_index)) AS y
+             OR NOT EXISTS (SELECT FROM batch_members(b.id, e.n::integer - 1 + first_index,
+                                                     e.n::integer - 1 + first_index))) AS y
+    -- OFFSET 0: each spec is built once, and idempotency_key_hash sees plain columns (so
+    -- PostgreSQL inlines it instead of calling it per item).
+    OFFSET 0
   ) AS x;
 
   IF item_idx IS NOT NULL THEN
     item_run := array_fill(NULL::text, ARRAY[cardinality(item_idx)]);
+    item_own := array_fill(false, ARRAY[cardinality(item_idx)]);
     has_keys := EXISTS (SELECT FROM unnest(item_hash) AS h WHERE h IS NOT NULL);
 
     -- 4. Keys, as a single trigger resolves them: a live holder is reused, a dead one lets go,
@@ -172,11 +298,15 @@ BEGIN
       -- Holders of the keys still open, in one probe each; a dead holder lets go of its key.
       -- (A chunk without keys has nothing to look up.)
       IF has_keys THEN
+        -- A holder this call created for this very index (an earlier pass's insert that went
+        -- in while another conflicted) is the position's own run, a member through runs.
         SELECT array_agg(CASE WHEN holder.dead THEN NULL ELSE coalesce(w.run, holder.id) END ORDER BY w.k),
+               array_agg(w.own OR (holder.own AND NOT holder.dead) IS TRUE ORDER BY w.k),
                array_agg(holder.id) FILTER (WHERE holder.dead), array_agg(w.h) FILTER (WHERE holder.dead)
-        INTO item_run, dead_ids, dead_hashes
-        FROM unnest(item_task, item_hash, item_run) WITH ORDINALITY AS w(t, h, run, k)
-        LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts) AS dead
+        INTO item_run, item_own, dead_ids, dead_hashes
+        FROM unnest(item_task, item_hash, item_run, item_idx, item_own) WITH ORDINALITY AS w(t, h, run, i, own, k)
+        LEFT JOIN LATERAL (SELECT r.id, idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts) AS dead,
+                                  r.batch_id IS NOT DISTINCT FROM b.id AND r.batch_index IS NOT DISTINCT FROM w.i AS own
                            FROM runs AS r
                            WHERE w.run IS NULL AND w.h IS NOT NULL AND r.environment_id = env.id
                              AND r.task_identifier = w.t AND r.idempotency_key_hash = w.h) AS holder ON true;
@@ -241,29 +371,34 @@ BEGIN
       IF inserted = creator_count THEN
         -- Every creator's row went in: each open position takes its creator's new id (the
         -- creator is the first position of its group, so first_value finds it), and nothing is
-        -- left to resolve.
-        SELECT array_agg(coalesce(x.run, x.nid) ORDER BY x.k), array_agg(x.run IS NULL ORDER BY x.k)
-        INTO item_run, item_made
-        FROM (SELECT w.k, w.run,
+        -- left to resolve. A creator owns its run; the rest of its group are cached items.
+        SELECT array_agg(coalesce(x.run, x.nid) ORDER BY x.k), array_agg(x.run IS NULL ORDER BY x.k),
+               array_agg(x.own OR (x.run IS NULL AND x.creator = x.k) ORDER BY x.k)
+        INTO item_run, item_made, item_own
+        FROM (SELECT w.k, w.run, w.own, w.creator,
                      first_value(w.nid) OVER (PARTITION BY w.creator, w.run IS NULL ORDER BY w.k) AS nid
-              FROM unnest(item_run, item_creator, new_ids) WITH ORDINALITY AS w(run, creator, nid, k)) AS x;
+              FROM unnest(item_run, item_creator, new_ids, item_own) WITH ORDINALITY AS w(run, creator, nid, own, k)) AS x;
         EXIT;
       END IF;
       -- A keyed creator lost a race with a concurrent trigger. Unkeyed creators got their rows
       -- (a fresh id conflicts with nothing); the next pass reads every open key's holder.
-      SELECT array_agg(CASE WHEN w.run IS NULL AND w.h IS NULL AND w.creates THEN w.nid ELSE w.run END ORDER BY w.k)
-      INTO item_run
-      FROM unnest(item_hash, item_run, new_ids, item_creates) WITH ORDINALITY AS w(h, run, nid, creates, k);
+      SELECT array_agg(CASE WHEN w.run IS NULL AND w.h IS NULL AND w.creates THEN w.nid ELSE w.run END ORDER BY w.k),
+             array_agg(w.own OR (w.run IS NULL AND w.h IS NULL AND w.creates) ORDER BY w.k)
+      INTO item_run, item_own
+      FROM unnest(item_hash, item_run, new_ids, item_creates, item_own) WITH ORDINALITY AS w(h, run, nid, creates, own, k);
     END LOOP;
 
-    -- 5. Attach every new index to its run, and count it. Only a run that existed before this
-    --    call can be final already or turn final concurrently: when every open position was
-    --    filled by this call (item_made) there is none; otherwise a keyed position's run that
-    --    does not carry this transaction's xmin is one.
-    INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
-    SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run) AS u(i, r);
-    IF holders IS NOT NULL THEN
-      PERFORM count_remote_items(b.id, item_run);
+    -- 5. Attach every new index to its run, and count it. A run created for its index is a
+    --    member already (runs.batch_id/batch_index); every other index gets a batch_items row.
+    --    Only a run that existed before this call can be final already or turn final
+    --    concurrently: when every open position was filled by this call (item_made) there is
+    --    none; otherwise a keyed position's run that does not carry this transaction's xmin is one.
+    IF NOT (true = ALL (item_own)) THEN
+      INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
+      SELECT b.id, u.i, u.r, ts FROM unnest(item_idx, item_run, item_own) AS u(i, r, own) WHERE NOT u.own;
+      IF holders IS NOT NULL THEN
+        PERFORM count_remote_items(b.id, ARRAY(SELECT u.r FROM unnest(item_run, item_own) AS u(r, own) WHERE NOT u.own));
+      END IF;
     END IF;
     PERFORM count_attached(b.id, cardinality(item_idx),
                            ARRAY(SELECT w.run FROM unnest(item_hash, item_run, item_made) AS w(h, run, made)
@@ -275,9 +410,7 @@ BEGIN
   IF NOT resent THEN
     RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(item_run) AS u(r));  -- the chunk is all new: in order already
   END IF;
-  RETURN ARRAY(SELECT 'run_' || i.run_id FROM batch_items AS i
-               WHERE i.batch_id = b.id AND i.item_index BETWEEN first_index AND first_index + all_item_count - 1
-               ORDER BY i.item_index);
+  RETURN ARRAY(SELECT 'run_' || m.run_id FROM batch_members(b.id, first_index, first_index + all_item_count - 1) AS m);
 END
 $$;
 
@@ -323,7 +456,8 @@ BEGIN
   END IF;
   IF b.remote_items > 0 THEN
     -- Items whose run lives in the other store are counted by reading them (an id list, so
-    -- postgres_fdw ships one = ANY); unreachable: not yet, tick asks again.
+    -- postgres_fdw ships one = ANY); unreachable: not yet, tick asks again. Such a run was not
+    -- created by this batch, so only batch_items can name it.
     remote_ids := ARRAY(SELECT i.run_id FROM batch_items AS i
                         WHERE i.batch_id = b.id AND try_classify_bare(i.run_id) <> local_residency());
     BEGIN
@@ -344,14 +478,13 @@ BEGIN
   END IF;
   UPDATE batches AS x
   SET status = 'COMPLETED', completed_at = now(), updated_at = now(),
-      output = (SELECT coalesce(jsonb_agg(jsonb_build_object('index', i.item_index, 'run_id', 'run_' || i.run_id,
+      output = (SELECT coalesce(jsonb_agg(jsonb_build_object('index', m.item_index, 'run_id', 'run_' || m.run_id,
                                                               'status', coalesce(r.status, rr.status))
-                                          ORDER BY i.item_index), '[]'::jsonb)
-                FROM batch_items AS i
-                LEFT JOIN runs AS r ON r.id = i.run_id
+                                          ORDER BY m.item_index), '[]'::jsonb)
+                FROM batch_members(b.id, 0, b.expected_count - 1) AS m
+                LEFT JOIN runs AS r ON r.id = m.run_id
                 LEFT JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text)
-                  ON rr.id = i.run_id
-                WHERE i.batch_id = b.id)
+                  ON rr.id = m.run_id)
   WHERE x.id = b.id;
   PERFORM complete_local_edges(b.id);
   RETURN true;
@@ -393,7 +526,8 @@ BEGIN
 END
 $$;
 
--- Called when a run turns final: every batch holding it (at one or more indexes) counts it.
+-- Called when a run turns final: every batch holding it (at one or more indexes) counts it —
+-- the batch that created it (its own batch_id) and any holding it as a cached item.
 CREATE OR REPLACE FUNCTION runops.batch_item_finished(run_id text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -402,8 +536,11 @@ DECLARE
   held record;
 BEGIN
   FOR held IN
-    SELECT i.batch_id, count(*)::integer AS n FROM batch_items AS i
-    WHERE i.run_id = batch_item_finished.run_id GROUP BY i.batch_id ORDER BY i.batch_id
+    SELECT m.batch_id, count(*)::integer AS n
+    FROM (SELECT r.batch_id FROM runs AS r WHERE r.id = batch_item_finished.run_id AND r.batch_id IS NOT NULL
+          UNION ALL
+          SELECT i.batch_id FROM batch_items AS i WHERE i.run_id = batch_item_finished.run_id) AS m
+    GROUP BY m.batch_id ORDER BY m.batch_id
   LOOP
     UPDATE batches AS x SET final_count = x.final_count + held.n, updated_at = now()
     WHERE x.id = held.batch_id;
@@ -546,9 +683,8 @@ BEGIN
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed)', b.id));
   END IF;
-  IF b.status <> 'PENDING' AND EXISTS (
-       SELECT FROM generate_series(start_index, start_index + n - 1) AS k
-       WHERE NOT EXISTS (SELECT FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = k)) THEN
+  IF b.status <> 'PENDING'
+     AND (SELECT count(*) FROM batch_members(b.id, start_index, start_index + n - 1)) < n THEN  -- a new index
     PERFORM raise_error('RO003', format('batch_%s is sealed: it takes no new items', b.id));
   END IF;
   RETURN NEXT ROW('batch_' || b.id, start_index, add_batch_items(b, env, start_index, items))::appended_items;
@@ -593,8 +729,9 @@ BEGIN
   -- Recount from the runs themselves (the incremental count is the fast path; this is the
   -- authority), then complete if every item has finished. Idempotent.
   UPDATE batches AS x
-  SET final_count = (SELECT count(*) FROM batch_items AS i JOIN runs AS r ON r.id = i.run_id
-                     WHERE i.batch_id = b.id AND is_final_status(r.status))
+  SET final_count = (SELECT count(*) FROM batch_members(b.id, 0, b.expected_count - 1) AS m
+                     JOIN runs AS r ON r.id = m.run_id
+                     WHERE is_final_status(r.status))
   WHERE x.id = b.id;
   PERFORM finish_batch_if_done(b.id);
   RETURN QUERY SELECT r.* FROM batches AS x, LATERAL batch_row_of(x) AS r WHERE x.id = b.id;
@@ -625,8 +762,13 @@ BEGIN
   BEGIN
     RETURN QUERY
     SELECT 'batch_' || x.id, x.environment_id, x.status, x.expected_count, x.item_count,
-           ARRAY(SELECT 'run_' || i.run_id FROM runops_peer.batch_items AS i WHERE i.batch_id = bare
-                 ORDER BY i.item_index),
+           -- The other store's batch_members(), through the FDW: two plain predicates.
+           ARRAY(SELECT 'run_' || m.run_id
+                 FROM (SELECT r.batch_index AS item_index, r.id AS run_id FROM runops_peer.runs AS r
+                       WHERE r.batch_id = bare
+                       UNION ALL
+                       SELECT i.item_index, i.run_id FROM runops_peer.batch_items AS i WHERE i.batch_id = bare) AS m
+                 ORDER BY m.item_index),
            x.status <> 'PENDING', x.created_at, x.completed_at, x.idempotency_key
     FROM runops_peer.batches AS x
     WHERE x.id = bare AND (env_id IS NULL OR x.environment_id = env_id);
@@ -698,7 +840,7 @@ AS $$
 DECLARE
   existing text;
 BEGIN
-  SELECT i.run_id INTO existing FROM batch_items AS i WHERE i.batch_id = b.id AND i.item_index = spec.batch_index;
+  SELECT m.run_id INTO existing FROM batch_members(b.id, spec.batch_index, spec.batch_index) AS m;
   IF existing IS NULL AND b.status <> 'PENDING' THEN
     PERFORM raise_error('RO003', format('batch_%s is %s: it takes no new items', b.id, b.status));
   END IF;
@@ -706,14 +848,21 @@ BEGIN
 END
 $$;
 
+-- The run admit_run got for a free index: created for it (create_run wrote batch_id and
+-- batch_index into its row: a member already) or cached (a key's holder, maybe in the other
+-- store: a batch_items row).
 CREATE OR REPLACE FUNCTION runops.attach_batch_item(batch_id text, batch_index integer, run_id text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 BEGIN
-  INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
-  VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
-  PERFORM count_remote_items(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
+  IF NOT EXISTS (SELECT FROM runs AS r WHERE r.id = attach_batch_item.run_id
+                   AND r.batch_id = attach_batch_item.batch_id AND r.batch_index = attach_batch_item.batch_index) THEN
+    INSERT INTO batch_items (batch_id, item_index, run_id, created_at)
+    VALUES (attach_batch_item.batch_id, attach_batch_item.batch_index, attach_batch_item.run_id, now());
+    PERFORM count_remote_items(attach_batch_item.batch_id, ARRAY[attach_batch_item.run_id]);
+  END IF;
+  -- The run may be final already (trigger_failed_task's, or a finished key holder).
   PERFORM count_attached(attach_batch_item.batch_id, 1, ARRAY[attach_batch_item.run_id]);
 END
 $$;
@@ -3415,6 +3564,8 @@ $$;
 -- Retention (SPEC §4, purge_runs): deletes final runs older than a duration, with their
 -- subgraphs (attempts, checkpoints, the edges they were blocked by), in bounded batches.
 --
+-- Batches are deleted only once no run names them (runs.batch_id) and their cached items go
+-- with them: that, not a foreign key, keeps every runs.batch_id naming a batch (doctor --deep).
 -- A run is purged only when nothing can still need it: it is final; it has no child run and
 -- parents no batch (children and batches go first, in this or a later call, so foreign keys
 -- hold without cascades); no pending edge in this store waits on it; no open batch counts it.
@@ -3439,6 +3590,9 @@ BEGIN
           AND NOT EXISTS (SELECT FROM runs AS c WHERE c.parent_run_id = r.id)
           AND NOT EXISTS (SELECT FROM batches AS b WHERE b.parent_run_id = r.id)
           AND NOT EXISTS (SELECT FROM run_waitpoints AS w WHERE w.waitpoint_id = r.id AND w.completed_at IS NULL)
+          -- (the batch that created it, and any holding it as a cached item)
+          AND NOT EXISTS (SELECT FROM batches AS b
+                          WHERE b.id = r.batch_id AND b.status IN ('PENDING', 'PROCESSING'))
           AND NOT EXISTS (SELECT FROM batch_items AS i JOIN batches AS b ON b.id = i.batch_id
                           WHERE i.run_id = r.id AND b.status IN ('PENDING', 'PROCESSING'))
         ORDER BY r.updated_at

@@ -1,6 +1,8 @@
 -- Retention (SPEC §4, purge_runs): deletes final runs older than a duration, with their
 -- subgraphs (attempts, checkpoints, the edges they were blocked by), in bounded batches.
 --
+-- Batches are deleted only once no run names them (runs.batch_id) and their cached items go
+-- with them: that, not a foreign key, keeps every runs.batch_id naming a batch (doctor --deep).
 -- A run is purged only when nothing can still need it: it is final; it has no child run and
 -- parents no batch (children and batches go first, in this or a later call, so foreign keys
 -- hold without cascades); no pending edge in this store waits on it; no open batch counts it.
@@ -25,6 +27,9 @@ BEGIN
           AND NOT EXISTS (SELECT FROM runs AS c WHERE c.parent_run_id = r.id)
           AND NOT EXISTS (SELECT FROM batches AS b WHERE b.parent_run_id = r.id)
           AND NOT EXISTS (SELECT FROM run_waitpoints AS w WHERE w.waitpoint_id = r.id AND w.completed_at IS NULL)
+          -- (the batch that created it, and any holding it as a cached item)
+          AND NOT EXISTS (SELECT FROM batches AS b
+                          WHERE b.id = r.batch_id AND b.status IN ('PENDING', 'PROCESSING'))
           AND NOT EXISTS (SELECT FROM batch_items AS i JOIN batches AS b ON b.id = i.batch_id
                           WHERE i.run_id = r.id AND b.status IN ('PENDING', 'PROCESSING'))
         ORDER BY r.updated_at

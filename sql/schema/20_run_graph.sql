@@ -4,7 +4,9 @@
 --
 --   runs            one task run; status moves only through runops.transition_run()
 --   batches         a group of runs triggered together; owns a BATCH waitpoint
---   batch_items     membership (index -> run); the run may live in either store when cached
+--   batch_items     cached membership (index -> a run the batch did not create; it may live in
+--                   either store). A run a batch created is a member through its own
+--                   runs.batch_id/batch_index and has no batch_items row (SPEC §4 [1.2]).
 --   waitpoints      things a run can wait on: RUN, BATCH (ids derived from their owner),
 --                   DATETIME, MANUAL
 --   run_waitpoints  edges "run is blocked by waitpoint"; they live with the blocked run
@@ -155,6 +157,11 @@ CREATE INDEX runs_timer_idx ON runops.runs (runops.wake_at(status, delay_until, 
   WHERE status IN ('DELAYED', 'RETRYING_AFTER_FAILURE')
      OR (status = 'PENDING' AND ttl_expires_at IS NOT NULL);
 CREATE INDEX runs_waiting_idx ON runops.runs (updated_at) WHERE status = 'WAITING_TO_RESUME';
+-- Batch membership of the runs a batch created: (batch, index) -> run, in index order. Partial,
+-- so a run outside any batch costs this index only its predicate check. Unique: one created run
+-- per index (writers of a batch take its row lock, so this never fires in normal operation; it
+-- guards the invariant the dropped foreign keys no longer do).
+CREATE UNIQUE INDEX runs_batch_member_idx ON runops.runs (batch_id, batch_index) WHERE batch_id IS NOT NULL;
 
 CREATE TABLE runops.batches (
   id                         text COLLATE "C" PRIMARY KEY CHECK (RESIDENCY_CHECK(id)),
@@ -182,10 +189,14 @@ CREATE INDEX batches_seal_idx ON runops.batches (seal_deadline) WHERE status = '
 CREATE INDEX batches_remote_idx ON runops.batches (updated_at) WHERE status = 'PROCESSING' AND remote_items > 0;
 CREATE UNIQUE INDEX batches_idempotency_key_idx
   ON runops.batches (environment_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
-ALTER TABLE runops.runs ADD FOREIGN KEY (batch_id) REFERENCES runops.batches (id);
+-- runs.batch_id and batch_items.batch_id name a batch, with no foreign key (SPEC §5 [1.2]): the
+-- functions are the only writers, and each creates or locks the batch row (FOR UPDATE) in the
+-- transaction that writes its members; purge_runs deletes a batch only when nothing names it.
+-- The keys' checks were a third of a batch's cost (docs/benchmarks.md, "Batches");
+-- `runops doctor --deep` and tests/test_batch_integrity.py prove the invariants instead.
 
 CREATE TABLE runops.batch_items (
-  batch_id   text COLLATE "C" NOT NULL REFERENCES runops.batches (id),
+  batch_id   text COLLATE "C" NOT NULL,
   item_index integer NOT NULL CHECK (item_index >= 0),
   run_id     text COLLATE "C" NOT NULL,   -- a cached item's run may live in the other store
   created_at timestamptz NOT NULL,

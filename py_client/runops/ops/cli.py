@@ -284,12 +284,14 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, pe
               "for migrate: RUNOPS_CONTROL_PLANE_ADMIN_URL, then RUNOPS_CONTROL_PLANE_URL, then the local dev store.")
 @click.option("--run-ops-url", help="URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL, then "
               "RUNOPS_RUN_OPS_URL, then the local dev store (only when no URL at all is set).")
+@click.option("--deep", is_flag=True, help="Also check the invariants the functions keep instead of foreign keys "
+              "(every run's batch exists, every batch item names a batch and a run, ...): reads whole tables.")
 @pass_ctx
-def doctor(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None) -> None:
+def doctor(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, deep: bool) -> None:
     """Check both stores and say what to fix: identities and versions, the topology the sentinel
     sees, migrations, function drift against sql/functions, the FDW both ways, the tenant mirror
-    and its replication slot, tick freshness, and stuck work (docs/operations.md, "doctor").
-    Changes nothing.
+    and its replication slot, tick freshness, and stuck work (docs/operations.md, "doctor");
+    with --deep also the invariants the functions keep instead of foreign keys. Changes nothing.
 
     One line per check: `ok|warn|fail  CHECK  DETAIL` (--json: the checks with their figures).
     Exit code by the worst check: 0 all ok, 1 a warning, 2 a failure (a store that does not
@@ -306,7 +308,7 @@ def doctor(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None) -> 
         if not ctx.as_json:
             for target in targets.values():
                 click.echo(f"examining {target.describe()}")
-        report = doctoring.examine(targets)
+        report = doctoring.examine(targets, deep=deep)
     if ctx.as_json:
         emit_json(report.as_json())
     else:

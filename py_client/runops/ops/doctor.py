@@ -51,6 +51,8 @@ class Thresholds:
     slot_retained_warn_bytes: int = 1 << 30
     # How long doctor waits for one statement (an FDW probe to a hung peer must not hang doctor).
     statement_timeout_ms: int = 10000
+    # `doctor --deep` reads whole tables (runs, batch_items): minutes on a large store, not 10 s.
+    deep_statement_timeout_ms: int = 600000
     connect_timeout_seconds: int = 5
 
 
@@ -658,6 +660,88 @@ def check_stuck_work(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check
     return guarded(name, store, run)
 
 
+# -- doctor --deep: invariants the functions keep instead of foreign keys ------------------------
+
+# SPEC §5 [1.2]: on the batch hot path the functions, not foreign keys, keep the run graph's
+# references (docs/decisions.md, "Batches"). Each query counts the rows breaking one invariant
+# and names up to three (bare ids). Whole-table reads: only with --deep.
+INTEGRITY = (
+    ("runs_naming_no_batch", "runs whose batch_id names no batch", """
+        SELECT count(*), (array_agg(r.id ORDER BY r.id))[1:3] FROM runops.runs AS r
+        WHERE r.batch_id IS NOT NULL AND NOT EXISTS (SELECT FROM runops.batches AS b WHERE b.id = r.batch_id)"""),
+    ("runs_off_their_batch", "runs of a batch with no batch_index or one past its expected_count", """
+        SELECT count(*), (array_agg(r.id ORDER BY r.id))[1:3] FROM runops.runs AS r
+        JOIN runops.batches AS b ON b.id = r.batch_id
+        WHERE r.batch_index IS NULL OR r.batch_index NOT BETWEEN 0 AND b.expected_count - 1"""),
+    ("items_naming_no_batch", "batch_items rows whose batch_id names no batch", """
+        SELECT count(*), (array_agg(i.batch_id || '/' || i.item_index ORDER BY i.batch_id, i.item_index))[1:3]
+        FROM runops.batch_items AS i
+        WHERE NOT EXISTS (SELECT FROM runops.batches AS b WHERE b.id = i.batch_id)"""),
+    ("items_off_their_batch", "batch_items rows past their batch's expected_count", """
+        SELECT count(*), (array_agg(i.batch_id || '/' || i.item_index ORDER BY i.batch_id, i.item_index))[1:3]
+        FROM runops.batch_items AS i JOIN runops.batches AS b ON b.id = i.batch_id
+        WHERE i.item_index >= b.expected_count"""),
+    ("indexes_held_twice", "batch indexes held both by a run the batch created and by a batch_items row", """
+        SELECT count(*), (array_agg(i.batch_id || '/' || i.item_index ORDER BY i.batch_id, i.item_index))[1:3]
+        FROM runops.batch_items AS i
+        JOIN runops.runs AS r ON r.batch_id = i.batch_id AND r.batch_index = i.item_index"""),
+    # Open batches only: purge_runs may delete a finished batch's runs before the batch itself.
+    ("open_items_naming_no_run", "batch_items rows of open batches naming a run missing from this store", """
+        SELECT count(*), (array_agg(i.batch_id || '/' || i.item_index ORDER BY i.batch_id, i.item_index))[1:3]
+        FROM runops.batch_items AS i JOIN runops.batches AS b ON b.id = i.batch_id
+        WHERE b.status IN ('PENDING', 'PROCESSING')
+          AND runops.try_classify_residency(i.run_id) = runops.local_residency()
+          AND NOT EXISTS (SELECT FROM runops.runs AS r WHERE r.id = i.run_id)"""),
+    ("open_batches_miscounted", "open batches whose item_count differs from their members", """
+        SELECT count(*), (array_agg(b.id ORDER BY b.id))[1:3] FROM runops.batches AS b
+        WHERE b.status IN ('PENDING', 'PROCESSING')
+          AND b.item_count <> (SELECT count(*) FROM runops.batch_members(b.id, 0, b.expected_count - 1))"""),
+)
+
+# Cached items whose run lives in the other store: read there, one id list (postgres_fdw ships
+# one = ANY), only when the FDW is wired (unwired, runops_peer.runs is an empty stand-in). Run
+# as runops_owner: the FDW's user mapping is that role's.
+REMOTE_ITEMS = """
+    WITH remote AS (SELECT i.batch_id, i.item_index, i.run_id FROM runops.batch_items AS i
+                    JOIN runops.batches AS b ON b.id = i.batch_id
+                    WHERE b.status IN ('PENDING', 'PROCESSING')
+                      AND runops.try_classify_residency(i.run_id) IS DISTINCT FROM runops.local_residency())
+    SELECT count(*), (array_agg(m.batch_id || '/' || m.item_index ORDER BY m.batch_id, m.item_index))[1:3]
+    FROM remote AS m
+    WHERE m.run_id NOT IN (SELECT p.id FROM runops_peer.runs AS p
+                           WHERE p.id = ANY (ARRAY(SELECT x.run_id FROM remote AS x)))"""
+
+
+def check_integrity(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """The references foreign keys no longer guard (every runs.batch_id names a batch, every
+    batch_items row a batch and, for open batches, a run; one holder per batch index; open
+    batches count their members): `fail` on any row breaking one."""
+    name = f"integrity.{store.slug}"
+
+    def run() -> Check:
+        found: dict[str, Any] = {}
+        with _reading(store) as conn:
+            conn.execute(f"SET LOCAL statement_timeout = {int(thresholds.deep_statement_timeout_ms)}")
+            checks = list(INTEGRITY)
+            wired = conn.execute("SELECT runops.peer_wired()").fetchone()
+            if wired is not None and wired[0]:
+                checks.append(("open_items_naming_no_remote_run",
+                               "batch_items rows of open batches naming a run missing from the other store",
+                               REMOTE_ITEMS))
+            for key, what, query in checks:
+                if query is REMOTE_ITEMS:
+                    conn.execute("SET LOCAL ROLE runops_owner")  # the role whose user mapping the functions use
+                row = conn.execute(query).fetchone()
+                assert row is not None
+                found[key] = {"count": int(row[0]), "examples": list(row[1] or []), "what": what}
+        broken = [f"{v['count']} {v['what']} (e.g. {', '.join(v['examples'])})" for v in found.values() if v["count"]]
+        if broken:
+            return Check(name, "fail", "; ".join(broken), found)
+        return Check(name, "ok", f"{len(found)} invariants hold", found)
+
+    return guarded(name, store, run)
+
+
 # -- the whole examination --------------------------------------------------------------------
 
 @dataclass
@@ -680,20 +764,22 @@ class Report:
                            for c in self.checks]}
 
 
-def examine(targets: dict[str, migrations.Target], thresholds: Thresholds = THRESHOLDS) -> Report:
-    """Every check against the stores ``targets`` names (migrate.resolve_targets)."""
+def examine(targets: dict[str, migrations.Target], thresholds: Thresholds = THRESHOLDS, *,
+            deep: bool = False) -> Report:
+    """Every check against the stores ``targets`` names (migrate.resolve_targets); with ``deep``,
+    the integrity checks too (whole-table reads)."""
     if RUN_OPS in targets and targets[RUN_OPS].url == targets[CONTROL_PLANE].url:
         targets = {CONTROL_PLANE: targets[CONTROL_PLANE]}  # migrate, too, treats this as one store
     stores = {store: open_store(t, thresholds) for store, t in targets.items()}
     try:
-        return Report(list(targets.values()), _run_checks(stores, thresholds))
+        return Report(list(targets.values()), _run_checks(stores, thresholds, deep))
     finally:
         for s in stores.values():
             if s.conn is not None:
                 s.conn.close()
 
 
-def _run_checks(stores: dict[str, Store], thresholds: Thresholds) -> list[Check]:
+def _run_checks(stores: dict[str, Store], thresholds: Thresholds, deep: bool = False) -> list[Check]:
     checks = [check_store(s) for s in stores.values()]
     answered = {name: s for name, s in stores.items() if s.conn is not None and s.facts.get("store_role") == name}
     cp, ro = answered.get(CONTROL_PLANE), answered.get(RUN_OPS)
@@ -715,4 +801,6 @@ def _run_checks(stores: dict[str, Store], thresholds: Thresholds) -> list[Check]
         checks.append(check_slots(cp, ro, thresholds))
     checks += [check_tick(s, thresholds) for s in answered.values()]
     checks += [check_stuck_work(s, thresholds) for s in answered.values()]
+    if deep:
+        checks += [check_integrity(s, thresholds) for s in answered.values()]
     return checks
