@@ -218,28 +218,18 @@ BEGIN
   -- never a join of two function scans), no resolution passes and no batch_items.
   IF NOT resent AND b.idempotency_key IS NULL AND NOT (items @? '$[*].options.idempotency_key') THEN
     new_ids := mint_ids(all_item_count);
-    INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
-      queue, concurrency_key, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
-      delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
-    SELECT x.nid, env.id, env.project_id, env.organization_id, x.t,
-           CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
-           x.p, coalesce((x.spec).metadata, '{}'::jsonb), coalesce((x.spec).tags, '{}'::text[]),
-           coalesce((x.spec).queue, 'task/' || x.t), (x.spec).concurrency_key,
-           b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-           x.i, coalesce((x.spec).max_attempts, default_max_attempts()),
-           CASE WHEN (x.spec).delay_until > ts THEN (x.spec).delay_until END,
-           (x.spec).ttl, (x.spec).max_duration, (x.spec).dev_session_id,
-           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts END,
-           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts + (x.spec).ttl END,
-           ts, ts
+    INSERT INTO runs
+    SELECT n.*
     -- OFFSET 0: each item's spec is parsed once, not once per column that reads it.
     FROM (SELECT e.n - 1 + first_index AS i, e.nid, e.item ->> 'task' AS t,
                  coalesce(e.item -> 'payload', '{}'::jsonb) AS p,
                  CASE WHEN coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) = '{}'::jsonb THEN NULL
                       ELSE parse_trigger_options(e.item -> 'options') END AS spec
           FROM ROWS FROM (jsonb_array_elements(items), unnest(new_ids)) WITH ORDINALITY AS e(item, nid, n)
-          OFFSET 0) AS x;
+          OFFSET 0) AS x
+    CROSS JOIN LATERAL new_run(x.nid, env, parent, b.id, x.i::integer, x.t, x.p, x.spec,
+                               CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
+                               NULL, NULL, NULL, NULL, ts) AS n;
     PERFORM count_attached(b.id, all_item_count, '{}'::text[]);
     RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(new_ids) AS u(r));
   END IF;
@@ -343,29 +333,19 @@ BEGIN
           EXIT WHEN creator_count = 0;
         END IF;
       END IF;
-      INSERT INTO runs AS r (
-        id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
-        queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-        idempotency_key_expires_at, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
-        delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
-      SELECT w.nid, env.id, env.project_id, env.organization_id, w.t,
-             CASE WHEN w.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
-             w.p, coalesce(w.metadata, '{}'::jsonb), coalesce(w.tags, '{}'::text[]), coalesce(w.queue, 'task/' || w.t),
-             w.concurrency_key, CASE WHEN w.h IS NOT NULL THEN w.key END, w.h,
-             CASE WHEN w.h IS NOT NULL THEN
-               CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
-             CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
-             b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-             w.i, coalesce(w.max_attempts, default_max_attempts()),
-             CASE WHEN w.delay_until > ts THEN w.delay_until END,
-             w.ttl, w.max_duration, w.dev_session_id,
-             CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
-             CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
-             ts, ts
-      -- The spec array goes last: unnest spreads a composite element into its own columns.
-      FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates, item_spec)
-             AS w(i, t, p, key, key_ttl, h, nid, creates)
-      WHERE w.creates
+      INSERT INTO runs
+      SELECT n.*
+      -- The spec travels as text and is cast back once per creator (OFFSET 0): a multi-array
+      -- unnest spreads a composite into its columns, and subscripting the array per position
+      -- walks it from the start (quadratic over 10,000 items).
+      FROM (SELECT w.*, w.spec_text::trigger_spec AS spec
+            FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates,
+                        item_spec::text[]) AS w(i, t, p, key, key_ttl, h, nid, creates, spec_text)
+            WHERE w.creates
+            OFFSET 0) AS w
+      CROSS JOIN LATERAL new_run(w.nid, env, parent, b.id, w.i, w.t, w.p, w.spec,
+                                 CASE WHEN (w.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END, NULL,
+                                 w.key, w.h, ts + w.key_ttl, ts) AS n
       ON CONFLICT DO NOTHING;
       GET DIAGNOSTICS inserted = ROW_COUNT;
       IF inserted = creator_count THEN
@@ -1810,11 +1790,11 @@ BEGIN
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
                             create_run.error, NULL, NULL, NULL, ts);
     ELSE
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
                             create_run.error, spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;
@@ -3628,14 +3608,19 @@ $$;
 --   INSERT INTO runs SELECT * FROM new_run(...)
 -- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
 -- folds what is constant there (a root without options costs no call at all); its row type is
--- the table's, so its columns cannot drift from the table's order.
+-- the table's, so its columns cannot drift from the table's order. PostgreSQL inlines it only
+-- when no argument is volatile (mint ids in a sub-select), and an argument is evaluated once per
+-- use inside: pass columns, not expressions that parse or cast.
 --
 --   parent        the parent's row (NULL for a root): a child names it, a batch item its batch's
---   spec          the parsed options (NULL: none); its key fields are not read, the key is passed
+--   batch_id, batch_index  the batch index the run fills (a member through its own row)
+--   spec          the parsed options (NULL: none); its key, parent and batch fields are not
+--                 read: those are passed
 --   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
 --   key, key_hash the caller's key and its dedup key (NULL: the run holds none)
 --   at            the caller's runops.now(), read once
 CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
+                                          batch_id text, batch_index integer,
                                           task_identifier text, payload jsonb, spec runops.trigger_spec,
                                           status text, error jsonb, key text, key_hash text,
                                           key_expires_at timestamptz, at timestamptz)
@@ -3654,7 +3639,7 @@ AS $$
          CASE WHEN key_hash IS NOT NULL THEN key_expires_at END,
          parent.id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
          coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
-         spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
+         batch_id, batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
          CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,
          spec.dev_session_id,
          NULL::text, NULL::interval, NULL::timestamptz, NULL::timestamptz,           -- no lease, no retry
@@ -5001,7 +4986,7 @@ BEGIN
     -- inlining new_run (it would run as a function call per run).
     CROSS JOIN LATERAL (SELECT CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END
                         AS id) AS minted
-    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, NULL, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
                                'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;

@@ -118,28 +118,18 @@ BEGIN
   -- never a join of two function scans), no resolution passes and no batch_items.
   IF NOT resent AND b.idempotency_key IS NULL AND NOT (items @? '$[*].options.idempotency_key') THEN
     new_ids := mint_ids(all_item_count);
-    INSERT INTO runs AS r (
-      id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
-      queue, concurrency_key, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
-      delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
-    SELECT x.nid, env.id, env.project_id, env.organization_id, x.t,
-           CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
-           x.p, coalesce((x.spec).metadata, '{}'::jsonb), coalesce((x.spec).tags, '{}'::text[]),
-           coalesce((x.spec).queue, 'task/' || x.t), (x.spec).concurrency_key,
-           b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-           x.i, coalesce((x.spec).max_attempts, default_max_attempts()),
-           CASE WHEN (x.spec).delay_until > ts THEN (x.spec).delay_until END,
-           (x.spec).ttl, (x.spec).max_duration, (x.spec).dev_session_id,
-           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts END,
-           CASE WHEN (x.spec).delay_until > ts THEN NULL ELSE ts + (x.spec).ttl END,
-           ts, ts
+    INSERT INTO runs
+    SELECT n.*
     -- OFFSET 0: each item's spec is parsed once, not once per column that reads it.
     FROM (SELECT e.n - 1 + first_index AS i, e.nid, e.item ->> 'task' AS t,
                  coalesce(e.item -> 'payload', '{}'::jsonb) AS p,
                  CASE WHEN coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) = '{}'::jsonb THEN NULL
                       ELSE parse_trigger_options(e.item -> 'options') END AS spec
           FROM ROWS FROM (jsonb_array_elements(items), unnest(new_ids)) WITH ORDINALITY AS e(item, nid, n)
-          OFFSET 0) AS x;
+          OFFSET 0) AS x
+    CROSS JOIN LATERAL new_run(x.nid, env, parent, b.id, x.i::integer, x.t, x.p, x.spec,
+                               CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
+                               NULL, NULL, NULL, NULL, ts) AS n;
     PERFORM count_attached(b.id, all_item_count, '{}'::text[]);
     RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(new_ids) AS u(r));
   END IF;
@@ -243,29 +233,19 @@ BEGIN
           EXIT WHEN creator_count = 0;
         END IF;
       END IF;
-      INSERT INTO runs AS r (
-        id, environment_id, project_id, organization_id, task_identifier, status, payload, metadata, tags,
-        queue, concurrency_key, idempotency_key, idempotency_key_hash, idempotency_key_scope,
-        idempotency_key_expires_at, parent_run_id, root_run_id, depth, batch_id, batch_index, max_attempts,
-        delay_until, ttl, max_duration, dev_session_id, queued_at, ttl_expires_at, created_at, updated_at)
-      SELECT w.nid, env.id, env.project_id, env.organization_id, w.t,
-             CASE WHEN w.delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
-             w.p, coalesce(w.metadata, '{}'::jsonb), coalesce(w.tags, '{}'::text[]), coalesce(w.queue, 'task/' || w.t),
-             w.concurrency_key, CASE WHEN w.h IS NOT NULL THEN w.key END, w.h,
-             CASE WHEN w.h IS NOT NULL THEN
-               CASE WHEN b.parent_run_id IS NULL THEN 'global' ELSE coalesce(w.idempotency_key_scope, 'run') END END,
-             CASE WHEN w.h IS NOT NULL THEN ts + w.key_ttl END,
-             b.parent_run_id, coalesce(parent.root_run_id, parent.id), coalesce(parent.depth + 1, 0), b.id,
-             w.i, coalesce(w.max_attempts, default_max_attempts()),
-             CASE WHEN w.delay_until > ts THEN w.delay_until END,
-             w.ttl, w.max_duration, w.dev_session_id,
-             CASE WHEN w.delay_until > ts THEN NULL ELSE ts END,
-             CASE WHEN w.delay_until > ts THEN NULL ELSE ts + w.ttl END,
-             ts, ts
-      -- The spec array goes last: unnest spreads a composite element into its own columns.
-      FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates, item_spec)
-             AS w(i, t, p, key, key_ttl, h, nid, creates)
-      WHERE w.creates
+      INSERT INTO runs
+      SELECT n.*
+      -- The spec travels as text and is cast back once per creator (OFFSET 0): a multi-array
+      -- unnest spreads a composite into its columns, and subscripting the array per position
+      -- walks it from the start (quadratic over 10,000 items).
+      FROM (SELECT w.*, w.spec_text::trigger_spec AS spec
+            FROM unnest(item_idx, item_task, item_payload, item_key, item_key_ttl, item_hash, new_ids, item_creates,
+                        item_spec::text[]) AS w(i, t, p, key, key_ttl, h, nid, creates, spec_text)
+            WHERE w.creates
+            OFFSET 0) AS w
+      CROSS JOIN LATERAL new_run(w.nid, env, parent, b.id, w.i, w.t, w.p, w.spec,
+                                 CASE WHEN (w.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END, NULL,
+                                 w.key, w.h, ts + w.key_ttl, ts) AS n
       ON CONFLICT DO NOTHING;
       GET DIAGNOSTICS inserted = ROW_COUNT;
       IF inserted = creator_count THEN

@@ -160,11 +160,11 @@ BEGIN
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
                             create_run.error, NULL, NULL, NULL, ts);
     ELSE
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, create_run.task_identifier, create_run.payload, spec, run_status,
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
                             create_run.error, spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;

@@ -3,14 +3,19 @@
 --   INSERT INTO runs SELECT * FROM new_run(...)
 -- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
 -- folds what is constant there (a root without options costs no call at all); its row type is
--- the table's, so its columns cannot drift from the table's order.
+-- the table's, so its columns cannot drift from the table's order. PostgreSQL inlines it only
+-- when no argument is volatile (mint ids in a sub-select), and an argument is evaluated once per
+-- use inside: pass columns, not expressions that parse or cast.
 --
 --   parent        the parent's row (NULL for a root): a child names it, a batch item its batch's
---   spec          the parsed options (NULL: none); its key fields are not read, the key is passed
+--   batch_id, batch_index  the batch index the run fills (a member through its own row)
+--   spec          the parsed options (NULL: none); its key, parent and batch fields are not
+--                 read: those are passed
 --   status        the run's first status: PENDING, DELAYED or SYSTEM_FAILURE (a failed task)
 --   key, key_hash the caller's key and its dedup key (NULL: the run holds none)
 --   at            the caller's runops.now(), read once
 CREATE OR REPLACE FUNCTION runops.new_run(id text, env runops.environment_context, parent runops.runs,
+                                          batch_id text, batch_index integer,
                                           task_identifier text, payload jsonb, spec runops.trigger_spec,
                                           status text, error jsonb, key text, key_hash text,
                                           key_expires_at timestamptz, at timestamptz)
@@ -29,7 +34,7 @@ AS $$
          CASE WHEN key_hash IS NOT NULL THEN key_expires_at END,
          parent.id, spec.parent_attempt_number, coalesce(parent.root_run_id, parent.id),
          coalesce(parent.depth + 1, 0), coalesce(spec.resume_parent_on_completion, false),
-         spec.batch_id, spec.batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
+         batch_id, batch_index, 0, coalesce(spec.max_attempts, runops.default_max_attempts()),
          CASE WHEN status = 'DELAYED' THEN spec.delay_until END, spec.ttl, spec.max_duration,
          spec.dev_session_id,
          NULL::text, NULL::interval, NULL::timestamptz, NULL::timestamptz,           -- no lease, no retry

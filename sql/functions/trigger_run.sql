@@ -167,7 +167,7 @@ BEGIN
     -- inlining new_run (it would run as a function call per run).
     CROSS JOIN LATERAL (SELECT CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END
                         AS id) AS minted
-    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
+    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, NULL, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
                                'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
