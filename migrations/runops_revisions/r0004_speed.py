@@ -2506,10 +2506,10 @@ BEGIN
   BEGIN
     -- This store's page is list_store_runs'; the other store's is the same keyset query spelled
     -- out over runops_peer.run_list_view, a plain scan postgres_fdw ships with its WHERE and
-    -- ORDER BY (the cursor is computed here, on the page's rows). It stays spelled out: a shared
-    -- SQL predicate, inlined, would compare the filters in the id's "C" collation, which
-    -- postgres_fdw does not ship for default-collation columns; EXECUTE would plan (and ask the
-    -- remote for estimates) on every page.
+    -- ORDER BY (the cursor is computed here, on the page's rows). It stays spelled out: EXECUTE
+    -- over either relation would plan (and ask the remote for estimates) on every page, and an
+    -- inlined SQL predicate takes one input collation for all its text arguments (the id's "C"),
+    -- which risks the shipping of the default-collation filter columns.
     RETURN QUERY
     SELECT *
     FROM ((SELECT * FROM list_store_runs(p.env_id, p.n, cursor, filters))
