@@ -123,3 +123,25 @@ def test_concurrent_ticks_expire_each_run_exactly_once(stores: Stores, store: st
         expired += n
     assert expired == due
     assert {status(conn, r) for r in runs} == {"EXPIRED"}
+
+
+def test_the_timer_steps_scan_the_timer_index_in_a_generic_plan(stores: Stores, store: str) -> None:
+    """wake_due_runs takes its status as a parameter; its constant status list lets a generic plan
+    prove runs_timer_idx's predicate, so DELAYED and retry wake-ups stay an index scan in wake_at
+    order (the statement as the function runs it, its variables as parameters)."""
+    with psycopg.connect(stores.admin[store], autocommit=True) as admin:
+        admin.execute("SET ROLE runops_owner")
+        admin.execute("SET search_path = runops, pg_catalog, pg_temp")
+        admin.execute("SET enable_seqscan = off")  # the test stores hold few rows
+        admin.execute("""
+            PREPARE due(text, timestamptz, integer) AS
+            SELECT r.id FROM runs AS r
+            WHERE r.status IN ('DELAYED', 'RETRYING_AFTER_FAILURE') AND r.status = $1
+              AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= $2
+            ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT $3
+            FOR UPDATE SKIP LOCKED""")
+        admin.execute("SET plan_cache_mode = force_generic_plan")
+        plan = "\n".join(r[0] for r in admin.execute(
+            "EXPLAIN (COSTS OFF) EXECUTE due('DELAYED', now(), 10)").fetchall())
+        admin.execute("DEALLOCATE due")
+    assert "runs_timer_idx" in plan and "Sort" not in plan, plan

@@ -97,6 +97,12 @@ DELETE FROM runops.batch_items AS i
 USING runops.runs AS r
 WHERE r.id = i.run_id AND r.batch_id = i.batch_id AND r.batch_index = i.item_index;
 
+-- sql/upgrades/r0004_speed/30_duplicates.sql
+-- r0004, issue 10: one implementation per rule (the duplicates pass). Functions folded into one
+-- helper each are dropped here; the function files re-applied after this carry their callers.
+--   require_lease  -> lock_leased_run (lifecycle.sql): the opening of heartbeat_run and start_attempt
+DROP FUNCTION runops.require_lease(runops.runs, text, text);
+
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
 -- have finished.
@@ -146,23 +152,29 @@ BEGIN
 END
 $$;
 
--- The batch a write names: RO006/RO001 for a bad id, RO002 for another store's, RO004 when
--- missing. Locks it: appends, seals and completions of one batch take turns.
+-- The batch a write names: RO006/RO001 for a bad id, RO002 for another store's, then
+-- lock_bare_batch.
 CREATE OR REPLACE FUNCTION runops.lock_batch(batch_id text)
 RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
+  RETURN lock_bare_batch(require_local_id(batch_id, 'batch', 'batch_id'));
+END
+$$;
+
+-- A batch of this store by its bare id, locked: appends, seals and completions of one batch take
+-- turns. RO004 when missing.
+CREATE OR REPLACE FUNCTION runops.lock_bare_batch(batch_id text)
+RETURNS runops.batches
+LANGUAGE plpgsql VOLATILE
+AS $$
 DECLARE
-  bare text := require_id(batch_id, 'batch', 'batch_id');
-  residency text := classify_bare(bare);
   b batches;
 BEGIN
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'batch', batch_id);
-  END IF;
-  SELECT * INTO b FROM batches AS x WHERE x.id = bare FOR UPDATE;
+  SELECT * INTO b FROM batches AS x WHERE x.id = lock_bare_batch.batch_id FOR UPDATE;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('batch %s not found', batch_id));
+    PERFORM raise_error('RO004', format('batch batch_%s not found', lock_bare_batch.batch_id));
   END IF;
   RETURN b;
 END
@@ -797,7 +809,7 @@ RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  b batches := lock_batch('batch_' || spec.batch_id);
+  b batches := lock_bare_batch(spec.batch_id);
 BEGIN
   IF b.environment_id <> lock_batch_for_index.environment_id THEN
     PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,
@@ -1212,12 +1224,7 @@ BEGIN
               claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
               claim_idempotency_key.expires_at, ts)
       ON CONFLICT DO NOTHING;
-      IF FOUND THEN
-        SELECT * INTO holder_id, holder_status
-        FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                    claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-        RETURN;
-      END IF;
+      EXIT WHEN FOUND;  -- claimed
       SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
       FROM idempotency_claims AS l
       WHERE l.environment_id = claim_idempotency_key.environment_id
@@ -1230,12 +1237,7 @@ BEGIN
                 claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid,
                 claim_idempotency_key.expires_at, ts)
         ON CONFLICT DO NOTHING;
-        IF FOUND THEN
-          SELECT * INTO holder_id, holder_status
-          FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                      claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-          RETURN;
-        END IF;
+        EXIT WHEN FOUND;  -- claimed
         SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
         FROM runops_peer.idempotency_claims AS l
         WHERE l.environment_id = claim_idempotency_key.environment_id
@@ -1282,12 +1284,13 @@ BEGIN
       IF try_classify_bare(c.run_id) = local_residency() THEN
         PERFORM release_idempotency_keys(ARRAY[c.run_id], ARRAY[claim_idempotency_key.key_hash]);
       END IF;
-      SELECT * INTO holder_id, holder_status
-      FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                  claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-      RETURN;
+      EXIT;  -- claimed
     END IF;
   END LOOP;
+  -- Claimed, fresh or taken over: a live holder the ledger never named may still be adopted.
+  SELECT * INTO holder_id, holder_status
+  FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                              claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
 END
 $$;
 
@@ -1951,13 +1954,9 @@ RETURNS runops.runs
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  bare text := require_id(run_id, 'run', 'run_id');
-  residency text := classify_bare(bare);
+  bare text := require_local_id(run_id, 'run', 'run_id');
   r runs;
 BEGIN
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'run', run_id);
-  END IF;
   SELECT * INTO r FROM runs AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', run_id));
@@ -1979,20 +1978,36 @@ BEGIN
 END
 $$;
 
--- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
-CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
-RETURNS void
-LANGUAGE plpgsql STABLE
+-- The opening of a worker's call on its leased run: RO006 for a bad worker id, lock_run's
+-- refusals, then RO003 unless the run is in a status the call accepts — DEQUEUED to start an
+-- attempt (a final run gets no more), DEQUEUED or EXECUTING otherwise — and leased to this
+-- worker. Returns the run, locked.
+CREATE OR REPLACE FUNCTION runops.lock_leased_run(run_id text, worker_id text, environment_id text, what text,
+                                                  starting boolean)
+RETURNS runops.runs
+LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+  worker text := require_worker(worker_id);
+  r runs := lock_run(run_id, environment_id);
 BEGIN
-  IF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+  IF starting THEN
+    IF is_final_status(r.status) THEN
+      PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
+    END IF;
+    IF r.status <> 'DEQUEUED' THEN
+      PERFORM raise_error('RO003', format('%s needs a dequeued run; run_%s is %s', what, r.id, r.status),
+                          NULL, 'dequeue it with dequeue_runs first');
+    END IF;
+  ELSIF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
     PERFORM raise_error('RO003', format('%s needs a dequeued or executing run; run_%s is %s', what, r.id, r.status));
   END IF;
-  IF r.locked_by IS DISTINCT FROM worker_id THEN
+  IF r.locked_by IS DISTINCT FROM worker THEN
     PERFORM raise_error('RO003', format('run_%s is leased to worker %s, not %s', r.id,
-                                        coalesce(r.locked_by, '(none)'), worker_id),
+                                        coalesce(r.locked_by, '(none)'), worker),
                         NULL, 'dequeue the run again; its lease may have lapsed');
   END IF;
+  RETURN r;
 END
 $$;
 
@@ -2084,10 +2099,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  worker text := require_worker(heartbeat_run.worker_id);
-  r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
+  r runs := lock_leased_run(heartbeat_run.run_id, heartbeat_run.worker_id, heartbeat_run.environment_id,
+                            'heartbeat_run', false);
 BEGIN
-  PERFORM require_lease(r, worker, 'heartbeat_run');
   UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, default_lease()), updated_at = now()
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -2100,26 +2114,18 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  worker text := require_worker(start_attempt.worker_id);
-  r runs := lock_run(start_attempt.run_id, start_attempt.environment_id);
+  r runs := lock_leased_run(start_attempt.run_id, start_attempt.worker_id, start_attempt.environment_id,
+                            'start_attempt', true);
   ts timestamptz := now();
   paused attempts;
   next_number integer;
 BEGIN
-  IF is_final_status(r.status) THEN
-    PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
-  END IF;
-  IF r.status <> 'DEQUEUED' THEN
-    PERFORM raise_error('RO003', format('start_attempt needs a dequeued run; run_%s is %s', r.id, r.status),
-                        NULL, 'dequeue it with dequeue_runs first');
-  END IF;
-  PERFORM require_lease(r, worker, 'start_attempt');
   PERFORM set_mover('start_attempt');
   -- A run resumed from a checkpoint continues the attempt that paused, not a new one.
   SELECT * INTO paused FROM attempts AS a WHERE a.run_id = r.id AND a.status = 'PAUSED'
   ORDER BY a.number DESC LIMIT 1;
   IF FOUND THEN
-    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = worker WHERE a.id = paused.id;
+    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = start_attempt.worker_id WHERE a.id = paused.id;
     next_number := paused.number;
   ELSE
     next_number := r.attempt_number + 1;
@@ -2134,7 +2140,7 @@ BEGIN
     END IF;
     INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
     VALUES (mint_id(),
-            r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
+            r.id, r.environment_id, next_number, 'EXECUTING', start_attempt.worker_id, ts);
   END IF;
   UPDATE runs AS x
   SET status = 'EXECUTING', attempt_number = next_number,
@@ -2385,10 +2391,7 @@ BEGIN
   IF length(reason) > 2048 THEN
     PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
   END IF;
-  bare := require_id(cancel_run.run_id, 'run', 'run_id');
-  IF classify_bare(bare) <> local_residency() THEN
-    PERFORM refuse_foreign_id(classify_bare(bare), 'run', cancel_run.run_id);
-  END IF;
+  bare := require_local_id(cancel_run.run_id, 'run', 'run_id');
   -- Not locked here: cancel_trees locks the whole tree, descendants before ancestors, the order
   -- in which a finishing child locks itself and then its waiting parent.
   SELECT * INTO r FROM runs AS x WHERE x.id = bare;
@@ -2457,6 +2460,7 @@ $$;
 --
 --   list_runs        the merged listing: this store's page and the other store's, merged
 --   list_store_runs  this store's page only (the client asks both stores and merges itself)
+--   open_run_page    a page's arguments, checked once for both
 --   run_cursor / parse_run_cursor   the cursor format shared with the client
 --   parse_list_filters               statuses, task_identifiers, tags, created_after/_before, batch_id
 --
@@ -2557,6 +2561,41 @@ BEGIN
 END
 $$;
 
+-- The arguments of a page, checked once for list_store_runs and list_runs: RO006 for a bad page
+-- size, filter or cursor, or no environment. Out come the environment, the page size, the
+-- keyset position (c, r; first_page: no cursor) and each filter as a field of its own, so both
+-- sides' queries compare columns with plain parameters, which postgres_fdw ships.
+CREATE OR REPLACE FUNCTION runops.open_run_page(environment_id text, page_size integer, cursor text, filters jsonb,
+                                                OUT env_id text, OUT n integer, OUT c timestamptz, OUT r text,
+                                                OUT first_page boolean, OUT statuses text[],
+                                                OUT task_identifiers text[], OUT tags text[],
+                                                OUT created_after timestamptz, OUT created_before timestamptz,
+                                                OUT batch_id text)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  f list_filters;
+  after record;
+BEGIN
+  n := require_page_size(page_size);
+  f := parse_list_filters(filters);
+  after := parse_run_cursor(cursor);
+  IF environment_id IS NULL OR environment_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  env_id := environment_id;
+  c := coalesce(after.created_at, 'infinity');
+  r := coalesce(after.id, '');
+  first_page := after.id IS NULL;
+  statuses := f.statuses;
+  task_identifiers := f.task_identifiers;
+  tags := f.tags;
+  created_after := f.created_after;
+  created_before := f.created_before;
+  batch_id := f.batch_id;
+END
+$$;
+
 -- One store's page. Every predicate is a plain comparison with a parameter, so the same text
 -- serves the local table and, through postgres_fdw, the other store (shipped whole, ORDER BY and
 -- LIMIT included: see docs/listing.md for EXPLAIN VERBOSE).
@@ -2567,30 +2606,21 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_page_size(page_size);
-  f list_filters := parse_list_filters(filters);
-  after record := parse_run_cursor(cursor);
-  env_id text := list_store_runs.environment_id;
-  c timestamptz := coalesce(after.created_at, 'infinity');
-  r text := coalesce(after.id, '');
-  first_page boolean := after.id IS NULL;
+  p record := open_run_page(environment_id, page_size, cursor, filters);
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
   RETURN QUERY
   SELECT v.*, run_cursor(v.created_at, v.id)
   FROM run_view AS v
-  WHERE v.environment_id = env_id
-    AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
-    AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
-    AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
-    AND (f.tags IS NULL OR v.tags @> f.tags)
-    AND (f.created_after IS NULL OR v.created_at > f.created_after)
-    AND (f.created_before IS NULL OR v.created_at < f.created_before)
-    AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+  WHERE v.environment_id = p.env_id
+    AND v.created_at <= p.c AND (v.created_at < p.c OR (v.created_at = p.c AND v.id < p.r) OR p.first_page)
+    AND (p.statuses IS NULL OR v.status = ANY (p.statuses))
+    AND (p.task_identifiers IS NULL OR v.task_identifier = ANY (p.task_identifiers))
+    AND (p.tags IS NULL OR v.tags @> p.tags)
+    AND (p.created_after IS NULL OR v.created_at > p.created_after)
+    AND (p.created_before IS NULL OR v.created_at < p.created_before)
+    AND (p.batch_id IS NULL OR v.batch_id = p.batch_id)
   ORDER BY v.created_at DESC, v.id DESC
-  LIMIT n;
+  LIMIT p.n;
 END
 $$;
 
@@ -2601,42 +2631,36 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_page_size(page_size);
-  f list_filters := parse_list_filters(filters);
-  after record := parse_run_cursor(cursor);
-  env_id text := list_runs.environment_id;
-  c timestamptz := coalesce(after.created_at, 'infinity');
-  r text := coalesce(after.id, '');
-  first_page boolean := after.id IS NULL;
+  p record := open_run_page(environment_id, page_size, cursor, filters);
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
   -- A store that was never split, or never wired, has no other side to read.
   IF NOT claims_required() THEN
-    RETURN QUERY SELECT * FROM list_store_runs(env_id, n, cursor, filters);
+    RETURN QUERY SELECT * FROM list_store_runs(p.env_id, p.n, cursor, filters);
     RETURN;
   END IF;
   BEGIN
     -- This store's page is list_store_runs'; the other store's is the same keyset query spelled
     -- out over runops_peer.run_list_view, a plain scan postgres_fdw ships with its WHERE and
-    -- ORDER BY (the cursor is computed here, on the page's rows).
+    -- ORDER BY (the cursor is computed here, on the page's rows). It stays spelled out: EXECUTE
+    -- over either relation would plan (and ask the remote for estimates) on every page, and an
+    -- inlined SQL predicate takes one input collation for all its text arguments (the id's "C"),
+    -- which risks the shipping of the default-collation filter columns.
     RETURN QUERY
     SELECT *
-    FROM ((SELECT * FROM list_store_runs(env_id, n, cursor, filters))
+    FROM ((SELECT * FROM list_store_runs(p.env_id, p.n, cursor, filters))
           UNION ALL
           (SELECT v.*, run_cursor(v.created_at, v.id) FROM runops_peer.run_list_view AS v
-           WHERE v.environment_id = env_id
-             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
-             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
-             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
-             AND (f.tags IS NULL OR v.tags @> f.tags)
-             AND (f.created_after IS NULL OR v.created_at > f.created_after)
-             AND (f.created_before IS NULL OR v.created_at < f.created_before)
-             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
-           ORDER BY v.created_at DESC, v.id DESC LIMIT n)) AS u
+           WHERE v.environment_id = p.env_id
+             AND v.created_at <= p.c AND (v.created_at < p.c OR (v.created_at = p.c AND v.id < p.r) OR p.first_page)
+             AND (p.statuses IS NULL OR v.status = ANY (p.statuses))
+             AND (p.task_identifiers IS NULL OR v.task_identifier = ANY (p.task_identifiers))
+             AND (p.tags IS NULL OR v.tags @> p.tags)
+             AND (p.created_after IS NULL OR v.created_at > p.created_after)
+             AND (p.created_before IS NULL OR v.created_at < p.created_before)
+             AND (p.batch_id IS NULL OR v.batch_id = p.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT p.n)) AS u
     ORDER BY u.created_at DESC, u.id DESC
-    LIMIT n;
+    LIMIT p.n;
   EXCEPTION WHEN connection_exception THEN
     PERFORM raise_error('RO009', 'the other store is unavailable for the merged listing: ' || SQLERRM,
                         NULL, 'list each store with list_store_runs, or retry when it is back');
@@ -3379,6 +3403,27 @@ $$;
 -- and never refuses: a missing, foreign-tenant, malformed or unroutable id is simply no row.
 -- Only an unreachable other store is an error (RO009).
 
+-- Where a read of a bare id goes: its residency when this store holds it or the wired peer may
+-- (a NEW id only once the split was ever enabled); NULL — no row, no one asked — for a malformed
+-- id, an unwired peer, or a NEW id before any split. The one routing rule of get_run,
+-- find_waitpoint and get_batch.
+CREATE OR REPLACE FUNCTION runops.read_residency(bare text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency = local_residency() THEN
+    RETURN residency;
+  END IF;
+  IF residency IS NULL OR NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN NULL;
+  END IF;
+  RETURN residency;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.get_run(run_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -3386,18 +3431,14 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_run.run_id, 'run');
-  residency text := try_classify_bare(bare);
+  residency text := read_residency(bare);
   env_id text := get_run.environment_id;
 BEGIN
-  IF residency IS NULL THEN
-    RETURN;
-  END IF;
   IF residency = local_residency() THEN
     RETURN QUERY SELECT * FROM run_view AS v
                  WHERE v.id = bare AND (env_id IS NULL OR v.environment_id = env_id);
     RETURN;
-  END IF;
-  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+  ELSIF residency IS NULL THEN
     RETURN;
   END IF;
   BEGIN
@@ -3424,6 +3465,7 @@ $$;
 --   friendly_ids           bare ids with their prefix, for a public function to return
 --   try_classify_bare / classify_bare   the residency of a bare id
 --   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
+--   require_local_id       the same, of a row this store holds: RO002 (or RO004) for the other's
 --
 -- Ids are bare inside SQL; the friendly prefix is stripped where a public function takes an id
 -- (bare_id, require_id) and added where it returns one.
@@ -3536,6 +3578,25 @@ BEGIN
                         NULL, format('pass the bare id or the friendly form %s_<id>', kind));
   END IF;
   PERFORM classify_bare(bare);
+  RETURN bare;
+END
+$$;
+
+-- The id a write names, of a row this store must hold: require_id's refusals, then RO002 naming
+-- the owning store (RO004 for a NEW id before any split) for the other store's. Returns it bare.
+-- The one opening of lock_run, cancel_run, complete_waitpoint and lock_batch.
+CREATE OR REPLACE FUNCTION runops.require_local_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bare text := require_id(id, kind, what);
+  -- require_id has classified it: the inlined try_ form cannot be NULL here.
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency <> local_residency() THEN
+    PERFORM refuse_foreign_id(residency, kind, id);
+  END IF;
   RETURN bare;
 END
 $$;
@@ -4509,27 +4570,46 @@ $$;
 -- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
 -- never process a row twice: a row another tick holds is simply left to it.
 
+-- A run whose timer has come goes to PENDING: a DELAYED one at delay_until, its TTL clock starting
+-- now; a RETRYING_AFTER_FAILURE one at retry_at, to the back of the queue. One step, from_status,
+-- a call (enqueue_delayed_runs, requeue_retries), each its own mover and its own max_runs.
+-- from_status is a parameter, so a generic plan cannot prove runs_timer_idx's predicate from it:
+-- the constant IN list does, and the plan stays the index scan in wake_at order it was with the
+-- status spelled out (the status was a filter on that scan either way).
+CREATE OR REPLACE FUNCTION runops.wake_due_runs(from_status text, max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover(CASE from_status WHEN 'DELAYED' THEN 'enqueue_delayed_runs' ELSE 'requeue_retries' END);
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status IN ('DELAYED', 'RETRYING_AFTER_FAILURE') AND r.status = from_status
+      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'PENDING', queued_at = ts, updated_at = ts,
+      ttl_expires_at = CASE r.status WHEN 'DELAYED' THEN ts + r.ttl ELSE r.ttl_expires_at END,
+      retry_at = CASE r.status WHEN 'RETRYING_AFTER_FAILURE' THEN NULL ELSE r.retry_at END
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
 CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
 BEGIN
   PERFORM require_between(max_runs, 1, 100000, 'max_runs');
-  PERFORM set_mover('enqueue_delayed_runs');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
+  RETURN wake_due_runs('DELAYED', max_runs);
 END
 $$;
 
@@ -4605,23 +4685,9 @@ $$;
 -- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
 CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
 RETURNS integer
-LANGUAGE plpgsql VOLATILE
+LANGUAGE sql VOLATILE
 AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM set_mover('requeue_retries');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
+  SELECT wake_due_runs('RETRYING_AFTER_FAILURE', max_runs)
 $$;
 
 -- EXECUTING past attempt start + max_duration -> TIMED_OUT.
@@ -5058,16 +5124,12 @@ RETURNS SETOF runops.waitpoint_view
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_bare(waitpoint_id);
+  residency text := read_residency(waitpoint_id);
 BEGIN
-  IF residency IS NULL THEN
-    RETURN;
-  END IF;
   IF residency = local_residency() THEN
     RETURN QUERY SELECT * FROM waitpoint_view AS w WHERE w.id = find_waitpoint.waitpoint_id;
     RETURN;
-  END IF;
-  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+  ELSIF residency IS NULL THEN
     RETURN;
   END IF;
   BEGIN
@@ -5314,7 +5376,6 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text;
-  residency text;
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
@@ -5322,11 +5383,7 @@ DECLARE
   env_id text := complete_waitpoint.environment_id;
 BEGIN
   PERFORM check_json_bounds(complete_waitpoint.output, 'output');
-  bare := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency := classify_bare(bare);
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
-  END IF;
+  bare := require_local_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
   IF FOUND THEN
     PERFORM require_row_environment(w.environment_id, env_id, 'waitpoint', complete_waitpoint.waitpoint_id);

@@ -46,23 +46,29 @@ BEGIN
 END
 $$;
 
--- The batch a write names: RO006/RO001 for a bad id, RO002 for another store's, RO004 when
--- missing. Locks it: appends, seals and completions of one batch take turns.
+-- The batch a write names: RO006/RO001 for a bad id, RO002 for another store's, then
+-- lock_bare_batch.
 CREATE OR REPLACE FUNCTION runops.lock_batch(batch_id text)
 RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
+  RETURN lock_bare_batch(require_local_id(batch_id, 'batch', 'batch_id'));
+END
+$$;
+
+-- A batch of this store by its bare id, locked: appends, seals and completions of one batch take
+-- turns. RO004 when missing.
+CREATE OR REPLACE FUNCTION runops.lock_bare_batch(batch_id text)
+RETURNS runops.batches
+LANGUAGE plpgsql VOLATILE
+AS $$
 DECLARE
-  bare text := require_id(batch_id, 'batch', 'batch_id');
-  residency text := classify_bare(bare);
   b batches;
 BEGIN
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'batch', batch_id);
-  END IF;
-  SELECT * INTO b FROM batches AS x WHERE x.id = bare FOR UPDATE;
+  SELECT * INTO b FROM batches AS x WHERE x.id = lock_bare_batch.batch_id FOR UPDATE;
   IF NOT FOUND THEN
-    PERFORM raise_error('RO004', format('batch %s not found', batch_id));
+    PERFORM raise_error('RO004', format('batch batch_%s not found', lock_bare_batch.batch_id));
   END IF;
   RETURN b;
 END
@@ -697,7 +703,7 @@ RETURNS runops.batches
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  b batches := lock_batch('batch_' || spec.batch_id);
+  b batches := lock_bare_batch(spec.batch_id);
 BEGIN
   IF b.environment_id <> lock_batch_for_index.environment_id THEN
     PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,

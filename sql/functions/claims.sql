@@ -150,12 +150,7 @@ BEGIN
               claim_idempotency_key.key_hash, claim_idempotency_key.run_id, NULL,
               claim_idempotency_key.expires_at, ts)
       ON CONFLICT DO NOTHING;
-      IF FOUND THEN
-        SELECT * INTO holder_id, holder_status
-        FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                    claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-        RETURN;
-      END IF;
+      EXIT WHEN FOUND;  -- claimed
       SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
       FROM idempotency_claims AS l
       WHERE l.environment_id = claim_idempotency_key.environment_id
@@ -168,12 +163,7 @@ BEGIN
                 claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid,
                 claim_idempotency_key.expires_at, ts)
         ON CONFLICT DO NOTHING;
-        IF FOUND THEN
-          SELECT * INTO holder_id, holder_status
-          FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                      claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-          RETURN;
-        END IF;
+        EXIT WHEN FOUND;  -- claimed
         SELECT l.run_id, l.claimant_xid, l.expires_at INTO c
         FROM runops_peer.idempotency_claims AS l
         WHERE l.environment_id = claim_idempotency_key.environment_id
@@ -220,12 +210,13 @@ BEGIN
       IF try_classify_bare(c.run_id) = local_residency() THEN
         PERFORM release_idempotency_keys(ARRAY[c.run_id], ARRAY[claim_idempotency_key.key_hash]);
       END IF;
-      SELECT * INTO holder_id, holder_status
-      FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
-                                  claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
-      RETURN;
+      EXIT;  -- claimed
     END IF;
   END LOOP;
+  -- Claimed, fresh or taken over: a live holder the ledger never named may still be adopted.
+  SELECT * INTO holder_id, holder_status
+  FROM adopt_unclaimed_holder(claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                              claim_idempotency_key.key_hash, claim_idempotency_key.run_id, ts);
 END
 $$;
 

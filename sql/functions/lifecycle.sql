@@ -105,13 +105,9 @@ RETURNS runops.runs
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  bare text := require_id(run_id, 'run', 'run_id');
-  residency text := classify_bare(bare);
+  bare text := require_local_id(run_id, 'run', 'run_id');
   r runs;
 BEGIN
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'run', run_id);
-  END IF;
   SELECT * INTO r FROM runs AS x WHERE x.id = bare FOR UPDATE;
   IF NOT FOUND THEN
     PERFORM raise_error('RO004', format('run %s not found', run_id));
@@ -133,20 +129,36 @@ BEGIN
 END
 $$;
 
--- The lease a worker holds: RO003 unless the run is DEQUEUED or EXECUTING and locked to it.
-CREATE OR REPLACE FUNCTION runops.require_lease(r runops.runs, worker_id text, what text)
-RETURNS void
-LANGUAGE plpgsql STABLE
+-- The opening of a worker's call on its leased run: RO006 for a bad worker id, lock_run's
+-- refusals, then RO003 unless the run is in a status the call accepts — DEQUEUED to start an
+-- attempt (a final run gets no more), DEQUEUED or EXECUTING otherwise — and leased to this
+-- worker. Returns the run, locked.
+CREATE OR REPLACE FUNCTION runops.lock_leased_run(run_id text, worker_id text, environment_id text, what text,
+                                                  starting boolean)
+RETURNS runops.runs
+LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+  worker text := require_worker(worker_id);
+  r runs := lock_run(run_id, environment_id);
 BEGIN
-  IF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+  IF starting THEN
+    IF is_final_status(r.status) THEN
+      PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
+    END IF;
+    IF r.status <> 'DEQUEUED' THEN
+      PERFORM raise_error('RO003', format('%s needs a dequeued run; run_%s is %s', what, r.id, r.status),
+                          NULL, 'dequeue it with dequeue_runs first');
+    END IF;
+  ELSIF r.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
     PERFORM raise_error('RO003', format('%s needs a dequeued or executing run; run_%s is %s', what, r.id, r.status));
   END IF;
-  IF r.locked_by IS DISTINCT FROM worker_id THEN
+  IF r.locked_by IS DISTINCT FROM worker THEN
     PERFORM raise_error('RO003', format('run_%s is leased to worker %s, not %s', r.id,
-                                        coalesce(r.locked_by, '(none)'), worker_id),
+                                        coalesce(r.locked_by, '(none)'), worker),
                         NULL, 'dequeue the run again; its lease may have lapsed');
   END IF;
+  RETURN r;
 END
 $$;
 
@@ -238,10 +250,9 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  worker text := require_worker(heartbeat_run.worker_id);
-  r runs := lock_run(heartbeat_run.run_id, heartbeat_run.environment_id);
+  r runs := lock_leased_run(heartbeat_run.run_id, heartbeat_run.worker_id, heartbeat_run.environment_id,
+                            'heartbeat_run', false);
 BEGIN
-  PERFORM require_lease(r, worker, 'heartbeat_run');
   UPDATE runs AS x SET lease_expires_at = now() + coalesce(x.lease, default_lease()), updated_at = now()
   WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
@@ -254,26 +265,18 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  worker text := require_worker(start_attempt.worker_id);
-  r runs := lock_run(start_attempt.run_id, start_attempt.environment_id);
+  r runs := lock_leased_run(start_attempt.run_id, start_attempt.worker_id, start_attempt.environment_id,
+                            'start_attempt', true);
   ts timestamptz := now();
   paused attempts;
   next_number integer;
 BEGIN
-  IF is_final_status(r.status) THEN
-    PERFORM raise_error('RO003', format('run_%s is %s: a final run gets no more attempts', r.id, r.status));
-  END IF;
-  IF r.status <> 'DEQUEUED' THEN
-    PERFORM raise_error('RO003', format('start_attempt needs a dequeued run; run_%s is %s', r.id, r.status),
-                        NULL, 'dequeue it with dequeue_runs first');
-  END IF;
-  PERFORM require_lease(r, worker, 'start_attempt');
   PERFORM set_mover('start_attempt');
   -- A run resumed from a checkpoint continues the attempt that paused, not a new one.
   SELECT * INTO paused FROM attempts AS a WHERE a.run_id = r.id AND a.status = 'PAUSED'
   ORDER BY a.number DESC LIMIT 1;
   IF FOUND THEN
-    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = worker WHERE a.id = paused.id;
+    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = start_attempt.worker_id WHERE a.id = paused.id;
     next_number := paused.number;
   ELSE
     next_number := r.attempt_number + 1;
@@ -288,7 +291,7 @@ BEGIN
     END IF;
     INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
     VALUES (mint_id(),
-            r.id, r.environment_id, next_number, 'EXECUTING', worker, ts);
+            r.id, r.environment_id, next_number, 'EXECUTING', start_attempt.worker_id, ts);
   END IF;
   UPDATE runs AS x
   SET status = 'EXECUTING', attempt_number = next_number,
@@ -539,10 +542,7 @@ BEGIN
   IF length(reason) > 2048 THEN
     PERFORM raise_error('RO006', 'cancel reason must be at most 2048 characters');
   END IF;
-  bare := require_id(cancel_run.run_id, 'run', 'run_id');
-  IF classify_bare(bare) <> local_residency() THEN
-    PERFORM refuse_foreign_id(classify_bare(bare), 'run', cancel_run.run_id);
-  END IF;
+  bare := require_local_id(cancel_run.run_id, 'run', 'run_id');
   -- Not locked here: cancel_trees locks the whole tree, descendants before ancestors, the order
   -- in which a finishing child locks itself and then its waiting parent.
   SELECT * INTO r FROM runs AS x WHERE x.id = bare;

@@ -2,6 +2,7 @@
 --
 --   list_runs        the merged listing: this store's page and the other store's, merged
 --   list_store_runs  this store's page only (the client asks both stores and merges itself)
+--   open_run_page    a page's arguments, checked once for both
 --   run_cursor / parse_run_cursor   the cursor format shared with the client
 --   parse_list_filters               statuses, task_identifiers, tags, created_after/_before, batch_id
 --
@@ -102,6 +103,41 @@ BEGIN
 END
 $$;
 
+-- The arguments of a page, checked once for list_store_runs and list_runs: RO006 for a bad page
+-- size, filter or cursor, or no environment. Out come the environment, the page size, the
+-- keyset position (c, r; first_page: no cursor) and each filter as a field of its own, so both
+-- sides' queries compare columns with plain parameters, which postgres_fdw ships.
+CREATE OR REPLACE FUNCTION runops.open_run_page(environment_id text, page_size integer, cursor text, filters jsonb,
+                                                OUT env_id text, OUT n integer, OUT c timestamptz, OUT r text,
+                                                OUT first_page boolean, OUT statuses text[],
+                                                OUT task_identifiers text[], OUT tags text[],
+                                                OUT created_after timestamptz, OUT created_before timestamptz,
+                                                OUT batch_id text)
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  f list_filters;
+  after record;
+BEGIN
+  n := require_page_size(page_size);
+  f := parse_list_filters(filters);
+  after := parse_run_cursor(cursor);
+  IF environment_id IS NULL OR environment_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  env_id := environment_id;
+  c := coalesce(after.created_at, 'infinity');
+  r := coalesce(after.id, '');
+  first_page := after.id IS NULL;
+  statuses := f.statuses;
+  task_identifiers := f.task_identifiers;
+  tags := f.tags;
+  created_after := f.created_after;
+  created_before := f.created_before;
+  batch_id := f.batch_id;
+END
+$$;
+
 -- One store's page. Every predicate is a plain comparison with a parameter, so the same text
 -- serves the local table and, through postgres_fdw, the other store (shipped whole, ORDER BY and
 -- LIMIT included: see docs/listing.md for EXPLAIN VERBOSE).
@@ -112,30 +148,21 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_page_size(page_size);
-  f list_filters := parse_list_filters(filters);
-  after record := parse_run_cursor(cursor);
-  env_id text := list_store_runs.environment_id;
-  c timestamptz := coalesce(after.created_at, 'infinity');
-  r text := coalesce(after.id, '');
-  first_page boolean := after.id IS NULL;
+  p record := open_run_page(environment_id, page_size, cursor, filters);
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
   RETURN QUERY
   SELECT v.*, run_cursor(v.created_at, v.id)
   FROM run_view AS v
-  WHERE v.environment_id = env_id
-    AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
-    AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
-    AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
-    AND (f.tags IS NULL OR v.tags @> f.tags)
-    AND (f.created_after IS NULL OR v.created_at > f.created_after)
-    AND (f.created_before IS NULL OR v.created_at < f.created_before)
-    AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
+  WHERE v.environment_id = p.env_id
+    AND v.created_at <= p.c AND (v.created_at < p.c OR (v.created_at = p.c AND v.id < p.r) OR p.first_page)
+    AND (p.statuses IS NULL OR v.status = ANY (p.statuses))
+    AND (p.task_identifiers IS NULL OR v.task_identifier = ANY (p.task_identifiers))
+    AND (p.tags IS NULL OR v.tags @> p.tags)
+    AND (p.created_after IS NULL OR v.created_at > p.created_after)
+    AND (p.created_before IS NULL OR v.created_at < p.created_before)
+    AND (p.batch_id IS NULL OR v.batch_id = p.batch_id)
   ORDER BY v.created_at DESC, v.id DESC
-  LIMIT n;
+  LIMIT p.n;
 END
 $$;
 
@@ -146,42 +173,36 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  n integer := require_page_size(page_size);
-  f list_filters := parse_list_filters(filters);
-  after record := parse_run_cursor(cursor);
-  env_id text := list_runs.environment_id;
-  c timestamptz := coalesce(after.created_at, 'infinity');
-  r text := coalesce(after.id, '');
-  first_page boolean := after.id IS NULL;
+  p record := open_run_page(environment_id, page_size, cursor, filters);
 BEGIN
-  IF env_id IS NULL OR env_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
   -- A store that was never split, or never wired, has no other side to read.
   IF NOT claims_required() THEN
-    RETURN QUERY SELECT * FROM list_store_runs(env_id, n, cursor, filters);
+    RETURN QUERY SELECT * FROM list_store_runs(p.env_id, p.n, cursor, filters);
     RETURN;
   END IF;
   BEGIN
     -- This store's page is list_store_runs'; the other store's is the same keyset query spelled
     -- out over runops_peer.run_list_view, a plain scan postgres_fdw ships with its WHERE and
-    -- ORDER BY (the cursor is computed here, on the page's rows).
+    -- ORDER BY (the cursor is computed here, on the page's rows). It stays spelled out: EXECUTE
+    -- over either relation would plan (and ask the remote for estimates) on every page, and an
+    -- inlined SQL predicate takes one input collation for all its text arguments (the id's "C"),
+    -- which risks the shipping of the default-collation filter columns.
     RETURN QUERY
     SELECT *
-    FROM ((SELECT * FROM list_store_runs(env_id, n, cursor, filters))
+    FROM ((SELECT * FROM list_store_runs(p.env_id, p.n, cursor, filters))
           UNION ALL
           (SELECT v.*, run_cursor(v.created_at, v.id) FROM runops_peer.run_list_view AS v
-           WHERE v.environment_id = env_id
-             AND v.created_at <= c AND (v.created_at < c OR (v.created_at = c AND v.id < r) OR first_page)
-             AND (f.statuses IS NULL OR v.status = ANY (f.statuses))
-             AND (f.task_identifiers IS NULL OR v.task_identifier = ANY (f.task_identifiers))
-             AND (f.tags IS NULL OR v.tags @> f.tags)
-             AND (f.created_after IS NULL OR v.created_at > f.created_after)
-             AND (f.created_before IS NULL OR v.created_at < f.created_before)
-             AND (f.batch_id IS NULL OR v.batch_id = f.batch_id)
-           ORDER BY v.created_at DESC, v.id DESC LIMIT n)) AS u
+           WHERE v.environment_id = p.env_id
+             AND v.created_at <= p.c AND (v.created_at < p.c OR (v.created_at = p.c AND v.id < p.r) OR p.first_page)
+             AND (p.statuses IS NULL OR v.status = ANY (p.statuses))
+             AND (p.task_identifiers IS NULL OR v.task_identifier = ANY (p.task_identifiers))
+             AND (p.tags IS NULL OR v.tags @> p.tags)
+             AND (p.created_after IS NULL OR v.created_at > p.created_after)
+             AND (p.created_before IS NULL OR v.created_at < p.created_before)
+             AND (p.batch_id IS NULL OR v.batch_id = p.batch_id)
+           ORDER BY v.created_at DESC, v.id DESC LIMIT p.n)) AS u
     ORDER BY u.created_at DESC, u.id DESC
-    LIMIT n;
+    LIMIT p.n;
   EXCEPTION WHEN connection_exception THEN
     PERFORM raise_error('RO009', 'the other store is unavailable for the merged listing: ' || SQLERRM,
                         NULL, 'list each store with list_store_runs, or retry when it is back');

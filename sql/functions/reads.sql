@@ -2,6 +2,27 @@
 -- and never refuses: a missing, foreign-tenant, malformed or unroutable id is simply no row.
 -- Only an unreachable other store is an error (RO009).
 
+-- Where a read of a bare id goes: its residency when this store holds it or the wired peer may
+-- (a NEW id only once the split was ever enabled); NULL — no row, no one asked — for a malformed
+-- id, an unwired peer, or a NEW id before any split. The one routing rule of get_run,
+-- find_waitpoint and get_batch.
+CREATE OR REPLACE FUNCTION runops.read_residency(bare text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency = local_residency() THEN
+    RETURN residency;
+  END IF;
+  IF residency IS NULL OR NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+    RETURN NULL;
+  END IF;
+  RETURN residency;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.get_run(run_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -9,18 +30,14 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text := bare_id(get_run.run_id, 'run');
-  residency text := try_classify_bare(bare);
+  residency text := read_residency(bare);
   env_id text := get_run.environment_id;
 BEGIN
-  IF residency IS NULL THEN
-    RETURN;
-  END IF;
   IF residency = local_residency() THEN
     RETURN QUERY SELECT * FROM run_view AS v
                  WHERE v.id = bare AND (env_id IS NULL OR v.environment_id = env_id);
     RETURN;
-  END IF;
-  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+  ELSIF residency IS NULL THEN
     RETURN;
   END IF;
   BEGIN

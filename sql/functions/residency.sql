@@ -7,6 +7,7 @@
 --   friendly_ids           bare ids with their prefix, for a public function to return
 --   try_classify_bare / classify_bare   the residency of a bare id
 --   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
+--   require_local_id       the same, of a row this store holds: RO002 (or RO004) for the other's
 --
 -- Ids are bare inside SQL; the friendly prefix is stripped where a public function takes an id
 -- (bare_id, require_id) and added where it returns one.
@@ -119,6 +120,25 @@ BEGIN
                         NULL, format('pass the bare id or the friendly form %s_<id>', kind));
   END IF;
   PERFORM classify_bare(bare);
+  RETURN bare;
+END
+$$;
+
+-- The id a write names, of a row this store must hold: require_id's refusals, then RO002 naming
+-- the owning store (RO004 for a NEW id before any split) for the other store's. Returns it bare.
+-- The one opening of lock_run, cancel_run, complete_waitpoint and lock_batch.
+CREATE OR REPLACE FUNCTION runops.require_local_id(id text, kind text, what text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bare text := require_id(id, kind, what);
+  -- require_id has classified it: the inlined try_ form cannot be NULL here.
+  residency text := try_classify_bare(bare);
+BEGIN
+  IF residency <> local_residency() THEN
+    PERFORM refuse_foreign_id(residency, kind, id);
+  END IF;
   RETURN bare;
 END
 $$;

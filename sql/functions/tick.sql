@@ -2,27 +2,46 @@
 -- Each step claims its rows with FOR UPDATE SKIP LOCKED, so ticks running at once on one store
 -- never process a row twice: a row another tick holds is simply left to it.
 
+-- A run whose timer has come goes to PENDING: a DELAYED one at delay_until, its TTL clock starting
+-- now; a RETRYING_AFTER_FAILURE one at retry_at, to the back of the queue. One step, from_status,
+-- a call (enqueue_delayed_runs, requeue_retries), each its own mover and its own max_runs.
+-- from_status is a parameter, so a generic plan cannot prove runs_timer_idx's predicate from it:
+-- the constant IN list does, and the plan stays the index scan in wake_at order it was with the
+-- status spelled out (the status was a filter on that scan either way).
+CREATE OR REPLACE FUNCTION runops.wake_due_runs(from_status text, max_runs integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  ts timestamptz := now();
+  n integer;
+BEGIN
+  PERFORM set_mover(CASE from_status WHEN 'DELAYED' THEN 'enqueue_delayed_runs' ELSE 'requeue_retries' END);
+  WITH due AS (
+    SELECT r.id FROM runs AS r
+    WHERE r.status IN ('DELAYED', 'RETRYING_AFTER_FAILURE') AND r.status = from_status
+      AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
+    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
+  )
+  UPDATE runs AS r
+  SET status = 'PENDING', queued_at = ts, updated_at = ts,
+      ttl_expires_at = CASE r.status WHEN 'DELAYED' THEN ts + r.ttl ELSE r.ttl_expires_at END,
+      retry_at = CASE r.status WHEN 'RETRYING_AFTER_FAILURE' THEN NULL ELSE r.retry_at END
+  FROM due WHERE r.id = due.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- DELAYED -> PENDING once delay_until has come; the TTL clock starts now.
 CREATE OR REPLACE FUNCTION runops.enqueue_delayed_runs(max_runs integer DEFAULT 1000)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
 BEGIN
   PERFORM require_between(max_runs, 1, 100000, 'max_runs');
-  PERFORM set_mover('enqueue_delayed_runs');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'DELAYED' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, ttl_expires_at = ts + r.ttl, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
+  RETURN wake_due_runs('DELAYED', max_runs);
 END
 $$;
 
@@ -98,23 +117,9 @@ $$;
 -- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
 CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
 RETURNS integer
-LANGUAGE plpgsql VOLATILE
+LANGUAGE sql VOLATILE
 AS $$
-DECLARE
-  ts timestamptz := now();
-  n integer;
-BEGIN
-  PERFORM set_mover('requeue_retries');
-  WITH due AS (
-    SELECT r.id FROM runs AS r
-    WHERE r.status = 'RETRYING_AFTER_FAILURE' AND wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) <= ts
-    ORDER BY wake_at(r.status, r.delay_until, r.retry_at, r.ttl_expires_at) LIMIT max_runs FOR UPDATE SKIP LOCKED
-  )
-  UPDATE runs AS r SET status = 'PENDING', queued_at = ts, retry_at = NULL, updated_at = ts
-  FROM due WHERE r.id = due.id;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
+  SELECT wake_due_runs('RETRYING_AFTER_FAILURE', max_runs)
 $$;
 
 -- EXECUTING past attempt start + max_duration -> TIMED_OUT.

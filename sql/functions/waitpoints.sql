@@ -14,16 +14,12 @@ RETURNS SETOF runops.waitpoint_view
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  residency text := try_classify_bare(waitpoint_id);
+  residency text := read_residency(waitpoint_id);
 BEGIN
-  IF residency IS NULL THEN
-    RETURN;
-  END IF;
   IF residency = local_residency() THEN
     RETURN QUERY SELECT * FROM waitpoint_view AS w WHERE w.id = find_waitpoint.waitpoint_id;
     RETURN;
-  END IF;
-  IF NOT peer_wired() OR (residency = 'NEW' AND NOT (current_split_settings()).ever_enabled) THEN
+  ELSIF residency IS NULL THEN
     RETURN;
   END IF;
   BEGIN
@@ -270,7 +266,6 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   bare text;
-  residency text;
   w waitpoints;
   unblocked text[] := '{}'::text[];
   remote text[] := '{}'::text[];
@@ -278,11 +273,7 @@ DECLARE
   env_id text := complete_waitpoint.environment_id;
 BEGIN
   PERFORM check_json_bounds(complete_waitpoint.output, 'output');
-  bare := require_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
-  residency := classify_bare(bare);
-  IF residency <> local_residency() THEN
-    PERFORM refuse_foreign_id(residency, 'waitpoint', complete_waitpoint.waitpoint_id);
-  END IF;
+  bare := require_local_id(complete_waitpoint.waitpoint_id, 'waitpoint', 'waitpoint_id');
   SELECT * INTO w FROM waitpoints AS x WHERE x.id = bare FOR UPDATE;
   IF FOUND THEN
     PERFORM require_row_environment(w.environment_id, env_id, 'waitpoint', complete_waitpoint.waitpoint_id);
