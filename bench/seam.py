@@ -4,7 +4,7 @@ On two throwaway clusters (fsync and synchronous_commit on, as ``runops bench``)
 
 * ``keyed trigger`` on the run-ops store with the cross-store guarantee (a claim in the ledger)
   against the same call with it off. *Off* = the run-ops store's FDW server renamed for the phase,
-  so ``claims_required()`` is false and ``create_run`` claims nothing (exactly the single-store
+  so ``claims_required()`` is false and ``find_or_create_run`` claims nothing (exactly the single-store
   path); phases interleaved on / off / on / off, median of each. The same pair on the control
   plane (the claim crosses the FDW there).
 * ``get_run`` of a LEGACY run asked on the run-ops store (read through the FDW) against the direct

@@ -182,5 +182,5 @@ def test_the_app_role_cannot_touch_tables_directly(cp: psycopg.Connection) -> No
         cp.execute("SELECT * FROM runops.runs LIMIT 1")
     assert sqlstate_of(err.value) == "42501"
     with pytest.raises(psycopg.Error) as err:
-        cp.execute("SELECT runops.create_run(NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
+        cp.execute("SELECT runops.find_or_create_run(NULL, NULL, NULL, NULL, NULL, NULL, NULL)")
     assert sqlstate_of(err.value) == "42501"

@@ -401,6 +401,13 @@ def test_triggers_during_the_upgrade_were_acknowledged_or_failed_for_a_known_rea
         # looked one up just before the upgrade committed can fail with an internal error.
         if code == "XX000" and phase == "upgrading" and msg.startswith("cache lookup failed for function"):
             continue
+        # r0004 renames the internal functions whose answer changed (sql/upgrades/r0004_speed/
+        # 40_renamed.sql): a call running the previous revision's caller when it commits fails on
+        # the dropped name rather than answer with a bare id.
+        if code == "42883" and phase == "upgrading" and any(
+                f"runops.{name}(" in msg or f"function {name}(" in msg
+                for name in ("create_run", "admit_run", "complete_local_edges")):
+            continue
         if (code == "42P01" and store == CONTROL_PLANE and keyed and phase in ("upgrading", "rewiring")
                 and "runops_peer." in msg):
             continue

@@ -15,12 +15,6 @@ SEEDS = {'CONTROL_PLANE': '', 'RUN_OPS': ''}
 SQL = r'''
 SET LOCAL search_path = runops, pg_catalog, pg_temp;
 SET LOCAL check_function_bodies = off;
--- sql/upgrades/r0004_speed/00_readme.sql
--- r0004, issues 10 and 11: the trigger and batch paths rebuilt for speed, one idempotency engine.
--- Each file below is the DDL its part of the change needs on a store with data in place; the
--- function files re-applied after them carry the new bodies.
-SELECT 1;
-
 -- sql/upgrades/r0004_speed/10_structure.sql
 -- r0004, issue 10: one home per rule. The range checks require_max_rows (tick.sql) and
 -- require_attempt_number (lifecycle.sql) are now require_between (bounded_input.sql); the
@@ -102,6 +96,20 @@ WHERE r.id = i.run_id AND r.batch_id = i.batch_id AND r.batch_index = i.item_ind
 -- helper each are dropped here; the function files re-applied after this carry their callers.
 --   require_lease  -> lock_leased_run (lifecycle.sql): the opening of heartbeat_run and start_attempt
 DROP FUNCTION runops.require_lease(runops.runs, text, text);
+
+-- sql/upgrades/r0004_speed/40_renamed.sql
+-- r0004, issue 10: ids are bare inside SQL. Three internal functions now answer bare ids where
+-- they answered friendly ones, so they carry new names: a function that keeps its name and
+-- signature but changes its answer would be picked up by a call already running the previous
+-- revision's caller when this upgrade commits (PostgreSQL takes no lock on a function), and that
+-- caller would hand a bare id to its client. With the old names dropped, such a call fails
+-- instead (undefined function), and nothing it did is kept.
+--   create_run           -> find_or_create_run  (sql/functions/idempotency.sql)
+--   admit_run            -> admit_new_run       (sql/functions/trigger_run.sql)
+--   complete_local_edges -> resume_local_waiters (sql/functions/waitpoints.sql)
+DROP FUNCTION runops.create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb);
+DROP FUNCTION runops.admit_run(text, text, jsonb, jsonb, text, jsonb);
+DROP FUNCTION runops.complete_local_edges(text);
 
 -- sql/functions/batches.sql
 -- Batches: many runs triggered together, and a BATCH waitpoint that completes when they all
@@ -478,7 +486,7 @@ BEGIN
                 LEFT JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text)
                   ON rr.id = m.run_id)
   WHERE x.id = b.id;
-  PERFORM complete_local_edges(b.id);
+  PERFORM resume_local_waiters(b.id);
   RETURN true;
 END
 $$;
@@ -793,7 +801,7 @@ BEGIN
                                                       duration_text(stale.seal_timeout), stale.item_count,
                                                       stale.expected_count))
     WHERE x.id = stale.id;
-    PERFORM complete_local_edges(stale.id);
+    PERFORM resume_local_waiters(stale.id);
     n := n + 1;
   END LOOP;
   RETURN n;
@@ -840,7 +848,7 @@ BEGIN
 END
 $$;
 
--- The run admit_run got for a free index: created for it (create_run wrote batch_id and
+-- The run admit_new_run got for a free index: created for it (find_or_create_run wrote batch_id and
 -- batch_index into its row: a member already) or cached (a key's holder, maybe in the other
 -- store: a batch_items row).
 CREATE OR REPLACE FUNCTION runops.attach_batch_item(batch_id text, batch_index integer, run_id text)
@@ -1639,7 +1647,7 @@ $$;
 --   idempotency_key_expired  the expiry rule, which batch and waitpoint keys follow too
 --   idempotency_key_is_dead  expired, or its run ended in a status that releases it (run_statuses)
 --   release_idempotency_keys the one release of run keys: dead ones, a reset, an expiry
---   create_run               single triggers, children and failed-task runs
+--   find_or_create_run               single triggers, children and failed-task runs
 --   reset_idempotency_key    public: clear a key on this store's runs
 
 -- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
@@ -1703,7 +1711,7 @@ $$;
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
 -- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
 -- winner. Reading first keeps the cached path free of id minting and of any write.
-CREATE OR REPLACE FUNCTION runops.create_run(
+CREATE OR REPLACE FUNCTION runops.find_or_create_run(
   env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
   spec runops.trigger_spec, initial_status text, error jsonb,
   OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
@@ -1739,7 +1747,7 @@ BEGIN
       SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
       FROM runs AS r WHERE r.id = spec.run_id;
       IF FOUND THEN
-        IF existing.environment_id <> env.id OR existing.task_identifier <> create_run.task_identifier THEN
+        IF existing.environment_id <> env.id OR existing.task_identifier <> find_or_create_run.task_identifier THEN
           PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
                                                spec.run_id));
         END IF;
@@ -1752,7 +1760,7 @@ BEGIN
     IF key_hash IS NOT NULL THEN
       SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO existing
       FROM runs AS r
-      WHERE r.environment_id = env.id AND r.task_identifier = create_run.task_identifier
+      WHERE r.environment_id = env.id AND r.task_identifier = find_or_create_run.task_identifier
         AND r.idempotency_key_hash = key_hash;
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
@@ -1772,7 +1780,7 @@ BEGIN
     IF key_hash IS NOT NULL THEN
       IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
         -- Decided under the gate lock, against the settings as they are now.
-        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
+        PERFORM lock_key_claim(env.id, find_or_create_run.task_identifier, key_hash);
         must_claim := claims_required();
         IF must_claim THEN
           CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
@@ -1780,7 +1788,7 @@ BEGIN
       END IF;
       must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
       IF must_claim THEN
-        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
+        claim := claim_idempotency_key(env.id, find_or_create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);
         IF claim.holder_id IS NOT NULL THEN
           run_id := claim.holder_id; is_cached := true; status := claim.holder_status;
@@ -1793,12 +1801,14 @@ BEGIN
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, NULL, NULL, NULL, ts);
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, find_or_create_run.task_identifier,
+                            find_or_create_run.payload, spec, run_status, find_or_create_run.error, NULL, NULL, NULL,
+                            ts);
     ELSE
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, find_or_create_run.task_identifier,
+                            find_or_create_run.payload, spec, run_status, find_or_create_run.error, spec.idempotency_key,
+                            key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN
@@ -1927,7 +1937,7 @@ BEGIN
       error = coalesce(a.error, NEW.error),
       completed_at = coalesce(a.completed_at, now())
   WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
-  PERFORM complete_local_edges(NEW.id);
+  PERFORM resume_local_waiters(NEW.id);
   PERFORM batch_item_finished(NEW.id);
   RETURN NULL;
 END
@@ -3665,7 +3675,7 @@ $$;
 
 -- sql/functions/run_rows.sql
 -- The one run-row builder: what a new run's row holds, for every writer of new runs (the
--- root fast path of trigger_run, create_run, batch items). Writers insert its row as is:
+-- root fast path of trigger_run, find_or_create_run, batch items). Writers insert its row as is:
 --   INSERT INTO runs SELECT * FROM new_run(...)
 -- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
 -- folds what is constant there (a root without options costs no call at all); its row type is
@@ -4749,7 +4759,7 @@ BEGIN
         output = CASE WHEN w.type = 'MANUAL'
                       THEN jsonb_build_object('message', 'waitpoint timed out') END
     WHERE x.id = w.id;
-    PERFORM complete_local_edges(w.id);
+    PERFORM resume_local_waiters(w.id);
     IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
   END LOOP;
   RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);
@@ -4887,8 +4897,8 @@ $$;
 --
 -- trigger_run = validate_new_run (RO006, bounded_input.sql) -> load_environment (one query, with
 --   the split settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
---   -> require_usable (RO004, RO005) -> create_run (idempotency.sql).
--- trigger_failed_task takes the same path (admit_run) to a run born SYSTEM_FAILURE.
+--   -> require_usable (RO004, RO005) -> find_or_create_run (idempotency.sql).
+-- trigger_failed_task takes the same path (admit_new_run) to a run born SYSTEM_FAILURE.
 
 -- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
@@ -4940,9 +4950,9 @@ $$;
 
 -- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
 -- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
--- create_run. initial_status NULL lets create_run choose PENDING or DELAYED. The run's id comes
--- back bare.
-CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
+-- find_or_create_run. initial_status NULL lets find_or_create_run choose PENDING or DELAYED. The
+-- run's id comes back bare.
+CREATE OR REPLACE FUNCTION runops.admit_new_run(environment_id text, task_identifier text, payload jsonb,
                                             options jsonb, initial_status text, error jsonb,
                                             OUT run_id text, OUT is_cached boolean, OUT status text,
                                             OUT residency text)
@@ -4950,8 +4960,8 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   spec trigger_spec;
-  env_id text := admit_run.environment_id;
-  task text := admit_run.task_identifier;
+  env_id text := admit_new_run.environment_id;
+  task text := admit_new_run.task_identifier;
   owner_residency text;
   env environment_context;
   parent runs;
@@ -4959,9 +4969,9 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  spec := validate_new_run(env_id, task, admit_run.payload, admit_run.options);
-  IF admit_run.error IS NOT NULL THEN
-    PERFORM check_json_bounds(admit_run.error, 'error');
+  spec := validate_new_run(env_id, task, admit_new_run.payload, admit_new_run.options);
+  IF admit_new_run.error IS NOT NULL THEN
+    PERFORM check_json_bounds(admit_new_run.error, 'error');
   END IF;
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
@@ -4985,7 +4995,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
+  created := find_or_create_run(env, parent, task, admit_new_run.payload, spec, initial_status, admit_new_run.error);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, created.run_id);
   END IF;
@@ -4996,11 +5006,11 @@ BEGIN
 END
 $$;
 
--- The environment a root run without anchors is admitted into, when every check of admit_run
+-- The environment a root run without anchors is admitted into, when every check of admit_new_run
 -- passes: a valid task identifier and a payload within the smallest limits (validate_new_run;
 -- options are the caller's to check), the environment found in a fresh mirror
 -- (load_environment's rule), usable (require_usable), its roots living in this store
--- (decide_residency). No row when any check fails: the caller then takes admit_run, which
+-- (decide_residency). No row when any check fails: the caller then takes admit_new_run, which
 -- names the failure. Inlined SQL, so it costs no call of its own.
 CREATE OR REPLACE FUNCTION runops.root_admission(environment_id text, task_identifier text, payload jsonb)
 RETURNS SETOF runops.environment_context
@@ -5038,7 +5048,7 @@ DECLARE
   spec trigger_spec;
   env environment_context;
 BEGIN
-  -- The common calls, a root run without options or with only a key, skip admit_run's chain of
+  -- The common calls, a root run without options or with only a key, skip admit_new_run's chain of
   -- checks: root_admission holds every one of them that can pass without an error, as
   -- predicates of one query. On any miss nothing was written and the full path below raises the
   -- error in the SPEC's order. Without a key the run is one statement; a fresh id conflicts with
@@ -5066,7 +5076,7 @@ BEGIN
     spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
     SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
     IF FOUND THEN
-      admitted := create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
       run_id := 'run_' || admitted.run_id;
       is_cached := admitted.is_cached;
       status := admitted.status;
@@ -5075,7 +5085,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+  admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
                         trigger_run.options, NULL, NULL);
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
@@ -5094,7 +5104,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  admitted record := admit_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
+  admitted record := admit_new_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
                                coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
                                'SYSTEM_FAILURE',
                                coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
@@ -5152,7 +5162,7 @@ $$;
 
 -- Completes the pending local edges on a waitpoint and resumes the runs it was the last
 -- blocker of. Returns the (bare) ids of the runs nothing blocks any more.
-CREATE OR REPLACE FUNCTION runops.complete_local_edges(waitpoint_id text)
+CREATE OR REPLACE FUNCTION runops.resume_local_waiters(waitpoint_id text)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -5163,11 +5173,11 @@ BEGIN
   -- Lock the blocked runs in id order, so two completions never deadlock on each other.
   FOR blocked IN
     SELECT e.run_id FROM run_waitpoints AS e
-    WHERE e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL
+    WHERE e.waitpoint_id = resume_local_waiters.waitpoint_id AND e.completed_at IS NULL
     ORDER BY e.run_id
   LOOP
     UPDATE run_waitpoints AS e SET completed_at = now()
-    WHERE e.run_id = blocked AND e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL;
+    WHERE e.run_id = blocked AND e.waitpoint_id = resume_local_waiters.waitpoint_id AND e.completed_at IS NULL;
     IF resume_if_unblocked(blocked, false) THEN
       unblocked := unblocked || blocked;
     END IF;
@@ -5406,7 +5416,7 @@ BEGIN
         output_is_error = coalesce(complete_waitpoint.is_error, false), completed_at = now()
     WHERE x.id = bare;
     now_done := true;
-    unblocked := complete_local_edges(bare);
+    unblocked := resume_local_waiters(bare);
   END IF;
   IF peer_wired() THEN
     BEGIN

@@ -372,7 +372,7 @@ BEGIN
                 LEFT JOIN jsonb_to_recordset(remote_statuses) AS rr(id text, status text)
                   ON rr.id = m.run_id)
   WHERE x.id = b.id;
-  PERFORM complete_local_edges(b.id);
+  PERFORM resume_local_waiters(b.id);
   RETURN true;
 END
 $$;
@@ -687,7 +687,7 @@ BEGIN
                                                       duration_text(stale.seal_timeout), stale.item_count,
                                                       stale.expected_count))
     WHERE x.id = stale.id;
-    PERFORM complete_local_edges(stale.id);
+    PERFORM resume_local_waiters(stale.id);
     n := n + 1;
   END LOOP;
   RETURN n;
@@ -734,7 +734,7 @@ BEGIN
 END
 $$;
 
--- The run admit_run got for a free index: created for it (create_run wrote batch_id and
+-- The run admit_new_run got for a free index: created for it (find_or_create_run wrote batch_id and
 -- batch_index into its row: a member already) or cached (a key's holder, maybe in the other
 -- store: a batch_items row).
 CREATE OR REPLACE FUNCTION runops.attach_batch_item(batch_id text, batch_index integer, run_id text)

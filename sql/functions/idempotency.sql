@@ -6,7 +6,7 @@
 --   idempotency_key_expired  the expiry rule, which batch and waitpoint keys follow too
 --   idempotency_key_is_dead  expired, or its run ended in a status that releases it (run_statuses)
 --   release_idempotency_keys the one release of run keys: dead ones, a reset, an expiry
---   create_run               single triggers, children and failed-task runs
+--   find_or_create_run               single triggers, children and failed-task runs
 --   reset_idempotency_key    public: clear a key on this store's runs
 
 -- The dedup key, exactly as the SPEC writes it: sha256 of key and salt joined by '-'. With no
@@ -70,7 +70,7 @@ $$;
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
 -- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
 -- winner. Reading first keeps the cached path free of id minting and of any write.
-CREATE OR REPLACE FUNCTION runops.create_run(
+CREATE OR REPLACE FUNCTION runops.find_or_create_run(
   env runops.environment_context, parent runops.runs, task_identifier text, payload jsonb,
   spec runops.trigger_spec, initial_status text, error jsonb,
   OUT run_id text, OUT is_cached boolean, OUT status text, OUT residency text)
@@ -106,7 +106,7 @@ BEGIN
       SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
       FROM runs AS r WHERE r.id = spec.run_id;
       IF FOUND THEN
-        IF existing.environment_id <> env.id OR existing.task_identifier <> create_run.task_identifier THEN
+        IF existing.environment_id <> env.id OR existing.task_identifier <> find_or_create_run.task_identifier THEN
           PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
                                                spec.run_id));
         END IF;
@@ -119,7 +119,7 @@ BEGIN
     IF key_hash IS NOT NULL THEN
       SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO existing
       FROM runs AS r
-      WHERE r.environment_id = env.id AND r.task_identifier = create_run.task_identifier
+      WHERE r.environment_id = env.id AND r.task_identifier = find_or_create_run.task_identifier
         AND r.idempotency_key_hash = key_hash;
       IF FOUND THEN
         IF NOT idempotency_key_is_dead(existing.status, existing.expires_at, ts) THEN
@@ -139,7 +139,7 @@ BEGIN
     IF key_hash IS NOT NULL THEN
       IF must_claim IS NULL AND local_residency() = 'LEGACY' THEN
         -- Decided under the gate lock, against the settings as they are now.
-        PERFORM lock_key_claim(env.id, create_run.task_identifier, key_hash);
+        PERFORM lock_key_claim(env.id, find_or_create_run.task_identifier, key_hash);
         must_claim := claims_required();
         IF must_claim THEN
           CONTINUE;  -- read the local holder again, now that same-key claimants queue behind us
@@ -147,7 +147,7 @@ BEGIN
       END IF;
       must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
       IF must_claim THEN
-        claim := claim_idempotency_key(env.id, create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
+        claim := claim_idempotency_key(env.id, find_or_create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
                                        new_id);
         IF claim.holder_id IS NOT NULL THEN
           run_id := claim.holder_id; is_cached := true; status := claim.holder_status;
@@ -160,12 +160,14 @@ BEGIN
     IF key_hash IS NULL AND spec.run_id IS NULL THEN
       -- A fresh id conflicts with nothing: a plain INSERT (no speculative-insert WAL record).
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, NULL, NULL, NULL, ts);
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, find_or_create_run.task_identifier,
+                            find_or_create_run.payload, spec, run_status, find_or_create_run.error, NULL, NULL, NULL,
+                            ts);
     ELSE
       INSERT INTO runs
-      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, create_run.task_identifier, create_run.payload, spec, run_status,
-                            create_run.error, spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
+      SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, find_or_create_run.task_identifier,
+                            find_or_create_run.payload, spec, run_status, find_or_create_run.error, spec.idempotency_key,
+                            key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN

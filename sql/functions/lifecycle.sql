@@ -78,7 +78,7 @@ BEGIN
       error = coalesce(a.error, NEW.error),
       completed_at = coalesce(a.completed_at, now())
   WHERE a.run_id = NEW.id AND a.status IN ('EXECUTING', 'PAUSED');
-  PERFORM complete_local_edges(NEW.id);
+  PERFORM resume_local_waiters(NEW.id);
   PERFORM batch_item_finished(NEW.id);
   RETURN NULL;
 END

@@ -1,5 +1,5 @@
 -- The one run-row builder: what a new run's row holds, for every writer of new runs (the
--- root fast path of trigger_run, create_run, batch items). Writers insert its row as is:
+-- root fast path of trigger_run, find_or_create_run, batch items). Writers insert its row as is:
 --   INSERT INTO runs SELECT * FROM new_run(...)
 -- A set-returning SQL function (one row), so PostgreSQL inlines it into the writer's INSERT and
 -- folds what is constant there (a root without options costs no call at all); its row type is

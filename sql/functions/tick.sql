@@ -181,7 +181,7 @@ BEGIN
         output = CASE WHEN w.type = 'MANUAL'
                       THEN jsonb_build_object('message', 'waitpoint timed out') END
     WHERE x.id = w.id;
-    PERFORM complete_local_edges(w.id);
+    PERFORM resume_local_waiters(w.id);
     IF w.type = 'DATETIME' THEN datetimes := datetimes + 1; ELSE timeouts := timeouts + 1; END IF;
   END LOOP;
   RETURN jsonb_build_object('datetime_waitpoints', datetimes, 'manual_timeouts', timeouts);

@@ -2,8 +2,8 @@
 --
 -- trigger_run = validate_new_run (RO006, bounded_input.sql) -> load_environment (one query, with
 --   the split settings) -> decide_residency (RO001, RO006, RO002) -> require_parent (RO004, RO003)
---   -> require_usable (RO004, RO005) -> create_run (idempotency.sql).
--- trigger_failed_task takes the same path (admit_run) to a run born SYSTEM_FAILURE.
+--   -> require_usable (RO004, RO005) -> find_or_create_run (idempotency.sql).
+-- trigger_failed_task takes the same path (admit_new_run) to a run born SYSTEM_FAILURE.
 
 -- The parent a child names, in this store and this environment (RO004).
 CREATE OR REPLACE FUNCTION runops.require_parent(spec runops.trigger_spec, environment_id text)
@@ -55,9 +55,9 @@ $$;
 
 -- The one admission of a single run, for trigger_run and trigger_failed_task: every check in
 -- the SPEC's order, then the batch index it fills (a re-sent index returns its run), then
--- create_run. initial_status NULL lets create_run choose PENDING or DELAYED. The run's id comes
--- back bare.
-CREATE OR REPLACE FUNCTION runops.admit_run(environment_id text, task_identifier text, payload jsonb,
+-- find_or_create_run. initial_status NULL lets find_or_create_run choose PENDING or DELAYED. The
+-- run's id comes back bare.
+CREATE OR REPLACE FUNCTION runops.admit_new_run(environment_id text, task_identifier text, payload jsonb,
                                             options jsonb, initial_status text, error jsonb,
                                             OUT run_id text, OUT is_cached boolean, OUT status text,
                                             OUT residency text)
@@ -65,8 +65,8 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   spec trigger_spec;
-  env_id text := admit_run.environment_id;
-  task text := admit_run.task_identifier;
+  env_id text := admit_new_run.environment_id;
+  task text := admit_new_run.task_identifier;
   owner_residency text;
   env environment_context;
   parent runs;
@@ -74,9 +74,9 @@ DECLARE
   created record;
   existing text;
 BEGIN
-  spec := validate_new_run(env_id, task, admit_run.payload, admit_run.options);
-  IF admit_run.error IS NOT NULL THEN
-    PERFORM check_json_bounds(admit_run.error, 'error');
+  spec := validate_new_run(env_id, task, admit_new_run.payload, admit_new_run.options);
+  IF admit_new_run.error IS NOT NULL THEN
+    PERFORM check_json_bounds(admit_new_run.error, 'error');
   END IF;
   env := load_environment(env_id);
   owner_residency := decide_residency(env, env_id, spec);
@@ -100,7 +100,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  created := create_run(env, parent, task, admit_run.payload, spec, initial_status, admit_run.error);
+  created := find_or_create_run(env, parent, task, admit_new_run.payload, spec, initial_status, admit_new_run.error);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, created.run_id);
   END IF;
@@ -111,11 +111,11 @@ BEGIN
 END
 $$;
 
--- The environment a root run without anchors is admitted into, when every check of admit_run
+-- The environment a root run without anchors is admitted into, when every check of admit_new_run
 -- passes: a valid task identifier and a payload within the smallest limits (validate_new_run;
 -- options are the caller's to check), the environment found in a fresh mirror
 -- (load_environment's rule), usable (require_usable), its roots living in this store
--- (decide_residency). No row when any check fails: the caller then takes admit_run, which
+-- (decide_residency). No row when any check fails: the caller then takes admit_new_run, which
 -- names the failure. Inlined SQL, so it costs no call of its own.
 CREATE OR REPLACE FUNCTION runops.root_admission(environment_id text, task_identifier text, payload jsonb)
 RETURNS SETOF runops.environment_context
@@ -153,7 +153,7 @@ DECLARE
   spec trigger_spec;
   env environment_context;
 BEGIN
-  -- The common calls, a root run without options or with only a key, skip admit_run's chain of
+  -- The common calls, a root run without options or with only a key, skip admit_new_run's chain of
   -- checks: root_admission holds every one of them that can pass without an error, as
   -- predicates of one query. On any miss nothing was written and the full path below raises the
   -- error in the SPEC's order. Without a key the run is one statement; a fresh id conflicts with
@@ -181,7 +181,7 @@ BEGIN
     spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
     SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
     IF FOUND THEN
-      admitted := create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
       run_id := 'run_' || admitted.run_id;
       is_cached := admitted.is_cached;
       status := admitted.status;
@@ -190,7 +190,7 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  admitted := admit_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+  admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
                         trigger_run.options, NULL, NULL);
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
@@ -209,7 +209,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
-  admitted record := admit_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
+  admitted record := admit_new_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
                                coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
                                'SYSTEM_FAILURE',
                                coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));

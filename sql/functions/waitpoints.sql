@@ -42,7 +42,7 @@ $$;
 
 -- Completes the pending local edges on a waitpoint and resumes the runs it was the last
 -- blocker of. Returns the (bare) ids of the runs nothing blocks any more.
-CREATE OR REPLACE FUNCTION runops.complete_local_edges(waitpoint_id text)
+CREATE OR REPLACE FUNCTION runops.resume_local_waiters(waitpoint_id text)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -53,11 +53,11 @@ BEGIN
   -- Lock the blocked runs in id order, so two completions never deadlock on each other.
   FOR blocked IN
     SELECT e.run_id FROM run_waitpoints AS e
-    WHERE e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL
+    WHERE e.waitpoint_id = resume_local_waiters.waitpoint_id AND e.completed_at IS NULL
     ORDER BY e.run_id
   LOOP
     UPDATE run_waitpoints AS e SET completed_at = now()
-    WHERE e.run_id = blocked AND e.waitpoint_id = complete_local_edges.waitpoint_id AND e.completed_at IS NULL;
+    WHERE e.run_id = blocked AND e.waitpoint_id = resume_local_waiters.waitpoint_id AND e.completed_at IS NULL;
     IF resume_if_unblocked(blocked, false) THEN
       unblocked := unblocked || blocked;
     END IF;
@@ -296,7 +296,7 @@ BEGIN
         output_is_error = coalesce(complete_waitpoint.is_error, false), completed_at = now()
     WHERE x.id = bare;
     now_done := true;
-    unblocked := complete_local_edges(bare);
+    unblocked := resume_local_waiters(bare);
   END IF;
   IF peer_wired() THEN
     BEGIN

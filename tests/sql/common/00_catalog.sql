@@ -166,8 +166,8 @@ SELECT is_empty($$
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
-SELECT ok(NOT pg_catalog.has_function_privilege('runops_app', 'runops.create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb)', 'EXECUTE'),
-          'runops_app may not execute the internal create_run');
+SELECT ok(NOT pg_catalog.has_function_privilege('runops_app', 'runops.find_or_create_run(runops.environment_context, runops.runs, text, jsonb, runops.trigger_spec, text, jsonb)', 'EXECUTE'),
+          'runops_app may not execute the internal find_or_create_run');
 SELECT ok(NOT pg_catalog.has_table_privilege('runops_app', 'runops.runs', 'SELECT'),
           'runops_app may not read runops.runs directly');
 SELECT ok(NOT pg_catalog.has_table_privilege('runops_app', 'runops.runs', 'INSERT'),

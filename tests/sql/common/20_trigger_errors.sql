@@ -191,7 +191,7 @@ SELECT is(pg_temp.error_of($$ SELECT * FROM runops.trigger_run(current_setting('
 SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.paused_env'), 'pgtap/task', '{}', '{"tags": 7}') $$,
                  'RO006', NULL, 'RO006 before RO005: bad tags in a paused environment');
 -- SPEC §3 orders RO004 before RO005. trigger_run checks the environment (RO005) before
--- create_run looks the parent up (RO004), so this fails today: a known bug, left as a gate.
+-- find_or_create_run looks the parent up (RO004), so this fails today: a known bug, left as a gate.
 SELECT throws_ok($$ SELECT * FROM runops.trigger_run(current_setting('t.paused_env'), 'pgtap/task', '{}',
                       pg_catalog.jsonb_build_object('parent_run_id', 'run_' || current_setting('t.local_id'))) $$,
                  'RO004', NULL, 'RO004 before RO005: missing parent in a paused environment');
