@@ -137,7 +137,7 @@ BEGIN
                                CASE WHEN (x.spec).delay_until > ts THEN 'DELAYED' ELSE 'PENDING' END,
                                NULL, NULL, NULL, NULL, ts) AS n;
     PERFORM count_attached(b.id, all_item_count, '{}'::text[]);
-    RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(new_ids) AS u(r));
+    RETURN friendly_ids(new_ids, 'run');
   END IF;
   SELECT array_agg(x.idx ORDER BY x.idx), array_agg(x.task ORDER BY x.idx), array_agg(x.payload ORDER BY x.idx),
          array_agg(x.key ORDER BY x.idx),
@@ -294,7 +294,7 @@ BEGIN
                                  WHERE r.xmin <> pg_current_xact_id()::xid));
   END IF;
   IF NOT resent THEN
-    RETURN ARRAY(SELECT 'run_' || u.r FROM unnest(item_run) AS u(r));  -- the chunk is all new: in order already
+    RETURN friendly_ids(item_run, 'run');  -- the chunk is all new: in order already
   END IF;
   RETURN ARRAY(SELECT 'run_' || m.run_id FROM batch_members(b.id, first_index, first_index + all_item_count - 1) AS m);
 END
