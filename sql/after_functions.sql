@@ -24,7 +24,7 @@ GRANT EXECUTE ON FUNCTION
   runops.classify_residency(text), runops.try_classify_residency(text), runops.generate_ksuid(),
   runops.generate_cuid(), runops.ksuid_timestamp(text), runops.store_role(), runops.store_identity(),
   runops.now(), runops.ksuid_encode(bytea), runops.base36_digits4(bigint), runops.base36_digits8(bigint),
-  runops.base62_digits7(bigint), runops.base62_digits10(bigint)
+  runops.base62_digits4(bigint), runops.base62_digits7(bigint), runops.base62_digits10(bigint)
   TO runops_app, runops_fdw;
 GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
 
