@@ -18,7 +18,8 @@ c. **plprofiler** (when the extension is installed for the server's version; a n
    (the extension's functions are not granted to ``runops_app``; ``trigger_run`` is ``SECURITY
    DEFINER``, so the body runs as its owner either way);
 d. **table vs PL/pgSQL**: a plain ``INSERT`` of the same ``runops.runs`` row (pre-minted id, same
-   columns; ``runops_app`` is granted INSERT on the throwaway cluster) and of the SPEC's
+   columns; ``runops_app`` is granted INSERT, and EXECUTE on the CHECK's
+   ``is_run_status``, on the throwaway cluster) and of the SPEC's
    ``bench_baseline`` row, timed like (a), plus ``EXPLAIN (ANALYZE, BUFFERS, WAL)`` of the runs
    INSERT and of the no-key ``trigger_run`` call;
 e. **perf** (when ``perf record`` works here; skipped silently otherwise): the backend's hottest
@@ -171,17 +172,24 @@ def plprofiler_available(admin: psycopg.Connection[Any]) -> bool:
     return admin.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'plprofiler'").fetchone() is not None
 
 
+def _bare(function: str) -> str:
+    """``runops.create_run(...) oid=123`` -> ``create_run``."""
+    return re.sub(r"\(.*$", "", function).removeprefix("runops.")
+
+
 def plprofiler_pass(admin_url: str, env: str, mode: str, calls: int) -> dict[str, Any]:
     """plprofiler's call graph (self/total per function) and line statistics for ``calls`` triggers
     on one superuser connection (LOAD in the session; local data only)."""
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS plprofiler")
         conn.execute("LOAD 'plprofiler'")
+        # On before the first call: a function first run with the profiler off is never profiled in
+        # that session. The warm-up's figures are then reset.
+        conn.execute("SELECT pl_profiler_set_enabled_local(true)")
         one = trigger_call(env, mode)
         for i in range(20):
             one(conn, -1 - i)
         conn.execute("SELECT pl_profiler_reset_local()")
-        conn.execute("SELECT pl_profiler_set_enabled_local(true)")
         t0 = time.perf_counter()
         for i in range(calls):
             one(conn, i)
@@ -198,17 +206,17 @@ def plprofiler_pass(admin_url: str, env: str, mode: str, calls: int) -> dict[str
             "WHERE l.line_number > 0 AND l.exec_count > 0 ORDER BY l.total_time DESC LIMIT 15").fetchall()
     per_fn: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0.0, "self": 0.0, "total": 0.0})
     for stack, n, total, self_us in graph:
-        name = re.sub(r"\(.*$", "", str(stack[-1]))
+        name = _bare(str(stack[-1]))
         f = per_fn[name]
         f["calls"] += n
         f["self"] += self_us
-        if name not in {re.sub(r"\(.*$", "", str(s)) for s in stack[:-1]}:  # not recursive
+        if name not in {_bare(str(s)) for s in stack[:-1]}:  # not recursive
             f["total"] += total
     functions: list[dict[str, Any]] = sorted(
         ({"function": k, "calls_per_trigger": v["calls"] / calls, "self_us": v["self"] / calls,
           "total_us": v["total"] / calls} for k, v in per_fn.items()), key=lambda r: -float(r["self_us"]))
     return {"wall_us": wall / calls * 1e6, "functions": functions,
-            "lines": [{"function": re.sub(r"\(.*$", "", fn), "line": ln, "execs_per_trigger": n / calls,
+            "lines": [{"function": _bare(fn), "line": ln, "execs_per_trigger": n / calls,
                        "total_us": t / calls, "source": (src or "").strip()} for fn, ln, n, t, src in lines]}
 
 
@@ -221,8 +229,9 @@ def perf_works() -> bool:
         return out.returncode == 0
 
 
-def perf_pass(app_url: str, env: str, mode: str, calls: int, top: int = 15) -> list[dict[str, Any]]:
-    """The backend's hottest symbols (cpu-clock samples, self) while it makes ``calls`` triggers."""
+def perf_pass(app_url: str, env: str, mode: str, calls: int, top: int = 15) -> dict[str, Any]:
+    """The backend's hottest symbols (cpu-clock samples, self) while it makes ``calls`` triggers,
+    and its samples per binary (postgres, plpgsql.so, the kernel: the network and the WAL flush)."""
     with psycopg.connect(app_url, autocommit=True) as conn, tempfile.TemporaryDirectory() as tmp:
         one = trigger_call(env, mode)
         for i in range(20):
@@ -236,14 +245,21 @@ def perf_pass(app_url: str, env: str, mode: str, calls: int, top: int = 15) -> l
             one(conn, i)
         rec.send_signal(signal.SIGINT)
         rec.wait(timeout=60)
-        rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,symbol",
-                              "--percent-limit", "0.5"], capture_output=True, text=True, check=False, timeout=120)
-    rows = []
-    for line in rep.stdout.splitlines():
-        m = re.match(r"^\s+([0-9.]+)%\s+(\S+)\s+\[.\]\s+(.+?)\s*$", line)
+        report = ["perf", "report", "-i", data, "--stdio", "--no-children", "--percent-limit", "0.5"]
+        syms = subprocess.run([*report, "--sort", "dso,symbol"], capture_output=True, text=True, check=False,
+                              timeout=120)
+        dsos = subprocess.run([*report, "--sort", "dso"], capture_output=True, text=True, check=False, timeout=120)
+    symbols = []
+    for line in syms.stdout.splitlines():
+        m = re.match(r"^\s+([0-9.]+)%\s+(\S+)\s+\[.\]\s+(.+?)(\s+-)*\s*$", line)
         if m:
-            rows.append({"percent": float(m.group(1)), "dso": m.group(2), "symbol": m.group(3)})
-    return rows[:top]
+            symbols.append({"percent": float(m.group(1)), "dso": m.group(2), "symbol": m.group(3)})
+    by_dso = {}
+    for line in dsos.stdout.splitlines():
+        m = re.match(r"^\s+([0-9.]+)%\s+(\S+)", line)
+        if m:
+            by_dso[m.group(2)] = float(m.group(1))
+    return {"symbols": symbols[:top], "dsos": by_dso}
 
 
 def explain(admin: psycopg.Connection[Any], sql: str, params: tuple[Any, ...]) -> list[str]:
@@ -268,15 +284,15 @@ def run(calls: int, keep: bool, say: Callable[[str], None]) -> dict[str, Any]:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             result["server_version"] = admin.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             admin.execute(baseline_ddl("bench_baseline"))
-            admin.execute("GRANT INSERT ON runops.runs TO runops_app")  # throwaway cluster: the plain-INSERT row
+            # Throwaway cluster: runops_app may insert the plain row (its CHECK calls is_run_status).
+            admin.execute("GRANT INSERT ON runops.runs TO runops_app")
+            admin.execute("GRANT EXECUTE ON FUNCTION runops.is_run_status(text) TO runops_app")
             with psycopg.connect(app_url, autocommit=True) as conn:
                 conn.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, LATERAL runops.trigger_run("
                              "%s, %s, %s::jsonb, jsonb_build_object('idempotency_key', 'r' || g)) AS t",
                              (CACHED_KEYS, env, TASK, PAYLOAD))
-                template = conn.execute(
-                    "SELECT r.project_id, r.organization_id FROM runops.get_run(("
-                    "SELECT run_id FROM runops.trigger_run(%s, %s, %s::jsonb, '{}'))) AS r",
-                    (env, TASK, PAYLOAD)).fetchone()
+            template = admin.execute("SELECT project_id, organization_id FROM runops.runs WHERE environment_id = %s "
+                                     "LIMIT 1", (env,)).fetchone()
             assert template is not None
             project_id, org_id = str(template[0]), str(template[1])
             admin.execute("VACUUM ANALYZE runops.runs")
@@ -287,7 +303,9 @@ def run(calls: int, keep: bool, say: Callable[[str], None]) -> dict[str, Any]:
             for mode in MODES:
                 say(f"timing: {calls} trigger_run calls, {mode}")
                 timings.append(timed_calls(app_url, f"trigger_run {mode}", calls, trigger_call(env, mode)))
-            ids = [str(r[0]) for r in admin.execute("SELECT unnest(runops.mint_ids(%s))", (calls + 40,)).fetchall()]
+            with admin.transaction():
+                admin.execute("SET LOCAL search_path = runops, pg_catalog")  # mint_ids runs in its caller's
+                ids = [str(r[0]) for r in admin.execute("SELECT unnest(mint_ids(%s))", (calls + 40,)).fetchall()]
 
             def runs_insert(conn: psycopg.Connection[Any], i: int) -> None:
                 conn.execute(RUNS_INSERT, (ids[i + 20], env, project_id, org_id), prepare=True)
@@ -324,7 +342,7 @@ def run(calls: int, keep: bool, say: Callable[[str], None]) -> dict[str, Any]:
 
             # (d) EXPLAIN ANALYZE: the table against the function
             result["explain"] = {
-                "INSERT runops.runs": explain(admin, RUNS_INSERT, (ids[0], env, project_id, org_id)),
+                "INSERT runops.runs": explain(admin, RUNS_INSERT, (ids[-1], env, project_id, org_id)),
                 "trigger_run no_key": explain(admin, TRIGGER, (env, TASK, PAYLOAD, "{}")),
             }
 
@@ -402,10 +420,11 @@ def print_result(res: dict[str, Any]) -> None:
         for line in lines:
             print(f"    {line}")
     if res.get("perf"):
-        for mode, rows in res["perf"].items():
-            print(f"\n(e) perf, backend cpu-clock samples, trigger_run {mode}: hottest symbols (self)")
-            _table([(f"{r['percent']:.1f}", r["dso"], r["symbol"][:70]) for r in rows], ("%", "dso", "symbol"),
-                   right_from=99)
+        for mode, p in res["perf"].items():
+            print(f"\n(e) perf, backend cpu-clock samples, trigger_run {mode}: by binary "
+                  + ", ".join(f"{d} {v:.0f}%" for d, v in p["dsos"].items()) + "; hottest symbols (self)")
+            _table([(f"{r['percent']:.1f}", r["dso"], r["symbol"][:70]) for r in p["symbols"]],
+                   ("%", "dso", "symbol"), right_from=99)
     print(f"\nload average {res['loadavg'][0]:.2f}")
 
 
