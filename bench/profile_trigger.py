@@ -126,7 +126,7 @@ class FunctionRow:
     calls_per_trigger: float
     self_us: float
     total_us: float
-    share_of_wall: float        # self / wall per call
+    share_of_trigger: float     # self / trigger_run's total time
 
 
 def function_stats(admin: psycopg.Connection[Any], app_url: str, env: str, mode: str, calls: int
@@ -152,8 +152,9 @@ def function_stats(admin: psycopg.Connection[Any], app_url: str, env: str, mode:
         "SELECT funcname, calls, self_time, total_time FROM pg_stat_user_functions WHERE schemaname = 'runops' "
         "ORDER BY self_time DESC").fetchall()
     wall_us = wall / calls * 1e6
+    trigger_total = next((float(t) for name, _n, _s, t in rows if name == "trigger_run"), 0.0) * 1000 / calls
     out = [FunctionRow(str(name), n / calls, float(s) * 1000 / calls, float(t) * 1000 / calls,
-                       float(s) * 1000 / calls / wall_us) for name, n, s, t in rows]
+                       float(s) * 1000 / calls / trigger_total if trigger_total else 0.0) for name, n, s, t in rows]
     return Timing(f"{mode} (track_functions)", calls, wall_us, None), out
 
 
@@ -203,7 +204,7 @@ def plprofiler_pass(admin_url: str, env: str, mode: str, calls: int) -> dict[str
             "FROM pl_profiler_linestats_local() AS l "
             "LEFT JOIN pl_profiler_funcs_source(pl_profiler_func_oids_local()) AS s "
             "  ON s.func_oid = l.func_oid AND s.line_number = l.line_number "
-            "WHERE l.line_number > 0 AND l.exec_count > 0 ORDER BY l.total_time DESC LIMIT 15").fetchall()
+            "WHERE l.line_number > 0 AND l.exec_count > 0 ORDER BY l.total_time DESC LIMIT 30").fetchall()
     per_fn: dict[str, dict[str, float]] = defaultdict(lambda: {"calls": 0.0, "self": 0.0, "total": 0.0})
     for stack, n, total, self_us in graph:
         name = _bare(str(stack[-1]))
@@ -364,10 +365,11 @@ def run(calls: int, keep: bool, say: Callable[[str], None]) -> dict[str, Any]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...], right_from: int = 1) -> None:
+def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...], left: tuple[int, ...] = (0,)) -> None:
+    """A plain-text table; columns in ``left`` are left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, tuple("-" * w for w in widths), *rows]:
-        cells = (c.rjust(w) if i >= right_from else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         print("  " + "  ".join(cells).rstrip())
 
 
@@ -383,21 +385,20 @@ def print_result(res: dict[str, Any]) -> None:
     for mode in MODES:
         f = res["functions"][mode]
         wall = f["wall_us"]
-        print(f"\n(b) track_functions = 'all', trigger_run {mode}: {wall:.0f} us wall per call "
-              "(per trigger; % of the wall time)")
+        print(f"\n(b) track_functions = 'all', trigger_run {mode}: per trigger; % of trigger_run's total time")
         rows = [r for r in f["rows"] if r["calls_per_trigger"] > 0]
         top = next((r for r in rows if r["function"] == "trigger_run"), None)
         shown = [(r["function"], f"{r['calls_per_trigger']:.2f}", f"{r['self_us']:.1f}", f"{r['total_us']:.1f}",
-                  f"{100 * r['share_of_wall']:.1f}") for r in rows if r["self_us"] >= 0.5]
+                  f"{100 * r['share_of_trigger']:.1f}") for r in rows if r["self_us"] >= 0.5]
         rest = [r for r in rows if r["self_us"] < 0.5]
         if rest:
             shown.append((f"({len(rest)} more, < 0.5 us each)", "", f"{sum(r['self_us'] for r in rest):.1f}", "",
-                          f"{100 * sum(r['share_of_wall'] for r in rest):.1f}"))
-        if top is not None:
-            outside = wall - top["total_us"]
-            shown.append(("(outside trigger_run: statement, protocol, commit)", "", f"{outside:.1f}", "",
-                          f"{100 * outside / wall:.1f}"))
+                          f"{100 * sum(r['share_of_trigger'] for r in rest):.1f}"))
         _table(shown, ("function", "calls", "self us", "total us", "% of trigger"))
+        if top is not None:
+            print(f"  wall per call {wall:.0f} us: inside trigger_run {top['total_us']:.0f} us "
+                  f"({100 * top['total_us'] / wall:.0f} %), outside it {wall - top['total_us']:.0f} us (the outer "
+                  "statement, protocol, commit and its WAL flush, waiting for a core)")
     prof = res.get("plprofiler")
     if prof is None:
         print("\n(c) plprofiler: not installed for this server (the Debian package is postgresql-<major>-plprofiler); "
@@ -407,13 +408,16 @@ def print_result(res: dict[str, Any]) -> None:
             p = prof[mode]
             print(f"\n(c) plprofiler, trigger_run {mode} (superuser session, {p['wall_us']:.0f} us wall per call "
                   "with the profiler on): functions")
+            top_total = next((r["total_us"] for r in p["functions"] if r["function"] == "trigger_run"), 0.0)
             _table([(r["function"], f"{r['calls_per_trigger']:.2f}", f"{r['self_us']:.1f}", f"{r['total_us']:.1f}",
-                     f"{100 * r['self_us'] / p['wall_us']:.1f}") for r in p["functions"] if r["self_us"] >= 0.5],
+                     f"{100 * r['self_us'] / top_total:.1f}" if top_total else "-")
+                    for r in p["functions"] if r["self_us"] >= 0.5],
                    ("function", "calls", "self us", "total us", "% of trigger"))
-            print("    costliest lines (total us per trigger, nested calls included)")
+            print("  costliest statements (us per trigger, nested calls included; block lines left out)")
             _table([(f"{r['function']}:{r['line']}", f"{r['execs_per_trigger']:.2f}", f"{r['total_us']:.1f}",
-                     r["source"][:90]) for r in p["lines"][:10]],
-                   ("line", "execs", "us", "source"), right_from=1)
+                     " ".join(r["source"].split())[:90]) for r in p["lines"]
+                    if r["source"] not in ("BEGIN", "LOOP", "END", "END LOOP", "")][:10],
+                   ("line", "execs", "us", "source"), left=(0, 3))
     print("\n(d) EXPLAIN (ANALYZE, BUFFERS, WAL), rolled back")
     for name, lines in res["explain"].items():
         print(f"  {name}:")
@@ -424,7 +428,7 @@ def print_result(res: dict[str, Any]) -> None:
             print(f"\n(e) perf, backend cpu-clock samples, trigger_run {mode}: by binary "
                   + ", ".join(f"{d} {v:.0f}%" for d, v in p["dsos"].items()) + "; hottest symbols (self)")
             _table([(f"{r['percent']:.1f}", r["dso"], r["symbol"][:70]) for r in p["symbols"]],
-                   ("%", "dso", "symbol"), right_from=99)
+                   ("%", "dso", "symbol"), left=(1, 2))
     print(f"\nload average {res['loadavg'][0]:.2f}")
 
 
