@@ -379,9 +379,13 @@ def print_result(res: dict[str, Any]) -> None:
           "each, one connection, runops_app over TCP, prepared\n")
     print("(a)+(d) timing, nothing switched on: client wall and backend CPU per call")
     base = next(t for t in res["timings"] if t["name"].startswith("INSERT bench_baseline"))
-    _table([(t["name"], f"{t['wall_us']:.0f}", "-" if t["backend_cpu_us"] is None else f"{t['backend_cpu_us']:.0f}",
-             f"{t['wall_us'] / base['wall_us']:.2f}") for t in res["timings"]],
-           ("call", "wall us", "backend CPU us", "x baseline wall"))
+    def cpu(t: dict[str, Any], of: float | None = None) -> str:
+        v = t["backend_cpu_us"]
+        return "-" if v is None else f"{v:.0f}" if of is None else f"{v / of:.2f}" if of else "-"
+
+    _table([(t["name"], f"{t['wall_us']:.0f}", cpu(t), f"{t['wall_us'] / base['wall_us']:.2f}",
+             cpu(t, base["backend_cpu_us"] or 0.0)) for t in res["timings"]],
+           ("call", "wall us", "backend CPU us", "x baseline wall", "x baseline CPU"))
     for mode in MODES:
         f = res["functions"][mode]
         wall = f["wall_us"]
