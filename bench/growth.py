@@ -361,9 +361,10 @@ def capture_plans(admin_url: str, env: str, generic: bool, deep: int) -> list[di
         ]
         captured: list[dict[str, Any]] = []
         for label, sql, params in calls:
-            # Seven times, the plans of the last call kept: PL/pgSQL's cached statements plan
-            # custom for five executions, then settle on a generic plan unless it costs more.
-            for _ in range(7):
+            # The plans of the last call kept. Under plan_cache_mode = auto, the 7th: PL/pgSQL's
+            # cached statements plan custom for five executions, then settle on a generic plan
+            # unless it costs more. Forced generic plans are generic from the first.
+            for _ in range(2 if generic else 7):
                 notes.clear()
                 with conn.transaction(force_rollback=True):
                     conn.execute(sql, params).fetchall()
