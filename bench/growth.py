@@ -1,35 +1,42 @@
 """Does trigger_run stay fast as runops.runs grows? ``python bench/growth.py [--rows N] [--seconds S]``.
 
-On two fresh throwaway clusters (fsync and synchronous_commit on, migrated, wired and split, a
-ksuid organization's PRODUCTION environment: what ``runops bench`` measures), on the run-ops store:
+Two pairs of fresh throwaway clusters (fsync and synchronous_commit on, migrated, wired and split,
+a ksuid organization's PRODUCTION environment each: what ``runops bench`` measures). One pair stays
+empty; the other is loaded. On each pair's run-ops store:
 
-1. **empty**: the ``trigger_no_key``, ``trigger_new_key`` and ``trigger_repeated_key`` (cached)
-   pgbench scripts of bench/pgbench/, exactly as the harness runs them (``pgbench -n -M prepared
-   -c 4 -j 2 -T S`` as ``runops_app`` over TCP, 1,000 prefilled keys, a CHECKPOINT before each
-   phase), ``--rounds`` rounds interleaved, the median of each phase kept; with the run-ops
-   cluster's CPU per call;
-2. **load** ``--rows`` runs (default 5,000,000) into ``runops.runs`` as superuser, set-based
-   (``INSERT ... SELECT generate_series`` in chunks of 500,000, two sessions at once), then
-   ``VACUUM ANALYZE`` and a CHECKPOINT. The rows have the store's shape: 27-character KSUIDs whose
-   timestamp is their ``created_at`` (spread over the 45 days before now, so every new id sorts
-   after them, as in a live store), half in the benchmark's environment and the rest in three
-   others of another organization; 96 % final (completed, failed, canceled, expired, crashed), the
-   rest PENDING, DELAYED, PAUSED, RETRYING and a few leased or waiting; 20 % of those whose
-   status keeps a key hold one (``global`` scope, expiring 30 days after creation), and the
-   unexpired ones a claim in the ledger (``runops.idempotency_claims``), as NEW keyed triggers
-   leave them. ``session_replication_role = replica`` skips the foreign-key checks during the load
-   (every loaded row has NULL parent and batch);
-3. **stored**: the same phases again, and each rate's ratio stored / empty (target >= 0.80);
-4. **plans**: every statement the hot paths run, captured with ``auto_explain``
-   (``log_nested_statements``, the plans PL/pgSQL actually used, in a session with the default
-   ``plan_cache_mode`` and in one with ``force_generic_plan``): ``trigger_run`` with no key, a new
-   key, a prefilled key and a loaded key; ``get_run`` of a loaded run; ``list_store_runs`` (first
-   page and one from a cursor deep in the environment); ``list_runs`` (merged); ``dequeue_runs``
-   and ``tick`` (rolled back). It prints each statement's top plan node and fails when any plan
-   reads ``runs`` (or the claim ledger) with a Seq Scan.
+1. **before the load**: the ``trigger_no_key``, ``trigger_new_key`` and ``trigger_repeated_key``
+   (cached) pgbench scripts of bench/pgbench/, run as the harness runs them (``pgbench -n -M
+   prepared -c 4 -j 2 -T S`` as ``runops_app`` over TCP, 1,000 prefilled keys, a CHECKPOINT before
+   each phase), each phase on one pair then the other, ``--rounds`` rounds (the order reversed
+   every other round), the median kept; with the run-ops cluster's CPU per call. Both pairs are
+   empty here, so their ratio shows how much two pairs differ without any load;
+2. **load** ``--rows`` runs (default 5,000,000) into the second pair's ``runops.runs`` as
+   superuser, set-based (``INSERT ... SELECT generate_series`` in chunks of 500,000, two sessions
+   at once), then ``VACUUM ANALYZE`` and a CHECKPOINT. The rows have the store's shape:
+   27-character KSUIDs whose timestamp is their ``created_at`` (spread over the 45 days before
+   now, so every new id sorts after them, as in a live store), half in the benchmark's environment
+   and the rest in three others of another organization; 96 % final (completed, failed, canceled,
+   expired, crashed), the rest PENDING, DELAYED, PAUSED, RETRYING and a few leased or waiting;
+   20 % of those whose status keeps a key hold one (``global`` scope, expiring 30 days after
+   creation), and the unexpired ones a claim in the ledger (``runops.idempotency_claims``), as
+   NEW keyed triggers leave them. ``session_replication_role = replica`` skips the foreign-key
+   checks during the load (every loaded row has NULL parent and batch);
+3. **after the load**: the same alternation, and each rate's ratio loaded / empty (target
+   >= 0.80). Measuring the empty pair alongside, rather than the same store before and after,
+   keeps a machine whose load drifts from passing for growth (a shared 2-core machine's rates
+   swing by 2-3x within minutes);
+4. **plans**: every statement the hot paths run on the loaded store, captured with
+   ``auto_explain`` (``log_nested_statements``: the plans PL/pgSQL actually used, in a session
+   with the default ``plan_cache_mode``, from the 7th call, and in one with
+   ``force_generic_plan``): ``trigger_run`` with no key, a new key, a prefilled key and a loaded
+   key; ``get_run`` of a loaded run; ``list_store_runs`` (first page and one from a cursor deep in
+   the environment); ``list_runs`` (merged); ``dequeue_runs`` and ``tick`` (rolled back). It prints
+   each statement that reads runs or the claim ledger, with its top plan node, how it reads them
+   and how many rows those scans touched, and fails when any plan reads them with a Seq Scan.
 
 Exit code 0 when every ratio meets its target and no plan scans runs sequentially, 4 when not, 1
-when it could not run. The JSON goes to bench/results/. Not a test.
+when it could not run. About 12 minutes with the defaults on a 2-core machine. The JSON goes to
+bench/results/. Not a test.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,29 +184,61 @@ def _backends_gone(admin: psycopg.Connection[Any]) -> None:
     time.sleep(0.1)
 
 
-def measure_phases(admin: psycopg.Connection[Any], app_url: str, env: str, datadir: str, seconds: int,
-                   rounds: int, label: str) -> dict[str, Any]:
-    """``rounds`` interleaved rounds of the three trigger phases; the median rate of each and the
-    median server CPU per call."""
+@dataclass(frozen=True)
+class Pair:
+    """One pair of throwaway clusters, and the run-ops store's side of it that is measured."""
+
+    name: str
+    stores: LocalStores
+    env: str
+
+    @property
+    def app_url(self) -> str:
+        return self.stores.app_urls()[RUN_OPS]
+
+    @property
+    def admin_url(self) -> str:
+        return self.stores.admin_urls()[RUN_OPS]
+
+    @property
+    def datadir(self) -> str:
+        return self.stores.clusters[RUN_OPS].datadir
+
+
+def measure(pairs: list[Pair], seconds: int, rounds: int, label: str) -> dict[str, dict[str, Any]]:
+    """``rounds`` rounds of the three trigger phases, each phase run on every pair in turn (the
+    order reversed every other round), so load drifting on the machine reaches them alike. Per pair
+    and phase: the median rate and the median server CPU per call (the run-ops cluster's)."""
     pgbench, scripts = find_pgbench(), scripts_dir()
-    rates: dict[str, list[float]] = {p: [] for p in PHASES}
-    cpus: dict[str, list[float]] = {p: [] for p in PHASES}
+    rates: dict[str, dict[str, list[float]]] = {p.name: {ph: [] for ph in PHASES} for p in pairs}
+    cpus: dict[str, dict[str, list[float]]] = {p.name: {ph: [] for ph in PHASES} for p in pairs}
     for r in range(1, rounds + 1):
         for phase, script in PHASES.items():
-            admin.execute("CHECKPOINT")
-            cpu0 = cluster_cpu_seconds(datadir)
-            work = run_pgbench(pgbench, app_url, scripts / script, seconds,
-                               {"env": env, "keys": str(REPEATED_KEYS)})
-            _backends_gone(admin)
-            cpu1 = cluster_cpu_seconds(datadir)
-            rates[phase].append(work.calls_per_s)
-            if cpu0 is not None and cpu1 is not None and work.all_calls:
-                cpus[phase].append((cpu1 - cpu0) / work.all_calls * 1e6)
-            say(f"  {label} round {r}: {phase} {work.calls_per_s:,.0f} calls/s"
-                + (f", {cpus[phase][-1]:.0f} us server CPU per call" if cpus[phase] else ""))
-    return {p: {"calls_per_s": statistics.median(rates[p]), "rounds": rates[p],
-                "server_cpu_us_per_call": statistics.median(cpus[p]) if cpus[p] else None,
-                "cpu_rounds": cpus[p]} for p in PHASES}
+            for pair in (pairs if r % 2 else pairs[::-1]):
+                with psycopg.connect(pair.admin_url, autocommit=True) as admin:
+                    admin.execute("CHECKPOINT")
+                    cpu0 = cluster_cpu_seconds(pair.datadir)
+                    work = run_pgbench(pgbench, pair.app_url, scripts / script, seconds,
+                                       {"env": pair.env, "keys": str(REPEATED_KEYS)})
+                    _backends_gone(admin)
+                    cpu1 = cluster_cpu_seconds(pair.datadir)
+                rates[pair.name][phase].append(work.calls_per_s)
+                if cpu0 is not None and cpu1 is not None and work.all_calls:
+                    cpus[pair.name][phase].append((cpu1 - cpu0) / work.all_calls * 1e6)
+                say(f"  {label} round {r}: {pair.name} {phase} {work.calls_per_s:,.0f} calls/s"
+                    + (f", {cpus[pair.name][phase][-1]:.0f} us server CPU per call" if cpus[pair.name][phase] else ""))
+    return {p.name: {ph: {"calls_per_s": statistics.median(rates[p.name][ph]), "rounds": rates[p.name][ph],
+                          "server_cpu_us_per_call": statistics.median(cpus[p.name][ph]) if cpus[p.name][ph] else None,
+                          "cpu_rounds": cpus[p.name][ph]} for ph in PHASES} for p in pairs}
+
+
+def ratios(of: dict[str, Any], to: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Per phase: rate and server CPU per call of ``of`` over ``to``."""
+    out: dict[str, dict[str, float | None]] = {}
+    for ph in PHASES:
+        a, b = of[ph]["server_cpu_us_per_call"], to[ph]["server_cpu_us_per_call"]
+        out[ph] = {"rate": of[ph]["calls_per_s"] / to[ph]["calls_per_s"], "cpu": a / b if a and b else None}
+    return out
 
 
 def other_environments(app: dict[str, str]) -> list[str]:
@@ -393,70 +433,76 @@ def seq_scans_on_big_tables(plans: list[dict[str, Any]]) -> list[str]:
     return bad
 
 
+def _pair(name: str, home: Path) -> Pair:
+    stores = _bring_up(home)
+    return Pair(name, stores, _make_environment(stores.app_urls()))
+
+
 def run(rows: int, seconds: int, rounds: int, keep: bool) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="runops-growth-"))
-    home.chmod(0o755)
-    stores: LocalStores | None = None
+    homes = [Path(tempfile.mkdtemp(prefix="runops-growth-")) for _ in range(2)]
+    pairs: list[Pair] = []
     started = dt.datetime.now(dt.UTC)
     t_start = time.perf_counter()
     try:
-        say("starting two local clusters (fsync on)")
-        stores = _bring_up(home)
-        app = stores.app_urls()
-        admin_url = stores.admin_urls()[RUN_OPS]
-        datadir = stores.clusters[RUN_OPS].datadir
-        env = _make_environment(app)
-        others = other_environments(app)
-        with psycopg.connect(admin_url, autocommit=True) as admin:
+        say("starting two pairs of local clusters (fsync on): one stays empty, the other is loaded")
+        for name, home in zip(("empty", "loaded"), homes, strict=True):
+            home.chmod(0o755)
+            pairs.append(_pair(name, home))
+        empty, loaded = pairs
+        others = other_environments(loaded.stores.app_urls())
+        with psycopg.connect(loaded.admin_url, autocommit=True) as admin:
             settings = {k: _scalar(admin, f"SHOW {k}") for k in ("server_version", "fsync", "synchronous_commit",
                                                                    "shared_buffers", "max_wal_size")}
-            if settings["fsync"] != "on" or settings["synchronous_commit"] != "on":
-                raise SystemExit("fsync and synchronous_commit must be on")
-            with psycopg.connect(app[RUN_OPS], autocommit=True) as ro:
+        if settings["fsync"] != "on" or settings["synchronous_commit"] != "on":
+            raise SystemExit("fsync and synchronous_commit must be on")
+        for pair in pairs:
+            with psycopg.connect(pair.app_url, autocommit=True) as ro:
                 ro.execute("SELECT count(t.*) FROM generate_series(1, %s) AS g, LATERAL runops.trigger_run("
                            "%s, 'bench-task', '{\"n\": 1}', jsonb_build_object('idempotency_key', 'r' || g)) AS t",
-                           (REPEATED_KEYS, env))
-            admin.execute("VACUUM ANALYZE runops.runs")
-            say(f"empty: {rounds} rounds of 3 phases, {seconds} s each")
-            load_before = os.getloadavg()
-            empty = measure_phases(admin, app[RUN_OPS], env, datadir, seconds, rounds, "empty")
-            runs_empty = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-        say(f"loading {rows:,} runs")
-        load = load_runs(admin_url, rows, [env, *others])
+                           (REPEATED_KEYS, pair.env))
+            with psycopg.connect(pair.admin_url, autocommit=True) as admin:
+                admin.execute("VACUUM ANALYZE runops.runs")
+        load_before = os.getloadavg()
+        say(f"before the load (both pairs empty): {rounds} rounds of 3 phases, {seconds} s each, pairs alternating")
+        before = measure(pairs, seconds, rounds, "before")
+        say(f"loading {rows:,} runs into the second pair")
+        load = load_runs(loaded.admin_url, rows, [loaded.env, *others])
         say(f"loaded in {load['total_seconds']:.0f} s (insert {load['insert_seconds']:.0f} s, claims "
             f"{load['claims_seconds']:.0f} s, VACUUM ANALYZE {load['vacuum_analyze_seconds']:.0f} s)")
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            say(f"stored: {rounds} rounds of 3 phases, {seconds} s each")
-            stored = measure_phases(admin, app[RUN_OPS], env, datadir, seconds, rounds, "stored")
+        say(f"after the load: {rounds} rounds of 3 phases, {seconds} s each, pairs alternating")
+        after = measure(pairs, seconds, rounds, "after")
+        load_after = os.getloadavg()
+        with psycopg.connect(loaded.admin_url, autocommit=True) as admin:
             runs_stored = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
-            load_after = os.getloadavg()
             admin.execute("ANALYZE runops.runs")
+        with psycopg.connect(empty.admin_url, autocommit=True) as admin:
+            runs_empty = int(_scalar(admin, "SELECT count(*) FROM runops.runs"))
         say("plans: auto_explain of the hot statements (default plan_cache_mode, then force_generic_plan)")
         deep = min(100_000, rows // 4)
-        plans = {"auto": capture_plans(admin_url, env, False, deep),
-                 "generic": capture_plans(admin_url, env, True, deep)}
+        plans = {"auto": capture_plans(loaded.admin_url, loaded.env, False, deep),
+                 "generic": capture_plans(loaded.admin_url, loaded.env, True, deep)}
         bad = [b for mode in plans.values() for b in seq_scans_on_big_tables(mode)]
-        ratios = {p: {"rate": stored[p]["calls_per_s"] / empty[p]["calls_per_s"],
-                      "cpu": (stored[p]["server_cpu_us_per_call"] / empty[p]["server_cpu_us_per_call"]
-                              if stored[p]["server_cpu_us_per_call"] and empty[p]["server_cpu_us_per_call"]
-                              else None)} for p in PHASES}
+        growth = ratios(after["loaded"], after["empty"])
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"), "rows": rows, "seconds": seconds,
-            "rounds": rounds, "settings": settings, "environment": env, "other_environments": others,
-            "empty": empty, "runs_during_empty": runs_empty, "load": load, "stored": stored,
-            "runs_during_stored": runs_stored, "ratios": ratios, "target": TARGET, "plans": plans,
-            "seq_scans": bad, "loadavg_before": load_before, "loadavg_after": load_after,
-            "all_pass": not bad and all(r["rate"] >= TARGET for r in ratios.values()),
+            "rounds": rounds, "settings": settings, "environment": loaded.env, "other_environments": others,
+            "before": before, "calibration": ratios(before["loaded"], before["empty"]), "load": load,
+            "after": after, "ratios": growth, "runs_in_empty_pair": runs_empty, "runs_in_loaded_pair": runs_stored,
+            "target": TARGET, "plans": plans, "seq_scans": bad, "loadavg_before": load_before,
+            "loadavg_after": load_after,
+            "all_pass": not bad and all((r["rate"] or 0.0) >= TARGET for r in growth.values()),
             "wall_seconds": time.perf_counter() - t_start,
         }
         if keep:
-            result["kept"] = {"home": str(home), "admin_urls": stores.admin_urls(), "app_urls": app}
+            result["kept"] = {p.name: {"home": str(p.stores.home), "admin_urls": p.stores.admin_urls(),
+                                       "app_urls": p.stores.app_urls()} for p in pairs}
         return result
     finally:
-        if stores is not None and not keep:
-            stores.destroy()
         if not keep:
-            shutil.rmtree(home, ignore_errors=True)
+            for p in pairs:
+                p.stores.destroy()
+            for home in homes:
+                shutil.rmtree(home, ignore_errors=True)
 
 
 def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...], left: tuple[int, ...] = (0,)) -> None:
@@ -472,19 +518,23 @@ def print_result(res: dict[str, Any]) -> None:
     print(f"\ngrowth: PostgreSQL {s['server_version']}, fsync={s['fsync']}, synchronous_commit="
           f"{s['synchronous_commit']}, shared_buffers={s['shared_buffers']}; pgbench -n -M prepared -c 4 -j 2 "
           f"-T {res['seconds']}, median of {res['rounds']} interleaved rounds\n")
-    fmt: Callable[[float | None], str] = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+
+    def num(v: float | None, digits: int = 0) -> str:
+        return "-" if v is None else f"{v:,.{digits}f}"
+
     rows = []
     for p in PHASES:
-        e, st, r = res["empty"][p], res["stored"][p], res["ratios"][p]
-        rows.append((p, f"{e['calls_per_s']:,.0f}", f"{st['calls_per_s']:,.0f}", f"{r['rate']:.2f}",
-                     f">= {TARGET:.2f}", "pass" if r["rate"] >= TARGET else "FAIL",
-                     fmt(e["server_cpu_us_per_call"]), fmt(st["server_cpu_us_per_call"]),
-                     "-" if r["cpu"] is None else f"{r['cpu']:.2f}"))
-    _table(rows, ("phase", "empty /s", "stored /s", "stored/empty", "target", "result", "CPU us empty",
-                  "CPU us stored", "CPU stored/empty"))
-    print(f"\n  runs: {res['runs_during_empty']:,} during the empty phases; {ld['runs_after']:,} after the load "
-          f"({ld['final']:,} final, {ld['keyed']:,} holding a key, {ld['environments']} environments, "
-          f"{ld['claims']:,} claims); {res['runs_during_stored']:,} at the end")
+        e, st, r, c = res["after"]["empty"][p], res["after"]["loaded"][p], res["ratios"][p], res["calibration"][p]
+        rows.append((p, num(e["calls_per_s"]), num(st["calls_per_s"]), num(r["rate"], 2), f">= {TARGET:.2f}",
+                     "pass" if (r["rate"] or 0.0) >= TARGET else "FAIL", num(e["server_cpu_us_per_call"]),
+                     num(st["server_cpu_us_per_call"]), num(r["cpu"], 2), num(c["rate"], 2), num(c["cpu"], 2)))
+    _table(rows, ("phase", "empty /s", "loaded /s", "loaded/empty", "target", "result", "CPU us empty",
+                  "CPU us loaded", "CPU loaded/empty", "before load: rate", "CPU"))
+    print("\n  loaded/empty: the two pairs measured alternately after the load; \"before load\": the same two "
+          "pairs, both empty, measured alike (what the pairs differ by without the load)")
+    print(f"  runs: {ld['runs_after']:,} in the loaded pair after the load ({ld['final']:,} final, {ld['keyed']:,} "
+          f"holding a key, {ld['environments']} environments, {ld['claims']:,} claims), {res['runs_in_loaded_pair']:,} "
+          f"at the end; {res['runs_in_empty_pair']:,} in the empty pair at the end")
     print(f"  load of {ld['rows']:,} runs: {ld['total_seconds']:.0f} s (INSERT ... SELECT {ld['insert_seconds']:.0f} s "
           f"in {LOADERS} sessions, claims {ld['claims_seconds']:.0f} s, VACUUM ANALYZE "
           f"{ld['vacuum_analyze_seconds']:.0f} s); runs {ld['runs_table_size']} + indexes {ld['runs_indexes_size']}, "
@@ -528,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(f"results: {path}")
     if args.keep:
-        print(f"clusters kept in {res['kept']['home']}: {res['kept']['admin_urls']}")
+        for name, kept in res["kept"].items():
+            print(f"{name} pair kept in {kept['home']}: {kept['admin_urls']}")
     return 0 if res["all_pass"] else 4
 
 
