@@ -52,13 +52,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from harness import _bring_up, _make_environment, find_pgbench, run_pgbench, scripts_dir
+from profile_trigger import _table
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ops.local_cluster import LocalStores
@@ -503,13 +503,6 @@ def run(rows: int, seconds: int, rounds: int, keep: bool) -> dict[str, Any]:
                 p.stores.destroy()
             for home in homes:
                 shutil.rmtree(home, ignore_errors=True)
-
-
-def _table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...], left: tuple[int, ...] = (0,)) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        print("  " + "  ".join(cells).rstrip())
 
 
 def print_result(res: dict[str, Any]) -> None:
