@@ -64,8 +64,9 @@ END
 $$;
 
 -- Creates one run in this store, or returns the run that already holds its key (or its
--- pre-minted id): its bare id (the public functions add the prefix). The caller has validated everything, decided this store owns the run, and
--- looked up the parent (require_parent; a NULL row for a root).
+-- pre-minted id): its bare id (the public functions add the prefix). The caller has validated
+-- everything, decided this store owns the run, and looked up the parent (require_parent; a NULL
+-- row for a root).
 --
 -- Why a loop: in READ COMMITTED a conflicting row committed after our SELECT's snapshot makes
 -- INSERT ... ON CONFLICT DO NOTHING return nothing, and only a *new* statement sees the
@@ -106,7 +107,8 @@ BEGIN
       SELECT r.id, r.environment_id, r.task_identifier, r.status INTO existing
       FROM runs AS r WHERE r.id = spec.run_id;
       IF FOUND THEN
-        IF existing.environment_id <> env.id OR existing.task_identifier <> find_or_create_run.task_identifier THEN
+        IF existing.environment_id <> env.id
+           OR existing.task_identifier <> find_or_create_run.task_identifier THEN
           PERFORM raise_error('RO006', format('pre-minted run id run_%s already names a run of another environment or task',
                                                spec.run_id));
         END IF;
@@ -147,8 +149,8 @@ BEGIN
       END IF;
       must_claim := coalesce(must_claim, env.split_ever_enabled);  -- run-ops: the ledger is local
       IF must_claim THEN
-        claim := claim_idempotency_key(env.id, find_or_create_run.task_identifier, key_hash, ts + spec.idempotency_key_ttl,
-                                       new_id);
+        claim := claim_idempotency_key(env.id, find_or_create_run.task_identifier, key_hash,
+                                       ts + spec.idempotency_key_ttl, new_id);
         IF claim.holder_id IS NOT NULL THEN
           run_id := claim.holder_id; is_cached := true; status := claim.holder_status;
           residency := classify_bare(claim.holder_id);
@@ -166,8 +168,8 @@ BEGIN
     ELSE
       INSERT INTO runs
       SELECT * FROM new_run(new_id, env, parent, spec.batch_id, spec.batch_index, find_or_create_run.task_identifier,
-                            find_or_create_run.payload, spec, run_status, find_or_create_run.error, spec.idempotency_key,
-                            key_hash, ts + spec.idempotency_key_ttl, ts)
+                            find_or_create_run.payload, spec, run_status, find_or_create_run.error,
+                            spec.idempotency_key, key_hash, ts + spec.idempotency_key_ttl, ts)
       ON CONFLICT DO NOTHING;
     END IF;
     IF FOUND THEN

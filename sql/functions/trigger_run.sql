@@ -58,9 +58,9 @@ $$;
 -- find_or_create_run. initial_status NULL lets find_or_create_run choose PENDING or DELAYED. The
 -- run's id comes back bare.
 CREATE OR REPLACE FUNCTION runops.admit_new_run(environment_id text, task_identifier text, payload jsonb,
-                                            options jsonb, initial_status text, error jsonb,
-                                            OUT run_id text, OUT is_cached boolean, OUT status text,
-                                            OUT residency text)
+                                                options jsonb, initial_status text, error jsonb,
+                                                OUT run_id text, OUT is_cached boolean, OUT status text,
+                                                OUT residency text)
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
@@ -100,7 +100,8 @@ BEGIN
       RETURN;
     END IF;
   END IF;
-  created := find_or_create_run(env, parent, task, admit_new_run.payload, spec, initial_status, admit_new_run.error);
+  created := find_or_create_run(env, parent, task, admit_new_run.payload, spec, initial_status,
+                                admit_new_run.error);
   IF spec.batch_id IS NOT NULL THEN
     PERFORM attach_batch_item(spec.batch_id, spec.batch_index, created.run_id);
   END IF;
@@ -153,8 +154,8 @@ DECLARE
   spec trigger_spec;
   env environment_context;
 BEGIN
-  -- The common calls, a root run without options or with only a key, skip admit_new_run's chain of
-  -- checks: root_admission holds every one of them that can pass without an error, as
+  -- The common calls, a root run without options or with only a key, skip admit_new_run's chain
+  -- of checks: root_admission holds every one of them that can pass without an error, as
   -- predicates of one query. On any miss nothing was written and the full path below raises the
   -- error in the SPEC's order. Without a key the run is one statement; a fresh id conflicts with
   -- nothing, so a plain INSERT (ON CONFLICT costs a speculative-insert WAL record per run).
@@ -162,13 +163,14 @@ BEGIN
     ts := now();
     INSERT INTO runs
     SELECT n.*
-    FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload) AS admitted_env
+    FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload)
+           AS admitted_env
     -- The id is minted in a sub-select of its own: a volatile argument would stop PostgreSQL
     -- inlining new_run (it would run as a function call per run).
     CROSS JOIN LATERAL (SELECT CASE WHEN local_residency() = 'NEW' THEN next_ksuid() ELSE generate_cuid() END
                         AS id) AS minted
-    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, NULL, NULL, trigger_run.task_identifier, trigger_run.payload, no_options(),
-                               'PENDING', NULL, NULL, NULL, NULL, ts) AS n
+    CROSS JOIN LATERAL new_run(minted.id, admitted_env, NULL, NULL, NULL, trigger_run.task_identifier,
+                               trigger_run.payload, no_options(), 'PENDING', NULL, NULL, NULL, NULL, ts) AS n
     RETURNING 'run_' || runs.id, false, runs.status, local_residency()
     INTO run_id, is_cached, status, residency;
     IF FOUND THEN
@@ -179,9 +181,11 @@ BEGIN
     -- A root with only a key: the same checks in one query, then the idempotency engine.
     spec := no_options();
     spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
-    SELECT * INTO env FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
+    SELECT * INTO env
+    FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
     IF FOUND THEN
-      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL,
+                                     NULL);
       run_id := 'run_' || admitted.run_id;
       is_cached := admitted.is_cached;
       status := admitted.status;
@@ -191,7 +195,7 @@ BEGIN
     END IF;
   END IF;
   admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
-                        trigger_run.options, NULL, NULL);
+                            trigger_run.options, NULL, NULL);
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
@@ -210,9 +214,10 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   admitted record := admit_new_run(trigger_failed_task.environment_id, trigger_failed_task.task_identifier,
-                               coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
-                               'SYSTEM_FAILURE',
-                               coalesce(trigger_failed_task.error, '{"message": "the task could not be triggered"}'));
+                                   coalesce(trigger_failed_task.payload, '{}'), trigger_failed_task.options,
+                                   'SYSTEM_FAILURE',
+                                   coalesce(trigger_failed_task.error,
+                                            '{"message": "the task could not be triggered"}'));
 BEGIN
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
