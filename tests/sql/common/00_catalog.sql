@@ -157,7 +157,8 @@ SELECT is_empty($$
       'create_organization', 'create_project', 'create_environment', 'update_environment', 'split_status',
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- helpers granted on purpose (sql/after_functions.sql)
-      'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits7', 'base62_digits10',
+      'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
+      'base62_digits10',
       'pull_tenant_mirror', 'mirror_fingerprint',
       'list_store_runs',  -- one store's list_runs page, for the client's own merge (docs/listing.md)
       'list_environments',  -- `runops env list` (control plane)
@@ -180,7 +181,8 @@ SELECT is_empty($$
   FROM pg_catalog.pg_proc AS p
   WHERE p.pronamespace = 'runops'::regnamespace
     AND pg_catalog.has_function_privilege('runops_app', p.oid, 'EXECUTE')
-    AND p.proname NOT IN ('ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits7', 'base62_digits10')
+    AND p.proname NOT IN ('ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
+                          'base62_digits10')
     AND EXISTS (SELECT FROM pg_catalog.unnest(p.proargtypes::oid[]) AS t(oid)
                 WHERE t.oid NOT IN ('text'::regtype, 'jsonb'::regtype, 'integer'::regtype,
                                     'boolean'::regtype, 'timestamptz'::regtype, 'text[]'::regtype))
