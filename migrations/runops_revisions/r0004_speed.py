@@ -4271,13 +4271,11 @@ BEGIN
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
          e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
-         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, c.mirror_freshness_seconds)
+         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, hb.bound_seconds)
   INTO ctx.id, ctx.project_id, ctx.organization_id, ctx.type, ctx.paused, ctx.archived,
        ctx.project_deleted, ctx.runs_enabled, ctx.mint_kind, ctx.maximum_concurrency_limit,
        ctx.notifications, ctx.split_enabled, ctx.split_ever_enabled, ctx.default_mint_kind, fresh
-  FROM store_config AS c
-  CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM heartbeats AS b
-                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
+  FROM mirror_feed() AS hb
   LEFT JOIN split_settings AS st ON true
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id
@@ -4330,15 +4328,27 @@ AS $$
   SELECT coalesce(fed_at >= pg_catalog.now() - pg_catalog.make_interval(secs => bound_seconds), false)
 $$;
 
--- When the mirror was last fed: the newer of the control plane's tick as replication delivered
--- it and this store's last pull (NULL: never). load_environment reads the same inside its own
--- query, which is the hot path.
+-- When the mirror was last fed — the newer of the control plane's tick as replication delivered
+-- it and this store's last pull (NULL: never) — and the store's freshness bound, as one row.
+-- Set-returning SQL, so the hot paths (load_environment, root_admission) inline it into their
+-- own query instead of calling it.
+CREATE OR REPLACE FUNCTION runops.mirror_feed()
+RETURNS TABLE (fed_at timestamptz, bound_seconds integer)
+LANGUAGE sql STABLE
+AS $$
+  SELECT hb.fed_at, c.mirror_freshness_seconds
+  FROM runops.store_config AS c
+  CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM runops.heartbeats AS b
+                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
+$$;
+
+-- When the mirror was last fed (mirror_feed), for the cold paths.
 CREATE OR REPLACE FUNCTION runops.mirror_fed_at()
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-  RETURN (SELECT max(b.beat_at) FROM heartbeats AS b WHERE b.source IN ('control_plane_tick', 'mirror_pull'));
+  RETURN (SELECT f.fed_at FROM mirror_feed() AS f);
 END
 $$;
 
@@ -4367,8 +4377,7 @@ DECLARE
   fed_at timestamptz;
   bound integer;
 BEGIN
-  fed_at := mirror_fed_at();
-  SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
+  SELECT f.fed_at, f.bound_seconds INTO fed_at, bound FROM mirror_feed() AS f;
   IF mirror_within_bound(fed_at, bound) THEN
     RETURN NULL;
   ELSIF fed_at IS NULL THEN
@@ -5034,9 +5043,7 @@ AS $$
     AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
     AND runops.root_residency(x.ctx) = runops.local_residency()
     AND (runops.local_residency() = 'LEGACY'
-         OR EXISTS (SELECT FROM runops.heartbeats AS b CROSS JOIN runops.store_config AS c
-                    WHERE b.source IN ('control_plane_tick', 'mirror_pull')
-                      AND runops.mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
+         OR EXISTS (SELECT FROM runops.mirror_feed() AS f WHERE runops.mirror_within_bound(f.fed_at, f.bound_seconds)))
 $$;
 
 CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
@@ -5080,19 +5087,13 @@ BEGIN
     spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
     SELECT * INTO env
     FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
-    IF FOUND THEN
-      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL,
-                                     NULL);
-      run_id := 'run_' || admitted.run_id;
-      is_cached := admitted.is_cached;
-      status := admitted.status;
-      residency := admitted.residency;
-      RETURN NEXT;
-      RETURN;
-    END IF;
   END IF;
-  admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
-                            trigger_run.options, NULL, NULL);
+  IF env.id IS NOT NULL THEN  -- a root with only a key, admitted just above
+    admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+  ELSE
+    admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                              trigger_run.options, NULL, NULL);
+  END IF;
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;

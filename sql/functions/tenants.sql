@@ -160,13 +160,11 @@ BEGIN
   SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
          p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
          e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
-         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, c.mirror_freshness_seconds)
+         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, hb.bound_seconds)
   INTO ctx.id, ctx.project_id, ctx.organization_id, ctx.type, ctx.paused, ctx.archived,
        ctx.project_deleted, ctx.runs_enabled, ctx.mint_kind, ctx.maximum_concurrency_limit,
        ctx.notifications, ctx.split_enabled, ctx.split_ever_enabled, ctx.default_mint_kind, fresh
-  FROM store_config AS c
-  CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM heartbeats AS b
-                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
+  FROM mirror_feed() AS hb
   LEFT JOIN split_settings AS st ON true
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id
@@ -219,15 +217,27 @@ AS $$
   SELECT coalesce(fed_at >= pg_catalog.now() - pg_catalog.make_interval(secs => bound_seconds), false)
 $$;
 
--- When the mirror was last fed: the newer of the control plane's tick as replication delivered
--- it and this store's last pull (NULL: never). load_environment reads the same inside its own
--- query, which is the hot path.
+-- When the mirror was last fed — the newer of the control plane's tick as replication delivered
+-- it and this store's last pull (NULL: never) — and the store's freshness bound, as one row.
+-- Set-returning SQL, so the hot paths (load_environment, root_admission) inline it into their
+-- own query instead of calling it.
+CREATE OR REPLACE FUNCTION runops.mirror_feed()
+RETURNS TABLE (fed_at timestamptz, bound_seconds integer)
+LANGUAGE sql STABLE
+AS $$
+  SELECT hb.fed_at, c.mirror_freshness_seconds
+  FROM runops.store_config AS c
+  CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM runops.heartbeats AS b
+                      WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
+$$;
+
+-- When the mirror was last fed (mirror_feed), for the cold paths.
 CREATE OR REPLACE FUNCTION runops.mirror_fed_at()
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
-  RETURN (SELECT max(b.beat_at) FROM heartbeats AS b WHERE b.source IN ('control_plane_tick', 'mirror_pull'));
+  RETURN (SELECT f.fed_at FROM mirror_feed() AS f);
 END
 $$;
 
@@ -256,8 +266,7 @@ DECLARE
   fed_at timestamptz;
   bound integer;
 BEGIN
-  fed_at := mirror_fed_at();
-  SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
+  SELECT f.fed_at, f.bound_seconds INTO fed_at, bound FROM mirror_feed() AS f;
   IF mirror_within_bound(fed_at, bound) THEN
     RETURN NULL;
   ELSIF fed_at IS NULL THEN

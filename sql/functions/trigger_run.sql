@@ -137,9 +137,7 @@ AS $$
     AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
     AND runops.root_residency(x.ctx) = runops.local_residency()
     AND (runops.local_residency() = 'LEGACY'
-         OR EXISTS (SELECT FROM runops.heartbeats AS b CROSS JOIN runops.store_config AS c
-                    WHERE b.source IN ('control_plane_tick', 'mirror_pull')
-                      AND runops.mirror_within_bound(b.beat_at, c.mirror_freshness_seconds)))
+         OR EXISTS (SELECT FROM runops.mirror_feed() AS f WHERE runops.mirror_within_bound(f.fed_at, f.bound_seconds)))
 $$;
 
 CREATE OR REPLACE FUNCTION runops.trigger_run(environment_id text, task_identifier text,
@@ -183,19 +181,13 @@ BEGIN
     spec.idempotency_key := trigger_run.options ->> 'idempotency_key';
     SELECT * INTO env
     FROM root_admission(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload);
-    IF FOUND THEN
-      admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL,
-                                     NULL);
-      run_id := 'run_' || admitted.run_id;
-      is_cached := admitted.is_cached;
-      status := admitted.status;
-      residency := admitted.residency;
-      RETURN NEXT;
-      RETURN;
-    END IF;
   END IF;
-  admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
-                            trigger_run.options, NULL, NULL);
+  IF env.id IS NOT NULL THEN  -- a root with only a key, admitted just above
+    admitted := find_or_create_run(env, NULL, trigger_run.task_identifier, trigger_run.payload, spec, NULL, NULL);
+  ELSE
+    admitted := admit_new_run(trigger_run.environment_id, trigger_run.task_identifier, trigger_run.payload,
+                              trigger_run.options, NULL, NULL);
+  END IF;
   run_id := 'run_' || admitted.run_id;
   is_cached := admitted.is_cached;
   status := admitted.status;
