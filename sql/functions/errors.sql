@@ -5,7 +5,6 @@
 --   raise_error              the one RAISE (cuts message, detail and hint at 512 characters)
 --   raise_invalid            RO006 "<what> must be <expected>, got <got>": the one wording of bad input
 --   raise_wrong_store        RO002 naming the owning store in DETAIL
---   refuse_foreign_id        a write naming the other store's row: RO002 (or RO004 before any split)
 --   require_row_environment  the environment guard (SPEC §3 [1.2]): another environment's row is RO004
 --
 -- Internal helpers (here and in the other files) carry no SET search_path: only the owner may
@@ -71,20 +70,6 @@ BEGIN
     format('%s %s belongs to the %s store, not this %s store', what, id, owning_store, store_role()),
     'owning_store=' || owning_store,
     'call this function on the store named in DETAIL (the Python client does this for you)');
-END
-$$;
-
--- A write naming a row of the other store: RO002 naming the owner, or RO004 for a NEW id while
--- the split was never enabled (no run-ops store holds anything yet).
-CREATE OR REPLACE FUNCTION runops.refuse_foreign_id(residency text, what text, id text)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-  IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, id));
-  END IF;
-  PERFORM raise_wrong_store(what, id, store_for_residency(residency));
 END
 $$;
 
