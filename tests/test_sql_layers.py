@@ -79,7 +79,8 @@ def call_graph(conn: psycopg.Connection[Any], names: set[str]) -> set[tuple[str,
     for oid, name, language, body, relid in functions:
         if language == "plpgsql":
             callees = {str(r[0]) for r in conn.execute(
-                f"SELECT d.name FROM {schema}.plpgsql_show_dependency_tb(%s::oid::regprocedure, %s::oid::regclass) AS d "
+                f"SELECT d.name FROM {schema}.plpgsql_show_dependency_tb("
+                "%s::oid::regprocedure, %s::oid::regclass) AS d "
                 "WHERE d.type = 'FUNCTION' AND d.schema = 'runops'", [oid, relid or 0]).fetchall()}
         elif language == "sql":
             callees = body_calls(body, names)
