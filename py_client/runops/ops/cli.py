@@ -103,11 +103,9 @@ class Ctx:
         self._client: RunOps | None = None
 
     def client(self) -> RunOps:
-        """The stores RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL name; when neither is set, the
-        local stores of `runops dev up` (SPEC §7), as `migrate` and `doctor` fall back to them."""
+        """The command's client (:func:`connect`), made once."""
         if self._client is None:
-            configured = os.environ.get("RUNOPS_CONTROL_PLANE_URL") or os.environ.get("RUNOPS_RUN_OPS_URL")
-            self._client = RunOps.connect() if configured else RunOps.local()
+            self._client = connect()
         return self._client
 
     def close(self) -> None:
@@ -116,6 +114,14 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def connect(**kwargs: Any) -> RunOps:
+    """The stores RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL name; when neither is set, the
+    local stores of `runops dev up` found from the current directory up (SPEC §7), as `migrate`
+    and `doctor` fall back to them."""
+    configured = os.environ.get("RUNOPS_CONTROL_PLANE_URL") or os.environ.get("RUNOPS_RUN_OPS_URL")
+    return RunOps.connect(**kwargs) if configured else RunOps.local(**kwargs)
 
 
 @click.group(cls=RunOpsGroup)
@@ -675,7 +681,7 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"expected HOST:PORT or :PORT, got {listen!r}", param_hint="--listen")
     host = host.strip("[]") or "0.0.0.0"
-    client = RunOps.connect(timeout=timeout)
+    client = connect(timeout=timeout)
     _store_metrics(client, environment_id)  # bad input (RO006) fails here, not on every scrape
 
     class StoreCollector(Collector):

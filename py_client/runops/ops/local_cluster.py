@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runops.dev_stores import DATABASE, NO_LOCAL_STORES, app_url, default_home, read_state, state_file
+from runops.dev_stores import DATABASE, app_url, default_home, no_local_stores, read_state, state_file
 from runops.errors import RunOpsError
 
 STORE_DIRS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
@@ -216,7 +216,7 @@ class LocalStores:
     def from_cwd(cls, home: Path | None = None) -> LocalStores:
         raw = read_state(home or default_home())
         if raw is None:
-            raise ClusterError(NO_LOCAL_STORES)
+            raise ClusterError(no_local_stores())
         raw["clusters"] = {k: Cluster(**v) for k, v in raw["clusters"].items()}
         return cls(**raw)
 
