@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from runops.models import FINAL_STATUSES, Run
 
 from . import migrate as migrations
 from .local_cluster import ClusterError, LocalStores
-from .output import emit_json, fields, table
+from .output import emit_json, fields, plain, table
 from .schema import ALEMBIC_INI, ROOT
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -422,26 +423,76 @@ def env_group() -> None:
 
 
 @env_group.command("create")
-@click.argument("org_slug")
-@click.argument("project_slug")
+@click.argument("organization")
+@click.argument("project")
 @click.argument("env_slug")
 @click.option("--type", "env_type", default="DEVELOPMENT",
               type=click.Choice(["DEVELOPMENT", "STAGING", "PREVIEW", "PRODUCTION"]), help="The environment's type.")
-@click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]), help="The new organization's mint kind.")
+@click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]),
+              help="A new organization's mint kind (an existing one's: `runops mint-kind`).")
 @pass_ctx
 @reports_errors
-def env_create(ctx: Ctx, org_slug: str, project_slug: str, env_slug: str, env_type: str,
+def env_create(ctx: Ctx, organization: str, project: str, env_slug: str, env_type: str,
                mint_kind: str | None) -> None:
-    """Create an organization, a project and an environment in it."""
+    """Create environment ENV_SLUG in PROJECT of ORGANIZATION. ORGANIZATION and PROJECT are an
+    existing one's id or slug, or the slug of one to create: `env create acme web prod` makes all
+    three, then `env create acme web staging` adds an environment to them."""
     client = ctx.client()
-    org = client.create_organization(org_slug, mint_kind=mint_kind)
-    project = client.create_project(org, project_slug)
-    env = client.create_environment(project, env_slug, env_type)
-    result = {"organization_id": org, "project_id": project, "environment_id": env}
+    found = _existing_tenant(client, organization, project)
+    org_id, project_id = found["organization_id"], found["project_id"]
+    if mint_kind and org_id is not None and found.get("mint_kind") != mint_kind:
+        raise click.BadParameter(f"sets a new organization's kind, and {organization} exists (mint kind "
+                                 f"{found.get('mint_kind') or 'unknown'}): change it with "
+                                 f"`runops mint-kind {org_id} {mint_kind}`", param_hint="--mint-kind")
+    created: list[str] = []
+    try:
+        if org_id is None:
+            org_id = client.create_organization(organization, mint_kind=mint_kind)
+            created.append(f"organization {org_id}")
+        if project_id is None:
+            project_id = client.create_project(org_id, project)
+            created.append(f"project {project_id}")
+        env = client.create_environment(project_id, env_slug, env_type)
+    except RunOpsError as err:
+        if created:  # say what exists now, so the next attempt can name it
+            err.message += f" (created meanwhile: {', '.join(created)})"
+        raise
+    result = {"organization_id": org_id, "project_id": project_id, "environment_id": env,
+              "created": [c.split()[0] for c in created] + ["environment"]}
     if ctx.as_json:
         emit_json(result)
     else:
-        fields(result)
+        fields({**result, "created": ", ".join(result["created"])})
+
+
+def _looks_like_id(name: str) -> bool:
+    """Tenant ids are bare cuids; slugs are lower-case letters, digits and dashes, so only a
+    25-character slug starting with c can look like one."""
+    return re.fullmatch(r"c[0-9a-z]{24}", name) is not None
+
+
+def _existing_tenant(client: RunOps, organization: str, project: str) -> dict[str, str | None]:
+    """The organization and project `env create` names, when they exist: by id, else by slug,
+    among those with an environment (list_environments is how the app role sees tenants). An
+    id-shaped name that is not listed is taken as an id (an organization or project with no
+    environment yet; create_project / create_environment say RO004 if there is none)."""
+    envs = client.list_environments()
+    org = next((e for e in envs if e.organization_id == organization), None) \
+        or next((e for e in envs if e.organization_slug == organization), None)
+    if org is None:
+        org_id = organization if _looks_like_id(organization) else None
+        return {"organization_id": org_id, "project_id": project if org_id and _looks_like_id(project) else None}
+    mine = [e for e in envs if e.organization_id == org.organization_id]
+    proj = next((e for e in mine if e.project_id == project), None) \
+        or next((e for e in mine if e.project_slug == project), None)
+    if proj is None and _looks_like_id(project):
+        elsewhere = next((e for e in envs if e.project_id == project), None)
+        if elsewhere is not None:
+            raise click.BadParameter(f"project {project} belongs to organization {elsewhere.organization_slug} "
+                                     f"({elsewhere.organization_id}), not {organization}", param_hint="PROJECT")
+        return {"organization_id": org.organization_id, "project_id": project, "mint_kind": org.mint_kind}
+    return {"organization_id": org.organization_id, "project_id": proj.project_id if proj else None,
+            "mint_kind": org.mint_kind}
 
 
 @env_group.command("list")
@@ -808,7 +859,7 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
 
 
 @main.command()
-@click.option("--loop", is_flag=True, help="Keep ticking until interrupted.")
+@click.option("--loop", is_flag=True, help="Keep ticking until interrupted; print only the passes that did something.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")
 @click.option("--max-rows", type=int, default=1000, show_default=True,
               help="Most rows each kind of work handles per pass.")
@@ -818,7 +869,9 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
 @reports_errors
 def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | None, dev_token: str | None) -> None:
     """Run one pass of all time-driven work on every store (or keep doing it with --loop).
-    With --loop a store outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
+    One pass prints what each store did (--json: one object). With --loop only a pass that did
+    something is printed (--json: one object per line), so an idle loop is silent; a store
+    outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
     import signal
     import threading
 
@@ -828,18 +881,24 @@ def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | N
 
     def one_pass() -> float | None:
         counts = client.tick(max_rows)
+        done = {store: {k: v for k, v in c.items() if v} for store, c in counts.items()}
+        if loop and not any(done.values()):
+            return interval  # idle: a line a second per store would bury the passes that matter
         if ctx.as_json:
             click.echo(json.dumps(counts, sort_keys=True))
         else:
-            for store, c in counts.items():
-                done = {k: v for k, v in c.items() if v}
-                click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
-                           + (", ".join(f"{k} {v}" for k, v in sorted(done.items())) or "nothing due"))
+            for store, did in done.items():
+                if did or not loop:
+                    click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
+                               + (", ".join(f"{k} {v}" for k, v in sorted(did.items())) or "nothing due"))
         return interval if loop else None
 
     if not loop:
         one_pass()
         return
+    if not ctx.as_json:
+        click.echo(f"ticking every {interval:g}s; a line for each pass that does something (Ctrl-C stops)",
+                   err=True)
     stopping, wake = threading.Event(), threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -927,7 +986,7 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
 
     def report(o: Outcome) -> None:
         if ctx.as_json:
-            emit_json(o)
+            click.echo(json.dumps(plain(o), sort_keys=True))  # JSON Lines: one outcome a line, as it happens
         else:
             click.echo(f"{time.strftime('%H:%M:%S')}  {o.run_id}  {o.task:<16} attempt {o.attempt}  {o.result}")
 
