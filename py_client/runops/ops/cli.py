@@ -1067,11 +1067,15 @@ def batch(ctx: Ctx, file: Any, environment_id: str, idempotency_key: str | None,
 
 @main.command()
 @click.option("--seconds", type=int, default=10, show_default=True, help="Length of each pgbench phase.")
+@click.option("--chart", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to draw the chart (default: beside the results' JSON in bench/results/); "
+                   "docs/benchmarks.png refreshes the chart the docs show.")
 @reports_errors
-def bench(seconds: int) -> None:
-    """Measure trigger and batch throughput against a plain INSERT baseline (fresh clusters).
-    Runs bench/harness.py of a runops checkout (this one, or the current directory's)."""
-    sys.exit(_bench_harness().main(seconds))
+def bench(seconds: int, chart: Path | None) -> None:
+    """Measure trigger and batch throughput against a plain INSERT baseline (fresh clusters) and
+    the peers (installed on first use into ~/.cache/runops/bench-peers). Runs bench/harness.py of
+    a runops checkout (this one, or the current directory's); results go to its bench/results/."""
+    sys.exit(_bench_harness().main(seconds, chart=chart))
 
 
 def _bench_harness() -> Any:
