@@ -210,3 +210,56 @@ def test_the_readme_first_hour_from_a_subdirectory(project: Path) -> None:
     assert not (src / ".runops").exists() and not (project / "src" / ".runops").exists()
     code, out, err = runops("--json", "runs", "show", run_id, cwd=src)
     assert code == 0 and json.loads(out)["status"] == "COMPLETED_SUCCESSFULLY", err
+
+
+# -- `make run` installs what running needs, `make test` the rest ----------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _packages_installed(*args: str, tmp_path: Path) -> list[str]:
+    """The packages `.ci/install-system-deps.sh ARGS` asks apt-get for on a machine with bash and
+    coreutils but none of the PostgreSQL packages and no runuser: it runs with a PATH of those
+    tools and a stand-in apt-get (and sudo) that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("bash", "id"):
+        found = shutil.which(tool)
+        assert found is not None
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(found)
+    record = tmp_path / "apt-get.args"
+    record.unlink(missing_ok=True)
+    (bin_dir / "apt-get").write_text(f'#!{shutil.which("bash")}\necho "$@" >> {record}\n')
+    (bin_dir / "sudo").write_text(f'#!{shutil.which("bash")}\nexec "$@"\n')
+    for stub in ("apt-get", "sudo"):
+        (bin_dir / stub).chmod(0o755)
+    done = subprocess.run([str(bin_dir / "bash"), str(REPO / ".ci" / "install-system-deps.sh"), *args],
+                          env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    install = [line.split() for line in record.read_text().splitlines() if line.startswith("install")]
+    assert len(install) == 1, record.read_text()
+    return [word for word in install[0] if not word.startswith("-") and word != "install"]
+
+
+def test_the_system_packages_for_running_are_a_subset_of_those_for_testing(tmp_path: Path) -> None:
+    for_tests = _packages_installed(tmp_path=tmp_path)
+    for_running = _packages_installed("--run", tmp_path=tmp_path)
+    assert "util-linux" in for_running and set(for_running) < set(for_tests)
+    assert not {"libtap-parser-sourcehandler-pgtap-perl"} & set(for_running)
+    assert {"libtap-parser-sourcehandler-pgtap-perl"} <= set(for_tests)
+
+
+def test_make_run_installs_neither_the_test_extra_nor_the_test_packages() -> None:
+    def planned(target: str) -> str:
+        done = subprocess.run(["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, timeout=60,
+                              check=True)
+        return done.stdout
+
+    run = planned("run")
+    assert "pip install --quiet -e ." in run and "[test]" not in run
+    assert "install-system-deps.sh --run" in run and "runops dev up" in run
+    test = planned("test")
+    assert "pip install --quiet -e '.[test]'" in test
+    assert [line for line in test.splitlines() if "install-system-deps.sh" in line] == \
+        ["bash .ci/install-system-deps.sh"]
