@@ -394,3 +394,36 @@ def test_env_create_names_what_it_made_before_a_later_step_failed(cli: Cli) -> N
     done = json.loads(out)
     assert (done["organization_id"], done["project_id"], done["created"]) == (made["organization"], made["project"],
                                                                               ["environment"])
+
+
+# -- the documentation that ships with the package -------------------------------------------------
+
+
+def test_docs_lists_the_pages_and_prints_one() -> None:
+    code, out, err = run(None, "docs")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()[:-1]]
+    assert "sql-api" in names and "worker" in names and out.splitlines()[-1].startswith("(in ")
+    code, out, err = run(None, "docs", "sql-api")
+    assert code == 0 and out.startswith("# The SQL API"), err
+    code, _, err = run(None, "docs", "no-such-page")
+    assert code == 2 and "sql-api" in err and err.count("\n") == 1
+
+
+def test_the_sql_api_reference_documents_every_function_the_app_role_may_call() -> None:
+    """docs/sql-api.md is the users' reference (they have no SPEC): every function granted to
+    runops_app in sql/after_functions.sql has an entry, named with its arguments."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    grants = (root / "sql" / "after_functions.sql").read_text()
+    granted: set[str] = set()
+    for block in re.findall(r"GRANT EXECUTE ON (?:FUNCTION|PROCEDURE)(.*?)TO ([^;]*);", grants, re.S):
+        if "runops_app" in block[1]:
+            granted |= set(re.findall(r"runops\.(\w+)\(", block[0]))
+    # The base62/base36 digit writers and ksuid_encode are granted because generate_ksuid and
+    # generate_cuid (plain functions) call them as the caller: helpers, not API.
+    helpers = {name for name in granted if re.fullmatch(r"base(36|62)_digits\d+|ksuid_encode", name)}
+    reference = (root / "docs" / "sql-api.md").read_text()
+    missing = sorted(name for name in granted - helpers if not re.search(rf"`{name}\(", reference))
+    assert len(granted - helpers) > 50 and not missing, missing

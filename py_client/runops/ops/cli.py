@@ -32,7 +32,7 @@ from runops.models import FINAL_STATUSES, Run
 from . import migrate as migrations
 from .local_cluster import ClusterError, LocalStores, find_bindir
 from .output import emit_json, fields, plain, table
-from .schema import ALEMBIC_INI, ROOT
+from .schema import ALEMBIC_INI, DOCS, ROOT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -1096,6 +1096,25 @@ def _bench_harness() -> Any:
             return importlib.import_module("harness")
     raise RunOpsError("`runops bench` runs from a checkout of the runops repository: bench/harness.py and "
                       "bench/pgbench/ were not found here")
+
+
+@main.command()
+@click.argument("page", required=False)
+@reports_errors
+def docs(page: str | None) -> None:
+    """The documentation installed with runops: the pages and where they are, or one PAGE's text
+    (e.g. `runops docs sql-api`, the SQL API reference)."""
+    pages = {p.stem: p for p in sorted(DOCS.glob("*.md"))}
+    if page is None:
+        for name, path in pages.items():
+            title = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
+            click.echo(f"{name:<30}  {title}")
+        click.echo(f"(in {DOCS})")
+        return
+    found = pages.get(page.removesuffix(".md"))
+    if found is None:
+        raise click.BadParameter(f"no page {page!r}; the pages: {', '.join(pages)}", param_hint="PAGE")
+    click.echo(found.read_text(), nl=False)
 
 
 @main.command()

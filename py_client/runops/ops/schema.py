@@ -29,6 +29,7 @@ def _data_dir(packaged: str, checkout: str) -> Path:
 SQL = _data_dir("_sql", "sql")
 MIGRATIONS = _data_dir("_migrations", "migrations")
 ALEMBIC_INI = MIGRATIONS / "alembic.ini"
+DOCS = _data_dir("_docs", "docs")  # the Markdown pages (`runops docs`)
 
 STORES = ("CONTROL_PLANE", "RUN_OPS")
 
