@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -283,3 +284,13 @@ def test_make_run_installs_neither_the_test_extra_nor_the_test_packages() -> Non
     assert "pip install --quiet -e '.[test]'" in test
     assert [line for line in test.splitlines() if "install-system-deps.sh" in line] == \
         ["bash .ci/install-system-deps.sh"]
+
+
+def test_the_readme_layout_names_every_doc_and_no_file_outside_the_repository() -> None:
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1]
+    unnamed = sorted(p.name for p in (REPO / "docs").iterdir() if f"`docs/{p.name}`" not in layout)
+    assert not unnamed, f"README's Layout omits {unnamed}"
+    # Links are to the repository's own files (a user has nothing else).
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        assert target.startswith(("http://", "https://", "#")) or (REPO / target).exists(), target
