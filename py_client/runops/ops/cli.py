@@ -188,7 +188,8 @@ def dev_up(ctx: Ctx) -> None:
     table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
            (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
           ["store", "port", "url"], title="local stores are up")
-    click.echo(f"state: {home} (found from any folder below {home.parent}); server binaries: {stores.bindir}")
+    found_from = "RUNOPS_HOME" if os.environ.get("RUNOPS_HOME") else f"any folder below {home.parent}"
+    click.echo(f"state: {home} (found from {found_from}); server binaries: {stores.bindir}")
     click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
     click.echo(f"tick: `runops tick --loop` runs in the background (pid {ticker}, log {stores.ticker_log}); "
                "`runops dev down` stops it")
