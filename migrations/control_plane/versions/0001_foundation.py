@@ -3,8 +3,8 @@
 Revision ID: 0001
 Revises:
 """
+import runops_revisions
 from alembic import op
-from runops_revisions import r0001_foundation
 
 revision = "0001"
 down_revision = None
@@ -13,8 +13,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    r0001_foundation.upgrade(op, "CONTROL_PLANE")
+    runops_revisions.upgrade(op, "r0001_foundation", "CONTROL_PLANE")
 
 
 def downgrade() -> None:
-    r0001_foundation.downgrade(op)
+    runops_revisions.downgrade(op, "r0001_foundation", "CONTROL_PLANE")

@@ -3,18 +3,18 @@
 Revision ID: 0002
 Revises: 0001
 """
+import runops_revisions
 from alembic import op
-from runops_revisions import r0002_seam
 
 revision = "0002"
-down_revision = '0001'
+down_revision = "0001"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    r0002_seam.upgrade(op, "CONTROL_PLANE")
+    runops_revisions.upgrade(op, "r0002_seam", "CONTROL_PLANE")
 
 
 def downgrade() -> None:
-    r0002_seam.downgrade(op)
+    runops_revisions.downgrade(op, "r0002_seam", "CONTROL_PLANE")

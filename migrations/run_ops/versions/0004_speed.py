@@ -3,18 +3,18 @@
 Revision ID: 0004
 Revises: 0003
 """
+import runops_revisions
 from alembic import op
-from runops_revisions import r0004_speed
 
 revision = "0004"
-down_revision = '0003'
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    r0004_speed.upgrade(op, "RUN_OPS")
+    runops_revisions.upgrade(op, "r0004_speed", "RUN_OPS")
 
 
 def downgrade() -> None:
-    r0004_speed.downgrade(op)
+    runops_revisions.downgrade(op, "r0004_speed", "RUN_OPS")
