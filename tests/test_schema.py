@@ -249,7 +249,7 @@ def test_the_revision_tool_writes_version_files_and_refuses_to_touch_a_released_
         text = (tmp_path / "migrations" / section / "versions" / f"{number}_trial.py").read_text()
         assert text.startswith(f'"""Trial: nothing ({title}).')
         assert f'down_revision = "{schema.revision_number(newest)}"' in text
-        assert f'runops_revisions.upgrade(op, "r{number}_trial", ' in text
+        assert f'upgrade, downgrade = steps("r{number}_trial", ' in text
     # Every revision older than the new one is released now, file by file.
     listed = [line.split()[1] for line in (tmp_path / "sql" / "upgrades" / "released.sha256").read_text().splitlines()]
     assert listed == sorted(f"{n}/{p.name}" for n in schema.revision_names() for p in schema.upgrade_files(n))

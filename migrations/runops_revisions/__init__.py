@@ -5,18 +5,25 @@ package's SQL (``runops._sql`` in a wheel, ``sql/`` in a checkout). The live fun
 not part of any revision: ``env_common.py`` applies them once at head (runops.ops.schema).
 """
 
+from collections.abc import Callable
+
+from alembic import op
+
 from runops.ops import schema
 
 
-def upgrade(op, name: str, store: str) -> None:
-    # The driver connection runs the text as one simple query: no parameter parsing of the
-    # PL/pgSQL bodies, and the same transaction Alembic opened.
-    op.get_bind().connection.driver_connection.execute(schema.revision_sql(name, store))
+def steps(name: str, store: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The upgrade() and downgrade() of revision ``name`` in ``store``'s history."""
 
+    def upgrade() -> None:
+        # The driver connection runs the text as one simple query: no parameter parsing of the
+        # PL/pgSQL bodies, and the same transaction Alembic opened.
+        op.get_bind().connection.driver_connection.execute(schema.revision_sql(name, store))
 
-def downgrade(op, name: str, store: str) -> None:
-    if name == schema.revision_names()[0]:
+    def downgrade() -> None:
+        if name != schema.revision_names()[0]:
+            raise NotImplementedError(f"{name} is not reversible in place: restore the pre-upgrade backup, "
+                                      "or install the older release into a fresh store")
         schema.drop_store(op.get_bind().connection.driver_connection, store)
-        return
-    raise NotImplementedError(f"{name} is not reversible in place: restore the pre-upgrade backup, "
-                              "or install the older release into a fresh store")
+
+    return upgrade, downgrade

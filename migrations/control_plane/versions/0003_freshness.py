@@ -3,18 +3,8 @@
 Revision ID: 0003
 Revises: 0002
 """
-import runops_revisions
-from alembic import op
+from runops_revisions import steps
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    runops_revisions.upgrade(op, "r0003_freshness", "CONTROL_PLANE")
-
-
-def downgrade() -> None:
-    runops_revisions.downgrade(op, "r0003_freshness", "CONTROL_PLANE")
+upgrade, downgrade = steps("r0003_freshness", "CONTROL_PLANE")

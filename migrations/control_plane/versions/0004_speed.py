@@ -3,18 +3,8 @@
 Revision ID: 0004
 Revises: 0003
 """
-import runops_revisions
-from alembic import op
+from runops_revisions import steps
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    runops_revisions.upgrade(op, "r0004_speed", "CONTROL_PLANE")
-
-
-def downgrade() -> None:
-    runops_revisions.downgrade(op, "r0004_speed", "CONTROL_PLANE")
+upgrade, downgrade = steps("r0004_speed", "CONTROL_PLANE")

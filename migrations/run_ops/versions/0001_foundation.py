@@ -3,18 +3,8 @@
 Revision ID: 0001
 Revises:
 """
-import runops_revisions
-from alembic import op
+from runops_revisions import steps
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    runops_revisions.upgrade(op, "r0001_foundation", "RUN_OPS")
-
-
-def downgrade() -> None:
-    runops_revisions.downgrade(op, "r0001_foundation", "RUN_OPS")
+upgrade, downgrade = steps("r0001_foundation", "RUN_OPS")

@@ -3,18 +3,8 @@
 Revision ID: 0002
 Revises: 0001
 """
-import runops_revisions
-from alembic import op
+from runops_revisions import steps
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    runops_revisions.upgrade(op, "r0002_seam", "RUN_OPS")
-
-
-def downgrade() -> None:
-    runops_revisions.downgrade(op, "r0002_seam", "RUN_OPS")
+upgrade, downgrade = steps("r0002_seam", "RUN_OPS")

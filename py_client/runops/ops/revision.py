@@ -35,21 +35,11 @@ VERSION = '''"""{message} ({title}).
 Revision ID: {number}
 Revises:{down}
 """
-import runops_revisions
-from alembic import op
+from runops_revisions import steps
 
 revision = "{number}"
 down_revision = {down_repr}
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    runops_revisions.upgrade(op, "{name}", "{store}")
-
-
-def downgrade() -> None:
-    runops_revisions.downgrade(op, "{name}", "{store}")
+upgrade, downgrade = steps("{name}", "{store}")
 '''
 
 HISTORIES = {"CONTROL_PLANE": ("control_plane", "control plane"), "RUN_OPS": ("run_ops", "run-ops store")}
