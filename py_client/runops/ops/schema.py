@@ -2,8 +2,8 @@
 
 ``sql/`` is the one place the schema and the functions are edited. A fresh install applies it
 directly (tests compare that with what the migrations build). An upgrade (Alembic, through
-``migrations/env_common.py``) has two parts (docs/decisions.md, "Revisions: frozen deltas and a
-repeatable step at head"):
+``migrations/env_common.py``) has two parts (docs/decisions.md, "Revisions: frozen DDL deltas and
+a repeatable step at head"):
 
 * the *versioned* revisions: each applies its frozen DDL delta, ``sql/upgrades/<revision>/*.sql``
   (``migrations/runops_revisions`` is their one runner);
