@@ -60,9 +60,13 @@ test-package: $(STAMP) system-deps
 bench: $(RUN_STAMP) run-deps
 	$(BIN)/runops bench
 
-# Re-render the shared revision that carries sql/ (only while it is unreleased).
+# make revision NAME=r0005_hardening [MESSAGE="Hardening: what it does"]
+# A new revision is its DDL delta, sql/upgrades/$(NAME)/*.sql (write it first); this writes both
+# histories' version files for it and records every older revision as released
+# (sql/upgrades/released.sha256). Function files need no revision: the upgrade re-applies them at
+# head when their checksum changes. Re-run it freely while the revision is the newest.
 revision: $(STAMP)
-	$(BIN)/python -m runops.ops.revision $(NAME)
+	$(BIN)/python -m runops.ops.revision $(NAME) $(if $(MESSAGE),"$(MESSAGE)")
 
 clean:
 	-$(BIN)/runops dev down

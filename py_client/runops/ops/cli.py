@@ -250,7 +250,8 @@ def dev_status(ctx: Ctx) -> None:
 @click.option("--peer-host", "peer_hosts", multiple=True, metavar="STORE=HOST[:PORT]",
               help="How the other store's server reaches STORE (control_plane or run_ops), when that differs "
                    "from the URL's host: used by the FDW and the mirror's subscription. Repeatable.")
-@click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
+@click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind (its revision, or its "
+              "functions' checksum).")
 @click.option("--print-alembic-ini", is_flag=True,
               help="Print the path of the alembic.ini for plain `alembic -c` and exit.")
 @pass_ctx
@@ -270,15 +271,17 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, pe
     ro = found[RUN_OPS].url if RUN_OPS in found else None
     targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
     if check:
-        rows = [(store, migrations.current_revision(store, url), migrations.head_revision(store, url))
-                for store, url in targets]
-        behind = [r for r in rows if r[1] != r[2]]
+        rows = []
+        for store, url in targets:
+            current, head = migrations.current_revision(store, url), migrations.head_revision(store, url)
+            state = ("behind" if current != head
+                     else "current" if migrations.functions_current(store, url) else "functions behind")
+            rows.append((store, current, head, state))
         if ctx.as_json:
-            emit_json([{"store": s, "current": c, "head": h} for s, c, h in rows])
+            emit_json([{"store": s, "current": c, "head": h, "state": state} for s, c, h, state in rows])
         else:
-            table([(s, c or "(none)", h, "behind" if c != h else "current") for s, c, h in rows],
-                  ["store", "current", "head", "state"])
-        if behind:
+            table([(s, c or "(none)", h, state) for s, c, h, state in rows], ["store", "current", "head", "state"])
+        if any(state != "current" for *_, state in rows):
             sys.exit(3)
         return
     report = migrations.migrate(cp, ro, peers)
