@@ -79,25 +79,25 @@ GRANT EXECUTE ON FUNCTION
   TO runops_api;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_api;
 
--- Large objects are storage outside every runops limit (SPEC §3 [1.2]) that no service needs, yet
--- PostgreSQL lets PUBLIC create and write them. A grant to PUBLIC cannot be taken back from one
--- role only, so the first time this runs in a database: revoke the large-object functions from
--- PUBLIC and grant them back to every role that had them through PUBLIC and is not a runops role
--- or a service (a member of runops_api or runops_fdw) — another application sharing the
--- database keeps them. A role created later that needs them is granted them by its DBA
--- (docs/security.md). Later runs change nothing: PUBLIC no longer holds them.
+-- Large objects, and WAL messages (pg_logical_emit_message), are storage outside every runops
+-- limit (SPEC §3 [1.2]) that no service needs, yet PostgreSQL lets PUBLIC write them. A grant to
+-- PUBLIC cannot be taken back from one role only, so the first time this runs in a database: revoke
+-- those functions from PUBLIC and grant them back to every role that had them through PUBLIC and
+-- is not a runops role or a service (a member of runops_api or runops_fdw) — another application
+-- sharing the database keeps them. A role created later that needs them is granted them by its
+-- DBA (docs/security.md). Later runs change nothing: PUBLIC no longer holds them.
 DO $$
 DECLARE
-  large_object_functions text;
+  unbounded_writes text;
   keeps text;
 BEGIN
-  SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ') INTO large_object_functions
+  SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ') INTO unbounded_writes
   FROM pg_catalog.pg_proc AS p
   WHERE p.pronamespace = 'pg_catalog'::regnamespace
-    AND (p.proname LIKE 'lo\_%' OR p.proname IN ('loread', 'lowrite'))
+    AND (p.proname LIKE 'lo\_%' OR p.proname IN ('loread', 'lowrite', 'pg_logical_emit_message'))
     AND EXISTS (SELECT FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) AS a
                 WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE');
-  IF large_object_functions IS NULL THEN
+  IF unbounded_writes IS NULL THEN
     RETURN;
   END IF;
   SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ') INTO keeps
@@ -105,9 +105,9 @@ BEGIN
   WHERE r.rolname !~ '^(pg_|runops_)' AND NOT r.rolsuper
     AND NOT pg_catalog.pg_has_role(r.oid, 'runops_api', 'MEMBER')
     AND NOT pg_catalog.pg_has_role(r.oid, 'runops_fdw', 'MEMBER');
-  EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || large_object_functions || ' FROM PUBLIC';
+  EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || unbounded_writes || ' FROM PUBLIC';
   IF keeps IS NOT NULL THEN
-    EXECUTE 'GRANT EXECUTE ON FUNCTION ' || large_object_functions || ' TO ' || keeps;
+    EXECUTE 'GRANT EXECUTE ON FUNCTION ' || unbounded_writes || ' TO ' || keeps;
   END IF;
 END
 $$;

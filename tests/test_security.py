@@ -170,16 +170,19 @@ def test_the_roles_hold_exactly_what_docs_security_lists(stores: Stores, store: 
                             "('runops_owner', 'runops_fdw', 'runops_clock')").fetchone() == (False,)
 
 
-LARGE_OBJECT_CALLS = ["SELECT lo_create(0)", "SELECT lo_creat(-1)", "SELECT lo_from_bytea(0, '\\x00')",
-                      "SELECT lo_put(1, 0, '\\x00')", "SELECT lo_get(1)", "SELECT lo_unlink(1)"]
+# Storage outside every runops limit: large objects, and WAL messages.
+UNBOUNDED_WRITES = ["SELECT lo_create(0)", "SELECT lo_creat(-1)", "SELECT lo_from_bytea(0, '\\x00')",
+                    "SELECT lo_put(1, 0, '\\x00')", "SELECT lo_get(1)", "SELECT lo_unlink(1)",
+                    "SELECT pg_logical_emit_message(false, 'p', repeat('x', 1000))"]
 
 
 @pytest.mark.parametrize("store", [CONTROL_PLANE, RUN_OPS])
-def test_services_may_not_use_large_objects(stores: Stores, store: str, services: dict[str, str]) -> None:
+def test_services_may_not_use_large_objects_or_write_wal_messages(stores: Stores, store: str,
+                                                                  services: dict[str, str]) -> None:
     for url in (stores.app[store], services["svc_billing"]):
         with psycopg.connect(url, autocommit=True) as conn:
-            assert {call: refused(conn, call) for call in LARGE_OBJECT_CALLS} == \
-                {call: "42501" for call in LARGE_OBJECT_CALLS}
+            assert {call: refused(conn, call) for call in UNBOUNDED_WRITES} == \
+                {call: "42501" for call in UNBOUNDED_WRITES}
 
 
 def test_an_upgraded_store_moves_service_logins_out_of_runops_app_and_keeps_them_working(
@@ -219,7 +222,7 @@ def test_an_upgraded_store_moves_service_logins_out_of_runops_app_and_keeps_them
             assert conn.execute("SELECT count(*) FROM runops.list_environments(NULL)").fetchone() is not None
             assert refused(conn, "SELECT lo_create(0)") == "42501"
         with psycopg.connect(other_url, autocommit=True) as conn:  # another application keeps them
-            conn.execute("SELECT lo_unlink(lo_create(0))")
+            conn.execute("SELECT lo_unlink(lo_create(0)), pg_logical_emit_message(false, 'p', 'x')")
     finally:
         with psycopg.connect(stores.admin_url(CONTROL_PLANE, "postgres"), autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
