@@ -893,12 +893,16 @@ def _load_app(spec: str) -> Any:
               help="On SIGTERM/SIGINT, seconds running attempts get to finish before they are handed back.")
 @click.option("--lease", type=float, default=60.0, show_default=True, help="Lease seconds (heartbeat every third).")
 @click.option("--once", is_flag=True, help="Stop when the queue is empty and nothing runs.")
+@click.option("--all-tasks", is_flag=True,
+              help="Take every run of the environment, failing those of tasks this worker does not know "
+                   "(UnknownTask). Default: only runs of its own tasks.")
 @pass_ctx
 @reports_errors
 def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
-           queues: tuple[str, ...], grace: float, lease: float, once: bool) -> None:
-    """Work an environment's runs: your tasks (--app) or the reference ones (echo, sleep, fail,
-    wait-for-child, fan-out). Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
+           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool) -> None:
+    """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
+    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Drains on
+    SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
 
@@ -917,6 +921,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
         from .reference_tasks import REFERENCE_TASKS
 
         tasks = REFERENCE_TASKS
+    if not tasks and not all_tasks:
+        raise click.BadParameter(f"{app} registers no task, so the worker would take no run", param_hint="--app")
     worker_id = worker_id or default_worker_id()
 
     def report(o: Outcome) -> None:
@@ -927,7 +933,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
 
     _log_to_stderr()
     handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
-                     queues=list(queues) or None, grace=grace, lease=lease, once=once, on_outcome=report).run()
+                     queues=list(queues) or None, grace=grace, lease=lease, once=once, all_tasks=all_tasks,
+                     on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 
