@@ -518,6 +518,16 @@ def _require_run(client: RunOps, run_id: str, environment_id: str | None = None)
     return run
 
 
+def _require_environment(client: RunOps, environment_id: str) -> None:
+    """NotFound (RO004, exit 14) for an environment that does not exist. Listing and metrics are
+    reads, and reads never refuse (SPEC §3): for an unknown environment they answer nothing, as
+    for an empty one. So when they answered nothing, the command asks where a trigger in that
+    environment would go: ``trigger_route`` loads it as a trigger does (on the control plane, or
+    the run-ops store's mirror when the control plane is down) and is RO004 for an unknown one.
+    One more call, and only then (docs/decisions.md)."""
+    client.trigger_route(environment_id)
+
+
 @runs.command("ls")
 @click.option("--env", "environment_id", required=True, help="The environment whose runs to list.")
 @click.option("--limit", "page_size", type=click.IntRange(1, 200), default=25, show_default=True,
@@ -539,7 +549,10 @@ def runs_ls(ctx: Ctx, environment_id: str, page_size: int, cursor: str | None, s
     filters: dict[str, object] = {k: list(v) for k, v in many.items() if v}
     filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
                                       "batch_id": batch_id}.items() if v})
-    page = ctx.client().list_runs(environment_id, page_size, cursor, **filters)
+    client = ctx.client()
+    page = client.list_runs(environment_id, page_size, cursor, **filters)
+    if not page.runs:
+        _require_environment(client, environment_id)
     if ctx.as_json:
         emit_json({"runs": page.runs, "next_cursor": page.next_cursor})
         return
@@ -677,6 +690,8 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
     host = host.strip("[]") or "0.0.0.0"
     client = RunOps.connect(timeout=timeout)
     _store_metrics(client, environment_id)  # bad input (RO006) fails here, not on every scrape
+    if environment_id is not None:
+        _require_environment(client, environment_id)  # and an unknown environment (RO004)
 
     class StoreCollector(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -776,7 +791,13 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
     if listen is not None:
         _serve_metrics(listen, environment_id, timeout)
         return
-    figures, failures = _store_metrics(ctx.client(), environment_id)
+    client = ctx.client()
+    figures, failures = _store_metrics(client, environment_id)
+    if environment_id is not None and not any(environment_id in f.get("runs", {}) for f in figures.values()):
+        try:
+            _require_environment(client, environment_id)
+        except StoreUnavailable:
+            pass  # no store can say; the figures (and the failures) are printed as they are
     if ctx.as_json:
         emit_json({**figures, **{store: {"error": why} for store, why in failures.items()}})
     else:
