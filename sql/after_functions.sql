@@ -100,6 +100,11 @@ BEGIN
   IF unbounded_writes IS NULL THEN
     RETURN;
   END IF;
+  IF pg_catalog.current_setting('is_superuser') <> 'on' THEN
+    -- They belong to the bootstrap superuser: anyone else's REVOKE would only warn.
+    RAISE WARNING 'large objects and pg_logical_emit_message stay executable by PUBLIC: run runops migrate as a superuser to revoke them from services';
+    RETURN;
+  END IF;
   SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ') INTO keeps
   FROM pg_catalog.pg_roles AS r
   WHERE r.rolname !~ '^(pg_|runops_)' AND NOT r.rolsuper
