@@ -427,3 +427,19 @@ def test_the_sql_api_reference_documents_every_function_the_app_role_may_call() 
     reference = (root / "docs" / "sql-api.md").read_text()
     missing = sorted(name for name in granted - helpers if not re.search(rf"`{name}\(", reference))
     assert len(granted - helpers) > 50 and not missing, missing
+
+@pytest.mark.parametrize("command", [["runs", "ls"], ["metrics"]])
+def test_a_mistyped_environment_is_not_found_not_an_empty_one(cli: Cli, new_env, command: list[str]) -> None:
+    mistyped = new_env.environment_id[:-1] + ("x" if new_env.environment_id[-1] != "x" else "y")
+    code, out, err = run(cli, *command, "--env", mistyped)
+    assert (code, out) == (14, "") and err.count("\n") == 1, err
+    assert err.startswith("error: RO004 ") and mistyped in err
+    code, out, err = run(cli, "--json", *command, "--env", mistyped)
+    assert code == 14 and json.loads(err)["error"]["sqlstate"] == "RO004"
+    # The real environment, empty, is an empty table (exit 0); with a run, the run.
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0, err
+    code, out, err = run(cli, "--json", "trigger", new_env.environment_id, "echo")
+    run_id = json.loads(out)["run_id"]
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0 and (run_id in out if command == ["runs", "ls"] else "PENDING" in out), out + err
