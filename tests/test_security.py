@@ -17,6 +17,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate
 
 from .conftest import Env, Stores, sqlstate_of
+from .test_upgrade import RELEASES, install_release
 
 # What the other store's postgres_fdw imports (sql/fdw/wire_peer.sql), plus store_config, which
 # the identity view's store_identity() reads as the calling login.
@@ -190,7 +191,7 @@ def test_an_upgraded_store_moves_service_logins_out_of_runops_app_and_keeps_them
     """A store at r0004 whose services joined runops_app (as docs/security.md said then), and
     another application's role that uses large objects, upgraded in place."""
     url = scratch_db("roles")
-    migrate.upgrade(CONTROL_PLANE, url, "0004")
+    install_release(CONTROL_PLANE, url, RELEASES["r0004"])  # the r0004 release itself, from git
     suffix = secrets.token_hex(3)
     service, other = f"svc_old_{suffix}", f"other_app_{suffix}"
     password = secrets.token_urlsafe(16)
