@@ -77,7 +77,7 @@ DECLARE
 BEGIN
   PERFORM require_valid_idempotency_key(reset_idempotency_key.idempotency_key, 'idempotency_key');
   IF coalesce(scope, 'run') NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', scope));
+    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', quote_nullable(input_prefix(scope))));
   END IF;
   IF reset_idempotency_key.parent_run_id IS NOT NULL THEN
     parent := require_id(reset_idempotency_key.parent_run_id, 'run', 'parent_run_id');

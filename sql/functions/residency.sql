@@ -36,7 +36,7 @@ DECLARE
   residency text := runops.try_classify_residency(id);
 BEGIN
   IF residency IS NULL THEN
-    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(runops.input_prefix(id))
       USING ERRCODE = 'RO001';
   END IF;
   RETURN residency;
@@ -133,7 +133,7 @@ LANGUAGE plpgsql STABLE
 AS $$
 BEGIN
   IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, id));
+    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, input_prefix(id)));
   END IF;
   PERFORM raise_wrong_store(what, id, store_for_residency(residency));
 END
