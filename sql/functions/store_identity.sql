@@ -4,7 +4,8 @@
 --
 --   store_role, store_identity   this store's role and identity
 --   peer_wired                   whether the FDW to the other store is wired
---   current_split_settings       the split settings row (on run-ops, the mirror's)
+--   current_split_settings       the split settings row (on run-ops, the mirror's), or
+--   split_settings_before_sync   the settings of a store that has none yet
 
 CREATE OR REPLACE FUNCTION runops.store_role()
 RETURNS text
@@ -39,7 +40,16 @@ BEGIN
 END
 $$;
 
--- The settings row; a run-ops store whose mirror has not synced yet reads "never enabled".
+-- The split settings of a store that has no settings row yet (a run-ops store whose mirror has
+-- not synced): never enabled, cuid roots.
+CREATE OR REPLACE FUNCTION runops.split_settings_before_sync()
+RETURNS runops.split_settings
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ROW(true, false, false, 'cuid', NULL, NULL)::runops.split_settings
+$$;
+
+-- The settings row, or split_settings_before_sync().
 CREATE OR REPLACE FUNCTION runops.current_split_settings()
 RETURNS runops.split_settings
 LANGUAGE plpgsql STABLE
@@ -49,7 +59,7 @@ DECLARE
 BEGIN
   SELECT * INTO s FROM split_settings;
   IF NOT FOUND THEN
-    s := ROW(true, false, false, 'cuid', NULL, NULL);
+    s := split_settings_before_sync();
   END IF;
   RETURN s;
 END

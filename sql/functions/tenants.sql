@@ -141,8 +141,9 @@ END
 $$;
 
 -- The one builder of an environment_context, from the environment's row, its project's, its
--- organization's and the split settings (NULL rows: an environment found nowhere, settings never
--- synced). Inlined SQL: the callers' queries read the columns themselves.
+-- organization's (NULL rows: an environment found nowhere) and the split settings (a store
+-- without a settings row passes split_settings_before_sync()). Inlined SQL: the callers' queries
+-- read the columns themselves.
 CREATE OR REPLACE FUNCTION runops.environment_context_of(e runops.runtime_environments, p runops.projects,
                                                          o runops.organizations, s runops.split_settings)
 RETURNS runops.environment_context
@@ -150,8 +151,7 @@ LANGUAGE sql IMMUTABLE
 AS $$
   SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived, p.deleted_at IS NOT NULL,
              o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit, e.notifications,
-             coalesce(s.enabled, false), coalesce(s.ever_enabled, false),
-             coalesce(s.default_mint_kind, 'cuid'))::runops.environment_context
+             s.enabled, s.ever_enabled, s.default_mint_kind)::runops.environment_context
 $$;
 
 -- RO005's rule: an environment takes new work. The one predicate: trigger_run's fast path holds
@@ -181,7 +181,8 @@ DECLARE
 BEGIN
   -- The mirror's freshness comes with the same query (on the control plane, where it means
   -- nothing, it costs a two-row index scan): a separate call cost every run-ops admission 30 µs.
-  SELECT environment_context_of(e, p, o, st) AS ctx, mirror_within_bound(hb.fed_at, hb.bound_seconds) AS fresh
+  SELECT environment_context_of(e, p, o, coalesce(st, split_settings_before_sync())) AS ctx,
+         mirror_within_bound(hb.fed_at, hb.bound_seconds) AS fresh
   INTO loaded
   FROM mirror_feed() AS hb
   LEFT JOIN split_settings AS st ON true
@@ -202,6 +203,9 @@ BEGIN
       s := current_split_settings();
     ELSE
       SELECT * INTO s FROM runops_peer.split_settings;
+      IF NOT FOUND THEN
+        s := split_settings_before_sync();
+      END IF;
     END IF;
     -- The other store's rows are read into this store's row types by column name, so the two
     -- stores' tables need not agree on column order.
