@@ -74,6 +74,9 @@ BEGIN
 END
 $$;
 
+-- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches
+-- them at first_index onwards. Indexes the batch already holds keep their first content. Returns
+-- the item run ids (friendly), in order.
 CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
                                                   first_index integer, items jsonb)
 RETURNS text[]

@@ -391,8 +391,6 @@ BEGIN
 END
 $$;
 
--- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
--- batch already holds keep their first content. Returns the item run ids (friendly), in order.
 -- Validates a chunk of batch items before anything is locked or written: RO006 naming the
 -- first bad index (its shape set-based; options richer than a lone idempotency_key through
 -- parse_trigger_options, the single-trigger parser, item by item).
