@@ -412,14 +412,14 @@ def test_docs_lists_the_pages_and_prints_one() -> None:
 
 def test_the_sql_api_reference_documents_every_function_the_app_role_may_call() -> None:
     """docs/sql-api.md is the users' reference (they have no SPEC): every function granted to
-    runops_app in sql/after_functions.sql has an entry, named with its arguments."""
+    runops_api (what services may call) in sql/after_functions.sql has an entry, named with its arguments."""
     import re
 
     root = Path(__file__).resolve().parents[1]
     grants = (root / "sql" / "after_functions.sql").read_text()
     granted: set[str] = set()
     for block in re.findall(r"GRANT EXECUTE ON (?:FUNCTION|PROCEDURE)(.*?)TO ([^;]*);", grants, re.S):
-        if "runops_app" in block[1]:
+        if "runops_api" in block[1]:
             granted |= set(re.findall(r"runops\.(\w+)\(", block[0]))
     # The base62/base36 digit writers and ksuid_encode are granted because generate_ksuid and
     # generate_cuid (plain functions) call them as the caller: helpers, not API.
