@@ -1,0 +1,1 @@
+-- store_version: no DDL, functions only (sql/functions/store_version.sql).
