@@ -78,6 +78,11 @@ BY_SQLSTATE: dict[str, type[RunOpsError]] = {
     if cls.sqlstate
 }
 
+# A prepared statement another client left on a pooled server connection, or one that is on
+# another server connection: what psycopg's server-side prepares meet behind PgBouncer in
+# transaction mode.
+POOLER_SQLSTATES = {"42P05", "26000"}
+
 # Serialization failures and deadlocks are safe to retry, like RO008.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 
@@ -145,6 +150,12 @@ def translate(exc: psycopg.Error) -> Exception:
         return gone
     diag = exc.diag
     code = diag.sqlstate or exc.sqlstate or ""
+    if code in POOLER_SQLSTATES:
+        pooled = RunOpsError(f"{diag.message_primary or exc}: the store's URL leads through a transaction pooler "
+                             "(PgBouncer?), where no statement may be prepared: set RUNOPS_PGBOUNCER=1 "
+                             "(pgbouncer=True)")
+        pooled.__cause__ = exc
+        return pooled
     cls = BY_SQLSTATE.get(code)
     if cls is None and code in RETRYABLE_SQLSTATES:
         cls = RetryableConflict
