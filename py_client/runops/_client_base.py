@@ -57,8 +57,8 @@ ROUTE_CACHE_SECONDS = 1.0
 # While the control plane is down, root triggers route from the run-ops mirror and ask the control
 # plane again at most this often.
 ROUTE_PROBE_SECONDS = 2.0
-# After a store's connection failed, its calls fail at once with that cause for this long, then
-# one call tries to connect again. A replica's reads go to its primary meanwhile, for longer.
+# After a store could not be connected to, its calls fail at once with that cause for this long,
+# then one call tries to connect again. A replica's reads go to its primary meanwhile, for longer.
 REPROBE_SECONDS = 1.0
 REPLICA_REPROBE_SECONDS = 10.0
 # libpq counts connect_timeout in whole seconds and treats less than 2 as 2.
@@ -299,8 +299,8 @@ class _Health:
     """One store's (or replica's) state as this client knows it."""
 
     ready: bool = False                      # reached, its version checked, its pool opened
-    failed_at: float | None = None           # the last connection failure (monotonic); None: answering
-    failure: StoreUnavailable | None = None  # what that failure was
+    failed_at: float | None = None           # when its last probe failed (monotonic)
+    failure: StoreUnavailable | None = None  # the last failure, until a probe gets through
 
 
 class _Router(Generic[P]):
@@ -431,8 +431,9 @@ class _Router(Generic[P]):
     # pool retries a failed connection in the background and its caller learns only that no
     # connection came within the timeout, while the probe fails in milliseconds with libpq's
     # reason, and checks the store's revision. The pool opens once the probe got through. When a
-    # connection fails later, calls fail at once with that cause for REPROBE_SECONDS, then the
-    # next call probes again. A configuration error is remembered for good.
+    # pooled connection fails later (one session ended, or the whole store went away), the next
+    # call probes again; when that probe fails, calls fail at once with its cause for
+    # REPROBE_SECONDS before one probes again. A configuration error is remembered for good.
 
     @staticmethod
     def _name(store: str, replica: bool) -> str:
@@ -461,15 +462,14 @@ class _Router(Generic[P]):
         """Whether the next call to ``store`` must probe it first. Raises, without any I/O, the
         cause of its last failure while that is recent (always, for a configuration error)."""
         health = self._health_of(store, replica)
-        if health.failed_at is None:
-            return not health.ready
         failure = health.failure
-        if failure is not None:
-            wait = REPLICA_REPROBE_SECONDS if replica else REPROBE_SECONDS
-            if isinstance(failure, StoreMisconfigured) or time.monotonic() - health.failed_at < wait:
-                again = type(failure)(failure.message)
-                again.__cause__ = failure.__cause__
-                raise again
+        if health.failed_at is None or failure is None:
+            return not health.ready
+        wait = REPLICA_REPROBE_SECONDS if replica else REPROBE_SECONDS
+        if isinstance(failure, StoreMisconfigured) or time.monotonic() - health.failed_at < wait:
+            again = type(failure)(failure.message)
+            again.__cause__ = failure.__cause__
+            raise again
         health.failed_at = time.monotonic()  # the others fail fast while this call probes
         return True
 
@@ -504,13 +504,19 @@ class _Router(Generic[P]):
         self._mark_down(store, False, refusal)
         return refusal
 
-    def _mark_down(self, store: str, replica: bool, failure: StoreUnavailable) -> None:
+    def _mark_down(self, store: str, replica: bool, failure: StoreUnavailable, *, probed: bool = True) -> None:
+        """Records a failure: of a probe (calls fail fast for a while), or of a pooled connection
+        (the next call probes)."""
         health = self._health_of(store, replica)
         if health.failure is None:
             # Logged once per outage (and once when it ends): a caller that carries on with the
             # other store, such as dequeue_runs, raises nothing that would tell of it.
             log.warning("%s", failure.message)
-        health.failed_at, health.failure = time.monotonic(), failure
+        health.failure = failure
+        if probed:
+            health.failed_at = time.monotonic()
+        else:
+            health.ready = False
 
     def _reached(self, store: str, replica: bool) -> bool:
         """Records a probe that got through; whether the store was down before (then its pool may
@@ -523,8 +529,8 @@ class _Router(Generic[P]):
         return was_down
 
     def _failed(self, store: str, replica: bool, exc: psycopg.Error) -> Exception:
-        """The exception a call to ``store`` raises for ``exc``; a connection-level failure marks
-        the store as down (see :meth:`_must_probe`)."""
+        """The exception a call to ``store`` raises for ``exc``; after a connection-level failure
+        the next call probes the store (see :meth:`_must_probe`)."""
         if not is_connection_failure(exc):
             return translate(exc)  # the store answered, if only with an error
         if isinstance(exc, PoolTimeout):
@@ -538,7 +544,7 @@ class _Router(Generic[P]):
         failure = StoreUnavailable(f"{self._name(store, replica)} at {_where(self._url(store, replica))} "
                                    f"is unavailable: {connection_cause(exc)}")
         failure.__cause__ = exc
-        self._mark_down(store, replica, failure)
+        self._mark_down(store, replica, failure, probed=False)
         return failure
 
     def _refuse_listen(self) -> None:
