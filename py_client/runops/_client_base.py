@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import BaseRowFactory, RowMaker
+from psycopg.rows import BaseRowFactory, RowMaker, no_result
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -132,7 +132,13 @@ def by_name(cls: type[T]) -> BaseRowFactory[T]:
     fields = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
 
     def factory(cursor: Any) -> RowMaker[T]:
-        wanted = [(i, col.name) for i, col in enumerate(cursor.description or ()) if col.name in fields]
+        result = cursor.pgresult
+        if result is None or not result.nfields:
+            return no_result
+        # The result's own names (cursor.description would build a Column object per column on
+        # every call); every name a field can have is ASCII.
+        names = [(result.fname(i) or b"").decode("ascii", "replace") for i in range(result.nfields)]
+        wanted = [(i, name) for i, name in enumerate(names) if name in fields]
 
         def make(values: Sequence[Any]) -> T:
             return cls(**{name: values[i] for i, name in wanted})
