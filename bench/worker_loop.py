@@ -52,6 +52,7 @@ from typing import Any
 
 import psycopg
 from harness import _bring_up, server_cpu_seconds
+from peers import PEERS_HOME
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ops.local_cluster import DATABASE, LocalStores
@@ -500,7 +501,7 @@ def main() -> int:
     parser.add_argument("--skip-procrastinate", action="store_true")
     parser.add_argument("--procrastinate-sync-task", action="store_true",
                         help="also measure Procrastinate with a plain-function task (run in a thread, as runops's)")
-    parser.add_argument("--peers-venv", type=Path, default=Path(tempfile.gettempdir()) / "runops-bench-peers")
+    parser.add_argument("--peers-venv", type=Path, default=PEERS_HOME)
     args = parser.parse_args()
     python = None if args.skip_procrastinate else peers_python(args.peers_venv)
     home = Path(tempfile.mkdtemp(prefix="runops-worker-bench-"))

@@ -1,1 +1,0 @@
--- store_version: no DDL, functions only (sql/functions/store_version.sql).
