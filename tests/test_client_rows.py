@@ -45,7 +45,7 @@ def _add_column_to_run_view(conn: psycopg.Connection[Any]) -> None:
         conn.execute(definition)
     for name in ("list_runs", "list_store_runs"):
         conn.execute(f"ALTER FUNCTION runops.{name}(text, integer, text, jsonb) OWNER TO runops_owner")
-        conn.execute(f"GRANT EXECUTE ON FUNCTION runops.{name}(text, integer, text, jsonb) TO runops_app")
+        conn.execute(f"GRANT EXECUTE ON FUNCTION runops.{name}(text, integer, text, jsonb) TO runops_api")
 
 
 def _add_column_to_answer(conn: psycopg.Connection[Any], name: str, args: str) -> None:
@@ -73,7 +73,7 @@ def _add_column_to_answer(conn: psycopg.Connection[Any], name: str, args: str) -
         LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = runops, pg_catalog, pg_temp
         AS $$ SELECT b.*, 42 FROM runops_before_widening.{name}({positional}) AS b $$""")
     conn.execute(f"ALTER FUNCTION {signature} OWNER TO runops_owner")
-    conn.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO runops_app")
+    conn.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO runops_api")
 
 
 @pytest.fixture(scope="module")

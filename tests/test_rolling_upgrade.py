@@ -32,12 +32,13 @@ from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate
 from tests.client_flavours import Blocking
 from tests.conftest import Stores
+from tests.test_upgrade import R0004_RELEASE, RELEASES, install_release
 
 REPO = Path(__file__).resolve().parents[1]
 RUNOPS = Path(sys.executable).parent / "runops"
 # The commit that released the previous revision (r0004_speed): its client is the one deployed
 # applications run while their stores are upgraded to this release.
-PREVIOUS_RELEASE = "d488316"
+PREVIOUS_RELEASE = R0004_RELEASE
 
 
 def newest_revision() -> str:
@@ -85,7 +86,7 @@ def _refusal(url: str, flavour: type) -> str:
 
 def test_a_new_client_refuses_a_store_older_than_it_needs(scratch_store: tuple[str, str], stores: Stores) -> None:
     admin, app = scratch_store
-    migrate.upgrade(CONTROL_PLANE, admin, "0004")  # the previous release: no runops.store_version()
+    install_release(CONTROL_PLANE, admin, RELEASES["r0004"])  # the previous release: no runops.store_version()
     where = app.split("@", 1)[1]
     for flavour in (RunOps, Blocking):
         message = _refusal(app, flavour)
@@ -114,7 +115,6 @@ def test_a_new_client_refuses_a_store_older_than_it_needs(scratch_store: tuple[s
                 else:
                     with pytest.raises(StoreMisconfigured, match=f"is at {said}; this client"):
                         client.list_environments()
-        migrate.upgrade(CONTROL_PLANE, admin)  # (head again: the function text is the file's)
 
 
 # -- the previous release's client, the stores at head -----------------------------------------------------
