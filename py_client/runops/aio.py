@@ -50,7 +50,7 @@ from ._client_base import (
     _trigger_options,
     by_name,
 )
-from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore
 from .models import (
     FINAL_STATUSES,
     Batch,
@@ -688,7 +688,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                 await conn.execute(queries.listen(environment_id))
                 yield conn
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise self._failed(store, False, exc) from exc
 
     # -- tasks, workers and waiting -----------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ from ._client_base import (
     _trigger_options,
     by_name,
 )
-from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore
 from .models import (
     FINAL_STATUSES,
     Batch,
@@ -679,7 +679,7 @@ class RunOps(_Router[ConnectionPool]):
                 conn.execute(queries.listen(environment_id))
                 yield conn
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise self._failed(store, False, exc) from exc
 
     # -- tasks, workers and waiting -----------------------------------------------------------------------
 
