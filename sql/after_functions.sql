@@ -30,6 +30,7 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
 
 GRANT EXECUTE ON FUNCTION
+  runops.store_version(),
   runops.trigger_run(text, text, jsonb, jsonb),
   runops.trigger_route(text, jsonb),
   runops.reset_idempotency_key(text, text, text, text, text, integer),

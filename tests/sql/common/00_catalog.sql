@@ -164,6 +164,7 @@ SELECT is_empty($$
       'list_environments',  -- `runops env list` (control plane)
       'metrics',  -- SPEC §4 [1.2]: `runops metrics` and its Prometheus endpoint
       'mirror_status',  -- SPEC §4 [1.2] freshness bound: `runops doctor` and metrics
+      'store_version',  -- the store's revision, which clients check (docs/decisions.md)
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
