@@ -233,21 +233,24 @@ def _settings_from_environment(kwargs: dict[str, Any]) -> None:
 
 def _connect_urls(control_plane_url: str | None, run_ops_url: str | None,
                   kwargs: dict[str, Any]) -> tuple[str, str | None]:
-    """``connect``'s URLs: the arguments, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL.
-    Nothing else: the local dev stores are asked for by name (``local``), never found by
-    accident."""
+    """``connect``'s URLs: the arguments, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL,
+    else (neither given) the local stores of `runops dev up`, found as the CLI finds them: the
+    nearest ``.runops/`` of this user in the current directory or a parent, or RUNOPS_HOME. A
+    deployment sets its URLs, which always win (docs/decisions.md, "The first hour")."""
     _settings_from_environment(kwargs)
     cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
     ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
+    if not cp and not ro:
+        return _local_urls(None, kwargs)
     if not cp:
-        raise RunOpsError("no control-plane URL: pass one, or set RUNOPS_CONTROL_PLANE_URL (and "
-                          "RUNOPS_RUN_OPS_URL); for the local stores of `runops dev up`, use local()")
+        raise RunOpsError("a run-ops URL alone is not enough: pass a control-plane URL too, or set "
+                          "RUNOPS_CONTROL_PLANE_URL")
     return cp, ro
 
 
 def _local_urls(home: str | Path | None, kwargs: dict[str, Any]) -> tuple[str, str]:
     """``local``'s URLs: the application URLs in the state file of `runops dev up` under ``home``
-    (default ``.runops/`` in the current directory)."""
+    (default: the nearest ``.runops/`` found from the current directory up, or RUNOPS_HOME)."""
     _settings_from_environment(kwargs)
     urls = dev_stores.app_urls(None if home is None else Path(home))
     return urls[CONTROL_PLANE], urls[RUN_OPS]

@@ -85,8 +85,9 @@ class RunOps(_Router[ConnectionPool]):
     @classmethod
     def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                 **kwargs: Any) -> RunOps:
-        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL; RunOpsError without a
-        control-plane URL (the local dev stores are :meth:`local`). RUNOPS_TIMEOUT (seconds,
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else (neither set) the
+        local stores of `runops dev up` found from the current directory up, as :meth:`local`
+        finds them; RunOpsError for a run-ops URL alone. RUNOPS_TIMEOUT (seconds,
         default 10) bounds the wait for a connection; RUNOPS_PGBOUNCER=1 is ``pgbouncer=True``.
         Nothing is connected before the first call."""
         cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
@@ -94,8 +95,8 @@ class RunOps(_Router[ConnectionPool]):
 
     @classmethod
     def local(cls, home: str | Path | None = None, **kwargs: Any) -> RunOps:
-        """The local stores of `runops dev up` (their state in ``home``, default ``.runops/`` in
-        the current directory), for development and the demo; RunOpsError when there are none.
+        """The local stores of `runops dev up` (their state in ``home``, default the nearest
+        ``.runops/`` from the current directory up, or RUNOPS_HOME), for development and the demo; RunOpsError when there are none.
         ``kwargs`` and the RUNOPS_TIMEOUT / replica variables as for :meth:`connect`."""
         cp, ro = _local_urls(home, kwargs)
         return cls(cp, ro, **kwargs)
