@@ -100,7 +100,8 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     @classmethod
     async def local(cls, home: str | Path | None = None, **kwargs: Any) -> AsyncRunOps:
         """The local stores of `runops dev up` (their state in ``home``, default the nearest
-        ``.runops/`` from the current directory up, or RUNOPS_HOME), for development and the demo; RunOpsError when there are none.
+        ``.runops/`` from the current directory up, or RUNOPS_HOME), for development and the
+        demo; RunOpsError when there are none.
         ``kwargs`` and the RUNOPS_TIMEOUT / replica variables as for :meth:`connect`."""
         cp, ro = _local_urls(home, kwargs)
         return cls(cp, ro, **kwargs)
