@@ -5,7 +5,7 @@
 -- they make in the transaction-local setting runops.transition_by; a direct UPDATE without it
 -- may make any move the table allows, and none it does not.
 --
---   dequeue_runs      PENDING -> DEQUEUED            (lease, FOR UPDATE SKIP LOCKED)
+--   dequeue_runs      PENDING -> DEQUEUED            (lease and a concurrency slot, FOR UPDATE SKIP LOCKED)
 --   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
 --   complete_attempt  EXECUTING -> COMPLETED_SUCCESSFULLY
 --   fail_attempt      EXECUTING -> RETRYING_AFTER_FAILURE | a final failure
@@ -44,6 +44,7 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   mover text := nullif(current_setting('runops.transition_by', true), '');
+  freed integer;
 BEGIN
   IF NOT EXISTS (SELECT FROM status_transitions AS t
                  WHERE t.from_status = OLD.status AND t.to_status = NEW.status
@@ -53,6 +54,22 @@ BEGIN
              CASE WHEN mover IS NULL THEN '' ELSE ' by ' || mover END),
       NULL, CASE WHEN is_final_status(OLD.status) THEN 'a final run never changes again' END);
   END IF;
+  -- The concurrency slot (sql/schema/45_concurrency_slots.sql): a run leaving DEQUEUED/EXECUTING
+  -- gives its slot back in the same transaction, whoever moves it; one entering them outside
+  -- dequeue_runs (which hands out slots with the runs) takes a free one or is refused.
+  IF OLD.status IN ('DEQUEUED', 'EXECUTING') THEN
+    IF NEW.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+      UPDATE concurrency_slots AS s SET run_id = NULL WHERE s.run_id = OLD.id RETURNING s.slot INTO freed;
+      IF freed IS NOT NULL
+         AND EXISTS (SELECT FROM concurrency_limits AS l
+                     JOIN concurrency_slots AS o ON o.environment_id = l.environment_id AND o.slot > l.slot_limit
+                     WHERE l.environment_id = OLD.environment_id) THEN
+        PERFORM settle_overflow_slot(OLD.environment_id, freed);
+      END IF;
+    END IF;
+  ELSIF NEW.status IN ('DEQUEUED', 'EXECUTING') AND mover IS DISTINCT FROM 'dequeue_runs' THEN
+    PERFORM take_concurrency_slot(NEW.environment_id, NEW.id);
+  END IF;
   -- Committed with the change, so a listener never hears of a status that was rolled back.
   IF (SELECT e.notifications FROM runtime_environments AS e WHERE e.id = NEW.environment_id) IS DISTINCT FROM false THEN
     PERFORM pg_notify('runops_env_' || NEW.environment_id,
@@ -60,6 +77,116 @@ BEGIN
                                         'new_status', NEW.status, 'at', NEW.updated_at)::text);
   END IF;
   RETURN NEW;
+END
+$$;
+
+-- Lays an environment's concurrency slots out for slot_limit (its maximum_concurrency_limit as
+-- the caller read it): on its first dequeue here, and after the limit changed. Rare, so it may
+-- wait: it locks the environment's limit row (one layout at a time) and every slot row (claims
+-- and releases in flight finish first). Idempotent. A lowered limit keeps the runs holding
+-- slots above it there (overflow) until they end, moving each into a free slot at or below
+-- the limit while there is one; a leased run holding no slot (leased before this store had
+-- slots, or moved by a write that bypassed the triggers) takes one, above the limit if need be.
+CREATE OR REPLACE FUNCTION runops.layout_concurrency_slots(of_environment text, slot_limit integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  high record;
+  low integer;
+  unslotted text;
+BEGIN
+  INSERT INTO concurrency_limits AS l (environment_id, slot_limit)
+  VALUES (of_environment, layout_concurrency_slots.slot_limit)
+  ON CONFLICT (environment_id) DO UPDATE SET slot_limit = excluded.slot_limit;
+  PERFORM FROM concurrency_slots AS s WHERE s.environment_id = of_environment ORDER BY s.slot FOR UPDATE;
+  INSERT INTO concurrency_slots (environment_id, slot)
+  SELECT of_environment, g.slot FROM generate_series(1, layout_concurrency_slots.slot_limit) AS g (slot)
+  ON CONFLICT DO NOTHING;
+  DELETE FROM concurrency_slots AS s
+  WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit AND s.run_id IS NULL;
+  FOR high IN SELECT s.slot, s.run_id FROM concurrency_slots AS s
+              WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit
+              ORDER BY s.slot
+  LOOP
+    SELECT s.slot INTO low FROM concurrency_slots AS s
+    WHERE s.environment_id = of_environment AND s.run_id IS NULL ORDER BY s.slot LIMIT 1;
+    EXIT WHEN NOT FOUND;
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = high.slot;
+    UPDATE concurrency_slots AS s SET run_id = high.run_id WHERE s.environment_id = of_environment AND s.slot = low;
+  END LOOP;
+  -- A run changing status meanwhile is skipped: its own transition takes or gives back its slot.
+  FOR unslotted IN SELECT r.id FROM runs AS r
+                   WHERE r.environment_id = of_environment AND r.status IN ('DEQUEUED', 'EXECUTING')
+                     AND NOT EXISTS (SELECT FROM concurrency_slots AS s WHERE s.run_id = r.id)
+                   ORDER BY r.id FOR UPDATE SKIP LOCKED
+  LOOP
+    UPDATE concurrency_slots AS s SET run_id = unslotted
+    WHERE s.environment_id = of_environment
+      AND s.slot = (SELECT f.slot FROM concurrency_slots AS f
+                    WHERE f.environment_id = of_environment AND f.run_id IS NULL ORDER BY f.slot LIMIT 1);
+    IF NOT FOUND THEN
+      INSERT INTO concurrency_slots (environment_id, slot, run_id)
+      SELECT of_environment, coalesce(max(s.slot), 0) + 1, unslotted
+      FROM concurrency_slots AS s WHERE s.environment_id = of_environment;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- A slot at or below the limit was just freed while runs still hold slots above a lowered limit:
+-- the lowest of them moves into it, so the freed slot does not let a new run in past the limit.
+CREATE OR REPLACE FUNCTION runops.settle_overflow_slot(of_environment text, freed integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  high record;
+  lim integer := (SELECT l.slot_limit FROM concurrency_limits AS l WHERE l.environment_id = of_environment);
+BEGIN
+  IF freed > lim THEN
+    -- an overflow slot goes with its holder
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = freed;
+    RETURN;
+  END IF;
+  -- Waits for a holder whose own release is under way; a row it deleted is passed over.
+  SELECT s.slot, s.run_id INTO high FROM concurrency_slots AS s
+  WHERE s.environment_id = of_environment AND s.slot > lim AND s.run_id IS NOT NULL
+  ORDER BY s.slot LIMIT 1 FOR UPDATE;
+  IF FOUND THEN
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = high.slot;
+    UPDATE concurrency_slots AS s SET run_id = high.run_id WHERE s.environment_id = of_environment AND s.slot = freed;
+  END IF;
+END
+$$;
+
+-- A run entering DEQUEUED/EXECUTING other than through dequeue_runs (an operator's UPDATE) takes
+-- a free slot, or is refused (RO003): the limit holds for every writer.
+CREATE OR REPLACE FUNCTION runops.take_concurrency_slot(of_environment text, of_run text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  lim integer;
+BEGIN
+  IF EXISTS (SELECT FROM concurrency_slots AS s WHERE s.run_id = of_run) THEN
+    RETURN;
+  END IF;
+  SELECT l.slot_limit INTO lim FROM concurrency_limits AS l WHERE l.environment_id = of_environment;
+  IF NOT FOUND THEN
+    lim := coalesce((SELECT e.maximum_concurrency_limit FROM runtime_environments AS e WHERE e.id = of_environment), 0);
+    PERFORM layout_concurrency_slots(of_environment, lim);
+  END IF;
+  UPDATE concurrency_slots AS s SET run_id = of_run
+  WHERE s.environment_id = of_environment
+    AND s.slot = (SELECT f.slot FROM concurrency_slots AS f
+                  WHERE f.environment_id = of_environment AND f.run_id IS NULL AND f.slot <= lim
+                  ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED);
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO003', format('run_%s cannot be leased: environment %s is at its concurrency limit (%s)',
+                                        of_run, of_environment, lim),
+                        NULL, 'wait for a leased run to finish, or raise maximum_concurrency_limit');
+  END IF;
 END
 $$;
 
@@ -192,9 +319,9 @@ DECLARE
   queues text[];
   tasks text[];
   env environment_context;
-  active integer;
-  room integer;
+  lim integer;
   ts timestamptz := now();
+  candidates text[];
   picked text[];
 BEGIN
   PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
@@ -213,33 +340,50 @@ BEGIN
   IF env.paused OR env.archived OR env.project_deleted THEN
     RETURN;  -- a paused environment hands out no work; attempts in flight still complete
   END IF;
-  -- Serialise dequeuers of one environment, so the concurrency limit is exact in this store.
-  PERFORM pg_advisory_xact_lock(hashtextextended('runops.dequeue:' || env.id, 0));
-  SELECT count(*) INTO active FROM runs AS r
-  WHERE r.environment_id = env.id AND r.status IN ('DEQUEUED', 'EXECUTING');
-  room := least(max_runs, env.maximum_concurrency_limit - active);
-  IF room <= 0 THEN
+  -- The environment's slots follow its limit: laid out on its first dequeue here, and again
+  -- after the limit changed (sql/schema/45_concurrency_slots.sql).
+  lim := env.maximum_concurrency_limit;
+  IF NOT EXISTS (SELECT FROM concurrency_limits AS l WHERE l.environment_id = env.id AND l.slot_limit = lim) THEN
+    PERFORM layout_concurrency_slots(env.id, lim);
+  END IF;
+  -- Every slot taken: no run is locked for nothing.
+  IF NOT EXISTS (SELECT FROM concurrency_slots AS s
+                 WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim) THEN
     RETURN;
   END IF;
-  PERFORM set_mover('dequeue_runs');
-  WITH candidates AS (
-    SELECT r.id FROM runs AS r
+  SELECT array_agg(c.id ORDER BY c.queued_at, c.id) INTO candidates FROM (
+    SELECT r.id, r.queued_at FROM runs AS r
     WHERE r.environment_id = env.id AND r.status = 'PENDING'
       AND (queues IS NULL OR r.queue = ANY (queues))
       AND (tasks IS NULL OR r.task_identifier = ANY (tasks))
     ORDER BY r.queued_at, r.id
-    LIMIT room
-    FOR UPDATE SKIP LOCKED
-  ), moved AS (
-    UPDATE runs AS r
-    SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
-        started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
-    FROM candidates AS c WHERE r.id = c.id
-    RETURNING r.id
+    LIMIT max_runs
+    FOR UPDATE SKIP LOCKED) AS c;
+  IF candidates IS NULL THEN
+    RETURN;
+  END IF;
+  -- Free slots, skipping those another dequeuer is taking: the first candidates in queue order
+  -- get them, the rest stay PENDING for the next call.
+  WITH free AS (
+    SELECT f.slot, row_number() OVER (ORDER BY f.slot) AS n FROM (
+      SELECT s.slot FROM concurrency_slots AS s
+      WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim
+      ORDER BY s.slot LIMIT cardinality(candidates)
+      FOR UPDATE SKIP LOCKED) AS f
+  ), held AS (
+    UPDATE concurrency_slots AS s SET run_id = candidates[f.n]
+    FROM free AS f WHERE s.environment_id = env.id AND s.slot = f.slot
+    RETURNING s.run_id
   )
-  SELECT array_agg(m.id) INTO picked FROM moved AS m;
-  -- A second statement: the UPDATE's new row versions are not visible inside the statement
-  -- that made them.
+  SELECT array_agg(h.run_id) INTO picked FROM held AS h;
+  IF picked IS NULL THEN
+    RETURN;
+  END IF;
+  PERFORM set_mover('dequeue_runs');
+  UPDATE runs AS r
+  SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
+      started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
+  WHERE r.id = ANY (picked);
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
 END
 $$;

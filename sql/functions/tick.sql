@@ -114,6 +114,33 @@ BEGIN
 END
 $$;
 
+-- Concurrency slots held by no DEQUEUED/EXECUTING run go free. The status guard gives a slot back
+-- in the transaction that ends its run, so this finds only what a write bypassing the triggers
+-- left (session_replication_role = replica, a hand-made DELETE); a slot above a lowered limit
+-- goes with it. Its run is locked (SKIP LOCKED) so a run changing status meanwhile is left alone.
+CREATE OR REPLACE FUNCTION runops.free_orphaned_slots(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer := 0;
+  s record;
+BEGIN
+  FOR s IN SELECT o.environment_id, o.slot, o.run_id FROM concurrency_slots AS o
+           WHERE o.run_id IS NOT NULL
+             AND NOT EXISTS (SELECT FROM runs AS r WHERE r.id = o.run_id AND r.status IN ('DEQUEUED', 'EXECUTING'))
+           ORDER BY o.environment_id, o.slot LIMIT max_rows FOR UPDATE OF o SKIP LOCKED
+  LOOP
+    CONTINUE WHEN EXISTS (SELECT FROM runs AS r WHERE r.id = s.run_id AND r.status IN ('DEQUEUED', 'EXECUTING'));
+    UPDATE concurrency_slots AS o SET run_id = NULL
+    WHERE o.environment_id = s.environment_id AND o.slot = s.slot;
+    PERFORM settle_overflow_slot(s.environment_id, s.slot);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
 -- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
 CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
 RETURNS integer
@@ -263,7 +290,8 @@ BEGIN
     'retried', requeue_retries(n),
     'expired', expire_enqueued_runs(n),
     'timed_out', enforce_max_duration(n),
-    'leases_released', release_lapsed_leases(n));
+    'leases_released', release_lapsed_leases(n),
+    'slots_freed', free_orphaned_slots(n));
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
                                   'batches_finished_remote', finish_remote_batches(n));
