@@ -45,6 +45,8 @@ AS $$
 DECLARE
   mover text := nullif(current_setting('runops.transition_by', true), '');
   freed integer;
+  notify_final boolean;
+  notify_every boolean;
 BEGIN
   IF NOT EXISTS (SELECT FROM status_transitions AS t
                  WHERE t.from_status = OLD.status AND t.to_status = NEW.status
@@ -70,11 +72,23 @@ BEGIN
   ELSIF NEW.status IN ('DEQUEUED', 'EXECUTING') AND mover IS DISTINCT FROM 'dequeue_runs' THEN
     PERFORM take_concurrency_slot(NEW.environment_id, NEW.id);
   END IF;
-  -- Committed with the change, so a listener never hears of a status that was rolled back.
-  IF (SELECT e.notifications FROM runtime_environments AS e WHERE e.id = NEW.environment_id) IS DISTINCT FROM false THEN
+  -- Who hears of it (SPEC §4 Notifications [1.3]): a final status always (unless the environment
+  -- turned notifications off), an intermediate one only when the environment asked for every
+  -- status. PostgreSQL serialises the commits of all notifying transactions of a database, so a
+  -- notification on every move capped the run loop. An environment missing from this store's
+  -- tenant tables (a mirror not yet synced) takes the default. Committed with the change, so a
+  -- listener never hears of a status that was rolled back.
+  SELECT e.notifications, e.notify_every_status INTO notify_final, notify_every
+  FROM runtime_environments AS e WHERE e.id = NEW.environment_id;
+  IF (CASE WHEN is_final_status(NEW.status) THEN notify_final IS DISTINCT FROM false ELSE notify_every END) THEN
     PERFORM pg_notify('runops_env_' || NEW.environment_id,
                       json_build_object('run_id', 'run_' || NEW.id, 'old_status', OLD.status,
                                         'new_status', NEW.status, 'at', NEW.updated_at)::text);
+  END IF;
+  -- New work for a waiting worker (sql/schema/46_waiting_workers.sql); new runs are seen by
+  -- wake_for_new_runs.
+  IF NEW.status = 'PENDING' AND EXISTS (SELECT FROM waiting_workers) THEN
+    PERFORM wake_waiting_workers(NEW.environment_id, ARRAY[NEW.queue], ARRAY[NEW.task_identifier], 1);
   END IF;
   RETURN NEW;
 END
@@ -189,6 +203,56 @@ BEGIN
   END IF;
 END
 $$;
+
+-- Up to `runs` workers waiting for work of this environment (and of one of these queues and
+-- tasks, where they asked for some) are told so, once each: their registration goes and their
+-- channel is notified (committed with the new work). Registrations another transaction is
+-- taking are passed over.
+CREATE OR REPLACE FUNCTION runops.wake_waiting_workers(of_environment text, queues text[], tasks text[],
+                                                       runs integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  channel text;
+BEGIN
+  FOR channel IN
+    DELETE FROM waiting_workers AS w
+    WHERE w.channel IN (SELECT x.channel FROM waiting_workers AS x
+                        WHERE x.environment_id = of_environment AND x.expires_at > pg_catalog.now()
+                          AND (x.queues IS NULL OR x.queues && wake_waiting_workers.queues)
+                          AND (x.tasks IS NULL OR x.tasks && wake_waiting_workers.tasks)
+                        LIMIT runs FOR UPDATE SKIP LOCKED)
+    RETURNING w.channel
+  LOOP
+    PERFORM pg_notify(channel, of_environment);
+  END LOOP;
+END
+$$;
+
+-- New PENDING runs (a trigger, a batch: every INSERT statement into runs) wake waiting workers of
+-- their environments. One call per statement, and while no worker waits anywhere in this store
+-- it reads no more than the empty registry.
+CREATE OR REPLACE FUNCTION runops.wake_for_new_runs()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF EXISTS (SELECT FROM waiting_workers) THEN
+    PERFORM wake_waiting_workers(n.environment_id, n.queues, n.tasks, n.runs)
+    FROM (SELECT a.environment_id, array_agg(DISTINCT a.queue) AS queues,
+                 array_agg(DISTINCT a.task_identifier) AS tasks, count(*)::integer AS runs
+          FROM added AS a WHERE a.status = 'PENDING' GROUP BY a.environment_id) AS n;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER runs_wake_workers
+  AFTER INSERT ON runops.runs
+  REFERENCING NEW TABLE AS added
+  FOR EACH STATEMENT EXECUTE FUNCTION runops.wake_for_new_runs();
 
 -- A run turned final: close its open attempt, and complete every local edge waiting on it
 -- (its RUN waitpoint), resuming runs that were waiting only on it.
@@ -323,8 +387,13 @@ DECLARE
   ts timestamptz := now();
   candidates text[];
   picked text[];
+  wake text := option_text(o, 'wake', 63);
 BEGIN
-  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
+  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks', 'wake'], 'dequeue');
+  IF wake !~ '^[a-z_][a-z0-9_]*$' THEN
+    PERFORM raise_invalid('option wake', 'a channel name of lower-case letters, digits and underscores',
+                          quote_literal(input_prefix(wake)));
+  END IF;
   PERFORM require_between(max_runs, 1, 1000, 'max_runs');
   lease_for := option_duration(o, 'lease', default_lease());
   IF lease_for < interval '1 second' THEN
@@ -359,6 +428,21 @@ BEGIN
     ORDER BY r.queued_at, r.id
     LIMIT max_runs
     FOR UPDATE SKIP LOCKED) AS c;
+  -- A worker that found the queue dry waits for new work: the next run to become PENDING here
+  -- notifies its channel (sql/schema/46_waiting_workers.sql). One that got all it asked for is
+  -- busy, and waits for nothing. A registration lives in real time (pg_catalog.now(), not the
+  -- test clock): it is a process's liveness, which the test clock does not move.
+  IF wake IS NOT NULL THEN
+    IF coalesce(cardinality(candidates), 0) < max_runs THEN
+      INSERT INTO waiting_workers AS w (channel, environment_id, queues, tasks, expires_at)
+      VALUES (wake, env.id, queues, tasks, pg_catalog.now() + interval '30 seconds')
+      ON CONFLICT (channel) DO UPDATE
+      SET environment_id = excluded.environment_id, queues = excluded.queues, tasks = excluded.tasks,
+          expires_at = excluded.expires_at;
+    ELSE
+      DELETE FROM waiting_workers AS w WHERE w.channel = wake;
+    END IF;
+  END IF;
   IF candidates IS NULL THEN
     RETURN;
   END IF;

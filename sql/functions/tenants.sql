@@ -119,17 +119,25 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   c jsonb := require_object(changes, 'changes');
+  every boolean;
 BEGIN
   PERFORM reject_unknown_options(c, ARRAY['paused', 'archived', 'maximum_concurrency_limit', 'notifications'],
                                  'environment change');
+  -- notifications: true (final statuses), false (none) or 'all' (every status; SPEC §4 [1.3]).
+  IF option_value(c, 'notifications') IS NOT NULL
+     AND jsonb_typeof(c -> 'notifications') <> 'boolean' AND c -> 'notifications' <> '"all"' THEN
+    PERFORM raise_invalid('notifications', 'true, false or "all"', left((c -> 'notifications')::text, 100));
+  END IF;
+  every := CASE WHEN option_value(c, 'notifications') IS NOT NULL THEN c -> 'notifications' = '"all"' END;
   -- Parse every value before writing anything.
-  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'), option_boolean(c, 'notifications'),
+  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'),
           option_integer(c, 'maximum_concurrency_limit', 0, 100000);
   PERFORM require_control_plane('update_environment');
   UPDATE runtime_environments AS e
   SET paused = coalesce(option_boolean(c, 'paused'), e.paused),
       archived = coalesce(option_boolean(c, 'archived'), e.archived),
-      notifications = coalesce(option_boolean(c, 'notifications'), e.notifications),
+      notifications = coalesce(every OR (c ->> 'notifications')::boolean, e.notifications),
+      notify_every_status = coalesce(every, e.notify_every_status),
       maximum_concurrency_limit = coalesce(option_integer(c, 'maximum_concurrency_limit', 0, 100000),
                                            e.maximum_concurrency_limit),
       updated_at = now()
@@ -388,7 +396,7 @@ BEGIN
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     UPDATE runtime_environments AS o SET slug = p.slug, paused = p.paused, archived = p.archived,
       maximum_concurrency_limit = p.maximum_concurrency_limit, notifications = p.notifications,
-      updated_at = p.updated_at
+      notify_every_status = p.notify_every_status, updated_at = p.updated_at
     FROM runops_peer.runtime_environments AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     UPDATE split_settings AS o SET enabled = p.enabled, ever_enabled = p.ever_enabled,
@@ -410,7 +418,7 @@ BEGIN
     INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
     ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
       maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
-      updated_at = excluded.updated_at
+      notify_every_status = excluded.notify_every_status, updated_at = excluded.updated_at
     WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     INSERT INTO split_settings SELECT * FROM runops_peer.split_settings

@@ -296,6 +296,8 @@ BEGIN
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
                                   'batches_finished_remote', finish_remote_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  -- Registrations of workers that stopped renewing them (gone without a word).
+  DELETE FROM waiting_workers AS w WHERE w.expires_at <= pg_catalog.now();
   IF local_residency() = 'NEW' THEN
     counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
     PERFORM beat('run_ops_tick');
