@@ -251,9 +251,10 @@ END
 $$;
 
 -- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
--- logical replication only once the mirror is 10 s old, or a third of the freshness bound if
--- that is less (replication is not applying, or the control plane's tick is not running), so
--- the pull has refreshed it well before the bound turns new work away. An unreachable
+-- logical replication, while the apply worker runs, once the mirror is two thirds of the bound
+-- old all the same, and otherwise (replication is not applying) once it is 10 s old, or a third
+-- of the bound if that is less, so the pull has refreshed it well before the bound turns new
+-- work away. An unreachable
 -- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
 -- tick tries again).
 CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
@@ -264,9 +265,13 @@ BEGIN
   IF local_residency() <> 'NEW' THEN
     RETURN 0;
   END IF;
+  -- While the apply worker runs, its keepalives feed the mirror at least every 30 s: pull only if
+  -- the feed is two thirds of the bound old all the same (a walsender that fell behind).
   IF mirror_subscribed()
      AND mirror_fed_at() > pg_catalog.now() - pg_catalog.make_interval(
-           secs => (SELECT least(10, c.mirror_freshness_seconds / 3.0) FROM store_config AS c)) THEN
+           secs => (SELECT CASE WHEN mirror_replicated_at() IS NOT NULL THEN c.mirror_freshness_seconds * 2 / 3.0
+                                ELSE least(10, c.mirror_freshness_seconds / 3.0) END
+                    FROM store_config AS c)) THEN
     RETURN 0;
   END IF;
   RETURN pull_tenant_mirror();
