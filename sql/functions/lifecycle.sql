@@ -386,6 +386,7 @@ DECLARE
   lim integer;
   ts timestamptz := now();
   candidates text[];
+  slots integer[];
   picked text[];
   wake text := option_text(o, 'wake', 63);
 BEGIN
@@ -447,22 +448,19 @@ BEGIN
     RETURN;
   END IF;
   -- Free slots, skipping those another dequeuer is taking: the first candidates in queue order
-  -- get them, the rest stay PENDING for the next call.
-  WITH free AS (
-    SELECT f.slot, row_number() OVER (ORDER BY f.slot) AS n FROM (
-      SELECT s.slot FROM concurrency_slots AS s
-      WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim
-      ORDER BY s.slot LIMIT cardinality(candidates)
-      FOR UPDATE SKIP LOCKED) AS f
-  ), held AS (
-    UPDATE concurrency_slots AS s SET run_id = candidates[f.n]
-    FROM free AS f WHERE s.environment_id = env.id AND s.slot = f.slot
-    RETURNING s.run_id
-  )
-  SELECT array_agg(h.run_id) INTO picked FROM held AS h;
-  IF picked IS NULL THEN
+  -- get them, the rest stay PENDING for the next call. The slots are written by their keys
+  -- (= ANY): a join with the locking query planned generically (LIMIT unknown) scanned the table.
+  SELECT array_agg(f.slot ORDER BY f.slot) INTO slots FROM (
+    SELECT s.slot FROM concurrency_slots AS s
+    WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim
+    ORDER BY s.slot LIMIT cardinality(candidates)
+    FOR UPDATE SKIP LOCKED) AS f;
+  IF slots IS NULL THEN
     RETURN;
   END IF;
+  picked := candidates[1:cardinality(slots)];
+  UPDATE concurrency_slots AS s SET run_id = picked[array_position(slots, s.slot)]
+  WHERE s.environment_id = env.id AND s.slot = ANY (slots);
   PERFORM set_mover('dequeue_runs');
   UPDATE runs AS r
   SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
