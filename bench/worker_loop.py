@@ -221,7 +221,9 @@ class RunOpsSystem(System):
         runops = Path(sys.executable).parent / "runops"  # the installed command, wherever its module lives
         return [subprocess.Popen([str(runops), "worker", "--app", "worker_loop:tasks", "--env", self.env,
                                   "--concurrency", str(concurrency), "--id", f"bench-{i}"],
-                                 cwd=HERE, env={**environ, "PYTHONPATH": str(HERE)}, stdout=subprocess.DEVNULL,
+                                 cwd=HERE, env={**environ, "PYTHONPATH": os.pathsep.join(
+                                     [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])},
+                                 stdout=subprocess.DEVNULL,
                                  stderr=_worker_log())
                 for i in range(count)]
 
@@ -539,8 +541,8 @@ def dequeue_scaling(bench: Bench, organization: str, args: argparse.Namespace) -
 
 def pickup_latency(bench: Bench, organization: str, args: argparse.Namespace) -> None:
     rng = random.Random(7)
+    system = RunOpsSystem(bench, organization)
     for round_ in range(1, args.rounds + 1):
-        system = RunOpsSystem(bench, organization)
         system.new_scope()
         [proc] = system.workers(1, 4)
         time.sleep(3.0)  # past start-up: the worker is idle
