@@ -1,7 +1,8 @@
 """The chart of one `runops bench` result: ``python bench/chart.py RESULT.json OUT.png``.
 
 Runs in the bench-only venv (``bench/peers.py`` installs matplotlib there; it is no project
-dependency): ``bench/harness.py`` calls it after each run and writes ``docs/benchmarks.png``.
+dependency): ``bench/harness.py`` calls it after each run, beside the run's JSON in
+``bench/results/`` (``docs/benchmarks.png`` only when asked: ``--chart``).
 
 Two panels, from the result's ``rows`` (the printed table's):
 

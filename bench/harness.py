@@ -30,7 +30,7 @@ round-robin through every call workload in each; the rate reported is the median
 with their spread. Each row's ratio is to its own yardstick (the baseline at the same number of
 clients; the set INSERT for batches; the local read for the other reads) and, for the 4-client
 enqueue rows, to each peer. ``TARGETS`` (issue 11) are data here and the table marks each met or
-missed. ``bench/chart.py`` draws the same rows (``docs/benchmarks.png``).
+missed. ``bench/chart.py`` draws the same rows (beside the JSON in ``bench/results/``).
 
 Exit codes of :func:`main`: 0 every target measured was met, 4 the benchmark ran but missed a
 target, 1 it could not run. A peer that cannot be installed is reported in its rows and its
@@ -1072,9 +1072,9 @@ def default_results_dir() -> Path:
     return HERE / "results"
 
 
-def default_chart() -> Path | None:
-    docs = HERE.parent / "docs"
-    return docs / "benchmarks.png" if docs.is_dir() else None
+# The chart the docs show; refreshed only when a run is asked to draw there (`--chart`), so a
+# benchmark run never rewrites a tracked file.
+DOCS_CHART = HERE.parent / "docs" / "benchmarks.png"
 
 
 def draw_chart(results_json: Path, png: Path, say: Callable[[str], None]) -> bool:
@@ -1092,12 +1092,23 @@ def draw_chart(results_json: Path, png: Path, say: Callable[[str], None]) -> boo
     return True
 
 
+def save_results(result: dict[str, Any], out_dir: Path, chart: Path | None, say: Callable[[str], None],
+                 draw: Callable[[Path, Path, Callable[[str], None]], bool] = draw_chart) -> tuple[Path, Path | None]:
+    """Writes the result's JSON into ``out_dir`` and its chart beside it (or to ``chart``);
+    the JSON's path and the chart's (None when it could not be drawn)."""
+    path = out_dir / f"bench-{result['started_at'].replace(':', '').replace('+0000', 'Z')}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    png = chart or path.with_suffix(".png")
+    return path, png if draw(path, png, say) else None
+
+
 def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
          sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS,
          rounds: int = ROUNDS, peers: bool = True, chart: Path | None = None) -> int:
-    """Runs the benchmark, prints the table, writes JSON to bench/results/ and the chart
-    (``chart``, default docs/benchmarks.png). Exit code 0 when every target measured is met, 4
-    when one is missed, 1 when the benchmark could not run."""
+    """Runs the benchmark, prints the table, writes JSON to bench/results/ and the chart beside it
+    (or to ``chart``; :data:`DOCS_CHART` refreshes the docs' one). Exit code 0 when every target
+    measured is met, 4 when one is missed, 1 when the benchmark could not run."""
     say: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
         result = run_bench(seconds, keep=keep, progress=say, sections=sections, batch_reps=batch_reps,
@@ -1106,13 +1117,9 @@ def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = No
         click.echo(f"error: {err}", err=True)
         return 1
     print_results(result)
-    out_dir = results_dir or default_results_dir()
-    path = out_dir / f"bench-{result['started_at'].replace(':', '').replace('+0000', 'Z')}.json"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    path, png = save_results(result, results_dir or default_results_dir(), chart, say)
     click.echo(f"results: {path}")
-    png = chart or default_chart()
-    if png is not None and draw_chart(path, png, say):
+    if png is not None:
         click.echo(f"chart: {png}")
     if keep:
         click.echo(f"clusters kept in {result['kept']['home']}: {result['kept']['app_urls']}")

@@ -1,13 +1,15 @@
 """The peers `runops bench` measures runops against, installed on demand into a bench-only place.
 
 Never project dependencies: Procrastinate (and matplotlib, for ``bench/chart.py``) go into a
-virtual environment of their own, ``$TMPDIR/runops-bench-peers`` (the one ``worker_loop.py``
-uses), made with ``python -m venv`` and ``pip install`` the first time; graphile-worker goes into
-``$TMPDIR/runops-bench-peers/node`` with ``npm install``. Each peer gets a database of its own
-on the run-ops cluster (same cluster, same settings as the runs it is compared with), its schema
-installed by its own tooling as its owner ``bench_peer``, a plain login role with
-``runops_app``'s password, so that pgbench reaches it as it reaches ``runops.trigger_run``: a
-non-superuser role, with a password, over TCP.
+virtual environment of their own in the user's cache directory,
+``${XDG_CACHE_HOME:-~/.cache}/runops/bench-peers`` (the one ``worker_loop.py`` uses), made with
+``python -m venv`` and ``pip install`` the first time; graphile-worker goes into its ``node/``
+with ``npm install``. About 230 MB, kept between runs: a cache of this user's, not a folder
+every user of a shared temporary directory writes into; deleting it costs a reinstall. Each
+peer gets a database of its own on the run-ops cluster (same cluster, same settings as the runs
+it is compared with), its schema installed by its own tooling as its owner ``bench_peer``, a
+plain login role with ``runops_app``'s password, so that pgbench reaches it as it reaches
+``runops.trigger_run``: a non-superuser role, with a password, over TCP.
 
 The calls measured are the peers' own enqueue functions, as their clients send them
 (``bench/pgbench/peer_*.sql``):
@@ -24,10 +26,10 @@ When a peer cannot be installed (no network, no node), :func:`setup_peers` says 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,14 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-PEERS_HOME = Path(tempfile.gettempdir()) / "runops-bench-peers"
+
+def _cache_home() -> Path:
+    """The user's cache directory (XDG Base Directory: ``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+
+
+PEERS_HOME = _cache_home() / "runops" / "bench-peers"
 NODE_DIR = PEERS_HOME / "node"
 PROCRASTINATE_DATABASE = "bench_procrastinate"
 GRAPHILE_DATABASE = "bench_graphile"

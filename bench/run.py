@@ -7,7 +7,8 @@ runops's triggers and reads, the Python client, the peers' enqueue calls, a plai
 baseline — in interleaved rounds, then the batch phases (batch_trigger of 10,000 items with and
 without keys, stream_batch of 100,000 items, against a set-based INSERT ... SELECT of 10,000
 rows), prints one table (rates, latency, CPU per call, ratios to the baseline and to each peer,
-targets met or missed), writes the JSON to bench/results/ and the chart to docs/benchmarks.png.
+targets met or missed), writes the JSON and its chart to bench/results/ (``--chart
+docs/benchmarks.png`` refreshes the docs' chart).
 See docs/benchmarks.md for the method and recorded figures. Not a test: nothing here runs
 under pytest.
 """
@@ -34,7 +35,9 @@ def cli(argv: list[str] | None = None) -> int:
                         help="A short run (about 4 minutes): 3 s phases, 2 batch repetitions, 1 stream.")
     parser.add_argument("--no-peers", action="store_true", help="Leave Procrastinate and graphile-worker out.")
     parser.add_argument("--only", choices=SECTIONS, help="Run only the call phases or only the batch phases.")
-    parser.add_argument("--chart", type=Path, help="Where to draw the chart (default docs/benchmarks.png).")
+    parser.add_argument("--chart", type=Path,
+                        help="Where to draw the chart (default: beside the JSON in bench/results/; "
+                             "docs/benchmarks.png refreshes the docs' chart).")
     parser.add_argument("--keep", action="store_true", help="Leave the clusters running and print their URLs.")
     args = parser.parse_args(argv)
     if args.quick:

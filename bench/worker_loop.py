@@ -65,6 +65,7 @@ from typing import Any
 
 import psycopg
 from harness import _TPS, _bring_up, find_pgbench, server_cpu_seconds
+from peers import PEERS_HOME
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ops.local_cluster import DATABASE, LocalStores
@@ -660,7 +661,7 @@ def main() -> int:
     parser.add_argument("--skip-procrastinate", action="store_true")
     parser.add_argument("--procrastinate-sync-task", action="store_true",
                         help="also measure Procrastinate with a plain-function task (run in a thread, as runops's)")
-    parser.add_argument("--peers-venv", type=Path, default=Path(tempfile.gettempdir()) / "runops-bench-peers")
+    parser.add_argument("--peers-venv", type=Path, default=PEERS_HOME)
     parser.add_argument("--dequeue-scaling", action="store_true", help="measure dequeue_runs alone (and nothing else)")
     parser.add_argument("--levels", default="1,4,16", help="dequeuers per phase of --dequeue-scaling")
     parser.add_argument("--dequeue-runs", type=int, default=4800, help="runs queued per --dequeue-scaling phase")

@@ -1,4 +1,11 @@
-"""Shared body of both histories' env.py: connect, pick the store's version table, migrate."""
+"""Shared body of both histories' env.py: connect, pick the store's version table, migrate.
+
+`alembic upgrade head` applies the pending versioned revisions and then, once, the repeatable
+step (the live function files, the unwired stand-ins, the grants) when its checksum differs
+from the one the store recorded: runops.ops.schema.upgrade_to_head, in Alembic's transaction.
+Any other target is refused: this tree carries no older release's functions, so a store left
+at an older revision would run functions that do not match its tables.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,21 @@ from pathlib import Path
 
 import psycopg
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
+
+from runops.ops import schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes runops_revisions importable
 
 ADMIN_URL_VARS = {"control_plane": "RUNOPS_CONTROL_PLANE_ADMIN_URL", "run_ops": "RUNOPS_RUN_OPS_ADMIN_URL"}
+
+
+def upgrading() -> bool:
+    """Whether this is Alembic's upgrade command (not stamp, downgrade, current, history): the
+    migrations function it hands the environment is named after it."""
+    return getattr(context.get_context().opts.get("fn"), "__name__", "") == "upgrade"
 
 
 def run(section: str) -> None:
@@ -33,4 +49,14 @@ def run(section: str) -> None:
         context.configure(connection=connection, target_metadata=None,
                           version_table=f"alembic_version_{section}", version_table_schema="public")
         with context.begin_transaction():
-            context.run_migrations()
+            if not upgrading():
+                context.run_migrations()
+                return
+            head = context.script.get_current_head()
+            target = context.get_revision_argument()
+            if target != head and target != (head,):
+                raise CommandError(f"runops upgrades to head ({head}) only, not {target}: this release carries the "
+                                   "functions of its head alone (install the older release to reach an older "
+                                   "revision)")
+            schema.upgrade_to_head(connection.connection.driver_connection, section.upper(),
+                                   context.get_context().get_current_revision(), head, context.run_migrations)

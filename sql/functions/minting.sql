@@ -141,7 +141,7 @@ DECLARE
   ch integer;
 BEGIN
   IF runops.try_classify_residency(id) IS DISTINCT FROM 'NEW' THEN
-    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(id)
+    RAISE EXCEPTION 'not a KSUID: %', pg_catalog.quote_nullable(runops.input_prefix(id))
       USING ERRCODE = 'RO001', HINT = 'ksuid_timestamp reads the time out of 27-character KSUIDs only';
   END IF;
   FOR i IN 1..27 LOOP

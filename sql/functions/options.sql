@@ -298,7 +298,8 @@ BEGIN
   spec.idempotency_key := option_idempotency_key(o);
   spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
   IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global', spec.idempotency_key_scope);
+    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global',
+                          quote_nullable(input_prefix(spec.idempotency_key_scope)));
   END IF;
   spec.idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
   spec.parent_run_id := option_id(o, 'parent_run_id', 'run');

@@ -35,7 +35,7 @@ DECLARE
   residency text := runops.try_classify_residency(id);
 BEGIN
   IF residency IS NULL THEN
-    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(runops.input_prefix(id))
       USING ERRCODE = 'RO001';
   END IF;
   RETURN residency;

@@ -16,7 +16,7 @@ BEGIN
   SELECT * INTO parent FROM runs AS r WHERE r.id = spec.parent_run_id;
   IF NOT FOUND OR parent.environment_id <> require_parent.environment_id THEN
     PERFORM raise_error('RO004', format('parent run run_%s not found in environment %s', spec.parent_run_id,
-                                        require_parent.environment_id));
+                                        input_prefix(require_parent.environment_id)));
   END IF;
   RETURN parent;
 END

@@ -3,18 +3,8 @@
 Revision ID: 0002
 Revises: 0001
 """
-from alembic import op
-from runops_revisions import r0002_seam
+from runops_revisions import steps
 
 revision = "0002"
-down_revision = '0001'
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    r0002_seam.upgrade(op, "CONTROL_PLANE")
-
-
-def downgrade() -> None:
-    r0002_seam.downgrade(op)
+down_revision = "0001"
+upgrade, downgrade = steps("r0002_seam", "CONTROL_PLANE")

@@ -3,18 +3,8 @@
 Revision ID: 0004
 Revises: 0003
 """
-from alembic import op
-from runops_revisions import r0004_speed
+from runops_revisions import steps
 
 revision = "0004"
-down_revision = '0003'
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    r0004_speed.upgrade(op, "CONTROL_PLANE")
-
-
-def downgrade() -> None:
-    r0004_speed.downgrade(op)
+down_revision = "0003"
+upgrade, downgrade = steps("r0004_speed", "CONTROL_PLANE")

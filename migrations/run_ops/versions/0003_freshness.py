@@ -1,20 +1,10 @@
-"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication; issue 10: the run-status vocabulary once, a CHECK on runs.status, one idempotency engine (run-ops store).
+"""The mirror freshness bound: heartbeats, RO009 on a stale mirror, the pull standing in for replication; the run-status vocabulary once, a CHECK on runs.status, one idempotency engine (run-ops store).
 
 Revision ID: 0003
 Revises: 0002
 """
-from alembic import op
-from runops_revisions import r0003_freshness
+from runops_revisions import steps
 
 revision = "0003"
-down_revision = '0002'
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    r0003_freshness.upgrade(op, "RUN_OPS")
-
-
-def downgrade() -> None:
-    r0003_freshness.downgrade(op)
+down_revision = "0002"
+upgrade, downgrade = steps("r0003_freshness", "RUN_OPS")

@@ -5,7 +5,7 @@ application needs. The client (``runops``) never imports it; it imports the clie
 * ``local_cluster`` — the local stores of ``runops dev up`` and the tests' throwaway clusters;
 * ``schema`` — where ``sql/`` and ``migrations/`` are, and how a store installs them;
 * ``migrate`` — upgrading both stores and wiring them together (FDW, tenant mirror);
-* ``revision`` — rendering a shared revision from ``sql/`` (``python -m runops.ops.revision``);
+* ``revision`` — adding a shared revision: its version files (``make revision NAME=…``);
 * ``doctor`` — ``runops doctor``'s checks;
 * ``demo`` — ``runops demo``; ``reference_tasks`` — what ``runops worker`` runs by default;
 * ``output`` — the CLI's tables and JSON.

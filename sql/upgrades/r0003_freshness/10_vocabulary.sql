@@ -1,6 +1,6 @@
--- r0003, issue 10: the run-status vocabulary once (runops.run_statuses and the constants the hot
+-- r0003: the run-status vocabulary once (runops.run_statuses and the constants the hot
 -- paths inline), a CHECK on runs.status, and views that ask the vocabulary and the classifier.
--- 00_freshness.sql took every lock this file needs (runs and the views' tables), all or none.
+-- 00_freshness.sql names every lock this file needs (runs and the views' tables), taken all or none.
 
 CREATE TABLE runops.run_statuses (
   status       text PRIMARY KEY,
@@ -29,7 +29,19 @@ INSERT INTO runops.run_statuses (status, is_final, releases_key, meaning) VALUES
   ('TIMED_OUT',              true,  true,  'ran past max_duration');
 ALTER TABLE runops.run_statuses OWNER TO runops_owner;
 
--- runops.is_final_status exists since r0001 with the same body.
+-- The vocabulary's constants, which the CHECK below and the status triggers ask. is_final_status
+-- moves here from sql/functions/lifecycle.sql, where r0001 and r0002 made it with this same body.
+-- Adjusted since its release: the delta made only the two new ones and relied on the installed
+-- is_final_status; an upgrade from an empty database installs no function before head, so the
+-- delta makes it too (CREATE OR REPLACE: on an installed store it replaces the same text).
+CREATE OR REPLACE FUNCTION runops.is_final_status(status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT status IN ('CANCELED', 'INTERRUPTED', 'COMPLETED_SUCCESSFULLY', 'COMPLETED_WITH_ERRORS',
+                    'SYSTEM_FAILURE', 'CRASHED', 'EXPIRED', 'TIMED_OUT')
+$$;
+ALTER FUNCTION runops.is_final_status(text) OWNER TO runops_owner;
 CREATE FUNCTION runops.is_run_status(status text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE

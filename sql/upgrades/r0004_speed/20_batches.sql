@@ -1,4 +1,4 @@
--- r0004, issue 11 item 2: batch membership in runs, no foreign keys to batches on the hot path
+-- r0004: batch membership in runs, no foreign keys to batches on the hot path
 -- (SPEC §4 and §5 [1.2]; docs/decisions.md "Batches").
 --
 -- A run a batch created is a member through its own runs.batch_id/batch_index; batch_items keeps
@@ -11,27 +11,11 @@
 -- time with a retry (as r0002 and r0003 do), so the upgrade never queues every trigger behind a
 -- lock it is itself waiting for; a batch writer holds runs, batches and batch_items together, so
 -- taking them one by one could deadlock with it.
-DO $$
-DECLARE
-  previous text := current_setting('lock_timeout');
-  attempts integer := 0;
-BEGIN
-  LOOP
-    BEGIN
-      PERFORM set_config('lock_timeout', '200ms', true);
-      LOCK TABLE runops.runs, runops.batches, runops.batch_items IN ACCESS EXCLUSIVE MODE;
-      PERFORM set_config('lock_timeout', previous, true);
-      RETURN;
-    EXCEPTION WHEN lock_not_available THEN
-      attempts := attempts + 1;
-      IF attempts >= 600 THEN
-        RAISE EXCEPTION 'r0004 could not lock runops.runs, runops.batches and runops.batch_items in %s attempts: too busy to upgrade now', attempts;
-      END IF;
-      PERFORM pg_sleep(0.01 + random() * 0.04);
-    END;
-  END LOOP;
-END
-$$;
+--
+-- Released with the lock-with-retry block written out here; since the switch to frozen deltas
+-- the upgrade takes the tables named below (and those of every other pending revision) in one
+-- such block before any revision runs: runops.ops.schema.take_upgrade_locks, its one home.
+-- lock: runops.runs, runops.batches, runops.batch_items
 
 ALTER TABLE runops.runs DROP CONSTRAINT runs_batch_id_fkey;
 ALTER TABLE runops.batch_items DROP CONSTRAINT batch_items_batch_id_fkey;

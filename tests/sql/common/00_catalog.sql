@@ -158,7 +158,7 @@ SELECT is_empty($$
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
-      'base62_digits10',
+      'base62_digits10', 'input_prefix',
       'pull_tenant_mirror', 'mirror_fingerprint',
       'list_store_runs',  -- one store's list_runs page, for the client's own merge (docs/listing.md)
       'list_environments',  -- `runops env list` (control plane)
