@@ -19,6 +19,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.ops import migrate
 from tests.conftest import Stores, sqlstate_of
 from tests.lifecycle_helpers import T0, call, one, set_clock, trigger
+from tests.test_upgrade import RELEASES, install_release
 
 
 def active(admin: psycopg.Connection[Any], env: str) -> int:
@@ -252,7 +253,7 @@ def test_the_upgrade_gives_runs_already_leased_their_slots(scratch_db) -> None:
     """A store at r0004 with leased runs (more than a lowered limit) is upgraded in place: each
     leased run holds a slot, the excess above the limit, and the limit is exact from then on."""
     url = scratch_db("slots")
-    migrate.upgrade(CONTROL_PLANE, url, "0004")
+    install_release(CONTROL_PLANE, url, RELEASES["r0004"])  # the r0004 release itself, from git
     with psycopg.connect(url, autocommit=True) as c:
         org = c.execute("SELECT runops.create_organization('o')").fetchone()[0]  # type: ignore[index]
         project = c.execute("SELECT runops.create_project(%s, 'p')", [org]).fetchone()[0]  # type: ignore[index]
