@@ -1,9 +1,10 @@
 -- Lifecycle: the state machine and the worker's path through it.
 --
 -- Every status change is checked by one trigger (guard_run_status) against
--- runops.status_transitions, which also sends the change to listeners. Functions name the move
--- they make in the transaction-local setting runops.transition_by; a direct UPDATE without it
--- may make any move the table allows, and none it does not.
+-- runops.status_transitions; the same trigger keeps the concurrency slots, tells listeners of
+-- final statuses (of every status where the environment asks) and wakes a worker waiting for new
+-- work. Functions name the move they make in the transaction-local setting runops.transition_by;
+-- a direct UPDATE without it may make any move the table allows, and none it does not.
 --
 --   dequeue_runs      PENDING -> DEQUEUED            (lease and a concurrency slot, FOR UPDATE SKIP LOCKED)
 --   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
