@@ -96,39 +96,56 @@ END
 $$;
 
 -- Lays an environment's concurrency slots out for slot_limit (its maximum_concurrency_limit as
--- the caller read it): on its first dequeue here, and after the limit changed. Rare, so it may
--- wait: it locks the environment's limit row (one layout at a time) and every slot row (claims
--- and releases in flight finish first). Idempotent. A lowered limit keeps the runs holding
--- slots above it there (overflow) until they end, moving each into a free slot at or below
--- the limit while there is one; a leased run holding no slot (leased before this store had
--- slots, or moved by a write that bypassed the triggers) takes one, above the limit if need be.
+-- the caller read it): on its first dequeue here, and after the limit changed. Idempotent, and
+-- it locks only what it changes — its environment's limit row (one layout at a time) and the
+-- slot rows it adds, deletes or moves — so dequeues running meanwhile keep claiming the other
+-- slots. A lowered limit deletes the free slots above it; runs holding slots above it keep them
+-- (overflow) until they end, each moving into a free slot at or below the limit while there is
+-- one. A leased run holding no slot (leased before this store had slots, or moved by a write
+-- that bypassed the triggers) takes one, above the limit if need be.
 CREATE OR REPLACE FUNCTION runops.layout_concurrency_slots(of_environment text, slot_limit integer)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
+  laid integer;
   high record;
   low integer;
   unslotted text;
 BEGIN
+  -- A concurrent first layout's row is waited for here; if it laid out the same limit, done.
   INSERT INTO concurrency_limits AS l (environment_id, slot_limit)
   VALUES (of_environment, layout_concurrency_slots.slot_limit)
-  ON CONFLICT (environment_id) DO UPDATE SET slot_limit = excluded.slot_limit;
-  PERFORM FROM concurrency_slots AS s WHERE s.environment_id = of_environment ORDER BY s.slot FOR UPDATE;
+  ON CONFLICT (environment_id) DO NOTHING
+  RETURNING l.slot_limit INTO laid;
+  IF laid IS NULL THEN
+    SELECT l.slot_limit INTO laid FROM concurrency_limits AS l WHERE l.environment_id = of_environment FOR UPDATE;
+    IF laid = layout_concurrency_slots.slot_limit THEN
+      RETURN;
+    END IF;
+    UPDATE concurrency_limits AS l SET slot_limit = layout_concurrency_slots.slot_limit
+    WHERE l.environment_id = of_environment;
+  END IF;
   INSERT INTO concurrency_slots (environment_id, slot)
   SELECT of_environment, g.slot FROM generate_series(1, layout_concurrency_slots.slot_limit) AS g (slot)
   ON CONFLICT DO NOTHING;
+  -- A slot a dequeue is claiming meanwhile is waited for, and kept if it was taken.
   DELETE FROM concurrency_slots AS s
   WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit AND s.run_id IS NULL;
-  FOR high IN SELECT s.slot, s.run_id FROM concurrency_slots AS s
+  FOR high IN SELECT s.slot FROM concurrency_slots AS s
               WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit
               ORDER BY s.slot
   LOOP
+    -- Its run may be ending meanwhile (its release deletes the row): then there is nothing to move.
+    SELECT s.run_id INTO unslotted FROM concurrency_slots AS s
+    WHERE s.environment_id = of_environment AND s.slot = high.slot AND s.run_id IS NOT NULL FOR UPDATE;
+    CONTINUE WHEN NOT FOUND;
     SELECT s.slot INTO low FROM concurrency_slots AS s
-    WHERE s.environment_id = of_environment AND s.run_id IS NULL ORDER BY s.slot LIMIT 1;
+    WHERE s.environment_id = of_environment AND s.run_id IS NULL AND s.slot <= layout_concurrency_slots.slot_limit
+    ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED;
     EXIT WHEN NOT FOUND;
     DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = high.slot;
-    UPDATE concurrency_slots AS s SET run_id = high.run_id WHERE s.environment_id = of_environment AND s.slot = low;
+    UPDATE concurrency_slots AS s SET run_id = unslotted WHERE s.environment_id = of_environment AND s.slot = low;
   END LOOP;
   -- A run changing status meanwhile is skipped: its own transition takes or gives back its slot.
   FOR unslotted IN SELECT r.id FROM runs AS r
@@ -139,10 +156,12 @@ BEGIN
     UPDATE concurrency_slots AS s SET run_id = unslotted
     WHERE s.environment_id = of_environment
       AND s.slot = (SELECT f.slot FROM concurrency_slots AS f
-                    WHERE f.environment_id = of_environment AND f.run_id IS NULL ORDER BY f.slot LIMIT 1);
+                    WHERE f.environment_id = of_environment AND f.run_id IS NULL
+                      AND f.slot <= layout_concurrency_slots.slot_limit
+                    ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED);
     IF NOT FOUND THEN
       INSERT INTO concurrency_slots (environment_id, slot, run_id)
-      SELECT of_environment, coalesce(max(s.slot), 0) + 1, unslotted
+      SELECT of_environment, greatest(coalesce(max(s.slot), 0), layout_concurrency_slots.slot_limit) + 1, unslotted
       FROM concurrency_slots AS s WHERE s.environment_id = of_environment;
     END IF;
   END LOOP;
@@ -416,7 +435,8 @@ BEGIN
     RETURN;  -- a paused environment hands out no work; attempts in flight still complete
   END IF;
   -- The environment's slots follow its limit: laid out on its first dequeue here, and again
-  -- after the limit changed (sql/schema/45_concurrency_slots.sql).
+  -- after the limit changed (sql/schema/45_concurrency_slots.sql); a layout in flight holds
+  -- only the rows it changes.
   lim := env.maximum_concurrency_limit;
   IF NOT EXISTS (SELECT FROM concurrency_limits AS l WHERE l.environment_id = env.id AND l.slot_limit = lim) THEN
     PERFORM layout_concurrency_slots(env.id, lim);
