@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -40,8 +41,13 @@ def admin_rows(own: Stores, query: str, params: list[Any] | None = None) -> list
         return c.execute(query, params).fetchall()
 
 
-def wait_for_store(own: Stores, timeout: float = 60.0) -> None:
+def wait_for_store(own: Stores, killed: int | None = None, timeout: float = 60.0) -> None:
+    """Until the store answers again after ``killed`` died: the postmaster notices the crash and
+    resets every backend a moment later, so a connection made before that must not count."""
     deadline = time.monotonic() + timeout
+    while killed is not None and Path(f"/proc/{killed}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
     while True:
         try:
             with psycopg.connect(own.admin[RUN_OPS], connect_timeout=2) as c:
@@ -100,7 +106,7 @@ def test_a_backend_killed_holding_a_dequeue_open_leaks_no_slot(own: Stores) -> N
     held = admin_rows(own, "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'transactionid'", [pid])
     assert held[0][0] >= 1  # it wrote: slots and runs are its uncommitted changes
     os.kill(pid, signal.SIGKILL)  # the postmaster resets every backend and recovers
-    wait_for_store(own)
+    wait_for_store(own, pid)
     victim.close()
     check_slots(own, env)
     assert admin_rows(own, "SELECT count(*) FROM runops.runs WHERE environment_id = %s "
@@ -152,8 +158,7 @@ def test_a_backend_killed_inside_dequeue_runs_under_load_leaks_no_slot(own: Stor
             pid = found[0][0] if found else None
         assert pid is not None, "no backend was ever seen inside dequeue_runs"
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-        wait_for_store(own)
+        wait_for_store(own, pid)
         time.sleep(2.0)  # traffic resumes at the limit
     finally:
         stop.set()
