@@ -429,13 +429,16 @@ class RunOps(_Router[ConnectionPool]):
     # -- the worker's path ------------------------------------------------------------------------
 
     def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
-                     queues: list[str] | None = None, tasks: list[str] | None = None) -> list[Run]:
+                     queues: list[str] | None = None, tasks: list[str] | None = None,
+                     wake: str | None = None) -> list[Run]:
         """Leases runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency
         limit is exact within each store (SPEC: the total may reach twice the limit during a split).
         A store that fails does not cost what the other leased: those runs are returned, and
-        StoreUnavailable is raised only when every store was unavailable."""
+        StoreUnavailable is raised only when every store was unavailable. ``wake``: a channel this
+        worker LISTENs on in each store; a store that finds its queue dry notifies it, once, when
+        new work arrives there."""
         params = {"e": environment_id, "w": worker_id,
-                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks})}
+                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks, "wake": wake})}
         leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
         for store in leasing.stores:
             if leasing.wanted() <= 0:
@@ -668,17 +671,18 @@ class RunOps(_Router[ConnectionPool]):
     # -- notifications --------------------------------------------------------------------------------
 
     @contextmanager
-    def listen(self, environment_id: str, store: str) -> Iterator[psycopg.Connection[Any]]:
-        """A dedicated connection LISTENing to an environment's status changes on one store
-        (StoreUnavailable when the store cannot be reached; RunOpsError with ``pgbouncer=True``,
-        where a LISTEN would be lost with its server connection)."""
+    def listen(self, environment_id: str, store: str, *, channel: str | None = None
+               ) -> Iterator[psycopg.Connection[Any]]:
+        """A dedicated connection LISTENing to an environment's status changes on one store (or to
+        ``channel``: a worker's wake-up channel) (StoreUnavailable when the store cannot be reached;
+        RunOpsError with ``pgbouncer=True``, where a LISTEN would be lost with its server connection)."""
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")
         self._refuse_listen()
         try:
             with psycopg.Connection.connect(url, **self._connect_kwargs(url)) as conn:
-                conn.execute(queries.listen(environment_id))
+                conn.execute(queries.listen(environment_id, channel))
                 yield conn
         except psycopg.Error as exc:
             raise self._failed(store, False, exc) from exc

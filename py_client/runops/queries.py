@@ -94,7 +94,7 @@ PURGE_RUNS = "SELECT runops.purge_runs(%(o)s, %(n)s)"
 # -- notifications --------------------------------------------------------------------------------
 
 
-def listen(environment_id: str) -> sql.Composed:
+def listen(environment_id: str, channel: str | None = None) -> sql.Composed:
     """LISTEN to an environment's status changes (the channel ``runops_env_<id>`` the status
-    guard notifies), the id quoted as an identifier."""
-    return sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}"))
+    guard notifies), or to ``channel``, quoted as an identifier."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel or f"runops_env_{environment_id}"))

@@ -678,17 +678,19 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
         else:
             click.echo(f"{time.strftime('%H:%M:%S')}  {run.run_id}  {old + ' -> ' if old else ''}{new}")
 
-    # LISTEN before reading the status, so no change can slip between the two.
+    # LISTEN before reading the status, so no change can slip between the two. Final statuses are
+    # always notified, intermediate ones only where the environment asks (notifications 'all'):
+    # the rest are seen by reading the run twice a second.
     with client.listen(run.environment_id, store) as conn:
         current = client.get_run(run_id)
         assert current is not None
         show(None, current.status)
         status = current.status
-        while current.status not in FINAL_STATUSES:
-            for note in conn.notifies(timeout=1.0):
+        while status not in FINAL_STATUSES:
+            for note in conn.notifies(timeout=0.5):
                 event = json.loads(note.payload)
-                if event["run_id"] == run.run_id:
-                    show(event["old_status"], event["new_status"])
+                if event["run_id"] == run.run_id and event["new_status"] != status:
+                    show(status, event["new_status"])
                     status = event["new_status"]
                     if status in FINAL_STATUSES:
                         return
@@ -696,6 +698,9 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
                 click.echo(f"error: still {status} after {timeout:g}s", err=True)
                 sys.exit(1)
             current = client.get_run(run_id) or current  # a notification can be missed; the row cannot
+            if current.status != status:
+                show(status, current.status)
+                status = current.status
 
 
 @main.command()
