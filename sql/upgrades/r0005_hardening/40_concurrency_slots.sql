@@ -2,31 +2,10 @@
 -- (sql/schema/45_concurrency_slots.sql says why), and the slots of the runs already leased.
 --
 -- Runs may not change status between the backfill and the new status guard (applied with the
--- functions, later in this revision's transaction): a run leased by the old dequeue_runs in
--- between would hold no slot. SHARE on runs keeps writers out until the revision commits;
--- readers go on. Waited for 200 ms at a time, as r0003 does, so callers never queue behind the
--- upgrade for long.
-DO $$
-DECLARE
-  previous text := current_setting('lock_timeout');
-  attempts integer := 0;
-BEGIN
-  LOOP
-    BEGIN
-      PERFORM set_config('lock_timeout', '200ms', true);
-      LOCK TABLE runops.runs IN SHARE MODE;
-      PERFORM set_config('lock_timeout', previous, true);
-      RETURN;
-    EXCEPTION WHEN lock_not_available THEN
-      attempts := attempts + 1;
-      IF attempts >= 600 THEN
-        RAISE EXCEPTION 'r0005 could not lock runops.runs in %s attempts: too busy to upgrade now', attempts;
-      END IF;
-      PERFORM pg_sleep(0.01 + random() * 0.04);
-    END;
-  END LOOP;
-END
-$$;
+-- functions, later in this upgrade's transaction): a run leased by the old dequeue_runs in
+-- between would hold no slot. The upgrade runner already holds SHARE ROW EXCLUSIVE on runs
+-- before any revision runs (runops.ops.schema, take_upgrade_locks), which keeps writers out
+-- until the upgrade commits while readers go on, so this file takes no lock of its own.
 
 CREATE TABLE runops.concurrency_limits (
   environment_id text COLLATE "C" PRIMARY KEY,

@@ -7,6 +7,7 @@
 -- have a column the publisher lacks, and a row with the new column waits (the apply worker
 -- retries) until the run-ops store has it too — `runops migrate` upgrades it right after the
 -- control plane.
+-- lock: runops.runtime_environments
 ALTER TABLE runops.runtime_environments
   ADD COLUMN notify_every_status boolean NOT NULL DEFAULT false,
   ADD CONSTRAINT runtime_environments_notifications_check CHECK (notifications OR NOT notify_every_status);
