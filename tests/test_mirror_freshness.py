@@ -1,4 +1,4 @@
-"""The tenant mirror's freshness bound (SPEC §4 [1.2], issue 9 item 1), on pairs of their own.
+"""The tenant mirror's freshness bound (SPEC §4 [1.2]), on pairs of their own.
 
 The reproduction from the issue: with the subscription disabled, an environment paused on the
 control plane kept taking NEW runs on the run-ops store, also after tick, and a slot invalidated
