@@ -643,6 +643,12 @@ class RunOps(_Router[ConnectionPool]):
         did not answer is absent). StoreUnavailable only when none answers."""
         return self._each_store(queries.TICK, {"n": max_rows}, partial=True)
 
+    def tick_when_due(self, every_seconds: int = 1, max_rows: int = 1000) -> dict[str, dict[str, int] | None]:
+        """:meth:`tick` on every store that answers, but only where no pass ran within
+        ``every_seconds`` and no other process is ticking that store now (None there): what a
+        worker process calls so that many workers make about one pass per interval."""
+        return self._each_store(queries.TICK_WHEN_DUE, {"i": every_seconds, "n": max_rows}, partial=True)
+
     def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
         """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
         when none answers."""

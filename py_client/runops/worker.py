@@ -149,11 +149,13 @@ class Worker:
                  worker_id: str | None = None, concurrency: int = 4, lease: float = 60.0, grace: float = 30.0,
                  queues: list[str] | None = None, poll_interval: tuple[float, float] = (0.05, 1.0),
                  once: bool = False, handle_signals: bool = True, all_tasks: bool = False,
-                 on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
+                 tick: float | None = 1.0, on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if lease < 3:
             raise ValueError("lease must be at least 3 seconds")
+        if tick is not None and not 1 <= tick <= 3600:
+            raise ValueError("tick must be 1 to 3600 seconds, or None for a worker that does no time-driven work")
         if not all_tasks and not len(tasks):
             raise ValueError("no task is registered, so this worker would take no run (register tasks, "
                              "or work every run with all_tasks)")
@@ -168,6 +170,10 @@ class Worker:
         self.all_tasks = all_tasks
         self.poll_interval = poll_interval
         self.once = once
+        # A worker that runs until stopped carries the ticker (retries, delays, leases, waits,
+        # the mirror's pull): no separate process is needed. A `once` pass is a drain, not a
+        # service, and leaves time-driven work to whoever runs the stores' ticker.
+        self.tick = None if once else tick
         self.handle_signals = handle_signals
         self.on_outcome = on_outcome
         self.handled = 0
@@ -204,6 +210,8 @@ class Worker:
                 previous[signum] = signal.signal(signum, self._on_signal)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{self.worker_id}-heartbeat", daemon=True)
         heartbeat.start()
+        if self.tick is not None:
+            threading.Thread(target=self._tick_loop, name=f"{self.worker_id}-tick", daemon=True).start()
         # Behind PgBouncer a LISTEN would be lost with its server connection: polling alone.
         stores = () if self.client.behind_pgbouncer else ("RUN_OPS", "CONTROL_PLANE") if self.client.split_wired \
             else ("CONTROL_PLANE",)
@@ -445,6 +453,21 @@ class Worker:
             except Exception as exc:  # an outage: try again later
                 log.debug("%s: wake-up channel on %s: %s", self.worker_id, store, exc)
                 self._done.wait(1.0)
+
+    # -- the ticker ------------------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        """About every ``tick`` seconds, a turn at each store's time-driven work: the store runs
+        a pass only when none ran within the interval and no other process is ticking it
+        (``tick_when_due``), so any number of workers make one pass per interval, and a store
+        that does not answer is skipped until it does."""
+        assert self.tick is not None
+        every = max(1, round(self.tick))
+        while not self._done.wait(self.tick):
+            try:
+                self.client.tick_when_due(every)
+            except Exception as exc:  # an outage, or a store too busy: the next turn tries again
+                log.debug("%s: tick: %s", self.worker_id, cut(str(exc), 300))
 
     # -- heartbeats ----------------------------------------------------------------------------------
 

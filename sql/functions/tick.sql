@@ -348,3 +348,30 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- The ticker a worker process carries (so no separate `runops tick --loop` is needed): every
+-- worker calls this about once a second per store; one of them ticks, the others return NULL at
+-- once. A transaction-scoped advisory lock picks the one (no session state, so it works behind
+-- PgBouncer in transaction mode and leaves nothing behind when a worker dies), and the store's
+-- tick heartbeat says whether a pass ran within `every_seconds`, whoever ran it — a
+-- `tick --loop` or pg_cron included — so many workers make about one pass per interval, not one
+-- each. Lock key (1919250031, 2): class 1919250031 is runops' (subkey 1 is the split's).
+CREATE OR REPLACE FUNCTION runops.tick_when_due(every_seconds integer DEFAULT 1, max_rows integer DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM require_between(every_seconds, 1, 3600, 'every_seconds');
+  PERFORM require_between(max_rows, 1, 100000, 'max_rows');
+  IF NOT pg_catalog.pg_try_advisory_xact_lock(1919250031, 2) THEN
+    RETURN NULL;  -- another process is ticking this store right now
+  END IF;
+  IF EXISTS (SELECT FROM heartbeats AS h
+             WHERE h.source = CASE local_residency() WHEN 'NEW' THEN 'run_ops_tick' ELSE 'control_plane_tick' END
+               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => every_seconds)) THEN
+    RETURN NULL;  -- a pass ran within the interval
+  END IF;
+  RETURN tick(max_rows);
+END
+$$;

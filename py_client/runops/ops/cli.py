@@ -997,13 +997,20 @@ def _load_app(spec: str) -> Any:
 @click.option("--all-tasks", is_flag=True,
               help="Take every run of the environment, failing those of tasks this worker does not know "
                    "(UnknownTask). Default: only runs of its own tasks.")
+@click.option("--tick-every", "tick_every", type=click.IntRange(1, 3600), default=1, show_default=True,
+              help="Seconds between this worker's turns at the stores' time-driven work (retries, delays, "
+                   "leases, waits); however many workers run, a store makes about one pass per interval.")
+@click.option("--no-tick", is_flag=True,
+              help="Do no time-driven work here (another process runs `runops tick --loop` or pg_cron).")
 @pass_ctx
 @reports_errors
 def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
-           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool) -> None:
+           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool, tick_every: int,
+           no_tick: bool) -> None:
     """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
-    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Drains on
-    SIGTERM/SIGINT and exits 0; waits out store outages."""
+    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Also runs
+    the stores' time-driven work (unless --no-tick or --once), so no separate ticker is needed.
+    Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
 
@@ -1035,7 +1042,7 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
     _log_to_stderr()
     handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
                      queues=list(queues) or None, grace=grace, lease=lease, once=once, all_tasks=all_tasks,
-                     on_outcome=report).run()
+                     tick=None if no_tick else float(tick_every), on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 
