@@ -46,7 +46,7 @@ def stores() -> Iterator[Stores]:
 
 
 @contextlib.contextmanager
-def running_stores(*, heartbeat: bool = True) -> Iterator[Stores]:
+def running_stores(*, heartbeat: bool = True, bindirs: dict[str, Path] | None = None) -> Iterator[Stores]:
     """A control plane and a run-ops store on two fresh clusters, migrated, wired and split as
     after `runops dev up`; destroyed on exit. The session's `stores`, and fault tests that need
     clusters of their own to kill.
@@ -55,11 +55,12 @@ def running_stores(*, heartbeat: bool = True) -> Iterator[Stores]:
     deployment's scheduled tick does: replication carries it to the run-ops store and keeps its
     tenant mirror within the freshness bound (SPEC §4 [1.2]). Tests call tick() themselves and
     count what it did, so the thread stamps the heartbeat only (runops.beat), never a whole tick.
-    Tests of the freshness bound itself turn it off."""
+    Tests of the freshness bound itself turn it off. `bindirs` runs a store on other server
+    binaries (another major) than the default."""
     # Under the system temp directory, world-traversable: the postgres user must reach it.
     home = Path(tempfile.mkdtemp(prefix="runops-test-"))
     home.chmod(0o755)
-    local, _ = LocalStores.create(home / ".runops", fsync=False)
+    local, _ = LocalStores.create(home / ".runops", fsync=False, bindirs=bindirs)
     local.save()  # so `runops` run from `home` finds these stores, as after `runops dev up`
     local.start()
     try:

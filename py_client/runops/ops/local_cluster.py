@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runops.dev_stores import DATABASE, app_url, default_home, no_local_stores, read_state, state_file
@@ -218,6 +218,9 @@ class LocalStores:
     # we know a live pid is still that ticker.
     ticker_pid: int | None = None
     ticker_token: str | None = None
+    # A store whose cluster runs another major than `bindir` (store -> its binaries): the tests
+    # keep the control plane on 15 and the run-ops store on 18 (SPEC §9 "Mixed majors").
+    store_bindirs: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_cwd(cls, home: Path | None = None) -> LocalStores:
@@ -228,8 +231,10 @@ class LocalStores:
         return cls(**raw)
 
     @classmethod
-    def create(cls, home: Path, *, fsync: bool = True) -> tuple[LocalStores, str | None]:
-        """Plans the layout (nothing started). Returns a note when the data must live elsewhere."""
+    def create(cls, home: Path, *, fsync: bool = True,
+               bindirs: dict[str, Path] | None = None) -> tuple[LocalStores, str | None]:
+        """Plans the layout (nothing started). Returns a note when the data must live elsewhere.
+        ``bindirs`` gives a store binaries other than the ones `find_bindir` picks."""
         home.mkdir(parents=True, exist_ok=True)
         note = None
         data_root = home
@@ -249,8 +254,12 @@ class LocalStores:
             for store, d in STORE_DIRS.items()
         }
         stores = cls(home=str(home), data_root=str(data_root), bindir=str(find_bindir()),
-                     app_password=secrets.token_urlsafe(18), clusters=clusters)
+                     app_password=secrets.token_urlsafe(18), clusters=clusters,
+                     store_bindirs={store: str(b) for store, b in (bindirs or {}).items()})
         return stores, note
+
+    def bindir_of(self, store: str) -> Path:
+        return Path(self.store_bindirs.get(store, self.bindir))
 
     def save(self) -> None:
         """Writes the state, readable by its owner only: it holds the application password."""
@@ -261,17 +270,16 @@ class LocalStores:
             out.write(json.dumps(asdict(self), indent=2))
 
     def start(self) -> None:
-        bindir = Path(self.bindir)
-        for cluster in self.clusters.values():
+        for store, cluster in self.clusters.items():
             if not cluster.initialised:
-                cluster.init(bindir)
-            cluster.start(bindir)
+                cluster.init(self.bindir_of(store))
+            cluster.start(self.bindir_of(store))
             cluster.create_database()
 
     def stop(self) -> None:
         self.stop_ticker()
-        for cluster in self.clusters.values():
-            cluster.stop(Path(self.bindir))
+        for store, cluster in self.clusters.items():
+            cluster.stop(self.bindir_of(store))
 
     @property
     def ticker_log(self) -> Path:
@@ -335,7 +343,7 @@ class LocalStores:
         return bool(raw.get("ticker_token") == token)
 
     def running(self) -> dict[str, bool]:
-        return {store: c.running(Path(self.bindir)) for store, c in self.clusters.items()}
+        return {store: c.running(self.bindir_of(store)) for store, c in self.clusters.items()}
 
     def admin_urls(self) -> dict[str, str]:
         return {store: c.admin_url() for store, c in self.clusters.items()}
