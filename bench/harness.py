@@ -20,7 +20,19 @@ project dependencies). The workloads, rows of the table (``WORKLOADS``):
 * 1 client: the baseline, ``trigger_no_key`` and the three reads again;
 * batches (one connection): ``batch_baseline`` (INSERT ... SELECT of 10,000 rows),
   ``batch_trigger`` of 10,000 items without and with keys, ``stream_batch`` of 100,000 items in
-  chunks of 1,000.
+  chunks of 1,000;
+* the worker's side (the "loop" section, measured by ``bench/worker_loop.py``, the one home of
+  those measurements): ``full_loop`` (4 ``runops worker`` processes × 4 while 4 threads trigger:
+  trigger → dequeue → start → complete) against ``procrastinate_loop`` (the same with
+  Procrastinate's workers and ``defer()``), rate and server CPU per run; ``dequeue_c1/4/16``
+  (pgbench clients calling ``dequeue_runs(env, worker, 1)`` over queued runs of one environment)
+  against ``procrastinate_dequeue_c16`` (16 clients of ``procrastinate_fetch_job_v2``);
+  ``pickup`` (an idle worker, runs triggered one at a time: p50/p99 of trigger → lease); and
+  ``trigger_no_ticker`` (the no-key trigger with the control plane's ticker stopped past the
+  run-ops store's freshness bound) against ``trigger_ticker_on`` (the same, ticking), in
+  interleaved rounds. ``LoopSettings`` sizes them; ``QUICK`` runs every one small (and lowers
+  the freshness bound to 2 s so the no-ticker phase need not wait a minute: its figure then
+  says nothing about the default bound).
 
 Every pgbench phase is ``pgbench -n -M prepared -c <clients> -j <threads> -T <seconds>`` as
 ``runops_app`` over TCP, with a per-transaction log for the latency percentiles. Before each
@@ -30,7 +42,8 @@ round-robin through every call workload in each; the rate reported is the median
 with their spread. Each row's ratio is to its own yardstick (the baseline at the same number of
 clients; the set INSERT for batches; the local read for the other reads) and, for the 4-client
 enqueue rows, to each peer. ``TARGETS`` (issue 11) are data here and the table marks each met or
-missed. ``bench/chart.py`` draws the same rows (beside the JSON in ``bench/results/``).
+missed; ``CEILINGS`` bound figures other than rates (pickup p50/p99, the loop's server CPU per
+run against Procrastinate's). ``bench/chart.py`` draws the same rows (beside the JSON in ``bench/results/``).
 
 Exit codes of :func:`main`: 0 every target measured was met, 4 the benchmark ran but missed a
 target, 1 it could not run. A peer that cannot be installed is reported in its rows and its

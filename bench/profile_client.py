@@ -168,9 +168,11 @@ def main() -> int:
                     admin.execute("CHECKPOINT")
                     cpu0 = harness.server_cpu_seconds(datadir) or 0.0
                     if tree is None:
+                        child0 = harness._children_cpu()
                         w = harness.run_pgbench(pgbench, app[RUN_OPS], harness.scripts_dir() / "trigger_no_key.sql",
                                                 int(args.seconds), {"env": env}, clients=THREADS)
-                        figs = {"calls_per_s": w.calls_per_s, "client_cpu_us": float("nan"), "calls": w.all_calls}
+                        figs = {"calls_per_s": w.calls_per_s, "calls": w.all_calls,
+                                "client_cpu_us": (harness._children_cpu() - child0) / max(w.all_calls, 1) * 1e6}
                     elif tree == "bare":
                         figs = _child(HERE.parent, "--seconds", str(args.seconds), "--measure-bare", app[RUN_OPS], env)
                     else:
