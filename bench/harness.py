@@ -197,7 +197,7 @@ WORKLOADS = (
     Workload("dequeue_c1", "dequeue_runs only, one environment", 1, "runs", None, section="loop"),
     Workload("dequeue_c4", "dequeue_runs only, one environment", 4, "runs", "dequeue_c1", section="loop"),
     Workload("dequeue_c16", "dequeue_runs only, one environment", 16, "runs", "dequeue_c1", section="loop"),
-    Workload("procrastinate_dequeue_c16", "Procrastinate fetch_job only", 16, "runs", "dequeue_c1", section="loop"),
+    Workload("procrastinate_dequeue_c16", "Procrastinate fetch_job only", 16, "runs", None, section="loop"),
     Workload("pickup", "pickup latency, idle worker (ms)", 1, "ms", None, section="loop"),
     Workload("trigger_ticker_on", "trigger_run, no key, ticker on", CLIENTS, "calls", None, section="loop"),
     Workload("trigger_no_ticker", "trigger_run, no key, ticker stopped past bound", CLIENTS, "calls",
