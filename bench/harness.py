@@ -20,7 +20,19 @@ project dependencies). The workloads, rows of the table (``WORKLOADS``):
 * 1 client: the baseline, ``trigger_no_key`` and the three reads again;
 * batches (one connection): ``batch_baseline`` (INSERT ... SELECT of 10,000 rows),
   ``batch_trigger`` of 10,000 items without and with keys, ``stream_batch`` of 100,000 items in
-  chunks of 1,000.
+  chunks of 1,000;
+* the worker's side (the "loop" section, measured by ``bench/worker_loop.py``, the one home of
+  those measurements): ``full_loop`` (4 ``runops worker`` processes × 4 while 4 threads trigger:
+  trigger → dequeue → start → complete) against ``procrastinate_loop`` (the same with
+  Procrastinate's workers and ``defer()``), rate and server CPU per run; ``dequeue_c1/4/16``
+  (pgbench clients calling ``dequeue_runs(env, worker, 1)`` over queued runs of one environment)
+  against ``procrastinate_dequeue_c16`` (16 clients of ``procrastinate_fetch_job_v2``);
+  ``pickup`` (an idle worker, runs triggered one at a time: p50/p99 of trigger → lease); and
+  ``trigger_no_ticker`` (the no-key trigger with the control plane's ticker stopped past the
+  run-ops store's freshness bound) against ``trigger_ticker_on`` (the same, ticking), in
+  interleaved rounds. ``LoopSettings`` sizes them; ``QUICK`` runs every one small (and lowers
+  the freshness bound to 2 s so the no-ticker phase need not wait a minute: its figure then
+  says nothing about the default bound).
 
 Every pgbench phase is ``pgbench -n -M prepared -c <clients> -j <threads> -T <seconds>`` as
 ``runops_app`` over TCP, with a per-transaction log for the latency percentiles. Before each
@@ -30,7 +42,8 @@ round-robin through every call workload in each; the rate reported is the median
 with their spread. Each row's ratio is to its own yardstick (the baseline at the same number of
 clients; the set INSERT for batches; the local read for the other reads) and, for the 4-client
 enqueue rows, to each peer. ``TARGETS`` (issue 11) are data here and the table marks each met or
-missed. ``bench/chart.py`` draws the same rows (beside the JSON in ``bench/results/``).
+missed; ``CEILINGS`` bound figures other than rates (pickup p50/p99, the loop's server CPU per
+run against Procrastinate's). ``bench/chart.py`` draws the same rows (beside the JSON in ``bench/results/``).
 
 Exit codes of :func:`main`: 0 every target measured was met, 4 the benchmark ran but missed a
 target, 1 it could not run. A peer that cannot be installed is reported in its rows and its
@@ -43,6 +56,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import resource
 import secrets
@@ -60,7 +74,7 @@ from typing import Any, TypeVar
 
 import click
 import psycopg
-from peers import Peer, PeerUnavailable, chart_python, setup_peers
+from peers import Peer, PeerUnavailable, chart_python, procrastinate_python, setup_peers
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import RunOpsError
@@ -79,7 +93,7 @@ TASK = "bench-task"
 PAYLOAD: dict[str, Any] = {"n": 1}
 EXIT_TARGET_MISSED = 4
 T = TypeVar("T")
-SECTIONS = ("calls", "batches")
+SECTIONS = ("calls", "batches", "loop")
 BATCH_ITEMS = 10_000
 BATCH_REPS = 5
 STREAM_ITEMS = 100_000
@@ -147,6 +161,7 @@ class Workload:
     unit: str                  # "calls" or "rows" (per second)
     reference: str | None      # the row's own yardstick
     versus_peers: bool = False  # a 4-client enqueue: its ratio to each peer is shown too
+    section: str = "calls"     # which part of the run measures it (SECTIONS)
 
 
 PEER_WORKLOADS = ("procrastinate_defer", "procrastinate_defer_lock", "graphile_add_job", "graphile_add_job_key")
@@ -174,13 +189,28 @@ WORKLOADS = (
     Workload("batch_trigger_no_key", f"batch_trigger, {BATCH_ITEMS:,} items, no keys", 1, "rows", "batch_baseline"),
     Workload("batch_trigger_keys", f"batch_trigger, {BATCH_ITEMS:,} items, keys", 1, "rows", "batch_baseline"),
     Workload("stream_batch", f"stream_batch, {STREAM_ITEMS:,} items streamed", 1, "rows", "batch_baseline"),
+    # the worker's side (bench/worker_loop.py measures them; the "loop" section)
+    Workload("full_loop", "full loop: trigger->dequeue->start->complete, 4 workers x 4", 4, "runs", None,
+             section="loop"),
+    Workload("procrastinate_loop", "Procrastinate loop: defer->fetch->finish, 4 x 4", 4, "runs", None,
+             section="loop"),
+    Workload("dequeue_c1", "dequeue_runs only, one environment", 1, "runs", None, section="loop"),
+    Workload("dequeue_c4", "dequeue_runs only, one environment", 4, "runs", "dequeue_c1", section="loop"),
+    Workload("dequeue_c16", "dequeue_runs only, one environment", 16, "runs", "dequeue_c1", section="loop"),
+    Workload("procrastinate_dequeue_c16", "Procrastinate fetch_job only", 16, "runs", None, section="loop"),
+    Workload("pickup", "pickup latency, idle worker (ms)", 1, "ms", None, section="loop"),
+    Workload("trigger_ticker_on", "trigger_run, no key, ticker on", CLIENTS, "calls", None, section="loop"),
+    Workload("trigger_no_ticker", "trigger_run, no key, ticker stopped past bound", CLIENTS, "calls",
+             "trigger_ticker_on", section="loop"),
 )
 WORKLOAD = {w.name: w for w in WORKLOADS}
 # Short names of the yardsticks, for the table's headers and target cells.
 SHORT = {"baseline": "baseline", "baseline_c1": "baseline", "batch_baseline": "set INSERT",
          "trigger_no_key": "pgbench trigger", "read_local": "local read", "read_local_c1": "local read",
          "procrastinate_defer": "procr", "procrastinate_defer_lock": "procr+lock",
-         "graphile_add_job": "graphile", "graphile_add_job_key": "graphile+key"}
+         "graphile_add_job": "graphile", "graphile_add_job_key": "graphile+key",
+         "procrastinate_loop": "procr loop", "dequeue_c1": "1 dequeuer", "trigger_ticker_on": "ticker on",
+         "procrastinate_dequeue_c16": "procr fetch c16"}
 
 
 @dataclass(frozen=True)
@@ -204,7 +234,30 @@ TARGETS = (
     Target("batch_trigger_no_key", "batch_baseline", 0.50),
     Target("batch_trigger_keys", "batch_baseline", 0.35),
     Target("stream_batch", "batch_baseline", 0.40),
+    Target("full_loop", "procrastinate_loop", 1.20),
+    Target("dequeue_c16", "dequeue_c1", 3.0),
+    Target("dequeue_c16", "procrastinate_dequeue_c16", 1.0),
+    Target("trigger_no_ticker", "trigger_ticker_on", 0.90),
 )
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The most a figure of ``name``'s phase (``metric``: p50_ms, server_cpu_us_per_call, ...) may
+    be: absolute, or with ``against`` as a ratio to the same figure of that phase."""
+
+    name: str
+    metric: str
+    maximum: float
+    against: str | None = None
+
+
+CEILINGS = (
+    Ceiling("full_loop", "server_cpu_us_per_call", 1.0, "procrastinate_loop"),
+    Ceiling("pickup", "p50_ms", 15.0),
+    Ceiling("pickup", "p99_ms", 100.0),
+)
+LOOP_PEERS = ("procrastinate_loop", "procrastinate_dequeue_c16")
 
 
 def _ratio(rates: dict[str, float], name: str, against: str | None) -> float | None:
@@ -213,14 +266,28 @@ def _ratio(rates: dict[str, float], name: str, against: str | None) -> float | N
     return rates[name] / rates[against]
 
 
-def report_rows(rates: dict[str, float], unavailable: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The table's rows from the median rates (workload → per second): each workload measured
-    (or unavailable, with the reason), its ratio to its yardstick and to each peer, and its
-    targets, each met (True), missed (False) or not measured (None). Pure: no I/O."""
+def _ceiling(c: Ceiling, figures: dict[str, dict[str, Any]], unavailable: dict[str, str]) -> dict[str, Any]:
+    value = figures.get(c.name, {}).get(c.metric)
+    if c.against is not None:
+        base = figures.get(c.against, {}).get(c.metric)
+        value = None if value is None or not base else value / base
+    return {"metric": c.metric, "maximum": c.maximum, "against": c.against, "value": value,
+            "met": None if value is None else value <= c.maximum,
+            **({"not_measured": unavailable[c.against]} if c.against in unavailable else {})}
+
+
+def report_rows(rates: dict[str, float], unavailable: dict[str, str] | None = None,
+                figures: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The table's rows from the median rates (workload → per second) and the phases' other
+    figures (workload → p50_ms, server_cpu_us_per_call, ...): each workload measured (or
+    unavailable, with the reason), its ratio to its yardstick and to each peer, and its targets
+    (least ratios, then ceilings), each met (True), missed (False) or not measured (None). Pure:
+    no I/O."""
     unavailable = unavailable or {}
+    figures = figures or {}
     rows: list[dict[str, Any]] = []
     for w in WORKLOADS:
-        if w.name not in rates and w.name not in unavailable:
+        if w.name not in rates and w.name not in unavailable and w.name not in figures:
             continue
         rate = rates.get(w.name)
         targets = []
@@ -230,6 +297,7 @@ def report_rows(rates: dict[str, float], unavailable: dict[str, str] | None = No
                 targets.append({"against": t.against, "minimum": t.minimum, "ratio": r,
                                 "met": None if r is None else r >= t.minimum,
                                 **({"not_measured": unavailable[t.against]} if t.against in unavailable else {})})
+        targets += [_ceiling(c, figures, unavailable) for c in CEILINGS if c.name == w.name]
         rows.append({"name": w.name, "label": w.label, "clients": w.clients, "unit": w.unit, "rate": rate,
                      "reference": w.reference, "ratio": _ratio(rates, w.name, w.reference),
                      "peers": {p: _ratio(rates, w.name, p) for p in PEER_WORKLOADS} if w.versus_peers else {},
@@ -538,6 +606,10 @@ def _bring_up(home: Path) -> LocalStores:
     return stores
 
 
+# Set while the no-ticker phase runs: the ticker thread skips its ticks, as a stopped ticker would.
+TICKER_PAUSED = threading.Event()
+
+
 def _tick_control_plane(url: str, every: float = 1.0) -> None:
     """Ticks the control plane every second for the rest of the process, as a deployment does.
     Its tick is the tenant mirror's heartbeat: without it the run-ops store's mirror is stale 60 s
@@ -550,7 +622,8 @@ def _tick_control_plane(url: str, every: float = 1.0) -> None:
             try:
                 with psycopg.connect(url, autocommit=True, connect_timeout=2) as conn:
                     while True:
-                        conn.execute("SELECT runops.tick()")
+                        if not TICKER_PAUSED.is_set():
+                            conn.execute("SELECT runops.tick()")
                         time.sleep(every)
             except psycopg.Error:
                 time.sleep(every)  # the clusters are gone (the run is over) or restarting
@@ -731,6 +804,7 @@ class CallPhase:
     count: Callable[[], int] | None = None              # rows the workload's tables hold
     check: Callable[[RoundResult], None] = lambda _r: None
     fdw: bool = False                      # reads through the FDW: both clusters' CPU counts
+    finish: Callable[[], None] = lambda: None           # after the phase is metered
 
 
 def _children_cpu() -> float:
@@ -742,8 +816,12 @@ class Calls:
     """The call workloads on one pair of clusters: set up once, then measured round by round."""
 
     def __init__(self, stores: LocalStores, admin: psycopg.Connection[Any], cp_admin: psycopg.Connection[Any],
-                 env: str, pgbench: Path, seconds: int, peers: list[Peer], say: Callable[[str], None]) -> None:
+                 env: str, pgbench: Path, seconds: int, peers: list[Peer], say: Callable[[str], None],
+                 names: set[str] | None = None, freshness_bound: int | None = None) -> None:
+        """``names``: the phases to run (all when None); ``freshness_bound``: the run-ops store's
+        mirror freshness bound for the no-ticker phase (its own setting when None)."""
         self.stores, self.admin, self.cp_admin, self.env = stores, admin, cp_admin, env
+        self.freshness_bound = freshness_bound
         self.app = stores.app_urls()
         self.pgbench, self.seconds, self.peers, self.say = pgbench, seconds, peers, say
         self.datadirs = {store: c.datadir for store, c in stores.clusters.items()}
@@ -756,7 +834,7 @@ class Calls:
             self.legacy_run = client.trigger_run(env_legacy, TASK, PAYLOAD).run_id
             if client.trigger_route(env_legacy) != CONTROL_PLANE:
                 raise BenchError(f"root triggers of {env_legacy} do not route to the control plane")
-        self.phases = self._phases()
+        self.phases = [p for p in self._phases() if names is None or p.name in names]
 
     # -- resetting and preparing
 
@@ -785,6 +863,23 @@ class Calls:
 
     def _runs(self) -> int:
         return int(_scalar(self.admin, "SELECT count(*) FROM runops.runs"))
+
+    def _stop_ticker(self) -> None:
+        """Stops the control plane's tick and waits past the freshness bound: the heartbeats are
+        then older than the bound, and the trigger must find the mirror fresh some other way."""
+        if self.freshness_bound is not None:
+            self.admin.execute("UPDATE runops.store_config SET mirror_freshness_seconds = %s",
+                               [self.freshness_bound])
+        bound = int(_scalar(self.admin, "SELECT mirror_freshness_seconds FROM runops.store_config"))
+        TICKER_PAUSED.set()
+        self.say(f"ticker stopped; waiting {bound + 2} s, past the freshness bound")
+        time.sleep(bound + 2)
+
+    def _start_ticker(self) -> None:
+        TICKER_PAUSED.clear()
+        time.sleep(2.0)  # the next tick has replicated: the mirror is fresh by its heartbeat again
+        if self.freshness_bound is not None:
+            self.admin.execute("UPDATE runops.store_config SET mirror_freshness_seconds = DEFAULT")
 
     # -- the workloads
 
@@ -840,6 +935,9 @@ class Calls:
         phases += [self._pg("baseline_c1", "baseline.sql", 1, count=baseline_rows),
                    self._pg("trigger_no_key_c1", "trigger_no_key.sql", 1, count=self._runs)]
         phases += read("_c1", 1)
+        phases += [self._pg("trigger_ticker_on", "trigger_no_key.sql", CLIENTS, count=self._runs),
+                   self._pg("trigger_no_ticker", "trigger_no_key.sql", CLIENTS, count=self._runs,
+                            prepare=self._stop_ticker, finish=self._start_ticker)]
         return phases
 
     # -- one round of one phase
@@ -862,6 +960,7 @@ class Calls:
         _wait_for_backends_to_exit(self.admin, others=others)
         cpu1 = _cpu(servers)
         rows1 = phase.count() if phase.count else None
+        phase.finish()
         per_call = 1e6 / w.all_calls if w.all_calls else None
         result = RoundResult(
             w.calls_per_s, w.calls, w.failed,
@@ -895,25 +994,122 @@ def _cpu(datadirs: list[str]) -> float | None:
     return None if any(v is None for v in values) else sum(v for v in values if v is not None)
 
 
+# -- the worker's side: the loop, dequeue scaling, pickup ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The sizes of the "loop" section's phases (``QUICK`` for a run of seconds, not figures)."""
+
+    runs: int = 2000                 # runs per full-loop phase
+    workers: int = 4
+    concurrency: int = 4
+    dequeue_levels: tuple[int, ...] = (1, 4, 16)
+    dequeue_runs: int = 4800         # runs queued per dequeue phase
+    pickup_runs: int = 100
+    freshness_bound: int | None = None  # the no-ticker phase's bound (None: the store's, 60 s)
+
+
+QUICK = LoopSettings(runs=96, dequeue_runs=160, pickup_runs=8, freshness_bound=2)
+
+
+@dataclass(frozen=True)
+class LoopPhaseResult:
+    """A loop, dequeue or pickup workload over its rounds (medians): runs/s, latency, CPU per run."""
+
+    name: str
+    tool: str                  # "worker" (worker processes), "pgbench"
+    clients: int
+    calls_per_s: float | None  # runs per second (None for the pickup latency)
+    rounds_calls_per_s: list[float]
+    spread: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    server_cpu_us_per_call: float | None   # both clusters (runops) or the cluster (Procrastinate), per run
+    client_cpu_us_per_call: float | None   # the worker processes, per run
+    rounds: list[dict[str, Any]]
+
+
+def _loop_result(name: str, tool: str, clients: int, rounds: list[dict[str, Any]]) -> LoopPhaseResult:
+    rates = [r["rate"] for r in rounds if r.get("rate") is not None]
+    mid = statistics.median(rates) if rates else None
+    return LoopPhaseResult(
+        name, tool, clients, mid, rates, (max(rates) - min(rates)) / mid if rates and mid else None,
+        _median([r.get("p50_ms") for r in rounds]), _median([r.get("p99_ms") for r in rounds]),
+        _median([r.get("server_cpu_us") for r in rounds]), _median([r.get("worker_cpu_us") for r in rounds]), rounds)
+
+
+def run_loop_phases(stores: LocalStores, pgbench: Path, procrastinate: Path | None, settings: LoopSettings,
+                    rounds: int, say: Callable[[str], None]) -> dict[str, LoopPhaseResult]:
+    """The worker's side, measured by ``bench/worker_loop.py`` (its one home) in ``rounds``
+    rounds: the full loop (runops, then Procrastinate when ``procrastinate`` is its python),
+    ``dequeue_runs`` alone at each level of dequeuers (and Procrastinate's fetch at the top
+    level), and an idle worker's pickup latency."""
+    import worker_loop as wl  # imports this module: loaded here, not at the top
+
+    bench = wl.Bench(stores)
+    ours = wl.RunOpsSystem(bench, wl._organization(bench.app))
+    systems: list[tuple[str, wl.System]] = [("full_loop", ours)]
+    if procrastinate is not None:
+        wl._peers_database(bench, procrastinate)
+        systems.append(("procrastinate_loop", wl.ProcrastinateSystem(bench, procrastinate)))
+    top = max(settings.dequeue_levels)
+    rng = random.Random(7)
+    measured: dict[str, list[dict[str, Any]]] = {}
+
+    def keep(name: str, figures: dict[str, Any], note: str) -> None:
+        measured.setdefault(name, []).append(figures)
+        say(f"round {n}/{rounds} {name}: {note} (load {os.getloadavg()[0]:.1f})")
+
+    for n in range(1, rounds + 1):
+        for name, system in systems:
+            ph = wl.full_loop(bench, system, settings.runs, settings.workers, settings.concurrency)
+            keep(name, {"rate": ph.rate, "server_cpu_us": ph.server_cpu_us, "worker_cpu_us": ph.worker_cpu_us,
+                        "xacts_per_run": ph.xacts},
+                 f"{ph.rate:.0f} runs/s, server {ph.server_cpu_us:.0f} us/run")
+        for clients in settings.dequeue_levels:
+            dq = wl.dequeue_phase(bench, ours.organization, pgbench, clients, settings.dequeue_runs,
+                                  f"{n}-{clients}-{secrets.token_hex(2)}")
+            keep(f"dequeue_c{clients}", {"rate": dq.rate, "server_cpu_us": dq.server_cpu_us, "waits": dq.waits},
+                 f"{dq.rate:.0f} runs/s, server {dq.server_cpu_us:.0f} us/run")
+        if procrastinate is not None:
+            dq = wl.procrastinate_dequeue_phase(bench, pgbench, top, settings.dequeue_runs)
+            keep(f"procrastinate_dequeue_c{top}", {"rate": dq.rate, "server_cpu_us": dq.server_cpu_us},
+                 f"{dq.rate:.0f} runs/s, server {dq.server_cpu_us:.0f} us/run")
+        lat = wl.pickup_round(bench, ours, settings.pickup_runs, rng)
+        if len(lat) < settings.pickup_runs:
+            raise BenchError(f"pickup: only {len(lat)} of {settings.pickup_runs} runs were picked up")
+        keep("pickup", {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "runs": len(lat)},
+             f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms")
+    tools = {"full_loop": "worker", "procrastinate_loop": "worker", "pickup": "worker"}
+    clients_of = {"full_loop": settings.workers, "procrastinate_loop": settings.workers, "pickup": 1}
+    return {name: _loop_result(name, tools.get(name, "pgbench"),
+                               clients_of.get(name, int(name.rsplit("_c", 1)[-1]) if "_c" in name else 1), figs)
+            for name, figs in measured.items()}
+
+
 # -- the run -----------------------------------------------------------------------------------------------
 
 
 def run_bench(seconds: int = 10, *, keep: bool = False,
               progress: Callable[[str], None] | None = None,
               sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS,
-              stream_reps: int = STREAM_REPS, rounds: int = ROUNDS, peers: bool = True) -> dict[str, Any]:
+              stream_reps: int = STREAM_REPS, rounds: int = ROUNDS, peers: bool = True,
+              loop: LoopSettings = LoopSettings()) -> dict[str, Any]:
     """Runs every workload on fresh local clusters and returns the results (phases, the table's
     rows with ratios against the same run's baselines and peers, targets, machine and settings):
     the call phases for ``seconds`` each in ``rounds`` interleaved rounds, then the batch
     phases, ``batch_reps`` (``stream_reps`` for streaming) repetitions each. ``sections`` picks
-    "calls", "batches" or both; ``peers`` False leaves Procrastinate and graphile-worker out."""
+    "calls", "batches", "loop" (the worker's side: ``loop`` sizes it) or several; ``peers`` False
+    leaves Procrastinate and graphile-worker out."""
     if seconds < 1 or rounds < 1:
         raise BenchError("seconds and rounds must be at least 1")
     if not sections or set(sections) - set(SECTIONS):
         raise BenchError(f"sections must be among {', '.join(SECTIONS)}")
     say = progress or (lambda _msg: None)
     calls = "calls" in sections
-    pgbench = find_pgbench() if calls else None
+    looping = "loop" in sections
+    pgbench = find_pgbench() if calls or looping else None
     home = Path(tempfile.mkdtemp(prefix="runops-bench-"))
     home.chmod(0o755)  # the clusters run as the postgres user, which must reach them
     stores: LocalStores | None = None
@@ -926,7 +1122,10 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
         env = _make_environment(app)
         phases: dict[str, PhaseResult] = {}
         batch_phases: dict[str, BatchPhaseResult] = {}
+        loop_phases: dict[str, LoopPhaseResult] = {}
         peer_list: list[Peer] = []
+        procrastinate: Path | None = None
+        unavailable: dict[str, str] = {}
         with psycopg.connect(admin_url, autocommit=True) as admin, \
                 psycopg.connect(stores.admin_urls()[CONTROL_PLANE], autocommit=True) as cp_admin:
             machine = _machine(admin)
@@ -938,11 +1137,19 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             datadir = stores.clusters[RUN_OPS].datadir
             if calls and peers:
                 peer_list = setup_peers(admin_url, app[RUN_OPS], say)
+            if looping and peers:
+                try:
+                    procrastinate = procrastinate_python(say)
+                except PeerUnavailable as err:
+                    unavailable.update({c: f"Procrastinate unavailable: {err}" for c in LOOP_PEERS})
             load_before = os.getloadavg()
-            bench = Calls(stores, admin, cp_admin, env, pgbench, seconds, peer_list, say) \
-                if pgbench is not None else None
+            names = {w.name for w in WORKLOADS if w.section in sections and w.unit == "calls"}
+            bench = Calls(stores, admin, cp_admin, env, pgbench, seconds, peer_list, say, names,
+                          loop.freshness_bound) if pgbench is not None else None
             if bench is not None:
                 phases = bench.run(rounds)
+            if looping and pgbench is not None:
+                loop_phases = run_loop_phases(stores, pgbench, procrastinate, loop, rounds, say)
             if "batches" in sections:
                 admin.execute(BASELINE_DDL)
                 batch_phases = run_batch_phases(admin, app, env, datadir, reps=batch_reps, stream_reps=stream_reps,
@@ -950,11 +1157,15 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             load_after = os.getloadavg()
         rates = {k: v.calls_per_s for k, v in phases.items()}
         rates.update({k: v.rows_per_s for k, v in batch_phases.items()})
-        unavailable = {c: f"{p.name} unavailable: {p.error}" for p in peer_list if p.error
-                       for c in p.workloads}
+        rates.update({k: v.calls_per_s for k, v in loop_phases.items() if v.calls_per_s is not None})
+        unavailable.update({c: f"{p.name} unavailable: {p.error}" for p in peer_list if p.error
+                            for c in p.workloads})
         if calls and not peers:
             unavailable.update({c: "peers not measured (--no-peers)" for c in PEER_WORKLOADS})
-        rows = report_rows(rates, unavailable)
+        if looping and not peers:
+            unavailable.update({c: "peers not measured (--no-peers)" for c in LOOP_PEERS})
+        figures = {k: asdict(v) for k, v in loop_phases.items()}
+        rows = report_rows(rates, unavailable, figures)
         result: dict[str, Any] = {
             "started_at": started.isoformat(timespec="seconds"),
             "sections": list(sections),
@@ -969,8 +1180,10 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             "machine": {**machine, "loadavg_before": load_before, "loadavg_after": load_after},
             "source": source,
             "peers": {p.name: {"version": p.version, "error": p.error} for p in peer_list},
-            "targets": [asdict(t) for t in TARGETS],
-            "phases": {**{k: asdict(v) for k, v in phases.items()}, **{k: asdict(v) for k, v in batch_phases.items()}},
+            "loop": asdict(loop),
+            "targets": [asdict(t) for t in TARGETS] + [asdict(c) for c in CEILINGS],
+            "phases": {**{k: asdict(v) for k, v in phases.items()}, **{k: asdict(v) for k, v in batch_phases.items()},
+                       **figures},
             "rows": rows,
             "all_pass": verdict(rows),
         }
@@ -998,7 +1211,12 @@ def _x(value: float | None) -> str:
 def _target_cell(targets: list[dict[str, Any]]) -> str:
     cells = []
     for t in targets:
-        what = f">={t['minimum']:.2f} x {SHORT.get(t['against'], t['against'])}"
+        if "maximum" in t:
+            metric = t["metric"].replace("server_cpu_us_per_call", "srv us").replace("_ms", " ms")
+            what = (f"{metric} <={t['maximum']:.2f} x {SHORT.get(t['against'], t['against'])}" if t["against"]
+                    else f"{metric} <={t['maximum']:g}")
+        else:
+            what = f">={t['minimum']:.2f} x {SHORT.get(t['against'], t['against'])}"
         cells.append(f"{what} " + ("not measured" if t["met"] is None else "met" if t["met"] else "MISSED"))
     return "; ".join(cells)
 
@@ -1105,14 +1323,19 @@ def save_results(result: dict[str, Any], out_dir: Path, chart: Path | None, say:
 
 def main(seconds: int = 10, *, keep: bool = False, results_dir: Path | None = None,
          sections: tuple[str, ...] = SECTIONS, batch_reps: int = BATCH_REPS, stream_reps: int = STREAM_REPS,
-         rounds: int = ROUNDS, peers: bool = True, chart: Path | None = None) -> int:
+         rounds: int = ROUNDS, peers: bool = True, chart: Path | None = None, quick: bool = False) -> int:
     """Runs the benchmark, prints the table, writes JSON to bench/results/ and the chart beside it
     (or to ``chart``; :data:`DOCS_CHART` refreshes the docs' one). Exit code 0 when every target
-    measured is met, 4 when one is missed, 1 when the benchmark could not run."""
+    measured is met, 4 when one is missed, 1 when the benchmark could not run. ``quick``: every
+    row once, as small as it runs (1 s phases, one round, :data:`QUICK`) — to see the table
+    work, not to read its figures."""
     say: Callable[[str], None] = lambda m: click.echo(m, err=True)  # noqa: E731
+    loop = LoopSettings()
+    if quick:
+        seconds, rounds, batch_reps, stream_reps, loop = 1, 1, 1, 1, QUICK
     try:
         result = run_bench(seconds, keep=keep, progress=say, sections=sections, batch_reps=batch_reps,
-                           stream_reps=stream_reps, rounds=rounds, peers=peers)
+                           stream_reps=stream_reps, rounds=rounds, peers=peers, loop=loop)
     except (RunOpsError, psycopg.Error, OSError, subprocess.SubprocessError) as err:
         click.echo(f"error: {err}", err=True)
         return 1

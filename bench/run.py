@@ -32,19 +32,22 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-reps", type=int, default=STREAM_REPS,
                         help=f"Repetitions of the 100,000-item stream (default {STREAM_REPS}; 0 skips it).")
     parser.add_argument("--quick", action="store_true",
-                        help="A short run (about 4 minutes): 3 s phases, 2 batch repetitions, 1 stream.")
+                        help="Every row once, as small as it runs (1 s phases, one round, small loops): to see "
+                             "the table work, not to read its figures.")
     parser.add_argument("--no-peers", action="store_true", help="Leave Procrastinate and graphile-worker out.")
-    parser.add_argument("--only", choices=SECTIONS, help="Run only the call phases or only the batch phases.")
+    parser.add_argument("--only", choices=SECTIONS,
+                        help="Run only the call phases, the batch phases or the worker's loop phases.")
     parser.add_argument("--chart", type=Path,
                         help="Where to draw the chart (default: beside the JSON in bench/results/; "
                              "docs/benchmarks.png refreshes the docs' chart).")
+    parser.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="Where the JSON goes (default bench/results/).")
     parser.add_argument("--keep", action="store_true", help="Leave the clusters running and print their URLs.")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.batch_reps, args.stream_reps = 3, 2, 1
-    return main(args.seconds, keep=args.keep, results_dir=Path(__file__).resolve().parent / "results",
+    return main(args.seconds, keep=args.keep, results_dir=args.results_dir,
                 sections=(args.only,) if args.only else SECTIONS, batch_reps=args.batch_reps,
-                stream_reps=args.stream_reps, rounds=args.rounds, peers=not args.no_peers, chart=args.chart)
+                stream_reps=args.stream_reps, rounds=args.rounds, peers=not args.no_peers, chart=args.chart,
+                quick=args.quick)
 
 
 if __name__ == "__main__":

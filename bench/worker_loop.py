@@ -68,7 +68,8 @@ from harness import _TPS, _bring_up, find_pgbench, server_cpu_seconds
 from peers import PEERS_HOME
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
-from runops.ops.local_cluster import DATABASE, LocalStores
+from runops.dev_stores import DATABASE
+from runops.ops.local_cluster import LocalStores
 from runops.tasks import TaskContext, TaskRegistry
 
 HERE = Path(__file__).resolve().parent
@@ -435,7 +436,7 @@ def apply_functions(url: str, tree: Path) -> None:
     text = PREAMBLE + (tree / "sql" / "functions" / "lifecycle.sql").read_text() + "\n" \
         + (tree / "sql" / "after_functions.sql").read_text()
     with psycopg.connect(url) as conn:
-        conn.execute(text.encode())  # type: ignore[call-overload]
+        conn.execute(text.encode())
 
 
 @dataclass(frozen=True)
@@ -507,6 +508,44 @@ def dequeue_phase(bench: Bench, organization: str, pgbench: Path, clients: int, 
     return DequeuePhase(clients, taken, seconds, cpu / max(taken, 1) * 1e6, waits)
 
 
+# Procrastinate's fetch, as its worker sends it: one job of any queue for a registered worker.
+PROCRASTINATE_FETCH_ONE = "\\set w :first_worker + :client_id\nSELECT id FROM procrastinate_fetch_job_v2(NULL, :w);\n"
+
+
+def procrastinate_dequeue_phase(bench: Bench, pgbench: Path, clients: int, runs: int) -> DequeuePhase:
+    """The peer's side of :func:`dequeue_phase`: pgbench clients each fetching one job at a time
+    from ``runs`` jobs deferred beforehand, in the Procrastinate database (``_peers_database``)."""
+    url = bench.stores.clusters[RUN_OPS].admin_url(PEERS_DATABASE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE procrastinate_jobs CASCADE")
+        workers = [int(conn.execute("SELECT worker_id FROM procrastinate_register_worker_v1()")  # type: ignore[index]
+                       .fetchone()[0]) for _ in range(clients)]
+        first = workers[0]
+        if workers != list(range(first, first + clients)):
+            raise RuntimeError(f"Procrastinate's worker ids are not consecutive: {workers}")
+        conn.execute("SELECT procrastinate_defer_jobs_v1(array_agg(ROW('default', 'noop', 0, NULL, NULL, '{}', "
+                     "NULL)::procrastinate_job_to_defer_v1)) FROM generate_series(1, %s)", [runs])
+        conn.execute("VACUUM ANALYZE procrastinate_jobs")
+        conn.execute("CHECKPOINT")
+    with tempfile.TemporaryDirectory(prefix="runops-dequeue-") as scratch:
+        script = Path(scratch) / "fetch_one.sql"
+        script.write_text(PROCRASTINATE_FETCH_ONE)
+        cpu0, t0 = bench.server_cpu(), time.monotonic()
+        out = subprocess.run([str(pgbench), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)),
+                              "-t", str(runs // clients), "-f", str(script), "-D", f"first_worker={first}",
+                              url], capture_output=True, text=True, check=False, timeout=600)
+        elapsed, cpu = time.monotonic() - t0, bench.server_cpu() - cpu0
+        tps = _TPS.search(out.stdout)
+        if out.returncode != 0 or tps is None:
+            errors = [line for line in out.stderr.splitlines() if "ERROR" in line or "DETAIL" in line]
+            raise RuntimeError(f"pgbench failed: {' / '.join(errors[:4]) or out.stderr[-2000:]}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        taken = int(conn.execute("SELECT count(*) FROM procrastinate_jobs "  # type: ignore[index]
+                                 "WHERE status = 'doing'").fetchone()[0])
+    seconds = (runs // clients * clients) / float(tps.group(1)) if float(tps.group(1)) else elapsed
+    return DequeuePhase(clients, taken, seconds, cpu / max(taken, 1) * 1e6, {})
+
+
 def dequeue_scaling(bench: Bench, organization: str, args: argparse.Namespace) -> None:
     pgbench = find_pgbench()
     levels = [int(x) for x in args.levels.split(",")]
@@ -540,30 +579,38 @@ def dequeue_scaling(bench: Bench, organization: str, args: argparse.Namespace) -
     print("(medians of the rounds)")
 
 
-def pickup_latency(bench: Bench, organization: str, args: argparse.Namespace) -> None:
-    rng = random.Random(7)
-    system = RunOpsSystem(bench, organization)
-    for round_ in range(1, args.rounds + 1):
-        system.new_scope()
-        [proc] = system.workers(1, 4)
+def pickup_round(bench: Bench, system: RunOpsSystem, runs: int, rng: random.Random) -> list[float]:
+    """One idle ``runops worker`` (concurrency 4) in a fresh environment; ``runs`` runs triggered
+    one at a time, 50-300 ms apart. Each run's ``started_at - created_at`` in ms, ascending."""
+    system.new_scope()
+    [proc] = system.workers(1, 4)
+    try:
         time.sleep(3.0)  # past start-up: the worker is idle
         ids: list[str] = []
         with RunOps(bench.app[CONTROL_PLANE], bench.app[RUN_OPS]) as client:
             client.trigger_run(system.env, "noop")  # warms the route cache; not counted
             time.sleep(1.0)
-            for _ in range(args.pickup_runs):
+            for _ in range(runs):
                 time.sleep(rng.uniform(0.05, 0.3))
                 ids.append(client.trigger_run(system.env, "noop").run_id)
         with psycopg.connect(bench.admin[RUN_OPS], autocommit=True) as poll:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and system.finished(poll) < len(ids) + 1:
                 time.sleep(0.1)
-            lat = sorted(float(ms) for (ms,) in poll.execute(
+            return sorted(float(ms) for (ms,) in poll.execute(
                 "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM runops.runs "
                 "WHERE 'run_' || id = ANY(%s) AND started_at IS NOT NULL", [ids]).fetchall())
+    finally:
         _stop([proc])
-        if len(lat) < len(ids):
-            print(f"round {round_}  pickup: only {len(lat)} of {len(ids)} runs were picked up", flush=True)
+
+
+def pickup_latency(bench: Bench, organization: str, args: argparse.Namespace) -> None:
+    rng = random.Random(7)
+    system = RunOpsSystem(bench, organization)
+    for round_ in range(1, args.rounds + 1):
+        lat = pickup_round(bench, system, args.pickup_runs, rng)
+        if len(lat) < args.pickup_runs:
+            print(f"round {round_}  pickup: only {len(lat)} of {args.pickup_runs} runs were picked up", flush=True)
         p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         print(f"round {round_}  pickup latency, idle worker, {len(lat)} runs: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
               f"max {lat[-1]:.1f} ms  (load {os.getloadavg()[0]:.1f})", flush=True)

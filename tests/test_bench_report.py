@@ -3,6 +3,7 @@ Python; no clusters, nothing measured."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,63 @@ def test_a_peer_not_measured_neither_passes_nor_fails() -> None:
     rates = {"baseline": 1000.0, "trigger_no_key": 800.0}
     rows = harness.report_rows(rates, {"procrastinate_defer": "no network", "graphile_add_job": "no node"})
     assert harness.verdict(rows) is True
+
+
+LOOP_ROWS = ("full_loop", "procrastinate_loop", "dequeue_c1", "dequeue_c4", "dequeue_c16",
+             "procrastinate_dequeue_c16", "pickup", "trigger_ticker_on", "trigger_no_ticker")
+
+
+def test_the_loop_rows_carry_their_targets() -> None:
+    """The worker's side: the loop against Procrastinate's (rate and server CPU per run), dequeue
+    at 16 against one dequeuer and the peer's fetch, pickup p50/p99 ceilings, the no-ticker trigger
+    against the ticker-on one."""
+    rates = {"full_loop": 300.0, "procrastinate_loop": 200.0, "dequeue_c1": 400.0, "dequeue_c4": 900.0,
+             "dequeue_c16": 1000.0, "procrastinate_dequeue_c16": 900.0, "trigger_ticker_on": 1000.0,
+             "trigger_no_ticker": 950.0}
+    figures = {"full_loop": {"server_cpu_us_per_call": 3000.0},
+               "procrastinate_loop": {"server_cpu_us_per_call": 2500.0},
+               "pickup": {"p50_ms": 4.0, "p99_ms": 120.0}}
+    rows = {r["name"]: r for r in harness.report_rows(rates, {}, figures)}
+    assert set(LOOP_ROWS) <= set(rows)
+    assert rows["pickup"]["rate"] is None
+    loop = rows["full_loop"]["targets"]
+    assert [(t["against"], t["met"]) for t in loop] == [("procrastinate_loop", True), ("procrastinate_loop", False)]
+    assert loop[1]["value"] == 3000 / 2500
+    assert {t["against"]: t["met"] for t in rows["dequeue_c16"]["targets"]} == \
+        {"dequeue_c1": False, "procrastinate_dequeue_c16": True}
+    assert [(t["metric"], t["met"]) for t in rows["pickup"]["targets"]] == [("p50_ms", True), ("p99_ms", False)]
+    assert [t["met"] for t in rows["trigger_no_ticker"]["targets"]] == [True]
+    assert harness.verdict(list(rows.values())) is False
+    cells = {c[0]: c[-1] for c in harness.table_rows({"rows": list(rows.values()), "phases": figures})}
+    assert cells["pickup latency, idle worker (ms)"] == "p50 ms <=15 met; p99 ms <=100 MISSED"
+    assert "srv us <=1.00 x procr loop MISSED" in cells[rows["full_loop"]["label"]]
+
+
+def test_the_quick_run_prints_every_loop_row_with_a_verdict(tmp_path: Path) -> None:
+    """`python bench/run.py --quick --only loop --no-peers`: real clusters, worker processes and
+    pgbench, every phase as small as it runs; the rows are there, each with its targets judged
+    (the figures of so short a run are not read)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "run.py", "--quick", "--only", "loop", "--no-peers",
+                          "--results-dir", str(tmp_path)], cwd=harness.HERE,
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode in (0, harness.EXIT_TARGET_MISSED), out.stderr[-3000:]
+    table = out.stdout
+    for w in harness.WORKLOADS:
+        if w.section == "loop":
+            assert w.label in table, w.name
+    def judged(label: str, target: str) -> None:
+        lines = [line for line in table.splitlines() if line.startswith(label)]
+        assert any(re.search(re.escape(target) + r" (met|MISSED|not measured)", line) for line in lines), lines
+
+    judged("full loop: trigger->dequeue->start->complete", ">=1.20 x procr loop")
+    judged("dequeue_runs only, one environment", ">=3.00 x 1 dequeuer")
+    judged("pickup latency, idle worker (ms)", "p99 ms <=100")
+    judged("trigger_run, no key, ticker stopped past bound", ">=0.90 x ticker on")
+    assert "peers not measured (--no-peers)" in table
+    assert "targets: " in table
+    assert list(tmp_path.glob("bench-*.json"))
 
 
 def test_percentile_is_nearest_rank() -> None:

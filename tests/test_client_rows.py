@@ -151,3 +151,33 @@ def test_every_read_ignores_a_column_added_by_a_later_revision(client_on_widened
     waitpoint = ro.create_waitpoint(env, "MANUAL")
     seen = ro.get_waitpoint(waitpoint.waitpoint_id)
     assert seen is not None and (seen.waitpoint_id, seen.status) == (waitpoint.waitpoint_id, "PENDING")
+
+
+def test_a_row_factory_maps_each_shape_of_result_by_its_own_names() -> None:
+    """The row factory remembers how a result's columns map to fields per shape of result: a
+    second shape (reordered, with a column the client does not know) gets its own mapping."""
+    from dataclasses import dataclass
+
+    from runops._client_base import by_name
+
+    @dataclass(frozen=True)
+    class Pair:
+        a: int
+        b: str
+
+    class Result:
+        def __init__(self, *names: str) -> None:
+            self.names = [n.encode() for n in names]
+            self.nfields = len(names)
+
+        def fname(self, i: int) -> bytes:
+            return self.names[i]
+
+    class Cursor:
+        def __init__(self, *names: str) -> None:
+            self.pgresult = Result(*names)
+
+    factory = by_name(Pair)
+    assert factory(Cursor("a", "b"))([1, "x"]) == Pair(1, "x")  # type: ignore[arg-type]
+    assert factory(Cursor("b", ADDED, "a"))(["y", 42, 2]) == Pair(2, "y")  # type: ignore[arg-type]
+    assert factory(Cursor("a", "b"))([3, "z"]) == Pair(3, "z")  # type: ignore[arg-type]

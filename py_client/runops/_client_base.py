@@ -92,8 +92,13 @@ def _strip_key(opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+_NO_OPTIONS = Jsonb({})  # never mutated: the most common options, made once
+
+
 def _options(values: dict[str, Any]) -> Jsonb:
     """Keyword options to the jsonb the SQL API takes: None means "not given"."""
+    if not values:
+        return _NO_OPTIONS
     return Jsonb(_strip_key({k: v for k, v in values.items() if v is not None}))
 
 
@@ -130,6 +135,9 @@ def by_name(cls: type[T]) -> BaseRowFactory[T]:
     if known is not None:
         return known
     fields = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    # One maker per shape of result: a function answers the same columns on every call, so the
+    # column names are read and matched to fields once, not on every row set.
+    makers: dict[tuple[bytes | None, ...], RowMaker[T]] = {}
 
     def factory(cursor: Any) -> RowMaker[T]:
         result = cursor.pgresult
@@ -137,13 +145,17 @@ def by_name(cls: type[T]) -> BaseRowFactory[T]:
             return no_result
         # The result's own names (cursor.description would build a Column object per column on
         # every call); every name a field can have is ASCII.
-        names = [(result.fname(i) or b"").decode("ascii", "replace") for i in range(result.nfields)]
+        shape = tuple(result.fname(i) for i in range(result.nfields))
+        known = makers.get(shape)
+        if known is not None:
+            return known
+        names = [(name or b"").decode("ascii", "replace") for name in shape]
         wanted = [(i, name) for i, name in enumerate(names) if name in fields]
 
         def make(values: Sequence[Any]) -> T:
             return cls(**{name: values[i] for i, name in wanted})
 
-        return make
+        return makers.setdefault(shape, make)
 
     return _ROW_FACTORIES.setdefault(cls, factory)
 
