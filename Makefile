@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-package test-faults lint typecheck pytest bench revision clean system-deps run-deps
+.PHONY: run test test-package test-faults test-slow lint typecheck pytest bench revision clean system-deps run-deps
 
 # The venv with the package (editable) and what it needs to run...
 $(RUN_STAMP): pyproject.toml
@@ -53,6 +53,10 @@ test: lint typecheck pytest
 # stale (about 5 minutes). `make test` leaves it out to stay under 10 minutes; CI runs both.
 test-faults: $(STAMP) system-deps
 	$(BIN)/pytest -m faults
+
+# Whole tools run for real that take minutes (the benchmark's quick mode); CI runs them too.
+test-slow: $(STAMP) system-deps
+	$(BIN)/pytest -m slow
 
 test-package: $(STAMP) system-deps
 	$(BIN)/pytest -q -p no:cacheprovider -m package tests/test_packaging.py

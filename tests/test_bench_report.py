@@ -1,5 +1,5 @@
-"""The benchmark table's arithmetic (bench/harness.py): ratios, targets and the verdict. Pure
-Python; no clusters, nothing measured."""
+"""The benchmark table's arithmetic (bench/harness.py): ratios, targets and the verdict, in pure
+Python; and one real quick run of the worker rows (marked slow: `make test-slow`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -76,6 +78,7 @@ def test_the_loop_rows_carry_their_targets() -> None:
     assert "srv us <=1.00 x procr loop MISSED" in cells[rows["full_loop"]["label"]]
 
 
+@pytest.mark.slow
 def test_the_quick_run_prints_every_loop_row_with_a_verdict(tmp_path: Path) -> None:
     """`python bench/run.py --quick --only loop --no-peers`: real clusters, worker processes and
     pgbench, every phase as small as it runs; the rows are there, each with its targets judged
