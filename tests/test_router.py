@@ -6,8 +6,10 @@ environments (the `faults` group: `make test-faults`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -323,3 +325,39 @@ def test_a_stopped_shard_fails_only_its_environments(sharded: Sharded) -> None:
     assert failures == []
     with psycopg.connect(sharded.router_app, autocommit=True) as router:
         one(router, "SELECT run_id FROM runops.trigger_run(%s, 't')", [down[0]])
+
+
+def test_dev_up_with_shards_migrates_them_behind_a_router() -> None:
+    """`runops dev up --shards 2` as a user runs it: two shards, a router, and `runops migrate`
+    with no URLs acting on all of them again."""
+    from tests.test_first_hour import RUNOPS, runops, user_env
+
+    root = Path(tempfile.mkdtemp(prefix="runops-dev-shards-"))
+    root.chmod(0o755)
+    try:
+        code, out, err = runops("--json", "dev", "up", "--shards", "2", cwd=root, timeout=300)
+        assert code == 0, err
+        up = json.loads(out)
+        assert set(up["urls"]) == {"CONTROL_PLANE", "RUN_OPS", "RUN_OPS_1"}
+        router_url = up["router_url"]
+        code, out, err = runops("--json", "env", "create", "acme", "web", "prod", "--mint-kind", "ksuid", cwd=root)
+        assert code == 0, err
+        env = json.loads(out)["environment_id"]
+        with psycopg.connect(router_url, autocommit=True) as router:
+            run_id = one(router, "SELECT run_id FROM runops.trigger_run(%s, 't')", [env])[0]
+            shard = one(router, "SELECT runops.shard_of(%s)", [run_id])[0]
+            assert one(router, "SELECT status FROM runops.get_run(%s)", [run_id])[0] == "PENDING"
+        with psycopg.connect(up["urls"]["CONTROL_PLANE"]) as cp:
+            assert one(cp, "SELECT runops.environment_shard(%s)", [env])[0] == shard
+        code, out, err = runops("dev", "up", "--shards", "3", cwd=root)
+        assert code != 0 and "have 2 run-ops shard(s)" in err
+        code, out, err = runops("migrate", cwd=root, timeout=300)
+        assert code == 0, err
+        assert "(shard 1)" in err and "router: 2 shards" in out
+    finally:
+        subprocess.run([str(RUNOPS), "dev", "down"], cwd=root, env=user_env(), capture_output=True, timeout=120,
+                       check=False)
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((root / ".runops" / "state.json").read_text())
+            shutil.rmtree(state["data_root"], ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

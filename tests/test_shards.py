@@ -217,3 +217,29 @@ def test_shard_of_is_the_same_on_both_stores(cp: psycopg.Connection[Any], ro: ps
         assert scalar(cp, "SELECT runops.shard_of(%s)", ["run_" + id_]) == shard
         assert scalar(ro, "SELECT runops.shard_of(%s)", [id_]) == shard
     assert CONTROL_PLANE != RUN_OPS
+
+
+@pytest.mark.parametrize("options", [{}, {"idempotency_key": "k"}, {"tags": ["a"]}])
+def test_a_shard_refuses_new_work_for_another_shards_environment(new_env: Env, as_shard,
+                                                                options: dict[str, Any]) -> None:
+    conn = as_shard(1, 4)  # the environment is assigned to shard 0
+    conn.execute("SET ROLE runops_app")
+    for query, params in [("SELECT * FROM runops.trigger_run(%s, 't', '{}', %s)",
+                           [new_env.environment_id, Jsonb(options)]),
+                          ("SELECT * FROM runops.create_waitpoint(%s, 'MANUAL', %s)",
+                           [new_env.environment_id, Jsonb({k: v for k, v in options.items() if k != "tags"})]),
+                          ("SELECT * FROM runops.batch_trigger(%s, %s, %s)",
+                           [new_env.environment_id, Jsonb([{"task": "t"}]),
+                            Jsonb({k: v for k, v in options.items() if k != "tags"})])]:
+        with pytest.raises(psycopg.Error) as exc:
+            conn.execute(query, params)
+        assert sqlstate_of(exc.value) == "RO002", query
+        assert f"environment {new_env.environment_id} lives on run-ops shard 0, not on this shard 1" in str(exc.value)
+        conn.rollback()
+        conn.execute("UPDATE runops.store_config SET shard_number = 1, shard_count = 4")
+        conn.execute("SET ROLE runops_app")
+    conn.execute("RESET ROLE")
+    conn.execute("UPDATE runops.store_config SET shard_number = 0")
+    conn.execute("SET ROLE runops_app")
+    assert scalar(conn, "SELECT status FROM runops.trigger_run(%s, 't', '{}', %s)",
+                  [new_env.environment_id, Jsonb(options)]) == "PENDING"

@@ -186,3 +186,40 @@ BEGIN
   RETURN pin_environment_shard.shard;
 END
 $$;
+
+-- New work for an environment goes to its shard only: a router or client routing by a stale
+-- assignment (an environment pinned after it was cached) gets RO002 naming the owning shard,
+-- never a run on the wrong shard, where its keys would not be seen. The control plane and a
+-- single run-ops store take any environment. Two forms: the predicate root_admission (the
+-- fast path) inlines, and the raising check of require_usable (every other admission).
+CREATE OR REPLACE FUNCTION runops.environment_is_here(environment_id text)
+RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+  SELECT runops.local_residency() = 'LEGACY' OR c.shard_count = 1
+         OR EXISTS (SELECT FROM runops.environment_shards AS s
+                    WHERE s.environment_id = environment_is_here.environment_id AND s.shard = c.shard_number)
+  FROM runops.store_config AS c
+$$;
+
+CREATE OR REPLACE FUNCTION runops.refuse_other_shards_environment(environment_id text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  owner integer;
+  here integer;
+BEGIN
+  IF environment_is_here(environment_id) THEN
+    RETURN;
+  END IF;
+  owner := environment_shard(environment_id);
+  here := local_shard();
+  IF owner IS NOT NULL AND owner <> here THEN
+    PERFORM raise_error('RO002', format('environment %s lives on run-ops shard %s, not on this shard %s',
+                                        input_prefix(environment_id), owner, here),
+                        'owning_store=RUN_OPS',
+                        format('owning_shard=%s: call the router, or that shard', owner));
+  END IF;
+END
+$$;

@@ -9,6 +9,7 @@ the tenant mirror — depends on where the *other* store is, so it is not part o
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -142,12 +143,19 @@ def resolve_targets(control_plane_url: str | None = None, run_ops_url: str | Non
     if not found:
         from .local_cluster import LocalStores
 
-        admin = LocalStores.from_cwd().admin_urls()
+        local = LocalStores.from_cwd()
+        admin = {"CONTROL_PLANE": local.admin_urls()["CONTROL_PLANE"], "RUN_OPS": ",".join(local.shard_admin_urls())}
         return {store: Target(store, url, "the local dev stores in .runops/") for store, url in admin.items()}
     if "CONTROL_PLANE" not in found:
         raise PreconditionFailed("no control-plane URL (a run-ops store is never migrated alone): pass "
                                  "--control-plane-url or set RUNOPS_CONTROL_PLANE_ADMIN_URL")
     return found
+
+
+def split_urls(value: str) -> list[str]:
+    """RUNOPS_RUN_OPS_URL as a list of shards: comma-separated URLs. A comma inside one URL (a
+    multi-host postgresql://h1,h2/db) is not a separator: only one before a scheme or a key=value."""
+    return [u.strip() for u in re.split(r",(?=\s*(?:postgres(?:ql)?://|\w+=))", value) if u.strip()]
 
 
 def parse_peer_hosts(values: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
