@@ -80,7 +80,8 @@ GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runop
 
 -- Shards (shards.sql): shard_of is an identity function (plain, like classify_residency); the
 -- assignment is read by the app and the FDW login, pinned by operators on the control plane.
-GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text)
+GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
+  runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer)
   TO runops_app, runops_fdw;
 GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer)
   TO runops_app;

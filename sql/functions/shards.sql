@@ -23,33 +23,50 @@ AS $$
   SELECT (pg_catalog.strpos('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz', ch) - 1)::bigint
 $$;
 
+-- The top 40 bits of a bare KSUID minted with a shard byte. Every function here is one
+-- expression, so PostgreSQL inlines them into the calling query.
+CREATE OR REPLACE FUNCTION runops.ksuid_top40(bare text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT pg_catalog.div((
+               runops.base62_digit(pg_catalog.substr(bare, 1, 1)) * 218340105584896::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 2, 1)) * 3521614606208::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 3, 1)) * 56800235584::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 4, 1)) * 916132832::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 5, 1)) * 14776336::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 6, 1)) * 238328::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 7, 1)) * 3844::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 8, 1)) * 62::bigint
+             + runops.base62_digit(pg_catalog.substr(bare, 9, 1)) * 1::bigint)::numeric
+           * 183252712161029662582812243656704::numeric,              -- 62^18
+           1329227995784915872903807060280344576::numeric)::bigint   -- 2^120
+$$;
+
+CREATE OR REPLACE FUNCTION runops.shard_of_top40(top40 bigint, ids_since integer)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+  SELECT CASE WHEN top40 / 256 < ids_since THEN 0 ELSE (top40 % 256)::integer END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.shard_of_id(id text, ids_since integer)
 RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT CASE WHEN t.top40 / 256 < ids_since THEN 0 ELSE (t.top40 % 256)::integer END
-  FROM (SELECT pg_catalog.div((
-                   runops.base62_digit(pg_catalog.substr(b.bare, 1, 1)) * 218340105584896::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 2, 1)) * 3521614606208::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 3, 1)) * 56800235584::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 4, 1)) * 916132832::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 5, 1)) * 14776336::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 6, 1)) * 238328::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 7, 1)) * 3844::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 8, 1)) * 62::bigint
-                 + runops.base62_digit(pg_catalog.substr(b.bare, 9, 1)) * 1::bigint)::numeric
-                              * 183252712161029662582812243656704::numeric,             -- 62^18
-                              1329227995784915872903807060280344576::numeric)::bigint  -- 2^120
-               AS top40
-        FROM (SELECT pg_catalog.regexp_replace(id, '^[a-z]+_', '') AS bare) AS b
-        WHERE runops.try_classify_residency(id) = 'NEW') AS t
+  SELECT CASE WHEN runops.try_classify_residency(id) = 'NEW'
+              THEN runops.shard_of_top40(runops.ksuid_top40(pg_catalog.regexp_replace(id, '^[a-z]+_', '')), ids_since)
+         END
 $$;
 
+-- PL/pgSQL: it reads the store's cut-over second in a cached plan and calls the inlined decoding.
 CREATE OR REPLACE FUNCTION runops.shard_of(id text)
 RETURNS integer
-LANGUAGE sql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$
-  SELECT runops.shard_of_id(id, (SELECT c.shard_ids_since FROM runops.store_config AS c)::integer)
+BEGIN
+  RETURN runops.shard_of_id(id, (SELECT c.shard_ids_since FROM runops.store_config AS c)::integer);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.local_shard()
@@ -60,9 +77,19 @@ AS $$
 $$;
 
 -- A write naming a NEW row (bare id) this run-ops store holds must name this store's shard: a
--- router or client with a stale map must never write here what another shard owns. Asked only
--- of NEW ids on a run-ops store, after the residency checks. With one shard every NEW id is this
--- store's (ids minted by other tools carry a random byte 4), so nothing is decoded.
+-- router or client with a stale map must never write here what another shard owns. With one
+-- shard every NEW id is this store's (ids minted by other tools carry a random byte 4), so
+-- nothing is decoded. shard_holds is the test (a set-returning SQL function: it inlines into
+-- the caller's query, where a scalar one reading a table would be planned on every call);
+-- refuse_other_shard raises when it fails.
+CREATE OR REPLACE FUNCTION runops.shard_holds(bare text)
+RETURNS TABLE (holds boolean)
+LANGUAGE sql STABLE
+AS $$
+  SELECT true FROM runops.store_config AS c
+  WHERE c.shard_count = 1 OR runops.shard_of_id(bare, c.shard_ids_since::integer) = c.shard_number
+$$;
+
 CREATE OR REPLACE FUNCTION runops.refuse_other_shard(bare text, kind text, id text)
 RETURNS void
 LANGUAGE plpgsql STABLE
@@ -190,16 +217,16 @@ $$;
 -- New work for an environment goes to its shard only: a router or client routing by a stale
 -- assignment (an environment pinned after it was cached) gets RO002 naming the owning shard,
 -- never a run on the wrong shard, where its keys would not be seen. The control plane and a
--- single run-ops store take any environment. Two forms: the predicate root_admission (the
--- fast path) inlines, and the raising check of require_usable (every other admission).
-CREATE OR REPLACE FUNCTION runops.environment_is_here(environment_id text)
-RETURNS boolean
+-- single run-ops store take any environment. environment_here is the test, inlined by
+-- root_admission (the fast path) and require_usable; refuse_other_shards_environment raises.
+CREATE OR REPLACE FUNCTION runops.environment_here(environment_id text)
+RETURNS TABLE (here boolean)
 LANGUAGE sql STABLE
 AS $$
-  SELECT runops.local_residency() = 'LEGACY' OR c.shard_count = 1
-         OR EXISTS (SELECT FROM runops.environment_shards AS s
-                    WHERE s.environment_id = environment_is_here.environment_id AND s.shard = c.shard_number)
-  FROM runops.store_config AS c
+  SELECT true FROM runops.store_config AS c
+  WHERE runops.local_residency() = 'LEGACY' OR c.shard_count = 1
+     OR EXISTS (SELECT FROM runops.environment_shards AS s
+                WHERE s.environment_id = environment_here.environment_id AND s.shard = c.shard_number)
 $$;
 
 CREATE OR REPLACE FUNCTION runops.refuse_other_shards_environment(environment_id text)
@@ -210,9 +237,6 @@ DECLARE
   owner integer;
   here integer;
 BEGIN
-  IF environment_is_here(environment_id) THEN
-    RETURN;
-  END IF;
   owner := environment_shard(environment_id);
   here := local_shard();
   IF owner IS NOT NULL AND owner <> here THEN

@@ -338,7 +338,9 @@ BEGIN
   IF ctx.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
   END IF;
-  PERFORM refuse_other_shards_environment(ctx.id);  -- shards.sql: RO002 on a shard not the environment's
+  IF NOT EXISTS (SELECT FROM environment_here(ctx.id)) THEN
+    PERFORM refuse_other_shards_environment(ctx.id);  -- shards.sql: RO002 on a shard not the environment's
+  END IF;
   IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
     PERFORM raise_error('RO005',
       format('environment %s cannot take new work: it is %s', ctx.id,

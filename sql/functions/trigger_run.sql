@@ -136,7 +136,7 @@ AS $$
     AND (root_admission.payload IS NULL OR runops.payload_within_smallest_limits(root_admission.payload))
     AND NOT e.archived AND NOT e.paused AND p.deleted_at IS NULL AND o.runs_enabled
     AND runops.root_residency(x.ctx) = runops.local_residency()
-    AND runops.environment_is_here(e.id)  -- shards.sql
+    AND EXISTS (SELECT FROM runops.environment_here(e.id))  -- shards.sql
     AND (runops.local_residency() = 'LEGACY'
          OR EXISTS (SELECT FROM runops.mirror_feed() AS f WHERE runops.mirror_within_bound(f.fed_at, f.bound_seconds)))
 $$;

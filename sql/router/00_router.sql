@@ -84,19 +84,24 @@ AS $$
 $$;
 
 -- The router's shard_of: the shards' decoding (shard_of_id, installed here from
--- sql/functions/shards.sql) with the deployment's cut-over second.
+-- sql/functions/shards.sql) with the deployment's cut-over second. The helpers that read the
+-- config are PL/pgSQL: a SQL function with a FROM is planned again on every call (~140 µs here).
 CREATE OR REPLACE FUNCTION runops.shard_of(id text)
 RETURNS integer
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT runops.shard_of_id(id, (SELECT c.shard_ids_since FROM runops.router_config AS c)::integer)
+BEGIN
+  RETURN runops.shard_of_id(id, (SELECT c.shard_ids_since FROM runops.router_config AS c)::integer);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.router_shard_count()
 RETURNS integer
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT c.shard_count FROM runops.router_config AS c
+BEGIN
+  RETURN (SELECT c.shard_count FROM runops.router_config AS c);
+END
 $$;
 
 -- Where a call naming an id goes. LEGACY and unclassifiable ids go to shard 0, which answers as
@@ -108,13 +113,15 @@ RETURNS integer
 LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  count integer := runops.router_shard_count();
+  count integer;
+  since integer;
   shard integer;
 BEGIN
+  SELECT c.shard_count, c.shard_ids_since INTO count, since FROM runops.router_config AS c;
   IF count = 1 THEN
     RETURN 0;
   END IF;
-  shard := runops.shard_of(id);
+  shard := runops.shard_of_id(id, since);
   IF shard IS NULL THEN
     RETURN 0;
   END IF;
@@ -139,9 +146,10 @@ RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-  count integer := runops.router_shard_count();
+  count integer;
   shard integer;
 BEGIN
+  SELECT c.shard_count INTO count FROM runops.router_config AS c;
   IF count = 1 OR environment_id IS NULL THEN
     RETURN 0;
   END IF;

@@ -22,7 +22,8 @@ from .schema import SQL
 # Per-store calls: every shard answers, and the router adds the answers up.
 ON_EVERY_SHARD = frozenset({"tick", "enqueue_delayed_runs", "expire_enqueued_runs", "purge_runs"})
 # Computed on the router itself (installed from the stores' files), never routed.
-LOCAL = frozenset({"shard_of", "shard_of_id", "base62_digit", "try_classify_residency"})
+LOCAL = frozenset({"shard_of", "shard_of_id", "base62_digit", "ksuid_top40", "shard_of_top40",
+                   "try_classify_residency"})
 # The id arguments a call may be routed by, and what the refusal calls the id.
 ID_ARGUMENTS = {"run_id": "run", "batch_id": "batch", "waitpoint_id": "waitpoint",
                 "bulk_action_id": "bulk action", "alert_id": "alert", "channel_id": "alert channel"}
@@ -135,8 +136,8 @@ def _function_block(path: str, name: str) -> str:
 def shared_functions() -> str:
     """The pure functions the router shares with the stores: one home for the id rules."""
     return "\n".join([_function_block("residency.sql", "try_classify_residency"),
-                      _function_block("shards.sql", "base62_digit"),
-                      _function_block("shards.sql", "shard_of_id")])
+                      *(_function_block("shards.sql", name)
+                        for name in ("base62_digit", "ksuid_top40", "shard_of_top40", "shard_of_id"))])
 
 
 def router_api_sql(shard: psycopg.Connection[Any]) -> str:
@@ -235,7 +236,8 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
-  runops.try_classify_residency(text) TO runops_app;
+  runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer), runops.try_classify_residency(text)
+  TO runops_app;
 GRANT USAGE ON SCHEMA plproxy TO runops_owner;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA plproxy FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA plproxy TO runops_owner;
