@@ -1,6 +1,6 @@
--- Applied after every function file: ownership and grants. Applications (runops_app) may EXECUTE
--- the public API and nothing else; internal helpers stay with the owner. The FDW login (runops_fdw) may call what
--- the identity views need.
+-- Applied after every function file: ownership and grants. Services (members of runops_api) may
+-- EXECUTE the public API and nothing else; internal helpers stay with the owner. The FDW login
+-- (runops_fdw) may call what the identity views need. docs/security.md lists every role's rights.
 -- The SECURITY DEFINER functions must run as the NOLOGIN owner, never as the installing superuser.
 DO $$
 DECLARE
@@ -24,11 +24,13 @@ GRANT EXECUTE ON FUNCTION
   runops.classify_residency(text), runops.try_classify_residency(text), runops.generate_ksuid(),
   runops.generate_cuid(), runops.ksuid_timestamp(text), runops.store_role(), runops.store_identity(),
   runops.now(), runops.ksuid_encode(bytea), runops.base36_digits4(bigint), runops.base36_digits8(bigint),
-  runops.base62_digits4(bigint), runops.base62_digits7(bigint), runops.base62_digits10(bigint)
-  TO runops_app, runops_fdw;
+  runops.base62_digits4(bigint), runops.base62_digits7(bigint), runops.base62_digits10(bigint),
+  runops.input_prefix(text)
+  TO runops_fdw, runops_api;  -- in this order, as an upgraded store's ACLs hold them (pg_dump compares)
 GRANT EXECUTE ON FUNCTION runops.peer_identity() TO runops_fdw;
 
 GRANT EXECUTE ON FUNCTION
+  runops.store_version(),
   runops.trigger_run(text, text, jsonb, jsonb),
   runops.trigger_route(text, jsonb),
   runops.reset_idempotency_key(text, text, text, text, text, integer),
@@ -75,13 +77,51 @@ GRANT EXECUTE ON FUNCTION
   runops.seal_batch(text, text),
   runops.get_batch(text, text),
   runops.resume_batch_run(text, text)
-  TO runops_app;
-GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_app;
+  TO runops_api;
+GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_api;
+
+-- Large objects, and WAL messages (pg_logical_emit_message), are storage outside every runops
+-- limit (SPEC §3 [1.2]) that no service needs, yet PostgreSQL lets PUBLIC write them. A grant to
+-- PUBLIC cannot be taken back from one role only, so the first time this runs in a database: revoke
+-- those functions from PUBLIC and grant them back to every role that had them through PUBLIC and
+-- is not a runops role or a service (a member of runops_api or runops_fdw) — another application
+-- sharing the database keeps them. A role created later that needs them is granted them by its
+-- DBA (docs/security.md). Later runs change nothing: PUBLIC no longer holds them.
+DO $$
+DECLARE
+  unbounded_writes text;
+  keeps text;
+BEGIN
+  SELECT pg_catalog.string_agg(p.oid::regprocedure::text, ', ') INTO unbounded_writes
+  FROM pg_catalog.pg_proc AS p
+  WHERE p.pronamespace = 'pg_catalog'::regnamespace
+    AND (p.proname LIKE 'lo\_%' OR p.proname IN ('loread', 'lowrite', 'pg_logical_emit_message'))
+    AND EXISTS (SELECT FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) AS a
+                WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE');
+  IF unbounded_writes IS NULL THEN
+    RETURN;
+  END IF;
+  IF pg_catalog.current_setting('is_superuser') <> 'on' THEN
+    -- They belong to the bootstrap superuser: anyone else's REVOKE would only warn.
+    RAISE WARNING 'large objects and pg_logical_emit_message stay executable by PUBLIC: run runops migrate as a superuser to revoke them from services';
+    RETURN;
+  END IF;
+  SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ') INTO keeps
+  FROM pg_catalog.pg_roles AS r
+  WHERE r.rolname !~ '^(pg_|runops_)' AND NOT r.rolsuper
+    AND NOT pg_catalog.pg_has_role(r.oid, 'runops_api', 'MEMBER')
+    AND NOT pg_catalog.pg_has_role(r.oid, 'runops_fdw', 'MEMBER');
+  EXECUTE 'REVOKE EXECUTE ON FUNCTION ' || unbounded_writes || ' FROM PUBLIC';
+  IF keeps IS NOT NULL THEN
+    EXECUTE 'GRANT EXECUTE ON FUNCTION ' || unbounded_writes || ' TO ' || keeps;
+  END IF;
+END
+$$;
 
 -- Shards (shards.sql): shard_of is an identity function (plain, like classify_residency); the
--- assignment is read by the app and the FDW login, pinned by operators on the control plane.
+-- assignment is read by services and the FDW login, pinned by operators on the control plane.
 GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
   runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer)
-  TO runops_app, runops_fdw;
+  TO runops_fdw, runops_api;
 GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer)
-  TO runops_app;
+  TO runops_api;

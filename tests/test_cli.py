@@ -412,18 +412,35 @@ def test_docs_lists_the_pages_and_prints_one() -> None:
 
 def test_the_sql_api_reference_documents_every_function_the_app_role_may_call() -> None:
     """docs/sql-api.md is the users' reference (they have no SPEC): every function granted to
-    runops_app in sql/after_functions.sql has an entry, named with its arguments."""
+    runops_api (what services may call) in sql/after_functions.sql has an entry, named with its arguments."""
     import re
 
     root = Path(__file__).resolve().parents[1]
     grants = (root / "sql" / "after_functions.sql").read_text()
     granted: set[str] = set()
     for block in re.findall(r"GRANT EXECUTE ON (?:FUNCTION|PROCEDURE)(.*?)TO ([^;]*);", grants, re.S):
-        if "runops_app" in block[1]:
+        if "runops_api" in block[1]:
             granted |= set(re.findall(r"runops\.(\w+)\(", block[0]))
     # The base62/base36 digit writers and ksuid_encode are granted because generate_ksuid and
-    # generate_cuid (plain functions) call them as the caller: helpers, not API.
-    helpers = {name for name in granted if re.fullmatch(r"base(36|62)_digits\d+|ksuid_encode", name)}
+    # generate_cuid (plain functions) call them as the caller, and input_prefix because the plain
+    # identity functions quote bad input through it: helpers, not API.
+    helpers = {name for name in granted if re.fullmatch(r"base(36|62)_digits\d+|ksuid_encode|input_prefix", name)}
     reference = (root / "docs" / "sql-api.md").read_text()
     missing = sorted(name for name in granted - helpers if not re.search(rf"`{name}\(", reference))
     assert len(granted - helpers) > 50 and not missing, missing
+
+@pytest.mark.parametrize("command", [["runs", "ls"], ["metrics"]])
+def test_a_mistyped_environment_is_not_found_not_an_empty_one(cli: Cli, new_env, command: list[str]) -> None:
+    mistyped = new_env.environment_id[:-1] + ("x" if new_env.environment_id[-1] != "x" else "y")
+    code, out, err = run(cli, *command, "--env", mistyped)
+    assert (code, out) == (14, "") and err.count("\n") == 1, err
+    assert err.startswith("error: RO004 ") and mistyped in err
+    code, out, err = run(cli, "--json", *command, "--env", mistyped)
+    assert code == 14 and json.loads(err)["error"]["sqlstate"] == "RO004"
+    # The real environment, empty, is an empty table (exit 0); with a run, the run.
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0, err
+    code, out, err = run(cli, "--json", "trigger", new_env.environment_id, "echo")
+    run_id = json.loads(out)["run_id"]
+    code, out, err = run(cli, *command, "--env", new_env.environment_id)
+    assert code == 0 and (run_id in out if command == ["runs", "ls"] else "PENDING" in out), out + err

@@ -105,6 +105,22 @@ def test_trigger_runs_ls_and_show_from_a_subdirectory(src: Path, new_env: Env) -
     assert not (src / ".runops").exists()
 
 
+def test_runops_connect_from_a_subdirectory_uses_the_local_stores(src: Path, new_env: Env) -> None:
+    """docs/worker.md's `RunOps.connect()` works after `dev up` with nothing exported."""
+    program = ("import asyncio, sys\n"
+               "from runops import AsyncRunOps, RunOps\n"
+               "with RunOps.connect() as ro:\n"
+               "    print(ro.trigger_run(sys.argv[1], 't', {}).residency)\n"
+               "async def main():\n"
+               "    async with await AsyncRunOps.connect() as ro:\n"
+               "        print((await ro.trigger_run(sys.argv[1], 't', {})).residency)\n"
+               "asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", program, new_env.environment_id], capture_output=True, text=True,
+                          env=user_env(), cwd=src, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["NEW", "NEW"]
+
+
 def test_metrics_from_a_subdirectory(src: Path, new_env: Env, client) -> None:
     client.trigger_run(new_env.environment_id, "t", {})
     code, out, err = runops("--json", "metrics", "--env", new_env.environment_id, cwd=src)

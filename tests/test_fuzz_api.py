@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
+from runops.client import CONTROL_PLANE, RUN_OPS
 from tests.conftest import Stores, sqlstate_of
 from tests.lifecycle_helpers import one, trigger
 
@@ -158,3 +160,101 @@ def test_public_functions_raise_only_ro_sqlstates_and_a_failed_call_leaves_no_ro
         code = sqlstate_of(exc) or ""
         assert code.startswith("RO") or code in ALLOWED_OUTSIDE_RO, (name, code, str(exc)[:300])
         assert table_counts(admin) == before, (name, code)
+
+
+# -- bounded echoes (SPEC §3 [1.2]) ---------------------------------------------------------------
+
+BIG = "x" * (1 << 20)  # 1 MiB
+LONGEST_MESSAGE = 300  # message, DETAIL and HINT each: a ~100-character quote and the wording
+MOST_LOG_PER_CALL = 10 * 1024
+# Plausible values by argument name, so that the one huge argument is the one a function judges.
+PLAUSIBLE = {"task_identifier": "t", "idempotency_key": "k", "scope": "run", "worker_id": "w",
+             "status": "COMPLETED_SUCCESSFULLY", "reason": "WAIT_FOR_TASK", "location": "l", "kind": "MANUAL",
+             "type": "MANUAL", "slug": "s", "name": "n", "mint_kind": "cuid", "dev_session_id": "d",
+             "environment_type": "PRODUCTION", "task_identifiers": ["t"], "waitpoint_ids": None}
+HUGE_OPTION_NAMES = OPTION_NAMES + ["paused", "archived", "runs_disabled", "statuses", "tags", "task_identifiers",
+                                    "created_after", "created_before", "batch_id"]
+
+
+def granted_functions(conn: psycopg.Connection[Any]) -> list[tuple[str, list[str], list[str]]]:
+    """(name, input argument types, input argument names) of every runops function the app role
+    may execute, as the catalog says."""
+    rows = conn.execute("""
+        SELECT p.proname, ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS u(t, n)
+                                ORDER BY n),
+               coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}')
+        FROM pg_proc AS p
+        WHERE p.pronamespace = 'runops'::regnamespace AND p.prokind = 'f'
+          AND has_function_privilege('runops_app', p.oid, 'EXECUTE')
+        ORDER BY 1""").fetchall()
+    out = []
+    for name, types, names, modes in rows:
+        inputs = [n for i, n in enumerate(names) if not modes or modes[i] in ("i", "b", "v")]
+        out.append((name, list(types), (inputs + [""] * len(types))[:len(types)]))
+    return out
+
+
+def plausible(sql_type: str, name: str, ids: dict[str, str]) -> Any:
+    if name in PLAUSIBLE:
+        return PLAUSIBLE[name]
+    for key in ("environment", "organization", "project", "batch", "waitpoint", "run"):
+        if key in name:
+            return ids[key]
+    return {"text": "x", "integer": 1, "bigint": 1, "boolean": False, "jsonb": Jsonb({}),
+            "text[]": [ids["waitpoint"]], "bytea": b"x" * 20}.get(sql_type)
+
+
+def huge_values(sql_type: str) -> list[Any]:
+    if sql_type == "text":
+        return [BIG, *(f"{kind}_{BIG}" for kind in ("run", "batch", "waitpoint")), "c" + BIG, "é" * (1 << 19)]
+    if sql_type == "text[]":
+        return [[BIG], [f"waitpoint_{BIG}"]]
+    if sql_type == "bytea":
+        return [b"x" * (1 << 20)]
+    if sql_type == "jsonb":
+        options = [{name: value} for name in HUGE_OPTION_NAMES for value in (BIG, [BIG], {BIG: 1})]
+        items = [[{"task": BIG}], [{"task": "t", "payload": {BIG: 1}}],
+                 *([{"task": "t", "options": {name: BIG}}] for name in HUGE_OPTION_NAMES)]
+        return [Jsonb(v) for v in (BIG, [BIG], {BIG: 1}, *options, *items)]
+    return []
+
+
+@pytest.mark.parametrize("store", [CONTROL_PLANE, RUN_OPS])
+def test_no_granted_function_echoes_more_than_a_short_prefix_of_its_input(
+        stores: Stores, store: str, conn: psycopg.Connection[Any], env_id: str, make_env: Any) -> None:
+    """Every function granted to runops_app, each argument in turn 1 MiB long (text, ids with each
+    friendly prefix, arrays, bytea, JSON with huge values, keys and options) beside plausible
+    others: no message, DETAIL or HINT over 300 characters, and the server log grows by less than
+    10 kB per call."""
+    graph_env = make_env("cuid" if store == CONTROL_PLANE else "ksuid")
+    ids = {"environment": graph_env.environment_id, "organization": graph_env.organization_id,
+           "project": graph_env.project_id, "run": trigger(conn, graph_env.environment_id),
+           "batch": one(conn, "create_batch", graph_env.environment_id, 2, {})["batch_id"],
+           "waitpoint": one(conn, "create_waitpoint", graph_env.environment_id, "MANUAL", {})["waitpoint_id"]}
+    log = Path(stores.local.clusters[store].datadir) / "server.log"
+    too_long: dict[str, int] = {}  # "function(argument)" -> the longest message it gave
+    too_loud: dict[str, int] = {}  # -> the most log bytes one call wrote
+    calls = 0
+    for name, types, names in granted_functions(conn):
+        base = [plausible(t, n, ids) for t, n in zip(types, names, strict=True)]
+        placeholders = ", ".join(f"%s::{t}" for t in types)
+        for i, sql_type in enumerate(types):
+            for value in huge_values(sql_type):
+                args = [*base[:i], value, *base[i + 1:]]
+                before = log.stat().st_size
+                calls += 1
+                try:
+                    conn.execute(f"SELECT * FROM runops.{name}({placeholders})", args).fetchall()
+                except psycopg.Error as exc:
+                    diag = exc.diag
+                    what = f"{name}({names[i] or i})"
+                    longest = max(len(diag.message_primary or ""), len(diag.message_detail or ""),
+                                  len(diag.message_hint or ""))
+                    if longest > LONGEST_MESSAGE:
+                        too_long[what] = max(longest, too_long.get(what, 0))
+                    grown = log.stat().st_size - before
+                    if grown >= MOST_LOG_PER_CALL:
+                        too_loud[what] = max(grown, too_loud.get(what, 0))
+    assert calls > 500
+    assert too_long == {}
+    assert too_loud == {}

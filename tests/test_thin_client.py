@@ -1,6 +1,7 @@
 """The client is thin and stands alone: it imports nothing of the tooling (``runops.ops``), sends
-only the named statements of ``runops.queries``, and reads the local dev stores only when asked
-(``RunOps.local()``), never as a fallback of ``connect()``."""
+only the named statements of ``runops.queries``, and reads the local dev stores through
+``RunOps.local()``, or as ``connect()``'s fallback when no URL is given at all; a given URL always
+wins."""
 
 from __future__ import annotations
 
@@ -78,14 +79,18 @@ def _write_state(home: Path) -> dict[str, str]:
             RUN_OPS: "postgresql://runops_app:secret@127.0.0.1:2/runops"}
 
 
-def test_connect_without_a_url_refuses_even_beside_local_stores(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_without_any_url_falls_back_to_the_local_stores_and_a_run_ops_url_alone_refuses(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _clear_urls(monkeypatch)
-    _write_state(tmp_path / ".runops")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(RunOpsError, match=r"no control-plane URL.*local\(\)"):
+    expected = _write_state(tmp_path / ".runops")
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path / "src")
+    with RunOps.connect() as ro:  # no connection is made before the first call
+        assert (ro._urls[CONTROL_PLANE], ro._urls[RUN_OPS]) == (expected[CONTROL_PLANE], expected[RUN_OPS])
+    monkeypatch.setenv("RUNOPS_RUN_OPS_URL", expected[RUN_OPS])
+    with pytest.raises(RunOpsError, match="a run-ops URL alone is not enough"):
         RunOps.connect()
-    with pytest.raises(RunOpsError, match="no control-plane URL"):
+    with pytest.raises(RunOpsError, match="a run-ops URL alone is not enough"):
         asyncio.run(AsyncRunOps.connect())
 
 

@@ -121,9 +121,27 @@ def test_failures_are_retried_by_the_tasks_policy_and_max_attempts(client: RunOp
     assert (not_retried.status, not_retried.attempt_number) == ("COMPLETED_WITH_ERRORS", 1)
 
 
+def test_a_worker_takes_only_runs_of_its_own_tasks_and_leaves_the_rest_to_others(
+        stores: Stores, client: RunOps, make_env) -> None:
+    """The README's reference worker and the README's send-email run: the worker serves echo, and
+    leaves send-email PENDING for a worker that knows it (the console script, as a user runs it)."""
+    env = make_env("ksuid").environment_id
+    email = client.trigger_run(env, "send-email", {"to": "a@example.com"}, idempotency_key="order-42")
+    echo = client.trigger_run(env, "echo", {"x": 1})
+    urls = {"RUNOPS_CONTROL_PLANE_URL": stores.app[CONTROL_PLANE], "RUNOPS_RUN_OPS_URL": stores.app[RUN_OPS]}
+    runops = str(Path(sys.executable).parent / "runops")
+    done = subprocess.run([runops, "worker", "--env", env, "--once"], env={**os.environ, **urls},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert echo.run_id in done.stdout and email.run_id not in done.stdout
+    assert client.get_run(echo.run_id).status == "COMPLETED_SUCCESSFULLY"  # type: ignore[union-attr]
+    left = client.get_run(email.run_id)
+    assert left is not None and (left.status, left.locked_by, left.queue) == ("PENDING", None, "task/send-email")
+
+
 def test_a_task_the_worker_does_not_know_fails_with_a_clear_error(client: RunOps, make_env, start_worker) -> None:
     env = make_env("ksuid").environment_id
-    start_worker(env)
+    start_worker(env, "--all-tasks")
     run = client.trigger_run(env, "no-such-task", {"x": 1})
     done = client.wait_for_run(run.run_id, timeout=20)
     assert done.status == "SYSTEM_FAILURE" and done.output is None

@@ -10,6 +10,7 @@ from .errors import (
     RetryableConflict,
     RunOpsError,
     SplitRefused,
+    StoreMisconfigured,
     StoreUnavailable,
     UnclassifiableId,
     WrongStore,
@@ -53,4 +54,5 @@ __all__ = [
     "Worker", "Outcome",
     "RunOpsError", "UnclassifiableId", "WrongStore", "IllegalTransition", "NotFound",
     "EnvironmentUnusable", "InvalidInput", "SplitRefused", "RetryableConflict", "StoreUnavailable",
+    "StoreMisconfigured",
 ]

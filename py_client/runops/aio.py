@@ -1,20 +1,22 @@
-"""The asyncio client: :class:`AsyncRunOps`, every public method of :class:`RunOps` on psycopg
-``AsyncConnectionPool`` s, with the same signatures, routing, SQL, results and exceptions.
+"""The asyncio client, :class:`AsyncRunOps`: every call of the SQL API on psycopg
+``AsyncConnectionPool`` s, one pool per store.
 
     async with await AsyncRunOps.connect() as ro:
         run = await ro.trigger_run(env_id, "send-email", {"to": "a@example.com"}, idempotency_key="order-42")
         done = await ro.wait_for_run(run.run_id, timeout=60)
 
-What decides anything without I/O (id-shape routing, the route cache, the stores' health, the
-replica bookkeeping, the lease gathering, the page merge) lives once, in runops.client, and
-both clients call it; both send the named statements of runops.queries; this module holds the
-awaitable calls. ``run_worker`` runs the
-thread-based worker (tasks are plain functions) in a thread.
+This file is the one source of both clients: ``runops/client.py`` (:class:`runops.RunOps`, the
+blocking client) is generated from it by ``python -m runops._codegen.async_to_sync``, which drops
+``async`` and ``await`` and renames the asyncio names (``if True:  # ASYNC`` keeps only its
+``else:`` branch there; a line marked ``# NOSYNC`` is left out). A test fails when client.py is
+stale. What decides anything without I/O (routing, the route cache, the stores' health and
+versions, rows by column name) lives in runops._client_base; every statement is one of
+runops.queries.
 """
 
 from __future__ import annotations
 
-import asyncio
+import asyncio  # NOSYNC
 import datetime as dt
 import functools
 import json
@@ -25,16 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
 import psycopg
-from psycopg.rows import class_row, tuple_row
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from . import ids, queries
-from .client import (
-    _ROW_FACTORIES,
+from ._client_base import (
     CONTROL_PLANE,
     RUN_OPS,
-    RunOps,
     _ask_control_plane,
     _connect_urls,
     _ignore_chunk,
@@ -46,9 +46,11 @@ from .client import (
     _partial_or_raise,
     _Router,
     _split_refusal,
+    _tolerable,
     _trigger_options,
+    by_name,
 )
-from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore, translate
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore
 from .models import (
     FINAL_STATUSES,
     Batch,
@@ -69,77 +71,111 @@ from .models import (
 )
 from .retry import CONFLICT_BACKOFF, call_with_retry_async
 
+__all__ = ["CONTROL_PLANE", "RUN_OPS", "AsyncRunOps"]
+
 T = TypeVar("T")
 
 
 class AsyncRunOps(_Router[AsyncConnectionPool]):
-    """asyncio client for both stores. Use ``await AsyncRunOps.connect()`` (or ``async with``)."""
+    """Client for both stores. Use ``await AsyncRunOps.connect()`` (or :meth:`local` for the stores of
+    `runops dev up`); close it (or use ``async with``) when done."""
 
-    @staticmethod
-    def _pool(url: str, max_size: int) -> AsyncConnectionPool:
-        # Opened by connect(), open() or ``async with``: an async pool opens inside a running loop.
+    def _pool(self, name: str, url: str, max_size: int) -> AsyncConnectionPool:
+        # Opened by the store's first call, once it answered (see _client_base: the stores' health).
         return AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False,
-                                   kwargs={"autocommit": True}, name="runops-async")
+                                   kwargs=self._connect_kwargs(url, replica=name.endswith("-replica")),
+                                   name=f"runops-{name}")
 
     @classmethod
     async def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                       **kwargs: Any) -> AsyncRunOps:
-        """Like :meth:`RunOps.connect` (URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL),
-        with the pools opened."""
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else (neither set) the
+        local stores of `runops dev up` found from the current directory up, as :meth:`local`
+        finds them; RunOpsError for a run-ops URL alone. RUNOPS_TIMEOUT (seconds,
+        default 10) bounds the wait for a connection; RUNOPS_PGBOUNCER=1 is ``pgbouncer=True``.
+        Nothing is connected before the first call."""
         cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
-        client = cls(cp, ro, **kwargs)
-        await client.open()
-        return client
+        return cls(cp, ro, **kwargs)
 
     @classmethod
     async def local(cls, home: str | Path | None = None, **kwargs: Any) -> AsyncRunOps:
-        """Like :meth:`RunOps.local` (the local stores of `runops dev up`), with the pools opened."""
+        """The local stores of `runops dev up` (their state in ``home``, default the nearest
+        ``.runops/`` from the current directory up, or RUNOPS_HOME), for development and the
+        demo; RunOpsError when there are none.
+        ``kwargs`` and the RUNOPS_TIMEOUT / replica variables as for :meth:`connect`."""
         cp, ro = _local_urls(home, kwargs)
-        client = cls(cp, ro, **kwargs)
-        await client.open()
-        return client
+        return cls(cp, ro, **kwargs)
 
-    async def open(self) -> None:
-        """Opens the pools (``connect`` and ``async with`` do it); the stores need not be up yet."""
-        for pool in [*self._pools.values(), *self._replicas.values()]:
-            await pool.open(wait=False)
+    async def open(self) -> None:  # NOSYNC
+        """Kept for code written for earlier releases: there is nothing left to open, since each
+        store's pool opens on its first call, once the store answered (so the stores need not be
+        up yet)."""
 
     async def close(self) -> None:
-        """Closes the pools."""
+        """Closes the connection pools."""
         for pool in [*self._pools.values(), *self._replicas.values()]:
             await pool.close()
 
     async def __aenter__(self) -> AsyncRunOps:
-        await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- plumbing -----------------------------------------------------------------------------------
+    # -- plumbing ---------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _connection(self, store: str, replica: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """As :meth:`RunOps._connection`."""
+        """A pooled connection to ``store``; any database error comes out translated, and every
+        connection-level failure as StoreUnavailable (see _client_base: the stores' health)."""
         pool = (self._replicas if replica else self._pools).get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
-        wait = self._wait(store, replica)
+        if self._must_probe(store, replica):
+            await self._probe(store, replica, pool)
         try:
-            async with pool.connection(timeout=wait) as conn:
+            async with pool.connection(timeout=self._timeout) as conn:
                 yield conn
         except psycopg.Error as exc:
-            raise self._failed(store, replica, exc, wait) from exc
-        self._answered(store, replica)
+            raise self._failed(store, replica, exc) from exc
+
+    async def _probe(self, store: str, replica: bool, pool: AsyncConnectionPool) -> None:
+        """Connects to ``store`` on a connection of its own: libpq's reason if that fails, the
+        store's revision if it does not (refused when too old). Then the pool opens, or, after an
+        outage, drops the connections that died with it."""
+        url = self._url(store, replica)
+        version: str | None = None
+        try:
+            async with await psycopg.AsyncConnection.connect(url, **self._connect_kwargs(url, replica)) as conn:
+                if not replica:  # a replica replays its primary's revision
+                    try:
+                        cur = await conn.execute(queries.STORE_VERSION)
+                        row = await cur.fetchone()
+                        version = None if row is None else str(row[0])
+                    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
+                        version = None
+        except psycopg.Error as exc:
+            raise self._probe_failed(store, replica, exc) from exc
+        if not replica:
+            refusal = self._version_refusal(store, version)
+            if refusal is not None:
+                raise refusal
+        was_down = self._reached(store, replica)
+        await pool.open(wait=False)
+        if was_down:
+            await pool.check()
 
     async def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
-        factory = _ROW_FACTORIES.get(cls)
-        if factory is None:
-            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
-        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
-        async with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
+        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count
+        # (no effect with pgbouncer=True, whose connections never prepare).
+        async with self._connection(store, replica) as conn, conn.cursor(row_factory=by_name(cls)) as cur:
             await cur.execute(sql, params, prepare=True)
             return await cur.fetchall()
+
+    async def _one(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> T:
+        """The row a function that answers exactly one row answers."""
+        rows = await self._rows(store, sql, params, cls)
+        return rows[0]
 
     async def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
         async with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
@@ -149,20 +185,26 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
     async def _read_rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], key: str) -> list[T]:
         """A read by id or a listing: from the store's replica when there is one and ``key`` was
-        not written by this client lately; a replica that errs or has no row yet defers to the
-        primary, so a row is never reported missing because of replication lag."""
+        not written by this client lately; a replica that is down or has no row yet defers to
+        the primary, so a row is never reported missing because of replication lag."""
         if store in self._replicas and not self._recently_written(key):
             try:
                 rows = await self._rows(store, sql, params, cls, replica=True)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
                 rows = []
             if rows:
                 return rows
         return await self._rows(store, sql, params, cls)
 
     async def _with_wrong_store_retry(self, store: str, call: Callable[[str], Awaitable[T]]) -> T:
-        """As :meth:`RunOps._with_wrong_store_retry`: follows RO002 up to five hops and retries
-        retryable conflicts, with the same backoff."""
+        """Runs call(store); on RO002 follows the store the error names. Right after a mint-kind
+        flip the two stores can disagree for the mirror's lag (about a second), so the call may
+        bounce back: it follows again, with the conflict backoff, up to five hops. A retryable
+        conflict (RO008, 40001, 40P01: the transaction rolled back, so nothing was created) is
+        retried with the same backoff — e.g. a keyed trigger meeting a claim whose control-plane
+        transaction is still committing (docs/idempotency-across-stores.md)."""
         for hop in range(1, 6):
             try:
                 return self._note_result(await call_with_retry_async(functools.partial(call, store), tries=8))
@@ -177,7 +219,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
     async def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
         """The identity (system identifier, database, role, version) of one store."""
-        return (await self._rows(store, queries.STORE_IDENTITY, {}, StoreIdentity))[0]
+        return await self._one(store, queries.STORE_IDENTITY, {}, StoreIdentity)
 
     async def store_role(self, store: str = CONTROL_PLANE) -> str:
         """The role one store has (CONTROL_PLANE or RUN_OPS)."""
@@ -189,31 +231,28 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                                   mint_kind: str | None = None) -> str:
         """Creates an organization on the control plane (``mint_kind``: cuid or ksuid, else the
         default); its id. Raises InvalidInput."""
-        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ORGANIZATION,
-                                {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
+        params = {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ORGANIZATION, params))
 
     async def create_project(self, organization_id: str, slug: str) -> str:
         """Creates a project in an organization on the control plane; its id. Raises InvalidInput, NotFound."""
-        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_PROJECT,
-                                {"org": organization_id, "slug": slug}))
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_PROJECT, {"org": organization_id, "slug": slug}))
 
     async def create_environment(self, project_id: str, slug: str, type: str) -> str:
         """Creates an environment (``type``: PRODUCTION, STAGING, DEVELOPMENT, PREVIEW) on the
         control plane; its id. Raises InvalidInput, NotFound."""
-        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ENVIRONMENT,
-                                {"p": project_id, "s": slug, "t": type}))
+        params = {"p": project_id, "s": slug, "t": type}
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ENVIRONMENT, params))
 
     async def list_environments(self, organization_id: str | None = None) -> list[EnvironmentInfo]:
         """Every environment (or one organization's), with its project, organization and the
         mint kind its roots follow; from the control plane."""
-        return await self._rows(CONTROL_PLANE, queries.LIST_ENVIRONMENTS, {"o": organization_id},
-                                EnvironmentInfo)
+        return await self._rows(CONTROL_PLANE, queries.LIST_ENVIRONMENTS, {"o": organization_id}, EnvironmentInfo)
 
     async def update_environment(self, environment_id: str, **changes: Any) -> None:
         """Changes an environment (``paused``, ``archived``, ...) on the control plane. Raises
         InvalidInput, NotFound."""
-        await self._scalar(CONTROL_PLANE, queries.UPDATE_ENVIRONMENT,
-                           {"e": environment_id, "c": _options(changes)})
+        await self._scalar(CONTROL_PLANE, queries.UPDATE_ENVIRONMENT, {"e": environment_id, "c": _options(changes)})
 
     # -- split control (control plane) ---------------------------------------------------------
 
@@ -225,8 +264,10 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Enables the split once three identities agree: the run-ops store this client talks to,
         the control plane's FDW target, and (checked in SQL) that store's FDW view back."""
         if RUN_OPS in self._pools:
-            refusal = _split_refusal(await self.store_identity(RUN_OPS), await self.store_identity(CONTROL_PLANE),
-                                     (await self.split_status()).get("run_ops") or {})
+            mine = await self.store_identity(RUN_OPS)
+            control = await self.store_identity(CONTROL_PLANE)
+            status = await self.split_status()
+            refusal = _split_refusal(mine, control, status.get("run_ops") or {})
             if refusal:
                 raise SplitRefused(refusal)
         return dict(await self._scalar(CONTROL_PLANE, queries.ENABLE_SPLIT, {}))
@@ -238,8 +279,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     async def set_mint_kind(self, organization_id: str, kind: str) -> None:
         """Sets an organization's mint kind (cuid: roots LEGACY; ksuid: roots NEW), on the control
         plane. Raises InvalidInput, NotFound."""
-        await self._scalar(CONTROL_PLANE, queries.SET_MINT_KIND,
-                           {"o": organization_id, "k": kind})
+        await self._scalar(CONTROL_PLANE, queries.SET_MINT_KIND, {"o": organization_id, "k": kind})
 
     async def set_default_mint_kind(self, kind: str) -> None:
         """Sets the mint kind (cuid or ksuid) of organizations without their own, on the control
@@ -258,11 +298,12 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     async def _route(self, params: dict[str, Any], now: float) -> str:
         if RUN_OPS not in self._pools:
             return str(await self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
-        if _ask_control_plane(self._down, now):
+        if _ask_control_plane(self._control_plane_failed_at(), now):
             try:
                 return str(await self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
-            except StoreUnavailable:
-                pass
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
         return str(await self._scalar(RUN_OPS, queries.TRIGGER_ROUTE, params))
 
     async def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
@@ -295,8 +336,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                   "p": Jsonb({} if payload is None else payload), "o": _options(given)}
 
         async def call(store: str) -> TriggerResult:
-            return (await self._rows(store, queries.TRIGGER_RUN,
-                                     params, TriggerResult))[0]
+            return await self._one(store, queries.TRIGGER_RUN, params, TriggerResult)
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, given), call)
 
@@ -308,9 +348,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                   "o": _options(options)}
 
         async def call(store: str) -> TriggerResult:
-            return (await self._rows(store,
-                                     queries.TRIGGER_FAILED_TASK,
-                                     params, TriggerResult))[0]
+            return await self._one(store, queries.TRIGGER_FAILED_TASK, params, TriggerResult)
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
@@ -320,8 +358,8 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """Clears the key on every store (a key may predate a mint-kind flip)."""
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
-        query = queries.RESET_IDEMPOTENCY_KEY
-        return sum(int(n) for n in (await self._each_store(query, params)).values())
+        counts = await self._each_store(queries.RESET_IDEMPOTENCY_KEY, params)
+        return sum(int(n) for n in counts.values())
 
     # -- reads and per-run writes ---------------------------------------------------------------
 
@@ -359,8 +397,9 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                 try:  # a listing may lag; an environment this client triggered in is read fresh
                     rows += await self._rows(store, query, params, ListedRun, replica=True)
                     continue
-                except StoreUnavailable:
-                    pass
+                except StoreUnavailable as exc:
+                    if not _tolerable(exc):
+                        raise
             rows += await self._rows(store, query, params, ListedRun)
         return _merge_page(rows, page_size)
 
@@ -380,24 +419,21 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         store = through or ids.store_for(residency)
         if store not in self._pools:
             return None
-        rows = await self._read_rows(store, queries.GET_RUN,
-                                     {"r": run_id, "e": environment_id}, Run, run_id)
+        rows = await self._read_rows(store, queries.GET_RUN, {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
 
     async def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
                            environment_id: str | None = None) -> Run:
         """Moves the run to a final ``status`` with ``error``/``output``, on the run's store.
         Raises NotFound, IllegalTransition, InvalidInput."""
-        return (await self._rows(self._write_store_of(run_id),
-                                 queries.FINALIZE_RUN,
-                                 {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
-                                 "o": None if output is None else Jsonb(output), "env": environment_id}, Run))[0]
+        return await self._run_call(queries.FINALIZE_RUN, run_id,
+                                    {"s": status, "e": None if error is None else Jsonb(error),
+                                     "o": None if output is None else Jsonb(output), "env": environment_id})
 
     async def _run_call(self, query: str, run_id: str, params: dict[str, Any]) -> Run:
         """A per-run function, on the store that owns the run. Every one of them takes the
         environment guard last (``environment_id``: RO004 for another environment's run)."""
-        return (await self._rows(self._write_store_of(run_id), query,
-                                 {"r": run_id, **params}, Run))[0]
+        return await self._one(self._write_store_of(run_id), query, {"r": run_id, **params}, Run)
 
     # -- the worker's path ------------------------------------------------------------------------
 
@@ -433,23 +469,22 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                                environment_id: str | None = None) -> Run:
         """Completes the executing attempt with ``output``, on the run's store. Raises NotFound,
         IllegalTransition."""
-        return await self._run_call(queries.COMPLETE_ATTEMPT, run_id, {"n": attempt_number, "o": Jsonb(output),
-                                                                       "env": environment_id})
+        params = {"n": attempt_number, "o": Jsonb(output), "env": environment_id}
+        return await self._run_call(queries.COMPLETE_ATTEMPT, run_id, params)
 
     async def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
                            retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
         """Fails the executing attempt; retried at ``retry_at`` while attempts remain, else final.
         On the run's store. Raises NotFound, IllegalTransition, InvalidInput."""
-        return await self._run_call(queries.FAIL_ATTEMPT, run_id, {"n": attempt_number, "x": Jsonb(error),
-                                                                   "t": retry_at, "env": environment_id})
+        params = {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id}
+        return await self._run_call(queries.FAIL_ATTEMPT, run_id, params)
 
     async def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
                                 metadata: Any = None, *, environment_id: str | None = None) -> Run:
         """Suspends the executing run (WAITING_TO_RESUME, or PENDING when nothing blocks it any
         more), on the run's store. Raises NotFound, IllegalTransition."""
-        return await self._run_call(queries.CREATE_CHECKPOINT, run_id,
-                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
-                               "env": environment_id})
+        params = {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}), "env": environment_id}
+        return await self._run_call(queries.CREATE_CHECKPOINT, run_id, params)
 
     async def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
         """Resumes a waiting run once nothing blocks it, on the run's store (idempotent). Raises
@@ -473,28 +508,26 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "t": type, "o": _options(options)}
 
         async def call(store: str) -> WaitpointCreated:
-            return (await self._rows(store, queries.CREATE_WAITPOINT,
-                                     params, WaitpointCreated))[0]
+            return await self._one(store, queries.CREATE_WAITPOINT, params, WaitpointCreated)
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, {}), call)
 
     async def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
         """The waitpoint from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        residency = ids.try_classify_residency(waitpoint_id)
-        if residency is None or ids.store_for(residency) not in self._pools:
+        store = self._read_store_of(waitpoint_id)
+        if store is None:
             return None
-        rows = await self._read_rows(ids.store_for(residency), queries.GET_WAITPOINT,
-                                     {"w": waitpoint_id, "e": environment_id}, Waitpoint, waitpoint_id)
+        params = {"w": waitpoint_id, "e": environment_id}
+        rows = await self._read_rows(store, queries.GET_WAITPOINT, params, Waitpoint, waitpoint_id)
         return rows[0] if rows else None
 
     async def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
                                  is_error: bool = False, environment_id: str | None = None) -> WaitpointCompletion:
         """Completes it, then sends resume_run to the other store for the runs waiting there
         (tick there catches any follow-up lost to a crash)."""
-        done = (await self._rows(self._write_store_of(waitpoint_id),
-                                 queries.COMPLETE_WAITPOINT,
-                                 {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id},
-                                 WaitpointCompletion))[0]
+        params = {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id}
+        done = await self._one(self._write_store_of(waitpoint_id), queries.COMPLETE_WAITPOINT, params,
+                               WaitpointCompletion)
         for run_id in done.remote_run_ids:
             try:
                 await self.resume_run(run_id, environment_id=environment_id)
@@ -510,8 +543,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "i": _items(items), "o": _options(options)}
 
         async def call(store: str) -> BatchTriggered:
-            return (await self._rows(store, queries.BATCH_TRIGGER,
-                                     params, BatchTriggered))[0]
+            return await self._one(store, queries.BATCH_TRIGGER, params, BatchTriggered)
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
@@ -521,8 +553,7 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "n": expected_count, "o": _options(options)}
 
         async def call(store: str) -> BatchCreated:
-            return (await self._rows(store, queries.CREATE_BATCH,
-                                     params, BatchCreated))[0]
+            return await self._one(store, queries.CREATE_BATCH, params, BatchCreated)
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
@@ -530,30 +561,26 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
                                  environment_id: str | None = None) -> BatchAppended:
         """Adds items from ``start_index`` to an open batch, on the batch's store; a re-sent index creates
         nothing twice. Raises NotFound, InvalidInput, IllegalTransition (sealed)."""
-        return (await self._rows(self._write_store_of(batch_id),
-                                 queries.APPEND_BATCH_ITEMS,
-                                 {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
-                                 BatchAppended))[0]
+        params = {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id}
+        return await self._one(self._write_store_of(batch_id), queries.APPEND_BATCH_ITEMS, params, BatchAppended)
 
     async def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
         """Seals an open batch (no more items), on the batch's store. Raises NotFound, IllegalTransition."""
-        return (await self._rows(self._write_store_of(batch_id), queries.SEAL_BATCH,
-                                 {"b": batch_id, "env": environment_id}, BatchSealed))[0]
+        params = {"b": batch_id, "env": environment_id}
+        return await self._one(self._write_store_of(batch_id), queries.SEAL_BATCH, params, BatchSealed)
 
     async def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
         """Resumes the run waiting on this batch once all its runs are final, on the batch's store
         (idempotent); the batch. Raises NotFound."""
-        return (await self._rows(self._write_store_of(batch_id),
-                                 queries.RESUME_BATCH_RUN,
-                                 {"b": batch_id, "env": environment_id}, Batch))[0]
+        params = {"b": batch_id, "env": environment_id}
+        return await self._one(self._write_store_of(batch_id), queries.RESUME_BATCH_RUN, params, Batch)
 
     async def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
         """The batch from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        residency = ids.try_classify_residency(batch_id)
-        if residency is None or ids.store_for(residency) not in self._pools:
+        store = self._read_store_of(batch_id)
+        if store is None:
             return None
-        rows = await self._read_rows(ids.store_for(residency), queries.GET_BATCH,
-                                     {"b": batch_id, "e": environment_id}, Batch, batch_id)
+        rows = await self._read_rows(store, queries.GET_BATCH, {"b": batch_id, "e": environment_id}, Batch, batch_id)
         return rows[0] if rows else None
 
     async def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,
@@ -625,71 +652,84 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
     async def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
         """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
         when none answers."""
-        return sum((await self._each_store(queries.ENQUEUE_DELAYED_RUNS, {"n": max_runs},
-                                    partial=True)).values())
+        counts = await self._each_store(queries.ENQUEUE_DELAYED_RUNS, {"n": max_runs}, partial=True)
+        return sum(counts.values())
 
     async def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
         """Expires queued runs whose ttl ran out, on every store that answers; the count.
         StoreUnavailable only when none answers."""
-        return sum((await self._each_store(queries.EXPIRE_ENQUEUED_RUNS, {"n": max_runs},
-                                    partial=True)).values())
+        counts = await self._each_store(queries.EXPIRE_ENQUEUED_RUNS, {"n": max_runs}, partial=True)
+        return sum(counts.values())
 
     async def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
         """Cancels a dev session's live runs on every store; the count. StoreUnavailable names a
         store that did not answer (the others did their part; safe to repeat)."""
-        return sum((await self._each_store(queries.CANCEL_DEV_SESSION_RUNS,
-                                    {"e": environment_id, "d": dev_session_id})).values())
+        counts = await self._each_store(queries.CANCEL_DEV_SESSION_RUNS, {"e": environment_id, "d": dev_session_id})
+        return sum(counts.values())
 
     async def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
         """Queues the environment's runs waiting for a deploy of these tasks, on every store; the
         count. StoreUnavailable names a store that did not answer (safe to repeat)."""
-        return sum((await self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY,
-                                    {"e": environment_id, "t": task_identifiers})).values())
+        params = {"e": environment_id, "t": task_identifiers}
+        counts = await self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY, params)
+        return sum(counts.values())
 
     # -- notifications --------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def listen(self, environment_id: str, store: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A dedicated connection LISTENing to an environment's status changes on one store
-        (StoreUnavailable when the store cannot be reached)."""
+        (StoreUnavailable when the store cannot be reached; RunOpsError with ``pgbouncer=True``,
+        where a LISTEN would be lost with its server connection)."""
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")
+        self._refuse_listen()
         try:
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(url, **self._connect_kwargs(url)) as conn:
                 await conn.execute(queries.listen(environment_id))
                 yield conn
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise self._failed(store, False, exc) from exc
 
-    # -- tasks, workers and waiting (issue 12) ---------------------------------------------------------
+    # -- tasks, workers and waiting -----------------------------------------------------------------------
 
     async def run_worker(self, environment_id: str, concurrency: int = 4, **options: Any) -> int:
-        """Works ``environment_id``'s runs with this client's tasks (``options`` as
-        :meth:`RunOps.run_worker`); returns the number of runs handled. The worker is the
-        thread-based :class:`runops.worker.Worker` (task functions are plain callables), run in a
-        thread on a sync client with this client's URLs; cancelling this coroutine stops it and
-        waits for its drain."""
+        """Works ``environment_id``'s runs with this client's tasks until SIGTERM/SIGINT (or
+        ``once=True`` and an empty queue); returns the number of runs handled. ``options`` go
+        to :class:`runops.worker.Worker` (``worker_id``, ``lease``, ``grace``, ``queues``,
+        ``poll_interval``, ``on_outcome``, ``handle_signals``). The worker runs task functions
+        (plain callables) in threads; from the asyncio client it runs in a thread of its own on
+        a blocking client with the same settings, and cancelling the coroutine stops it and waits
+        for its drain."""
         from .worker import Worker
 
-        sync = RunOps(self._urls[CONTROL_PLANE], self._urls.get(RUN_OPS), timeout=self._timeout)
-        worker = Worker(sync, environment_id, self.tasks, concurrency=concurrency, **options)
-        running = asyncio.ensure_future(asyncio.to_thread(worker.run))
-        try:
-            return await asyncio.shield(running)
-        except asyncio.CancelledError:
-            worker.stop()
-            await running
-            raise
-        finally:
-            if running.done():
-                sync.close()
+        if True:  # ASYNC
+            from .client import RunOps
+
+            sync = RunOps(self._urls[CONTROL_PLANE], self._urls.get(RUN_OPS), timeout=self._timeout,
+                          control_plane_replica_url=self._replica_urls.get(CONTROL_PLANE),
+                          run_ops_replica_url=self._replica_urls.get(RUN_OPS), pgbouncer=self._pgbouncer)
+            worker = Worker(sync, environment_id, self.tasks, concurrency=concurrency, **options)
+            running = asyncio.ensure_future(asyncio.to_thread(worker.run))
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                worker.stop()
+                await running
+                raise
+            finally:
+                if running.done():
+                    sync.close()
+        else:
+            return Worker(self, environment_id, self.tasks, concurrency=concurrency, **options).run()
 
     async def wait_for_run(self, run_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Run:
         """Blocks until the run is final and returns it; ``TimeoutError`` after ``timeout``
         seconds (None: no limit), ``NotFound`` if there is no such run. Woken by the owning
         store's notifications; it re-reads the run every ``poll_interval`` seconds as well, and
-        keeps polling (and reconnecting) when the LISTEN connection drops."""
+        keeps polling (and reconnecting) when the LISTEN connection drops. With
+        ``pgbouncer=True`` it only polls."""
         first = await self.get_run(run_id)
         if first is None:
             raise NotFound(f"run {run_id} not found")
@@ -708,8 +748,11 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         def wakes(event: dict[str, Any]) -> bool:
             return event.get("run_id") == canonical and event.get("new_status") in FINAL_STATUSES
 
-        return await self._wait_until(first.environment_id, self._store_of(canonical), check, wakes, timeout,
-                                      poll_interval, lambda: f"run {canonical} is still {last[0].status}")
+        def still() -> str:
+            return f"run {canonical} is still {last[0].status}"
+
+        store = self._store_of(canonical)
+        return await self._wait_until(first.environment_id, store, check, wakes, timeout, poll_interval, still)
 
     async def wait_for_batch(self, batch_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Batch:
         """Blocks until the batch is COMPLETED (all its runs final) or ABORTED and returns it;
@@ -733,19 +776,22 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         def wakes(event: dict[str, Any]) -> bool:
             return event.get("new_status") in FINAL_STATUSES and (not members or event.get("run_id") in members)
 
+        def still() -> str:
+            now = last[0]
+            return f"batch {first.batch_id} is still {now.status} ({now.item_count}/{now.expected_count} items)"
+
         if first.status in ("COMPLETED", "ABORTED"):
             return first
-        return await self._wait_until(first.environment_id, self._store_of(first.batch_id), check, wakes, timeout,
-                                      poll_interval, lambda: f"batch {first.batch_id} is still {last[0].status} "
-                                      f"({last[0].item_count}/{last[0].expected_count} items)")
+        store = self._store_of(first.batch_id)
+        return await self._wait_until(first.environment_id, store, check, wakes, timeout, poll_interval, still)
 
     async def _wait_until(self, environment_id: str, store: str, check: Callable[[], Awaitable[T | None]],
                           wakes: Callable[[dict[str, Any]], bool], timeout: float | None, poll_interval: float,
                           still: Callable[[], str]) -> T:
-        """``await check()`` until it returns something: after LISTEN is in place (so no change slips
+        """``check()`` until it returns something: after LISTEN is in place (so no change slips
         between), on every notification ``wakes`` accepts, and every ``poll_interval`` seconds.
         A dropped LISTEN connection or an unavailable store falls back to polling, and LISTEN is
-        tried again on the next round."""
+        tried again on the next round; with ``pgbouncer=True`` it polls only."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float:
@@ -757,6 +803,12 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
             return min(poll_interval, remaining)
 
         while True:
+            if self._pgbouncer:
+                got = await check()
+                if got is not None:
+                    return got
+                await asyncio.sleep(left())
+                continue
             try:
                 async with self.listen(environment_id, store) as conn:
                     while True:

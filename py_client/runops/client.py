@@ -1,6 +1,14 @@
-"""The thin client: one psycopg pool per store, routing by id shape, RO errors as exceptions.
+# Generated from aio.py by `python -m runops._codegen.async_to_sync`: edit aio.py, not this file.
+"""The blocking client, :class:`RunOps`: every call of the SQL API on psycopg ``ConnectionPool`` s,
+one pool per store.
 
-Nothing here decides anything the database decides; it only picks the store to ask.
+    with RunOps.connect() as ro:
+        run = ro.trigger_run(env_id, "send-email", {"to": "a@example.com"}, idempotency_key="order-42")
+        done = ro.wait_for_run(run.run_id, timeout=60)
+
+Generated from runops/aio.py, the one source of both clients; a test fails when this file is
+stale. What decides anything without I/O lives in runops._client_base; every statement is one of
+runops.queries.
 """
 
 from __future__ import annotations
@@ -8,32 +16,37 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import logging
-import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack
 
 import psycopg
-from psycopg.rows import class_row, tuple_row
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
-from . import dev_stores, ids, queries
-from .errors import (
-    InvalidInput,
-    NotFound,
-    RetryableConflict,
-    RunOpsError,
-    SplitRefused,
-    StoreUnavailable,
-    WrongStore,
-    is_connection_failure,
-    translate,
+from . import ids, queries
+from ._client_base import (
+    CONTROL_PLANE,
+    RUN_OPS,
+    _ask_control_plane,
+    _connect_urls,
+    _ignore_chunk,
+    _items,
+    _Leasing,
+    _local_urls,
+    _merge_page,
+    _options,
+    _partial_or_raise,
+    _Router,
+    _split_refusal,
+    _tolerable,
+    _trigger_options,
+    by_name,
 )
+from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore
 from .models import (
     FINAL_STATUSES,
     Batch,
@@ -52,372 +65,39 @@ from .models import (
     WaitpointCompletion,
     WaitpointCreated,
 )
-from .retry import CONFLICT_BACKOFF, Backoff, call_with_retry
-from .tasks import Task, TaskFunction, TaskRegistry
+from .retry import CONFLICT_BACKOFF, call_with_retry
+
+__all__ = ["CONTROL_PLANE", "RUN_OPS", "RunOps"]
 
 T = TypeVar("T")
-P = TypeVar("P")
-log = logging.getLogger("runops")
-
-CONTROL_PLANE = "CONTROL_PLANE"
-RUN_OPS = "RUN_OPS"
-ROUTE_CACHE_SECONDS = 1.0
-# How long a call waits for a pooled connection to a store whose last connection failed.
-DEGRADED_WAIT = 0.25
-# While the control plane is down, root triggers route from the run-ops mirror and ask the control
-# plane again at most this often.
-ROUTE_PROBE_SECONDS = 2.0
-_ROW_FACTORIES: dict[type, Any] = {}
-
-
-def _strip_key(opts: dict[str, Any]) -> dict[str, Any]:
-    key = opts.get("idempotency_key")
-    if isinstance(key, str) and "\x00" in key:
-        return {**opts, "idempotency_key": key.replace("\x00", "")}  # PostgreSQL text cannot hold NUL
-    return opts
-
-
-def _options(values: dict[str, Any]) -> Jsonb:
-    """Keyword options to the jsonb the SQL API takes: None means "not given"."""
-    return Jsonb(_strip_key({k: v for k, v in values.items() if v is not None}))
-
-
-TRIGGER_OPTION_NAMES = frozenset(TriggerOptions.__optional_keys__)
-
-
-def _trigger_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``trigger_run``'s options as a plain dict, after refusing names the SQL API does not know
-    (a typo would otherwise cost a round trip to learn the same RO006)."""
-    unknown = sorted(set(options) - TRIGGER_OPTION_NAMES)
-    if unknown:
-        raise InvalidInput(f"unknown trigger option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
-                           hint="the options are: " + ", ".join(sorted(TRIGGER_OPTION_NAMES)))
-    return dict(options)
-
-
-def _items(items: list[dict[str, Any]]) -> Jsonb:
-    """Batch items, with NUL bytes stripped from their keys as from a single trigger's."""
-    return Jsonb([{**item, "options": _strip_key(item["options"])} if isinstance(item.get("options"), dict) else item
-                  for item in items])
-
-
-def _ask_control_plane(down: dict[str, float], now: float) -> bool:
-    """Whether a route lookup asks the control plane (else the run-ops store's mirror). The
-    control plane is the authority, but a lookup that finds it down is answered by run-ops
-    (SPEC §7 [1.2]: the NEW hot path never needs the control plane), and for
-    ``ROUTE_PROBE_SECONDS`` after a failure it is not asked at all. The mirror is right to answer:
-    nothing can change the split settings while the control plane is down, so it holds what the
-    control plane last committed; a route made stale by a flip replicated late is corrected by
-    RO002, as for any cached route."""
-    failed = down.get(CONTROL_PLANE)
-    return failed is None or now - failed >= ROUTE_PROBE_SECONDS
-
-
-class _Leasing:
-    """dequeue_runs over several stores, as both clients run it (the loop is theirs, the
-    decisions are here). Runs a store leased are this worker's the moment that store answers,
-    so they are never dropped for another store's error: once something is leased, an error
-    from a later store is logged and the leased runs returned (a lasting error shows on the next
-    call, which finds nothing leased first). Before that, an unavailable store is skipped and
-    any other error raised; when every store was unavailable the first StoreUnavailable is."""
-
-    def __init__(self, stores: list[str], max_runs: int) -> None:
-        self.stores, self.max_runs = stores, max_runs
-        self.taken: list[Run] = []
-        self.gone: list[StoreUnavailable] = []
-
-    def wanted(self) -> int:
-        return self.max_runs - len(self.taken)
-
-    def failed(self, store: str, exc: Exception) -> None:
-        """Called from an ``except Exception`` around one store's lease: re-raises what must be."""
-        if isinstance(exc, StoreUnavailable):
-            self.gone.append(exc)
-        elif not self.taken:
-            raise exc
-        else:
-            log.warning("dequeue_runs: the %s store failed after %d runs were leased elsewhere; returning those: %s",
-                        store, len(self.taken), exc)
-
-    def result(self) -> list[Run]:
-        if self.gone and len(self.gone) == len(self.stores):
-            raise self.gone[0]
-        if self.gone:
-            log.debug("dequeue_runs: %d of %d stores unavailable; leased from the others: %s",
-                      len(self.gone), len(self.stores), self.gone[0])
-        return self.taken
-
-
-def _partial_or_raise(done: dict[str, Any], gone: dict[str, StoreUnavailable], partial: bool) -> dict[str, Any]:
-    """What :meth:`RunOps._each_store` returns once every store was asked."""
-    if gone and (not done or not partial):
-        names = ", ".join(gone)
-        first = next(iter(gone.values()))
-        err = StoreUnavailable(f"{names} did not answer" + (f" (done on {', '.join(done)}; safe to repeat)"
-                                                             if done else "") + f": {first.message}")
-        err.__cause__ = first
-        raise err
-    return done
-
-
-def _settings_from_environment(kwargs: dict[str, Any]) -> None:
-    """RUNOPS_TIMEOUT and RUNOPS_*_REPLICA_URL fill the ``kwargs`` of ``connect`` or ``local``
-    that were not given."""
-    if "timeout" not in kwargs and os.environ.get("RUNOPS_TIMEOUT"):
-        kwargs["timeout"] = float(os.environ["RUNOPS_TIMEOUT"])
-    for key, var in (("control_plane_replica_url", "RUNOPS_CONTROL_PLANE_REPLICA_URL"),
-                     ("run_ops_replica_url", "RUNOPS_RUN_OPS_REPLICA_URL")):
-        if key not in kwargs and os.environ.get(var):
-            kwargs[key] = os.environ[var]
-
-
-def _connect_urls(control_plane_url: str | None, run_ops_url: str | None,
-                  kwargs: dict[str, Any]) -> tuple[str, str | None]:
-    """``connect``'s URLs: the arguments, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL.
-    Nothing else: the local dev stores are asked for by name (``local``), never found by
-    accident."""
-    _settings_from_environment(kwargs)
-    cp = control_plane_url or os.environ.get("RUNOPS_CONTROL_PLANE_URL")
-    ro = run_ops_url or os.environ.get("RUNOPS_RUN_OPS_URL")
-    if not cp:
-        raise RunOpsError("no control-plane URL: pass one, or set RUNOPS_CONTROL_PLANE_URL (and "
-                          "RUNOPS_RUN_OPS_URL); for the local stores of `runops dev up`, use local()")
-    return cp, ro
-
-
-def _local_urls(home: str | Path | None, kwargs: dict[str, Any]) -> tuple[str, str]:
-    """``local``'s URLs: the application URLs in the state file of `runops dev up` under ``home``
-    (default ``.runops/`` in the current directory)."""
-    _settings_from_environment(kwargs)
-    urls = dev_stores.app_urls(None if home is None else Path(home))
-    return urls[CONTROL_PLANE], urls[RUN_OPS]
-
-
-def _merge_page(rows: list[ListedRun], page_size: int) -> RunPage:
-    """Both stores' keyset pages merged exactly as SQL ``list_runs`` merges them."""
-    rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)  # ASCII ids: str order is byte order
-    page = rows[:page_size]
-    return RunPage(page, page[-1].cursor if len(page) == page_size else None)
-
-
-def _split_refusal(mine: StoreIdentity, control: StoreIdentity, target: dict[str, Any]) -> str | None:
-    """Why ``enable_split`` must refuse before asking SQL, or None: the run-ops store the client
-    talks to must be neither the control plane itself nor another database than its FDW's."""
-    if (mine.system_identifier, mine.database_name) == (control.system_identifier, control.database_name):
-        return "split refused: the run-ops URL names the control-plane database itself"
-    if (target.get("system_identifier"), target.get("database_name")) != (mine.system_identifier,
-                                                                           mine.database_name):
-        return ("split refused: the control plane's FDW reaches a different database "
-                f"({target.get('database_name')}, system {target.get('system_identifier')}) "
-                f"than this client's run-ops URL ({mine.database_name}, "
-                f"system {mine.system_identifier}); re-run `runops migrate` with the right URLs")
-    return None
-
-
-def _ignore_chunk(appended: BatchAppended) -> None:
-    """``stream_batch``'s default ``on_chunk``."""
-
-
-class _Router(Generic[P]):
-    """What :class:`RunOps` and :class:`runops.aio.AsyncRunOps` share, none of it I/O: the pools
-    by store, id-shape routing, the route cache, the stores' health, and what this client wrote
-    lately (for replica reads). Each client adds the calls, blocking or awaitable."""
-
-    def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
-                 max_pool_size: int = 8, timeout: float = 10.0,
-                 control_plane_replica_url: str | None = None, run_ops_replica_url: str | None = None,
-                 read_your_writes: float = 60.0) -> None:
-        """``*_replica_url``: streaming replicas that reads by id and listings may use. A read of
-        anything this client wrote in the last ``read_your_writes`` seconds (a run, batch or
-        waitpoint, or a listing of an environment it triggered in) goes to the primary, and a
-        replica that has not replayed a row yet is never trusted with "missing": the primary is
-        asked. Everything that gates a write reads the primary."""
-        self._pools: dict[str, P] = {}
-        self._replicas: dict[str, P] = {}
-        self._written: dict[str, float] = {}
-        self._written_lock = threading.Lock()
-        self._read_your_writes = read_your_writes
-        self._urls: dict[str, str] = {CONTROL_PLANE: control_plane_url}
-        self._timeout = timeout
-        self._routes: dict[str, tuple[str, float]] = {}
-        self._routes_lock = threading.Lock()
-        # Stores whose connection failed most recently (monotonic time of the failure); cleared
-        # by the next call that gets through.
-        self._down: dict[str, float] = {}
-        self._replica_down: dict[str, float] = {}
-        self._pools[CONTROL_PLANE] = self._pool(control_plane_url, max_pool_size)
-        if run_ops_url and run_ops_url != control_plane_url:
-            self._pools[RUN_OPS] = self._pool(run_ops_url, max_pool_size)
-            self._urls[RUN_OPS] = run_ops_url
-        for store, url in ((CONTROL_PLANE, control_plane_replica_url), (RUN_OPS, run_ops_replica_url)):
-            if url and store in self._pools:
-                self._replicas[store] = self._pool(url, max_pool_size)
-
-    @staticmethod
-    def _pool(url: str, max_size: int) -> P:
-        raise NotImplementedError
-
-    @property
-    def split_wired(self) -> bool:
-        """Whether a run-ops store is configured (else every call goes to the control plane)."""
-        return RUN_OPS in self._pools
-
-    @staticmethod
-    def classify_residency(id_: str | None) -> ids.Residency:
-        """LEGACY (cuid) or NEW (ksuid) from an id's shape alone, no round trip; UnclassifiableId
-        (RO001) for any other shape."""
-        return ids.classify_residency(id_)
-
-    @staticmethod
-    def try_classify_residency(id_: str | None) -> ids.Residency | None:
-        """As :meth:`classify_residency`, with None for an id of no known shape."""
-        return ids.try_classify_residency(id_)
-
-    def _store_of(self, id_: str) -> str:
-        return ids.store_for(ids.classify_residency(id_))
-
-    def _read_store_of(self, id_: str) -> str | None:
-        """The configured store that owns ``id_``, or None (no such shape, or not configured)."""
-        residency = ids.try_classify_residency(id_)
-        if residency is None or ids.store_for(residency) not in self._pools:
-            return None
-        return ids.store_for(residency)
-
-    def _write_store_of(self, id_: str) -> str:
-        """The store to send a write naming ``id_``; NotFound for NEW ids with no run-ops store."""
-        store = self._store_of(id_)
-        if store == RUN_OPS and not self.split_wired:
-            raise NotFound(f"{id_} not found: no run-ops store is configured")
-        self._note_written(id_)
-        return store
-
-    def _anchor_store(self, environment_id: str, options: dict[str, Any]) -> str | None:
-        """A trigger's store when an option anchors it (its pre-minted id, parent or batch),
-        else None: a root, routed by ``trigger_route``."""
-        self._note_written(environment_id)  # its listing is read fresh for a while (replicas)
-        for anchor in ("run_id", "parent_run_id", "batch_id"):
-            value = options.get(anchor)
-            if value is not None:
-                residency = ids.try_classify_residency(value)
-                # An unclassifiable anchor goes to the control plane, which explains the error.
-                if residency is None:
-                    return CONTROL_PLANE
-                store = ids.store_for(residency)
-                return store if store in self._pools else CONTROL_PLANE
-        return None
-
-    def _cached_route(self, environment_id: str, now: float) -> str | None:
-        with self._routes_lock:
-            hit = self._routes.get(environment_id)
-        return hit[0] if hit and hit[1] > now else None
-
-    def _remember_route(self, environment_id: str, store: str, now: float) -> None:
-        with self._routes_lock:
-            self._routes[environment_id] = (store, now + ROUTE_CACHE_SECONDS)
-
-    # -- the stores' health: a store that just failed gets a short wait -------------------------
-
-    def _wait(self, store: str, replica: bool) -> float:
-        """How long a call waits for a pooled connection to ``store``. A store whose connection
-        failed last time gets only ``DEGRADED_WAIT`` (the pool reconnects in the background, so
-        a store that is back answers at once): one store's outage must not stall every call
-        that also asks the other store for the full timeout."""
-        health = self._replica_down if replica else self._down
-        return min(self._timeout, DEGRADED_WAIT) if store in health else self._timeout
-
-    def _failed(self, store: str, replica: bool, exc: psycopg.Error, wait: float) -> Exception:
-        """The exception a call to ``store`` raises for ``exc``; a connection-level failure marks
-        the store as down until a call gets through."""
-        if not is_connection_failure(exc):
-            self._answered(store, replica)  # the store answered, if only with an error
-            return translate(exc)
-        health = self._replica_down if replica else self._down
-        if store not in health:
-            # Logged once per outage (and once when it ends): a caller that carries on with the
-            # other store, such as dequeue_runs, raises nothing that would tell of it.
-            log.warning("the %s %s is unavailable; its calls wait at most %gs for a connection until it answers: %s",
-                        store, "replica" if replica else "store", DEGRADED_WAIT,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        health[store] = time.monotonic()
-        if isinstance(exc, PoolTimeout):
-            gone = StoreUnavailable(f"the {store} store is unavailable (no connection within {wait:g}s): {exc}")
-            gone.__cause__ = exc
-            return gone
-        return translate(exc)
-
-    def _answered(self, store: str, replica: bool) -> None:
-        if (self._replica_down if replica else self._down).pop(store, None) is not None:
-            log.warning("the %s %s is back", store, "replica" if replica else "store")
-
-    # -- replicas: reads by id and listings, never what this client just wrote ------------------
-
-    def _note_written(self, *keys: str | None) -> None:
-        if not self._replicas:
-            return
-        until = time.monotonic() + self._read_your_writes
-        with self._written_lock:
-            if len(self._written) > 100_000:  # forget what has aged out
-                now = time.monotonic()
-                self._written = {k: t for k, t in self._written.items() if t > now}
-            for key in keys:
-                if key:
-                    self._written[key] = until
-
-    def _note_result(self, result: T) -> T:
-        """Remembers the ids a creating call returned (and keeps its result)."""
-        if self._replicas:
-            self._note_written(*(getattr(result, a, None) for a in ("run_id", "batch_id", "waitpoint_id")),
-                               *(getattr(result, "run_ids", None) or []))
-        return result
-
-    def _recently_written(self, key: str) -> bool:
-        with self._written_lock:
-            until = self._written.get(key)
-        return until is not None and until > time.monotonic()
-
-    # -- tasks ---------------------------------------------------------------------------------------
-
-    _task_registry: TaskRegistry | None = None
-
-    @property
-    def tasks(self) -> TaskRegistry:
-        """The tasks registered on this client with :meth:`task` (what :meth:`run_worker` runs)."""
-        if self._task_registry is None:
-            self._task_registry = TaskRegistry()
-        return self._task_registry
-
-    def task(self, name: str, *, max_attempts: int | None = None,
-             retry: Backoff | None = None) -> Callable[[TaskFunction], Task]:
-        """Decorator: registers ``fn(ctx, payload)`` as the code of task ``name``.
-
-        ``max_attempts`` caps the attempts a worker makes (the run's own ``max_attempts``, a
-        trigger option defaulting to 3, caps them too); ``retry`` is the delay between them
-        (default ``Backoff(initial=1, factor=2, maximum=300, jitter=0.2)``). See runops.tasks."""
-        return self.tasks.task(name, max_attempts=max_attempts, retry=retry)
 
 
 class RunOps(_Router[ConnectionPool]):
-    """Client for both stores. Use :meth:`connect` (or :meth:`local` for the stores of `runops dev up`);
-    close it (or use ``with``) when done."""
+    """Client for both stores. Use ``RunOps.connect()`` (or :meth:`local` for the stores of
+    `runops dev up`); close it (or use ``with``) when done."""
 
-    @staticmethod
-    def _pool(url: str, max_size: int) -> ConnectionPool:
-        return ConnectionPool(url, min_size=1, max_size=max_size, open=True,
-                              kwargs={"autocommit": True}, name="runops")
+    def _pool(self, name: str, url: str, max_size: int) -> ConnectionPool:
+        # Opened by the store's first call, once it answered (see _client_base: the stores' health).
+        return ConnectionPool(url, min_size=1, max_size=max_size, open=False,
+                              kwargs=self._connect_kwargs(url, replica=name.endswith("-replica")),
+                              name=f"runops-{name}")
 
     @classmethod
     def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
                 **kwargs: Any) -> RunOps:
-        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL; RunOpsError without a
-        control-plane URL (the local dev stores are :meth:`local`). RUNOPS_TIMEOUT (seconds,
-        default 10) bounds the wait for a pooled connection."""
+        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else (neither set) the
+        local stores of `runops dev up` found from the current directory up, as :meth:`local`
+        finds them; RunOpsError for a run-ops URL alone. RUNOPS_TIMEOUT (seconds,
+        default 10) bounds the wait for a connection; RUNOPS_PGBOUNCER=1 is ``pgbouncer=True``.
+        Nothing is connected before the first call."""
         cp, ro = _connect_urls(control_plane_url, run_ops_url, kwargs)
         return cls(cp, ro, **kwargs)
 
     @classmethod
     def local(cls, home: str | Path | None = None, **kwargs: Any) -> RunOps:
-        """The local stores of `runops dev up` (their state in ``home``, default ``.runops/`` in
-        the current directory), for development and the demo; RunOpsError when there are none.
+        """The local stores of `runops dev up` (their state in ``home``, default the nearest
+        ``.runops/`` from the current directory up, or RUNOPS_HOME), for development and the
+        demo; RunOpsError when there are none.
         ``kwargs`` and the RUNOPS_TIMEOUT / replica variables as for :meth:`connect`."""
         cp, ro = _local_urls(home, kwargs)
         return cls(cp, ro, **kwargs)
@@ -438,26 +118,55 @@ class RunOps(_Router[ConnectionPool]):
     @contextmanager
     def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection to ``store``; any database error comes out translated, and every
-        connection-level failure as StoreUnavailable (see :meth:`_wait`)."""
+        connection-level failure as StoreUnavailable (see _client_base: the stores' health)."""
         pool = (self._replicas if replica else self._pools).get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
-        wait = self._wait(store, replica)
+        if self._must_probe(store, replica):
+            self._probe(store, replica, pool)
         try:
-            with pool.connection(timeout=wait) as conn:
+            with pool.connection(timeout=self._timeout) as conn:
                 yield conn
         except psycopg.Error as exc:
-            raise self._failed(store, replica, exc, wait) from exc
-        self._answered(store, replica)
+            raise self._failed(store, replica, exc) from exc
+
+    def _probe(self, store: str, replica: bool, pool: ConnectionPool) -> None:
+        """Connects to ``store`` on a connection of its own: libpq's reason if that fails, the
+        store's revision if it does not (refused when too old). Then the pool opens, or, after an
+        outage, drops the connections that died with it."""
+        url = self._url(store, replica)
+        version: str | None = None
+        try:
+            with psycopg.Connection.connect(url, **self._connect_kwargs(url, replica)) as conn:
+                if not replica:  # a replica replays its primary's revision
+                    try:
+                        cur = conn.execute(queries.STORE_VERSION)
+                        row = cur.fetchone()
+                        version = None if row is None else str(row[0])
+                    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
+                        version = None
+        except psycopg.Error as exc:
+            raise self._probe_failed(store, replica, exc) from exc
+        if not replica:
+            refusal = self._version_refusal(store, version)
+            if refusal is not None:
+                raise refusal
+        was_down = self._reached(store, replica)
+        pool.open(wait=False)
+        if was_down:
+            pool.check()
 
     def _rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], replica: bool = False) -> list[T]:
-        factory = _ROW_FACTORIES.get(cls)
-        if factory is None:
-            factory = _ROW_FACTORIES.setdefault(cls, class_row(cls))
-        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count.
-        with self._connection(store, replica) as conn, conn.cursor(row_factory=factory) as cur:
+        # prepare=True: every call is one of a few fixed statements; skip psycopg's warm-up count
+        # (no effect with pgbouncer=True, whose connections never prepare).
+        with self._connection(store, replica) as conn, conn.cursor(row_factory=by_name(cls)) as cur:
             cur.execute(sql, params, prepare=True)
             return cur.fetchall()
+
+    def _one(self, store: str, sql: str, params: dict[str, Any], cls: type[T]) -> T:
+        """The row a function that answers exactly one row answers."""
+        rows = self._rows(store, sql, params, cls)
+        return rows[0]
 
     def _scalar(self, store: str, sql: str, params: dict[str, Any]) -> Any:
         with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
@@ -467,18 +176,20 @@ class RunOps(_Router[ConnectionPool]):
 
     def _read_rows(self, store: str, sql: str, params: dict[str, Any], cls: type[T], key: str) -> list[T]:
         """A read by id or a listing: from the store's replica when there is one and ``key`` was
-        not written by this client lately; a replica that errs or has no row yet defers to the
-        primary, so a row is never reported missing because of replication lag."""
+        not written by this client lately; a replica that is down or has no row yet defers to
+        the primary, so a row is never reported missing because of replication lag."""
         if store in self._replicas and not self._recently_written(key):
             try:
                 rows = self._rows(store, sql, params, cls, replica=True)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
                 rows = []
             if rows:
                 return rows
         return self._rows(store, sql, params, cls)
 
-    def _with_wrong_store_retry(self, store: str, call: Any) -> Any:
+    def _with_wrong_store_retry(self, store: str, call: Callable[[str], T]) -> T:
         """Runs call(store); on RO002 follows the store the error names. Right after a mint-kind
         flip the two stores can disagree for the mirror's lag (about a second), so the call may
         bounce back: it follows again, with the conflict backoff, up to five hops. A retryable
@@ -499,7 +210,7 @@ class RunOps(_Router[ConnectionPool]):
 
     def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
         """The identity (system identifier, database, role, version) of one store."""
-        return self._rows(store, queries.STORE_IDENTITY, {}, StoreIdentity)[0]
+        return self._one(store, queries.STORE_IDENTITY, {}, StoreIdentity)
 
     def store_role(self, store: str = CONTROL_PLANE) -> str:
         """The role one store has (CONTROL_PLANE or RUN_OPS)."""
@@ -511,31 +222,28 @@ class RunOps(_Router[ConnectionPool]):
                             mint_kind: str | None = None) -> str:
         """Creates an organization on the control plane (``mint_kind``: cuid or ksuid, else the
         default); its id. Raises InvalidInput."""
-        return str(self._scalar(CONTROL_PLANE, queries.CREATE_ORGANIZATION,
-                                {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}))
+        params = {"slug": slug, "o": _options({"title": title, "mint_kind": mint_kind})}
+        return str(self._scalar(CONTROL_PLANE, queries.CREATE_ORGANIZATION, params))
 
     def create_project(self, organization_id: str, slug: str) -> str:
         """Creates a project in an organization on the control plane; its id. Raises InvalidInput, NotFound."""
-        return str(self._scalar(CONTROL_PLANE, queries.CREATE_PROJECT,
-                                {"org": organization_id, "slug": slug}))
+        return str(self._scalar(CONTROL_PLANE, queries.CREATE_PROJECT, {"org": organization_id, "slug": slug}))
 
     def create_environment(self, project_id: str, slug: str, type: str) -> str:
         """Creates an environment (``type``: PRODUCTION, STAGING, DEVELOPMENT, PREVIEW) on the
         control plane; its id. Raises InvalidInput, NotFound."""
-        return str(self._scalar(CONTROL_PLANE, queries.CREATE_ENVIRONMENT,
-                                {"p": project_id, "s": slug, "t": type}))
+        params = {"p": project_id, "s": slug, "t": type}
+        return str(self._scalar(CONTROL_PLANE, queries.CREATE_ENVIRONMENT, params))
 
     def list_environments(self, organization_id: str | None = None) -> list[EnvironmentInfo]:
         """Every environment (or one organization's), with its project, organization and the
         mint kind its roots follow; from the control plane."""
-        return self._rows(CONTROL_PLANE, queries.LIST_ENVIRONMENTS, {"o": organization_id},
-                          EnvironmentInfo)
+        return self._rows(CONTROL_PLANE, queries.LIST_ENVIRONMENTS, {"o": organization_id}, EnvironmentInfo)
 
     def update_environment(self, environment_id: str, **changes: Any) -> None:
         """Changes an environment (``paused``, ``archived``, ...) on the control plane. Raises
         InvalidInput, NotFound."""
-        self._scalar(CONTROL_PLANE, queries.UPDATE_ENVIRONMENT,
-                     {"e": environment_id, "c": _options(changes)})
+        self._scalar(CONTROL_PLANE, queries.UPDATE_ENVIRONMENT, {"e": environment_id, "c": _options(changes)})
 
     # -- split control (control plane) ---------------------------------------------------------
 
@@ -547,8 +255,10 @@ class RunOps(_Router[ConnectionPool]):
         """Enables the split once three identities agree: the run-ops store this client talks to,
         the control plane's FDW target, and (checked in SQL) that store's FDW view back."""
         if RUN_OPS in self._pools:
-            refusal = _split_refusal(self.store_identity(RUN_OPS), self.store_identity(CONTROL_PLANE),
-                                     self.split_status().get("run_ops") or {})
+            mine = self.store_identity(RUN_OPS)
+            control = self.store_identity(CONTROL_PLANE)
+            status = self.split_status()
+            refusal = _split_refusal(mine, control, status.get("run_ops") or {})
             if refusal:
                 raise SplitRefused(refusal)
         return dict(self._scalar(CONTROL_PLANE, queries.ENABLE_SPLIT, {}))
@@ -560,8 +270,7 @@ class RunOps(_Router[ConnectionPool]):
     def set_mint_kind(self, organization_id: str, kind: str) -> None:
         """Sets an organization's mint kind (cuid: roots LEGACY; ksuid: roots NEW), on the control
         plane. Raises InvalidInput, NotFound."""
-        self._scalar(CONTROL_PLANE, queries.SET_MINT_KIND,
-                     {"o": organization_id, "k": kind})
+        self._scalar(CONTROL_PLANE, queries.SET_MINT_KIND, {"o": organization_id, "k": kind})
 
     def set_default_mint_kind(self, kind: str) -> None:
         """Sets the mint kind (cuid or ksuid) of organizations without their own, on the control
@@ -580,11 +289,12 @@ class RunOps(_Router[ConnectionPool]):
     def _route(self, params: dict[str, Any], now: float) -> str:
         if RUN_OPS not in self._pools:
             return str(self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
-        if _ask_control_plane(self._down, now):
+        if _ask_control_plane(self._control_plane_failed_at(), now):
             try:
                 return str(self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
-            except StoreUnavailable:
-                pass
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
         return str(self._scalar(RUN_OPS, queries.TRIGGER_ROUTE, params))
 
     def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
@@ -617,10 +327,9 @@ class RunOps(_Router[ConnectionPool]):
                   "p": Jsonb({} if payload is None else payload), "o": _options(given)}
 
         def call(store: str) -> TriggerResult:
-            return self._rows(store, queries.TRIGGER_RUN,
-                              params, TriggerResult)[0]
+            return self._one(store, queries.TRIGGER_RUN, params, TriggerResult)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, given), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, given), call)
 
     def trigger_failed_task(self, environment_id: str, task_identifier: str, payload: Any, error: Any,
                             **options: Any) -> TriggerResult:
@@ -630,11 +339,9 @@ class RunOps(_Router[ConnectionPool]):
                   "o": _options(options)}
 
         def call(store: str) -> TriggerResult:
-            return self._rows(store,
-                              queries.TRIGGER_FAILED_TASK,
-                              params, TriggerResult)[0]
+            return self._one(store, queries.TRIGGER_FAILED_TASK, params, TriggerResult)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
 
     def reset_idempotency_key(self, environment_id: str, task_identifier: str, idempotency_key: str, *,
                               scope: str = "run", parent_run_id: str | None = None,
@@ -642,8 +349,8 @@ class RunOps(_Router[ConnectionPool]):
         """Clears the key on every store (a key may predate a mint-kind flip)."""
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
-        query = queries.RESET_IDEMPOTENCY_KEY
-        return sum(int(n) for n in self._each_store(query, params).values())
+        counts = self._each_store(queries.RESET_IDEMPOTENCY_KEY, params)
+        return sum(int(n) for n in counts.values())
 
     # -- reads and per-run writes ---------------------------------------------------------------
 
@@ -681,8 +388,9 @@ class RunOps(_Router[ConnectionPool]):
                 try:  # a listing may lag; an environment this client triggered in is read fresh
                     rows += self._rows(store, query, params, ListedRun, replica=True)
                     continue
-                except StoreUnavailable:
-                    pass
+                except StoreUnavailable as exc:
+                    if not _tolerable(exc):
+                        raise
             rows += self._rows(store, query, params, ListedRun)
         return _merge_page(rows, page_size)
 
@@ -702,24 +410,21 @@ class RunOps(_Router[ConnectionPool]):
         store = through or ids.store_for(residency)
         if store not in self._pools:
             return None
-        rows = self._read_rows(store, queries.GET_RUN,
-                               {"r": run_id, "e": environment_id}, Run, run_id)
+        rows = self._read_rows(store, queries.GET_RUN, {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
 
     def finalize_run(self, run_id: str, status: str, *, error: Any = None, output: Any = None,
                      environment_id: str | None = None) -> Run:
         """Moves the run to a final ``status`` with ``error``/``output``, on the run's store.
         Raises NotFound, IllegalTransition, InvalidInput."""
-        return self._rows(self._write_store_of(run_id),
-                          queries.FINALIZE_RUN,
-                          {"r": run_id, "s": status, "e": None if error is None else Jsonb(error),
-                           "o": None if output is None else Jsonb(output), "env": environment_id}, Run)[0]
+        return self._run_call(queries.FINALIZE_RUN, run_id,
+                              {"s": status, "e": None if error is None else Jsonb(error),
+                               "o": None if output is None else Jsonb(output), "env": environment_id})
 
     def _run_call(self, query: str, run_id: str, params: dict[str, Any]) -> Run:
         """A per-run function, on the store that owns the run. Every one of them takes the
         environment guard last (``environment_id``: RO004 for another environment's run)."""
-        return self._rows(self._write_store_of(run_id), query,
-                          {"r": run_id, **params}, Run)[0]
+        return self._one(self._write_store_of(run_id), query, {"r": run_id, **params}, Run)
 
     # -- the worker's path ------------------------------------------------------------------------
 
@@ -755,23 +460,22 @@ class RunOps(_Router[ConnectionPool]):
                          environment_id: str | None = None) -> Run:
         """Completes the executing attempt with ``output``, on the run's store. Raises NotFound,
         IllegalTransition."""
-        return self._run_call(queries.COMPLETE_ATTEMPT, run_id, {"n": attempt_number, "o": Jsonb(output),
-                                                                 "env": environment_id})
+        params = {"n": attempt_number, "o": Jsonb(output), "env": environment_id}
+        return self._run_call(queries.COMPLETE_ATTEMPT, run_id, params)
 
     def fail_attempt(self, run_id: str, attempt_number: int, error: Any, *,
                      retry_at: dt.datetime | None = None, environment_id: str | None = None) -> Run:
         """Fails the executing attempt; retried at ``retry_at`` while attempts remain, else final.
         On the run's store. Raises NotFound, IllegalTransition, InvalidInput."""
-        return self._run_call(queries.FAIL_ATTEMPT, run_id, {"n": attempt_number, "x": Jsonb(error), "t": retry_at,
-                                                             "env": environment_id})
+        params = {"n": attempt_number, "x": Jsonb(error), "t": retry_at, "env": environment_id}
+        return self._run_call(queries.FAIL_ATTEMPT, run_id, params)
 
     def create_checkpoint(self, run_id: str, attempt_number: int, reason: str, location: str,
                           metadata: Any = None, *, environment_id: str | None = None) -> Run:
         """Suspends the executing run (WAITING_TO_RESUME, or PENDING when nothing blocks it any
         more), on the run's store. Raises NotFound, IllegalTransition."""
-        return self._run_call(queries.CREATE_CHECKPOINT, run_id,
-                              {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}),
-                               "env": environment_id})
+        params = {"n": attempt_number, "c": reason, "l": location, "m": Jsonb(metadata or {}), "env": environment_id}
+        return self._run_call(queries.CREATE_CHECKPOINT, run_id, params)
 
     def resume_run(self, run_id: str, *, environment_id: str | None = None) -> Run:
         """Resumes a waiting run once nothing blocks it, on the run's store (idempotent). Raises
@@ -795,28 +499,26 @@ class RunOps(_Router[ConnectionPool]):
         params = {"e": environment_id, "t": type, "o": _options(options)}
 
         def call(store: str) -> WaitpointCreated:
-            return self._rows(store, queries.CREATE_WAITPOINT,
-                              params, WaitpointCreated)[0]
+            return self._one(store, queries.CREATE_WAITPOINT, params, WaitpointCreated)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call)
 
     def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
         """The waitpoint from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        residency = ids.try_classify_residency(waitpoint_id)
-        if residency is None or ids.store_for(residency) not in self._pools:
+        store = self._read_store_of(waitpoint_id)
+        if store is None:
             return None
-        rows = self._read_rows(ids.store_for(residency), queries.GET_WAITPOINT,
-                               {"w": waitpoint_id, "e": environment_id}, Waitpoint, waitpoint_id)
+        params = {"w": waitpoint_id, "e": environment_id}
+        rows = self._read_rows(store, queries.GET_WAITPOINT, params, Waitpoint, waitpoint_id)
         return rows[0] if rows else None
 
     def complete_waitpoint(self, waitpoint_id: str, output: Any = None, *,
                            is_error: bool = False, environment_id: str | None = None) -> WaitpointCompletion:
         """Completes it, then sends resume_run to the other store for the runs waiting there
         (tick there catches any follow-up lost to a crash)."""
-        done = self._rows(self._write_store_of(waitpoint_id),
-                          queries.COMPLETE_WAITPOINT,
-                          {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id},
-                          WaitpointCompletion)[0]
+        params = {"w": waitpoint_id, "o": Jsonb(output), "x": is_error, "env": environment_id}
+        done = self._one(self._write_store_of(waitpoint_id), queries.COMPLETE_WAITPOINT, params,
+                         WaitpointCompletion)
         for run_id in done.remote_run_ids:
             try:
                 self.resume_run(run_id, environment_id=environment_id)
@@ -832,10 +534,9 @@ class RunOps(_Router[ConnectionPool]):
         params = {"e": environment_id, "i": _items(items), "o": _options(options)}
 
         def call(store: str) -> BatchTriggered:
-            return self._rows(store, queries.BATCH_TRIGGER,
-                              params, BatchTriggered)[0]
+            return self._one(store, queries.BATCH_TRIGGER, params, BatchTriggered)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
 
     def create_batch(self, environment_id: str, expected_count: int, **options: Any) -> BatchCreated:
         """Creates an open batch of ``expected_count`` items in the environment's root store (filled
@@ -843,38 +544,34 @@ class RunOps(_Router[ConnectionPool]):
         params = {"e": environment_id, "n": expected_count, "o": _options(options)}
 
         def call(store: str) -> BatchCreated:
-            return self._rows(store, queries.CREATE_BATCH,
-                              params, BatchCreated)[0]
+            return self._one(store, queries.CREATE_BATCH, params, BatchCreated)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)  # type: ignore[no-any-return]
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
 
     def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]], *,
                            environment_id: str | None = None) -> BatchAppended:
         """Adds items from ``start_index`` to an open batch, on the batch's store; a re-sent index creates
         nothing twice. Raises NotFound, InvalidInput, IllegalTransition (sealed)."""
-        return self._rows(self._write_store_of(batch_id),
-                          queries.APPEND_BATCH_ITEMS,
-                          {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id},
-                          BatchAppended)[0]
+        params = {"b": batch_id, "s": start_index, "i": _items(items), "env": environment_id}
+        return self._one(self._write_store_of(batch_id), queries.APPEND_BATCH_ITEMS, params, BatchAppended)
 
     def seal_batch(self, batch_id: str, *, environment_id: str | None = None) -> BatchSealed:
         """Seals an open batch (no more items), on the batch's store. Raises NotFound, IllegalTransition."""
-        return self._rows(self._write_store_of(batch_id), queries.SEAL_BATCH,
-                          {"b": batch_id, "env": environment_id}, BatchSealed)[0]
+        params = {"b": batch_id, "env": environment_id}
+        return self._one(self._write_store_of(batch_id), queries.SEAL_BATCH, params, BatchSealed)
 
     def resume_batch_run(self, batch_id: str, *, environment_id: str | None = None) -> Batch:
         """Resumes the run waiting on this batch once all its runs are final, on the batch's store
         (idempotent); the batch. Raises NotFound."""
-        return self._rows(self._write_store_of(batch_id), queries.RESUME_BATCH_RUN,
-                          {"b": batch_id, "env": environment_id}, Batch)[0]
+        params = {"b": batch_id, "env": environment_id}
+        return self._one(self._write_store_of(batch_id), queries.RESUME_BATCH_RUN, params, Batch)
 
     def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
         """The batch from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        residency = ids.try_classify_residency(batch_id)
-        if residency is None or ids.store_for(residency) not in self._pools:
+        store = self._read_store_of(batch_id)
+        if store is None:
             return None
-        rows = self._read_rows(ids.store_for(residency), queries.GET_BATCH,
-                               {"b": batch_id, "e": environment_id}, Batch, batch_id)
+        rows = self._read_rows(store, queries.GET_BATCH, {"b": batch_id, "e": environment_id}, Batch, batch_id)
         return rows[0] if rows else None
 
     def stream_batch(self, environment_id: str, items: Iterable[dict[str, Any]], expected_count: int, *,
@@ -927,7 +624,8 @@ class RunOps(_Router[ConnectionPool]):
                 gone[store] = exc
         return _partial_or_raise(done, gone, partial)
 
-    def metrics(self, environment_id: str | None = None, *, store: str | None = None) -> dict[str, dict[str, Any]]:
+    def metrics(self, environment_id: str | None = None, *,
+                store: str | None = None) -> dict[str, dict[str, Any]]:
         """Each configured store's operational figures (SQL ``runops.metrics``), keyed by store:
         runs per status per environment, queue depth and oldest pending age, lapsed leases, open
         batches, and on the run-ops store the claim ledger size and the mirror's freshness.
@@ -945,49 +643,56 @@ class RunOps(_Router[ConnectionPool]):
     def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
         """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
         when none answers."""
-        return sum(self._each_store(queries.ENQUEUE_DELAYED_RUNS, {"n": max_runs},
-                                    partial=True).values())
+        counts = self._each_store(queries.ENQUEUE_DELAYED_RUNS, {"n": max_runs}, partial=True)
+        return sum(counts.values())
 
     def expire_enqueued_runs(self, max_runs: int = 1000) -> int:
         """Expires queued runs whose ttl ran out, on every store that answers; the count.
         StoreUnavailable only when none answers."""
-        return sum(self._each_store(queries.EXPIRE_ENQUEUED_RUNS, {"n": max_runs},
-                                    partial=True).values())
+        counts = self._each_store(queries.EXPIRE_ENQUEUED_RUNS, {"n": max_runs}, partial=True)
+        return sum(counts.values())
 
     def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
         """Cancels a dev session's live runs on every store; the count. StoreUnavailable names a
         store that did not answer (the others did their part; safe to repeat)."""
-        return sum(self._each_store(queries.CANCEL_DEV_SESSION_RUNS,
-                                    {"e": environment_id, "d": dev_session_id}).values())
+        counts = self._each_store(queries.CANCEL_DEV_SESSION_RUNS, {"e": environment_id, "d": dev_session_id})
+        return sum(counts.values())
 
     def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
         """Queues the environment's runs waiting for a deploy of these tasks, on every store; the
         count. StoreUnavailable names a store that did not answer (safe to repeat)."""
-        return sum(self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY,
-                                    {"e": environment_id, "t": task_identifiers}).values())
+        params = {"e": environment_id, "t": task_identifiers}
+        counts = self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY, params)
+        return sum(counts.values())
 
     # -- notifications --------------------------------------------------------------------------------
 
     @contextmanager
     def listen(self, environment_id: str, store: str) -> Iterator[psycopg.Connection[Any]]:
-        """A dedicated connection LISTENing to an environment's status changes on one store."""
+        """A dedicated connection LISTENing to an environment's status changes on one store
+        (StoreUnavailable when the store cannot be reached; RunOpsError with ``pgbouncer=True``,
+        where a LISTEN would be lost with its server connection)."""
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")
+        self._refuse_listen()
         try:
-            with psycopg.connect(url, autocommit=True) as conn:
+            with psycopg.Connection.connect(url, **self._connect_kwargs(url)) as conn:
                 conn.execute(queries.listen(environment_id))
                 yield conn
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise self._failed(store, False, exc) from exc
 
-    # -- tasks, workers and waiting (issue 12) ---------------------------------------------------------
+    # -- tasks, workers and waiting -----------------------------------------------------------------------
 
     def run_worker(self, environment_id: str, concurrency: int = 4, **options: Any) -> int:
         """Works ``environment_id``'s runs with this client's tasks until SIGTERM/SIGINT (or
         ``once=True`` and an empty queue); returns the number of runs handled. ``options`` go
         to :class:`runops.worker.Worker` (``worker_id``, ``lease``, ``grace``, ``queues``,
-        ``poll_interval``, ``on_outcome``, ``handle_signals``)."""
+        ``poll_interval``, ``on_outcome``, ``handle_signals``). The worker runs task functions
+        (plain callables) in threads; from the asyncio client it runs in a thread of its own on
+        a blocking client with the same settings, and cancelling the coroutine stops it and waits
+        for its drain."""
         from .worker import Worker
 
         return Worker(self, environment_id, self.tasks, concurrency=concurrency, **options).run()
@@ -996,7 +701,8 @@ class RunOps(_Router[ConnectionPool]):
         """Blocks until the run is final and returns it; ``TimeoutError`` after ``timeout``
         seconds (None: no limit), ``NotFound`` if there is no such run. Woken by the owning
         store's notifications; it re-reads the run every ``poll_interval`` seconds as well, and
-        keeps polling (and reconnecting) when the LISTEN connection drops."""
+        keeps polling (and reconnecting) when the LISTEN connection drops. With
+        ``pgbouncer=True`` it only polls."""
         first = self.get_run(run_id)
         if first is None:
             raise NotFound(f"run {run_id} not found")
@@ -1015,8 +721,11 @@ class RunOps(_Router[ConnectionPool]):
         def wakes(event: dict[str, Any]) -> bool:
             return event.get("run_id") == canonical and event.get("new_status") in FINAL_STATUSES
 
-        return self._wait_until(first.environment_id, self._store_of(canonical), check, wakes, timeout,
-                                poll_interval, lambda: f"run {canonical} is still {last[0].status}")
+        def still() -> str:
+            return f"run {canonical} is still {last[0].status}"
+
+        store = self._store_of(canonical)
+        return self._wait_until(first.environment_id, store, check, wakes, timeout, poll_interval, still)
 
     def wait_for_batch(self, batch_id: str, timeout: float | None = None, *, poll_interval: float = 2.0) -> Batch:
         """Blocks until the batch is COMPLETED (all its runs final) or ABORTED and returns it;
@@ -1040,11 +749,14 @@ class RunOps(_Router[ConnectionPool]):
         def wakes(event: dict[str, Any]) -> bool:
             return event.get("new_status") in FINAL_STATUSES and (not members or event.get("run_id") in members)
 
+        def still() -> str:
+            now = last[0]
+            return f"batch {first.batch_id} is still {now.status} ({now.item_count}/{now.expected_count} items)"
+
         if first.status in ("COMPLETED", "ABORTED"):
             return first
-        return self._wait_until(first.environment_id, self._store_of(first.batch_id), check, wakes, timeout,
-                                poll_interval, lambda: f"batch {first.batch_id} is still {last[0].status} "
-                                                       f"({last[0].item_count}/{last[0].expected_count} items)")
+        store = self._store_of(first.batch_id)
+        return self._wait_until(first.environment_id, store, check, wakes, timeout, poll_interval, still)
 
     def _wait_until(self, environment_id: str, store: str, check: Callable[[], T | None],
                     wakes: Callable[[dict[str, Any]], bool], timeout: float | None, poll_interval: float,
@@ -1052,7 +764,7 @@ class RunOps(_Router[ConnectionPool]):
         """``check()`` until it returns something: after LISTEN is in place (so no change slips
         between), on every notification ``wakes`` accepts, and every ``poll_interval`` seconds.
         A dropped LISTEN connection or an unavailable store falls back to polling, and LISTEN is
-        tried again on the next round."""
+        tried again on the next round; with ``pgbouncer=True`` it polls only."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float:
@@ -1064,6 +776,12 @@ class RunOps(_Router[ConnectionPool]):
             return min(poll_interval, remaining)
 
         while True:
+            if self._pgbouncer:
+                got = check()
+                if got is not None:
+                    return got
+                time.sleep(left())
+                continue
             try:
                 with self.listen(environment_id, store) as conn:
                     while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 from psycopg_pool import PoolTimeout
 
@@ -60,6 +62,13 @@ class StoreUnavailable(RunOpsError):
     sqlstate = "RO009"
 
 
+class StoreMisconfigured(StoreUnavailable):
+    """A store that cannot be used as configured, which trying again will not change: a malformed
+    URL, a login the store refuses (bad password, unknown role or database), or a store older
+    than this client needs. The client remembers it and never retries; neither do the worker and
+    ``tick --loop``."""
+
+
 BY_SQLSTATE: dict[str, type[RunOpsError]] = {
     cls.sqlstate: cls
     for cls in (
@@ -68,6 +77,11 @@ BY_SQLSTATE: dict[str, type[RunOpsError]] = {
     )
     if cls.sqlstate
 }
+
+# A prepared statement another client left on a pooled server connection, or one that is on
+# another server connection: what psycopg's server-side prepares meet behind PgBouncer in
+# transaction mode.
+POOLER_SQLSTATES = {"42P05", "26000"}
 
 # Serialization failures and deadlocks are safe to retry, like RO008.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -95,6 +109,38 @@ def is_connection_failure(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError)
 
 
+# What libpq and the server say while a connection is being set up carries no SQLSTATE the
+# client can read, so a configuration error is known by its words: none of these is cured by
+# waiting (unlike a refused connection, a server starting up or too many connections).
+_CONFIGURATION_ERRORS = re.compile(
+    r"password authentication failed|no pg_hba\.conf entry|role \S+ does not exist|database \S+ does not exist"
+    r"|no password supplied|invalid connection option|for connection option|missing \"=\"|invalid URI"
+    r"|invalid (sslmode|port|integer) value|authentication method \S+ not supported", re.IGNORECASE)
+
+
+def is_configuration_error(exc: BaseException) -> bool:
+    """Whether a failed connect was refused for its configuration (see _CONFIGURATION_ERRORS):
+    a malformed URL (psycopg raises ProgrammingError before connecting) or a login the store
+    refuses."""
+    if isinstance(exc, psycopg.ProgrammingError):
+        return True
+    return isinstance(exc, psycopg.OperationalError) and bool(_CONFIGURATION_ERRORS.search(str(exc)))
+
+
+def connection_cause(exc: BaseException) -> str:
+    """Why a connection failed, on one line and without the address (the caller names the
+    store): libpq's own words, e.g. ``Connection refused``, ``password authentication failed for
+    user "app"``, ``database "x" does not exist``, ``failed to resolve host 'db': ...``."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # A host name with several addresses: libpq lists every attempt; the last one speaks for all.
+    attempts = [line for line in lines if line.startswith("- host:")]
+    line = attempts[-1] if attempts else (lines[0] if lines else type(exc).__name__)
+    line = re.sub(r"^- host: .*?(?=connection (failed|to server))", "", line)
+    line = re.sub(r"^connection (failed|is bad): ", "", line)
+    line = re.sub(r'^connection to server (at "[^"]*"( \([^)]*\))?, port \d+|on socket "[^"]*") failed: ', "", line)
+    return re.sub(r"^(FATAL|ERROR):\s+", "", line)
+
+
 def translate(exc: psycopg.Error) -> Exception:
     """The named exception for a database error; anything else passes through unchanged.
     Every connection-level failure (see :func:`is_connection_failure`) is StoreUnavailable."""
@@ -104,6 +150,12 @@ def translate(exc: psycopg.Error) -> Exception:
         return gone
     diag = exc.diag
     code = diag.sqlstate or exc.sqlstate or ""
+    if code in POOLER_SQLSTATES:
+        pooled = RunOpsError(f"{diag.message_primary or exc}: the store's URL leads through a transaction pooler "
+                             "(PgBouncer?), where no statement may be prepared: set RUNOPS_PGBOUNCER=1 "
+                             "(pgbouncer=True)")
+        pooled.__cause__ = exc
+        return pooled
     cls = BY_SQLSTATE.get(code)
     if cls is None and code in RETRYABLE_SQLSTATES:
         cls = RetryableConflict

@@ -15,6 +15,8 @@ from psycopg import sql
 
 STORE_IDENTITY = "SELECT * FROM runops.store_identity()"
 STORE_ROLE = "SELECT runops.store_role()"
+# The store's revision (r0005_hardening, ...); a client refuses a store older than it needs.
+STORE_VERSION = "SELECT runops.store_version()"
 
 # -- tenants (control plane) ----------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import psycopg
 
-from .errors import RetryableConflict, StoreUnavailable
+from .errors import RetryableConflict, StoreMisconfigured, StoreUnavailable
 
 T = TypeVar("T")
 log = logging.getLogger("runops")
@@ -66,6 +66,8 @@ def call_with_retry(call: Callable[[], T], *, tries: int = 5, backoff: Backoff =
     for n in range(1, tries + 1):
         try:
             return call()
+        except StoreMisconfigured:
+            raise  # a store that cannot be used as configured stays so
         except retry_on:
             if n == tries:
                 raise
@@ -81,6 +83,8 @@ async def call_with_retry_async(call: Callable[[], Awaitable[T]], *, tries: int 
     for n in range(1, tries + 1):
         try:
             return await call()
+        except StoreMisconfigured:
+            raise
         except retry_on:
             if n == tries:
                 raise
@@ -93,12 +97,16 @@ def run_loop(step: Callable[[], float | None], *, wake: threading.Event,
     """Calls ``step()`` until ``should_stop()`` or until the step returns None. A step returns
     how many seconds to wait before the next one; ``wake`` being set ends a wait early (and is
     cleared before each step). A store outage or conflict does not end the loop: it waits
-    ``backoff.delay(failures)`` and tries again, logging once when it starts and when it ends."""
+    ``backoff.delay(failures)`` and tries again, logging once when it starts and when it ends. A
+    store that cannot be used as configured (StoreMisconfigured: a bad URL or password, a store
+    too old for this client) ends it: waiting would not help."""
     failures = 0
     while not should_stop():
         wake.clear()
         try:
             pause = step()
+        except StoreMisconfigured:
+            raise
         except TRANSIENT as exc:
             failures += 1
             pause = backoff.delay(failures)

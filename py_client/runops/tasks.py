@@ -25,12 +25,19 @@ waitpoint again (idempotency keys) and returns its recorded result at once, and 
 continues to the next one. So: the order of waits must not depend on anything but the payload and
 earlier wait results, and code between waits may run more than once (make it idempotent, or put
 it in a child task). docs/decisions.md has the reasoning.
+
+**Values the store cannot hold.** JSON has no NaN or Infinity, and PostgreSQL's ``jsonb`` holds no
+NUL character (U+0000). A context call refuses such a payload before sending it
+(:class:`InvalidPayload`, never retried); the worker ends an attempt whose output is one, or
+that the store refuses, with ``InvalidOutput`` (:mod:`runops.worker`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +62,42 @@ class TaskError(Exception):
         super().__init__(message)
         self.retry = retry
         self.retry_after = retry_after
+
+
+class InvalidPayload(TaskError):
+    """A context call was given a value the store cannot hold (see :func:`json_problem`). Never
+    retried: the task would compute the same value again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry=False)
+
+
+# A \u0000 escape in JSON text: preceded by an even number of backslashes (escaped backslashes).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def json_problem(value: Any) -> str | None:
+    """Why the store cannot hold ``value`` as JSON, in a short phrase; None when it can, as far
+    as can be told without asking it: not JSON at all, NaN or Infinity (PostgreSQL refuses them,
+    22P02), a NUL character (``jsonb`` cannot hold U+0000, 22P05). Sizes are the store's to judge:
+    its limit is set per store (``store_config.max_json_bytes``)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError as exc:
+        if "Out of range float" in str(exc):
+            return "it holds NaN or Infinity, which JSON cannot carry"
+        return f"it is not JSON ({str(exc)[:100]})"
+    except (TypeError, RecursionError) as exc:
+        return f"it is not JSON ({type(exc).__name__}: {str(exc)[:100]})"
+    if _NUL_ESCAPE.search(text):
+        return "it holds a NUL character (U+0000), which the store's JSON cannot hold"
+    return None
+
+
+def _require_storable(value: Any, what: str) -> None:
+    problem = json_problem(value)
+    if problem is not None:
+        raise InvalidPayload(f"the {what} cannot be stored: {problem}")
 
 
 class TokenFailed(Exception):
@@ -190,6 +233,7 @@ class TaskContext:
         """Triggers a child run and returns it once final (check ``.status``; ``.output`` holds
         the result). Suspends this run until then. Options are ``trigger_run``'s; the child's
         ``max_attempts`` defaults to that of the task registered under that name here."""
+        _require_storable(payload, f"payload of child task {task[:128]!r}")
         step = self._next_step()
         known = self.registry.get(task) if self.registry is not None else None
         if known is not None and known.max_attempts is not None:
@@ -206,6 +250,7 @@ class TaskContext:
     def batch_trigger_and_wait(self, items: list[dict[str, Any]]) -> list[Run]:
         """Triggers a batch of child runs (items as for ``batch_trigger``: ``{task, payload,
         options}``) and returns them, in item order, once all are final. Suspends until then."""
+        _require_storable(items, "batch of child tasks")
         step = self._next_step()
         batch = call_with_retry(lambda: self.client.batch_trigger(
             self.environment_id, items, parent_run_id=self.run_id, resume_parent_on_completion=True,

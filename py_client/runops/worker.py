@@ -4,12 +4,22 @@
     runops worker --app myapp.tasks:ro --env <env_id>    # the same from the shell
 
 One thread dequeues (``dequeue_runs``, as many runs as there are free slots) and starts a thread
-per run; one more heartbeats every running attempt a third of the lease apart. Each run thread
-calls ``start_attempt``, runs the task function and reports ``complete_attempt`` with its result,
-or ``fail_attempt`` with the error and a ``retry_at`` from the task's retry policy while attempts
-remain. A run whose task is not registered here fails at once (``SYSTEM_FAILURE``, error name
-``UnknownTask``) — it is never faked. A task that waits (``ctx.trigger_and_wait``, …) checkpoints
-the run and lets go of it; see :mod:`runops.tasks` for how it continues.
+per run; one more heartbeats every running attempt a third of the lease apart. A worker takes
+only runs of the tasks registered with it (``dequeue_runs``' ``tasks`` option), so workers with
+different code share an environment; with ``all_tasks`` it takes every run, and fails one whose
+task it does not know at once (``SYSTEM_FAILURE``, error name ``UnknownTask``) — it is never
+faked. Each run thread calls ``start_attempt``, runs the task function and reports
+``complete_attempt`` with its result, or ``fail_attempt`` with the error and a ``retry_at`` from
+the task's retry policy while attempts remain. A task that waits (``ctx.trigger_and_wait``, …)
+checkpoints the run and lets go of it; see :mod:`runops.tasks` for how it continues.
+
+Every attempt that ran its task ends with a report the store accepts, so the task never runs
+again because a report failed: an output the store cannot hold (NaN, a NUL character, over the
+store's size limit: checked here where it can be, else refused by the store) fails the attempt
+without retry as ``InvalidOutput``; an error is cut to a bounded size before it is sent; an input
+the store refused inside the task (RO006, 22P02, 22P05) is not retried; ``SystemExit``,
+``KeyboardInterrupt`` and the other ``BaseException`` errors a task raises fail it without retry as
+``SYSTEM_FAILURE``, and the worker carries on. What it logs is bounded too.
 
 Stopping (SIGTERM, SIGINT or :meth:`Worker.stop`): no more dequeues; running attempts get
 ``grace`` seconds to finish; any still running then is released — a zero-length
@@ -30,7 +40,6 @@ wait-for-child, fan-out) are tooling: :mod:`runops.ops.reference_tasks`.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -43,10 +52,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .errors import IllegalTransition, NotFound, RunOpsError
+import psycopg
+
+from .errors import IllegalTransition, InvalidInput, NotFound, RunOpsError
 from .models import Run
 from .retry import OUTAGE_BACKOFF, TRANSIENT, run_loop
-from .tasks import RunLost, Suspended, TaskContext, TaskError, TaskRegistry
+from .tasks import RunLost, Suspended, TaskContext, TaskError, TaskRegistry, json_problem
 
 if TYPE_CHECKING:
     from .client import RunOps
@@ -55,6 +66,52 @@ log = logging.getLogger("runops.worker")
 
 # How long a free slot may wait for others to free up, so one dequeue_runs call fills several.
 BATCH_WAIT = 0.05
+
+# Bounds on what a report quotes of a task's error and what the log quotes of anything: the
+# store refuses an error over its size limit (3 MiB by default), and a log line should be read.
+MESSAGE_CHARS = 4000
+STACK_CHARS = 8000
+LOG_CHARS = 2000
+# The store refusing a value it was sent: RO006 (over a limit), or PostgreSQL's own jsonb input
+# errors, raised before a function body runs: 22P02 (NaN, a lone surrogate), 22P05 (U+0000).
+REFUSED_VALUE_SQLSTATES = {"22P02", "22P05"}
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` in at most about ``limit`` characters, and storable: no NUL, no lone surrogate."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.replace("\x00", "\\x00").encode("utf-8", "replace").decode("utf-8")
+
+
+def refused_value(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store refusing a value it was sent (retrying sends it again)."""
+    if isinstance(exc, InvalidInput):
+        return True
+    return isinstance(exc, psycopg.Error) and (exc.sqlstate or "") in REFUSED_VALUE_SQLSTATES
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The store's words for a refusal, bounded."""
+    if isinstance(exc, psycopg.Error):
+        diag = exc.diag
+        words = f"{exc.sqlstate} {diag.message_primary or exc}" + (f" ({diag.message_detail})"
+                                                                   if diag.message_detail else "")
+    else:
+        words = str(exc)
+    return cut(words, 300)
+
+
+def task_error(exc: BaseException, **extra: Any) -> dict[str, Any]:
+    """A failed attempt's ``error``: the exception's name, message and stack, each bounded."""
+    name = type(exc).__name__
+    stack = "".join(cut(part, 1000) for part in traceback.format_exception(exc))
+    return {"name": cut(name, 200), "message": cut(str(exc) or name, MESSAGE_CHARS),
+            "stack": cut(stack[-STACK_CHARS:], STACK_CHARS), **extra}
+
+
+def invalid_output(problem: str) -> dict[str, Any]:
+    return {"name": "InvalidOutput", "message": cut(f"the task's output cannot be stored: {problem}", MESSAGE_CHARS)}
 
 
 @dataclass(frozen=True)
@@ -87,12 +144,15 @@ class Worker:
     def __init__(self, client: RunOps, environment_id: str, tasks: TaskRegistry, *,
                  worker_id: str | None = None, concurrency: int = 4, lease: float = 60.0, grace: float = 30.0,
                  queues: list[str] | None = None, poll_interval: tuple[float, float] = (0.05, 1.0),
-                 once: bool = False, handle_signals: bool = True,
+                 once: bool = False, handle_signals: bool = True, all_tasks: bool = False,
                  on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if lease < 3:
             raise ValueError("lease must be at least 3 seconds")
+        if not all_tasks and not len(tasks):
+            raise ValueError("no task is registered, so this worker would take no run (register tasks, "
+                             "or work every run with all_tasks)")
         self.client = client
         self.environment_id = environment_id
         self.tasks = tasks
@@ -101,6 +161,7 @@ class Worker:
         self.lease = lease
         self.grace = grace
         self.queues = queues
+        self.all_tasks = all_tasks
         self.poll_interval = poll_interval
         self.once = once
         self.handle_signals = handle_signals
@@ -169,7 +230,7 @@ class Worker:
                 return self._free_since + BATCH_WAIT - now
         self._free_since = None
         runs = self.client.dequeue_runs(self.environment_id, self.worker_id, free, lease=f"{int(self.lease)}s",
-                                        queues=self.queues)
+                                        queues=self.queues, tasks=None if self.all_tasks else self.tasks.names())
         for run in runs:
             with self._lock:
                 self._in_flight[run.run_id] = _InFlight(run)
@@ -251,8 +312,9 @@ class Worker:
     def _process(self, run: Run) -> None:
         try:
             self._attempt(run)
-        except Exception:
-            log.exception("%s: unexpected error on %s", self.worker_id, run.run_id)
+        except Exception as exc:
+            trace = "".join(traceback.format_exception(exc))
+            log.error("%s: unexpected error on %s: %s", self.worker_id, run.run_id, cut(trace[-LOG_CHARS:], LOG_CHARS))
         finally:
             with self._lock:
                 self._in_flight.pop(run.run_id, None)
@@ -288,7 +350,6 @@ class Worker:
         ctx = TaskContext(self.client, started, self.worker_id, self.tasks, flight.lost)
         try:
             output = task(ctx, started.payload)
-            json.dumps(output)  # the result must be JSON; say so here rather than as a driver error
         except Suspended:
             self._outcome(run, n, "suspended")
             return
@@ -299,27 +360,57 @@ class Worker:
         except Exception as exc:  # the task failed: report it, retry per policy
             limit = min(started.max_attempts, task.max_attempts or started.max_attempts)
             retry_at = None
-            if n < limit and not (isinstance(exc, TaskError) and not exc.retry):
+            # A value the store refused inside the task would be refused again.
+            if n < limit and not (isinstance(exc, TaskError) and not exc.retry) and not refused_value(exc):
                 delay = exc.retry_after if isinstance(exc, TaskError) and exc.retry_after is not None \
                     else task.retry.delay(n)
                 retry_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
-            error = {"name": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-                     "stack": "".join(traceback.format_exception(exc))[-8000:]}
-            self._finish(flight, lambda: self.client.fail_attempt(run.run_id, n, error, retry_at=retry_at,
-                                                                   environment_id=self.environment_id),
-                         "retrying" if retry_at else "failed")
+            self._fail(flight, task_error(exc), retry_at)
+            return
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt, ...: this attempt ends, the worker goes on
+            self._fail(flight, task_error(exc, status="SYSTEM_FAILURE"))
+            return
+        problem = json_problem(output)
+        if problem is not None:
+            self._fail(flight, invalid_output(problem))
             return
         self._finish(flight, lambda: self.client.complete_attempt(run.run_id, n, output,
-                                                                   environment_id=self.environment_id), "completed")
+                                                                   environment_id=self.environment_id),
+                     "completed", if_refused=lambda reason: invalid_output(f"the store refused it: {reason}"))
 
-    def _finish(self, flight: _InFlight, call: Callable[[], Run], result: str) -> None:
+    def _fail(self, flight: _InFlight, error: dict[str, Any], retry_at: dt.datetime | None = None) -> None:
+        n = flight.attempt or 0
+
+        def refused(reason: str) -> dict[str, Any]:  # left: what the store accepts of any error
+            return {"name": error["name"], "message": cut(f"the store refused the error report: {reason}", 1000),
+                    **({"status": error["status"]} if "status" in error else {})}
+
+        self._finish(flight, lambda: self.client.fail_attempt(flight.run.run_id, n, error, retry_at=retry_at,
+                                                              environment_id=self.environment_id),
+                     "retrying" if retry_at else "failed", if_refused=refused)
+
+    def _finish(self, flight: _InFlight, call: Callable[[], Run], result: str,
+                if_refused: Callable[[str], dict[str, Any]] | None = None) -> None:
+        """Sends the attempt's report. Should the store refuse a value in it, the attempt fails
+        instead, without retry, with the bounded error ``if_refused`` makes of the store's words:
+        a dropped report would leave the run to a lapsed lease and its task to run again."""
         with self._lock:
             if flight.released:
                 return  # handed back at shutdown: its next worker reports it
             flight.reporting = True
         assert flight.attempt is not None
+        run_id, n = flight.run.run_id, flight.attempt
         try:
-            done = self._report(call)
+            try:
+                done = self._report(call)
+            except Exception as exc:
+                if if_refused is None or not refused_value(exc):
+                    raise
+                error = if_refused(refusal_reason(exc))
+                log.warning("%s: %s attempt %s: %s", self.worker_id, run_id, n, error["message"])
+                done = self._report(lambda: self.client.fail_attempt(run_id, n, error,
+                                                                     environment_id=self.environment_id))
+                result = "failed"
         except (IllegalTransition, NotFound):
             if not flight.released:
                 self._outcome(flight.run, flight.attempt, "lost")  # canceled, or the lease lapsed
@@ -342,4 +433,5 @@ class Worker:
                 except IllegalTransition:
                     flight.lost.set()  # canceled or taken back; its thread learns when it reports
                 except Exception as exc:  # an outage: the next beat tries again
-                    log.warning("%s: heartbeat of %s failed: %s", self.worker_id, flight.run.run_id, exc)
+                    log.warning("%s: heartbeat of %s failed: %s", self.worker_id, flight.run.run_id,
+                                cut(str(exc), LOG_CHARS))

@@ -74,6 +74,9 @@ BEGIN
 END
 $$;
 
+-- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches
+-- them at first_index onwards. Indexes the batch already holds keep their first content. Returns
+-- the item run ids (friendly), in order.
 CREATE OR REPLACE FUNCTION runops.add_batch_items(b runops.batches, env runops.environment_context,
                                                   first_index integer, items jsonb)
 RETURNS text[]
@@ -445,7 +448,7 @@ AS $$
 DECLARE
   o record := parse_batch_options(options);
   spec trigger_spec;
-  residency text;
+  anchored record;
   parent runs;
   new_id text;
   ts timestamptz := now();
@@ -455,16 +458,9 @@ BEGIN
   END IF;
   spec.parent_run_id := o.parent_run_id;
   spec.resume_parent_on_completion := o.resume_parent_on_completion;
-  env := load_environment(claim_batch.environment_id);
-  residency := decide_residency(env, claim_batch.environment_id, spec);
-  IF residency <> local_residency() THEN
-    PERFORM raise_wrong_store('a new batch of environment', claim_batch.environment_id, store_for_residency(residency));
-  END IF;
-  IF o.parent_run_id IS NOT NULL THEN
-    parent := require_parent(spec, claim_batch.environment_id);
-  END IF;
-  env := require_usable(env, claim_batch.environment_id);
-  PERFORM require_waitable_parent(parent, o.resume_parent_on_completion);
+  anchored := admit_anchored(claim_batch.environment_id, spec, 'a new batch');
+  env := anchored.env;
+  parent := anchored.parent;
   LOOP
     IF o.idempotency_key IS NOT NULL THEN
       SELECT * INTO batch FROM batches AS x
@@ -565,7 +561,7 @@ BEGIN
                                         start_index, start_index + n - 1, b.expected_count));
   END IF;
   -- The RO005 gate of every entry point that admits runs, before the RO003 checks.
-  env := require_usable(load_environment(b.environment_id), b.environment_id);
+  env := require_environment_for_new_work(b.environment_id);
   IF b.status = 'ABORTED' THEN
     PERFORM raise_error('RO003', format('batch_%s was aborted (its seal timeout passed)', b.id));
   END IF;
@@ -707,7 +703,7 @@ DECLARE
 BEGIN
   IF b.environment_id <> lock_batch_for_index.environment_id THEN
     PERFORM raise_error('RO004', format('batch batch_%s not found in environment %s', b.id,
-                                        lock_batch_for_index.environment_id));
+                                        input_prefix(lock_batch_for_index.environment_id)));
   END IF;
   IF spec.batch_index >= b.expected_count THEN
     PERFORM raise_error('RO006', format('batch_index %s is past the batch''s expected_count of %s',

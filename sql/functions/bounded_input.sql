@@ -1,5 +1,7 @@
--- Admission checks: what every entry point that admits runs validates before it looks anything up
--- (SPEC §3 [1.2], bounded input), each failure RO006.
+-- Bounded input: the limits every entry point checks before it looks anything up (SPEC §3 [1.2]),
+-- each failure RO006. Each rule is one predicate (inlined SQL, so a fast path holds it in its
+-- query); a raising function only explains which part failed. The validation of a whole run or
+-- batch chunk is built from these in options.sql (validate_new_run, validate_batch_items).
 --
 --   max_index_text_bytes  every indexed text (keys, tags, queues, task ids) is at most 2048 bytes
 --                         in UTF-8 as well as its character limit: a btree entry must stay under
@@ -9,8 +11,7 @@
 --                         (default 64; psycopg's json loader recurses, 1500 levels kill it).
 --   require_between       a whole-number argument within its bounds (max_rows, max_runs, attempt numbers)
 --   task_identifier_is_valid   1-128 of [A-Za-z0-9_.:/-]
---   validate_new_run      trigger_run and trigger_failed_task: every RO006 of one run
---   validate_batch_items  the same rules, set-based, for a chunk of batch items
+--   idempotency_key_is_valid   1-2048 characters and bytes; require_valid_idempotency_key explains
 -- The limits are read from store_config only for values that could exceed the smallest limit a
 -- store may configure (64 KiB, 32 levels): the common small payload costs one conversion to
 -- text and a jsonpath walk of its first 32 levels.
@@ -102,109 +103,35 @@ AS $$
   SELECT length(task_identifier) <= 128 AND task_identifier ~ '^[A-Za-z0-9][A-Za-z0-9_.:/-]*$'
 $$;
 
--- The one validation of a run about to be admitted (trigger_run, trigger_failed_task; batch
--- items take the same checks set-based in validate_batch_items): every RO006 before anything is
--- looked up. Returns the parsed options.
-CREATE OR REPLACE FUNCTION runops.validate_new_run(environment_id text, task_identifier text, payload jsonb,
-                                                   options jsonb)
-RETURNS runops.trigger_spec
-LANGUAGE plpgsql STABLE
+
+-- What a valid idempotency key is, for runs, batches, batch items, waitpoints and resets: 1 to
+-- 2048 characters, and within max_index_text_bytes() in UTF-8 (it is stored and indexed). The one
+-- rule: the keyed fast path holds it in only_a_valid_key, every other reader goes through
+-- require_valid_idempotency_key. NULL (no key) is not valid.
+CREATE OR REPLACE FUNCTION runops.idempotency_key_is_valid(key text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
 AS $$
-DECLARE
-  spec trigger_spec;
-BEGIN
-  IF environment_id IS NULL OR environment_id = '' THEN
-    PERFORM raise_error('RO006', 'environment_id is required');
-  END IF;
-  IF task_identifier IS NULL OR NOT task_identifier_is_valid(task_identifier) THEN
-    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
-                                         quote_nullable(input_prefix(task_identifier))));
-  END IF;
-  spec := parse_trigger_options(options);
-  PERFORM check_json_bounds(payload, 'payload');
-  RETURN spec;
-END
+  SELECT length(key) BETWEEN 1 AND 2048 AND octet_length(key) <= runops.max_index_text_bytes()
 $$;
 
--- Creates or finds the runs of a validated chunk (validate_batch_items) set-based and attaches them at first_index onwards. Indexes the
--- batch already holds keep their first content. Returns the item run ids (friendly), in order.
--- Validates a chunk of batch items before anything is locked or written: RO006 naming the
--- first bad index (its shape set-based; options richer than a lone idempotency_key through
--- parse_trigger_options, the single-trigger parser, item by item).
-CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
-RETURNS void
-LANGUAGE plpgsql STABLE
+-- RO006 unless idempotency_key_is_valid(key), which alone decides; this only says which part of
+-- the rule failed (and, for a part it does not know, that the key is not valid). Returns the key.
+CREATE OR REPLACE FUNCTION runops.require_valid_idempotency_key(key text, what text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
 AS $$
-DECLARE
-  bad record;
-  spec trigger_spec;
-  limits record;
-  deep boolean;
 BEGIN
-  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
-    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  IF idempotency_key_is_valid(key) IS NOT TRUE THEN
+    PERFORM raise_error('RO006', CASE
+      WHEN key IS NULL THEN format('%s is required', what)
+      WHEN key = '' THEN format('%s must not be empty', what)
+      WHEN length(key) > 2048 THEN format('%s is %s characters long; the limit is 2048', what, length(key))
+      WHEN octet_length(key) > max_index_text_bytes()
+        THEN format('%s is %s bytes long in UTF-8; the limit is %s bytes', what, octet_length(key),
+                    max_index_text_bytes())
+      ELSE format('%s %s is not a valid idempotency key', what, quote_literal(input_prefix(key))) END);
   END IF;
-  IF jsonb_array_length(items) > 100000 THEN
-    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
-  END IF;
-  -- 1. Shape of every item, set-based: the first bad index is reported.
-  SELECT e.n - 1 + first_index AS idx,
-         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
-              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-                THEN 'has fields other than task, payload and options'
-              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-                   OR NOT task_identifier_is_valid(e.item ->> 'task')
-                THEN 'needs a task of 1-128 letters, digits or _.:/-'
-              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
-                THEN 'options must be an object'
-         END AS problem
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE jsonb_typeof(e.item) <> 'object'
-     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
-     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
-     OR NOT task_identifier_is_valid(e.item ->> 'task')
-     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
-  END IF;
-
-  FOR bad IN
-    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
-    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-    WHERE coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) - 'idempotency_key' <> '{}'::jsonb
-       OR (e.item -> 'options' ? 'idempotency_key'
-           AND (jsonb_typeof(e.item -> 'options' -> 'idempotency_key') <> 'string'
-                OR length(e.item -> 'options' ->> 'idempotency_key') NOT BETWEEN 1 AND 2048
-                OR octet_length(e.item -> 'options' ->> 'idempotency_key') > max_index_text_bytes()))
-    ORDER BY e.n
-  LOOP
-    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
-      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
-                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
-    END IF;
-    BEGIN
-      spec := parse_trigger_options(bad.opts);
-    EXCEPTION WHEN SQLSTATE 'RO006' THEN
-      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
-    END;
-  END LOOP;
-
-  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
-  --    text per item for the size, one path over the whole call for the depth.
-  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
-  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
-  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
-         octet_length((e.item -> 'payload')::text) AS bytes
-  INTO bad
-  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
-  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
-     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
-  ORDER BY e.n LIMIT 1;
-  IF FOUND THEN
-    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
-  END IF;
-
+  RETURN key;
 END
 $$;

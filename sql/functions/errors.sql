@@ -5,19 +5,21 @@
 --   raise_error              the one RAISE (cuts message, detail and hint at 512 characters)
 --   raise_invalid            RO006 "<what> must be <expected>, got <got>": the one wording of bad input
 --   raise_wrong_store        RO002 naming the owning store in DETAIL
---   refuse_foreign_id        a write naming the other store's row: RO002 (or RO004 before any split)
 --   require_row_environment  the environment guard (SPEC §3 [1.2]): another environment's row is RO004
 --
 -- Internal helpers (here and in the other files) carry no SET search_path: only the owner may
 -- execute them, always from a public function whose search_path is pinned, and a SET clause
 -- would stop PostgreSQL inlining the SQL ones and cost a GUC save/restore per call.
 
--- At most a short prefix of any input a message quotes: a 1 MB id must not reach the log whole.
+-- At most a short prefix of any input a message quotes (SPEC §3 [1.2]): a 1 MB id must not
+-- reach the log whole. Every message that quotes a caller's value quotes it through this. Granted
+-- with the identity functions, which are plain (SECURITY INVOKER) and run under the caller's
+-- search_path: hence the qualified names.
 CREATE OR REPLACE FUNCTION runops.input_prefix(value text)
 RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-  SELECT CASE WHEN length(value) > 100 THEN left(value, 100) || '...' ELSE value END
+  SELECT CASE WHEN pg_catalog.length(value) > 100 THEN pg_catalog.left(value, 100) || '...' ELSE value END
 $$;
 
 CREATE OR REPLACE FUNCTION runops.raise_error(code text, message text, detail text DEFAULT NULL,
@@ -68,23 +70,9 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
   PERFORM raise_error('RO002',
-    format('%s %s belongs to the %s store, not this %s store', what, id, owning_store, store_role()),
+    format('%s %s belongs to the %s store, not this %s store', what, input_prefix(id), owning_store, store_role()),
     'owning_store=' || owning_store,
     'call this function on the store named in DETAIL (the Python client does this for you)');
-END
-$$;
-
--- A write naming a row of the other store: RO002 naming the owner, or RO004 for a NEW id while
--- the split was never enabled (no run-ops store holds anything yet).
-CREATE OR REPLACE FUNCTION runops.refuse_foreign_id(residency text, what text, id text)
-RETURNS void
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-  IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
-    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, id));
-  END IF;
-  PERFORM raise_wrong_store(what, id, store_for_residency(residency));
 END
 $$;
 

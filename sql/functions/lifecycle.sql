@@ -155,7 +155,7 @@ BEGIN
   END IF;
   IF r.locked_by IS DISTINCT FROM worker THEN
     PERFORM raise_error('RO003', format('run_%s is leased to worker %s, not %s', r.id,
-                                        coalesce(r.locked_by, '(none)'), worker),
+                                        coalesce(input_prefix(r.locked_by), '(none)'), input_prefix(worker)),
                         NULL, 'dequeue the run again; its lease may have lapsed');
   END IF;
   RETURN r;

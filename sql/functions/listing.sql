@@ -43,7 +43,7 @@ BEGIN
   END;
   IF doc IS NULL OR jsonb_typeof(doc -> 'c') <> 'number' OR jsonb_typeof(doc -> 'r') <> 'string'
      OR length(id) NOT BETWEEN 1 AND 64 THEN
-    PERFORM raise_error('RO006', format('cursor %s is not a list_runs cursor', left(quote_literal(cursor), 100)),
+    PERFORM raise_error('RO006', format('cursor %s is not a list_runs cursor', quote_literal(input_prefix(cursor))),
                         NULL, 'pass the cursor column of a row list_runs returned, or NULL for the first page');
   END IF;
 END
@@ -81,7 +81,7 @@ BEGIN
   IF raw IS NOT NULL THEN
     result.batch_id := bare_id(raw, 'batch');
     IF result.batch_id IS NULL THEN
-      PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', left(raw, 100)));
+      PERFORM raise_error('RO006', format('filter batch_id %s is not a batch id', input_prefix(raw)));
     END IF;
     -- Friendly on purpose: it is compared with run_view.batch_id as a plain column = parameter,
     -- which postgres_fdw ships to the other store's view (docs/listing.md).

@@ -45,7 +45,7 @@ BEGIN
     PERFORM raise_error('RO006', 'environment_id must not be empty (omit it, or pass NULL, for every environment)');
   END IF;
   IF octet_length(env_id) > 255 THEN
-    PERFORM raise_error('RO006', 'environment_id is too long: ' || left(env_id, 100));
+    PERFORM raise_error('RO006', 'environment_id is too long: ' || input_prefix(env_id));
   END IF;
   role := store_role();
 

@@ -8,8 +8,11 @@
 --   option_text, option_integer, option_boolean, option_text_array   one typed value each
 --   option_duration, option_moment, option_id, option_idempotency_key,
 --   option_resume_parent   the options several parsers share, read and checked once
+--   only_a_valid_key        options that are exactly one valid key (the keyed fast path's test)
 --   parse_trigger_options   trigger_run's options -> trigger_spec, with the defaults
 --   parse_batch_options     batch_trigger/create_batch's options
+--   validate_new_run        trigger_run and trigger_failed_task: every RO006 of one run
+--   validate_batch_items    the same rules, set-based, for a chunk of batch items
 
 -- Durations everywhere share one grammar: digits and one unit, at most 365 days.
 CREATE OR REPLACE FUNCTION runops.parse_duration(value text, what text)
@@ -211,16 +214,17 @@ BEGIN
 END
 $$;
 
--- The idempotency_key option of runs, batches and waitpoints: 1 to 2048 characters when given.
+-- The idempotency_key option of runs, batches and waitpoints: a string, a valid key when given
+-- (idempotency_key_is_valid).
 CREATE OR REPLACE FUNCTION runops.option_idempotency_key(options jsonb)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
-  key text := option_text(options, 'idempotency_key', 2048);
+  key text := option_text(options, 'idempotency_key');
 BEGIN
-  IF key = '' THEN
-    PERFORM raise_error('RO006', 'option idempotency_key must not be empty');
+  IF key IS NOT NULL THEN
+    PERFORM require_valid_idempotency_key(key, 'option idempotency_key');
   END IF;
   RETURN key;
 END
@@ -266,8 +270,7 @@ AS $$
   -- CASE, not AND: deleting a key from a non-object raises, and AND does not promise an order.
   SELECT CASE WHEN jsonb_typeof(options) = 'object'
               THEN options - 'idempotency_key' = '{}'::jsonb AND jsonb_typeof(options -> 'idempotency_key') = 'string'
-                   AND length(options ->> 'idempotency_key') BETWEEN 1 AND 2048
-                   AND octet_length(options ->> 'idempotency_key') <= runops.max_index_text_bytes()
+                   AND runops.idempotency_key_is_valid(options ->> 'idempotency_key')
               ELSE false END
 $$;
 
@@ -298,7 +301,8 @@ BEGIN
   spec.idempotency_key := option_idempotency_key(o);
   spec.idempotency_key_scope := coalesce(option_text(o, 'idempotency_key_scope'), 'run');
   IF spec.idempotency_key_scope NOT IN ('run', 'attempt', 'global') THEN
-    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global', spec.idempotency_key_scope);
+    PERFORM raise_invalid('option idempotency_key_scope', 'run, attempt or global',
+                          quote_nullable(input_prefix(spec.idempotency_key_scope)));
   END IF;
   spec.idempotency_key_ttl := option_duration(o, 'idempotency_key_ttl', default_idempotency_key_ttl());
   spec.parent_run_id := option_id(o, 'parent_run_id', 'run');
@@ -360,5 +364,108 @@ BEGIN
   parent_run_id := option_id(o, 'parent_run_id', 'run');
   resume_parent_on_completion := option_resume_parent(o, parent_run_id);
   seal_timeout := option_duration(o, 'seal_timeout', default_seal_timeout());
+END
+$$;
+
+-- The one validation of a run about to be admitted (trigger_run, trigger_failed_task; batch
+-- items take the same checks set-based in validate_batch_items): every RO006 before anything is
+-- looked up. Returns the parsed options.
+CREATE OR REPLACE FUNCTION runops.validate_new_run(environment_id text, task_identifier text, payload jsonb,
+                                                   options jsonb)
+RETURNS runops.trigger_spec
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  spec trigger_spec;
+BEGIN
+  IF environment_id IS NULL OR environment_id = '' THEN
+    PERFORM raise_error('RO006', 'environment_id is required');
+  END IF;
+  IF task_identifier IS NULL OR NOT task_identifier_is_valid(task_identifier) THEN
+    PERFORM raise_error('RO006', format('task_identifier must be 1-128 letters, digits or _.:/-, got %s',
+                                         quote_nullable(input_prefix(task_identifier))));
+  END IF;
+  spec := parse_trigger_options(options);
+  PERFORM check_json_bounds(payload, 'payload');
+  RETURN spec;
+END
+$$;
+
+-- Validates a chunk of batch items before anything is locked or written: RO006 naming the
+-- first bad index (its shape set-based; options richer than a lone idempotency_key through
+-- parse_trigger_options, the single-trigger parser, item by item).
+CREATE OR REPLACE FUNCTION runops.validate_batch_items(items jsonb, first_index integer)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  bad record;
+  spec trigger_spec;
+  limits record;
+  deep boolean;
+BEGIN
+  IF items IS NULL OR jsonb_typeof(items) <> 'array' OR jsonb_array_length(items) = 0 THEN
+    PERFORM raise_error('RO006', 'items must be a non-empty JSON array of {task, payload, options}');
+  END IF;
+  IF jsonb_array_length(items) > 100000 THEN
+    PERFORM raise_error('RO006', format('a call takes at most 100000 items, got %s', jsonb_array_length(items)));
+  END IF;
+  -- 1. Shape of every item, set-based: the first bad index is reported.
+  SELECT e.n - 1 + first_index AS idx,
+         CASE WHEN jsonb_typeof(e.item) <> 'object' THEN 'must be an object {task, payload, options}'
+              WHEN (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+                THEN 'has fields other than task, payload and options'
+              WHEN jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+                   OR NOT task_identifier_is_valid(e.item ->> 'task')
+                THEN 'needs a task of 1-128 letters, digits or _.:/-'
+              WHEN e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null')
+                THEN 'options must be an object'
+         END AS problem
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE jsonb_typeof(e.item) <> 'object'
+     OR (e.item - ARRAY['task', 'payload', 'options']) <> '{}'::jsonb
+     OR jsonb_typeof(e.item -> 'task') IS DISTINCT FROM 'string'
+     OR NOT task_identifier_is_valid(e.item ->> 'task')
+     OR (e.item ? 'options' AND jsonb_typeof(e.item -> 'options') NOT IN ('object', 'null'))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM raise_error('RO006', format('batch item %s %s; nothing was created', bad.idx, bad.problem));
+  END IF;
+
+  FOR bad IN
+    SELECT e.n - 1 + first_index AS idx, e.item -> 'options' AS opts
+    FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+    -- Items whose options are more than none or one valid key (parse_trigger_options' own test).
+    WHERE NOT (coalesce(nullif(e.item -> 'options', 'null'::jsonb), '{}'::jsonb) = '{}'::jsonb
+               OR only_a_valid_key(e.item -> 'options'))
+    ORDER BY e.n
+  LOOP
+    IF bad.opts ?| ARRAY['parent_run_id', 'resume_parent_on_completion', 'batch_id', 'batch_index', 'run_id'] THEN
+      PERFORM raise_error('RO006', format('batch item %s: parent_run_id, resume_parent_on_completion, batch_id, '
+                                          'batch_index and run_id belong to the batch, not its items; nothing was created', bad.idx));
+    END IF;
+    BEGIN
+      spec := parse_trigger_options(bad.opts);
+    EXCEPTION WHEN SQLSTATE 'RO006' THEN
+      PERFORM raise_error('RO006', format('batch item %s: %s; nothing was created', bad.idx, SQLERRM));
+    END;
+  END LOOP;
+
+  -- 3. Payloads within the store's JSON limits (check_json_bounds, set-based): one conversion to
+  --    text per item for the size, one path over the whole call for the depth.
+  SELECT c.max_json_bytes, c.max_json_depth INTO limits FROM store_config AS c;
+  deep := jsonb_path_exists(items, json_too_deep_path(limits.max_json_depth, '$[*] ? (exists(@.payload)).payload'));
+  SELECT e.n - 1 + first_index AS idx, e.item -> 'payload' AS payload,
+         octet_length((e.item -> 'payload')::text) AS bytes
+  INTO bad
+  FROM jsonb_array_elements(items) WITH ORDINALITY AS e(item, n)
+  WHERE octet_length((e.item -> 'payload')::text) > limits.max_json_bytes
+     OR (deep AND jsonb_path_exists(e.item -> 'payload', json_too_deep_path(limits.max_json_depth)))
+  ORDER BY e.n LIMIT 1;
+  IF FOUND THEN
+    PERFORM check_json_limits(bad.payload, bad.bytes, format('batch item %s payload', bad.idx));
+  END IF;
+
 END
 $$;

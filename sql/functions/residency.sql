@@ -7,6 +7,7 @@
 --   friendly_ids           bare ids with their prefix, for a public function to return
 --   try_classify_bare / classify_bare   the residency of a bare id
 --   require_id             the id a write names: RO006 for a bad one, RO001 for no shape
+--   refuse_foreign_id      a write naming the other store's row: RO002 (or RO004 before any split)
 --   require_local_id       the same, of a row this store holds: RO002 (or RO004) for the other's
 --
 -- Ids are bare inside SQL; the friendly prefix is stripped where a public function takes an id
@@ -35,7 +36,7 @@ DECLARE
   residency text := runops.try_classify_residency(id);
 BEGIN
   IF residency IS NULL THEN
-    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(id)
+    RAISE EXCEPTION 'unclassifiable id %: expected a 25-character cuid or a 27-character KSUID, optionally with a friendly prefix such as run_', pg_catalog.quote_nullable(runops.input_prefix(id))
       USING ERRCODE = 'RO001';
   END IF;
   RETURN residency;
@@ -121,6 +122,20 @@ BEGIN
   END IF;
   PERFORM classify_bare(bare);
   RETURN bare;
+END
+$$;
+
+-- A write naming a row of the other store: RO002 naming the owner, or RO004 for a NEW id while
+-- the split was never enabled (no run-ops store holds anything yet).
+CREATE OR REPLACE FUNCTION runops.refuse_foreign_id(residency text, what text, id text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF residency = 'NEW' AND NOT (current_split_settings()).ever_enabled THEN
+    PERFORM raise_error('RO004', format('%s %s not found (the split was never enabled)', what, input_prefix(id)));
+  END IF;
+  PERFORM raise_wrong_store(what, id, store_for_residency(residency));
 END
 $$;
 

@@ -4,33 +4,6 @@
 -- residency follows it (rule 3); children, batches and items follow their anchor (rule 2); a
 -- pre-minted id must agree with both (rule 1).
 
--- Helpers that query are PL/pgSQL, not SQL: a non-inlinable SQL function called from PL/pgSQL
--- is parsed and planned again in every transaction, while PL/pgSQL keeps its plans.
-CREATE OR REPLACE FUNCTION runops.peer_wired()
-RETURNS boolean
-LANGUAGE plpgsql STABLE
-AS $$
-BEGIN
-  RETURN EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s WHERE s.srvname = 'runops_peer');
-END
-$$;
-
--- The settings row; a run-ops store whose mirror has not synced yet reads "never enabled".
-CREATE OR REPLACE FUNCTION runops.current_split_settings()
-RETURNS runops.split_settings
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  s split_settings;
-BEGIN
-  SELECT * INTO s FROM split_settings;
-  IF NOT FOUND THEN
-    s := ROW(true, false, false, 'cuid', NULL, NULL);
-  END IF;
-  RETURN s;
-END
-$$;
-
 -- Rule 3: the residency a root run (or parentless batch, or standalone token) mints with.
 CREATE OR REPLACE FUNCTION runops.root_residency(env runops.environment_context)
 RETURNS text

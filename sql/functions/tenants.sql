@@ -140,6 +140,29 @@ BEGIN
 END
 $$;
 
+-- The one builder of an environment_context, from the environment's row, its project's, its
+-- organization's (NULL rows: an environment found nowhere) and the split settings (a store
+-- without a settings row passes split_settings_before_sync()). Inlined SQL: the callers' queries
+-- read the columns themselves.
+CREATE OR REPLACE FUNCTION runops.environment_context_of(e runops.runtime_environments, p runops.projects,
+                                                         o runops.organizations, s runops.split_settings)
+RETURNS runops.environment_context
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT ROW(e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived, p.deleted_at IS NOT NULL,
+             o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit, e.notifications,
+             s.enabled, s.ever_enabled, s.default_mint_kind)::runops.environment_context
+$$;
+
+-- RO005's rule: an environment takes new work. The one predicate: trigger_run's fast path holds
+-- it in its query (root_admission), require_usable asks it and explains a refusal. NULL is no.
+CREATE OR REPLACE FUNCTION runops.environment_takes_new_work(ctx runops.environment_context)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT NOT ctx.archived AND NOT ctx.paused AND NOT ctx.project_deleted AND ctx.runs_enabled
+$$;
+
 -- The environment as new work sees it, with the split settings: local tables first (the
 -- control plane's own, or the run-ops mirror), then — on run-ops only — the control plane
 -- through the FDW: on a mirror miss, and whenever the mirror is older than the freshness bound
@@ -152,23 +175,22 @@ AS $$
 DECLARE
   ctx environment_context;
   s split_settings;
+  loaded record;
   fresh boolean;
   stale text;
 BEGIN
   -- The mirror's freshness comes with the same query (on the control plane, where it means
   -- nothing, it costs a two-row index scan): a separate call cost every run-ops admission 30 µs.
-  SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
-         p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-         e.notifications, coalesce(st.enabled, false), coalesce(st.ever_enabled, false),
-         coalesce(st.default_mint_kind, 'cuid'), mirror_within_bound(hb.fed_at, hb.bound_seconds)
-  INTO ctx.id, ctx.project_id, ctx.organization_id, ctx.type, ctx.paused, ctx.archived,
-       ctx.project_deleted, ctx.runs_enabled, ctx.mint_kind, ctx.maximum_concurrency_limit,
-       ctx.notifications, ctx.split_enabled, ctx.split_ever_enabled, ctx.default_mint_kind, fresh
+  SELECT environment_context_of(e, p, o, coalesce(st, split_settings_before_sync())) AS ctx,
+         mirror_within_bound(hb.fed_at, hb.bound_seconds) AS fresh
+  INTO loaded
   FROM mirror_feed() AS hb
   LEFT JOIN split_settings AS st ON true
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id
   LEFT JOIN organizations AS o ON o.id = e.organization_id;
+  ctx := loaded.ctx;
+  fresh := loaded.fresh;
   IF local_residency() = 'LEGACY' OR (ctx.id IS NOT NULL AND fresh) THEN
     RETURN ctx;  -- the hot path: found in a fresh mirror, nothing more to read
   END IF;
@@ -181,15 +203,23 @@ BEGIN
       s := current_split_settings();
     ELSE
       SELECT * INTO s FROM runops_peer.split_settings;
+      IF NOT FOUND THEN
+        s := split_settings_before_sync();
+      END IF;
     END IF;
-    SELECT e.id, e.project_id, e.organization_id, e.type, e.paused, e.archived,
-           p.deleted_at IS NOT NULL, o.runs_enabled, o.mint_kind, e.maximum_concurrency_limit,
-           e.notifications, s.enabled, s.ever_enabled, s.default_mint_kind
+    -- The other store's rows are read into this store's row types by column name, so the two
+    -- stores' tables need not agree on column order.
+    SELECT (environment_context_of(jsonb_populate_record(NULL::runtime_environments, to_jsonb(e)),
+                                   jsonb_populate_record(NULL::projects, to_jsonb(p)),
+                                   jsonb_populate_record(NULL::organizations, to_jsonb(o)), s)).*
     INTO ctx
     FROM runops_peer.runtime_environments AS e
     JOIN runops_peer.projects AS p ON p.id = e.project_id
     JOIN runops_peer.organizations AS o ON o.id = e.organization_id
     WHERE e.id = load_environment.environment_id;
+    IF NOT FOUND THEN
+      ctx := environment_context_of(NULL, NULL, NULL, s);  -- found nowhere; the split settings as read
+    END IF;
   EXCEPTION WHEN connection_exception THEN
     IF stale IS NOT NULL THEN
       PERFORM raise_error('RO009', 'the tenant mirror on this run-ops store is ' || stale
@@ -199,11 +229,6 @@ BEGIN
     PERFORM raise_error('RO009', 'the control-plane store is unavailable, and environment '
                                  || input_prefix(load_environment.environment_id) || ' is not in the local mirror yet');
   END;
-  IF ctx.id IS NULL THEN
-    ctx.split_enabled := coalesce(s.enabled, false);
-    ctx.split_ever_enabled := coalesce(s.ever_enabled, false);
-    ctx.default_mint_kind := coalesce(s.default_mint_kind, 'cuid');
-  END IF;
   RETURN ctx;
 END
 $$;
@@ -329,7 +354,9 @@ BEGIN
 END
 $$;
 
--- RO004 when the environment does not exist, RO005 when it may not take new work.
+-- RO004 when the environment does not exist, RO005 when it may not take new work: the rule is
+-- environment_takes_new_work's; this only says why (or, for a reason it does not know, that it
+-- cannot).
 CREATE OR REPLACE FUNCTION runops.require_usable(ctx runops.environment_context, environment_id text)
 RETURNS runops.environment_context
 LANGUAGE plpgsql STABLE
@@ -341,12 +368,12 @@ BEGIN
   IF NOT EXISTS (SELECT FROM environment_here(ctx.id)) THEN
     PERFORM refuse_other_shards_environment(ctx.id);  -- shards.sql: RO002 on a shard not the environment's
   END IF;
-  IF ctx.archived OR ctx.paused OR ctx.project_deleted OR NOT ctx.runs_enabled THEN
+  IF environment_takes_new_work(ctx) IS NOT TRUE THEN
     PERFORM raise_error('RO005',
-      format('environment %s cannot take new work: it is %s', ctx.id,
-             CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
-                  WHEN ctx.project_deleted THEN 'in a deleted project'
-                  ELSE 'in an organization whose runs are disabled' END),
+      format('environment %s cannot take new work', ctx.id)
+      || coalesce(': it is ' || CASE WHEN ctx.archived THEN 'archived' WHEN ctx.paused THEN 'paused'
+                                     WHEN ctx.project_deleted THEN 'in a deleted project'
+                                     WHEN NOT ctx.runs_enabled THEN 'in an organization whose runs are disabled' END, ''),
       NULL, 'unpause it with update_environment, or trigger in another environment');
   END IF;
   RETURN ctx;

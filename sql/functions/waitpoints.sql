@@ -142,7 +142,7 @@ DECLARE
   ts timestamptz := now();
 BEGIN
   IF kind IS NULL OR kind NOT IN ('DATETIME', 'MANUAL') THEN
-    PERFORM raise_invalid('waitpoint type', 'DATETIME or MANUAL', quote_nullable(kind),
+    PERFORM raise_invalid('waitpoint type', 'DATETIME or MANUAL', quote_nullable(input_prefix(kind)),
                           'RUN and BATCH waitpoints come with their run or batch');
   END IF;
   PERFORM reject_unknown_options(o, ARRAY['idempotency_key', 'idempotency_key_ttl', 'completed_after', 'timeout',

@@ -9,8 +9,14 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'runops_owner') THEN
     CREATE ROLE runops_owner NOLOGIN;
   END IF;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'runops_api') THEN
+    CREATE ROLE runops_api NOLOGIN;
+  END IF;
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'runops_app') THEN
     CREATE ROLE runops_app NOLOGIN;
+  END IF;
+  IF NOT pg_catalog.pg_has_role('runops_app', 'runops_api', 'MEMBER') THEN
+    GRANT runops_api TO runops_app;  -- as on the stores: services are members of runops_api
   END IF;
 END
 $$;
@@ -18,7 +24,7 @@ CREATE SCHEMA IF NOT EXISTS runops AUTHORIZATION runops_owner;
 CREATE SCHEMA IF NOT EXISTS runops_route AUTHORIZATION runops_owner;
 CREATE SCHEMA IF NOT EXISTS plproxy;
 REVOKE ALL ON SCHEMA runops, runops_route FROM PUBLIC;
-GRANT USAGE ON SCHEMA runops TO runops_app;
+GRANT USAGE ON SCHEMA runops TO runops_api;
 
 -- The cluster definition: one row per shard (its libpq connection string, with the router's own
 -- login on that shard) and the control plane (shard NULL: asked for environment assignments).
@@ -47,7 +53,7 @@ ALTER TABLE runops.router_config OWNER TO runops_owner;
 ALTER TABLE runops.router_environment_cache OWNER TO runops_owner;
 -- shard_of is a plain identity function on the router too: the application reads the config row
 -- it needs (no connection strings: those are the owner's).
-GRANT SELECT ON runops.router_config TO runops_app;
+GRANT SELECT ON runops.router_config TO runops_api;
 
 -- PL/Proxy's cluster configuration API. Partition counts must be powers of two: the next one at or
 -- above the shard count, partition p < count is shard p, and the spare partitions repeat shard 0

@@ -610,6 +610,16 @@ def _require_run(client: RunOps, run_id: str, environment_id: str | None = None)
     return run
 
 
+def _require_environment(client: RunOps, environment_id: str) -> None:
+    """NotFound (RO004, exit 14) for an environment that does not exist. Listing and metrics are
+    reads, and reads never refuse (SPEC §3): for an unknown environment they answer nothing, as
+    for an empty one. So when they answered nothing, the command asks where a trigger in that
+    environment would go: ``trigger_route`` loads it as a trigger does (on the control plane, or
+    the run-ops store's mirror when the control plane is down) and is RO004 for an unknown one.
+    One more call, and only then (docs/decisions.md)."""
+    client.trigger_route(environment_id)
+
+
 @runs.command("ls")
 @click.option("--env", "environment_id", required=True, help="The environment whose runs to list.")
 @click.option("--limit", "page_size", type=click.IntRange(1, 200), default=25, show_default=True,
@@ -631,7 +641,10 @@ def runs_ls(ctx: Ctx, environment_id: str, page_size: int, cursor: str | None, s
     filters: dict[str, object] = {k: list(v) for k, v in many.items() if v}
     filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
                                       "batch_id": batch_id}.items() if v})
-    page = ctx.client().list_runs(environment_id, page_size, cursor, **filters)
+    client = ctx.client()
+    page = client.list_runs(environment_id, page_size, cursor, **filters)
+    if not page.runs:
+        _require_environment(client, environment_id)
     if ctx.as_json:
         emit_json({"runs": page.runs, "next_cursor": page.next_cursor})
         return
@@ -769,6 +782,8 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
     host = host.strip("[]") or "0.0.0.0"
     client = connect(timeout=timeout)
     _store_metrics(client, environment_id)  # bad input (RO006) fails here, not on every scrape
+    if environment_id is not None:
+        _require_environment(client, environment_id)  # and an unknown environment (RO004)
 
     class StoreCollector(Collector):
         def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -868,7 +883,13 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
     if listen is not None:
         _serve_metrics(listen, environment_id, timeout)
         return
-    figures, failures = _store_metrics(ctx.client(), environment_id)
+    client = ctx.client()
+    figures, failures = _store_metrics(client, environment_id)
+    if environment_id is not None and not any(environment_id in f.get("runs", {}) for f in figures.values()):
+        try:
+            _require_environment(client, environment_id)
+        except StoreUnavailable:
+            pass  # no store can say; the figures (and the failures) are printed as they are
     if ctx.as_json:
         emit_json({**figures, **{store: {"error": why} for store, why in failures.items()}})
     else:
@@ -993,12 +1014,16 @@ def _load_app(spec: str) -> Any:
               help="On SIGTERM/SIGINT, seconds running attempts get to finish before they are handed back.")
 @click.option("--lease", type=float, default=60.0, show_default=True, help="Lease seconds (heartbeat every third).")
 @click.option("--once", is_flag=True, help="Stop when the queue is empty and nothing runs.")
+@click.option("--all-tasks", is_flag=True,
+              help="Take every run of the environment, failing those of tasks this worker does not know "
+                   "(UnknownTask). Default: only runs of its own tasks.")
 @pass_ctx
 @reports_errors
 def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
-           queues: tuple[str, ...], grace: float, lease: float, once: bool) -> None:
-    """Work an environment's runs: your tasks (--app) or the reference ones (echo, sleep, fail,
-    wait-for-child, fan-out). Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
+           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool) -> None:
+    """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
+    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Drains on
+    SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
 
@@ -1017,6 +1042,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
         from .reference_tasks import REFERENCE_TASKS
 
         tasks = REFERENCE_TASKS
+    if not tasks and not all_tasks:
+        raise click.BadParameter(f"{app} registers no task, so the worker would take no run", param_hint="--app")
     worker_id = worker_id or default_worker_id()
 
     def report(o: Outcome) -> None:
@@ -1027,7 +1054,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
 
     _log_to_stderr()
     handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
-                     queues=list(queues) or None, grace=grace, lease=lease, once=once, on_outcome=report).run()
+                     queues=list(queues) or None, grace=grace, lease=lease, once=once, all_tasks=all_tasks,
+                     on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 

@@ -670,5 +670,9 @@ def drop_mirror(control_plane_url: str, run_ops_url: str) -> None:
 
 
 def set_app_password(url: str, password: str) -> None:
+    """The local stores' application login: runops_app, a member of runops_api (which holds the
+    grants and which nobody logs in as), given a login and this password. It has no members, so
+    no other login can SET ROLE to it and change its password (docs/security.md); a deployment
+    gives each service a login of its own in runops_api instead."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE runops_app LOGIN PASSWORD {}").format(sql.Literal(password)))

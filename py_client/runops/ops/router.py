@@ -62,7 +62,7 @@ def api_functions(shard: psycopg.Connection[Any]) -> list[ApiFunction]:
                 WHERE a.mode = 'o')
         FROM pg_proc AS p
         WHERE p.pronamespace = 'runops'::regnamespace AND p.prokind = 'f'
-          AND has_function_privilege('runops_app', p.oid, 'EXECUTE')
+          AND has_function_privilege('runops_api', p.oid, 'EXECUTE')
         ORDER BY p.proname, p.oid""").fetchall()
     # A function with OUT parameters returns "record": PL/Proxy needs its columns, as a TABLE.
     return [ApiFunction(name, args, list(types), list(names), result, retset,
@@ -160,13 +160,13 @@ def router_api_sql(shard: psycopg.Connection[Any]) -> str:
 
 
 def _login(url: str, role: str, password: str) -> None:
-    """The router's login on a store: a member of runops_app, which may only EXECUTE the API."""
+    """The router's login on a store: a member of runops_api, which may only EXECUTE the API."""
     with psycopg.connect(url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
         verb = "ALTER" if exists else "CREATE"
         conn.execute(sql.SQL(f"{verb} ROLE {{}} LOGIN PASSWORD {{}}").format(sql.Identifier(role),
                                                                           sql.Literal(password)))
-        conn.execute(sql.SQL("GRANT runops_app TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT runops_api TO {}").format(sql.Identifier(role)))
 
 
 def _connstr(url: str, role: str, password: str, override: dict[str, str] | None = None) -> str:
@@ -231,13 +231,13 @@ BEGIN
   END LOOP;
   FOR f IN SELECT p.oid FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
            WHERE p.pronamespace = 'runops'::regnamespace AND p.prosecdef LOOP
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO runops_app', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO runops_api', f);
   END LOOP;
 END
 $$;
 GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
   runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer), runops.try_classify_residency(text)
-  TO runops_app;
+  TO runops_api;
 GRANT USAGE ON SCHEMA plproxy TO runops_owner;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA plproxy FROM PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA plproxy TO runops_owner;

@@ -161,12 +161,13 @@ SELECT is_empty($$
       'shard_of_top40',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
-      'base62_digits10',
+      'base62_digits10', 'input_prefix',
       'pull_tenant_mirror', 'mirror_fingerprint',
       'list_store_runs',  -- one store's list_runs page, for the client's own merge (docs/listing.md)
       'list_environments',  -- `runops env list` (control plane)
       'metrics',  -- SPEC §4 [1.2]: `runops metrics` and its Prometheus endpoint
       'mirror_status',  -- SPEC §4 [1.2] freshness bound: `runops doctor` and metrics
+      'store_version',  -- the store's revision, which clients check (docs/decisions.md)
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 

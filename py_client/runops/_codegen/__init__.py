@@ -1,0 +1,1 @@
+"""Tools that write generated source (not imported by the client)."""

@@ -1,0 +1,5 @@
+-- structure: no DDL, functions only. The admission rules became inlined predicates
+-- (environment_takes_new_work, idempotency_key_is_valid, environment_context_of, admit_anchored,
+-- mint_id as SQL), and functions moved between files to give the SQL its floors; a move does
+-- not change a function's text, and every changed function keeps its signature, so the
+-- function files (CREATE OR REPLACE) bring an installed store to this shape.
