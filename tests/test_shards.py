@@ -243,3 +243,14 @@ def test_a_shard_refuses_new_work_for_another_shards_environment(new_env: Env, a
     conn.execute("SET ROLE runops_app")
     assert scalar(conn, "SELECT status FROM runops.trigger_run(%s, 't', '{}', %s)",
                   [new_env.environment_id, Jsonb(options)]) == "PENDING"
+
+
+def test_the_mirror_pull_carries_assignments(ro_admin: psycopg.Connection[Any], new_env: Env) -> None:
+    """Where replication is not applying, tick's pull through the FDW refreshes the assignment too."""
+    with ro_admin.transaction():
+        ro_admin.execute("UPDATE runops.environment_shards SET shard = 5, assigned_at = '2000-01-01Z' "
+                         "WHERE environment_id = %s", [new_env.environment_id])
+        ro_admin.execute("SELECT runops.pull_tenant_mirror()")
+        assert scalar(ro_admin, "SELECT shard FROM runops.environment_shards WHERE environment_id = %s",
+                      [new_env.environment_id]) == 0
+        raise psycopg.Rollback

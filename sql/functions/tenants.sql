@@ -426,6 +426,10 @@ BEGIN
       claims_backfilled_at = p.claims_backfilled_at
     FROM runops_peer.split_settings AS p WHERE o.updated_at IS DISTINCT FROM p.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE environment_shards AS o SET shard = p.shard, pinned = p.pinned, assigned_at = p.assigned_at
+    FROM runops_peer.environment_shards AS p
+    WHERE p.environment_id = o.environment_id AND o.assigned_at IS DISTINCT FROM p.assigned_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   ELSE
     INSERT INTO organizations SELECT * FROM runops_peer.organizations
     ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
@@ -448,6 +452,11 @@ BEGIN
       default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
       claims_backfilled_at = excluded.claims_backfilled_at
     WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO environment_shards SELECT * FROM runops_peer.environment_shards
+    ON CONFLICT (environment_id) DO UPDATE SET shard = excluded.shard, pinned = excluded.pinned,
+      assigned_at = excluded.assigned_at
+    WHERE environment_shards.assigned_at IS DISTINCT FROM excluded.assigned_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   END IF;
   PERFORM beat('mirror_pull');
