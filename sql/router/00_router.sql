@@ -58,11 +58,15 @@ GRANT SELECT ON runops.router_config TO runops_api;
 -- PL/Proxy's cluster configuration API. Partition counts must be powers of two: the next one at or
 -- above the shard count, partition p < count is shard p, and the spare partitions repeat shard 0
 -- (the wrappers never route there: they refuse a shard the definition lacks before calling).
+-- PL/Proxy asks for the version on every call: PL/pgSQL, whose plan is cached (a SQL function
+-- reading a table is planned again on each call).
 CREATE OR REPLACE FUNCTION plproxy.get_cluster_version(cluster_name text)
 RETURNS integer
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-  SELECT c.version FROM runops.router_config AS c
+BEGIN
+  RETURN (SELECT c.version FROM runops.router_config AS c);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION plproxy.get_cluster_partitions(cluster_name text)
