@@ -361,3 +361,21 @@ def test_dev_up_with_shards_migrates_them_behind_a_router() -> None:
             state = json.loads((root / ".runops" / "state.json").read_text())
             shutil.rmtree(state["data_root"], ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_python_client_uses_the_router_as_its_run_ops_store(sharded: Sharded) -> None:
+    """Until the client routes to shards itself, N > 1 is the router's URL in place of the run-ops
+    store's: the same client, unchanged."""
+    envs = make_environments(sharded, 6)
+    with RunOps(sharded.app(0), sharded.router_app) as client:
+        for env in envs:
+            run = client.trigger_run(env, "t", {"x": 1}, idempotency_key="k")
+            assert client.trigger_run(env, "t", idempotency_key="k").run_id == run.run_id
+            assert client.get_run(run.run_id).status == "PENDING"
+            leased = client.dequeue_runs(env, "w", 5)
+            assert [r.run_id for r in leased] == [run.run_id]
+            client.start_attempt(run.run_id, "w")
+            done = client.complete_attempt(run.run_id, 1, {"ok": True})
+            assert done.status == "COMPLETED_SUCCESSFULLY"
+            assert [r.run_id for r in client.list_runs(env).runs] == [run.run_id]
+        client.tick()
