@@ -28,14 +28,27 @@ its app, task and deferrer. ``--skip-procrastinate`` measures runops alone. Then
 yardstick without any worker: 4 threads of the client's ``dequeue_runs(1)`` → ``start_attempt``
 → ``complete_attempt`` over N pre-triggered runs, and the plain trigger rate of 4 threads.
 
-Prints the figures (docs/benchmarks.md, "Worker loop"). Not a test: nothing here runs under
-pytest, and nothing asserts on the numbers.
+Two more measurements, each on its own (``--dequeue-scaling``, ``--pickup``):
+
+* **dequeue scaling**: pgbench clients (1, 4, 16 by default: ``--levels``) each calling
+  ``dequeue_runs(env, worker, 1)`` on the run-ops store over N runs queued beforehand (a fresh
+  environment per phase, limit 20,000); runs/s, both clusters' CPU per run, and what the
+  backends waited on (``pg_stat_activity`` sampled every 20 ms). With ``--ab-main DIR`` each
+  round measures the function files of another checkout (``DIR/sql/functions/lifecycle.sql``,
+  applied in place, then this checkout's again) before this checkout's, on the same clusters;
+* **pickup latency**: one idle ``runops worker`` (concurrency 4); 100 runs triggered one at a
+  time at random gaps (50–300 ms); per run, the time from its trigger's transaction to the
+  dequeue that leased it (``started_at - created_at``, both the run-ops server's clock).
+
+Prints the figures (docs/benchmarks.md, "Worker loop", "Dequeue scaling and pickup"). Not a test:
+nothing here runs under pytest, and nothing asserts on the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -51,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from harness import _bring_up, server_cpu_seconds
+from harness import _TPS, _bring_up, find_pgbench, server_cpu_seconds
 from peers import PEERS_HOME
 
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
@@ -209,7 +222,9 @@ class RunOpsSystem(System):
         runops = Path(sys.executable).parent / "runops"  # the installed command, wherever its module lives
         return [subprocess.Popen([str(runops), "worker", "--app", "worker_loop:tasks", "--env", self.env,
                                   "--concurrency", str(concurrency), "--id", f"bench-{i}"],
-                                 cwd=HERE, env={**environ, "PYTHONPATH": str(HERE)}, stdout=subprocess.DEVNULL,
+                                 cwd=HERE, env={**environ, "PYTHONPATH": os.pathsep.join(
+                                     [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])},
+                                 stdout=subprocess.DEVNULL,
                                  stderr=_worker_log())
                 for i in range(count)]
 
@@ -409,6 +424,151 @@ def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
+# -- dequeue scaling and pickup latency ------------------------------------------------------------------
+
+DEQUEUE_ONE = "SELECT count(*) FROM runops.dequeue_runs(:env, 'w' || :client_id, 1);\n"
+PREAMBLE = "SET LOCAL search_path = runops, pg_catalog, pg_temp;\nSET LOCAL check_function_bodies = off;\n"
+
+
+def apply_functions(url: str, tree: Path) -> None:
+    """Installs ``tree``'s lifecycle functions (and its grants) into the store at ``url``, in place."""
+    text = PREAMBLE + (tree / "sql" / "functions" / "lifecycle.sql").read_text() + "\n" \
+        + (tree / "sql" / "after_functions.sql").read_text()
+    with psycopg.connect(url) as conn:
+        conn.execute(text.encode())  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class DequeuePhase:
+    clients: int
+    runs: int
+    seconds: float
+    server_cpu_us: float
+    waits: dict[str, float]  # wait event -> backends waiting on it, on average
+
+    @property
+    def rate(self) -> float:
+        return self.runs / self.seconds
+
+
+def _queue_runs(bench: Bench, env: str, runs: int) -> None:
+    with psycopg.connect(bench.admin[RUN_OPS], autocommit=True) as conn:
+        for start in range(0, runs, 1000):
+            conn.execute("SELECT runops.batch_trigger(%s, (SELECT jsonb_agg(jsonb_build_object('task', 'noop', "
+                         "'payload', '{}'::jsonb)) FROM generate_series(1, %s)))", [env, min(1000, runs - start)])
+        conn.execute("VACUUM ANALYZE runops.runs")
+        conn.execute("CHECKPOINT")
+
+
+def dequeue_phase(bench: Bench, organization: str, pgbench: Path, clients: int, runs: int, serial: str) -> DequeuePhase:
+    env = _environment(bench.app, organization, f"dq-{serial}", limit=20000)
+    with psycopg.connect(bench.app[RUN_OPS], autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM runops.dequeue_runs(%s, 'warm', 1)", [env])  # lays the slots out
+    _queue_runs(bench, env, runs)
+    samples: list[dict[str, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(bench.admin[RUN_OPS], autocommit=True) as conn:
+            while not stop.wait(0.02):
+                seen: dict[str, int] = {}
+                for event, n in conn.execute(
+                        "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND state = 'active' AND backend_type = 'client backend' "
+                        "AND pid <> pg_backend_pid() GROUP BY 1").fetchall():
+                    seen[str(event)] = int(n)
+                samples.append(seen)
+
+    with tempfile.TemporaryDirectory(prefix="runops-dequeue-") as scratch:
+        script = Path(scratch) / "dequeue_one.sql"
+        script.write_text(DEQUEUE_ONE)
+        sampler = threading.Thread(target=sample)
+        cpu0, t0 = bench.server_cpu(), time.monotonic()
+        sampler.start()
+        out = subprocess.run([str(pgbench), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)),
+                              "-t", str(runs // clients), "-f", str(script), "-D", f"env={env}", bench.app[RUN_OPS]],
+                             capture_output=True, text=True, check=False, timeout=600)
+        stop.set()
+        sampler.join()
+        elapsed, cpu = time.monotonic() - t0, bench.server_cpu() - cpu0
+        tps = _TPS.search(out.stdout)
+        if out.returncode != 0 or tps is None:
+            raise RuntimeError(f"pgbench failed: {out.stderr[-2000:]}")
+    with psycopg.connect(bench.admin[RUN_OPS], autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM runops.runs WHERE environment_id = %s AND status = 'DEQUEUED'",
+                           [env]).fetchone()
+    taken = int(row[0]) if row else 0
+    # pgbench's rate excludes its connection time: the calls' own time
+    seconds = (runs // clients * clients) / float(tps.group(1)) if float(tps.group(1)) else elapsed
+    waits: dict[str, float] = {}
+    for seen in samples:
+        for event, n in seen.items():
+            waits[event] = waits.get(event, 0) + n / len(samples)
+    return DequeuePhase(clients, taken, seconds, cpu / max(taken, 1) * 1e6, waits)
+
+
+def dequeue_scaling(bench: Bench, organization: str, args: argparse.Namespace) -> None:
+    pgbench = find_pgbench()
+    levels = [int(x) for x in args.levels.split(",")]
+    here = HERE.parent
+    variants: list[tuple[str, Path]] = ([("main", args.ab_main)] if args.ab_main else []) + [("this", here)]
+    results: dict[tuple[str, int], list[DequeuePhase]] = {}
+    for round_ in range(1, args.rounds + 1):
+        for name, tree in variants:
+            if len(variants) > 1:
+                apply_functions(bench.admin[RUN_OPS], tree)
+            for clients in levels:
+                phase = dequeue_phase(bench, organization, pgbench, clients, args.dequeue_runs,
+                                      f"{name}-{round_}-{clients}")
+                results.setdefault((name, clients), []).append(phase)
+                top = sorted(phase.waits.items(), key=lambda kv: -kv[1])[:3]
+                print(f"round {round_}  dequeue  {name:<5} c={clients:<3} {phase.rate:>7,.0f} runs/s  "
+                      f"server {phase.server_cpu_us:,.0f} µs/run  backends: "
+                      + ", ".join(f"{event} {n:.1f}" for event, n in top)
+                      + f"  (load {os.getloadavg()[0]:.1f})", flush=True)
+    if len(variants) > 1:
+        apply_functions(bench.admin[RUN_OPS], here)
+    print()
+    print(f"{'dequeue only, runs/s (server µs/run)':<40} " + "  ".join(f"{'c=' + str(c):>18}" for c in levels))
+    for name, _ in variants:
+        cells = []
+        for clients in levels:
+            phases = results[(name, clients)]
+            rate, cpu = _median([p.rate for p in phases]), _median([p.server_cpu_us for p in phases])
+            cells.append(f"{rate:>8,.0f} ({cpu:>6,.0f})")
+        print(f"{name:<40} " + "  ".join(f"{c:>18}" for c in cells))
+    print("(medians of the rounds)")
+
+
+def pickup_latency(bench: Bench, organization: str, args: argparse.Namespace) -> None:
+    rng = random.Random(7)
+    system = RunOpsSystem(bench, organization)
+    for round_ in range(1, args.rounds + 1):
+        system.new_scope()
+        [proc] = system.workers(1, 4)
+        time.sleep(3.0)  # past start-up: the worker is idle
+        ids: list[str] = []
+        with RunOps(bench.app[CONTROL_PLANE], bench.app[RUN_OPS]) as client:
+            client.trigger_run(system.env, "noop")  # warms the route cache; not counted
+            time.sleep(1.0)
+            for _ in range(args.pickup_runs):
+                time.sleep(rng.uniform(0.05, 0.3))
+                ids.append(client.trigger_run(system.env, "noop").run_id)
+        with psycopg.connect(bench.admin[RUN_OPS], autocommit=True) as poll:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and system.finished(poll) < len(ids) + 1:
+                time.sleep(0.1)
+            lat = sorted(float(ms) for (ms,) in poll.execute(
+                "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM runops.runs "
+                "WHERE 'run_' || id = ANY(%s) AND started_at IS NOT NULL", [ids]).fetchall())
+        _stop([proc])
+        if len(lat) < len(ids):
+            print(f"round {round_}  pickup: only {len(lat)} of {len(ids)} runs were picked up", flush=True)
+        p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(f"round {round_}  pickup latency, idle worker, {len(lat)} runs: p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+              f"max {lat[-1]:.1f} ms  (load {os.getloadavg()[0]:.1f})", flush=True)
+
+
 # -- set-up ----------------------------------------------------------------------------------------------
 
 
@@ -420,10 +580,10 @@ def _organization(app: dict[str, str]) -> str:
         return client.create_organization(f"bench-{secrets.token_hex(3)}", mint_kind="ksuid")
 
 
-def _environment(app: dict[str, str], organization: str, name: str) -> str:
+def _environment(app: dict[str, str], organization: str, name: str, limit: int = 1000) -> str:
     with RunOps(app[CONTROL_PLANE], app[RUN_OPS]) as client:
         env = client.create_environment(client.create_project(organization, name), "e", "PRODUCTION")
-        client.update_environment(env, maximum_concurrency_limit=1000)
+        client.update_environment(env, maximum_concurrency_limit=limit)
         if not client.wait_for_mirror() or client.trigger_route(env) != RUN_OPS:
             raise RuntimeError(f"root triggers of {env} do not route to the run-ops store")
     return env
@@ -502,7 +662,15 @@ def main() -> int:
     parser.add_argument("--procrastinate-sync-task", action="store_true",
                         help="also measure Procrastinate with a plain-function task (run in a thread, as runops's)")
     parser.add_argument("--peers-venv", type=Path, default=PEERS_HOME)
+    parser.add_argument("--dequeue-scaling", action="store_true", help="measure dequeue_runs alone (and nothing else)")
+    parser.add_argument("--levels", default="1,4,16", help="dequeuers per phase of --dequeue-scaling")
+    parser.add_argument("--dequeue-runs", type=int, default=4800, help="runs queued per --dequeue-scaling phase")
+    parser.add_argument("--ab-main", type=Path, help="another checkout whose lifecycle functions are measured too")
+    parser.add_argument("--pickup", action="store_true", help="measure an idle worker's pickup latency (only)")
+    parser.add_argument("--pickup-runs", type=int, default=100)
     args = parser.parse_args()
+    if args.dequeue_scaling or args.pickup:
+        return focused(args)
     python = None if args.skip_procrastinate else peers_python(args.peers_venv)
     home = Path(tempfile.mkdtemp(prefix="runops-worker-bench-"))
     home.chmod(0o755)
@@ -551,6 +719,25 @@ def main() -> int:
               f"{bare:,.0f} runs/s; the two back to back {both:,.0f} runs/s "
               f"(runops full loop {loop / both:.2f} x, drain {drained / bare:.2f} x the bare client loop)")
         print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    finally:
+        stores.destroy()
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def focused(args: argparse.Namespace) -> int:
+    """--dequeue-scaling and --pickup: runops alone, on clusters of their own."""
+    home = Path(tempfile.mkdtemp(prefix="runops-worker-bench-"))
+    home.chmod(0o755)
+    stores = _bring_up(home)
+    try:
+        bench = Bench(stores)
+        organization = _organization(bench.app)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        if args.dequeue_scaling:
+            dequeue_scaling(bench, organization, args)
+        if args.pickup:
+            pickup_latency(bench, organization, args)
     finally:
         stores.destroy()
         shutil.rmtree(home, ignore_errors=True)

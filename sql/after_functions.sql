@@ -67,6 +67,7 @@ GRANT EXECUTE ON FUNCTION
   runops.enqueue_delayed_runs(integer),
   runops.expire_enqueued_runs(integer),
   runops.tick(integer),
+  runops.tick_when_due(integer, integer),
   runops.create_waitpoint(text, text, jsonb),
   runops.block_run(text, text[], jsonb, text),
   runops.complete_waitpoint(text, jsonb, boolean, text),

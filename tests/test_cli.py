@@ -129,13 +129,15 @@ def test_runs_cancel_tick_and_worker(cli: Cli, client: RunOps, new_env) -> None:
     assert code == 0 and set(json.loads(out)) == {"CONTROL_PLANE", "RUN_OPS"}
 
 
-def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: RunOps, new_env) -> None:
+def _watch(stores: Stores, client: RunOps, env_id: str, pause: float) -> list[str]:
+    """The statuses `runops runs watch` prints for a run taken through the lifecycle, ``pause``
+    seconds between the moves."""
     import os
     import subprocess
     import sys
     import time
 
-    run_ = client.trigger_run(new_env.environment_id, "echo", {}, queue="watched")
+    run_ = client.trigger_run(env_id, "echo", {}, queue="watched")
     env = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": stores.app[CONTROL_PLANE],
            "RUNOPS_RUN_OPS_URL": stores.app[RUN_OPS]}
     watcher = subprocess.Popen([sys.executable, "-m", "runops.ops.cli", "runs", "watch", run_.run_id,
@@ -144,13 +146,29 @@ def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: 
     first = watcher.stdout.readline()  # the current status, printed once LISTEN is in place
     assert "PENDING" in first
     time.sleep(0.2)
-    [taken] = client.dequeue_runs(new_env.environment_id, "w", 1, queues=["watched"])
+    [taken] = client.dequeue_runs(env_id, "w", 1, queues=["watched"])
+    time.sleep(pause)
     client.start_attempt(taken.run_id, "w")
+    time.sleep(pause)
     client.complete_attempt(taken.run_id, 1, {"done": True})
     out, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0, err
-    lines = (first + out).splitlines()
-    assert [line.split()[-1] for line in lines] == ["PENDING", "DEQUEUED", "EXECUTING", "COMPLETED_SUCCESSFULLY"]
+    return [line.split()[-1] for line in (first + out).splitlines()]
+
+
+def test_runs_watch_prints_live_transitions_until_final(stores: Stores, client: RunOps, new_env) -> None:
+    """Every change notified (notifications 'all'), however fast the moves."""
+    client.update_environment(new_env.environment_id, notifications="all")
+    assert client.wait_for_mirror()
+    assert _watch(stores, client, new_env.environment_id, 0) == ["PENDING", "DEQUEUED", "EXECUTING",
+                                                                 "COMPLETED_SUCCESSFULLY"]
+
+
+def test_runs_watch_polls_for_the_statuses_that_are_not_notified(stores: Stores, client: RunOps, new_env) -> None:
+    """By default only the final status is notified (SPEC §4 [1.3]): watch still shows each status
+    that lasts longer than its poll, and exits on the final one."""
+    assert _watch(stores, client, new_env.environment_id, 1.5) == ["PENDING", "DEQUEUED", "EXECUTING",
+                                                                   "COMPLETED_SUCCESSFULLY"]
 
 
 def test_the_demo_runs_on_the_local_stores(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:

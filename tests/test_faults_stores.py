@@ -1,4 +1,4 @@
-"""Stores stopped and killed for real under traffic (issue 9 item 5), on a pair of their own.
+"""Stores stopped and killed for real under traffic, on a pair of their own.
 
 Each test runs keyed triggers from several threads through the client, and a worker loop
 (dequeue → start → complete) with a short lease, while it stops or kills a store: an immediate

@@ -1,4 +1,4 @@
-"""Fuzzing the public functions as the app role (issue 9 item 5): whatever the arguments, an
+"""Fuzzing the public functions as the app role: whatever the arguments, an
 error raised inside a function is an RO SQLSTATE (or a serialization/deadlock failure), and a
 call that fails leaves no row behind.
 

@@ -222,17 +222,27 @@ def test_execute_tasks_waiting_for_deploy_queues_them(client: RunOps, conn, admi
     assert status(conn, skipped) == "WAITING_FOR_DEPLOY"
 
 
-def test_status_changes_notify_the_environment_but_creation_does_not(client: RunOps, store: str, env_id: str,
-                                                                      conn) -> None:
-    with client.listen(env_id, store) as listener:
-        run = run_to_executing(conn, env_id)
-        one(conn, "complete_attempt", run["run_id"], 1, {})
-        events = [n.payload for n in listener.notifies(timeout=2, stop_after=3)]
+def test_final_statuses_notify_the_environment_and_every_status_when_it_asks(client: RunOps, store: str,
+                                                                            env_id: str, conn) -> None:
+    """SPEC §4 Notifications [1.3]: by default (notifications true) only the final status is
+    notified; with notifications 'all' every change is; creation never is."""
     import json
 
-    moves = [(json.loads(e)["old_status"], json.loads(e)["new_status"]) for e in events]
-    assert moves == [("PENDING", "DEQUEUED"), ("DEQUEUED", "EXECUTING"), ("EXECUTING", "COMPLETED_SUCCESSFULLY")]
-    assert {json.loads(e)["run_id"] for e in events} == {run["run_id"]}
+    def moves() -> list[tuple[str, str]]:
+        with client.listen(env_id, store) as listener:
+            run = run_to_executing(conn, env_id)
+            one(conn, "complete_attempt", run["run_id"], 1, {})
+            events = [json.loads(n.payload) for n in listener.notifies(timeout=1, stop_after=3)]
+        assert {e["run_id"] for e in events} == {run["run_id"]}
+        return [(e["old_status"], e["new_status"]) for e in events]
+
+    assert moves() == [("EXECUTING", "COMPLETED_SUCCESSFULLY")]
+    client.update_environment(env_id, notifications="all")
+    assert client.wait_for_mirror()
+    assert moves() == [("PENDING", "DEQUEUED"), ("DEQUEUED", "EXECUTING"), ("EXECUTING", "COMPLETED_SUCCESSFULLY")]
+    client.update_environment(env_id, notifications=True)
+    assert client.wait_for_mirror()
+    assert moves() == [("EXECUTING", "COMPLETED_SUCCESSFULLY")]
 
 
 def test_an_environment_can_turn_notifications_off(client: RunOps, store: str, env_id: str, conn) -> None:
@@ -240,6 +250,7 @@ def test_an_environment_can_turn_notifications_off(client: RunOps, store: str, e
     assert client.wait_for_mirror()
     with client.listen(env_id, store) as listener:
         run = run_to_executing(conn, env_id)
+        one(conn, "complete_attempt", run["run_id"], 1, {})
         assert list(listener.notifies(timeout=0.5)) == []
     assert run["status"] == "EXECUTING"
 

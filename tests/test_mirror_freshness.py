@@ -1,4 +1,4 @@
-"""The tenant mirror's freshness bound (SPEC §4 [1.2], issue 9 item 1), on pairs of their own.
+"""The tenant mirror's freshness bound (SPEC §4 [1.2]), on pairs of their own.
 
 The reproduction from the issue: with the subscription disabled, an environment paused on the
 control plane kept taking NEW runs on the run-ops store, also after tick, and a slot invalidated
@@ -112,13 +112,75 @@ def test_a_fresh_mirror_admits_and_reports_itself_fresh(pair: Stores) -> None:
     trigger_on_run_ops(pair, env)
 
 
-def test_the_control_planes_tick_is_the_mirrors_heartbeat(pair: Stores) -> None:
+def test_the_control_planes_tick_is_a_mirror_heartbeat(pair: Stores) -> None:
+    """Replication carries the control plane's tick heartbeat (besides the subscription's own
+    progress, below): with the subscription disabled, only a heartbeat or a pull feeds the mirror."""
     env = new_env(pair)
+    set_subscription(pair, False)
+    wait_until("the apply worker to stop", lambda: mirror_status(pair)["state"] == "disabled")
     time.sleep(BOUND + 1)
     assert mirror_status(pair)["fresh"] is False
-    tick(pair, CONTROL_PLANE)  # replication carries its heartbeat
-    wait_until("the replicated heartbeat", lambda: mirror_status(pair)["fresh"])
+    tick(pair, CONTROL_PLANE)
+    set_subscription(pair, True)  # replication delivers the heartbeat
+    wait_until("the replicated heartbeat", lambda: mirror_status(pair)["control_plane_tick_at"] is not None)
     trigger_on_run_ops(pair, env)
+
+
+def fdw_trips(stores: Stores, env: str, triggers: int = 20) -> tuple[int, int]:
+    """Triggers on the run-ops store in a session of its own; (calls that found the mirror stale,
+    connections postgres_fdw opened to the control plane) in that session."""
+    with admin(stores, RUN_OPS) as ro:
+        ro.execute("SET track_functions = 'pl'")
+        for _ in range(triggers):
+            row = ro.execute("SELECT residency FROM runops.trigger_run(%s, 't', %s)", [env, Jsonb({})]).fetchone()
+            assert row == ("NEW",)
+        opened = ro.execute("SELECT count(*) FROM postgres_fdw_get_connections()").fetchone()
+        ro.execute("SELECT pg_stat_force_next_flush()")
+        ro.execute("SELECT pg_stat_clear_snapshot()")
+        stale = ro.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions "
+                           "WHERE schemaname = 'runops' AND funcname = 'mirror_stale'").fetchone()
+        assert opened is not None and stale is not None
+        return int(stale[0]), int(opened[0])
+
+
+def test_a_stopped_ticker_costs_the_hot_path_nothing_while_replication_applies(pair: Stores) -> None:
+    """No tick anywhere (the test heartbeat is off too), past the bound: the subscription's own
+    progress keeps the mirror fresh, so a trigger on the run-ops store neither reads tenants
+    through the FDW nor fails; a disabled subscription still makes the bound bite. Keepalives
+    come every wal_receiver_timeout / 2 on an idle control plane: 1 s here, for a 3 s bound."""
+    with admin(pair, RUN_OPS) as ro:
+        ro.execute("ALTER SYSTEM SET wal_receiver_timeout = '2s'")
+        ro.execute("SELECT pg_reload_conf()")
+    try:
+        env = new_env(pair)
+        time.sleep(BOUND + 2)
+        with admin(pair, RUN_OPS) as ro:  # no heartbeat within the bound: nothing ticked, nothing pulled
+            assert ro.execute("SELECT coalesce(max(beat_at) < now() - make_interval(secs => %s), true) "
+                              "FROM runops.heartbeats WHERE source IN ('control_plane_tick', 'mirror_pull')",
+                              [BOUND]).fetchone() == (True,)
+        status = mirror_status(pair)
+        assert (status["state"], status["fresh"]) == ("applying", True), status
+        assert status["replicated_at"] is not None and status["age_seconds"] < BOUND
+        assert fdw_trips(pair, env) == (0, 0)
+        set_subscription(pair, False)
+        wait_until("the apply worker to stop", lambda: mirror_status(pair)["state"] == "disabled")
+        time.sleep(BOUND + 1)
+        assert mirror_status(pair)["fresh"] is False
+        stale, opened = fdw_trips(pair, env, 3)
+        assert stale == 3 and opened == 1  # each trigger read the control plane first
+    finally:
+        set_subscription(pair, True)
+        with admin(pair, RUN_OPS) as ro:
+            ro.execute("ALTER SYSTEM RESET wal_receiver_timeout")
+            ro.execute("SELECT pg_reload_conf()")
+    # Nothing ticks: doctor says so, whatever the mirror.
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "runops.ops.cli", "doctor"], capture_output=True, text=True,
+                         env={**os.environ, "RUNOPS_CONTROL_PLANE_URL": pair.admin[CONTROL_PLANE],
+                              "RUNOPS_RUN_OPS_URL": pair.admin[RUN_OPS]}, timeout=120)
+    assert "tick has never run on the" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_a_paused_environment_is_refused_although_the_subscription_is_disabled(pair: Stores) -> None:

@@ -41,16 +41,18 @@ def _install_plpgsql_check(conn: psycopg.Connection[Any]) -> str:
     return str(row[0])
 
 
-def _plpgsql_functions(conn: psycopg.Connection[Any]) -> list[tuple[int, str, bool, int | None]]:
-    """(oid, signature, is a trigger function, a table it is attached to) per PL/pgSQL function."""
+def _plpgsql_functions(conn: psycopg.Connection[Any]) -> list[tuple[int, str, bool, int | None, str | None]]:
+    """(oid, signature, is a trigger function, a table it is attached to, the name of its new-rows
+    transition table) per PL/pgSQL function."""
     rows = conn.execute("""
-        SELECT p.oid::bigint, p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype,
-               (SELECT t.tgrelid::bigint FROM pg_trigger AS t
-                WHERE t.tgfoid = p.oid AND NOT t.tgisinternal ORDER BY t.oid LIMIT 1)
+        SELECT p.oid::bigint, p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype, t.tgrelid::bigint,
+               t.tgnewtable::text
         FROM pg_proc AS p JOIN pg_language AS l ON l.oid = p.prolang
+        LEFT JOIN LATERAL (SELECT t.tgrelid, t.tgnewtable FROM pg_trigger AS t
+                           WHERE t.tgfoid = p.oid AND NOT t.tgisinternal ORDER BY t.oid LIMIT 1) AS t ON true
         WHERE p.pronamespace = 'runops'::regnamespace AND l.lanname = 'plpgsql'
         ORDER BY 2""").fetchall()
-    return [(int(r[0]), str(r[1]), bool(r[2]), None if r[3] is None else int(r[3])) for r in rows]
+    return [(int(r[0]), str(r[1]), bool(r[2]), None if r[3] is None else int(r[3]), r[4]) for r in rows]
 
 
 def _format(signature: str, row: tuple[Any, ...]) -> str:
@@ -73,7 +75,7 @@ def test_plpgsql_functions_have_no_errors(stores: Stores, store: str) -> None:
         conn.execute(f"SET search_path = {PINNED_SEARCH_PATH}")
         errors: list[str] = []
         warnings: set[str] = set()
-        for oid, signature, is_trigger, relid in functions:
+        for oid, signature, is_trigger, relid, newtable in functions:
             if is_trigger and relid is None:
                 errors.append(f"{signature}: a trigger function attached to no table cannot be checked")
                 continue
@@ -81,8 +83,8 @@ def test_plpgsql_functions_have_no_errors(stores: Stores, store: str) -> None:
                 rows = conn.execute(
                     f"SELECT level, lineno, statement, sqlstate, message, detail, hint "
                     f"FROM {sql.Identifier(schema).as_string(conn)}.plpgsql_check_function_tb("
-                    f"%s::oid::regprocedure, %s::oid::regclass{extra})",
-                    [oid, relid or 0]).fetchall()
+                    f"%s::oid::regprocedure, %s::oid::regclass, newtable => %s{extra})",
+                    [oid, relid or 0, newtable]).fetchall()
                 for row in rows:
                     line = _format(signature, row)
                     if row[0] == "error":

@@ -94,7 +94,7 @@ def test_a_lapsed_lease_returns_the_run_to_the_queue(conn, env_id: str) -> None:
 
 def test_tick_reports_counts_and_validates(conn, store: str) -> None:
     counts = conn.execute("SELECT runops.tick(10)").fetchone()[0]
-    assert set(counts) == {"delayed", "retried", "expired", "timed_out", "leases_released",
+    assert set(counts) == {"delayed", "retried", "expired", "timed_out", "leases_released", "slots_freed",
                            "datetime_waitpoints", "manual_timeouts", "batches_aborted", "batches_finished_remote",
                            "resumed", "mirror"} | ({"claims_pruned"} if store == "RUN_OPS" else set())
     with pytest.raises(psycopg.Error):

@@ -182,6 +182,44 @@ def test_wait_for_a_duration_suspends_until_tick_finds_it_due(client: RunOps, ma
     assert time.monotonic() - began >= 1.0
 
 
+def test_the_worker_runs_the_time_driven_work_itself_and_no_tick_leaves_it(client: RunOps, make_env,
+                                                                          start_worker) -> None:
+    """No `runops tick --loop` anywhere: a worker's own ticker wakes a duration wait; with
+    --no-tick the same wait stays asleep past its time."""
+    env = make_env("ksuid").environment_id
+    idle = start_worker(env, "--no-tick")
+    run = client.trigger_run(env, "nap", {"seconds": 1})
+    wait_for_status(client, run.run_id, "WAITING_TO_RESUME")
+    time.sleep(3)
+    still = client.get_run(run.run_id)
+    assert still is not None and still.status == "WAITING_TO_RESUME"
+    assert idle.terminate() == 0
+    start_worker(env)
+    done = client.wait_for_run(run.run_id, timeout=20)
+    assert (done.status, done.output) == ("COMPLETED_SUCCESSFULLY", {"woke": True})
+
+
+def test_tick_when_due_makes_one_pass_per_interval_whoever_asks(stores: Stores) -> None:
+    """Many workers ask; the store ticks when no pass ran within the interval, and only one of
+    the concurrent askers does it."""
+    url = stores.app[RUN_OPS]
+    with psycopg.connect(url, autocommit=True) as first, psycopg.connect(url, autocommit=True) as second:
+        time.sleep(1.1)  # past any pass another test made
+        did = first.execute("SELECT runops.tick_when_due(1)").fetchone()
+        assert did is not None and isinstance(did[0], dict) and "delayed" in did[0]
+        assert second.execute("SELECT runops.tick_when_due(1)").fetchone() == (None,)  # within the interval
+        time.sleep(1.1)
+        with second.transaction():
+            # While one asker holds the ticker's turn, a concurrent one skips at once.
+            assert second.execute("SELECT runops.tick_when_due(1)").fetchone()[0] is not None
+            started = time.monotonic()
+            assert first.execute("SELECT runops.tick_when_due(1)").fetchone() == (None,)
+            assert time.monotonic() - started < 1.0
+        with pytest.raises(psycopg.Error) as bad:
+            first.execute("SELECT runops.tick_when_due(0)")
+        assert bad.value.sqlstate == "RO006"
+
+
 def test_wait_for_a_token_returns_what_completed_it(client: RunOps, make_env, start_worker) -> None:
     env = make_env("ksuid").environment_id
     start_worker(env)

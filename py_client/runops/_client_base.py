@@ -373,6 +373,12 @@ class _Router(Generic[P]):
         return kwargs
 
     @property
+    def behind_pgbouncer(self) -> bool:
+        """Whether the client was told it talks through PgBouncer in transaction mode (no LISTEN,
+        no prepared statements)."""
+        return self._pgbouncer
+
+    @property
     def split_wired(self) -> bool:
         """Whether a run-ops store is configured (else every call goes to the control plane)."""
         return RUN_OPS in self._pools

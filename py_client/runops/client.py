@@ -429,13 +429,16 @@ class RunOps(_Router[ConnectionPool]):
     # -- the worker's path ------------------------------------------------------------------------
 
     def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
-                     queues: list[str] | None = None, tasks: list[str] | None = None) -> list[Run]:
+                     queues: list[str] | None = None, tasks: list[str] | None = None,
+                     wake: str | None = None) -> list[Run]:
         """Leases runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency
         limit is exact within each store (SPEC: the total may reach twice the limit during a split).
         A store that fails does not cost what the other leased: those runs are returned, and
-        StoreUnavailable is raised only when every store was unavailable."""
+        StoreUnavailable is raised only when every store was unavailable. ``wake``: a channel this
+        worker LISTENs on in each store; a store that finds its queue dry notifies it, once, when
+        new work arrives there."""
         params = {"e": environment_id, "w": worker_id,
-                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks})}
+                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks, "wake": wake})}
         leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
         for store in leasing.stores:
             if leasing.wanted() <= 0:
@@ -640,6 +643,12 @@ class RunOps(_Router[ConnectionPool]):
         did not answer is absent). StoreUnavailable only when none answers."""
         return self._each_store(queries.TICK, {"n": max_rows}, partial=True)
 
+    def tick_when_due(self, every_seconds: int = 1, max_rows: int = 1000) -> dict[str, dict[str, int] | None]:
+        """:meth:`tick` on every store that answers, but only where no pass ran within
+        ``every_seconds`` and no other process is ticking that store now (None there): what a
+        worker process calls so that many workers make about one pass per interval."""
+        return self._each_store(queries.TICK_WHEN_DUE, {"i": every_seconds, "n": max_rows}, partial=True)
+
     def enqueue_delayed_runs(self, max_runs: int = 1000) -> int:
         """Queues due DELAYED runs on every store that answers; the count. StoreUnavailable only
         when none answers."""
@@ -668,17 +677,18 @@ class RunOps(_Router[ConnectionPool]):
     # -- notifications --------------------------------------------------------------------------------
 
     @contextmanager
-    def listen(self, environment_id: str, store: str) -> Iterator[psycopg.Connection[Any]]:
-        """A dedicated connection LISTENing to an environment's status changes on one store
-        (StoreUnavailable when the store cannot be reached; RunOpsError with ``pgbouncer=True``,
-        where a LISTEN would be lost with its server connection)."""
+    def listen(self, environment_id: str, store: str, *, channel: str | None = None
+               ) -> Iterator[psycopg.Connection[Any]]:
+        """A dedicated connection LISTENing to an environment's status changes on one store (or to
+        ``channel``: a worker's wake-up channel) (StoreUnavailable when the store cannot be reached;
+        RunOpsError with ``pgbouncer=True``, where a LISTEN would be lost with its server connection)."""
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")
         self._refuse_listen()
         try:
             with psycopg.Connection.connect(url, **self._connect_kwargs(url)) as conn:
-                conn.execute(queries.listen(environment_id))
+                conn.execute(queries.listen(environment_id, channel))
                 yield conn
         except psycopg.Error as exc:
             raise self._failed(store, False, exc) from exc

@@ -85,6 +85,7 @@ RESUME_BATCH_RUN = "SELECT * FROM runops.resume_batch_run(%(b)s, %(env)s)"
 
 METRICS = "SELECT runops.metrics(%(e)s)"
 TICK = "SELECT runops.tick(%(n)s)"
+TICK_WHEN_DUE = "SELECT runops.tick_when_due(%(i)s, %(n)s)"
 ENQUEUE_DELAYED_RUNS = "SELECT runops.enqueue_delayed_runs(%(n)s)"
 EXPIRE_ENQUEUED_RUNS = "SELECT runops.expire_enqueued_runs(%(n)s)"
 CANCEL_DEV_SESSION_RUNS = "SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)"
@@ -94,7 +95,7 @@ PURGE_RUNS = "SELECT runops.purge_runs(%(o)s, %(n)s)"
 # -- notifications --------------------------------------------------------------------------------
 
 
-def listen(environment_id: str) -> sql.Composed:
+def listen(environment_id: str, channel: str | None = None) -> sql.Composed:
     """LISTEN to an environment's status changes (the channel ``runops_env_<id>`` the status
-    guard notifies), the id quoted as an identifier."""
-    return sql.SQL("LISTEN {}").format(sql.Identifier(f"runops_env_{environment_id}"))
+    guard notifies), or to ``channel``, quoted as an identifier."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel or f"runops_env_{environment_id}"))

@@ -31,10 +31,13 @@ Store outages do not stop the worker: the dequeue loop (:func:`runops.retry.run_
 with ``tick --loop``) backs off with jitter and continues when the store is back, and reports
 (complete, fail) are retried until the lease would have lapsed.
 
-Wake-up is adaptive polling: right after work, the next dequeue follows at once; an empty queue
-doubles the pause from ``poll_interval[0]`` up to ``poll_interval[1]`` (docs/decisions.md says why
-not LISTEN). The reference tasks that ``runops worker`` runs without ``--app`` (echo, sleep, fail,
-wait-for-child, fan-out) are tooling: :mod:`runops.ops.reference_tasks`.
+Wake-up: right after work, the next dequeue follows at once. A dequeue that finds the queue dry
+registers the worker's own channel (``dequeue_runs(..., wake=)``), which a thread per store
+LISTENs on: the next run to become PENDING there notifies it, once, and the worker dequeues at
+once. Polling stays as the fallback (a missed notification, a dropped LISTEN connection): an
+empty queue doubles the pause from ``poll_interval[0]`` up to ``poll_interval[1]``. The reference
+tasks that ``runops worker`` runs without ``--app`` (echo, sleep, fail, wait-for-child, fan-out) are
+tooling: :mod:`runops.ops.reference_tasks`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -145,11 +149,13 @@ class Worker:
                  worker_id: str | None = None, concurrency: int = 4, lease: float = 60.0, grace: float = 30.0,
                  queues: list[str] | None = None, poll_interval: tuple[float, float] = (0.05, 1.0),
                  once: bool = False, handle_signals: bool = True, all_tasks: bool = False,
-                 on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
+                 tick: float | None = 1.0, on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if lease < 3:
             raise ValueError("lease must be at least 3 seconds")
+        if tick is not None and not 1 <= tick <= 3600:
+            raise ValueError("tick must be 1 to 3600 seconds, or None for a worker that does no time-driven work")
         if not all_tasks and not len(tasks):
             raise ValueError("no task is registered, so this worker would take no run (register tasks, "
                              "or work every run with all_tasks)")
@@ -164,6 +170,10 @@ class Worker:
         self.all_tasks = all_tasks
         self.poll_interval = poll_interval
         self.once = once
+        # A worker that runs until stopped carries the ticker (retries, delays, leases, waits,
+        # the mirror's pull): no separate process is needed. A `once` pass is a drain, not a
+        # service, and leaves time-driven work to whoever runs the stores' ticker.
+        self.tick = None if once else tick
         self.handle_signals = handle_signals
         self.on_outcome = on_outcome
         self.handled = 0
@@ -175,6 +185,8 @@ class Worker:
         self._done = threading.Event()
         self._idle = poll_interval[0]
         self._free_since: float | None = None  # when a slot first freed up, while others were busy
+        # Where the stores tell this worker that new work arrived (sql/schema/46_waiting_workers.sql).
+        self._wake_channel = f"runops_wake_{secrets.token_hex(8)}"
 
     # -- control -------------------------------------------------------------------------------
 
@@ -198,6 +210,14 @@ class Worker:
                 previous[signum] = signal.signal(signum, self._on_signal)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"{self.worker_id}-heartbeat", daemon=True)
         heartbeat.start()
+        if self.tick is not None:
+            threading.Thread(target=self._tick_loop, name=f"{self.worker_id}-tick", daemon=True).start()
+        # Behind PgBouncer a LISTEN would be lost with its server connection: polling alone.
+        stores = () if self.client.behind_pgbouncer else ("RUN_OPS", "CONTROL_PLANE") if self.client.split_wired \
+            else ("CONTROL_PLANE",)
+        for store in stores:
+            threading.Thread(target=self._wake_loop, args=(store,), name=f"{self.worker_id}-wake-{store}",
+                             daemon=True).start()
         try:
             run_loop(self._dequeue_step, wake=self._wake, should_stop=self._stopping.is_set,
                      what=f"worker {self.worker_id}")
@@ -218,10 +238,9 @@ class Worker:
         if free <= 0:
             self._free_since = None
             return self.poll_interval[1]  # a finishing run sets _wake
-        # Every dequeue_runs call serialises on the environment's concurrency lock (docs/
-        # benchmarks.md, "Against Procrastinate"): while runs are in flight, a single free slot
-        # waits up to BATCH_WAIT for others to free up, so one call fills several slots; a slot
-        # never stays empty for longer than that.
+        # Each dequeue_runs call is a transaction with its commit flush: while runs are in flight,
+        # a single free slot waits up to BATCH_WAIT for others to free up, so one call fills
+        # several slots; a slot never stays empty for longer than that.
         if busy and free < max(1, self.concurrency // 2):
             now = time.monotonic()
             if self._free_since is None:
@@ -230,7 +249,8 @@ class Worker:
                 return self._free_since + BATCH_WAIT - now
         self._free_since = None
         runs = self.client.dequeue_runs(self.environment_id, self.worker_id, free, lease=f"{int(self.lease)}s",
-                                        queues=self.queues, tasks=None if self.all_tasks else self.tasks.names())
+                                        queues=self.queues, tasks=None if self.all_tasks else self.tasks.names(),
+                                        wake=None if self.client.behind_pgbouncer else self._wake_channel)
         for run in runs:
             with self._lock:
                 self._in_flight[run.run_id] = _InFlight(run)
@@ -418,6 +438,36 @@ class Worker:
         if result == "retrying" and done.status != "RETRYING_AFTER_FAILURE":
             result = "failed"
         self._outcome(flight.run, flight.attempt, result)
+
+    # -- wake-ups ------------------------------------------------------------------------------------
+
+    def _wake_loop(self, store: str) -> None:
+        """LISTENs on the worker's channel in one store and wakes the dequeue loop on each
+        notification; reconnects after a failure (polling covers the gap)."""
+        while not self._done.is_set():
+            try:
+                with self.client.listen(self.environment_id, store, channel=self._wake_channel) as conn:
+                    while not self._done.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self._wake.set()
+            except Exception as exc:  # an outage: try again later
+                log.debug("%s: wake-up channel on %s: %s", self.worker_id, store, exc)
+                self._done.wait(1.0)
+
+    # -- the ticker ------------------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        """About every ``tick`` seconds, a turn at each store's time-driven work: the store runs
+        a pass only when none ran within the interval and no other process is ticking it
+        (``tick_when_due``), so any number of workers make one pass per interval, and a store
+        that does not answer is skipped until it does."""
+        assert self.tick is not None
+        every = max(1, round(self.tick))
+        while not self._done.wait(self.tick):
+            try:
+                self.client.tick_when_due(every)
+            except Exception as exc:  # an outage, or a store too busy: the next turn tries again
+                log.debug("%s: tick: %s", self.worker_id, cut(str(exc), 300))
 
     # -- heartbeats ----------------------------------------------------------------------------------
 

@@ -1,11 +1,12 @@
 -- Lifecycle: the state machine and the worker's path through it.
 --
 -- Every status change is checked by one trigger (guard_run_status) against
--- runops.status_transitions, which also sends the change to listeners. Functions name the move
--- they make in the transaction-local setting runops.transition_by; a direct UPDATE without it
--- may make any move the table allows, and none it does not.
+-- runops.status_transitions; the same trigger keeps the concurrency slots, tells listeners of
+-- final statuses (of every status where the environment asks) and wakes a worker waiting for new
+-- work. Functions name the move they make in the transaction-local setting runops.transition_by;
+-- a direct UPDATE without it may make any move the table allows, and none it does not.
 --
---   dequeue_runs      PENDING -> DEQUEUED            (lease, FOR UPDATE SKIP LOCKED)
+--   dequeue_runs      PENDING -> DEQUEUED            (lease and a concurrency slot, FOR UPDATE SKIP LOCKED)
 --   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
 --   complete_attempt  EXECUTING -> COMPLETED_SUCCESSFULLY
 --   fail_attempt      EXECUTING -> RETRYING_AFTER_FAILURE | a final failure
@@ -44,6 +45,9 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   mover text := nullif(current_setting('runops.transition_by', true), '');
+  freed integer;
+  notify_final boolean;
+  notify_every boolean;
 BEGIN
   IF NOT EXISTS (SELECT FROM status_transitions AS t
                  WHERE t.from_status = OLD.status AND t.to_status = NEW.status
@@ -53,15 +57,226 @@ BEGIN
              CASE WHEN mover IS NULL THEN '' ELSE ' by ' || mover END),
       NULL, CASE WHEN is_final_status(OLD.status) THEN 'a final run never changes again' END);
   END IF;
-  -- Committed with the change, so a listener never hears of a status that was rolled back.
-  IF (SELECT e.notifications FROM runtime_environments AS e WHERE e.id = NEW.environment_id) IS DISTINCT FROM false THEN
+  -- The concurrency slot (sql/schema/45_concurrency_slots.sql): a run leaving DEQUEUED/EXECUTING
+  -- gives its slot back in the same transaction, whoever moves it; one entering them outside
+  -- dequeue_runs (which hands out slots with the runs) takes a free one or is refused.
+  IF OLD.status IN ('DEQUEUED', 'EXECUTING') THEN
+    IF NEW.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
+      UPDATE concurrency_slots AS s SET run_id = NULL WHERE s.run_id = OLD.id RETURNING s.slot INTO freed;
+      IF freed IS NOT NULL
+         AND EXISTS (SELECT FROM concurrency_limits AS l
+                     JOIN concurrency_slots AS o ON o.environment_id = l.environment_id AND o.slot > l.slot_limit
+                     WHERE l.environment_id = OLD.environment_id) THEN
+        PERFORM settle_overflow_slot(OLD.environment_id, freed);
+      END IF;
+    END IF;
+  ELSIF NEW.status IN ('DEQUEUED', 'EXECUTING') AND mover IS DISTINCT FROM 'dequeue_runs' THEN
+    PERFORM take_concurrency_slot(NEW.environment_id, NEW.id);
+  END IF;
+  -- Who hears of it (SPEC §4 Notifications [1.3]): a final status always (unless the environment
+  -- turned notifications off), an intermediate one only when the environment asked for every
+  -- status. PostgreSQL serialises the commits of all notifying transactions of a database, so a
+  -- notification on every move capped the run loop. An environment missing from this store's
+  -- tenant tables (a mirror not yet synced) takes the default. Committed with the change, so a
+  -- listener never hears of a status that was rolled back.
+  SELECT e.notifications, e.notify_every_status INTO notify_final, notify_every
+  FROM runtime_environments AS e WHERE e.id = NEW.environment_id;
+  IF (CASE WHEN is_final_status(NEW.status) THEN notify_final IS DISTINCT FROM false ELSE notify_every END) THEN
     PERFORM pg_notify('runops_env_' || NEW.environment_id,
                       json_build_object('run_id', 'run_' || NEW.id, 'old_status', OLD.status,
                                         'new_status', NEW.status, 'at', NEW.updated_at)::text);
   END IF;
+  -- New work for a waiting worker (sql/schema/46_waiting_workers.sql); new runs are seen by
+  -- wake_for_new_runs.
+  IF NEW.status = 'PENDING' AND EXISTS (SELECT FROM waiting_workers) THEN
+    PERFORM wake_waiting_workers(NEW.environment_id, ARRAY[NEW.queue], ARRAY[NEW.task_identifier], 1);
+  END IF;
   RETURN NEW;
 END
 $$;
+
+-- Lays an environment's concurrency slots out for slot_limit (its maximum_concurrency_limit as
+-- the caller read it): on its first dequeue here, and after the limit changed. Idempotent, and
+-- it locks only what it changes — its environment's limit row (one layout at a time) and the
+-- slot rows it adds, deletes or moves — so dequeues running meanwhile keep claiming the other
+-- slots. A lowered limit deletes the free slots above it; runs holding slots above it keep them
+-- (overflow) until they end, each moving into a free slot at or below the limit while there is
+-- one. A leased run holding no slot (leased before this store had slots, or moved by a write
+-- that bypassed the triggers) takes one, above the limit if need be.
+CREATE OR REPLACE FUNCTION runops.layout_concurrency_slots(of_environment text, slot_limit integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  laid integer;
+  high record;
+  low integer;
+  unslotted text;
+BEGIN
+  -- A concurrent first layout's row is waited for here; if it laid out the same limit, done.
+  INSERT INTO concurrency_limits AS l (environment_id, slot_limit)
+  VALUES (of_environment, layout_concurrency_slots.slot_limit)
+  ON CONFLICT (environment_id) DO NOTHING
+  RETURNING l.slot_limit INTO laid;
+  IF laid IS NULL THEN
+    SELECT l.slot_limit INTO laid FROM concurrency_limits AS l WHERE l.environment_id = of_environment FOR UPDATE;
+    IF laid = layout_concurrency_slots.slot_limit THEN
+      RETURN;
+    END IF;
+    UPDATE concurrency_limits AS l SET slot_limit = layout_concurrency_slots.slot_limit
+    WHERE l.environment_id = of_environment;
+  END IF;
+  INSERT INTO concurrency_slots (environment_id, slot)
+  SELECT of_environment, g.slot FROM generate_series(1, layout_concurrency_slots.slot_limit) AS g (slot)
+  ON CONFLICT DO NOTHING;
+  -- A slot a dequeue is claiming meanwhile is waited for, and kept if it was taken.
+  DELETE FROM concurrency_slots AS s
+  WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit AND s.run_id IS NULL;
+  FOR high IN SELECT s.slot FROM concurrency_slots AS s
+              WHERE s.environment_id = of_environment AND s.slot > layout_concurrency_slots.slot_limit
+              ORDER BY s.slot
+  LOOP
+    -- Its run may be ending meanwhile (its release deletes the row): then there is nothing to move.
+    SELECT s.run_id INTO unslotted FROM concurrency_slots AS s
+    WHERE s.environment_id = of_environment AND s.slot = high.slot AND s.run_id IS NOT NULL FOR UPDATE;
+    CONTINUE WHEN NOT FOUND;
+    SELECT s.slot INTO low FROM concurrency_slots AS s
+    WHERE s.environment_id = of_environment AND s.run_id IS NULL AND s.slot <= layout_concurrency_slots.slot_limit
+    ORDER BY s.slot LIMIT 1 FOR UPDATE SKIP LOCKED;
+    EXIT WHEN NOT FOUND;
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = high.slot;
+    UPDATE concurrency_slots AS s SET run_id = unslotted WHERE s.environment_id = of_environment AND s.slot = low;
+  END LOOP;
+  -- A run changing status meanwhile is skipped: its own transition takes or gives back its slot.
+  FOR unslotted IN SELECT r.id FROM runs AS r
+                   WHERE r.environment_id = of_environment AND r.status IN ('DEQUEUED', 'EXECUTING')
+                     AND NOT EXISTS (SELECT FROM concurrency_slots AS s WHERE s.run_id = r.id)
+                   ORDER BY r.id FOR UPDATE SKIP LOCKED
+  LOOP
+    UPDATE concurrency_slots AS s SET run_id = unslotted
+    WHERE s.environment_id = of_environment
+      AND s.slot = (SELECT f.slot FROM concurrency_slots AS f
+                    WHERE f.environment_id = of_environment AND f.run_id IS NULL
+                      AND f.slot <= layout_concurrency_slots.slot_limit
+                    ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED);
+    IF NOT FOUND THEN
+      INSERT INTO concurrency_slots (environment_id, slot, run_id)
+      SELECT of_environment, greatest(coalesce(max(s.slot), 0), layout_concurrency_slots.slot_limit) + 1, unslotted
+      FROM concurrency_slots AS s WHERE s.environment_id = of_environment;
+    END IF;
+  END LOOP;
+END
+$$;
+
+-- A slot at or below the limit was just freed while runs still hold slots above a lowered limit:
+-- the lowest of them moves into it, so the freed slot does not let a new run in past the limit.
+CREATE OR REPLACE FUNCTION runops.settle_overflow_slot(of_environment text, freed integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  high record;
+  lim integer := (SELECT l.slot_limit FROM concurrency_limits AS l WHERE l.environment_id = of_environment);
+BEGIN
+  IF freed > lim THEN
+    -- an overflow slot goes with its holder
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = freed;
+    RETURN;
+  END IF;
+  -- Waits for a holder whose own release is under way; a row it deleted is passed over.
+  SELECT s.slot, s.run_id INTO high FROM concurrency_slots AS s
+  WHERE s.environment_id = of_environment AND s.slot > lim AND s.run_id IS NOT NULL
+  ORDER BY s.slot LIMIT 1 FOR UPDATE;
+  IF FOUND THEN
+    DELETE FROM concurrency_slots AS s WHERE s.environment_id = of_environment AND s.slot = high.slot;
+    UPDATE concurrency_slots AS s SET run_id = high.run_id WHERE s.environment_id = of_environment AND s.slot = freed;
+  END IF;
+END
+$$;
+
+-- A run entering DEQUEUED/EXECUTING other than through dequeue_runs (an operator's UPDATE) takes
+-- a free slot, or is refused (RO003): the limit holds for every writer.
+CREATE OR REPLACE FUNCTION runops.take_concurrency_slot(of_environment text, of_run text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  lim integer;
+BEGIN
+  IF EXISTS (SELECT FROM concurrency_slots AS s WHERE s.run_id = of_run) THEN
+    RETURN;
+  END IF;
+  SELECT l.slot_limit INTO lim FROM concurrency_limits AS l WHERE l.environment_id = of_environment;
+  IF NOT FOUND THEN
+    lim := coalesce((SELECT e.maximum_concurrency_limit FROM runtime_environments AS e WHERE e.id = of_environment), 0);
+    PERFORM layout_concurrency_slots(of_environment, lim);
+  END IF;
+  UPDATE concurrency_slots AS s SET run_id = of_run
+  WHERE s.environment_id = of_environment
+    AND s.slot = (SELECT f.slot FROM concurrency_slots AS f
+                  WHERE f.environment_id = of_environment AND f.run_id IS NULL AND f.slot <= lim
+                  ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED);
+  IF NOT FOUND THEN
+    PERFORM raise_error('RO003', format('run_%s cannot be leased: environment %s is at its concurrency limit (%s)',
+                                        of_run, of_environment, lim),
+                        NULL, 'wait for a leased run to finish, or raise maximum_concurrency_limit');
+  END IF;
+END
+$$;
+
+-- Up to `runs` workers waiting for work of this environment (and of one of these queues and
+-- tasks, where they asked for some) are told so, once each: their registration goes and their
+-- channel is notified (committed with the new work). Registrations another transaction is
+-- taking are passed over.
+CREATE OR REPLACE FUNCTION runops.wake_waiting_workers(of_environment text, queues text[], tasks text[],
+                                                       runs integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  channel text;
+BEGIN
+  FOR channel IN
+    DELETE FROM waiting_workers AS w
+    WHERE w.channel IN (SELECT x.channel FROM waiting_workers AS x
+                        WHERE x.environment_id = of_environment AND x.expires_at > pg_catalog.now()
+                          AND (x.queues IS NULL OR x.queues && wake_waiting_workers.queues)
+                          AND (x.tasks IS NULL OR x.tasks && wake_waiting_workers.tasks)
+                        LIMIT runs FOR UPDATE SKIP LOCKED)
+    RETURNING w.channel
+  LOOP
+    PERFORM pg_notify(channel, of_environment);
+  END LOOP;
+END
+$$;
+
+-- New PENDING runs (a trigger, a batch: every INSERT statement into runs) wake waiting workers of
+-- their environments. One call per statement; while no worker waits anywhere in this store it
+-- reads no more than the empty registry (about 1 µs a trigger), and while workers wait only in
+-- other environments, one probe per environment of the new runs.
+CREATE OR REPLACE FUNCTION runops.wake_for_new_runs()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  -- Cheapest first: anyone waiting at all, then anyone waiting in these runs' environments.
+  IF EXISTS (SELECT FROM waiting_workers)
+     AND EXISTS (SELECT FROM added AS a JOIN waiting_workers AS w ON w.environment_id = a.environment_id
+                 WHERE a.status = 'PENDING') THEN
+    PERFORM wake_waiting_workers(n.environment_id, n.queues, n.tasks, n.runs)
+    FROM (SELECT a.environment_id, array_agg(DISTINCT a.queue) AS queues,
+                 array_agg(DISTINCT a.task_identifier) AS tasks, count(*)::integer AS runs
+          FROM added AS a WHERE a.status = 'PENDING' GROUP BY a.environment_id) AS n;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER runs_wake_workers
+  AFTER INSERT ON runops.runs
+  REFERENCING NEW TABLE AS added
+  FOR EACH STATEMENT EXECUTE FUNCTION runops.wake_for_new_runs();
 
 -- A run turned final: close its open attempt, and complete every local edge waiting on it
 -- (its RUN waitpoint), resuming runs that were waiting only on it.
@@ -192,12 +407,18 @@ DECLARE
   queues text[];
   tasks text[];
   env environment_context;
-  active integer;
-  room integer;
+  lim integer;
   ts timestamptz := now();
+  candidates text[];
+  slots integer[];
   picked text[];
+  wake text := option_text(o, 'wake', 63);
 BEGIN
-  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks'], 'dequeue');
+  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks', 'wake'], 'dequeue');
+  IF wake !~ '^[a-z_][a-z0-9_]*$' THEN
+    PERFORM raise_invalid('option wake', 'a channel name of lower-case letters, digits and underscores',
+                          quote_literal(input_prefix(wake)));
+  END IF;
   PERFORM require_between(max_runs, 1, 1000, 'max_runs');
   lease_for := option_duration(o, 'lease', default_lease());
   IF lease_for < interval '1 second' THEN
@@ -213,33 +434,63 @@ BEGIN
   IF env.paused OR env.archived OR env.project_deleted THEN
     RETURN;  -- a paused environment hands out no work; attempts in flight still complete
   END IF;
-  -- Serialise dequeuers of one environment, so the concurrency limit is exact in this store.
-  PERFORM pg_advisory_xact_lock(hashtextextended('runops.dequeue:' || env.id, 0));
-  SELECT count(*) INTO active FROM runs AS r
-  WHERE r.environment_id = env.id AND r.status IN ('DEQUEUED', 'EXECUTING');
-  room := least(max_runs, env.maximum_concurrency_limit - active);
-  IF room <= 0 THEN
+  -- The environment's slots follow its limit: laid out on its first dequeue here, and again
+  -- after the limit changed (sql/schema/45_concurrency_slots.sql); a layout in flight holds
+  -- only the rows it changes.
+  lim := env.maximum_concurrency_limit;
+  IF NOT EXISTS (SELECT FROM concurrency_limits AS l WHERE l.environment_id = env.id AND l.slot_limit = lim) THEN
+    PERFORM layout_concurrency_slots(env.id, lim);
+  END IF;
+  -- Every slot taken: no run is locked for nothing.
+  IF NOT EXISTS (SELECT FROM concurrency_slots AS s
+                 WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim) THEN
     RETURN;
   END IF;
-  PERFORM set_mover('dequeue_runs');
-  WITH candidates AS (
-    SELECT r.id FROM runs AS r
+  SELECT array_agg(c.id ORDER BY c.queued_at, c.id) INTO candidates FROM (
+    SELECT r.id, r.queued_at FROM runs AS r
     WHERE r.environment_id = env.id AND r.status = 'PENDING'
       AND (queues IS NULL OR r.queue = ANY (queues))
       AND (tasks IS NULL OR r.task_identifier = ANY (tasks))
     ORDER BY r.queued_at, r.id
-    LIMIT room
-    FOR UPDATE SKIP LOCKED
-  ), moved AS (
-    UPDATE runs AS r
-    SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
-        started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
-    FROM candidates AS c WHERE r.id = c.id
-    RETURNING r.id
-  )
-  SELECT array_agg(m.id) INTO picked FROM moved AS m;
-  -- A second statement: the UPDATE's new row versions are not visible inside the statement
-  -- that made them.
+    LIMIT max_runs
+    FOR UPDATE SKIP LOCKED) AS c;
+  -- A worker that found the queue dry waits for new work: the next run to become PENDING here
+  -- notifies its channel (sql/schema/46_waiting_workers.sql). One that got all it asked for is
+  -- busy, and waits for nothing. A registration lives in real time (pg_catalog.now(), not the
+  -- test clock): it is a process's liveness, which the test clock does not move.
+  IF wake IS NOT NULL THEN
+    IF coalesce(cardinality(candidates), 0) < max_runs THEN
+      INSERT INTO waiting_workers AS w (channel, environment_id, queues, tasks, expires_at)
+      VALUES (wake, env.id, queues, tasks, pg_catalog.now() + interval '30 seconds')
+      ON CONFLICT (channel) DO UPDATE
+      SET environment_id = excluded.environment_id, queues = excluded.queues, tasks = excluded.tasks,
+          expires_at = excluded.expires_at;
+    ELSE
+      DELETE FROM waiting_workers AS w WHERE w.channel = wake;
+    END IF;
+  END IF;
+  IF candidates IS NULL THEN
+    RETURN;
+  END IF;
+  -- Free slots, skipping those another dequeuer is taking: the first candidates in queue order
+  -- get them, the rest stay PENDING for the next call. The slots are written by their keys
+  -- (= ANY): a join with the locking query planned generically (LIMIT unknown) scanned the table.
+  SELECT array_agg(f.slot ORDER BY f.slot) INTO slots FROM (
+    SELECT s.slot FROM concurrency_slots AS s
+    WHERE s.environment_id = env.id AND s.run_id IS NULL AND s.slot <= lim
+    ORDER BY s.slot LIMIT cardinality(candidates)
+    FOR UPDATE SKIP LOCKED) AS f;
+  IF slots IS NULL THEN
+    RETURN;
+  END IF;
+  picked := candidates[1:cardinality(slots)];
+  UPDATE concurrency_slots AS s SET run_id = picked[array_position(slots, s.slot)]
+  WHERE s.environment_id = env.id AND s.slot = ANY (slots);
+  PERFORM set_mover('dequeue_runs');
+  UPDATE runs AS r
+  SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
+      started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
+  WHERE r.id = ANY (picked);
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
 END
 $$;

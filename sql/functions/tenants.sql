@@ -119,17 +119,25 @@ SET search_path = runops, pg_catalog, pg_temp
 AS $$
 DECLARE
   c jsonb := require_object(changes, 'changes');
+  every boolean;
 BEGIN
   PERFORM reject_unknown_options(c, ARRAY['paused', 'archived', 'maximum_concurrency_limit', 'notifications'],
                                  'environment change');
+  -- notifications: true (final statuses), false (none) or 'all' (every status; SPEC §4 [1.3]).
+  IF option_value(c, 'notifications') IS NOT NULL
+     AND jsonb_typeof(c -> 'notifications') <> 'boolean' AND c -> 'notifications' <> '"all"' THEN
+    PERFORM raise_invalid('notifications', 'true, false or "all"', left((c -> 'notifications')::text, 100));
+  END IF;
+  every := CASE WHEN option_value(c, 'notifications') IS NOT NULL THEN c -> 'notifications' = '"all"' END;
   -- Parse every value before writing anything.
-  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'), option_boolean(c, 'notifications'),
+  PERFORM option_boolean(c, 'paused'), option_boolean(c, 'archived'),
           option_integer(c, 'maximum_concurrency_limit', 0, 100000);
   PERFORM require_control_plane('update_environment');
   UPDATE runtime_environments AS e
   SET paused = coalesce(option_boolean(c, 'paused'), e.paused),
       archived = coalesce(option_boolean(c, 'archived'), e.archived),
-      notifications = coalesce(option_boolean(c, 'notifications'), e.notifications),
+      notifications = coalesce(every OR (c ->> 'notifications')::boolean, e.notifications),
+      notify_every_status = coalesce(every, e.notify_every_status),
       maximum_concurrency_limit = coalesce(option_integer(c, 'maximum_concurrency_limit', 0, 100000),
                                            e.maximum_concurrency_limit),
       updated_at = now()
@@ -242,18 +250,44 @@ AS $$
   SELECT coalesce(fed_at >= pg_catalog.now() - pg_catalog.make_interval(secs => bound_seconds), false)
 $$;
 
--- When the mirror was last fed — the newer of the control plane's tick as replication delivered
--- it and this store's last pull (NULL: never) — and the store's freshness bound, as one row.
+-- When the mirror was last fed (NULL: never) and the store's freshness bound, as one row. Fed by
+-- the newest of: the control plane's tick as replication delivered it, this store's last pull,
+-- and — only when those two are older than the bound — the subscription's own progress
+-- (mirror_replicated_at), so a stopped ticker costs the hot path no trip through the FDW while
+-- replication applies, and a running one costs it nothing more than the heartbeat read.
 -- Set-returning SQL, so the hot paths (load_environment, root_admission) inline it into their
--- own query instead of calling it.
+-- own query instead of calling it; the CASE reads the subscription only when its branch is taken.
 CREATE OR REPLACE FUNCTION runops.mirror_feed()
 RETURNS TABLE (fed_at timestamptz, bound_seconds integer)
 LANGUAGE sql STABLE
 AS $$
-  SELECT hb.fed_at, c.mirror_freshness_seconds
+  SELECT CASE WHEN runops.mirror_within_bound(hb.fed_at, c.mirror_freshness_seconds) THEN hb.fed_at
+              ELSE greatest(hb.fed_at, runops.mirror_replicated_at()) END,
+         c.mirror_freshness_seconds
   FROM runops.store_config AS c
   CROSS JOIN LATERAL (SELECT max(b.beat_at) AS fed_at FROM runops.heartbeats AS b
                       WHERE b.source IN ('control_plane_tick', 'mirror_pull')) AS hb
+$$;
+
+-- How far logical replication has brought the mirror, by the subscription's own progress: the
+-- control plane's time in the last keepalive its walsender sent (pg_stat_subscription's
+-- latest_end_time) — sent once the walsender has streamed all the WAL there is, after the
+-- changes it streams, and at least every wal_receiver_timeout / 2 (30 s by default) when nothing
+-- changes, because the apply worker asks for one. The apply worker applies each change before
+-- it reads the next message, so the mirror holds the control plane's tenant state as of then.
+-- NULL unless the subscription is enabled and its apply worker runs (a disabled, erroring or
+-- slot-less subscription feeds nothing: the bound bites, and the pull stands in). Keepalives
+-- come 30 s apart on an idle control plane, so a bound below that needs a lower
+-- wal_receiver_timeout on the run-ops server (or the ticker) to stay fresh.
+CREATE OR REPLACE FUNCTION runops.mirror_replicated_at()
+RETURNS timestamptz
+LANGUAGE sql STABLE
+AS $$
+  SELECT max(st.latest_end_time)
+  FROM pg_catalog.pg_subscription AS s
+  CROSS JOIN LATERAL pg_catalog.pg_stat_get_subscription(s.oid) AS st
+  WHERE s.subname = 'runops_mirror' AND s.subenabled AND st.pid IS NOT NULL AND st.relid IS NULL
+    AND s.subdbid = (SELECT d.oid FROM pg_catalog.pg_database AS d WHERE d.datname = pg_catalog.current_database())
 $$;
 
 -- When the mirror was last fed (mirror_feed), for the cold paths.
@@ -305,7 +339,8 @@ $$;
 --   engine  subscription | pull | none (run-ops not wired); home on the control plane
 --   state   applying | disabled | not_running (enabled, no apply worker: erroring or its slot is
 --           gone) | pull | unwired
--- age_seconds is from the newer mirror heartbeat; fresh says whether new work may rest on it.
+-- age_seconds is from the newest of the mirror heartbeats and the subscription's progress
+-- (replicated_at); fresh says whether new work may rest on the mirror.
 CREATE OR REPLACE FUNCTION runops.mirror_status()
 RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -317,6 +352,7 @@ DECLARE
   state text;
   cp_tick timestamptz;
   pulled timestamptz;
+  replicated timestamptz;
   bound integer;
 BEGIN
   IF local_residency() = 'LEGACY' THEN
@@ -341,6 +377,7 @@ BEGIN
          max(h.beat_at) FILTER (WHERE h.source = 'mirror_pull')
   INTO cp_tick, pulled FROM heartbeats AS h;
   SELECT c.mirror_freshness_seconds INTO bound FROM store_config AS c;
+  replicated := mirror_replicated_at();
   RETURN jsonb_build_object(
     'engine', engine,
     'state', state,
@@ -348,7 +385,8 @@ BEGIN
     'worker_running', sub.running,
     'control_plane_tick_at', cp_tick,
     'pulled_at', pulled,
-    'age_seconds', round(extract(epoch FROM pg_catalog.now() - greatest(cp_tick, pulled))::numeric, 3),
+    'replicated_at', replicated,
+    'age_seconds', round(extract(epoch FROM pg_catalog.now() - greatest(cp_tick, pulled, replicated))::numeric, 3),
     'bound_seconds', bound,
     'fresh', mirror_stale() IS NULL);
 END
@@ -418,7 +456,7 @@ BEGIN
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     UPDATE runtime_environments AS o SET slug = p.slug, paused = p.paused, archived = p.archived,
       maximum_concurrency_limit = p.maximum_concurrency_limit, notifications = p.notifications,
-      updated_at = p.updated_at
+      notify_every_status = p.notify_every_status, updated_at = p.updated_at
     FROM runops_peer.runtime_environments AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     UPDATE split_settings AS o SET enabled = p.enabled, ever_enabled = p.ever_enabled,
@@ -444,7 +482,7 @@ BEGIN
     INSERT INTO runtime_environments SELECT * FROM runops_peer.runtime_environments
     ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, paused = excluded.paused, archived = excluded.archived,
       maximum_concurrency_limit = excluded.maximum_concurrency_limit, notifications = excluded.notifications,
-      updated_at = excluded.updated_at
+      notify_every_status = excluded.notify_every_status, updated_at = excluded.updated_at
     WHERE runtime_environments.updated_at IS DISTINCT FROM excluded.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
     INSERT INTO split_settings SELECT * FROM runops_peer.split_settings

@@ -114,6 +114,33 @@ BEGIN
 END
 $$;
 
+-- Concurrency slots held by no DEQUEUED/EXECUTING run go free. The status guard gives a slot back
+-- in the transaction that ends its run, so this finds only what a write bypassing the triggers
+-- left (session_replication_role = replica, a hand-made DELETE); a slot above a lowered limit
+-- goes with it. Its run is locked (SKIP LOCKED) so a run changing status meanwhile is left alone.
+CREATE OR REPLACE FUNCTION runops.free_orphaned_slots(max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer := 0;
+  s record;
+BEGIN
+  FOR s IN SELECT o.environment_id, o.slot, o.run_id FROM concurrency_slots AS o
+           WHERE o.run_id IS NOT NULL
+             AND NOT EXISTS (SELECT FROM runs AS r WHERE r.id = o.run_id AND r.status IN ('DEQUEUED', 'EXECUTING'))
+           ORDER BY o.environment_id, o.slot LIMIT max_rows FOR UPDATE OF o SKIP LOCKED
+  LOOP
+    CONTINUE WHEN EXISTS (SELECT FROM runs AS r WHERE r.id = s.run_id AND r.status IN ('DEQUEUED', 'EXECUTING'));
+    UPDATE concurrency_slots AS o SET run_id = NULL
+    WHERE o.environment_id = s.environment_id AND o.slot = s.slot;
+    PERFORM settle_overflow_slot(s.environment_id, s.slot);
+    n := n + 1;
+  END LOOP;
+  RETURN n;
+END
+$$;
+
 -- RETRYING_AFTER_FAILURE -> PENDING at retry_at (to the back of the queue).
 CREATE OR REPLACE FUNCTION runops.requeue_retries(max_runs integer)
 RETURNS integer
@@ -224,9 +251,10 @@ END
 $$;
 
 -- The mirror pull as a tick step, on the run-ops store: every tick under the pull engine; under
--- logical replication only once the mirror is 10 s old, or a third of the freshness bound if
--- that is less (replication is not applying, or the control plane's tick is not running), so
--- the pull has refreshed it well before the bound turns new work away. An unreachable
+-- logical replication, while the apply worker runs, once the mirror is two thirds of the bound
+-- old all the same, and otherwise (replication is not applying) once it is 10 s old, or a third
+-- of the bound if that is less, so the pull has refreshed it well before the bound turns new
+-- work away. An unreachable
 -- control plane must not roll back the rest of the tick's work (-1 says it failed; the next
 -- tick tries again).
 CREATE OR REPLACE FUNCTION runops.pull_mirror_for_tick()
@@ -237,9 +265,13 @@ BEGIN
   IF local_residency() <> 'NEW' THEN
     RETURN 0;
   END IF;
+  -- While the apply worker runs, its keepalives feed the mirror at least every 30 s: pull only if
+  -- the feed is two thirds of the bound old all the same (a walsender that fell behind).
   IF mirror_subscribed()
      AND mirror_fed_at() > pg_catalog.now() - pg_catalog.make_interval(
-           secs => (SELECT least(10, c.mirror_freshness_seconds / 3.0) FROM store_config AS c)) THEN
+           secs => (SELECT CASE WHEN mirror_replicated_at() IS NOT NULL THEN c.mirror_freshness_seconds * 2 / 3.0
+                                ELSE least(10, c.mirror_freshness_seconds / 3.0) END
+                    FROM store_config AS c)) THEN
     RETURN 0;
   END IF;
   RETURN pull_tenant_mirror();
@@ -263,11 +295,14 @@ BEGIN
     'retried', requeue_retries(n),
     'expired', expire_enqueued_runs(n),
     'timed_out', enforce_max_duration(n),
-    'leases_released', release_lapsed_leases(n));
+    'leases_released', release_lapsed_leases(n),
+    'slots_freed', free_orphaned_slots(n));
   counts := counts || complete_due_waitpoints(n)
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
                                   'batches_finished_remote', finish_remote_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  -- Registrations of workers that stopped renewing them (gone without a word).
+  DELETE FROM waiting_workers AS w WHERE w.expires_at <= pg_catalog.now();
   IF local_residency() = 'NEW' THEN
     counts := counts || jsonb_build_object('claims_pruned', prune_claims(n));
     PERFORM beat('run_ops_tick');
@@ -311,5 +346,32 @@ BEGIN
     EXIT WHEN pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => every_seconds) > stop_at;
     PERFORM pg_catalog.pg_sleep(every_seconds::double precision);
   END LOOP;
+END
+$$;
+
+-- The ticker a worker process carries (so no separate `runops tick --loop` is needed): every
+-- worker calls this about once a second per store; one of them ticks, the others return NULL at
+-- once. A transaction-scoped advisory lock picks the one (no session state, so it works behind
+-- PgBouncer in transaction mode and leaves nothing behind when a worker dies), and the store's
+-- tick heartbeat says whether a pass ran within `every_seconds`, whoever ran it — a
+-- `tick --loop` or pg_cron included — so many workers make about one pass per interval, not one
+-- each. Lock key (1919250031, 2): class 1919250031 is runops' (subkey 1 is the split's).
+CREATE OR REPLACE FUNCTION runops.tick_when_due(every_seconds integer DEFAULT 1, max_rows integer DEFAULT 1000)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM require_between(every_seconds, 1, 3600, 'every_seconds');
+  PERFORM require_between(max_rows, 1, 100000, 'max_rows');
+  IF NOT pg_catalog.pg_try_advisory_xact_lock(1919250031, 2) THEN
+    RETURN NULL;  -- another process is ticking this store right now
+  END IF;
+  IF EXISTS (SELECT FROM heartbeats AS h
+             WHERE h.source = CASE local_residency() WHEN 'NEW' THEN 'run_ops_tick' ELSE 'control_plane_tick' END
+               AND h.beat_at > pg_catalog.now() - pg_catalog.make_interval(secs => every_seconds)) THEN
+    RETURN NULL;  -- a pass ran within the interval
+  END IF;
+  RETURN tick(max_rows);
 END
 $$;

@@ -41,10 +41,16 @@ CREATE TABLE runops.runtime_environments (
   paused                    boolean NOT NULL DEFAULT false,
   archived                  boolean NOT NULL DEFAULT false,
   maximum_concurrency_limit integer NOT NULL DEFAULT 100 CHECK (maximum_concurrency_limit >= 0),
-  notifications             boolean NOT NULL DEFAULT true,
+  notifications             boolean NOT NULL DEFAULT true,    -- final statuses notify (SPEC §4 Notifications)
   created_at                timestamptz NOT NULL,
   updated_at                timestamptz NOT NULL,
-  UNIQUE (project_id, slug)
+  -- `notifications: 'all'`: intermediate statuses notify too. A column of its own beside the
+  -- boolean (not a text level): the mirror applies a replicated row the publisher wrote before
+  -- or after either store was upgraded, whichever comes first (a subscriber may have extra
+  -- columns; a text column would fail on an old boolean row in the replication stream for good).
+  notify_every_status       boolean NOT NULL DEFAULT false,
+  UNIQUE (project_id, slug),
+  CONSTRAINT runtime_environments_notifications_check CHECK (notifications OR NOT notify_every_status)
 );
 
 CREATE TABLE runops.split_settings (

@@ -703,17 +703,19 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
         else:
             click.echo(f"{time.strftime('%H:%M:%S')}  {run.run_id}  {old + ' -> ' if old else ''}{new}")
 
-    # LISTEN before reading the status, so no change can slip between the two.
+    # LISTEN before reading the status, so no change can slip between the two. Final statuses are
+    # always notified, intermediate ones only where the environment asks (notifications 'all'):
+    # the rest are seen by reading the run twice a second.
     with client.listen(run.environment_id, store) as conn:
         current = client.get_run(run_id)
         assert current is not None
         show(None, current.status)
         status = current.status
-        while current.status not in FINAL_STATUSES:
-            for note in conn.notifies(timeout=1.0):
+        while status not in FINAL_STATUSES:
+            for note in conn.notifies(timeout=0.5):
                 event = json.loads(note.payload)
-                if event["run_id"] == run.run_id:
-                    show(event["old_status"], event["new_status"])
+                if event["run_id"] == run.run_id and event["new_status"] != status:
+                    show(status, event["new_status"])
                     status = event["new_status"]
                     if status in FINAL_STATUSES:
                         return
@@ -721,6 +723,9 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
                 click.echo(f"error: still {status} after {timeout:g}s", err=True)
                 sys.exit(1)
             current = client.get_run(run_id) or current  # a notification can be missed; the row cannot
+            if current.status != status:
+                show(status, current.status)
+                status = current.status
 
 
 @main.command()
@@ -1017,13 +1022,20 @@ def _load_app(spec: str) -> Any:
 @click.option("--all-tasks", is_flag=True,
               help="Take every run of the environment, failing those of tasks this worker does not know "
                    "(UnknownTask). Default: only runs of its own tasks.")
+@click.option("--tick-every", "tick_every", type=click.IntRange(1, 3600), default=1, show_default=True,
+              help="Seconds between this worker's turns at the stores' time-driven work (retries, delays, "
+                   "leases, waits); however many workers run, a store makes about one pass per interval.")
+@click.option("--no-tick", is_flag=True,
+              help="Do no time-driven work here (another process runs `runops tick --loop` or pg_cron).")
 @pass_ctx
 @reports_errors
 def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None, concurrency: int,
-           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool) -> None:
+           queues: tuple[str, ...], grace: float, lease: float, once: bool, all_tasks: bool, tick_every: int,
+           no_tick: bool) -> None:
     """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
-    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Drains on
-    SIGTERM/SIGINT and exits 0; waits out store outages."""
+    wait-for-child, fan-out); runs of other tasks are left to workers that know them. Also runs
+    the stores' time-driven work (unless --no-tick or --once), so no separate ticker is needed.
+    Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
 
@@ -1055,7 +1067,7 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
     _log_to_stderr()
     handled = Worker(client or ctx.client(), environment_id, tasks, worker_id=worker_id, concurrency=concurrency,
                      queues=list(queues) or None, grace=grace, lease=lease, once=once, all_tasks=all_tasks,
-                     on_outcome=report).run()
+                     tick=None if no_tick else float(tick_every), on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
 

@@ -168,6 +168,7 @@ SELECT is_empty($$
       'metrics',  -- SPEC §4 [1.2]: `runops metrics` and its Prometheus endpoint
       'mirror_status',  -- SPEC §4 [1.2] freshness bound: `runops doctor` and metrics
       'store_version',  -- the store's revision, which clients check (docs/decisions.md)
+      'tick_when_due',  -- the worker's ticker: one pass per interval, whoever runs it (docs/worker.md)
       'tick_every'])  -- tick_every: the pg_cron entry point (docs/pg_cron.md)
 $$, 'runops_app may execute only the public API and its granted helpers');
 
