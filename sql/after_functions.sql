@@ -118,3 +118,11 @@ BEGIN
   END IF;
 END
 $$;
+
+-- Shards (shards.sql): shard_of is an identity function (plain, like classify_residency); the
+-- assignment is read by services and the FDW login, pinned by operators on the control plane.
+GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
+  runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer)
+  TO runops_fdw, runops_api;
+GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer)
+  TO runops_api;

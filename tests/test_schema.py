@@ -291,7 +291,9 @@ def test_public_functions_are_security_definer_with_a_pinned_path(cp_admin: psyc
         FROM pg_proc p WHERE p.pronamespace = 'runops'::regnamespace""").fetchall()
     identity = {"classify_residency", "try_classify_residency", "generate_ksuid", "generate_cuid",
                 "ksuid_timestamp", "store_role", "store_identity", "now", "ksuid_encode", "base36_digits4",
-                "base36_digits8", "base62_digits4", "base62_digits7", "base62_digits10", "input_prefix"}
+                "base36_digits8", "base62_digits4", "base62_digits7", "base62_digits10", "input_prefix",
+                # SPEC §9: shard_of is an identity function, with its decoding helpers
+                "shard_of", "shard_of_id", "base62_digit", "ksuid_top40", "shard_of_top40"}
     app_callable = [r for r in rows if r[4]]
     assert len(app_callable) > len(identity)
     for name, secdef, _config, owner, _, public in rows:

@@ -23,7 +23,8 @@ from .test_upgrade import RELEASES, install_release
 # the identity view's store_identity() reads as the calling login.
 FDW_READS = {"runs", "run_view", "batches", "batch_items", "waitpoints", "waitpoint_view", "run_waitpoints",
              "organizations", "projects", "runtime_environments", "split_settings", "store_identity_view",
-             "peer_identity_view", "idempotency_claims", "xact_snapshot_view", "store_config"}
+             "peer_identity_view", "idempotency_claims", "xact_snapshot_view", "store_config",
+             "environment_shards"}
 
 
 def readable_by(conn: psycopg.Connection[Any], role: str) -> set[str]:

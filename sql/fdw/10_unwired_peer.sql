@@ -21,4 +21,5 @@ CREATE VIEW runops_peer.store_identity_view AS SELECT * FROM runops.store_identi
 CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identity_view WHERE false;
 CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
 CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
+CREATE VIEW runops_peer.environment_shards AS SELECT * FROM runops.environment_shards WHERE false;
 RESET ROLE;

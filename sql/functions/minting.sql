@@ -101,15 +101,23 @@ AS $$
 DECLARE
   p10 constant numeric := 839299365868340224;   -- 62^10
   bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid()) || pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
-  n numeric := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
-                 * 340282366920938463463374607431768211456                                     -- 2^128
-               + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
-                  + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
-               + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
-               + 9223372036854775808;                                                         -- low 64 bits
-  low bigint := pg_catalog.mod(n, p10)::bigint;
+  n numeric;
+  low bigint;
   middle bigint;
 BEGIN
+  -- The payload's first byte (raw byte 4) names this store's shard; the next is kept in 1..127 so
+  -- that no counter appended to the id's first 23 characters (next_ksuid, mint_ids) can carry
+  -- into or borrow from that byte (docs/scale-out.md, "Ids name their shard"). Byte 0 is stored
+  -- with its top bit flipped: the signed-to-unsigned step below flips it back.
+  bytes := pg_catalog.set_byte(pg_catalog.set_byte(bytes, 0, coalesce((SELECT c.shard_number FROM runops.store_config AS c), 0) # 128),
+                               1, (pg_catalog.get_byte(bytes, 1) & 127) | 1);
+  n := (pg_catalog.floor(pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()))::bigint - 1400000000)::numeric
+         * 340282366920938463463374607431768211456                                     -- 2^128
+       + (('x' || pg_catalog.encode(pg_catalog.substr(bytes, 1, 8), 'hex'))::bit(64)::bigint::numeric
+          + 9223372036854775808) * 18446744073709551616                                -- high 64 bits
+       + ('x' || pg_catalog.encode(pg_catalog.substr(bytes, 17, 8), 'hex'))::bit(64)::bigint::numeric
+       + 9223372036854775808;                                                         -- low 64 bits
+  low := pg_catalog.mod(n, p10)::bigint;
   n := pg_catalog.div(n, p10);
   middle := pg_catalog.mod(n, p10)::bigint;
   RETURN runops.base62_digits7(pg_catalog.div(n, p10)::bigint) || runops.base62_digits10(middle)

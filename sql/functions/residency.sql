@@ -153,6 +153,8 @@ DECLARE
 BEGIN
   IF residency <> local_residency() THEN
     PERFORM refuse_foreign_id(residency, kind, id);
+  ELSIF residency = 'NEW' AND NOT EXISTS (SELECT FROM shard_holds(bare)) THEN
+    PERFORM refuse_other_shard(bare, kind, id);  -- shards.sql: a NEW id of another shard is RO002
   END IF;
   RETURN bare;
 END

@@ -73,6 +73,9 @@ BEGIN
                           NULL, 'mint run ids with the id shape trigger_route reports, or omit run_id');
     END IF;
     residency := preminted;
+    IF residency = 'NEW' AND local_residency() = 'NEW' THEN
+      PERFORM refuse_other_shard(spec.run_id, 'run', 'run_' || spec.run_id);  -- shards.sql
+    END IF;
   END IF;
   RETURN residency;
 END

@@ -403,6 +403,9 @@ BEGIN
   IF ctx.id IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(environment_id))));
   END IF;
+  IF NOT EXISTS (SELECT FROM environment_here(ctx.id)) THEN
+    PERFORM refuse_other_shards_environment(ctx.id);  -- shards.sql: RO002 on a shard not the environment's
+  END IF;
   IF environment_takes_new_work(ctx) IS NOT TRUE THEN
     PERFORM raise_error('RO005',
       format('environment %s cannot take new work', ctx.id)
@@ -461,6 +464,10 @@ BEGIN
       claims_backfilled_at = p.claims_backfilled_at
     FROM runops_peer.split_settings AS p WHERE o.updated_at IS DISTINCT FROM p.updated_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE environment_shards AS o SET shard = p.shard, pinned = p.pinned, assigned_at = p.assigned_at
+    FROM runops_peer.environment_shards AS p
+    WHERE p.environment_id = o.environment_id AND o.assigned_at IS DISTINCT FROM p.assigned_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   ELSE
     INSERT INTO organizations SELECT * FROM runops_peer.organizations
     ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
@@ -483,6 +490,11 @@ BEGIN
       default_mint_kind = excluded.default_mint_kind, updated_at = excluded.updated_at,
       claims_backfilled_at = excluded.claims_backfilled_at
     WHERE split_settings.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO environment_shards SELECT * FROM runops_peer.environment_shards
+    ON CONFLICT (environment_id) DO UPDATE SET shard = excluded.shard, pinned = excluded.pinned,
+      assigned_at = excluded.assigned_at
+    WHERE environment_shards.assigned_at IS DISTINCT FROM excluded.assigned_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   END IF;
   PERFORM beat('mirror_pull');

@@ -276,6 +276,7 @@ AS $$
     AND (root_admission.payload IS NULL OR runops.payload_within_smallest_limits(root_admission.payload))
     AND runops.environment_takes_new_work(x.ctx)
     AND runops.root_residency(x.ctx) = runops.local_residency()
+    AND EXISTS (SELECT FROM runops.environment_here(e.id))  -- shards.sql
     AND (runops.local_residency() = 'LEGACY'
          OR EXISTS (SELECT FROM runops.mirror_feed() AS f WHERE runops.mirror_within_bound(f.fed_at, f.bound_seconds)))
 $$;

@@ -143,19 +143,25 @@ def dev() -> None:
 
 
 @dev.command("up")
+@click.option("--shards", type=click.IntRange(1, 16), default=None,
+              help="Run-ops shards (clusters) behind a PL/Proxy router database (docs/scale-out.md); default 1, "
+                   "or what these stores were made with.")
 @pass_ctx
 @reports_errors
-def dev_up(ctx: Ctx) -> None:
+def dev_up(ctx: Ctx, shards: int | None) -> None:
     """Initialise (once), start, migrate and wire both local stores, and enable the split."""
     home = default_home()
     try:
         stores = LocalStores.from_cwd(home)
     except ClusterError:
-        stores, note = LocalStores.create(home)
+        stores, note = LocalStores.create(home, shards=shards or 1)
         stores.save()
         if note:
             click.echo(f"note: {note}", err=True)
     else:
+        if shards is not None and shards != stores.shards:
+            raise click.UsageError(f"these local stores have {stores.shards} run-ops shard(s); to change that, "
+                                   f"`runops dev down`, remove {home}, then `runops dev up --shards {shards}`")
         if os.environ.get("RUNOPS_PG_BINDIR") and str(find_bindir()) != stores.bindir:
             # A cluster's data belongs to the major version that made it: the stores keep theirs.
             click.echo(f"note: these stores run on {stores.bindir}, chosen when they were made; RUNOPS_PG_BINDIR "
@@ -164,7 +170,8 @@ def dev_up(ctx: Ctx) -> None:
         stores.start()
         bar.update(1)
         admin = stores.admin_urls()
-        report = migrations.migrate(admin[CONTROL_PLANE], admin[RUN_OPS])
+        report = migrations.migrate_shards(admin[CONTROL_PLANE], stores.shard_admin_urls(),
+                                           router_url=stores.router_url(admin=True))
         bar.update(1)
         for url in admin.values():
             migrations.set_app_password(url, stores.app_password)
@@ -182,12 +189,17 @@ def dev_up(ctx: Ctx) -> None:
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if ctx.as_json:
-        emit_json({"urls": urls, "admin_urls": admin, "mirror": report.mirror, "split": status,
+        emit_json({"urls": urls, "admin_urls": admin, "router_url": stores.router_url(admin=False),
+                   "mirror": report.mirror, "split": status,
                    "ticker_pid": ticker, "home": str(home), "bindir": stores.bindir})
         return
-    table([(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
-           (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])],
-          ["store", "port", "url"], title="local stores are up")
+    rows = [(CONTROL_PLANE, stores.clusters[CONTROL_PLANE].port, urls[CONTROL_PLANE]),
+            (RUN_OPS, stores.clusters[RUN_OPS].port, urls[RUN_OPS])]
+    rows += [(f"{RUN_OPS} shard {k}", stores.clusters[f"RUN_OPS_{k}"].port, urls[f"RUN_OPS_{k}"])
+             for k in range(1, stores.shards)]
+    if (router := stores.router_url(admin=False)) is not None:
+        rows.append(("router", stores.clusters[CONTROL_PLANE].port, router))
+    table(rows, ["store", "port", "url"], title="local stores are up")
     found_from = "RUNOPS_HOME" if os.environ.get("RUNOPS_HOME") else f"any folder below {home.parent}"
     click.echo(f"state: {home} (found from {found_from}); server binaries: {stores.bindir}")
     click.echo(f"split enabled: {status['enabled']} ({status['reason']}); tenant mirror: {report.mirror}")
@@ -245,8 +257,12 @@ def dev_status(ctx: Ctx) -> None:
 @main.command()
 @click.option("--control-plane-url", help="Admin (superuser) URL of the control plane; default "
               "RUNOPS_CONTROL_PLANE_ADMIN_URL, then RUNOPS_CONTROL_PLANE_URL, then the local dev store.")
-@click.option("--run-ops-url", help="Admin URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL, then "
-              "RUNOPS_RUN_OPS_URL, then the local dev store (only when no URL at all is set).")
+@click.option("--run-ops-url", "run_ops_urls", multiple=True,
+              help="Admin URL of the run-ops store, once per shard in shard order (docs/scale-out.md); default "
+              "RUNOPS_RUN_OPS_ADMIN_URL, then RUNOPS_RUN_OPS_URL (comma-separated for shards), then the local dev "
+              "store (only when no URL at all is set).")
+@click.option("--router-url", help="Admin URL of the PL/Proxy router database to (re)write for the shards; default "
+              "RUNOPS_ROUTER_ADMIN_URL, then RUNOPS_ROUTER_URL; none: no router.")
 @click.option("--peer-host", "peer_hosts", multiple=True, metavar="STORE=HOST[:PORT]",
               help="How the other store's server reaches STORE (control_plane or run_ops), when that differs "
                    "from the URL's host: used by the FDW and the mirror's subscription. Repeatable.")
@@ -256,20 +272,26 @@ def dev_status(ctx: Ctx) -> None:
               help="Print the path of the alembic.ini for plain `alembic -c` and exit.")
 @pass_ctx
 @reports_errors
-def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, peer_hosts: tuple[str, ...],
-            check: bool, print_alembic_ini: bool) -> None:
+def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_urls: tuple[str, ...], router_url: str | None,
+            peer_hosts: tuple[str, ...], check: bool, print_alembic_ini: bool) -> None:
     """Check the preconditions (exit 5, nothing changed, when one is missing), upgrade both stores
     to head, then (re)wire the FDW both ways and the tenant mirror."""
     if print_alembic_ini:
         click.echo(str(ALEMBIC_INI))
         return
-    found = migrations.resolve_targets(control_plane_url, run_ops_url)
+    found = migrations.resolve_targets(control_plane_url, ",".join(run_ops_urls) or None)
     peers = migrations.parse_peer_hosts(peer_hosts)
-    for target in found.values():
-        click.echo(f"using {target.describe()}", err=True)
+    router_url = router_url or os.environ.get("RUNOPS_ROUTER_ADMIN_URL") or os.environ.get("RUNOPS_ROUTER_URL")
+    if router_url is None and found[CONTROL_PLANE].source.startswith("the local dev stores"):
+        router_url = LocalStores.from_cwd().router_url(admin=True)
     cp = found[CONTROL_PLANE].url
-    ro = found[RUN_OPS].url if RUN_OPS in found else None
-    targets = [(CONTROL_PLANE, cp)] + ([(RUN_OPS, ro)] if ro and ro != cp else [])
+    shards = migrations.split_urls(found[RUN_OPS].url) if RUN_OPS in found else []
+    click.echo(f"using {found[CONTROL_PLANE].describe()}", err=True)
+    for number, url in enumerate(shards):
+        shard = f" (shard {number})" if len(shards) > 1 else ""
+        click.echo(f"using {migrations.Target(RUN_OPS, url, found[RUN_OPS].source).describe()}{shard}", err=True)
+    ro = shards[0] if shards else None
+    targets = [(CONTROL_PLANE, cp)] + [(RUN_OPS, url) for url in shards if url != cp]
     if check:
         rows = []
         for store, url in targets:
@@ -284,7 +306,10 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, pe
         if any(state != "current" for *_, state in rows):
             sys.exit(3)
         return
-    report = migrations.migrate(cp, ro, peers)
+    if len(shards) > 1 or router_url:
+        report = migrations.migrate_shards(cp, shards, peers, router_url)
+    else:
+        report = migrations.migrate(cp, ro, peers)
     if ctx.as_json:
         emit_json(report)
         return

@@ -29,6 +29,7 @@ from runops.dev_stores import DATABASE, app_url, default_home, no_local_stores, 
 from runops.errors import RunOpsError
 
 STORE_DIRS = {"CONTROL_PLANE": "control_plane", "RUN_OPS": "run_ops"}
+ROUTER_DATABASE = "runops_router"
 
 
 class ClusterError(RunOpsError):
@@ -221,6 +222,9 @@ class LocalStores:
     # A store whose cluster runs another major than `bindir` (store -> its binaries): the tests
     # keep the control plane on 15 and the run-ops store on 18 (SPEC §9 "Mixed majors").
     store_bindirs: dict[str, str] = field(default_factory=dict)
+    # Run-ops shards (`dev up --shards N`, docs/scale-out.md): shard 0 is the RUN_OPS cluster, shard k
+    # the RUN_OPS_<k> one, and a router database lives beside the control plane.
+    shards: int = 1
 
     @classmethod
     def from_cwd(cls, home: Path | None = None) -> LocalStores:
@@ -231,7 +235,7 @@ class LocalStores:
         return cls(**raw)
 
     @classmethod
-    def create(cls, home: Path, *, fsync: bool = True,
+    def create(cls, home: Path, *, fsync: bool = True, shards: int = 1,
                bindirs: dict[str, Path] | None = None) -> tuple[LocalStores, str | None]:
         """Plans the layout (nothing started). Returns a note when the data must live elsewhere.
         ``bindirs`` gives a store binaries other than the ones `find_bindir` picks."""
@@ -253,8 +257,11 @@ class LocalStores:
             store: Cluster(datadir=str(data_root / d), port=free_port(), socket_dir=str(sockets / d), fsync=fsync)
             for store, d in STORE_DIRS.items()
         }
+        for k in range(1, shards):
+            clusters[f"RUN_OPS_{k}"] = Cluster(datadir=str(data_root / f"run_ops_{k}"), port=free_port(),
+                                               socket_dir=str(sockets / f"run_ops_{k}"), fsync=fsync)
         stores = cls(home=str(home), data_root=str(data_root), bindir=str(find_bindir()),
-                     app_password=secrets.token_urlsafe(18), clusters=clusters,
+                     app_password=secrets.token_urlsafe(18), clusters=clusters, shards=shards,
                      store_bindirs={store: str(b) for store, b in (bindirs or {}).items()})
         return stores, note
 
@@ -275,6 +282,8 @@ class LocalStores:
                 cluster.init(self.bindir_of(store))
             cluster.start(self.bindir_of(store))
             cluster.create_database()
+        if self.shards > 1:
+            self.clusters["CONTROL_PLANE"].create_database(ROUTER_DATABASE)
 
     def stop(self) -> None:
         self.stop_ticker()
@@ -304,7 +313,9 @@ class LocalStores:
             return self.ticker_pid
         urls = self.app_urls()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNOPS_")}
-        env.update({"RUNOPS_CONTROL_PLANE_URL": urls["CONTROL_PLANE"], "RUNOPS_RUN_OPS_URL": urls["RUN_OPS"]})
+        # With shards the ticker's run-ops store is the router, whose tick runs on every shard.
+        env.update({"RUNOPS_CONTROL_PLANE_URL": urls["CONTROL_PLANE"],
+                    "RUNOPS_RUN_OPS_URL": self.router_url(admin=False) or urls["RUN_OPS"]})
         self.ticker_token = secrets.token_hex(8)
         self.save()
         with open(self.ticker_log, "ab") as log:
@@ -350,6 +361,18 @@ class LocalStores:
 
     def app_urls(self) -> dict[str, str]:
         return {store: app_url(self.app_password, c.port) for store, c in self.clusters.items()}
+
+    def shard_admin_urls(self) -> list[str]:
+        """The run-ops shards' admin URLs, shard 0 first."""
+        return [self.clusters["RUN_OPS" if k == 0 else f"RUN_OPS_{k}"].admin_url() for k in range(self.shards)]
+
+    def router_url(self, *, admin: bool) -> str | None:
+        """The router database's URL (None with one shard): beside the control plane."""
+        if self.shards == 1:
+            return None
+        cp = self.clusters["CONTROL_PLANE"]
+        url = cp.admin_url(ROUTER_DATABASE) if admin else app_url(self.app_password, cp.port)
+        return url if admin else url.rsplit("/", 1)[0] + f"/{ROUTER_DATABASE}"
 
     def destroy(self) -> None:
         self.stop()

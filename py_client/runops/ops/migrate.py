@@ -9,6 +9,7 @@ the tenant mirror — depends on where the *other* store is, so it is not part o
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ CARRIED_OPTIONS = ("sslmode",)
 PUBLICATION = "runops_tenants"
 SUBSCRIPTION = "runops_mirror"
 # heartbeats carries the control plane's tick to the run-ops store: the mirror's freshness.
-MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings", "heartbeats")
+MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings", "heartbeats",
+                   "environment_shards")
 
 
 def alembic_config(store: str, url: str) -> Any:
@@ -141,12 +143,19 @@ def resolve_targets(control_plane_url: str | None = None, run_ops_url: str | Non
     if not found:
         from .local_cluster import LocalStores
 
-        admin = LocalStores.from_cwd().admin_urls()
+        local = LocalStores.from_cwd()
+        admin = {"CONTROL_PLANE": local.admin_urls()["CONTROL_PLANE"], "RUN_OPS": ",".join(local.shard_admin_urls())}
         return {store: Target(store, url, "the local dev stores in .runops/") for store, url in admin.items()}
     if "CONTROL_PLANE" not in found:
         raise PreconditionFailed("no control-plane URL (a run-ops store is never migrated alone): pass "
                                  "--control-plane-url or set RUNOPS_CONTROL_PLANE_ADMIN_URL")
     return found
+
+
+def split_urls(value: str) -> list[str]:
+    """RUNOPS_RUN_OPS_URL as a list of shards: comma-separated URLs. A comma inside one URL (a
+    multi-host postgresql://h1,h2/db) is not a separator: only one before a scheme or a key=value."""
+    return [u.strip() for u in re.split(r",(?=\s*(?:postgres(?:ql)?://|\w+=))", value) if u.strip()]
 
 
 def parse_peer_hosts(values: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:
@@ -302,6 +311,74 @@ def migrate(control_plane_url: str, run_ops_url: str | None,
     return MigrateReport(["CONTROL_PLANE", "RUN_OPS"], True, mirror, notes)
 
 
+# While several shards are wired (migrate_shards): the password of each login made on a database,
+# so every shard's mapping and subscription uses the same one.
+_shared_passwords: dict[str, str] | None = None
+
+
+def migrate_shards(control_plane_url: str, shard_urls: list[str], peers: dict[str, dict[str, str]] | None = None,
+                   router_url: str | None = None) -> MigrateReport:
+    """`runops migrate` with one --run-ops-url per shard (SPEC §9 [1.3], docs/scale-out.md): checks
+    every pair first, upgrades every store, numbers the shards in the order given, wires each
+    shard to the control plane (the control plane's FDW to shard 0), then (re)writes the router.
+    With one shard and no router this is `migrate`."""
+    global _shared_passwords
+    if len(shard_urls) <= 1 and router_url is None:
+        return migrate(control_plane_url, shard_urls[0] if shard_urls else None, peers)
+    if not shard_urls:
+        raise PreconditionFailed("--router-url needs at least one --run-ops-url (the shards it routes to)")
+    named = {(i.system_identifier, i.database_name) for i in map(identity, [control_plane_url, *shard_urls])}
+    if len(named) != len(shard_urls) + 1:
+        raise PreconditionFailed("every --run-ops-url must name its own database, distinct from the control plane's "
+                                 "(nothing was changed)")
+    for url in shard_urls:
+        preflight(control_plane_url, url, peers)
+    notes: list[str] = []
+    upgrade("CONTROL_PLANE", control_plane_url)
+    for url in shard_urls:
+        upgrade("RUN_OPS", url)
+    configure_shards(control_plane_url, shard_urls)
+    _shared_passwords = {}
+    try:
+        mirror = "none"
+        for number, url in enumerate(shard_urls):
+            mirror = wire(control_plane_url, url, notes, peers, control_plane_reads_it=number == 0)
+    finally:
+        _shared_passwords = None
+    if router_url is not None:
+        from .router import install_router
+
+        version = install_router(router_url, control_plane_url, shard_urls, peers)
+        notes.append(f"router: {len(shard_urls)} shards, cluster definition version {version}")
+    return MigrateReport(["CONTROL_PLANE", *(f"RUN_OPS shard {n}" for n in range(len(shard_urls)))], True,
+                         mirror, notes)
+
+
+def configure_shards(control_plane_url: str, shard_urls: list[str]) -> None:
+    """Numbers the shards in the order given and writes the shard count everywhere, with the
+    deployment's cut-over second (shard 0's: where ids minted before shards live). A store that
+    already minted ids as another shard number is refused: renumbering it would strand its rows."""
+    with psycopg.connect(shard_urls[0], autocommit=True) as first:
+        row = first.execute("SELECT shard_ids_since FROM runops.store_config").fetchone()
+        assert row is not None
+        since = int(row[0])
+    for number, url in enumerate(shard_urls):
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT c.shard_number, EXISTS (SELECT FROM runops.runs) "
+                               "FROM runops.store_config AS c").fetchone()
+            assert row is not None
+            if row[0] != number and row[1]:
+                raise PreconditionFailed(f"the run-ops store at --run-ops-url number {number + 1} is shard {row[0]} "
+                                         "and "
+                                         f"holds runs: pass every --run-ops-url in shard order, shard 0 first")
+    for number, url in enumerate(shard_urls):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE runops.store_config SET shard_number = %s, shard_count = %s, shard_ids_since = %s",
+                         [number, len(shard_urls), since])
+    with psycopg.connect(control_plane_url, autocommit=True) as cp:
+        cp.execute("UPDATE runops.store_config SET shard_count = %s, shard_ids_since = %s", [len(shard_urls), since])
+
+
 def _target(url: str, override: dict[str, str] | None = None) -> dict[str, str]:
     """Where the other store's server reaches the store of ``url``: the URL's host, port and
     database (or ``override``'s host and port), and the libpq options carried over."""
@@ -376,6 +453,10 @@ def _database_login(conn: psycopg.Connection[Any], prefix: str, attributes: str)
     assert row is not None
     role = f"{prefix}_{row[0]}"[:63]
     password = secrets.token_urlsafe(24)
+    if _shared_passwords is not None:
+        # Several shards log in to one control-plane database as the same role: one password for
+        # all of them, or wiring the next shard would lock the previous one out.
+        password = _shared_passwords.setdefault(role, password)
     exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()
     verb = "ALTER" if exists else "CREATE"
     conn.execute(sql.SQL(f"{verb} ROLE {{}} {attributes} PASSWORD {{}}").format(sql.Identifier(role),
@@ -408,14 +489,17 @@ def _wire_checked(conn: psycopg.Connection[Any], peer_conn: psycopg.Connection[A
 
 
 def wire(control_plane_url: str, run_ops_url: str, notes: list[str],
-         peers: dict[str, dict[str, str]] | None = None) -> str:
-    """postgres_fdw both ways, then the tenant mirror. Idempotent."""
+         peers: dict[str, dict[str, str]] | None = None, *, control_plane_reads_it: bool = True) -> str:
+    """postgres_fdw both ways, then the tenant mirror. Idempotent. A run-ops shard other than
+    shard 0 is wired one way only (``control_plane_reads_it`` false): the control plane's FDW
+    reaches shard 0 (docs/scale-out.md, "Mirror and FDW per shard")."""
     peers = peers or {}
     with psycopg.connect(control_plane_url, autocommit=True) as cp, \
             psycopg.connect(run_ops_url, autocommit=True) as ro:
         cp_target = _target(control_plane_url, peers.get("CONTROL_PLANE"))
         _wire_checked(ro, cp, cp_target, LABELS["CONTROL_PLANE"], notes)
-        _wire_checked(cp, ro, _target(run_ops_url, peers.get("RUN_OPS")), LABELS["RUN_OPS"], notes)
+        if control_plane_reads_it:
+            _wire_checked(cp, ro, _target(run_ops_url, peers.get("RUN_OPS")), LABELS["RUN_OPS"], notes)
         # The subscription connects from the run-ops server: the control plane as that server
         # reaches it, with the URL's login, password and TLS options.
         subscription_url = make_conninfo(control_plane_url, host=cp_target["host"], port=cp_target["port"])

@@ -156,6 +156,9 @@ SELECT is_empty($$
       'expire_enqueued_runs', 'tick', 'purge_runs', 'create_waitpoint', 'block_run', 'complete_waitpoint',
       'create_organization', 'create_project', 'create_environment', 'update_environment', 'split_status',
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
+      -- SPEC §9 [1.3] shards: shard_of, and the environment assignment (docs/scale-out.md)
+      'shard_of', 'environment_shard', 'pin_environment_shard', 'shard_of_id', 'base62_digit', 'ksuid_top40',
+      'shard_of_top40',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
       'base62_digits10', 'input_prefix',
@@ -184,7 +187,7 @@ SELECT is_empty($$
   WHERE p.pronamespace = 'runops'::regnamespace
     AND pg_catalog.has_function_privilege('runops_app', p.oid, 'EXECUTE')
     AND p.proname NOT IN ('ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
-                          'base62_digits10')
+                          'base62_digits10', 'shard_of_top40')
     AND EXISTS (SELECT FROM pg_catalog.unnest(p.proargtypes::oid[]) AS t(oid)
                 WHERE t.oid NOT IN ('text'::regtype, 'jsonb'::regtype, 'integer'::regtype,
                                     'boolean'::regtype, 'timestamptz'::regtype, 'text[]'::regtype))
