@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,53 +37,17 @@ HERE = Path(__file__).resolve().parent
 THREADS = 4
 
 
-def measure(cp: str, ro: str, env: str, seconds: float, threads: int) -> dict[str, float]:
-    """``threads`` threads calling ``RunOps.trigger_run`` on one client for ``seconds``, after a
-    one-second warm-up: calls/s and this process's CPU µs per call."""
-    from runops.client import RunOps
-
-    counts = [0] * threads
-    go, stop = threading.Event(), threading.Event()
-    with RunOps(cp, ro, max_pool_size=threads) as client:
-        def work(i: int) -> None:
-            while not stop.is_set():
-                client.trigger_run(env, "bench-task", {"n": 1})
-                if go.is_set():
-                    counts[i] += 1
-
-        pool = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
-        for t in pool:
-            t.start()
-        time.sleep(1.0)
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        go.set()
-        time.sleep(seconds)
-        done, cpu1, t1 = sum(counts), time.process_time(), time.perf_counter()
-        stop.set()
-        for t in pool:
-            t.join()
-    return {"calls_per_s": done / (t1 - t0), "client_cpu_us": (cpu1 - cpu0) / max(done, 1) * 1e6, "calls": done}
-
-
-def measure_bare(ro: str, env: str, seconds: float, threads: int) -> dict[str, float]:
-    """The floor under the client: the same call as ``RunOps.trigger_run`` sends (statement,
-    parameters, prepared), each thread on a psycopg connection of its own, no pool, no runops
-    code; calls/s and this process's CPU µs per call."""
-    import psycopg
-    from psycopg.types.json import Jsonb
-
-    from runops import queries
-
+def _rate(call: Callable[[int], object], seconds: float, threads: int) -> dict[str, float]:
+    """``threads`` threads each repeating ``call(i)`` for ``seconds`` after a one-second warm-up:
+    calls/s and this process's CPU µs per call."""
     counts = [0] * threads
     go, stop = threading.Event(), threading.Event()
 
     def work(i: int) -> None:
-        with psycopg.connect(ro, autocommit=True) as conn:
-            while not stop.is_set():
-                params = {"e": env, "t": "bench-task", "p": Jsonb({"n": 1}), "o": Jsonb({})}
-                conn.execute(queries.TRIGGER_RUN, params, prepare=True).fetchall()
-                if go.is_set():
-                    counts[i] += 1
+        while not stop.is_set():
+            call(i)
+            if go.is_set():
+                counts[i] += 1
 
     pool = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
     for t in pool:
@@ -96,6 +61,36 @@ def measure_bare(ro: str, env: str, seconds: float, threads: int) -> dict[str, f
     for t in pool:
         t.join()
     return {"calls_per_s": done / (t1 - t0), "client_cpu_us": (cpu1 - cpu0) / max(done, 1) * 1e6, "calls": done}
+
+
+def measure(cp: str, ro: str, env: str, seconds: float, threads: int) -> dict[str, float]:
+    """``threads`` threads calling ``RunOps.trigger_run`` on one client for ``seconds``, after a
+    one-second warm-up: calls/s and this process's CPU µs per call."""
+    from runops.client import RunOps
+
+    with RunOps(cp, ro, max_pool_size=threads) as client:
+        return _rate(lambda i: client.trigger_run(env, "bench-task", {"n": 1}), seconds, threads)
+
+
+def measure_bare(ro: str, env: str, seconds: float, threads: int) -> dict[str, float]:
+    """The floor under the client: the same call as ``RunOps.trigger_run`` sends (statement,
+    parameters, prepared), each thread on a psycopg connection of its own, no pool, no runops
+    code; calls/s and this process's CPU µs per call."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from runops import queries
+
+    conns = [psycopg.connect(ro, autocommit=True) for _ in range(threads)]
+    try:
+        def call(i: int) -> None:
+            params = {"e": env, "t": "bench-task", "p": Jsonb({"n": 1}), "o": Jsonb({})}
+            conns[i].execute(queries.TRIGGER_RUN, params, prepare=True).fetchall()
+
+        return _rate(call, seconds, threads)
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def profile(cp: str, ro: str, env: str, calls: int) -> None:
