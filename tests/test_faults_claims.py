@@ -78,10 +78,14 @@ def fdw_login(stores: Stores) -> str:
         return str(one(conn, "SELECT 'runops_fdw_' || current_database()"))
 
 
-def wait_for_sync_rep_waiter(stores: Stores, store: str, timeout: float = 20.0) -> None:
+def wait_for_sync_rep_waiter(stores: Stores, store: str, role: str, timeout: float = 20.0) -> None:
+    """Until a commit of ``role`` (the stalled one) waits for the standby: another session's
+    commit that happens to wait then (a new session of any role that reads the stalled settings)
+    must not be taken for it."""
     deadline = time.monotonic() + timeout
     with admin(stores, store) as conn:
-        while one(conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'") == 0:
+        while one(conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND usename = %s",
+                  [role]) == 0:
             assert time.monotonic() < deadline, "no commit ever waited for the standby"
             time.sleep(0.02)
 
@@ -123,7 +127,7 @@ def orphan_a_claim(own: Stores, env: str, key: str, kill: str) -> str:
     stall_synchronous_commits(own, RUN_OPS, login)
     try:
         thread, outcome, pid = start_trigger(own.app[CONTROL_PLANE], env, key)
-        wait_for_sync_rep_waiter(own, RUN_OPS)
+        wait_for_sync_rep_waiter(own, RUN_OPS, login)
         if kill == "backend":
             with admin(own, CONTROL_PLANE) as conn:
                 assert one(conn, "SELECT pg_terminate_backend(%s)", [pid])
@@ -184,14 +188,14 @@ def test_a_claim_whose_control_plane_commit_is_in_flight_is_never_taken_over(own
     # A login of its own, so no other session's commits stall.
     with admin(own, CONTROL_PLANE) as conn:
         conn.execute("DROP ROLE IF EXISTS runops_stalled")
-        conn.execute("CREATE ROLE runops_stalled LOGIN PASSWORD %s IN ROLE runops_app".replace(
+        conn.execute("CREATE ROLE runops_stalled LOGIN PASSWORD %s IN ROLE runops_api".replace(
             "%s", "'" + own.local.app_password + "'"))
     url = own.app[CONTROL_PLANE].replace("runops_app:", "runops_stalled:")
     stall_synchronous_commits(own, CONTROL_PLANE, "runops_stalled")
     released = False
     try:
         thread, outcome, _ = start_trigger(url, env, "k")
-        wait_for_sync_rep_waiter(own, CONTROL_PLANE)
+        wait_for_sync_rep_waiter(own, CONTROL_PLANE, "runops_stalled")
         own_client.set_mint_kind(org, "ksuid")
         # The mirror pull runs through the FDW on the control plane, which is not stalled.
         with psycopg.connect(own.app[RUN_OPS], autocommit=True) as ro:
