@@ -24,6 +24,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from tests.conftest import Stores, running_stores
 from tests.lifecycle_helpers import call, one, trigger
 from tests.test_dequeue_concurrency import active, assert_slots_match_runs, slots
+from tests.test_faults_stores import wait_for_store as wait_for_store_to_answer
 
 pytestmark = pytest.mark.faults
 
@@ -48,15 +49,7 @@ def wait_for_store(own: Stores, killed: int | None = None, timeout: float = 60.0
     while killed is not None and Path(f"/proc/{killed}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)
-    while True:
-        try:
-            with psycopg.connect(own.admin[RUN_OPS], connect_timeout=2) as c:
-                c.execute("SELECT 1")
-                return
-        except psycopg.Error:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    wait_for_store_to_answer(own, RUN_OPS, max(deadline - time.monotonic(), 1.0))
 
 
 def check_slots(own: Stores, env: str) -> None:
