@@ -32,13 +32,14 @@ from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate
 from tests.client_flavours import Blocking
 from tests.conftest import Stores
-from tests.test_upgrade import R0004_RELEASE, RELEASES, install_release
+from tests.test_upgrade import RELEASES, install_release
 
 REPO = Path(__file__).resolve().parents[1]
 RUNOPS = Path(sys.executable).parent / "runops"
-# The commit that released the previous revision (r0004_speed): its client is the one deployed
-# applications run while their stores are upgraded to this release.
-PREVIOUS_RELEASE = R0004_RELEASE
+# The commit that released the previous revision (r0005_hardening): its client is the one deployed
+# applications run while their stores are upgraded to this release. It reads rows by name, so
+# this release may add columns to what it reads (run_view.replayed_from_run_id).
+PREVIOUS_RELEASE = "73935fa"
 
 
 def newest_revision() -> str:
@@ -202,9 +203,8 @@ def test_the_previous_releases_client_works_against_stores_at_head(previous_rele
 
 
 def test_the_previous_release_is_a_real_other_client(previous_release: Path) -> None:
-    """It is the old code indeed: its rows are read into fixed dataclasses (class_row), which
-    this release replaced — so an added column (tests/test_client_rows.py) would break it."""
-    found = subprocess.run([str(previous_release), "-c", "import runops.client, inspect; "
-                            "print('class_row(cls)' in inspect.getsource(runops.client))"],
+    """It is the old code indeed: it asks for the previous revision, which this release moved on from."""
+    found = subprocess.run([str(previous_release), "-c", "from runops._client_base import MIN_STORE_VERSION; "
+                            "print(MIN_STORE_VERSION)"],
                            capture_output=True, text=True, check=True, cwd=previous_release.parent)
-    assert found.stdout.strip() == "True"
+    assert found.stdout.strip() == "r0005_hardening" != MIN_STORE_VERSION

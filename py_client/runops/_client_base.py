@@ -67,7 +67,7 @@ MIN_CONNECT_TIMEOUT = 2
 # The store revision this client needs (runops.store_version() answers the store's): stores are
 # upgraded before the applications, so a client needs its own release's revision or a newer one.
 # A test keeps it equal to the newest revision in migrations/.
-MIN_STORE_VERSION = "r0005_hardening"
+MIN_STORE_VERSION = "r0006_fanout"
 # The newest revision without runops.store_version().
 LAST_UNVERSIONED = "r0004_speed"
 

@@ -7,5 +7,5 @@ RETURNS text
 LANGUAGE sql IMMUTABLE SECURITY DEFINER
 SET search_path = runops, pg_catalog, pg_temp
 AS $$
-  SELECT 'r0005_hardening'::text
+  SELECT 'r0006_fanout'::text
 $$;

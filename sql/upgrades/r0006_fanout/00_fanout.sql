@@ -1,0 +1,1 @@
+-- fan-out: what this revision adds is in the files that follow, one topic each.
