@@ -685,6 +685,37 @@ def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
               ["run", "status", "reason"])
 
 
+@runs.command("replay")
+@click.argument("run_id")
+@click.option("--payload", help="JSON payload (default: the original's).")
+@click.option("--key", "idempotency_key", help="Idempotency key of the replay (the original's is never copied).")
+@click.option("--queue", help="Queue (default: the original's).")
+@click.option("--max-attempts", type=int, help="Max attempts (default: the original's).")
+@click.option("--metadata", help="JSON object replacing the original's metadata.")
+@click.option("--delay", help="Delay (10m) or timestamp with offset.")
+@click.option("--tag", "tags", multiple=True, help="A tag replacing the original's tags (repeatable).")
+@click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
+@pass_ctx
+@reports_errors
+def runs_replay(ctx: Ctx, /, run_id: str, payload: str | None, metadata: str | None, tags: tuple[str, ...],
+                environment_id: str | None, **overrides: Any) -> None:
+    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides."""
+    client = ctx.client()
+    _require_store_of(client, run_id)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if metadata is not None:
+        given["metadata"] = _json_arg(metadata, "--metadata")
+    if tags:
+        given["tags"] = list(tags)
+    result = client.replay_run(run_id, environment_id=environment_id, payload=_json_arg(payload, "--payload"),
+                               **given)
+    if ctx.as_json:
+        emit_json(result)
+    else:
+        table([(result.run_id, result.status, result.residency, result.is_cached)],
+              ["run", "status", "residency", "cached"])
+
+
 @runs.command("watch")
 @click.argument("run_id")
 @click.option("--timeout", type=float, default=0, help="Give up after this many seconds (0: never).")
