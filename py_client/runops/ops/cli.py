@@ -10,6 +10,7 @@ check instead: 0 all ok, 1 a warning, 2 a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -736,20 +737,24 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
 
     # LISTEN before reading the status, so no change can slip between the two. Final statuses are
     # always notified, intermediate ones only where the environment asks (notifications 'all'):
-    # the rest are seen by reading the run twice a second.
-    with client.listen(run.environment_id, store) as conn:
+    # the rest are seen by reading the run twice a second. Behind PgBouncer (transaction pooling)
+    # a LISTEN would be lost with its server connection, so there the watch only reads.
+    listening = contextlib.nullcontext(None) if client.behind_pgbouncer else client.listen(run.environment_id, store)
+    with listening as conn:
         current = client.get_run(run_id)
         assert current is not None
         show(None, current.status)
         status = current.status
         while status not in FINAL_STATUSES:
-            for note in conn.notifies(timeout=0.5):
+            for note in conn.notifies(timeout=0.5) if conn is not None else ():
                 event = json.loads(note.payload)
                 if event["run_id"] == run.run_id and event["new_status"] != status:
                     show(status, event["new_status"])
                     status = event["new_status"]
                     if status in FINAL_STATUSES:
                         return
+            if conn is None:
+                time.sleep(0.5)
             if deadline and time.monotonic() > deadline:
                 click.echo(f"error: still {status} after {timeout:g}s", err=True)
                 sys.exit(1)
