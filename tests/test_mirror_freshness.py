@@ -274,3 +274,21 @@ def test_a_lost_slot_is_stood_in_for_by_the_pull_and_recreated_by_migrate(pair: 
     with admin(pair, CONTROL_PLANE) as cp:
         assert cp.execute("SELECT wal_status FROM pg_replication_slots "
                           "WHERE slot_name LIKE 'runops_mirror_%'").fetchall() == [("reserved",)]
+
+
+def test_a_session_reads_the_subscriptions_progress_at_most_once_a_second(pair: Stores) -> None:
+    """The hot path's fallback (mirror_feed past the bound) keeps the subscription's progress for a
+    second per session: a reading remembered as very old makes the mirror stale until it lapses,
+    then the subscription is asked again."""
+    new_env(pair)
+    with admin(pair, RUN_OPS) as ro:
+        ro.execute("UPDATE runops.heartbeats SET beat_at = now() - interval '1 hour'")
+        assert ro.execute("SELECT runops.mirror_replicated_at() IS NOT NULL").fetchone() == (True,)
+        ro.execute("SELECT set_config('runops.mirror_progress', clock_timestamp()::text || '|2000-01-01 00:00+00', "
+                   "false)")
+        fresh = "SELECT runops.mirror_within_bound(f.fed_at, f.bound_seconds) FROM runops.mirror_feed() AS f"
+        assert ro.execute(fresh).fetchone() == (False,)  # the remembered reading, not the subscription
+        time.sleep(1.1)
+        assert ro.execute(fresh).fetchone() == (True,)  # lapsed: asked again
+        memo = ro.execute("SELECT current_setting('runops.mirror_progress')").fetchone()
+        assert memo is not None and not str(memo[0]).endswith("|2000-01-01 00:00+00")
