@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -32,6 +29,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate
 from tests.client_flavours import Blocking
 from tests.conftest import Stores
+from tests.releases import R0005_RELEASE, release_python
 from tests.test_upgrade import RELEASES, install_release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +37,7 @@ RUNOPS = Path(sys.executable).parent / "runops"
 # The commit that released the previous revision (r0005_hardening): its client is the one deployed
 # applications run while their stores are upgraded to this release. It reads rows by name, so
 # this release may add columns to what it reads (run_view.replayed_from_run_id).
-PREVIOUS_RELEASE = "73935fa"
+PREVIOUS_RELEASE = R0005_RELEASE
 
 
 def newest_revision() -> str:
@@ -157,34 +155,9 @@ SCENARIO = textwrap.dedent('''\
 
 
 @pytest.fixture(scope="module")
-def previous_release() -> Iterator[Path]:
-    """The python of a venv outside the checkout holding the previous release's wheel, built from
-    its commit (git archive, then pip wheel). Its dependencies are this venv's (the same
-    psycopg): a .pth file points at them, and none of this venv's .pth files (the editable
-    install of the current runops among them) is read from there."""
-    root = Path(tempfile.mkdtemp(prefix="runops-previous-"))
-    assert not root.resolve().is_relative_to(REPO)
-    try:
-        (root / "src").mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PREVIOUS_RELEASE],
-                                 capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(root / "src")], input=archive.stdout, check=True)
-        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(root / "dist"),
-                                str(root / "src")], capture_output=True, text=True, check=False)
-        assert built.returncode == 0, built.stderr
-        [wheel] = (root / "dist").glob("runops-*.whl")
-        venv = root / "venv"
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-        python = venv / "bin" / "python"
-        installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                                    "--quiet", str(wheel)], capture_output=True, text=True, check=False)
-        assert installed.returncode == 0, installed.stderr
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        (Path(site) / "runops_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        yield python
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def previous_release() -> Path:
+    """The python of a venv outside the checkout holding the previous release's wheel (tests/releases.py)."""
+    return release_python(PREVIOUS_RELEASE)
 
 
 def test_the_previous_releases_client_works_against_stores_at_head(previous_release: Path, stores: Stores) -> None:

@@ -1,5 +1,6 @@
 """Upgrading a filled pair installed by a release to this tree's head in place, with triggers
-running: a pair installed at the r0001 release, and one installed at the r0004 release.
+running: a pair installed at the r0001 release, one at the r0004 release, and one at the r0005
+release (the previous one, installed by its own package's migrate code).
 
 Each pair is a control plane and a run-ops store in two fresh databases of the control-plane test
 cluster (two databases of one cluster are a valid split; enable_split accepts it with a warning).
@@ -68,6 +69,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS
 from runops.ops import migrate, schema
 from tests.conftest import Stores
 from tests.lifecycle_helpers import call, one
+from tests.releases import R0005_RELEASE, run_released
 from tests.test_schema import function_definitions, pg_dump_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +91,9 @@ R0004_RELEASE = "d488316"
 RELEASES = {
     "r0001": Release(("r0001_foundation",), "0001", "387ec3a"),
     "r0004": Release(("r0001_foundation", "r0002_seam", "r0003_freshness", "r0004_speed"), "0004", R0004_RELEASE),
+    # From r0005 on a release carries no revision modules: its own `runops migrate` code installs
+    # it (the release's package, built from git into a venv of its own: tests/releases.py).
+    "r0005": Release((), "0005", R0005_RELEASE),
 }
 
 
@@ -105,7 +110,13 @@ def released_text(commit: str, path: str) -> str:
 def install_release(store: str, url: str, release: Release) -> None:
     """Installs ``release`` as its Alembic did: every revision module's upgrade(op, store) in one
     transaction, then the version table at its revision (stamped by this tree's history, which
-    keeps the released ids)."""
+    keeps the released ids). A release without modules is installed by its own package's
+    ``migrate.upgrade``, exactly as its `runops migrate` did."""
+    if not release.modules:
+        done = run_released(release.wiring_commit, "import sys; from runops.ops import migrate; "
+                            "migrate.upgrade(sys.argv[1], sys.argv[2])", store, url)
+        assert done.returncode == 0, done.stderr
+        return
     engine = create_engine("postgresql+psycopg://", poolclass=NullPool, creator=lambda: psycopg.connect(url))
     with engine.begin() as connection:
         op = Operations(MigrationContext.configure(connection))
