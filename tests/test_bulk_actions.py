@@ -1,0 +1,292 @@
+"""Bulk actions (SPEC §9 [1.3]): cancel or replay every run matching a filter, across both
+stores; the matched set fixed at creation; each matched run acted on exactly once, with two
+processors at once and a processor's backend killed mid-chunk; abort keeps what was done; bad
+input creates nothing."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
+from runops.errors import EnvironmentUnusable, InvalidInput, NotFound
+from runops.models import BulkAction
+from tests.conftest import Stores, sqlstate_of
+from tests.test_seam_idempotency import flip
+
+
+def two_store_env(client: RunOps, legacy: int, new: int, task: str = "t") -> tuple[str, str, list[str], list[str]]:
+    """An environment with `legacy` runs on the control plane and `new` runs on run-ops (its
+    organization mints cuids, then flips to ksuids): (org, env, legacy ids, new ids)."""
+    org = client.create_organization(f"bulk-{secrets.token_hex(4)}", mint_kind="cuid")
+    env = client.create_environment(client.create_project(org, "p"), "e", "PRODUCTION")
+    old = [client.trigger_run(env, task, {"i": i}).run_id for i in range(legacy)]
+    flip(client, org, "ksuid")
+    young = [client.trigger_run(env, task, {"i": i}).run_id for i in range(new)]
+    assert {client.get_run(r).residency for r in old} <= {"LEGACY"}  # type: ignore[union-attr]
+    assert {client.get_run(r).residency for r in young} <= {"NEW"}  # type: ignore[union-attr]
+    return org, env, old, young
+
+
+def statuses(client: RunOps, run_ids: list[str]) -> dict[str, str]:
+    out = {}
+    for r in run_ids:
+        run = client.get_run(r)
+        assert run is not None
+        out[r] = run.status
+    return out
+
+
+def action(client: RunOps, bulk_id: str) -> BulkAction:
+    got = client.get_bulk_action(bulk_id)
+    assert got is not None
+    return got
+
+
+def drain(client: RunOps, bulk_id: str, max_runs: int | None = None, limit: int = 200) -> BulkAction:
+    """Advances every store until the action is over."""
+    for _ in range(limit):
+        client.advance_bulk_actions(max_runs)
+        got = action(client, bulk_id)
+        if got.is_over:
+            return got
+    raise AssertionError(f"bulk action {bulk_id} did not finish: {action(client, bulk_id)}")
+
+
+def test_bulk_cancel_across_both_stores_with_two_processors_and_a_killed_backend(
+        client: RunOps, stores: Stores) -> None:
+    _, env, old, young = two_store_env(client, 25, 25)
+    # Already final runs are matched but skipped (processed, not affected).
+    for r in old[:3] + young[:3]:
+        client.finalize_run(r, "COMPLETED_SUCCESSFULLY", output={})
+    created = client.create_bulk_action(env, "CANCEL", {"task_identifiers": ["t"]}, chunk_size=7, reason="bad deploy")
+    assert created.bulk_action_id.startswith("bulk_") and not created.is_cached and created.status == "PENDING"
+    # Runs triggered afterwards, in both stores, are not the action's.
+    after_new = client.trigger_run(env, "t", {}).run_id
+    with psycopg.connect(stores.app[CONTROL_PLANE], autocommit=True) as cp:
+        after_old = cp.execute("SELECT run_id FROM runops.trigger_run(%s, 't', '{}', %s)",
+                               [env, Jsonb({"parent_run_id": old[-1]})]).fetchone()[0]  # type: ignore[index]
+    got = action(client, created.bulk_action_id)
+    assert (got.matched_count, got.processed_count, got.affected_count, got.status) == (50, 0, 0, "PENDING")
+
+    # A processor on run-ops takes the first chunk and waits on a run the test holds locked.
+    with psycopg.connect(stores.admin[RUN_OPS]) as holder:
+        first = min(r[4:] for r in young[3:])  # the lowest member id of run-ops' part: its first chunk
+        holder.execute("SELECT 1 FROM runops.runs WHERE id = %s FOR UPDATE", [first])
+        stuck = psycopg.connect(stores.app[RUN_OPS], autocommit=True)
+        pid = stuck.info.backend_pid
+        outcome: dict[str, Any] = {}
+
+        def process() -> None:
+            try:
+                outcome["n"] = stuck.execute("SELECT runops.advance_bulk_actions()").fetchone()
+            except psycopg.Error as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=process)
+        thread.start()
+        with psycopg.connect(stores.admin[RUN_OPS], autocommit=True) as watcher:
+            for _ in range(200):
+                waiting = watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                          [pid]).fetchone()
+                if waiting and waiting[0] == "Lock":
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the processor never reached the locked run")
+            # A second processor on the same store skips the part at once instead of waiting.
+            with psycopg.connect(stores.app[RUN_OPS], autocommit=True) as second:
+                second.execute("SET statement_timeout = '5s'")
+                assert second.execute("SELECT runops.advance_bulk_actions()").fetchone() == (0,)
+            # The first processor's backend dies mid-chunk.
+            assert watcher.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
+        thread.join(30)
+        assert "error" in outcome and "n" not in outcome
+        stuck.close()
+        holder.rollback()
+    got = action(client, created.bulk_action_id)
+    assert got.processed_count == 0 and got.affected_count == 0  # the killed chunk left nothing
+
+    # Two processors on each store at once, until the action is over.
+    def processor() -> None:
+        with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS]) as c:
+            for _ in range(100):
+                c.advance_bulk_actions()
+                if action(c, created.bulk_action_id).is_over:
+                    return
+
+    threads = [threading.Thread(target=processor) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    got = action(client, created.bulk_action_id)
+    assert got.status == "COMPLETED" and got.completed_at is not None
+    assert (got.matched_count, got.processed_count, got.affected_count) == (50, 50, 44)
+    final = statuses(client, old + young)
+    assert [r for r in old[:3] + young[:3] if final[r] != "COMPLETED_SUCCESSFULLY"] == []
+    assert {final[r] for r in old[3:] + young[3:]} == {"CANCELED"}
+    for r in old[3:] + young[3:]:
+        run = client.get_run(r)
+        assert run is not None and run.error == {"message": "bad deploy", "status": "CANCELED"}
+    # after_old is a child of a cancelled run, so cancel_run's cascade took it (it is no member).
+    assert statuses(client, [after_new, after_old]) == {after_new: "PENDING", after_old: "CANCELED"}
+    # The control plane's tick records it, and prunes its matched set.
+    with psycopg.connect(stores.admin[CONTROL_PLANE], autocommit=True) as cp_admin:
+        cp_admin.execute("SELECT runops.tick()")
+        bare = created.bulk_action_id[5:]
+        assert cp_admin.execute("SELECT status, members_pruned FROM runops.bulk_actions WHERE id = %s",
+                                [bare]).fetchone() == ("COMPLETED", True)
+        assert cp_admin.execute("SELECT count(*) FROM runops.bulk_action_members WHERE bulk_action_id = %s",
+                                [bare]).fetchone() == (0,)
+    assert action(client, created.bulk_action_id) == got
+
+
+def test_runs_created_after_the_action_are_untouched(client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 4, 4)
+    created = client.create_bulk_action(env, "CANCEL")
+    later = [client.trigger_run(env, "t", {}).run_id for _ in range(3)]
+    got = drain(client, created.bulk_action_id)
+    assert (got.matched_count, got.processed_count, got.affected_count) == (8, 8, 8)
+    assert set(statuses(client, old + young).values()) == {"CANCELED"}
+    assert set(statuses(client, later).values()) == {"PENDING"}
+
+
+def test_filters_are_list_runs_filters(client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 3, 3, task="a")
+    others = [client.trigger_run(env, "b", {}).run_id for _ in range(2)]
+    tagged = client.trigger_run(env, "a", {}, tags=["x"]).run_id
+    created = client.create_bulk_action(env, "CANCEL", {"task_identifiers": ["a"], "statuses": ["PENDING"]})
+    got = drain(client, created.bulk_action_id)
+    assert (got.matched_count, got.affected_count) == (7, 7)
+    assert set(statuses(client, others).values()) == {"PENDING"}
+    created = client.create_bulk_action(env, "CANCEL", {"tags": ["x"]})
+    assert action(client, created.bulk_action_id).matched_count == 1
+    assert drain(client, created.bulk_action_id).affected_count == 0  # cancelled already by the first
+    assert statuses(client, [tagged]) == {tagged: "CANCELED"}
+
+
+def test_abort_keeps_what_was_done(client: RunOps, stores: Stores) -> None:
+    _, env, old, young = two_store_env(client, 12, 0)
+    created = client.create_bulk_action(env, "CANCEL", chunk_size=5)
+    assert client.advance_bulk_actions()[CONTROL_PLANE] == 5
+    aborted = client.abort_bulk_action(created.bulk_action_id)
+    assert (aborted.status, aborted.processed_count, aborted.affected_count) == ("ABORTED", 5, 5)
+    assert aborted.completed_at is not None
+    for _ in range(3):
+        assert client.advance_bulk_actions() == {CONTROL_PLANE: 0, RUN_OPS: 0}
+    client.tick()
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.processed_count, got.affected_count) == ("ABORTED", 5, 5)
+    assert sorted(statuses(client, old).values()).count("CANCELED") == 5
+    assert sorted(statuses(client, old).values()).count("PENDING") == 7
+    # Aborting again answers the same row.
+    assert client.abort_bulk_action(created.bulk_action_id) == got
+
+
+def test_tick_advances_bulk_actions_in_bounded_chunks(client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 6, 6)
+    created = client.create_bulk_action(env, "CANCEL")
+    counts = client.tick(max_rows=4)
+    assert counts[CONTROL_PLANE]["bulk_processed"] == 4 and counts[RUN_OPS]["bulk_processed"] == 4
+    assert action(client, created.bulk_action_id).status == "PROCESSING"
+    client.tick(max_rows=4)
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.processed_count, got.affected_count) == ("COMPLETED", 12, 12)
+
+
+def test_idempotency_key_answers_the_first_action(client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 2, 2)
+    first = client.create_bulk_action(env, "CANCEL", idempotency_key="incident-7")
+    again = client.create_bulk_action(env, "CANCEL", idempotency_key="incident-7")
+    assert again.bulk_action_id == first.bulk_action_id and again.is_cached and not first.is_cached
+    other = client.create_bulk_action(env, "CANCEL", idempotency_key="incident-8")
+    assert other.bulk_action_id != first.bulk_action_id
+
+
+def test_an_action_matching_nothing_is_completed_at_once(client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 1, 1)
+    created = client.create_bulk_action(env, "CANCEL", {"task_identifiers": ["nothing"]})
+    assert created.status == "COMPLETED"
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.matched_count, got.processed_count) == ("COMPLETED", 0, 0)
+
+
+def test_get_reads_through_either_store_and_guards_the_environment(client: RunOps, stores: Stores) -> None:
+    _, env, old, young = two_store_env(client, 2, 2)
+    created = client.create_bulk_action(env, "CANCEL")
+    for store in (CONTROL_PLANE, RUN_OPS):
+        with psycopg.connect(stores.app[store], autocommit=True) as conn:
+            rows = conn.execute("SELECT bulk_action_id, environment_id, kind, status, matched_count "
+                                "FROM runops.get_bulk_action(%s)", [created.bulk_action_id]).fetchall()
+            assert rows == [(created.bulk_action_id, env, "CANCEL", "PENDING", 4)]
+            assert conn.execute("SELECT * FROM runops.get_bulk_action(%s, 'env_other')",
+                                [created.bulk_action_id]).fetchall() == []
+            for missing in ("bulk_c" + "0" * 24, "run_" + created.bulk_action_id[5:], "nonsense", ""):
+                assert conn.execute("SELECT * FROM runops.get_bulk_action(%s)", [missing]).fetchall() == []
+
+
+def test_writes_on_run_ops_name_the_control_plane(stores: Stores, client: RunOps) -> None:
+    _, env, old, young = two_store_env(client, 1, 1)
+    created = client.create_bulk_action(env, "CANCEL")
+    with psycopg.connect(stores.app[RUN_OPS], autocommit=True) as ro:
+        for query, args in (("SELECT * FROM runops.create_bulk_action(%s, 'CANCEL')", [env]),
+                            ("SELECT * FROM runops.abort_bulk_action(%s)", [created.bulk_action_id])):
+            with pytest.raises(psycopg.Error) as err:
+                ro.execute(query, args)
+            assert sqlstate_of(err.value) == "RO002"
+            assert err.value.diag.message_detail == "owning_store=CONTROL_PLANE"
+
+
+@pytest.mark.parametrize(("kind", "filters", "options", "code"), [
+    ("DELETE", {}, {}, "RO006"),
+    (None, {}, {}, "RO006"),
+    ("CANCEL", {"colour": "red"}, {}, "RO006"),
+    ("CANCEL", [], {}, "RO006"),
+    ("CANCEL", "PENDING", {}, "RO006"),
+    ("CANCEL", {"statuses": ["NOPE"]}, {}, "RO006"),
+    ("CANCEL", {"statuses": []}, {}, "RO006"),
+    ("CANCEL", {}, {"chunk_size": 0}, "RO006"),
+    ("CANCEL", {}, {"chunk_size": 100001}, "RO006"),
+    ("CANCEL", {}, {"colour": "red"}, "RO006"),
+    ("CANCEL", {}, [], "RO006"),
+    ("CANCEL", {}, {"reason": "x" * 3000}, "RO006"),
+    ("REPLAY", {}, {"reason": "why"}, "RO006"),
+    ("CANCEL", {}, {"idempotency_key": 7}, "RO006"),
+])
+def test_bad_input_is_one_error_and_creates_nothing(stores: Stores, client: RunOps, kind: str | None,
+                                                    filters: Any, options: Any, code: str) -> None:
+    _, env, old, young = two_store_env(client, 1, 0)
+    with psycopg.connect(stores.app[CONTROL_PLANE], autocommit=True) as cp, \
+         psycopg.connect(stores.admin[CONTROL_PLANE], autocommit=True) as cp_admin:
+        before = cp_admin.execute("SELECT count(*) FROM runops.bulk_actions").fetchone()
+        with pytest.raises(psycopg.Error) as err:
+            cp.execute("SELECT * FROM runops.create_bulk_action(%s, %s, %s, %s)",
+                       [env, kind, Jsonb(filters), Jsonb(options)])
+        assert sqlstate_of(err.value) == code
+        assert len(err.value.diag.message_primary or "") < 200
+        assert cp_admin.execute("SELECT count(*) FROM runops.bulk_actions").fetchone() == before
+
+
+def test_environment_errors(client: RunOps) -> None:
+    org, env, old, young = two_store_env(client, 1, 0)
+    with pytest.raises(NotFound):
+        client.create_bulk_action("env_" + "x" * 20, "CANCEL")
+    with pytest.raises(InvalidInput):
+        client.create_bulk_action(env, "CANCEL", {"batch_id": "run_abc"})
+    client.update_environment(env, paused=True)
+    with pytest.raises(EnvironmentUnusable):
+        client.create_bulk_action(env, "REPLAY")
+    # Cancelling is not new work: allowed on a paused environment.
+    created = client.create_bulk_action(env, "CANCEL")
+    assert drain(client, created.bulk_action_id).affected_count == 1
+    with pytest.raises(NotFound):
+        client.abort_bulk_action("bulk_c" + "0" * 24)
+    with pytest.raises(InvalidInput):
+        client.abort_bulk_action("run_" + created.bulk_action_id[5:])
