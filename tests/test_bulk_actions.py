@@ -35,7 +35,7 @@ def two_store_env(client: RunOps, legacy: int, new: int, task: str = "t") -> tup
 
 
 def statuses(client: RunOps, run_ids: list[str]) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for r in run_ids:
         run = client.get_run(r)
         assert run is not None
