@@ -64,6 +64,7 @@ GRANT EXECUTE ON FUNCTION
   runops.cancel_dev_session_runs(text, text),
   runops.execute_tasks_waiting_for_deploy(text, text[]),
   runops.trigger_failed_task(text, text, jsonb, jsonb, jsonb),
+  runops.replay_run(text, jsonb),
   runops.enqueue_delayed_runs(integer),
   runops.expire_enqueued_runs(integer),
   runops.tick(integer),

@@ -311,3 +311,24 @@ def test_a_worker_through_pgbouncer(bouncer: Bouncer, make_env: Callable[..., En
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0, log.read_text()
     assert "Traceback" not in log.read_text() and "prepared statement" not in log.read_text()
+
+
+def test_runs_watch_polls_through_pgbouncer(bouncer: Bouncer, make_env: Callable[..., Env]) -> None:
+    """`runops runs watch` cannot LISTEN through a transaction pooler: there it reads the run."""
+    env = make_env("ksuid").environment_id
+    settings = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": bouncer.urls[CONTROL_PLANE],
+                "RUNOPS_RUN_OPS_URL": bouncer.urls[RUN_OPS], "RUNOPS_PGBOUNCER": "1"}
+    with RunOps(bouncer.urls[CONTROL_PLANE], bouncer.urls[RUN_OPS], pgbouncer=True) as ro:
+        run_id = ro.trigger_run(env, "add", {"a": 1}).run_id
+        watch = subprocess.Popen([str(Path(sys.executable).parent / "runops"), "runs", "watch", run_id,
+                                  "--timeout", "60"], env=settings, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        try:
+            assert watch.stdout is not None
+            assert watch.stdout.readline().split()[1:] == [run_id, "PENDING"]
+            ro.cancel_run(run_id, "watched")
+            out, err = watch.communicate(timeout=30)
+        finally:
+            watch.kill()
+    assert watch.returncode == 0, err
+    assert out.split()[1:] == [run_id, "PENDING", "->", "CANCELED"], out

@@ -354,6 +354,25 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
         return await self._with_wrong_store_retry(await self._trigger_store(environment_id, options), call)
 
+    async def replay_run(self, run_id: str, *, environment_id: str | None = None, payload: Any = None,
+                         **overrides: Any) -> TriggerResult:
+        """A new root run from ``run_id`` (its payload, tags, queue, max attempts, metadata and
+        concurrency key), minted by its environment's current mint kind, so a LEGACY run replays
+        as NEW after the flip. ``overrides``: ``tags``, ``delay``, ``queue``, ``max_attempts``,
+        ``metadata``, ``idempotency_key``; ``payload`` replaces the original's (None keeps it).
+        Sent first to the store of the environment's roots when ``environment_id`` (a guard) is
+        given, else to the original's store, following RO002. Raises NotFound, InvalidInput,
+        EnvironmentUnusable."""
+        given = {**overrides, "payload": payload, "environment_id": environment_id}
+        params = {"r": run_id, "o": _options(given)}
+
+        async def call(store: str) -> TriggerResult:
+            return await self._one(store, queries.REPLAY_RUN, params, TriggerResult)
+
+        first = (await self._trigger_store(environment_id, {}) if environment_id is not None
+                 else self._write_store_of(run_id))
+        return await self._with_wrong_store_retry(first, call)
+
     async def reset_idempotency_key(self, environment_id: str, task_identifier: str, idempotency_key: str, *,
                                     scope: str = "run", parent_run_id: str | None = None,
                                     parent_attempt_number: int | None = None) -> int:

@@ -104,6 +104,7 @@ class Run:
     project_id: str
     organization_id: str
     id: str
+    replayed_from_run_id: str | None  # r0006: stores older than the client's minimum lack it
 
     @property
     def is_final(self) -> bool:

@@ -44,6 +44,7 @@ PULL_TENANT_MIRROR = "SELECT runops.pull_tenant_mirror()"
 TRIGGER_ROUTE = "SELECT runops.trigger_route(%(e)s, %(o)s)"
 TRIGGER_RUN = "SELECT * FROM runops.trigger_run(%(e)s, %(t)s, %(p)s, %(o)s)"
 TRIGGER_FAILED_TASK = "SELECT * FROM runops.trigger_failed_task(%(e)s, %(t)s, %(p)s, %(x)s, %(o)s)"
+REPLAY_RUN = "SELECT * FROM runops.replay_run(%(r)s, %(o)s)"
 RESET_IDEMPOTENCY_KEY = "SELECT runops.reset_idempotency_key(%(e)s, %(t)s, %(k)s, %(s)s, %(p)s, %(a)s)"
 
 # -- reads ----------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ AS $$
          CASE WHEN status = 'PENDING' THEN at END,                                    -- queued_at
          NULL::timestamptz,                                                           -- started_at
          CASE WHEN status = 'SYSTEM_FAILURE' THEN at END,                             -- completed_at
-         NULL::timestamptz, at, at                                                    -- expired_at, created, updated
+         NULL::timestamptz, at, at,                                                   -- expired_at, created, updated
+         NULL::text                                                                   -- replayed_from_run_id: replay_run sets it
 $$;
 
 -- The options of a run that passed none (what parse_trigger_options answers for '{}'), as a

@@ -125,7 +125,10 @@ CREATE TABLE runops.runs (
   completed_at                timestamptz,
   expired_at                  timestamptz,
   created_at                  timestamptz NOT NULL,
-  updated_at                  timestamptz NOT NULL
+  updated_at                  timestamptz NOT NULL,
+  -- A replay's original (bare; either store: a LEGACY run replays as NEW after the flip). Last,
+  -- where an installed store's ALTER TABLE puts it.
+  replayed_from_run_id        text
 );
 -- One key-holding run per (environment, task, dedup key); runs without a key stay out of it.
 CREATE UNIQUE INDEX runs_idempotency_key_idx

@@ -70,9 +70,12 @@ CREATE TYPE runops.batch_row AS (
 -- What append_batch_items and seal_batch answer with (their parameter is named batch_id too).
 CREATE TYPE runops.appended_items AS (batch_id text, first_index integer, run_ids text[]);
 CREATE TYPE runops.sealed_batch AS (batch_id text, status text, item_count integer, expected_count integer);
+-- What replay_run answers with: trigger_run's row (its parameter is named run_id too).
+CREATE TYPE runops.replayed_run AS (run_id text, is_cached boolean, status text, residency text);
 ALTER TYPE runops.trigger_spec OWNER TO runops_owner;
 ALTER TYPE runops.appended_items OWNER TO runops_owner;
 ALTER TYPE runops.sealed_batch OWNER TO runops_owner;
+ALTER TYPE runops.replayed_run OWNER TO runops_owner;
 ALTER TYPE runops.batch_row OWNER TO runops_owner;
 ALTER TYPE runops.waitpoint_row OWNER TO runops_owner;
 ALTER TYPE runops.environment_context OWNER TO runops_owner;

@@ -41,6 +41,7 @@ SELECT 'run_' || r.id                                        AS run_id,
        r.suspended_reason,
        r.project_id,
        r.organization_id,
+       'run_' || r.replayed_from_run_id                      AS replayed_from_run_id,
        r.id
 FROM runops.runs r;
 ALTER VIEW runops.run_view OWNER TO runops_owner;

@@ -10,6 +10,7 @@ check instead: 0 all ok, 1 a warning, 2 a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -776,6 +777,37 @@ def runs_cancel(ctx: Ctx, /, run_id: str | None, reason: str | None, environment
               ["run", "status", "reason"])
 
 
+@runs.command("replay")
+@click.argument("run_id")
+@click.option("--payload", help="JSON payload (default: the original's).")
+@click.option("--key", "idempotency_key", help="Idempotency key of the replay (the original's is never copied).")
+@click.option("--queue", help="Queue (default: the original's).")
+@click.option("--max-attempts", type=int, help="Max attempts (default: the original's).")
+@click.option("--metadata", help="JSON object replacing the original's metadata.")
+@click.option("--delay", help="Delay (10m) or timestamp with offset.")
+@click.option("--tag", "tags", multiple=True, help="A tag replacing the original's tags (repeatable).")
+@click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
+@pass_ctx
+@reports_errors
+def runs_replay(ctx: Ctx, /, run_id: str, payload: str | None, metadata: str | None, tags: tuple[str, ...],
+                environment_id: str | None, **overrides: Any) -> None:
+    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides."""
+    client = ctx.client()
+    _require_store_of(client, run_id)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if metadata is not None:
+        given["metadata"] = _json_arg(metadata, "--metadata")
+    if tags:
+        given["tags"] = list(tags)
+    result = client.replay_run(run_id, environment_id=environment_id, payload=_json_arg(payload, "--payload"),
+                               **given)
+    if ctx.as_json:
+        emit_json(result)
+    else:
+        table([(result.run_id, result.status, result.residency, result.is_cached)],
+              ["run", "status", "residency", "cached"])
+
+
 @runs.command("watch")
 @click.argument("run_id")
 @click.option("--timeout", type=float, default=0, help="Give up after this many seconds (0: never).")
@@ -796,20 +828,24 @@ def runs_watch(ctx: Ctx, run_id: str, timeout: float) -> None:
 
     # LISTEN before reading the status, so no change can slip between the two. Final statuses are
     # always notified, intermediate ones only where the environment asks (notifications 'all'):
-    # the rest are seen by reading the run twice a second.
-    with client.listen(run.environment_id, store) as conn:
+    # the rest are seen by reading the run twice a second. Behind PgBouncer (transaction pooling)
+    # a LISTEN would be lost with its server connection, so there the watch only reads.
+    listening = contextlib.nullcontext(None) if client.behind_pgbouncer else client.listen(run.environment_id, store)
+    with listening as conn:
         current = client.get_run(run_id)
         assert current is not None
         show(None, current.status)
         status = current.status
         while status not in FINAL_STATUSES:
-            for note in conn.notifies(timeout=0.5):
+            for note in conn.notifies(timeout=0.5) if conn is not None else ():
                 event = json.loads(note.payload)
                 if event["run_id"] == run.run_id and event["new_status"] != status:
                     show(status, event["new_status"])
                     status = event["new_status"]
                     if status in FINAL_STATUSES:
                         return
+            if conn is None:
+                time.sleep(0.5)
             if deadline and time.monotonic() > deadline:
                 click.echo(f"error: still {status} after {timeout:g}s", err=True)
                 sys.exit(1)

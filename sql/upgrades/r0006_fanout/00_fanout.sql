@@ -1,1 +1,0 @@
--- fan-out: what this revision adds is in the files that follow, one topic each.
