@@ -290,3 +290,78 @@ def test_environment_errors(client: RunOps) -> None:
         client.abort_bulk_action("bulk_c" + "0" * 24)
     with pytest.raises(InvalidInput):
         client.abort_bulk_action("run_" + created.bulk_action_id[5:])
+
+
+def replays_of(stores: Stores, originals: list[str]) -> dict[str, list[str]]:
+    """Every replay in either store, by original: {original: [replay ids]}."""
+    found: dict[str, list[str]] = {r: [] for r in originals}
+    for store in (CONTROL_PLANE, RUN_OPS):
+        with psycopg.connect(stores.admin[store]) as conn:
+            for replay, original in conn.execute(
+                    "SELECT id, replayed_from_run_id FROM runops.runs WHERE replayed_from_run_id = ANY(%s)",
+                    [[r[4:] for r in originals]]):
+                found["run_" + original].append(replay)
+    return found
+
+
+def test_bulk_replay_makes_exactly_one_replay_per_run_after_repeated_ticks(client: RunOps, stores: Stores) -> None:
+    org, env, old, young = two_store_env(client, 5, 5)
+    for r in old[:2] + young[:2]:
+        client.finalize_run(r, "CRASHED", error={"message": "bad deploy"})
+    created = client.create_bulk_action(env, "REPLAY", {"statuses": ["CRASHED"]}, chunk_size=3)
+    assert action(client, created.bulk_action_id).matched_count == 4
+
+    # A paused environment takes no replays: the chunk is undone whole and says why.
+    client.update_environment(env, paused=True)
+    assert client.wait_for_mirror()
+    assert client.advance_bulk_actions() == {CONTROL_PLANE: 0, RUN_OPS: 0}
+    with psycopg.connect(stores.admin[RUN_OPS]) as ro_admin:
+        errors = ro_admin.execute("SELECT last_error FROM runops.bulk_action_progress WHERE bulk_action_id = %s",
+                                  [created.bulk_action_id[5:]]).fetchall()
+        assert errors and all(e[0].startswith("RO005") for e in errors)
+    assert action(client, created.bulk_action_id).processed_count == 0
+    client.update_environment(env, paused=False)
+    assert client.wait_for_mirror()
+
+    # Ticks and two processors at once, again and again, even after it completed.
+    def processor() -> None:
+        with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS]) as c:
+            for _ in range(10):
+                c.advance_bulk_actions()
+
+    threads = [threading.Thread(target=processor) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(10):
+        client.tick(max_rows=2)
+    for t in threads:
+        t.join(120)
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 4, 4, 4)
+    made = replays_of(stores, old + young)
+    assert {r: len(v) for r, v in made.items() if v} == {r: 1 for r in old[:2] + young[:2]}
+    # The environment mints NEW runs: every replay is there, LEGACY originals included.
+    for replay_ids in made.values():
+        for bare in replay_ids:
+            run = client.get_run("run_" + bare)
+            assert run is not None and run.residency == "NEW" and run.status == "PENDING"
+
+
+
+def test_a_replay_part_walked_again_after_a_flip_makes_no_second_replay(client: RunOps, stores: Stores) -> None:
+    org, env, old, young = two_store_env(client, 3, 3)
+    created = client.create_bulk_action(env, "REPLAY", chunk_size=2)
+    # Run-ops (where the environment mints now) replays one chunk of each part...
+    assert client.advance_bulk_actions() == {CONTROL_PLANE: 0, RUN_OPS: 4}
+    # ... then the organization flips back to cuids: the control plane mints the environment's
+    # runs now, and walks both parts from the start. The keyed replays it meets are the ones
+    # run-ops made (one key across both stores): it makes only the missing ones.
+    flip(client, org, "cuid")
+    for _ in range(5):
+        client.advance_bulk_actions()
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 6, 6, 6)
+    made = replays_of(stores, old + young)
+    assert {r: len(v) for r, v in made.items()} == {r: 1 for r in old + young}
+    residencies = sorted(client.get_run("run_" + v[0]).residency for v in made.values())  # type: ignore[union-attr]
+    assert residencies == ["LEGACY", "LEGACY", "NEW", "NEW", "NEW", "NEW"]

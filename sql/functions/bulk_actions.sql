@@ -326,9 +326,23 @@ CREATE OR REPLACE FUNCTION runops.replay_bulk_chunk(a runops.bulk_actions, ids t
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
 AS $$
+DECLARE
+  original text;
+  answer record;
+  made integer := 0;
 BEGIN
-  PERFORM raise_error('RO006', 'REPLAY bulk actions need replay_run');
-  RETURN 0;
+  FOREACH original IN ARRAY ids LOOP
+    BEGIN
+      SELECT * INTO answer FROM replay_run('run_' || original,
+        jsonb_build_object('idempotency_key', 'bulk_' || a.id || ':' || original, 'environment_id', a.environment_id));
+    EXCEPTION WHEN SQLSTATE 'RO004' THEN
+      CONTINUE;  -- purged since the action was created: processed, nothing to replay
+    END;
+    IF NOT answer.is_cached THEN
+      made := made + 1;
+    END IF;
+  END LOOP;
+  RETURN made;
 END
 $$;
 
