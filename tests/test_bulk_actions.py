@@ -5,6 +5,7 @@ input creates nothing."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -18,6 +19,7 @@ from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import EnvironmentUnusable, InvalidInput, NotFound
 from runops.models import BulkAction
 from tests.conftest import Stores, sqlstate_of
+from tests.test_cli import Cli, run
 from tests.test_seam_idempotency import flip
 
 
@@ -365,3 +367,68 @@ def test_a_replay_part_walked_again_after_a_flip_makes_no_second_replay(client: 
     assert {r: len(v) for r, v in made.items()} == {r: 1 for r in old + young}
     residencies = sorted(client.get_run("run_" + v[0]).residency for v in made.values())  # type: ignore[union-attr]
     assert residencies == ["LEGACY", "LEGACY", "NEW", "NEW", "NEW", "NEW"]
+
+
+@pytest.fixture
+def cli(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    """test_cli's: `runops` with both stores' URLs in its environment."""
+    monkeypatch.setenv("RUNOPS_CONTROL_PLANE_URL", stores.app[CONTROL_PLANE])
+    monkeypatch.setenv("RUNOPS_RUN_OPS_URL", stores.app[RUN_OPS])
+    return Cli()
+
+
+def test_cli_bulk_cancel_and_replay_with_a_progress_bar_show_and_abort(client: RunOps, cli: Cli) -> None:
+    _, env, old, young = two_store_env(client, 3, 3)
+    later = client.trigger_run(env, "other", {}).run_id
+    # --no-wait: the action, at once.
+    code, out, err = run(cli, "--json", "runs", "cancel", "--env", env, "--task", "t", "--no-wait", "--key", "k1")
+    assert code == 0, err
+    created = json.loads(out)
+    assert created["status"] == "PENDING" and created["matched_count"] == 6 and created["is_cached"] is False
+    code, out, err = run(cli, "--json", "bulk", "abort", created["bulk_action_id"])
+    assert code == 0, err
+    assert json.loads(out)["status"] == "ABORTED"
+    # Waiting: the command drives the action to its end behind a progress bar.
+    code, out, err = run(cli, "runs", "cancel", "--env", env, "--filter", '{"task_identifiers": ["t"]}',
+                         "--reason", "bad deploy", "--chunk-size", "2")
+    assert code == 0, err
+    # Not a terminal: the bar shows its label once (click), and the action at the end.
+    assert err.startswith("cancel bulk_") and "COMPLETED" in out
+    assert set(statuses(client, old + young).values()) == {"CANCELED"}
+    assert statuses(client, [later]) == {later: "PENDING"}
+    bulk_id = next(line.split()[1] for line in out.splitlines() if line.startswith("bulk_action_id"))
+    code, out, err = run(cli, "--json", "bulk", "show", bulk_id)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert (shown["matched_count"], shown["processed_count"], shown["affected_count"]) == (6, 6, 6)
+    # The same key answers the first action.
+    code, out, err = run(cli, "--json", "runs", "cancel", "--env", env, "--task", "t", "--no-wait", "--key", "k1")
+    assert code == 0 and json.loads(out)["bulk_action_id"] == created["bulk_action_id"]
+    assert json.loads(out)["is_cached"] is True
+    # Bulk replay of the cancelled runs, one replay each.
+    code, out, err = run(cli, "--json", "runs", "replay", "--env", env, "--status", "CANCELED")
+    assert code == 0, err
+    replayed = json.loads(out)
+    assert (replayed["status"], replayed["matched_count"], replayed["affected_count"]) == ("COMPLETED", 6, 6)
+    # The single forms keep working.
+    code, out, err = run(cli, "--json", "runs", "cancel", later)
+    assert code == 0 and json.loads(out)["status"] == "CANCELED", err
+    code, out, err = run(cli, "--json", "runs", "replay", later)
+    assert code == 0 and json.loads(out)["residency"] == "NEW", err
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["runs", "cancel", "--env", "ENV", "--status", "NOPE"], 16),       # RO006
+    (["runs", "cancel", "--env", "env_missing"], 14),                   # RO004
+    (["runs", "replay", "--env", "ENV", "--chunk-size", "0"], 16),     # RO006
+    (["bulk", "show", "bulk_c000000000000000000000000"], 14),
+    (["bulk", "abort", "run_x"], 16),
+    (["runs", "cancel"], 2),                                           # neither a run nor --env
+    (["runs", "cancel", "run_x", "--env", "ENV"], 2),                  # both
+    (["runs", "replay", "--env", "ENV", "--payload", "{}"], 2),        # overrides are for one run
+])
+def test_cli_bulk_errors_are_one_line_and_an_exit_code(client: RunOps, cli: Cli, args: list[str], code: int) -> None:
+    _, env, old, young = two_store_env(client, 1, 0)
+    got, out, err = run(cli, *[env if a == "ENV" else a for a in args])
+    assert got == code, (out, err)
+    assert out == "" and err.strip().count("\n") <= (0 if code != 2 else 10)

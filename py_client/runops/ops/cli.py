@@ -778,7 +778,7 @@ def runs_cancel(ctx: Ctx, /, run_id: str | None, reason: str | None, environment
 
 
 @runs.command("replay")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--payload", help="JSON payload (default: the original's).")
 @click.option("--key", "idempotency_key", help="Idempotency key of the replay (the original's is never copied).")
 @click.option("--queue", help="Queue (default: the original's).")
@@ -786,12 +786,38 @@ def runs_cancel(ctx: Ctx, /, run_id: str | None, reason: str | None, environment
 @click.option("--metadata", help="JSON object replacing the original's metadata.")
 @click.option("--delay", help="Delay (10m) or timestamp with offset.")
 @click.option("--tag", "tags", multiple=True, help="A tag replacing the original's tags (repeatable).")
-@click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
+@click.option("--env", "environment_id", help="Only if the run belongs to this environment; bulk form: the "
+                                                  "environment whose matching runs to replay.")
+@click.option("--status", "statuses", multiple=True, help="Bulk form: runs in this status (repeatable: any of).")
+@click.option("--task", "task_identifiers", multiple=True, help="Bulk form: runs of this task (repeatable: any of).")
+@click.option("--created-after", help="Bulk form: runs created after this timestamp (with an offset).")
+@click.option("--created-before", help="Bulk form: runs created before this timestamp (with an offset).")
+@click.option("--batch", "batch_id", help="Bulk form: runs this batch created.")
+@click.option("--filter", "raw_filter", metavar="JSON",
+              help="Bulk form: list_runs' filter object (tags: {\"tags\": [...]}), merged with the options above.")
+@click.option("--chunk-size", type=int, help="Bulk form: runs per chunk (default 5000).")
+@click.option("--no-wait", is_flag=True, help="Bulk form: print the action and return at once.")
 @pass_ctx
 @reports_errors
-def runs_replay(ctx: Ctx, /, run_id: str, payload: str | None, metadata: str | None, tags: tuple[str, ...],
-                environment_id: str | None, **overrides: Any) -> None:
-    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides."""
+def runs_replay(ctx: Ctx, /, run_id: str | None, payload: str | None, metadata: str | None, tags: tuple[str, ...],
+                environment_id: str | None, statuses: tuple[str, ...], task_identifiers: tuple[str, ...],
+                created_after: str | None, created_before: str | None, batch_id: str | None,
+                raw_filter: str | None, chunk_size: int | None, no_wait: bool, **overrides: Any) -> None:
+    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides.
+    Or, with --env and filters instead of RUN_ID, replay every matching run of both stores
+    created until now (a bulk action, each run replayed once: a progress bar until it completes,
+    unless --no-wait; --key is then the action's key). The overrides are for one run only."""
+    if run_id is None:
+        if payload or metadata or tags or any(v is not None for k, v in overrides.items() if k != "idempotency_key"):
+            raise click.UsageError("the overrides (--payload, --queue, --max-attempts, --metadata, --delay, --tag) "
+                                   "are for one RUN_ID; a bulk replay copies each original")
+        _bulk(ctx, "REPLAY", environment_id, raw_filter=raw_filter, idempotency_key=overrides["idempotency_key"],
+              chunk_size=chunk_size, no_wait=no_wait, statuses=statuses, task_identifiers=task_identifiers, tags=(),
+              created_after=created_after, created_before=created_before, batch_id=batch_id)
+        return
+    if statuses or task_identifiers or created_after or created_before or batch_id or raw_filter or chunk_size \
+            or no_wait:
+        raise click.UsageError("give RUN_ID, or --env with filters for a bulk replay, not both")
     client = ctx.client()
     _require_store_of(client, run_id)
     given = {k: v for k, v in overrides.items() if v is not None}
