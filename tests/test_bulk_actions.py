@@ -18,6 +18,8 @@ from psycopg.types.json import Jsonb
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.errors import EnvironmentUnusable, InvalidInput, NotFound
 from runops.models import BulkAction
+from runops.tasks import TaskRegistry
+from runops.worker import Worker
 from tests.conftest import Stores, sqlstate_of
 from tests.test_cli import Cli, run
 from tests.test_seam_idempotency import flip
@@ -432,3 +434,27 @@ def test_cli_bulk_errors_are_one_line_and_an_exit_code(client: RunOps, cli: Cli,
     got, out, err = run(cli, *[env if a == "ENV" else a for a in args])
     assert got == code, (out, err)
     assert out == "" and err.strip().count("\n") <= (0 if code != 2 else 10)
+
+
+def test_a_worker_process_finishes_a_bulk_action_by_itself(client: RunOps, stores: Stores) -> None:
+    """No tick, no advance from the test: the worker's ticker takes a bounded chunk per pass and,
+    having found bulk work, keeps at it at full chunk size."""
+    _, env, old, young = two_store_env(client, 0, 0)
+    runs = client.batch_trigger(env, [{"task": "t", "payload": {}, "options": {}} for _ in range(2500)]).run_ids
+    idle_org = client.create_organization(f"bulk-idle-{secrets.token_hex(4)}")
+    idle_env = client.create_environment(client.create_project(idle_org, "p"), "e", "PRODUCTION")
+    created = client.create_bulk_action(env, "CANCEL")
+    with RunOps(stores.app[CONTROL_PLANE], stores.app[RUN_OPS]) as own:
+        worker = Worker(own, idle_env, TaskRegistry(), all_tasks=True, handle_signals=False, tick=1)
+        thread = threading.Thread(target=worker.run)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not action(client, created.bulk_action_id).is_over and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+            thread.join(60)
+    got = action(client, created.bulk_action_id)
+    assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 2500, 2500, 2500)
+    assert {client.get_run(r).status for r in runs[::250]} == {"CANCELED"}  # type: ignore[union-attr]
