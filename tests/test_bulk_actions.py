@@ -6,9 +6,13 @@ input creates nothing."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,8 +24,9 @@ from runops.errors import EnvironmentUnusable, InvalidInput, NotFound
 from runops.models import BulkAction
 from runops.tasks import TaskRegistry
 from runops.worker import Worker
-from tests.conftest import Stores, sqlstate_of
+from tests.conftest import Stores, running_stores, sqlstate_of
 from tests.test_cli import Cli, run
+from tests.test_faults_stores import wait_for_store
 from tests.test_seam_idempotency import flip
 
 
@@ -63,6 +68,56 @@ def drain(client: RunOps, bulk_id: str, max_runs: int | None = None, limit: int 
     raise AssertionError(f"bulk action {bulk_id} did not finish: {action(client, bulk_id)}")
 
 
+def kill_a_processor_mid_chunk(stores: Stores, store: str, first: str, how: str) -> None:
+    """A processor on `store` takes its part's first chunk, whose lowest member is `first` (bare),
+    and waits on that run, which the test holds locked; a second processor there skips the part
+    at once instead of waiting; then the first one's backend dies: `terminate`
+    (pg_terminate_backend) or `kill` (SIGKILL: the postmaster resets every backend and recovers)."""
+    holder = psycopg.connect(stores.admin[store])
+    holder.execute("SELECT 1 FROM runops.runs WHERE id = %s FOR UPDATE", [first])
+    stuck = psycopg.connect(stores.app[store], autocommit=True)
+    pid = stuck.info.backend_pid
+    outcome: dict[str, Any] = {}
+
+    def process() -> None:
+        try:
+            outcome["n"] = stuck.execute("SELECT runops.advance_bulk_actions()").fetchone()
+        except psycopg.Error as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=process)
+    thread.start()
+    with psycopg.connect(stores.admin[store], autocommit=True) as watcher:
+        for _ in range(200):
+            waiting = watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+            if waiting and waiting[0] == "Lock":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the processor never reached the locked run")
+        # A second processor on the same store skips the part at once instead of waiting.
+        with psycopg.connect(stores.app[store], autocommit=True) as second:
+            second.execute("SET statement_timeout = '5s'")
+            assert second.execute("SELECT runops.advance_bulk_actions()").fetchone() == (0,)
+        if how == "terminate":
+            assert watcher.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
+    if how == "kill":
+        os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert "error" in outcome and "n" not in outcome
+    stuck.close()
+    if how == "kill":
+        holder.close()
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        wait_for_store(stores, store)
+    else:
+        holder.rollback()
+        holder.close()
+
+
 def test_bulk_cancel_across_both_stores_with_two_processors_and_a_killed_backend(
         client: RunOps, stores: Stores) -> None:
     _, env, old, young = two_store_env(client, 25, 25)
@@ -79,41 +134,7 @@ def test_bulk_cancel_across_both_stores_with_two_processors_and_a_killed_backend
     got = action(client, created.bulk_action_id)
     assert (got.matched_count, got.processed_count, got.affected_count, got.status) == (50, 0, 0, "PENDING")
 
-    # A processor on run-ops takes the first chunk and waits on a run the test holds locked.
-    with psycopg.connect(stores.admin[RUN_OPS]) as holder:
-        first = min(r[4:] for r in young[3:])  # the lowest member id of run-ops' part: its first chunk
-        holder.execute("SELECT 1 FROM runops.runs WHERE id = %s FOR UPDATE", [first])
-        stuck = psycopg.connect(stores.app[RUN_OPS], autocommit=True)
-        pid = stuck.info.backend_pid
-        outcome: dict[str, Any] = {}
-
-        def process() -> None:
-            try:
-                outcome["n"] = stuck.execute("SELECT runops.advance_bulk_actions()").fetchone()
-            except psycopg.Error as exc:
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=process)
-        thread.start()
-        with psycopg.connect(stores.admin[RUN_OPS], autocommit=True) as watcher:
-            for _ in range(200):
-                waiting = watcher.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                                          [pid]).fetchone()
-                if waiting and waiting[0] == "Lock":
-                    break
-                time.sleep(0.05)
-            else:
-                raise AssertionError("the processor never reached the locked run")
-            # A second processor on the same store skips the part at once instead of waiting.
-            with psycopg.connect(stores.app[RUN_OPS], autocommit=True) as second:
-                second.execute("SET statement_timeout = '5s'")
-                assert second.execute("SELECT runops.advance_bulk_actions()").fetchone() == (0,)
-            # The first processor's backend dies mid-chunk.
-            assert watcher.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
-        thread.join(30)
-        assert "error" in outcome and "n" not in outcome
-        stuck.close()
-        holder.rollback()
+    kill_a_processor_mid_chunk(stores, RUN_OPS, min(r[4:] for r in young[3:]), "terminate")
     got = action(client, created.bulk_action_id)
     assert got.processed_count == 0 and got.affected_count == 0  # the killed chunk left nothing
 
@@ -458,3 +479,30 @@ def test_a_worker_process_finishes_a_bulk_action_by_itself(client: RunOps, store
     got = action(client, created.bulk_action_id)
     assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 2500, 2500, 2500)
     assert {client.get_run(r).status for r in runs[::250]} == {"CANCELED"}  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def own() -> Iterator[Stores]:
+    """A pair of its own: SIGKILL resets every backend of the killed cluster."""
+    with running_stores() as made:
+        yield made
+
+
+@pytest.mark.faults
+def test_bulk_cancel_survives_a_processor_killed_with_sigkill_on_each_store(own: Stores) -> None:
+    with RunOps(own.app[CONTROL_PLANE], own.app[RUN_OPS]) as client:
+        _, env, old, young = two_store_env(client, 20, 20)
+        created = client.create_bulk_action(env, "CANCEL", chunk_size=6)
+    for store, ids in ((RUN_OPS, young), (CONTROL_PLANE, old)):
+        kill_a_processor_mid_chunk(own, store, min(r[4:] for r in ids), "kill")
+    with RunOps(own.app[CONTROL_PLANE], own.app[RUN_OPS]) as client:
+        got = action(client, created.bulk_action_id)
+        assert (got.processed_count, got.affected_count) == (0, 0)
+        processors = [threading.Thread(target=drain, args=(client, created.bulk_action_id)) for _ in range(2)]
+        for t in processors:
+            t.start()
+        for t in processors:
+            t.join(120)
+        got = action(client, created.bulk_action_id)
+        assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 40, 40, 40)
+        assert set(statuses(client, old + young).values()) == {"CANCELED"}
