@@ -506,3 +506,19 @@ def test_bulk_cancel_survives_a_processor_killed_with_sigkill_on_each_store(own:
         got = action(client, created.bulk_action_id)
         assert (got.status, got.matched_count, got.processed_count, got.affected_count) == ("COMPLETED", 40, 40, 40)
         assert set(statuses(client, old + young).values()) == {"CANCELED"}
+
+
+def test_tick_still_runs_on_a_store_whose_fdw_predates_bulk_actions(client: RunOps, stores: Stores) -> None:
+    """Upgraded but not yet re-wired (`runops migrate` re-imports the foreign tables): each
+    store's tick goes on, its bulk-action steps doing nothing; the read says RO009."""
+    _, env, old, young = two_store_env(client, 1, 1)
+    created = client.create_bulk_action(env, "CANCEL")
+    for store, table in ((RUN_OPS, "bulk_actions"), (CONTROL_PLANE, "bulk_action_progress")):
+        with psycopg.connect(stores.admin[store]) as admin:  # one transaction, rolled back
+            admin.execute(f"DROP FOREIGN TABLE runops_peer.{table}")
+            counts = admin.execute("SELECT runops.tick()").fetchone()[0]  # type: ignore[index]
+            assert counts["bulk_processed"] == (1 if store == CONTROL_PLANE else 0)
+            with pytest.raises(psycopg.Error) as err:
+                admin.execute("SELECT * FROM runops.get_bulk_action(%s)", [created.bulk_action_id])
+            assert sqlstate_of(err.value) == "RO009"
+            admin.rollback()

@@ -44,6 +44,8 @@ BEGIN
                    FROM runops_peer.bulk_actions AS a WHERE a.id = bare;
     EXCEPTION WHEN connection_exception THEN
       PERFORM raise_error('RO009', 'the control-plane store, which holds bulk actions, is unavailable: ' || SQLERRM);
+    WHEN undefined_table THEN
+      PERFORM raise_error('RO009', 'this store''s view of the control plane predates bulk actions: run runops migrate');
     END;
   END IF;
 END
@@ -72,6 +74,9 @@ BEGIN
     EXCEPTION WHEN connection_exception THEN
       PERFORM raise_error('RO009', 'the other store is unavailable to report its part of bulk action bulk_'
                                    || a.id || ': ' || SQLERRM);
+    WHEN undefined_table THEN
+      -- Upgraded, but the FDW not re-imported since (`runops migrate` does it).
+      PERFORM raise_error('RO009', 'this store''s view of the other store predates bulk actions: run runops migrate');
     END;
   END IF;
   WITH p AS (
@@ -478,8 +483,10 @@ BEGIN
       SELECT array_agg(jsonb_populate_record(NULL::bulk_actions, to_jsonb(x)) ORDER BY x.created_at) INTO open_actions
       FROM (SELECT * FROM runops_peer.bulk_actions AS x WHERE x.status IN ('PENDING', 'PROCESSING')
             ORDER BY x.created_at LIMIT 100) AS x;
-    EXCEPTION WHEN connection_exception THEN
-      RETURN 0;  -- the control plane is unavailable: the next call looks again
+    EXCEPTION WHEN connection_exception OR undefined_table THEN
+      -- The control plane is unavailable (the next call looks again), or this store's view of it
+      -- predates bulk actions (upgraded, not yet re-wired by `runops migrate`): nothing to do here.
+      RETURN 0;
     END;
   END IF;
   FOREACH a IN ARRAY coalesce(open_actions, '{}') LOOP
