@@ -81,6 +81,10 @@ GRANT EXECUTE ON FUNCTION
   runops.resume_batch_run(text, text)
   TO runops_api;
 GRANT EXECUTE ON PROCEDURE runops.tick_every(integer, integer, integer) TO runops_api;
+-- Bulk actions (sql/functions/bulk_actions.sql).
+GRANT EXECUTE ON FUNCTION runops.create_bulk_action(text, text, jsonb, jsonb), runops.get_bulk_action(text, text),
+  runops.abort_bulk_action(text), runops.advance_bulk_actions(integer)
+  TO runops_api;
 
 -- Large objects, and WAL messages (pg_logical_emit_message), are storage outside every runops
 -- limit (SPEC §3 [1.2]) that no service needs, yet PostgreSQL lets PUBLIC write them. A grant to

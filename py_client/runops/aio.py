@@ -58,6 +58,8 @@ from .models import (
     BatchCreated,
     BatchSealed,
     BatchTriggered,
+    BulkAction,
+    BulkActionCreated,
     EnvironmentInfo,
     ListedRun,
     Run,
@@ -636,6 +638,46 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         if seal:
             await self.seal_batch(created.batch_id)
         return created
+
+    # -- bulk actions (SPEC §9): the action lives on the control plane; each store acts on its part --
+
+    async def create_bulk_action(self, environment_id: str, kind: str, filters: dict[str, Any] | None = None, *,
+                                 idempotency_key: str | None = None, reason: str | None = None,
+                                 chunk_size: int | None = None) -> BulkActionCreated:
+        """Cancels (``kind`` ``CANCEL``) or replays (``REPLAY``) every run of the environment that
+        matches ``filters`` — :meth:`list_runs`' filters — and was created no later than the
+        action, in both stores. The set is fixed now; ``tick`` and worker processes act on it in
+        chunks (or call :meth:`advance_bulk_actions`). A second call with the same
+        ``idempotency_key`` answers the first action (``is_cached``). Raises InvalidInput,
+        NotFound (environment), EnvironmentUnusable (a REPLAY on a paused environment)."""
+        doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in (filters or {}).items()}
+        params = {"e": environment_id, "k": kind, "f": Jsonb(doc),
+                  "o": _options({"idempotency_key": idempotency_key, "reason": reason, "chunk_size": chunk_size})}
+
+        async def call(store: str) -> BulkActionCreated:
+            return await self._one(store, queries.CREATE_BULK_ACTION, params, BulkActionCreated)
+
+        return await self._with_wrong_store_retry(CONTROL_PLANE, call)
+
+    async def get_bulk_action(self, bulk_action_id: str, environment_id: str | None = None) -> BulkAction | None:
+        """The action and its counts over both stores, or None. Asked of the control plane (its
+        home); a client of the run-ops store only reads it there through the FDW."""
+        store = CONTROL_PLANE if CONTROL_PLANE in self._pools else RUN_OPS
+        rows = await self._rows(store, queries.GET_BULK_ACTION, {"b": bulk_action_id, "e": environment_id}, BulkAction)
+        return rows[0] if rows else None
+
+    async def abort_bulk_action(self, bulk_action_id: str) -> BulkAction:
+        """Stops the action: no chunk starts after this; what was done stays (a chunk the run-ops
+        store had under way may still finish). Aborting an action that is over answers it as it
+        is. Raises NotFound, InvalidInput."""
+        return await self._one(CONTROL_PLANE, queries.ABORT_BULK_ACTION, {"b": bulk_action_id}, BulkAction)
+
+    async def advance_bulk_actions(self, max_runs: int | None = None) -> dict[str, int]:
+        """One chunk of every open bulk action's part on each store that answers (``max_runs``
+        per chunk; default each action's chunk size); runs processed by store. Safe to call from
+        any number of processes: a part another process is working on is skipped."""
+        done = await self._each_store(queries.ADVANCE_BULK_ACTIONS, {"n": max_runs}, partial=True)
+        return {store: int(n) for store, n in done.items()}
 
     # -- services, run on every store ---------------------------------------------------------------
 

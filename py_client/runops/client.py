@@ -54,6 +54,8 @@ from .models import (
     BatchCreated,
     BatchSealed,
     BatchTriggered,
+    BulkAction,
+    BulkActionCreated,
     EnvironmentInfo,
     ListedRun,
     Run,
@@ -627,6 +629,46 @@ class RunOps(_Router[ConnectionPool]):
         if seal:
             self.seal_batch(created.batch_id)
         return created
+
+    # -- bulk actions (SPEC §9): the action lives on the control plane; each store acts on its part --
+
+    def create_bulk_action(self, environment_id: str, kind: str, filters: dict[str, Any] | None = None, *,
+                           idempotency_key: str | None = None, reason: str | None = None,
+                           chunk_size: int | None = None) -> BulkActionCreated:
+        """Cancels (``kind`` ``CANCEL``) or replays (``REPLAY``) every run of the environment that
+        matches ``filters`` — :meth:`list_runs`' filters — and was created no later than the
+        action, in both stores. The set is fixed now; ``tick`` and worker processes act on it in
+        chunks (or call :meth:`advance_bulk_actions`). A second call with the same
+        ``idempotency_key`` answers the first action (``is_cached``). Raises InvalidInput,
+        NotFound (environment), EnvironmentUnusable (a REPLAY on a paused environment)."""
+        doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in (filters or {}).items()}
+        params = {"e": environment_id, "k": kind, "f": Jsonb(doc),
+                  "o": _options({"idempotency_key": idempotency_key, "reason": reason, "chunk_size": chunk_size})}
+
+        def call(store: str) -> BulkActionCreated:
+            return self._one(store, queries.CREATE_BULK_ACTION, params, BulkActionCreated)
+
+        return self._with_wrong_store_retry(CONTROL_PLANE, call)
+
+    def get_bulk_action(self, bulk_action_id: str, environment_id: str | None = None) -> BulkAction | None:
+        """The action and its counts over both stores, or None. Asked of the control plane (its
+        home); a client of the run-ops store only reads it there through the FDW."""
+        store = CONTROL_PLANE if CONTROL_PLANE in self._pools else RUN_OPS
+        rows = self._rows(store, queries.GET_BULK_ACTION, {"b": bulk_action_id, "e": environment_id}, BulkAction)
+        return rows[0] if rows else None
+
+    def abort_bulk_action(self, bulk_action_id: str) -> BulkAction:
+        """Stops the action: no chunk starts after this; what was done stays (a chunk the run-ops
+        store had under way may still finish). Aborting an action that is over answers it as it
+        is. Raises NotFound, InvalidInput."""
+        return self._one(CONTROL_PLANE, queries.ABORT_BULK_ACTION, {"b": bulk_action_id}, BulkAction)
+
+    def advance_bulk_actions(self, max_runs: int | None = None) -> dict[str, int]:
+        """One chunk of every open bulk action's part on each store that answers (``max_runs``
+        per chunk; default each action's chunk size); runs processed by store. Safe to call from
+        any number of processes: a part another process is working on is skipped."""
+        done = self._each_store(queries.ADVANCE_BULK_ACTIONS, {"n": max_runs}, partial=True)
+        return {store: int(n) for store, n in done.items()}
 
     # -- services, run on every store ---------------------------------------------------------------
 

@@ -234,3 +234,37 @@ class EnvironmentInfo:
     paused: bool
     archived: bool
     created_at: dt.datetime
+
+
+BulkActionStatus = Literal["PENDING", "PROCESSING", "COMPLETED", "ABORTED"]
+
+
+@dataclass(frozen=True)
+class BulkActionCreated:
+    """A row of create_bulk_action."""
+
+    bulk_action_id: str
+    is_cached: bool
+    status: BulkActionStatus
+
+
+@dataclass(frozen=True)
+class BulkAction:
+    """A row of get_bulk_action / abort_bulk_action: the action and its counts over both stores
+    (``processed_count`` reaches ``matched_count`` when it completes; ``affected_count`` counts
+    runs cancelled — already final ones are skipped — or replays made)."""
+
+    bulk_action_id: str
+    environment_id: str
+    kind: str
+    status: BulkActionStatus
+    filters: dict[str, Any]
+    created_at: dt.datetime
+    completed_at: dt.datetime | None
+    matched_count: int
+    processed_count: int
+    affected_count: int
+
+    @property
+    def is_over(self) -> bool:
+        return self.status in ("COMPLETED", "ABORTED")

@@ -100,3 +100,10 @@ def listen(environment_id: str, channel: str | None = None) -> sql.Composed:
     """LISTEN to an environment's status changes (the channel ``runops_env_<id>`` the status
     guard notifies), or to ``channel``, quoted as an identifier."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel or f"runops_env_{environment_id}"))
+
+# -- bulk actions (the action's home is the control plane; advance runs on every store) ----------
+
+CREATE_BULK_ACTION = "SELECT * FROM runops.create_bulk_action(%(e)s, %(k)s, %(f)s, %(o)s)"
+GET_BULK_ACTION = "SELECT * FROM runops.get_bulk_action(%(b)s, %(e)s)"
+ABORT_BULK_ACTION = "SELECT * FROM runops.abort_bulk_action(%(b)s)"
+ADVANCE_BULK_ACTIONS = "SELECT runops.advance_bulk_actions(%(n)s)"

@@ -465,7 +465,13 @@ class Worker:
         every = max(1, round(self.tick))
         while not self._done.wait(self.tick):
             try:
-                self.client.tick_when_due(every)
+                passes = self.client.tick_when_due(every)
+                # The worker whose pass found bulk-action work keeps at it at full chunk size for
+                # about the interval (the pass bounds it by max_rows); idle workers ask nothing more.
+                until = time.monotonic() + self.tick
+                busy = any(c and c.get("bulk_processed") for c in passes.values())
+                while busy and not self._done.is_set() and time.monotonic() < until:
+                    busy = any(self.client.advance_bulk_actions().values())
             except Exception as exc:  # an outage, or a store too busy: the next turn tries again
                 log.debug("%s: tick: %s", self.worker_id, cut(str(exc), 300))
 

@@ -22,4 +22,7 @@ CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identit
 CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
 CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
 CREATE VIEW runops_peer.environment_shards AS SELECT * FROM runops.environment_shards WHERE false;
+CREATE VIEW runops_peer.bulk_actions AS SELECT * FROM runops.bulk_actions WHERE false;
+CREATE VIEW runops_peer.bulk_action_members AS SELECT * FROM runops.bulk_action_members WHERE false;
+CREATE VIEW runops_peer.bulk_action_progress AS SELECT * FROM runops.bulk_action_progress WHERE false;
 RESET ROLE;

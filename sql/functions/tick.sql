@@ -301,6 +301,12 @@ BEGIN
             || jsonb_build_object('batches_aborted', abort_unsealed_batches(n),
                                   'batches_finished_remote', finish_remote_batches(n));
   counts := counts || jsonb_build_object('resumed', resume_waiting_runs(n), 'mirror', pull_mirror_for_tick());
+  -- Bulk actions: a chunk of at most n runs of each open action's part here (the worker process
+  -- drives them at full chunk size between ticks); the control plane records finished ones.
+  counts := counts || jsonb_build_object('bulk_processed', advance_bulk_actions(n));
+  IF local_residency() = 'LEGACY' THEN
+    counts := counts || jsonb_build_object('bulk_settled', settle_bulk_actions(n));
+  END IF;
   -- Registrations of workers that stopped renewing them (gone without a word).
   DELETE FROM waiting_workers AS w WHERE w.expires_at <= pg_catalog.now();
   IF local_residency() = 'NEW' THEN

@@ -28,7 +28,7 @@ from runops import ids
 from runops.client import CONTROL_PLANE, RUN_OPS, RunOps
 from runops.dev_stores import default_home
 from runops.errors import NotFound, RunOpsError, StoreUnavailable, is_connection_failure
-from runops.models import FINAL_STATUSES, Run
+from runops.models import FINAL_STATUSES, BulkAction, Run
 
 from . import migrate as migrations
 from .local_cluster import ClusterError, LocalStores, find_bindir
@@ -621,27 +621,45 @@ def _require_environment(client: RunOps, environment_id: str) -> None:
     client.trigger_route(environment_id)
 
 
+def run_filter_options(command: F) -> F:
+    """list_runs' filters as options: `runs ls`, and the bulk forms of `runs cancel` (one set,
+    so a listing and the action it previews select the same runs)."""
+    for option in reversed([
+        click.option("--status", "statuses", multiple=True, help="Only runs in this status (repeatable: any of)."),
+        click.option("--task", "task_identifiers", multiple=True,
+                     help="Only runs of this task (repeatable: any of)."),
+        click.option("--tag", "tags", multiple=True, help="Only runs carrying this tag (repeatable: all of)."),
+        click.option("--created-after", help="Only runs created after this timestamp (with an offset)."),
+        click.option("--created-before", help="Only runs created before this timestamp (with an offset)."),
+        click.option("--batch", "batch_id", help="Only runs this batch created."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run_filters(statuses: tuple[str, ...], task_identifiers: tuple[str, ...], tags: tuple[str, ...],
+                 created_after: str | None, created_before: str | None, batch_id: str | None) -> dict[str, Any]:
+    """The list_runs filter object the options of run_filter_options name."""
+    many = {"statuses": statuses, "task_identifiers": task_identifiers, "tags": tags}
+    filters: dict[str, Any] = {k: list(v) for k, v in many.items() if v}
+    filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
+                                      "batch_id": batch_id}.items() if v})
+    return filters
+
+
 @runs.command("ls")
 @click.option("--env", "environment_id", required=True, help="The environment whose runs to list.")
 @click.option("--limit", "page_size", type=click.IntRange(1, 200), default=25, show_default=True,
               help="Runs per page.")
 @click.option("--cursor", help="Resume after the run this cursor names (printed after each page).")
-@click.option("--status", "statuses", multiple=True, help="Only runs in this status (repeatable: any of).")
-@click.option("--task", "task_identifiers", multiple=True, help="Only runs of this task (repeatable: any of).")
-@click.option("--tag", "tags", multiple=True, help="Only runs carrying this tag (repeatable: all of).")
-@click.option("--created-after", help="Only runs created after this timestamp (with an offset).")
-@click.option("--created-before", help="Only runs created before this timestamp (with an offset).")
-@click.option("--batch", "batch_id", help="Only runs this batch created.")
+@run_filter_options
 @pass_ctx
 @reports_errors
 def runs_ls(ctx: Ctx, environment_id: str, page_size: int, cursor: str | None, statuses: tuple[str, ...],
             task_identifiers: tuple[str, ...], tags: tuple[str, ...], created_after: str | None,
             created_before: str | None, batch_id: str | None) -> None:
     """List an environment's runs across both stores, newest first, one page at a time."""
-    many = {"statuses": statuses, "task_identifiers": task_identifiers, "tags": tags}
-    filters: dict[str, object] = {k: list(v) for k, v in many.items() if v}
-    filters.update({k: v for k, v in {"created_after": created_after, "created_before": created_before,
-                                      "batch_id": batch_id}.items() if v})
+    filters = _run_filters(statuses, task_identifiers, tags, created_after, created_before, batch_id)
     client = ctx.client()
     page = client.list_runs(environment_id, page_size, cursor, **filters)
     if not page.runs:
@@ -669,14 +687,87 @@ def runs_show(ctx: Ctx, run_id: str, environment_id: str | None) -> None:
         fields({k: v for k, v in vars(run).items() if k != "id"})
 
 
+def bulk_options(command: F) -> F:
+    """The bulk form of a `runs` command: the environment, list_runs' filters (--status, --task,
+    --tag, --created-after, --created-before, --batch, or --filter with the JSON object), the
+    action's idempotency key, its chunk size, and --no-wait."""
+    for option in reversed([
+        click.option("--env", "environment_id", help="Bulk form: the environment whose matching runs to act on."),
+        click.option("--filter", "raw_filter", metavar="JSON",
+                     help="Bulk form: list_runs' filter object (merged with the filter options)."),
+        click.option("--key", "idempotency_key", help="Bulk form: the action's idempotency key (a retry answers "
+                                                      "the first action)."),
+        click.option("--chunk-size", type=int, help="Bulk form: runs per chunk (default 5000)."),
+        click.option("--no-wait", is_flag=True, help="Bulk form: print the action and return at once."),
+    ]):
+        command = option(command)
+    return run_filter_options(command)
+
+
+def _refuse_bulk_options(environment_id: str | None, raw_filter: str | None, idempotency_key: str | None,
+                         chunk_size: int | None, no_wait: bool, **filters: Any) -> None:
+    if environment_id or raw_filter or idempotency_key or chunk_size or no_wait or any(filters.values()):
+        raise click.UsageError("give RUN_ID, or --env with filters for a bulk action, not both")
+
+
+def _show_bulk_action(ctx: Ctx, action: BulkAction) -> None:
+    if ctx.as_json:
+        emit_json(action)
+    else:
+        fields(vars(action))
+
+
+def _bulk(ctx: Ctx, kind: str, environment_id: str | None, *, raw_filter: str | None,
+          idempotency_key: str | None, chunk_size: int | None, no_wait: bool, reason: str | None = None,
+          **options: Any) -> None:
+    """Creates a bulk action, then — unless --no-wait — drives it (advance_bulk_actions, beside
+    any worker or tick doing the same) with a progress bar until it is over."""
+    if not environment_id:
+        raise click.UsageError("give RUN_ID, or --env (and filters) for a bulk action")
+    filters = dict(_json_arg(raw_filter, "--filter") or {}) if raw_filter else {}
+    filters.update(_run_filters(**options))
+    client = ctx.client()
+    created = client.create_bulk_action(environment_id, kind, filters, idempotency_key=idempotency_key,
+                                        reason=reason, chunk_size=chunk_size)
+    action = client.get_bulk_action(created.bulk_action_id)
+    if action is None:
+        raise NotFound(f"bulk action {created.bulk_action_id} not found")
+    if not no_wait and not action.is_over:
+        with click.progressbar(length=action.matched_count, label=f"{kind.lower()} {action.bulk_action_id}",
+                               file=sys.stderr, show_pos=True) as bar:
+            shown = 0
+            while True:
+                client.advance_bulk_actions()
+                current = client.get_bulk_action(created.bulk_action_id)
+                if current is None:
+                    raise NotFound(f"bulk action {created.bulk_action_id} not found")
+                action = current
+                bar.update(action.processed_count - shown)
+                shown = action.processed_count
+                if action.is_over:
+                    break
+                time.sleep(0.2)
+    if ctx.as_json:
+        emit_json({**plain(action), "is_cached": created.is_cached})
+    else:
+        fields({**vars(action), "is_cached": created.is_cached})
+
+
 @runs.command("cancel")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--reason", help="Recorded in the run's error.")
+@bulk_options
 @pass_ctx
 @reports_errors
-def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
-    """Cancel a run and its live children (a final run is left as it is)."""
+def runs_cancel(ctx: Ctx, /, run_id: str | None, reason: str | None, environment_id: str | None, **bulk: Any) -> None:
+    """Cancel a run and its live children (a final run is left as it is); or, with --env and
+    filters instead of RUN_ID, every matching run of both stores created until now (a bulk
+    action: a progress bar until it completes, unless --no-wait)."""
     client = ctx.client()
+    if run_id is None:
+        _bulk(ctx, "CANCEL", environment_id, reason=reason, **bulk)
+        return
+    _refuse_bulk_options(environment_id, **bulk)
     _require_store_of(client, run_id)
     run = client.cancel_run(run_id, reason)
     if ctx.as_json:
@@ -687,7 +778,7 @@ def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
 
 
 @runs.command("replay")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--payload", help="JSON payload (default: the original's).")
 @click.option("--key", "idempotency_key", help="Idempotency key of the replay (the original's is never copied).")
 @click.option("--queue", help="Queue (default: the original's).")
@@ -695,12 +786,38 @@ def runs_cancel(ctx: Ctx, run_id: str, reason: str | None) -> None:
 @click.option("--metadata", help="JSON object replacing the original's metadata.")
 @click.option("--delay", help="Delay (10m) or timestamp with offset.")
 @click.option("--tag", "tags", multiple=True, help="A tag replacing the original's tags (repeatable).")
-@click.option("--env", "environment_id", help="Only if the run belongs to this environment.")
+@click.option("--env", "environment_id", help="Only if the run belongs to this environment; bulk form: the "
+                                                  "environment whose matching runs to replay.")
+@click.option("--status", "statuses", multiple=True, help="Bulk form: runs in this status (repeatable: any of).")
+@click.option("--task", "task_identifiers", multiple=True, help="Bulk form: runs of this task (repeatable: any of).")
+@click.option("--created-after", help="Bulk form: runs created after this timestamp (with an offset).")
+@click.option("--created-before", help="Bulk form: runs created before this timestamp (with an offset).")
+@click.option("--batch", "batch_id", help="Bulk form: runs this batch created.")
+@click.option("--filter", "raw_filter", metavar="JSON",
+              help="Bulk form: list_runs' filter object (tags: {\"tags\": [...]}), merged with the options above.")
+@click.option("--chunk-size", type=int, help="Bulk form: runs per chunk (default 5000).")
+@click.option("--no-wait", is_flag=True, help="Bulk form: print the action and return at once.")
 @pass_ctx
 @reports_errors
-def runs_replay(ctx: Ctx, /, run_id: str, payload: str | None, metadata: str | None, tags: tuple[str, ...],
-                environment_id: str | None, **overrides: Any) -> None:
-    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides."""
+def runs_replay(ctx: Ctx, /, run_id: str | None, payload: str | None, metadata: str | None, tags: tuple[str, ...],
+                environment_id: str | None, statuses: tuple[str, ...], task_identifiers: tuple[str, ...],
+                created_after: str | None, created_before: str | None, batch_id: str | None,
+                raw_filter: str | None, chunk_size: int | None, no_wait: bool, **overrides: Any) -> None:
+    """Trigger a new run from RUN_ID: its task, payload, tags, queue and settings, with overrides.
+    Or, with --env and filters instead of RUN_ID, replay every matching run of both stores
+    created until now (a bulk action, each run replayed once: a progress bar until it completes,
+    unless --no-wait; --key is then the action's key). The overrides are for one run only."""
+    if run_id is None:
+        if payload or metadata or tags or any(v is not None for k, v in overrides.items() if k != "idempotency_key"):
+            raise click.UsageError("the overrides (--payload, --queue, --max-attempts, --metadata, --delay, --tag) "
+                                   "are for one RUN_ID; a bulk replay copies each original")
+        _bulk(ctx, "REPLAY", environment_id, raw_filter=raw_filter, idempotency_key=overrides["idempotency_key"],
+              chunk_size=chunk_size, no_wait=no_wait, statuses=statuses, task_identifiers=task_identifiers, tags=(),
+              created_after=created_after, created_before=created_before, batch_id=batch_id)
+        return
+    if statuses or task_identifiers or created_after or created_before or batch_id or raw_filter or chunk_size \
+            or no_wait:
+        raise click.UsageError("give RUN_ID, or --env with filters for a bulk replay, not both")
     client = ctx.client()
     _require_store_of(client, run_id)
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -1230,6 +1347,32 @@ def demo(ctx: Ctx) -> None:
     from .demo import run_demo
 
     run_demo(ctx.client())
+
+
+@main.group()
+def bulk() -> None:
+    """Bulk actions: `runops runs cancel --env ENV [filters]` creates one; show or abort it here."""
+
+
+@bulk.command("show")
+@click.argument("bulk_action_id")
+@pass_ctx
+@reports_errors
+def bulk_show(ctx: Ctx, bulk_action_id: str) -> None:
+    """Show a bulk action and its counts over both stores (exit 14 if there is none)."""
+    action = ctx.client().get_bulk_action(bulk_action_id)
+    if action is None:
+        raise NotFound(f"bulk action {bulk_action_id} not found")
+    _show_bulk_action(ctx, action)
+
+
+@bulk.command("abort")
+@click.argument("bulk_action_id")
+@pass_ctx
+@reports_errors
+def bulk_abort(ctx: Ctx, bulk_action_id: str) -> None:
+    """Stop a bulk action: no further chunk starts; what was done stays."""
+    _show_bulk_action(ctx, ctx.client().abort_bulk_action(bulk_action_id))
 
 
 if __name__ == "__main__":

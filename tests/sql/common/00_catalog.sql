@@ -161,6 +161,8 @@ SELECT is_empty($$
       'shard_of_top40',
       -- SPEC §9 [1.3] replay, bulk actions, alerts
       'replay_run',
+      -- SPEC §9 [1.3] bulk actions, and the processor tick and workers call (sql/functions/bulk_actions.sql)
+      'create_bulk_action', 'get_bulk_action', 'abort_bulk_action', 'advance_bulk_actions',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
       'base62_digits10', 'input_prefix',
