@@ -22,4 +22,5 @@ CREATE VIEW runops_peer.peer_identity_view AS SELECT * FROM runops.store_identit
 CREATE VIEW runops_peer.idempotency_claims AS SELECT * FROM runops.idempotency_claims WHERE false;
 CREATE VIEW runops_peer.xact_snapshot_view AS SELECT * FROM runops.xact_snapshot_view WHERE false;
 CREATE VIEW runops_peer.environment_shards AS SELECT * FROM runops.environment_shards WHERE false;
+CREATE VIEW runops_peer.alert_channels AS SELECT * FROM runops.alert_channels WHERE false;
 RESET ROLE;

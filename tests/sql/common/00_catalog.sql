@@ -159,6 +159,8 @@ SELECT is_empty($$
       -- SPEC §9 [1.3] shards: shard_of, and the environment assignment (docs/scale-out.md)
       'shard_of', 'environment_shard', 'pin_environment_shard', 'shard_of_id', 'base62_digit', 'ksuid_top40',
       'shard_of_top40',
+      -- SPEC §9 [1.3] alerts
+      'create_alert_channel', 'delete_alert_channel', 'claim_alerts', 'complete_alert', 'fail_alert',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
       'base62_digits10', 'input_prefix',
