@@ -5,7 +5,7 @@
 --   write_run_alerts       the outbox trigger: a run turning final writes one alert per live
 --                          channel of its environment whose events name the status, in the same
 --                          transaction, on the run's own store
---   claim_alerts           a deliverer leases due alerts (FOR UPDATE SKIP LOCKED; a lapsed lease
+--   claim_alerts           a deliverer leases due alerts (of one environment, or all) (FOR UPDATE SKIP LOCKED; a lapsed lease
 --                          is due again) and gets each one's body; an alert whose channel, run
 --                          or environment cannot be read here is a failed attempt, never handed out
 --   complete_alert         the deliverer holding the lease marks it DELIVERED
@@ -203,8 +203,10 @@ DECLARE
   at timestamptz := now();
   worker text := require_worker(claim_alerts.worker_id);
   most integer := default_alert_max_attempts();
+  env text;
 BEGIN
-  PERFORM reject_unknown_options(opts, ARRAY['lease'], 'claim_alerts');
+  PERFORM reject_unknown_options(opts, ARRAY['lease', 'environment_id'], 'claim_alerts');
+  env := option_text(opts, 'environment_id', 255);
   PERFORM require_between(max_rows, 1, 1000, 'max_rows');
   lease := option_duration(opts, 'lease', default_alert_lease());
   -- Every due alert taken is one attempt. One whose channel (deleted, disabled), run (purged) or
@@ -215,7 +217,7 @@ BEGIN
   RETURN QUERY
   WITH due AS (
     SELECT a.* FROM alerts AS a
-    WHERE a.status = 'PENDING' AND a.next_attempt_at <= at
+    WHERE a.status = 'PENDING' AND a.next_attempt_at <= at AND (env IS NULL OR a.environment_id = env)
     ORDER BY a.next_attempt_at
     LIMIT max_rows
     FOR UPDATE SKIP LOCKED
