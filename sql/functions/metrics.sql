@@ -95,7 +95,7 @@ BEGIN
 
   SELECT jsonb_build_object(
            'pending', p.n,
-           'oldest_pending_seconds', round(greatest(extract(epoch FROM at - p.oldest), 0)::numeric, 3),
+           'oldest_pending_seconds', CASE WHEN p.n > 0 THEN round(greatest(extract(epoch FROM at - p.oldest), 0)::numeric, 3) END,
            'failed', (SELECT count(*) FROM alerts AS f
                       WHERE f.status = 'FAILED' AND (env_id IS NULL OR f.environment_id = env_id)))
   INTO alerts_figures
