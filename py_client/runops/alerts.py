@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
-
 from .errors import IllegalTransition, NotFound, RunOpsError
 from .models import Alert
 
 if TYPE_CHECKING:
+    import httpx
+
     from .client import RunOps
 
 log = logging.getLogger("runops.alerts")
@@ -98,6 +98,8 @@ class Deliverer:
         self.batch = batch
         self.concurrency = concurrency
         self.timeout = timeout
+        import httpx  # here, not at the top: httpx imports click, which `import runops` must not load
+
         # Redirects are not followed: a webhook that moved is a failed delivery the operator sees.
         self._http = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport,
                                   headers={"User-Agent": _user_agent()})
@@ -135,6 +137,8 @@ class Deliverer:
                    "X-Runops-Alert-Attempt": str(alert.attempt)}
         if alert.secret:
             headers["X-Runops-Signature"] = signature(alert.secret, body)
+        import httpx
+
         status: int | None = None
         try:
             response = self._http.post(alert.target, content=body, headers=headers)
