@@ -238,6 +238,7 @@ def test_the_deliverers_calls_refuse_bad_input(client: RunOps, cp: psycopg.Conne
                       ("SELECT * FROM runops.claim_alerts(%s, %s)", ["w", 1001]),
                       ("SELECT * FROM runops.claim_alerts(%s, %s)", ["", 1]),
                       ("SELECT * FROM runops.claim_alerts(%s, %s, %s)", ["w", 1, Jsonb({"lease": "forever"})]),
+                      ("SELECT * FROM runops.claim_alerts(%s, %s, %s)", ["w", 1, Jsonb({"lease": "0s"})]),
                       ("SELECT * FROM runops.claim_alerts(%s, %s, %s)", ["w", 1, Jsonb({"max": 1})]),
                       ("SELECT * FROM runops.complete_alert(%s, %s)", ["run_c" + "0" * 24, "w"]),
                       ("SELECT * FROM runops.fail_alert(%s, %s, %s)", ["alert_c" + "0" * 24, "w", ""]),

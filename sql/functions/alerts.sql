@@ -209,6 +209,9 @@ BEGIN
   env := option_text(opts, 'environment_id', 255);
   PERFORM require_between(max_rows, 1, 1000, 'max_rows');
   lease := option_duration(opts, 'lease', default_alert_lease());
+  IF lease < interval '1 second' THEN
+    PERFORM raise_error('RO006', 'option lease must be at least 1s');
+  END IF;
   -- Every due alert taken is one attempt. One whose channel (deleted, disabled), run (purged) or
   -- environment cannot be read here is not handed out: the attempt fails with the reason, and
   -- it is due again after the backoff (the mirror may catch up, the channel be re-enabled), or

@@ -1052,7 +1052,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
            no_tick: bool) -> None:
     """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
     wait-for-child, fan-out); runs of other tasks are left to workers that know them. Also runs
-    the stores' time-driven work (unless --no-tick or --once), so no separate ticker is needed.
+    the stores' time-driven work and delivers the environment's alert webhooks (unless --no-tick
+    or --once), so no separate ticker is needed.
     Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
