@@ -131,3 +131,8 @@ GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, intege
   TO runops_fdw, runops_api;
 GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer)
   TO runops_api;
+
+-- Alerts (alerts.sql): channels on the control plane, the deliverers' calls on every store.
+GRANT EXECUTE ON FUNCTION runops.create_alert_channel(text, text, text, jsonb), runops.delete_alert_channel(text),
+  runops.claim_alerts(text, integer, jsonb), runops.complete_alert(text, text), runops.fail_alert(text, text, text)
+  TO runops_api;

@@ -51,14 +51,21 @@ FUNCTIONS: dict[str, list[str]] = {
     "trigger_route": ["text", "jsonb"],
     "cancel_dev_session_runs": ["text", "text"],
     "execute_tasks_waiting_for_deploy": ["text", "text[]"],
+    "create_alert_channel": ["text", "text", "text", "jsonb"],
+    "delete_alert_channel": ["text"],
+    "claim_alerts": ["text", "integer", "jsonb"],
+    "complete_alert": ["text", "text"],
+    "fail_alert": ["text", "text", "text"],
 }
 
 OPTION_NAMES = ["idempotency_key", "idempotency_key_scope", "idempotency_key_ttl", "parent_run_id",
                 "parent_attempt_number", "resume_parent_on_completion", "delay", "ttl", "max_duration", "queue",
                 "concurrency_key", "tags", "max_attempts", "metadata", "run_id", "batch_id", "batch_index",
-                "dev_session_id", "seal_timeout", "completed_after", "timeout", "lease", "queues", "tasks"]
+                "dev_session_id", "seal_timeout", "completed_after", "timeout", "lease", "queues", "tasks",
+                "events", "secret", "enabled", "environment_id"]
 
-TABLES = ["runs", "batches", "batch_items", "waitpoints", "run_waitpoints", "attempts", "checkpoints"]
+TABLES = ["runs", "batches", "batch_items", "waitpoints", "run_waitpoints", "attempts", "checkpoints", "alert_channels",
+          "alerts"]
 
 ALLOWED_OUTSIDE_RO = {"40001", "40P01"}
 

@@ -24,7 +24,8 @@ from .test_upgrade import RELEASES, install_release
 FDW_READS = {"runs", "run_view", "batches", "batch_items", "waitpoints", "waitpoint_view", "run_waitpoints",
              "organizations", "projects", "runtime_environments", "split_settings", "store_identity_view",
              "peer_identity_view", "idempotency_claims", "xact_snapshot_view", "store_config",
-             "environment_shards", "bulk_actions", "bulk_action_members", "bulk_action_progress"}
+             "environment_shards", "bulk_actions", "bulk_action_members", "bulk_action_progress",
+             "alert_channels"}
 
 
 def readable_by(conn: psycopg.Connection[Any], role: str) -> set[str]:

@@ -53,6 +53,9 @@ from ._client_base import (
 from .errors import NotFound, RetryableConflict, RunOpsError, SplitRefused, StoreUnavailable, WrongStore
 from .models import (
     FINAL_STATUSES,
+    Alert,
+    AlertChannel,
+    AlertState,
     Batch,
     BatchAppended,
     BatchCreated,
@@ -743,6 +746,65 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         params = {"e": environment_id, "t": task_identifiers}
         counts = await self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY, params)
         return sum(counts.values())
+
+    # -- alerts (SPEC §9 [1.3]; delivery itself: runops.alerts) ---------------------------------------
+
+    async def create_alert_channel(self, environment_id: str, kind: str, target: str, *,
+                                   events: list[str] | None = None, secret: str | None = None,
+                                   enabled: bool | None = None) -> str:
+        """Creates an alert channel of the environment on the control plane (``kind`` WEBHOOK,
+        ``target`` an http(s) URL; ``events``: the final statuses that alert, default every one
+        but COMPLETED_SUCCESSFULLY and CANCELED; ``secret`` signs each delivery); its id. The
+        run-ops store sees it once the tenant mirror has it (:meth:`wait_for_mirror`). Raises
+        InvalidInput, NotFound."""
+        params = {"e": environment_id, "k": kind, "t": target,
+                  "o": _options({"events": events, "secret": secret, "enabled": enabled})}
+        return str(await self._scalar(CONTROL_PLANE, queries.CREATE_ALERT_CHANNEL, params))
+
+    async def delete_alert_channel(self, channel_id: str) -> AlertChannel:
+        """Retires a channel on the control plane: no new alert goes to it, and its undelivered
+        alerts are not delivered (they fail out). Raises NotFound, InvalidInput."""
+        return await self._one(CONTROL_PLANE, queries.DELETE_ALERT_CHANNEL, {"c": channel_id}, AlertChannel)
+
+    async def claim_alerts(self, worker_id: str, max_rows: int = 10, *, lease: str | None = None,
+                           environment_id: str | None = None) -> list[Alert]:
+        """Leases up to ``max_rows`` due alerts from the stores (each store's outbox holds its own
+        runs' alerts): the run-ops store is asked for half, the control plane for the rest. An
+        unavailable store is skipped (StoreUnavailable only when none answers). ``lease``: how
+        long they stay this deliverer's (default 2m); report each with :meth:`complete_alert` or
+        :meth:`fail_alert` before it lapses, or another deliverer takes it again.
+        ``environment_id``: that environment's alerts only."""
+        params = {"w": worker_id, "o": _options({"lease": lease, "environment_id": environment_id})}
+        stores = [s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools]
+        taken: list[Alert] = []
+        gone: list[StoreUnavailable] = []
+        for i, store in enumerate(stores):
+            wanted = max_rows - len(taken) if i == len(stores) - 1 else -(-max_rows // len(stores))
+            if wanted <= 0:
+                break
+            try:
+                taken += await self._rows(store, queries.CLAIM_ALERTS, {**params, "n": wanted}, Alert)
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
+                gone.append(exc)
+        if gone and len(gone) == len(stores):
+            raise gone[0]
+        return taken
+
+    async def complete_alert(self, alert_id: str, worker_id: str) -> AlertState:
+        """Marks a claimed alert DELIVERED, on its store (repeating the call is harmless). Raises
+        IllegalTransition when the lease is another deliverer's now, NotFound."""
+        params = {"a": alert_id, "w": worker_id}
+        return await self._one(self._write_store_of(alert_id), queries.COMPLETE_ALERT, params, AlertState)
+
+    async def fail_alert(self, alert_id: str, worker_id: str, error: str) -> AlertState:
+        """Records a failed delivery of a claimed alert, on its store: due again after the backoff
+        (5 s, doubling, at most 1 h), FAILED once its attempts are used up. ``error`` is cut to
+        1,000 characters. Raises IllegalTransition when the lease is another deliverer's now, NotFound."""
+        text = (error or "unknown error").replace("\x00", "")
+        params = {"a": alert_id, "w": worker_id, "x": text if len(text) <= 1000 else text[:997] + "..."}
+        return await self._one(self._write_store_of(alert_id), queries.FAIL_ALERT, params, AlertState)
 
     # -- notifications --------------------------------------------------------------------------------
 

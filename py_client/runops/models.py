@@ -268,3 +268,48 @@ class BulkAction:
     @property
     def is_over(self) -> bool:
         return self.status in ("COMPLETED", "ABORTED")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A row of claim_alerts: one delivery this deliverer now holds the lease of. ``body`` is what
+    the receiver gets (serialized by the deliverer, which signs those exact bytes with
+    ``secret`` when the channel has one)."""
+
+    alert_id: str
+    channel_id: str
+    kind: str
+    target: str
+    environment_id: str
+    run_id: str
+    run_status: str
+    body: dict[str, Any]
+    attempt: int
+    secret: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertState:
+    """What complete_alert / fail_alert leave: PENDING (due again at ``next_attempt_at``),
+    DELIVERED or FAILED."""
+
+    alert_id: str
+    status: Literal["PENDING", "DELIVERED", "FAILED"]
+    attempt: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    completed_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class AlertChannel:
+    """A row of delete_alert_channel."""
+
+    channel_id: str
+    environment_id: str
+    kind: str
+    target: str
+    events: list[str]
+    enabled: bool
+    created_at: dt.datetime
+    deleted_at: dt.datetime | None

@@ -93,6 +93,14 @@ CANCEL_DEV_SESSION_RUNS = "SELECT runops.cancel_dev_session_runs(%(e)s, %(d)s)"
 EXECUTE_TASKS_WAITING_FOR_DEPLOY = "SELECT runops.execute_tasks_waiting_for_deploy(%(e)s, %(t)s)"
 PURGE_RUNS = "SELECT runops.purge_runs(%(o)s, %(n)s)"
 
+# -- alerts: channels on the control plane, the outbox on every store ------------------------------
+
+CREATE_ALERT_CHANNEL = "SELECT runops.create_alert_channel(%(e)s, %(k)s, %(t)s, %(o)s)"
+DELETE_ALERT_CHANNEL = "SELECT * FROM runops.delete_alert_channel(%(c)s)"
+CLAIM_ALERTS = "SELECT * FROM runops.claim_alerts(%(w)s, %(n)s, %(o)s)"
+COMPLETE_ALERT = "SELECT * FROM runops.complete_alert(%(a)s, %(w)s)"
+FAIL_ALERT = "SELECT * FROM runops.fail_alert(%(a)s, %(w)s, %(x)s)"
+
 # -- notifications --------------------------------------------------------------------------------
 
 

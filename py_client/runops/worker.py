@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from .alerts import deliver_forever
 from .errors import IllegalTransition, InvalidInput, NotFound, RunOpsError
 from .models import Run
 from .retry import OUTAGE_BACKOFF, TRANSIENT, run_loop
@@ -212,6 +213,10 @@ class Worker:
         heartbeat.start()
         if self.tick is not None:
             threading.Thread(target=self._tick_loop, name=f"{self.worker_id}-tick", daemon=True).start()
+            # The environment's alerts too, like the ticker, on every long-running worker (runops.alerts).
+            threading.Thread(target=deliver_forever, args=(self.client, self.worker_id, self._done),
+                             kwargs={"environment_id": self.environment_id}, name=f"{self.worker_id}-alerts",
+                             daemon=True).start()
         # Behind PgBouncer a LISTEN would be lost with its server connection: polling alone.
         stores = () if self.client.behind_pgbouncer else ("RUN_OPS", "CONTROL_PLANE") if self.client.split_wired \
             else ("CONTROL_PLANE",)

@@ -25,4 +25,5 @@ CREATE VIEW runops_peer.environment_shards AS SELECT * FROM runops.environment_s
 CREATE VIEW runops_peer.bulk_actions AS SELECT * FROM runops.bulk_actions WHERE false;
 CREATE VIEW runops_peer.bulk_action_members AS SELECT * FROM runops.bulk_action_members WHERE false;
 CREATE VIEW runops_peer.bulk_action_progress AS SELECT * FROM runops.bulk_action_progress WHERE false;
+CREATE VIEW runops_peer.alert_channels AS SELECT * FROM runops.alert_channels WHERE false;
 RESET ROLE;

@@ -22,7 +22,7 @@ SET LOCAL ROLE runops_owner;
 IMPORT FOREIGN SCHEMA runops
   LIMIT TO (runs, run_view, batches, batch_items, waitpoints, waitpoint_view, run_waitpoints, organizations, projects,
             runtime_environments, split_settings, store_identity_view, peer_identity_view, idempotency_claims,
-            environment_shards,
+            environment_shards, alert_channels,
             bulk_actions, bulk_action_members, bulk_action_progress,
             xact_snapshot_view)
   FROM SERVER runops_peer INTO runops_peer;

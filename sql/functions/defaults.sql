@@ -8,6 +8,10 @@
 --   default_bulk_chunk_size      runs a bulk action acts on per chunk, one transaction each (5,000: large
 --                                enough for 10k runs/s across both stores, small enough to hold a chunk's
 --                                locks well under a second)
+--   default_alert_lease          how long a claimed alert stays its deliverer's (2 minutes)
+--   default_alert_max_attempts   deliveries an alert gets before it is FAILED (10)
+--   alert_retry_delay(n)         the pause after the n-th failed delivery: 5 s, doubling, at most
+--                                1 hour (5 s, 10 s, 20 s, ... ; about 42 minutes over 10 attempts)
 
 CREATE OR REPLACE FUNCTION runops.default_idempotency_key_ttl()
 RETURNS interval
@@ -42,4 +46,25 @@ RETURNS integer
 LANGUAGE sql IMMUTABLE
 AS $$
   SELECT 5000
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_alert_lease()
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT interval '2 minutes'
+$$;
+
+CREATE OR REPLACE FUNCTION runops.default_alert_max_attempts()
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT 10
+$$;
+
+CREATE OR REPLACE FUNCTION runops.alert_retry_delay(failed_attempts integer)
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+AS $$
+  SELECT least(interval '5 seconds' * power(2, least(greatest(failed_attempts, 1) - 1, 20)), interval '1 hour')
 $$;

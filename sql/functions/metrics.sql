@@ -16,6 +16,9 @@
 --   claims          the idempotency claim ledger's rows, on the run-ops store (its home; the
 --                   control plane's copy stays empty and reports null); the primary key's
 --                   leading environment_id answers the per-environment count
+--   alerts          this store's alert outbox: pending (not yet delivered, due or waiting for a
+--                   retry or held by a deliverer), failed (given up), and the age of the oldest
+--                   pending one since it was written (alerts_due_idx; alerts_failed_idx)
 --   mirror          run-ops only: how the tenant mirror is fed and how fresh it is. Under logical
 --                   replication, pg_stat_subscription's latest_end_time is when the control
 --                   plane last confirmed a WAL position to the subscription; lag_seconds is the
@@ -38,6 +41,7 @@ DECLARE
   lapsed bigint;
   open_batches bigint;
   claims bigint;
+  alerts_figures jsonb;
   mirror jsonb;
   sub record;
 BEGIN
@@ -89,6 +93,15 @@ BEGIN
   FROM batches AS b
   WHERE b.status IN ('PENDING', 'PROCESSING') AND (env_id IS NULL OR b.environment_id = env_id);
 
+  SELECT jsonb_build_object(
+           'pending', p.n,
+           'oldest_pending_seconds', CASE WHEN p.n > 0 THEN round(greatest(extract(epoch FROM at - p.oldest), 0)::numeric, 3) END,
+           'failed', (SELECT count(*) FROM alerts AS f
+                      WHERE f.status = 'FAILED' AND (env_id IS NULL OR f.environment_id = env_id)))
+  INTO alerts_figures
+  FROM (SELECT count(*) AS n, min(a.created_at) AS oldest FROM alerts AS a
+        WHERE a.status = 'PENDING' AND (env_id IS NULL OR a.environment_id = env_id)) AS p;
+
   IF role = 'RUN_OPS' THEN
     SELECT count(*) INTO claims
     FROM idempotency_claims AS c
@@ -128,6 +141,7 @@ BEGIN
     'lapsed_leases', lapsed,
     'open_batches', open_batches,
     'claims', claims,
+    'alerts', alerts_figures,
     'mirror', mirror);
 END
 $$;

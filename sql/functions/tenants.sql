@@ -494,6 +494,10 @@ BEGIN
     FROM runops_peer.environment_shards AS p
     WHERE p.environment_id = o.environment_id AND o.assigned_at IS DISTINCT FROM p.assigned_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    UPDATE alert_channels AS o SET target = p.target, events = p.events, secret = p.secret, enabled = p.enabled,
+      updated_at = p.updated_at, deleted_at = p.deleted_at
+    FROM runops_peer.alert_channels AS p WHERE p.id = o.id AND o.updated_at IS DISTINCT FROM p.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   ELSE
     INSERT INTO organizations SELECT * FROM runops_peer.organizations
     ON CONFLICT (id) DO UPDATE SET slug = excluded.slug, title = excluded.title, mint_kind = excluded.mint_kind,
@@ -522,6 +526,11 @@ BEGIN
       assigned_at = excluded.assigned_at
     WHERE environment_shards.assigned_at IS DISTINCT FROM excluded.assigned_at;
     GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
+    INSERT INTO alert_channels SELECT * FROM runops_peer.alert_channels
+    ON CONFLICT (id) DO UPDATE SET target = excluded.target, events = excluded.events, secret = excluded.secret,
+      enabled = excluded.enabled, updated_at = excluded.updated_at, deleted_at = excluded.deleted_at
+    WHERE alert_channels.updated_at IS DISTINCT FROM excluded.updated_at;
+    GET DIAGNOSTICS k = ROW_COUNT; n := n + k;
   END IF;
   PERFORM beat('mirror_pull');
   RETURN n;
@@ -549,6 +558,7 @@ AS $$
     (SELECT string_agg(o.id || extract(epoch FROM o.updated_at)::text || coalesce(o.mint_kind, '-'), ',' ORDER BY o.id) FROM organizations AS o),
     (SELECT string_agg(p.id || extract(epoch FROM p.updated_at)::text, ',' ORDER BY p.id) FROM projects AS p),
     (SELECT string_agg(e.id || extract(epoch FROM e.updated_at)::text, ',' ORDER BY e.id) FROM runtime_environments AS e),
+    (SELECT string_agg(c.id || extract(epoch FROM c.updated_at)::text, ',' ORDER BY c.id) FROM alert_channels AS c),
     (SELECT string_agg(s.enabled::text || s.ever_enabled::text || s.default_mint_kind || extract(epoch FROM s.updated_at)::text, ',')
      FROM split_settings AS s)))
 $$;

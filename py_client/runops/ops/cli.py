@@ -977,6 +977,14 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
                                       "1 while the tenant mirror is within its freshness bound (new work is "
                                       "admitted from it), else 0 (new work reads the control plane, or is RO009).",
                                       labels=["store"])
+            alerts_pending = GaugeMetricFamily("runops_alerts_pending",
+                                               "Alerts not yet delivered (due, awaiting a retry, or in delivery).",
+                                               labels=["store"])
+            alerts_failed = GaugeMetricFamily("runops_alerts_failed",
+                                              "Alerts given up after their last attempt.", labels=["store"])
+            alerts_oldest = GaugeMetricFamily("runops_alerts_oldest_pending_seconds",
+                                              "Age of the oldest undelivered alert (since its run turned final).",
+                                              labels=["store"])
             for store in failures:
                 up.add_metric([store], 0)
             for store, f in figures.items():
@@ -1001,7 +1009,14 @@ def _serve_metrics(listen: str, environment_id: str | None, timeout: float) -> N
                     if mirror.get("age_seconds") is not None:
                         age.add_metric([store], float(mirror["age_seconds"]))
                     fresh.add_metric([store], 1 if mirror.get("fresh") else 0)
-            yield from (up, runs, depth, oldest, lapsed, batches, claims, lag, streaming, age, fresh)
+                alerts = f.get("alerts") or {}  # absent from a store before r0006
+                if alerts:
+                    alerts_pending.add_metric([store], alerts["pending"])
+                    alerts_failed.add_metric([store], alerts["failed"])
+                    if alerts.get("oldest_pending_seconds") is not None:
+                        alerts_oldest.add_metric([store], float(alerts["oldest_pending_seconds"]))
+            yield from (up, runs, depth, oldest, lapsed, batches, claims, lag, streaming, age, fresh,
+                        alerts_pending, alerts_failed, alerts_oldest)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StoreCollector())
@@ -1062,11 +1077,14 @@ def metrics(ctx: Ctx, environment_id: str | None, listen: str | None, timeout: f
         rows: list[tuple[Any, ...]] = []
         for store, f in figures.items():
             mirror = f.get("mirror") or {}
+            alerts = f.get("alerts") or {}
             rows.append((store, "up", f["lapsed_leases"], f["open_batches"], f.get("claims"),
-                         mirror.get("engine"), mirror.get("lag_seconds")))
-        rows += [(store, f"down: {why}", None, None, None, None, None) for store, why in failures.items()]
-        table(rows, ["store", "state", "lapsed leases", "open batches", "claims", "mirror", "mirror lag (s)"],
-              title="Stores")
+                         mirror.get("engine"), mirror.get("lag_seconds"), alerts.get("pending"), alerts.get("failed"),
+                         alerts.get("oldest_pending_seconds")))
+        rows += [(store, f"down: {why}", None, None, None, None, None, None, None, None)
+                 for store, why in failures.items()]
+        table(rows, ["store", "state", "lapsed leases", "open batches", "claims", "mirror", "mirror lag (s)",
+                     "alerts pending", "alerts failed", "oldest alert (s)"], title="Stores")
     if failures:
         store, why = next(iter(failures.items()))
         raise StoreUnavailable(f"the {store} store did not answer: {why}")
@@ -1187,7 +1205,8 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
            no_tick: bool) -> None:
     """Work an environment's runs of your tasks (--app) or the reference ones (echo, sleep, fail,
     wait-for-child, fan-out); runs of other tasks are left to workers that know them. Also runs
-    the stores' time-driven work (unless --no-tick or --once), so no separate ticker is needed.
+    the stores' time-driven work and delivers the environment's alert webhooks (unless --no-tick
+    or --once), so no separate ticker is needed.
     Drains on SIGTERM/SIGINT and exits 0; waits out store outages."""
     from runops.tasks import TaskRegistry
     from runops.worker import Outcome, Worker, default_worker_id
@@ -1223,6 +1242,76 @@ def worker(ctx: Ctx, environment_id: str, app: str | None, worker_id: str | None
                      tick=None if no_tick else float(tick_every), on_outcome=report).run()
     if not ctx.as_json:
         click.echo(f"{worker_id}: {handled} runs handled")
+
+
+# -- alerts ----------------------------------------------------------------------------------
+
+@main.group("alerts")
+def alerts_group() -> None:
+    """Alert webhooks (docs/operations-bulk-and-alerts.md, "Alerts")."""
+
+
+@alerts_group.command("deliver")
+@click.option("--loop", is_flag=True, help="Keep delivering until SIGTERM/SIGINT; otherwise one pass.")
+@click.option("--env", "environment_id", help="Only this environment's alerts (default: every environment's).")
+@click.option("--id", "worker_id", help="This deliverer's id (default host-pid).")
+@click.option("--batch", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Alerts claimed per pass.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Webhook requests in flight at once.")
+@click.option("--timeout", type=click.FloatRange(0.1, 300), default=10.0, show_default=True,
+              help="Seconds a receiver may take to answer; longer is a failed attempt (retried).")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+              help="With --loop: seconds between passes that found nothing to do.")
+@pass_ctx
+@reports_errors
+def alerts_deliver(ctx: Ctx, loop: bool, environment_id: str | None, worker_id: str | None, batch: int,
+                   concurrency: int, timeout: float, interval: float) -> None:
+    """Claim due alerts on every store and POST them to their webhooks: one line per attempt
+    (--json: one object per line). A failed attempt is retried by the stores' schedule (5 s,
+    doubling, up to an hour, then FAILED); `runops worker` delivers its environment's alerts too."""
+    import signal
+    import threading
+
+    from runops.alerts import Deliverer, Delivery
+    from runops.retry import run_loop
+    from runops.worker import default_worker_id
+
+    client = ctx.client()
+    deliverer = Deliverer(client, worker_id or default_worker_id(), environment_id=environment_id, batch=batch,
+                          concurrency=concurrency, timeout=timeout)
+
+    def show(d: Delivery) -> None:
+        if ctx.as_json:
+            click.echo(json.dumps(plain(d), sort_keys=True))
+        else:
+            why = f"  ({d.error})" if d.error else ""
+            click.echo(f"{time.strftime('%H:%M:%S')}  {d.alert_id}  {d.run_id}  attempt {d.attempt}  {d.result}{why}")
+
+    def one_pass() -> float | None:
+        done = deliverer.deliver_due()
+        for d in done:
+            show(d)
+        if not loop:
+            if not done and not ctx.as_json:
+                click.echo("no alert is due")
+            return None
+        return 0.0 if len(done) == batch else interval
+
+    with deliverer:
+        if not loop:
+            one_pass()
+            return
+        stopping, wake = threading.Event(), threading.Event()
+
+        def stop(signum: int, frame: Any) -> None:
+            stopping.set()
+            wake.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        _log_to_stderr()
+        run_loop(one_pass, wake=wake, should_stop=stopping.is_set, what="alerts deliver")
 
 
 BATCH_ITEM_KEYS = {"task", "payload", "options"}

@@ -45,6 +45,11 @@ class Thresholds:
     stuck_grace_seconds: float = 300.0
     # A sealed batch whose runs have not all finished after a day: its runs are stuck or lost.
     processing_batch_warn_seconds: float = 86400.0
+    # The alert outbox: an alert is due at once and retried 5 s, 10 s, 20 s, ... later, so one
+    # still undelivered after 5 minutes has failed several attempts or nobody delivers (no
+    # `runops worker`, no `runops alerts deliver --loop`); a thousand waiting is a backlog too.
+    alert_backlog_warn_seconds: float = 300.0
+    alert_backlog_warn_count: int = 1000
     # WAL a replication slot holds back, as a share of max_slot_wal_keep_size (the slot is lost
     # at 1.0); and the absolute figure when that setting is unlimited.
     slot_retained_warn_fraction: float = 0.5
@@ -660,6 +665,37 @@ def check_stuck_work(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check
     return guarded(name, store, run)
 
 
+def check_alerts(store: Store, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """The alert outbox: undelivered alerts piling up or waiting long, and alerts given up."""
+    name = f"alerts.{store.slug}"
+
+    def run() -> Check:
+        with _reading(store) as conn:
+            exists = conn.execute("SELECT to_regclass('runops.alerts') IS NOT NULL").fetchone()
+            if not exists or not exists[0]:
+                return Check(name, "warn", "cannot tell: this store has no runops.alerts (it predates r0006: "
+                                           "run `runops migrate`)")
+            row = conn.execute("""
+                SELECT count(*), extract(epoch FROM now() - min(created_at))::float8,
+                       (SELECT count(*) FROM runops.alerts WHERE status = 'FAILED')
+                FROM runops.alerts WHERE status = 'PENDING'""").fetchone()
+        assert row is not None
+        pending, oldest, failed = int(row[0]), row[1], int(row[2])
+        data = {"pending": pending, "oldest_pending_seconds": oldest, "failed": failed,
+                "warn_seconds": thresholds.alert_backlog_warn_seconds,
+                "warn_count": thresholds.alert_backlog_warn_count}
+        if pending and (pending >= thresholds.alert_backlog_warn_count
+                        or (oldest or 0) >= thresholds.alert_backlog_warn_seconds):
+            return Check(name, "warn", f"{pending} alerts undelivered on the {store.label}, the oldest for "
+                                       f"{oldest or 0:.0f} s (warn at {thresholds.alert_backlog_warn_count} or "
+                                       f"{thresholds.alert_backlog_warn_seconds:.0f} s): is a `runops worker` or "
+                                       "`runops alerts deliver --loop` running, and do the webhooks answer 2xx?", data)
+        gave_up = f"; {failed} failed for good" if failed else ""
+        return Check(name, "ok", f"{pending} alerts undelivered{gave_up}", data)
+
+    return guarded(name, store, run)
+
+
 # -- doctor --deep: invariants the functions keep instead of foreign keys ------------------------
 
 # SPEC §5 [1.2]: on the batch hot path the functions, not foreign keys, keep the run graph's
@@ -801,6 +837,7 @@ def _run_checks(stores: dict[str, Store], thresholds: Thresholds, deep: bool = F
         checks.append(check_slots(cp, ro, thresholds))
     checks += [check_tick(s, thresholds) for s in answered.values()]
     checks += [check_stuck_work(s, thresholds) for s in answered.values()]
+    checks += [check_alerts(s, thresholds) for s in answered.values()]
     if deep:
         checks += [check_integrity(s, thresholds) for s in answered.values()]
     return checks

@@ -36,7 +36,7 @@ PUBLICATION = "runops_tenants"
 SUBSCRIPTION = "runops_mirror"
 # heartbeats carries the control plane's tick to the run-ops store: the mirror's freshness.
 MIRRORED_TABLES = ("organizations", "projects", "runtime_environments", "split_settings", "heartbeats",
-                   "environment_shards")
+                   "environment_shards", "alert_channels")
 
 
 def alembic_config(store: str, url: str) -> Any:

@@ -163,6 +163,8 @@ SELECT is_empty($$
       'replay_run',
       -- SPEC §9 [1.3] bulk actions, and the processor tick and workers call (sql/functions/bulk_actions.sql)
       'create_bulk_action', 'get_bulk_action', 'abort_bulk_action', 'advance_bulk_actions',
+      -- SPEC §9 [1.3] alerts
+      'create_alert_channel', 'delete_alert_channel', 'claim_alerts', 'complete_alert', 'fail_alert',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
       'base62_digits10', 'input_prefix',
