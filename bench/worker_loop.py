@@ -34,7 +34,7 @@ Two more measurements, each on its own (``--dequeue-scaling``, ``--pickup``):
   ``dequeue_runs(env, worker, 1)`` on the run-ops store over N runs queued beforehand (a fresh
   environment per phase, limit 20,000); runs/s, both clusters' CPU per run, and what the
   backends waited on (``pg_stat_activity`` sampled every 20 ms). With ``--ab-main DIR`` each
-  round measures the function files of another checkout (``DIR/sql/functions/lifecycle.sql``,
+  round measures the function files of another checkout (``DIR/sql/functions/`` ``LOOP_FUNCTIONS``,
   applied in place, then this checkout's again) before this checkout's, on the same clusters;
 * **pickup latency**: one idle ``runops worker`` (concurrency 4); 100 runs triggered one at a
   time at random gaps (50–300 ms); per run, the time from its trigger's transaction to the
@@ -428,12 +428,15 @@ def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
 # -- dequeue scaling and pickup latency ------------------------------------------------------------------
 
 DEQUEUE_ONE = "SELECT count(*) FROM runops.dequeue_runs(:env, 'w' || :client_id, 1);\n"
+# The function files an A/B (--ab-main) swaps: the lifecycle, and the environment's load it calls.
+LOOP_FUNCTIONS = ("tenants.sql", "lifecycle.sql")
 PREAMBLE = "SET LOCAL search_path = runops, pg_catalog, pg_temp;\nSET LOCAL check_function_bodies = off;\n"
 
 
 def apply_functions(url: str, tree: Path) -> None:
-    """Installs ``tree``'s lifecycle functions (and its grants) into the store at ``url``, in place."""
-    text = PREAMBLE + (tree / "sql" / "functions" / "lifecycle.sql").read_text() + "\n" \
+    """Installs ``tree``'s functions of the loop (``LOOP_FUNCTIONS``, and its grants) into the store
+    at ``url``, in place."""
+    text = PREAMBLE + "".join((tree / "sql" / "functions" / name).read_text() + "\n" for name in LOOP_FUNCTIONS) \
         + (tree / "sql" / "after_functions.sql").read_text()
     with psycopg.connect(url) as conn:
         conn.execute(text.encode())
