@@ -77,6 +77,7 @@ def phase(stores: Any, app: dict[str, str], admin: dict[str, str], env: str, cli
             out = subprocess.run([str(pgbench), "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 4)),
                                   "-t", str(runs // clients), "-f", str(script), "-D", f"env={env}", app[RUN_OPS]],
                                  capture_output=True, text=True, check=False, timeout=900)
+            time.sleep(1.0)  # pgbench's backends exit and are reaped: their CPU is counted
             cpu = sum(server_cpu_seconds(d) or 0.0 for d in datadirs) - cpu0
         tps = _TPS.search(out.stdout)
         if out.returncode != 0 or tps is None:
