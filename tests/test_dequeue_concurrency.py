@@ -63,8 +63,8 @@ def limit(client: RunOps, env: str, n: int) -> None:
 def test_the_limit_holds_under_32_concurrent_dequeuers(client: RunOps, stores: Stores, store: str, admin,
                                                        env_id: str) -> None:
     """32 dequeuers (each also starting — half of them in the dequeue —, completing, failing with
-    a retry or canceling what it got) over 240 runs with a limit of 6: a sampler never sees more than 6 leased runs, every run
-    is handed out once per PENDING spell, and all of them finish."""
+    a retry or canceling what it got) over 240 runs with a limit of 6: a sampler never sees more
+    than 6 leased runs, every run is handed out once per PENDING spell, and all of them finish."""
     cap, total, dequeuers = 6, 240, 32
     limit(client, env_id, cap)
     with psycopg.connect(stores.app[store], autocommit=True) as conn:

@@ -12,7 +12,8 @@ once (``SYSTEM_FAILURE``, error name ``UnknownTask``) — it is never faked. Eac
 (calling ``start_attempt`` first for a run the dequeue could not start: one out of attempts,
 which it crashes) runs the task function and reports ``complete_attempt`` with its result, or
 ``fail_attempt`` with the error and a ``retry_at`` from the task's retry policy while attempts
-remain. A task that waits (``ctx.trigger_and_wait``, …) checkpoints the run and lets go of it; see :mod:`runops.tasks` for how it continues.
+remain. A task that waits (``ctx.trigger_and_wait``, …) checkpoints the run and lets go of it;
+see :mod:`runops.tasks` for how it continues.
 
 Every attempt that ran its task ends with a report the store accepts, so the task never runs
 again because a report failed: an output the store cannot hold (NaN, a NUL character, over the

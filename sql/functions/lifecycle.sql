@@ -64,10 +64,12 @@ BEGIN
   IF OLD.status IN ('DEQUEUED', 'EXECUTING') THEN
     IF NEW.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
       UPDATE concurrency_slots AS s SET run_id = NULL WHERE s.run_id = OLD.id RETURNING s.slot INTO freed;
+      -- Overflow exists when the environment's highest slot is above its limit: one probe at the
+      -- end of the slot index (max), where a join on slot > slot_limit read every slot of the
+      -- environment (20,000 rows, 3 ms, at every run's end under a limit of 20,000).
       IF freed IS NOT NULL
-         AND EXISTS (SELECT FROM concurrency_limits AS l
-                     JOIN concurrency_slots AS o ON o.environment_id = l.environment_id AND o.slot > l.slot_limit
-                     WHERE l.environment_id = OLD.environment_id) THEN
+         AND (SELECT max(o.slot) FROM concurrency_slots AS o WHERE o.environment_id = OLD.environment_id)
+             > (SELECT l.slot_limit FROM concurrency_limits AS l WHERE l.environment_id = OLD.environment_id) THEN
         PERFORM settle_overflow_slot(OLD.environment_id, freed);
       END IF;
     END IF;
