@@ -1065,7 +1065,7 @@ def run_loop_phases(stores: LocalStores, pgbench: Path, procrastinate: Path | No
         for name, system in systems:
             ph = wl.full_loop(bench, system, settings.runs, settings.workers, settings.concurrency)
             keep(name, {"rate": ph.rate, "server_cpu_us": ph.server_cpu_us, "worker_cpu_us": ph.worker_cpu_us,
-                        "xacts_per_run": ph.xacts},
+                        "xacts_per_run": ph.xacts, "wal_bytes_per_run": ph.wal_bytes},
                  f"{ph.rate:.0f} runs/s, server {ph.server_cpu_us:.0f} us/run")
         for clients in settings.dequeue_levels:
             dq = wl.dequeue_phase(bench, ours.organization, pgbench, clients, settings.dequeue_runs,

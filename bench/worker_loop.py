@@ -15,11 +15,14 @@ measures runops's worker against Procrastinate's on the same cluster, in the sam
    /proc) over wall time.
 
 The three are interleaved — runops, then Procrastinate, R rounds (default 3) — and the medians
-reported, because a shared 2-core machine is noisy. Each loop phase also records, per run, the
-worker processes' CPU, both clusters' CPU (every backend, the checkpointer and WAL writer too),
-and the transactions committed in the system's databases (``pg_stat_database``; the
-benchmark's own progress polls subtracted): one per statement on runops's autocommit
-connections, which makes it the count of SQL round trips.
+reported, because a shared 2-core machine is noisy. ``--ab-base DIR`` adds "runops before" to
+each loop phase, first: ``DIR``'s loop functions (``LOOP_FUNCTIONS``) installed in both stores and
+``DIR``'s package run by its workers, then this checkout's again for "runops" (``--loop-only``: the
+full loop alone). Each loop phase also records, per run, the worker processes' CPU, both
+clusters' CPU (every backend, the checkpointer and WAL writer too), the WAL both clusters wrote,
+and the transactions committed in the system's databases (``pg_stat_database``; the benchmark's
+own progress polls subtracted): one per statement on runops's autocommit connections, which
+makes it the count of SQL round trips.
 
 Procrastinate lives in a third database of the run-ops cluster (where runops's runs live: same
 cluster, same settings) and is installed on demand into a bench-only virtual environment
@@ -34,7 +37,7 @@ Two more measurements, each on its own (``--dequeue-scaling``, ``--pickup``):
   ``dequeue_runs(env, worker, 1)`` on the run-ops store over N runs queued beforehand (a fresh
   environment per phase, limit 20,000); runs/s, both clusters' CPU per run, and what the
   backends waited on (``pg_stat_activity`` sampled every 20 ms). With ``--ab-main DIR`` each
-  round measures the function files of another checkout (``DIR/sql/functions/lifecycle.sql``,
+  round measures the function files of another checkout (``DIR/sql/functions/`` ``LOOP_FUNCTIONS``,
   applied in place, then this checkout's again) before this checkout's, on the same clusters;
 * **pickup latency**: one idle ``runops worker`` (concurrency 4); 100 runs triggered one at a
   time at random gaps (50–300 ms); per run, the time from its trigger's transaction to the
@@ -110,6 +113,7 @@ class Phase:
     worker_cpu_us: float  # the worker processes' CPU per run
     server_cpu_us: float  # both clusters' CPU per run
     xacts: float          # transactions per run in the system's databases (polls subtracted)
+    wal_bytes: float = 0.0  # WAL both clusters wrote per run
 
     @property
     def rate(self) -> float:
@@ -128,6 +132,14 @@ class Bench:
 
     def server_cpu(self) -> float:
         return sum(server_cpu_seconds(c.datadir) or 0.0 for c in self.stores.clusters.values())
+
+    def wal(self) -> int:
+        """WAL written so far by both clusters, in bytes."""
+        total = 0
+        for cluster in self.stores.clusters.values():
+            with psycopg.connect(cluster.admin_url("postgres"), autocommit=True) as conn:
+                total += int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])  # type: ignore[index]
+        return total
 
     def xacts(self, databases: list[tuple[str, str]]) -> int:
         """Transactions so far in ``databases``, once every client of theirs has gone (a backend
@@ -152,8 +164,8 @@ class Meter:
     def __init__(self, bench: Bench, workers: list[subprocess.Popen[bytes]]) -> None:
         self.bench, self.pids = bench, [w.pid for w in workers]
 
-    def _now(self) -> tuple[float, float, float]:
-        return (time.monotonic(), sum(_cpu_seconds(p) for p in self.pids), self.bench.server_cpu())
+    def _now(self) -> tuple[float, float, float, int]:
+        return (time.monotonic(), sum(_cpu_seconds(p) for p in self.pids), self.bench.server_cpu(), self.bench.wal())
 
     def start(self) -> None:
         self.began = self._now()
@@ -162,8 +174,8 @@ class Meter:
         self.ended = self._now()
 
     def phase(self, runs: int, xacts: int) -> Phase:
-        (t0, w0, s0), (t1, w1, s1) = self.began, self.ended
-        return Phase(runs, t1 - t0, (w1 - w0) / runs * 1e6, (s1 - s0) / runs * 1e6, xacts / runs)
+        (t0, w0, s0, b0), (t1, w1, s1, b1) = self.began, self.ended
+        return Phase(runs, t1 - t0, (w1 - w0) / runs * 1e6, (s1 - s0) / runs * 1e6, xacts / runs, (b1 - b0) / runs)
 
 
 # -- the two systems, behind one shape ---------------------------------------------------------------
@@ -207,24 +219,31 @@ class Producer:
 class RunOpsSystem(System):
     name = "runops"
 
-    def __init__(self, bench: Bench, organization: str) -> None:
-        self.bench, self.organization = bench, organization
+    def __init__(self, bench: Bench, organization: str, tree: Path | None = None, name: str = "runops") -> None:
+        """``tree``: a checkout whose loop functions (``LOOP_FUNCTIONS``) each phase installs in
+        both stores first, and whose package its workers run (``--ab-base``)."""
+        self.bench, self.organization, self.tree, self.name = bench, organization, tree, name
         self.databases = bench.runops_dbs
         self.env = ""
         self.serial = 0
 
     def new_scope(self) -> None:
+        if self.tree is not None:
+            for url in self.bench.admin.values():
+                apply_functions(url, self.tree)
         self.serial += 1
-        self.env = _environment(self.bench.app, self.organization, f"loop-{self.serial}")
+        self.env = _environment(self.bench.app, self.organization, f"loop-{self.serial}-{secrets.token_hex(2)}")
 
     def workers(self, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
         app = self.bench.app
         environ = {**os.environ, "RUNOPS_CONTROL_PLANE_URL": app[CONTROL_PLANE], "RUNOPS_RUN_OPS_URL": app[RUN_OPS]}
         runops = Path(sys.executable).parent / "runops"  # the installed command, wherever its module lives
+        # another checkout's package first on the path: its runops is the one imported
+        package = [str(self.tree / "py_client")] if self.tree is not None and self.tree != HERE.parent else []
         return [subprocess.Popen([str(runops), "worker", "--app", "worker_loop:tasks", "--env", self.env,
                                   "--concurrency", str(concurrency), "--id", f"bench-{i}"],
                                  cwd=HERE, env={**environ, "PYTHONPATH": os.pathsep.join(
-                                     [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])},
+                                     [*package, str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])},
                                  stdout=subprocess.DEVNULL,
                                  stderr=_worker_log())
                 for i in range(count)]
@@ -428,12 +447,15 @@ def bare_loop(app: dict[str, str], env: str, runs: int) -> tuple[float, float]:
 # -- dequeue scaling and pickup latency ------------------------------------------------------------------
 
 DEQUEUE_ONE = "SELECT count(*) FROM runops.dequeue_runs(:env, 'w' || :client_id, 1);\n"
+# The function files an A/B (--ab-main) swaps: the lifecycle, and the environment's load it calls.
+LOOP_FUNCTIONS = ("tenants.sql", "lifecycle.sql")
 PREAMBLE = "SET LOCAL search_path = runops, pg_catalog, pg_temp;\nSET LOCAL check_function_bodies = off;\n"
 
 
 def apply_functions(url: str, tree: Path) -> None:
-    """Installs ``tree``'s lifecycle functions (and its grants) into the store at ``url``, in place."""
-    text = PREAMBLE + (tree / "sql" / "functions" / "lifecycle.sql").read_text() + "\n" \
+    """Installs ``tree``'s functions of the loop (``LOOP_FUNCTIONS``, and its grants) into the store
+    at ``url``, in place."""
+    text = PREAMBLE + "".join((tree / "sql" / "functions" / name).read_text() + "\n" for name in LOOP_FUNCTIONS) \
         + (tree / "sql" / "after_functions.sql").read_text()
     with psycopg.connect(url) as conn:
         conn.execute(text.encode())
@@ -679,7 +701,7 @@ def report(results: dict[tuple[str, str], list[Phase]], idle: dict[str, list[flo
     names = sorted({s for s, _ in results}, key=lambda s: s != "runops")
     print()
     print(f"{'workload':<44} {'system':<26} {'runs/s':>8} {'range':>13} {'ratio':>6} "
-          f"{'worker µs':>9} {'server µs':>9} {'xacts':>5}")
+          f"{'worker µs':>9} {'server µs':>9} {'xacts':>5} {'WAL B':>6}")
     for workload in ("full loop", "drain"):
         ours = [p.rate for p in results.get(("runops", workload), [])]
         for name in names:
@@ -691,12 +713,13 @@ def report(results: dict[tuple[str, str], list[Phase]], idle: dict[str, list[flo
             print(f"{workload + ' (' + str(args.workers) + ' x ' + str(args.concurrency) + ')':<44} {name:<26} "
                   f"{rate:>8,.0f} {_spread([p.rate for p in phases]):>13} {ratio:>6} "
                   f"{_median([p.worker_cpu_us for p in phases]):>9,.0f} "
-                  f"{_median([p.server_cpu_us for p in phases]):>9,.0f} {_median([p.xacts for p in phases]):>5.2f}")
+                  f"{_median([p.server_cpu_us for p in phases]):>9,.0f} {_median([p.xacts for p in phases]):>5.2f} "
+                  f"{_median([p.wal_bytes for p in phases]):>6,.0f}")
     for name in sorted(idle, key=lambda s: s != "runops"):
         shares = idle[name]
         print(f"{'idle worker, empty queue (% of a core)':<44} {name:<26} {_median(shares) * 100:>7.2f}% "
               f"{_spread([s * 100 for s in shares], '{:.2f}'):>13}")
-    print("(medians of the rounds; ratio = runops / the system; worker µs, server µs, xacts: per run)")
+    print("(medians of the rounds; ratio = runops / the system; worker µs, server µs, xacts, WAL: per run)")
 
 
 def main() -> int:
@@ -713,6 +736,10 @@ def main() -> int:
     parser.add_argument("--levels", default="1,4,16", help="dequeuers per phase of --dequeue-scaling")
     parser.add_argument("--dequeue-runs", type=int, default=4800, help="runs queued per --dequeue-scaling phase")
     parser.add_argument("--ab-main", type=Path, help="another checkout whose lifecycle functions are measured too")
+    parser.add_argument("--ab-base", type=Path, help="the loop phases also run another checkout's loop functions and "
+                        "worker package ('runops before'), alternating with this checkout's, on the same clusters")
+    parser.add_argument("--loop-only", action="store_true", help="the full loop only (no drain, idle worker or "
+                        "client yardstick)")
     parser.add_argument("--pickup", action="store_true", help="measure an idle worker's pickup latency (only)")
     parser.add_argument("--pickup-runs", type=int, default=100)
     args = parser.parse_args()
@@ -724,8 +751,11 @@ def main() -> int:
     stores = _bring_up(home)
     try:
         bench = Bench(stores)
-        ours = RunOpsSystem(bench, _organization(bench.app))
-        systems: list[System] = [ours]
+        organization = _organization(bench.app)
+        ours = RunOpsSystem(bench, organization, tree=HERE.parent if args.ab_base else None)
+        systems: list[System] = [RunOpsSystem(bench, organization, tree=args.ab_base, name="runops before")] \
+            if args.ab_base else []
+        systems.append(ours)
         if python is not None:
             version = _peers_database(bench, python)
             systems.append(ProcrastinateSystem(bench, python))
@@ -742,7 +772,8 @@ def main() -> int:
         idle: dict[str, list[float]] = {}
         phases: list[tuple[str, Callable[[System], Phase]]] = [
             ("full loop", lambda s: full_loop(bench, s, args.runs, args.workers, args.concurrency)),
-            ("drain", lambda s: drain(bench, s, args.runs, args.workers, args.concurrency)),
+            *([] if args.loop_only else [("drain", lambda s: drain(bench, s, args.runs, args.workers,
+                                                                      args.concurrency))]),
         ]
         for round_ in range(1, args.rounds + 1):
             for workload, measure in phases:
@@ -751,11 +782,15 @@ def main() -> int:
                     results.setdefault((system.name, workload), []).append(phase)
                     print(f"round {round_}  {workload:<10} {system.name:<26} {phase.rate:>7,.0f} runs/s  "
                           f"worker {phase.worker_cpu_us:,.0f} µs/run  server {phase.server_cpu_us:,.0f} µs/run  "
-                          f"{phase.xacts:.2f} xacts/run  (load {os.getloadavg()[0]:.1f})", flush=True)
-            for system in systems[:2]:
+                          f"{phase.xacts:.2f} xacts/run  WAL {phase.wal_bytes:,.0f} B/run  "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            for system in [] if args.loop_only else [s for s in systems if s.name in ("runops", "Procrastinate")]:
                 share = idle_cpu(system)
                 idle.setdefault(system.name, []).append(share)
                 print(f"round {round_}  idle       {system.name:<26} {share * 100:.2f}% of a core", flush=True)
+        if args.loop_only:
+            report(results, idle, args)
+            return 0
         env = _environment(bench.app, ours.organization, "bare")
         triggers, bare = bare_loop(bench.app, env, args.runs)
         report(results, idle, args)

@@ -62,9 +62,9 @@ def limit(client: RunOps, env: str, n: int) -> None:
 
 def test_the_limit_holds_under_32_concurrent_dequeuers(client: RunOps, stores: Stores, store: str, admin,
                                                        env_id: str) -> None:
-    """32 dequeuers (each also starting, completing, failing with a retry or canceling what it
-    got) over 240 runs with a limit of 6: a sampler never sees more than 6 leased runs, every run
-    is handed out once per PENDING spell, and all of them finish."""
+    """32 dequeuers (each also starting — half of them in the dequeue —, completing, failing with
+    a retry or canceling what it got) over 240 runs with a limit of 6: a sampler never sees more
+    than 6 leased runs, every run is handed out once per PENDING spell, and all of them finish."""
     cap, total, dequeuers = 6, 240, 32
     limit(client, env_id, cap)
     with psycopg.connect(stores.app[store], autocommit=True) as conn:
@@ -86,14 +86,16 @@ def test_the_limit_holds_under_32_concurrent_dequeuers(client: RunOps, stores: S
             with psycopg.connect(stores.app[store], autocommit=True) as c:
                 idle_since = time.monotonic()
                 while time.monotonic() - idle_since < 3:
-                    runs = call(c, "dequeue_runs", env_id, f"w{i}", rng.randint(1, 3), {})
+                    # odd dequeuers start the attempts in the dequeue (its start option)
+                    runs = call(c, "dequeue_runs", env_id, f"w{i}", rng.randint(1, 3), {"start": i % 2 == 1})
                     if not runs:
                         time.sleep(0.005)
                         continue
                     idle_since = time.monotonic()
                     for run in runs:
                         taken[run["run_id"]] += 1
-                        started = one(c, "start_attempt", run["run_id"], f"w{i}")
+                        started = run if run["status"] == "EXECUTING" else one(c, "start_attempt", run["run_id"],
+                                                                                f"w{i}")
                         roll = rng.random()
                         if roll < 0.1 and started["attempt_number"] == 1:  # back to PENDING after the retry
                             one(c, "fail_attempt", run["run_id"], 1, {"m": "again"},

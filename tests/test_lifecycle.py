@@ -61,8 +61,8 @@ def test_a_function_may_make_only_its_own_moves(conn, admin, env_id: str) -> Non
     run_id = trigger(conn, env_id).removeprefix("run_")
     with admin.transaction(force_rollback=True):
         admin.execute("SELECT set_config('runops.transition_by', 'dequeue_runs', true)")
-        with pytest.raises(psycopg.Error) as err, admin.transaction():
-            admin.execute("UPDATE runops.runs SET status = 'EXECUTING' WHERE id = %s", [run_id])
+        with pytest.raises(psycopg.Error) as err, admin.transaction():  # finalize_run's move
+            admin.execute("UPDATE runops.runs SET status = 'COMPLETED_SUCCESSFULLY' WHERE id = %s", [run_id])
         assert sqlstate_of(err.value) == "RO003"
 
 

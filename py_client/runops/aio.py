@@ -463,15 +463,18 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
 
     async def dequeue_runs(self, environment_id: str, worker_id: str, max_runs: int, *, lease: str | None = None,
                            queues: list[str] | None = None, tasks: list[str] | None = None,
-                           wake: str | None = None) -> list[Run]:
+                           wake: str | None = None, start: bool = False) -> list[Run]:
         """Leases runs from both stores (run-ops first), at most ``max_runs`` in all. The concurrency
         limit is exact within each store (SPEC: the total may reach twice the limit during a split).
         A store that fails does not cost what the other leased: those runs are returned, and
         StoreUnavailable is raised only when every store was unavailable. ``wake``: a channel this
         worker LISTENs on in each store; a store that finds its queue dry notifies it, once, when
-        new work arrives there."""
+        new work arrives there. ``start``: each run's attempt starts in the same call (EXECUTING,
+        as ``start_attempt`` would make it); a run out of attempts comes back DEQUEUED, for
+        ``start_attempt`` to crash."""
         params = {"e": environment_id, "w": worker_id,
-                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks, "wake": wake})}
+                  "o": _options({"lease": lease, "queues": queues, "tasks": tasks, "wake": wake,
+                                 "start": start or None})}
         leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
         for store in leasing.stores:
             if leasing.wanted() <= 0:

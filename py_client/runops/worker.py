@@ -3,15 +3,17 @@
     ro.run_worker(env_id, concurrency=8)                 # ro's own tasks (@ro.task)
     runops worker --app myapp.tasks:ro --env <env_id>    # the same from the shell
 
-One thread dequeues (``dequeue_runs``, as many runs as there are free slots) and starts a thread
-per run; one more heartbeats every running attempt a third of the lease apart. A worker takes
-only runs of the tasks registered with it (``dequeue_runs``' ``tasks`` option), so workers with
-different code share an environment; with ``all_tasks`` it takes every run, and fails one whose
-task it does not know at once (``SYSTEM_FAILURE``, error name ``UnknownTask``) — it is never
-faked. Each run thread calls ``start_attempt``, runs the task function and reports
-``complete_attempt`` with its result, or ``fail_attempt`` with the error and a ``retry_at`` from
-the task's retry policy while attempts remain. A task that waits (``ctx.trigger_and_wait``, …)
-checkpoints the run and lets go of it; see :mod:`runops.tasks` for how it continues.
+One thread dequeues (``dequeue_runs``, as many runs as there are free slots, each run's attempt
+started in the same call: its ``start`` option) and starts a thread per run; one more heartbeats
+every running attempt a third of the lease apart. A worker takes only runs of the tasks
+registered with it (``dequeue_runs``' ``tasks`` option), so workers with different code share an
+environment; with ``all_tasks`` it takes every run, and fails one whose task it does not know at
+once (``SYSTEM_FAILURE``, error name ``UnknownTask``) — it is never faked. Each run thread
+(calling ``start_attempt`` first for a run the dequeue could not start: one out of attempts,
+which it crashes) runs the task function and reports ``complete_attempt`` with its result, or
+``fail_attempt`` with the error and a ``retry_at`` from the task's retry policy while attempts
+remain. A task that waits (``ctx.trigger_and_wait``, …) checkpoints the run and lets go of it;
+see :mod:`runops.tasks` for how it continues.
 
 Every attempt that ran its task ends with a report the store accepts, so the task never runs
 again because a report failed: an output the store cannot hold (NaN, a NUL character, over the
@@ -255,7 +257,8 @@ class Worker:
         self._free_since = None
         runs = self.client.dequeue_runs(self.environment_id, self.worker_id, free, lease=f"{int(self.lease)}s",
                                         queues=self.queues, tasks=None if self.all_tasks else self.tasks.names(),
-                                        wake=None if self.client.behind_pgbouncer else self._wake_channel)
+                                        wake=None if self.client.behind_pgbouncer else self._wake_channel,
+                                        start=True)
         for run in runs:
             with self._lock:
                 self._in_flight[run.run_id] = _InFlight(run)
@@ -347,12 +350,15 @@ class Worker:
 
     def _attempt(self, run: Run) -> None:
         flight = self._in_flight[run.run_id]
-        try:
-            started = self._report(lambda: self.client.start_attempt(run.run_id, self.worker_id,
-                                                                     environment_id=self.environment_id))
-        except (IllegalTransition, NotFound):
-            self._outcome(run, run.attempt_number, "lost")
-            return
+        if run.status == "EXECUTING":
+            started = run  # the dequeue started its attempt (its start option)
+        else:
+            try:  # handed out DEQUEUED: out of attempts, start_attempt crashes it
+                started = self._report(lambda: self.client.start_attempt(run.run_id, self.worker_id,
+                                                                         environment_id=self.environment_id))
+            except (IllegalTransition, NotFound):
+                self._outcome(run, run.attempt_number, "lost")
+                return
         n = started.attempt_number
         if started.status != "EXECUTING":
             self._outcome(run, n, started.status.lower())  # e.g. crashed: all attempts used

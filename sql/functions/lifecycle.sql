@@ -6,7 +6,8 @@
 -- work. Functions name the move they make in the transaction-local setting runops.transition_by;
 -- a direct UPDATE without it may make any move the table allows, and none it does not.
 --
---   dequeue_runs      PENDING -> DEQUEUED            (lease and a concurrency slot, FOR UPDATE SKIP LOCKED)
+--   dequeue_runs      PENDING -> DEQUEUED            (lease and a concurrency slot, FOR UPDATE SKIP LOCKED;
+--                     PENDING -> EXECUTING            with the start option: start_attempt's move folded in)
 --   start_attempt     DEQUEUED -> EXECUTING           (or CRASHED past max_attempts)
 --   complete_attempt  EXECUTING -> COMPLETED_SUCCESSFULLY
 --   fail_attempt      EXECUTING -> RETRYING_AFTER_FAILURE | a final failure
@@ -63,10 +64,12 @@ BEGIN
   IF OLD.status IN ('DEQUEUED', 'EXECUTING') THEN
     IF NEW.status NOT IN ('DEQUEUED', 'EXECUTING') THEN
       UPDATE concurrency_slots AS s SET run_id = NULL WHERE s.run_id = OLD.id RETURNING s.slot INTO freed;
+      -- Overflow exists when the environment's highest slot is above its limit: one probe at the
+      -- end of the slot index (max), where a join on slot > slot_limit read every slot of the
+      -- environment (20,000 rows, 3 ms, at every run's end under a limit of 20,000).
       IF freed IS NOT NULL
-         AND EXISTS (SELECT FROM concurrency_limits AS l
-                     JOIN concurrency_slots AS o ON o.environment_id = l.environment_id AND o.slot > l.slot_limit
-                     WHERE l.environment_id = OLD.environment_id) THEN
+         AND (SELECT max(o.slot) FROM concurrency_slots AS o WHERE o.environment_id = OLD.environment_id)
+             > (SELECT l.slot_limit FROM concurrency_limits AS l WHERE l.environment_id = OLD.environment_id) THEN
         PERFORM settle_overflow_slot(OLD.environment_id, freed);
       END IF;
     END IF;
@@ -412,9 +415,11 @@ DECLARE
   candidates text[];
   slots integer[];
   picked text[];
+  numbers integer[];
   wake text := option_text(o, 'wake', 63);
+  starting boolean := coalesce(option_boolean(o, 'start'), false);
 BEGIN
-  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'tasks', 'wake'], 'dequeue');
+  PERFORM reject_unknown_options(o, ARRAY['lease', 'queues', 'start', 'tasks', 'wake'], 'dequeue');
   IF wake !~ '^[a-z_][a-z0-9_]*$' THEN
     PERFORM raise_invalid('option wake', 'a channel name of lower-case letters, digits and underscores',
                           quote_literal(input_prefix(wake)));
@@ -487,10 +492,15 @@ BEGIN
   UPDATE concurrency_slots AS s SET run_id = picked[array_position(slots, s.slot)]
   WHERE s.environment_id = env.id AND s.slot = ANY (slots);
   PERFORM set_mover('dequeue_runs');
-  UPDATE runs AS r
-  SET status = 'DEQUEUED', locked_by = worker, lease = lease_for, lease_expires_at = ts + lease_for,
-      started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL, updated_at = ts
-  WHERE r.id = ANY (picked);
+  -- start: each run's attempt opens in this transaction, and the run goes PENDING -> EXECUTING in
+  -- one write, as start_attempt would have moved it: the worker's start_attempt call, its
+  -- transaction and a second rewrite of the run row are saved. A run out of attempts is handed
+  -- out DEQUEUED: the worker's start_attempt crashes it.
+  IF starting THEN
+    SELECT array_agg(r.id), array_agg(open_attempt(r, worker, ts)) INTO picked, numbers
+    FROM runs AS r WHERE r.id = ANY (picked);
+  END IF;
+  PERFORM hand_to_worker(picked, numbers, worker, lease_for, ts);
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = ANY (picked) ORDER BY v.queued_at, v.id;
 END
 $$;
@@ -510,6 +520,59 @@ BEGIN
 END
 $$;
 
+-- Which attempt a start opens (the one rule: start_attempt, and dequeue_runs' start option): a
+-- run resumed from a checkpoint continues the attempt that paused; otherwise the next one, numbered
+-- from 1, is written — or none, and NULL is returned, once the run has used all its attempts
+-- (least(max_attempts, 250)): its start crashes it. The attempt row is written here; the run's
+-- own row by hand_to_worker.
+CREATE OR REPLACE FUNCTION runops.open_attempt(r runops.runs, worker text, ts timestamptz)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  UPDATE attempts AS a SET status = 'EXECUTING', worker_id = worker
+  WHERE a.id = (SELECT p.id FROM attempts AS p WHERE p.run_id = r.id AND p.status = 'PAUSED'
+                ORDER BY p.number DESC LIMIT 1)
+  RETURNING a.number INTO n;
+  IF FOUND THEN
+    RETURN n;
+  END IF;
+  n := r.attempt_number + 1;
+  IF n > least(r.max_attempts, 250) THEN
+    RETURN NULL;
+  END IF;
+  INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
+  VALUES (mint_id(), r.id, r.environment_id, n, 'EXECUTING', worker, ts);
+  RETURN n;
+END
+$$;
+
+-- The one write that hands runs to a worker: each run is leased to it (DEQUEUED) or, where an
+-- attempt number is given (open_attempt's), also started (EXECUTING) — by dequeue_runs (both in
+-- one write with its start option) and start_attempt. lease_for NULL keeps each run's lease. One
+-- UPDATE per call, whatever the number of runs: each run row is rewritten once per transaction.
+CREATE OR REPLACE FUNCTION runops.hand_to_worker(ids text[], attempt_numbers integer[], worker text,
+                                                 lease_for interval, ts timestamptz)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+  UPDATE runs AS r
+  SET status = CASE WHEN m.n IS NULL THEN 'DEQUEUED' ELSE 'EXECUTING' END,
+      locked_by = worker, lease = coalesce(lease_for, r.lease),
+      lease_expires_at = ts + coalesce(lease_for, r.lease, default_lease()),
+      started_at = coalesce(r.started_at, ts), ttl_expires_at = NULL,
+      attempt_number = coalesce(m.n, r.attempt_number),
+      execution_deadline = CASE WHEN m.n IS NULL THEN r.execution_deadline ELSE ts + r.max_duration END,
+      retry_at = CASE WHEN m.n IS NULL THEN r.retry_at END,
+      updated_at = ts
+  FROM unnest(ids, attempt_numbers) AS m (id, n)
+  WHERE r.id = m.id;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION runops.start_attempt(run_id text, worker_id text, environment_id text DEFAULT NULL)
 RETURNS SETOF runops.run_view
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -519,36 +582,19 @@ DECLARE
   r runs := lock_leased_run(start_attempt.run_id, start_attempt.worker_id, start_attempt.environment_id,
                             'start_attempt', true);
   ts timestamptz := now();
-  paused attempts;
-  next_number integer;
+  n integer;
 BEGIN
   PERFORM set_mover('start_attempt');
-  -- A run resumed from a checkpoint continues the attempt that paused, not a new one.
-  SELECT * INTO paused FROM attempts AS a WHERE a.run_id = r.id AND a.status = 'PAUSED'
-  ORDER BY a.number DESC LIMIT 1;
-  IF FOUND THEN
-    UPDATE attempts AS a SET status = 'EXECUTING', worker_id = start_attempt.worker_id WHERE a.id = paused.id;
-    next_number := paused.number;
+  n := open_attempt(r, start_attempt.worker_id, ts);
+  IF n IS NULL THEN
+    UPDATE runs AS x
+    SET status = 'CRASHED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL, updated_at = ts,
+        error = jsonb_build_object('message', format('run crashed: all %s attempts were used', r.max_attempts),
+                                   'status', 'CRASHED')
+    WHERE x.id = r.id;
   ELSE
-    next_number := r.attempt_number + 1;
-    IF next_number > least(r.max_attempts, 250) THEN
-      UPDATE runs AS x
-      SET status = 'CRASHED', completed_at = ts, locked_by = NULL, lease_expires_at = NULL, updated_at = ts,
-          error = jsonb_build_object('message', format('run crashed: all %s attempts were used', r.max_attempts),
-                                     'status', 'CRASHED')
-      WHERE x.id = r.id;
-      RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
-      RETURN;
-    END IF;
-    INSERT INTO attempts (id, run_id, environment_id, number, status, worker_id, started_at)
-    VALUES (mint_id(),
-            r.id, r.environment_id, next_number, 'EXECUTING', start_attempt.worker_id, ts);
+    PERFORM hand_to_worker(ARRAY[r.id], ARRAY[n], start_attempt.worker_id, NULL, ts);
   END IF;
-  UPDATE runs AS x
-  SET status = 'EXECUTING', attempt_number = next_number,
-      lease_expires_at = ts + coalesce(x.lease, default_lease()),
-      execution_deadline = ts + x.max_duration, retry_at = NULL, updated_at = ts
-  WHERE x.id = r.id;
   RETURN QUERY SELECT * FROM run_view AS v WHERE v.id = r.id;
 END
 $$;

@@ -189,10 +189,13 @@ DECLARE
 BEGIN
   -- The mirror's freshness comes with the same query (on the control plane, where it means
   -- nothing, it costs a two-row index scan): a separate call cost every run-ops admission 30 µs.
+  -- LIMIT 1: store_config and split_settings are one-row tables the planner, without statistics
+  -- (autovacuum never analyzes a table that does not change), takes for ~1,000 rows each; the
+  -- cross product's estimate passed jit_above_cost, and every call compiled the plan: 7-15 ms.
   SELECT environment_context_of(e, p, o, coalesce(st, split_settings_before_sync())) AS ctx,
          mirror_within_bound(hb.fed_at, hb.bound_seconds) AS fresh
   INTO loaded
-  FROM mirror_feed() AS hb
+  FROM (SELECT f.fed_at, f.bound_seconds FROM mirror_feed() AS f LIMIT 1) AS hb
   LEFT JOIN split_settings AS st ON true
   LEFT JOIN runtime_environments AS e ON e.id = load_environment.environment_id
   LEFT JOIN projects AS p ON p.id = e.project_id

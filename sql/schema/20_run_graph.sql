@@ -294,6 +294,7 @@ INSERT INTO runops.status_transitions (from_status, to_status, made_by) VALUES
   ('WAITING_FOR_DEPLOY', 'PENDING', 'execute_tasks_waiting_for_deploy'),
   ('PENDING_VERSION', 'PENDING', 'execute_tasks_waiting_for_deploy'),
   ('PENDING', 'DEQUEUED', 'dequeue_runs'),
+  ('PENDING', 'EXECUTING', 'dequeue_runs'),          -- its start option: start_attempt's move folded in
   ('DEQUEUED', 'EXECUTING', 'start_attempt'),
   ('DEQUEUED', 'CRASHED', 'start_attempt'),          -- no attempts left
   ('DEQUEUED', 'PENDING', 'release_lapsed_leases'),
