@@ -158,7 +158,7 @@ SELECT is_empty($$
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- SPEC §9 [1.3] shards: shard_of, and the environment assignment (docs/scale-out.md)
       'shard_of', 'environment_shard', 'pin_environment_shard', 'shard_of_id', 'base62_digit', 'ksuid_top40',
-      'shard_of_top40',
+      'shard_of_top40', 'shard_config',
       -- helpers granted on purpose (sql/after_functions.sql)
       'now', 'ksuid_encode', 'base36_digits4', 'base36_digits8', 'base62_digits4', 'base62_digits7',
       'base62_digits10', 'input_prefix',
