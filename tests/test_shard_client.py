@@ -10,6 +10,7 @@ import secrets
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import psycopg
 import pytest
@@ -229,8 +230,8 @@ def test_a_stopped_shard_fails_only_its_environments(sharded: Sharded) -> None:
             sharded.clusters[victim + 1].stop(sharded.bindir)
             before = done[0]
             for env in down:
-                for call in (lambda: client.trigger_run(env, "t"), lambda: client.list_runs(env),
-                             lambda: client.get_run(down_runs[env]), lambda: client.cancel_run(down_runs[env])):
+                for call in (partial(client.trigger_run, env, "t"), partial(client.list_runs, env),
+                             partial(client.get_run, down_runs[env]), partial(client.cancel_run, down_runs[env])):
                     with pytest.raises(StoreUnavailable) as exc:
                         call()
                     assert f"run-ops shard {victim}" in exc.value.message, exc.value.message
