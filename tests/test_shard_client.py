@@ -6,11 +6,14 @@ pool per shard; a shard that is down fails only its own environments (the fault 
 
 from __future__ import annotations
 
+import json
 import secrets
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -197,6 +200,59 @@ def test_keyed_triggers_from_32_connections_over_40_environments(sharded: Sharde
             assert set(listed) == {r for r, e in seen.items() if e == env}
 
 
+def cli(sharded: Sharded, *args: str, admin: bool = False) -> tuple[int, str, str]:
+    """The installed `runops` as an operator runs it, with every shard's URL comma-separated."""
+    from tests.test_first_hour import runops
+
+    if admin:
+        urls = {"RUNOPS_CONTROL_PLANE_ADMIN_URL": sharded.admin(0),
+                "RUNOPS_RUN_OPS_ADMIN_URL": ",".join(sharded.shard_admin(k) for k in range(SHARDS))}
+    else:
+        urls = {"RUNOPS_CONTROL_PLANE_URL": sharded.app(0), "RUNOPS_RUN_OPS_URL": ",".join(shard_urls(sharded))}
+    return runops("--json", *args, cwd=Path(tempfile.gettempdir()), timeout=300, **urls)
+
+
+def test_doctor_metrics_and_purge_cover_every_shard(sharded: Sharded) -> None:
+    envs = make_environments(sharded, 8)
+    with client_for(sharded) as client:
+        for env in envs:
+            client.trigger_run(env, "t")
+        client.tick()
+    code, out, err = cli(sharded, "doctor", admin=True)
+    report = json.loads(out)
+    checks = {c["name"]: c for c in report["checks"]}
+    for k in range(SHARDS):
+        for kind in ("store", "migrations", "functions", "tick", "work"):
+            assert checks[f"{kind}.run_ops_shard_{k}"]["severity"] == "ok", checks[f"{kind}.run_ops_shard_{k}"]
+        assert checks[f"fdw.run_ops_shard_{k}_to_control_plane"]["severity"] == "ok"
+        assert f"mirror.run_ops_shard_{k}" in checks
+    assert checks["shards"]["severity"] == "ok", checks["shards"]
+    assert "4 shards numbered in URL order" in checks["shards"]["detail"]
+    assert len(checks["mirror.slot"]["data"]["subscription_slots"]) == SHARDS
+    # Shard URLs in the wrong order: the shards check says which URL leads where.
+    from tests.test_first_hour import runops
+
+    swapped = [sharded.shard_admin(k) for k in (1, 0, 2, 3)]
+    code, out, err = runops("--json", "doctor", cwd=Path(tempfile.gettempdir()), timeout=300,
+                            RUNOPS_CONTROL_PLANE_ADMIN_URL=sharded.admin(0), RUNOPS_RUN_OPS_ADMIN_URL=",".join(swapped))
+    assert code == 2
+    shards_check = next(c for c in json.loads(out)["checks"] if c["name"] == "shards")
+    assert "run-ops shard 0's URL leads to shard 1" in shards_check["detail"]
+
+    code, out, err = cli(sharded, "metrics")
+    assert code == 0, err
+    figures = json.loads(out)
+    assert set(figures) == {CONTROL_PLANE, RUN_OPS, "RUN_OPS_1", "RUN_OPS_2", "RUN_OPS_3"}
+    owners = {env: shard_of_env(sharded, env) for env in envs}
+    for env, k in owners.items():
+        store = RUN_OPS if k == 0 else f"RUN_OPS_{k}"
+        assert env in figures[store]["runs"]
+        assert all(env not in figures[other]["runs"] for other in figures if other != store)
+    code, out, err = cli(sharded, "purge", "--older-than", "30d")
+    assert code == 0, err
+    assert set(json.loads(out)["purged"]) == set(figures)
+
+
 @pytest.mark.faults
 def test_a_stopped_shard_fails_only_its_environments(sharded: Sharded) -> None:
     envs = make_environments(sharded, 16)
@@ -242,6 +298,11 @@ def test_a_stopped_shard_fails_only_its_environments(sharded: Sharded) -> None:
             with pytest.raises(StoreUnavailable) as exc:
                 client.purge_runs("30d")
             assert f"RUN_OPS_{victim}" in exc.value.message
+            # `runops metrics` reports every shard that answers and names the one that did not.
+            code, out, _ = cli(sharded, "metrics")
+            figures = json.loads(out)
+            assert code != 0 and set(figures[f"RUN_OPS_{victim}"]) == {"error"}
+            assert all("runs" in figures[s] for s in figures if s != f"RUN_OPS_{victim}")
             threading.Event().wait(1.0)
             assert done[0] > before  # the other shards' traffic went on meanwhile
         finally:

@@ -821,6 +821,8 @@ class AsyncRunOps(_Router[AsyncConnectionPool]):
         """A dedicated connection LISTENing to an environment's status changes on one store (or to
         ``channel``: a worker's wake-up channel) (StoreUnavailable when the store cannot be reached;
         RunOpsError with ``pgbouncer=True``, where a LISTEN would be lost with its server connection)."""
+        if store == RUN_OPS and self._sharded:  # the run-ops side of this environment: its shard
+            store = await self._environment_store(environment_id)
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")
