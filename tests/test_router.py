@@ -364,8 +364,8 @@ def test_dev_up_with_shards_migrates_them_behind_a_router() -> None:
 
 
 def test_the_python_client_uses_the_router_as_its_run_ops_store(sharded: Sharded) -> None:
-    """Until the client routes to shards itself, N > 1 is the router's URL in place of the run-ops
-    store's: the same client, unchanged."""
+    """A client given one run-ops URL that is a router's: the router routes (the client itself
+    routes only when given every shard's URL, tests/test_shard_client.py)."""
     envs = make_environments(sharded, 6)
     with RunOps(sharded.app(0), sharded.router_app) as client:
         for env in envs:
