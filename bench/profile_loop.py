@@ -60,7 +60,8 @@ def measure(app_url: str, env: str, runs: int, batch: int, start: bool) -> dict[
         while done < runs:
             for _ in range(batch):
                 timed("trigger_run", "SELECT run_id FROM runops.trigger_run(%s, 'noop', '{}', '{}')", [env])
-            taken = timed("dequeue_runs", "SELECT run_id, status, attempt_number FROM runops.dequeue_runs(%s, 'w', %s, %s)",
+            taken = timed("dequeue_runs",
+                          "SELECT run_id, status, attempt_number FROM runops.dequeue_runs(%s, 'w', %s, %s)",
                           [env, batch, options])
             for run_id, status, number in taken:
                 if status != "EXECUTING":

@@ -129,7 +129,8 @@ $$;
 GRANT EXECUTE ON FUNCTION runops.shard_of(text), runops.shard_of_id(text, integer), runops.base62_digit(text),
   runops.ksuid_top40(text), runops.shard_of_top40(bigint, integer)
   TO runops_fdw, runops_api;
-GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer)
+GRANT EXECUTE ON FUNCTION runops.environment_shard(text), runops.pin_environment_shard(text, integer),
+  runops.shard_config()
   TO runops_api;
 
 -- Alerts (alerts.sql): channels on the control plane, the deliverers' calls on every store.

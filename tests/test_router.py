@@ -79,6 +79,8 @@ def sharded_stores(shards: int = SHARDS) -> Iterator[Sharded]:
             migrate.set_app_password(made.admin(i), made.password)
             with psycopg.connect(made.admin(i), autocommit=True) as conn:
                 conn.execute("GRANT runops_clock TO runops_app")
+                # The router's login on every store may set the clock its callers set (tests only).
+                conn.execute(f"GRANT runops_clock TO runops_router_{ROUTER_DB}")
         with RunOps(made.app(0), made.shard_app(0)) as client:
             client.enable_split()
         yield made
@@ -243,6 +245,27 @@ def test_keyed_triggers_from_32_connections_over_40_environments(sharded: Sharde
             assert len(listed) == len(set(listed)) == len(keys)
 
 
+def test_the_routers_callers_test_clock_reaches_the_shard(sharded: Sharded) -> None:
+    """runops.fake_now set on the router session is the shards' clock for that caller's calls
+    (and only theirs: the next caller on the same pooled shard connection has the real one)."""
+    env = make_environments(sharded, 1)[0]
+    with psycopg.connect(sharded.router_app, autocommit=True) as router:
+        run_id, _, status, _ = one(router, "SELECT * FROM runops.trigger_run(%s, 't', '{}', %s)",
+                                   [env, Jsonb({"delay": "1h"})])
+        assert status == "DELAYED"
+        assert one(router, "SELECT runops.enqueue_delayed_runs()")[0] == 0
+        router.execute("SELECT set_config('runops.fake_now', (now() + interval '2 hours')::text, false)")
+        assert one(router, "SELECT runops.enqueue_delayed_runs()")[0] >= 1
+        assert one(router, "SELECT status FROM runops.get_run(%s)", [run_id])[0] == "PENDING"
+        # A delay measured from the frozen clock: due only once that clock passes it.
+        later = one(router, "SELECT run_id FROM runops.trigger_run(%s, 't', '{}', %s)",
+                    [env, Jsonb({"delay": "30m"})])[0]
+        router.execute("RESET runops.fake_now")
+        assert one(router, "SELECT status FROM runops.get_run(%s)", [later])[0] == "DELAYED"
+        run_at = one(router, "SELECT delay_until FROM runops.get_run(%s)", [later])[0]
+        assert run_at > one(router, "SELECT now() + interval '2 hours'")[0]
+
+
 def test_ids_of_a_shard_the_router_does_not_know(sharded: Sharded) -> None:
     from tests.test_shards import encode
 
@@ -364,8 +387,8 @@ def test_dev_up_with_shards_migrates_them_behind_a_router() -> None:
 
 
 def test_the_python_client_uses_the_router_as_its_run_ops_store(sharded: Sharded) -> None:
-    """Until the client routes to shards itself, N > 1 is the router's URL in place of the run-ops
-    store's: the same client, unchanged."""
+    """A client given one run-ops URL that is a router's: the router routes (the client itself
+    routes only when given every shard's URL, tests/test_shard_client.py)."""
     envs = make_environments(sharded, 6)
     with RunOps(sharded.app(0), sharded.router_app) as client:
         for env in envs:

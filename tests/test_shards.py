@@ -254,3 +254,26 @@ def test_the_mirror_pull_carries_assignments(ro_admin: psycopg.Connection[Any], 
         assert scalar(ro_admin, "SELECT shard FROM runops.environment_shards WHERE environment_id = %s",
                       [new_env.environment_id]) == 0
         raise psycopg.Rollback
+
+
+def test_the_clients_decoding_is_the_sqls(ro: psycopg.Connection[Any]) -> None:
+    """runops.ids.shard_of (the client's routing, no round trip) answers what SQL shard_of_id
+    answers, for every shard byte, at the cut-over second's edges, and for other shapes."""
+    from runops import ids
+
+    cases: list[tuple[str | None, int]] = []
+    for shard in (0, 1, 2, 3, 127, 128, 255):
+        for b5 in (1, 64, 127):
+            for fill in (0x00, 0xFF, None):
+                raw = bytes([0x12, 0x34, 0x56, 0x78, shard, b5]) + (secrets.token_bytes(14) if fill is None
+                                                                    else bytes([fill]) * 14)
+                bare = encode(raw)
+                for id_ in (bare, "run_" + bare, "batch_" + bare[:23] + "zzzz"):
+                    for since in (0, 0x12345678, 0x12345679):
+                        cases.append((id_, since))
+    cases += [("run_c" + "0" * 24, 0), ("nonsense", 0), (None, 0), ("aWgEPTl1tmebfsQzFP4bxwgy80V", 0)]
+    rows = ro.execute("SELECT runops.shard_of_id(c.id, c.since) FROM unnest(%s::text[], %s::integer[]) "
+                      "WITH ORDINALITY AS c(id, since, n) ORDER BY c.n",
+                      [[c[0] for c in cases], [c[1] for c in cases]]).fetchall()
+    assert [ids.shard_of(id_, since) for id_, since in cases] == [r[0] for r in rows]
+    assert {ids.shard_of(id_, 0) for id_, _ in cases if id_ and id_.startswith("run_")} >= {0, 3, 128, 255}

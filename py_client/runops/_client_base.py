@@ -35,6 +35,7 @@ from .errors import (
     RunOpsError,
     StoreMisconfigured,
     StoreUnavailable,
+    WrongStore,
     connection_cause,
     is_configuration_error,
     is_connection_failure,
@@ -53,6 +54,8 @@ log.addHandler(logging.NullHandler())
 
 CONTROL_PLANE = "CONTROL_PLANE"
 RUN_OPS = "RUN_OPS"
+# The store of a NEW id that a sharded client cannot place yet (see _Router: shards).
+UNRESOLVED = "RUN_OPS?"
 ROUTE_CACHE_SECONDS = 1.0
 # While the control plane is down, root triggers route from the run-ops mirror and ask the control
 # plane again at most this often.
@@ -243,8 +246,21 @@ def _settings_from_environment(kwargs: dict[str, Any]) -> None:
             kwargs[key] = os.environ[var]
 
 
-def _connect_urls(control_plane_url: str | None, run_ops_url: str | None,
-                  kwargs: dict[str, Any]) -> tuple[str, str | None]:
+def split_urls(value: str) -> list[str]:
+    """RUNOPS_RUN_OPS_URL as a list of shards: comma-separated URLs. A comma inside one URL (a
+    multi-host postgresql://h1,h2/db) is not a separator: only one before a scheme or a key=value."""
+    return [u.strip() for u in re.split(r",(?=\s*(?:postgres(?:ql)?://|\w+=))", value) if u.strip()]
+
+
+def _url_list(value: str | Sequence[str] | None) -> list[str]:
+    """One URL, a comma-separated list of shards' URLs, or a sequence of them, as a list."""
+    if value is None:
+        return []
+    return split_urls(value) if isinstance(value, str) else list(value)
+
+
+def _connect_urls(control_plane_url: str | None, run_ops_url: str | Sequence[str] | None,
+                  kwargs: dict[str, Any]) -> tuple[str, str | Sequence[str] | None]:
     """``connect``'s URLs: the arguments, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL,
     else (neither given) the local stores of `runops dev up`, found as the CLI finds them: the
     nearest ``.runops/`` of this user in the current directory or a parent, or RUNOPS_HOME. A
@@ -260,12 +276,14 @@ def _connect_urls(control_plane_url: str | None, run_ops_url: str | None,
     return cp, ro
 
 
-def _local_urls(home: str | Path | None, kwargs: dict[str, Any]) -> tuple[str, str]:
+def _local_urls(home: str | Path | None, kwargs: dict[str, Any]) -> tuple[str, list[str]]:
     """``local``'s URLs: the application URLs in the state file of `runops dev up` under ``home``
-    (default: the nearest ``.runops/`` found from the current directory up, or RUNOPS_HOME)."""
+    (default: the nearest ``.runops/`` found from the current directory up, or RUNOPS_HOME); with
+    `dev up --shards N`, every shard's, shard 0 first."""
     _settings_from_environment(kwargs)
     urls = dev_stores.app_urls(None if home is None else Path(home))
-    return urls[CONTROL_PLANE], urls[RUN_OPS]
+    shards = sorted((n, url) for store, url in urls.items() if (n := ids.store_shard(store)) is not None)
+    return urls[CONTROL_PLANE], [url for _, url in shards]
 
 
 def _merge_page(rows: list[ListedRun], page_size: int) -> RunPage:
@@ -329,11 +347,16 @@ class _Router(Generic[P]):
     stores' health and versions, and what this client wrote lately (for replica reads). Each
     client adds the calls, blocking or awaitable."""
 
-    def __init__(self, control_plane_url: str, run_ops_url: str | None = None, *,
+    def __init__(self, control_plane_url: str, run_ops_url: str | Sequence[str] | None = None, *,
                  max_pool_size: int = 8, timeout: float = 10.0,
-                 control_plane_replica_url: str | None = None, run_ops_replica_url: str | None = None,
+                 control_plane_replica_url: str | None = None, run_ops_replica_url: str | Sequence[str] | None = None,
                  read_your_writes: float = 60.0, pgbouncer: bool = False) -> None:
-        """``*_replica_url``: streaming replicas that reads by id and listings may use. A read of
+        """``run_ops_url``: the run-ops store, or with more than one run-ops shard every shard's
+        URL in shard order, shard 0 first (a sequence, or one string with the URLs separated by
+        commas, as RUNOPS_RUN_OPS_URL): the client then routes every call straight to the shard
+        that owns it (docs/scale-out.md, "The client"), one pool per shard.
+
+        ``*_replica_url``: streaming replicas that reads by id and listings may use. A read of
         anything this client wrote in the last ``read_your_writes`` seconds (a run, batch or
         waitpoint, or a listing of an environment it triggered in) goes to the primary, and a
         replica that has not replayed a row yet is never trusted with "missing": the primary is
@@ -358,11 +381,30 @@ class _Router(Generic[P]):
         self._routes: dict[str, tuple[str, float]] = {}
         self._routes_lock = threading.Lock()
         self._health: dict[tuple[str, bool], _Health] = {}
-        if run_ops_url and run_ops_url != control_plane_url:
-            self._urls[RUN_OPS] = run_ops_url
-        for store, url in ((CONTROL_PLANE, control_plane_replica_url), (RUN_OPS, run_ops_replica_url)):
-            if url and store in self._urls:
-                self._replica_urls[store] = url
+        shard_urls = [url for url in _url_list(run_ops_url) if url]
+        if len(shard_urls) > 1 and control_plane_url in shard_urls:
+            raise StoreMisconfigured("a run-ops shard's URL names the control-plane database: give every shard's "
+                                     "own URL, shard 0 first")
+        if len(shard_urls) > 256:
+            raise StoreMisconfigured(f"{len(shard_urls)} run-ops URLs: a deployment has at most 256 shards")
+        # The run-ops shards' store names, shard 0 first: [RUN_OPS] for a single run-ops store.
+        self._shards: list[str] = []
+        for number, url in enumerate(shard_urls):
+            if url != control_plane_url:
+                self._urls[ids.shard_store(number)] = url
+                self._shards.append(ids.shard_store(number))
+        self._sharded = len(self._shards) > 1
+        # With shards: the deployment's cut-over second for shard-aware ids (every store's
+        # store_config holds the same), learnt from the first store that answers; and each
+        # environment's shard once asked (an assignment never changes once the environment has a
+        # NEW run; a shard refuses work for another's environment, which drops the entry).
+        self._shard_since: int | None = None
+        self._environment_shards: dict[str, int] = {}
+        replicas: list[tuple[str, str | None]] = [(CONTROL_PLANE, control_plane_replica_url),
+                                                  *zip(self._shards, _url_list(run_ops_replica_url), strict=False)]
+        for store, replica_url in replicas:
+            if replica_url and store in self._urls:
+                self._replica_urls[store] = replica_url
         for store, url in self._urls.items():
             self._check_url(store, False, url)
             self._pools[store] = self._pool(store, url, max_pool_size)
@@ -395,6 +437,75 @@ class _Router(Generic[P]):
         """Whether a run-ops store is configured (else every call goes to the control plane)."""
         return RUN_OPS in self._pools
 
+    @property
+    def run_ops_stores(self) -> list[str]:
+        """The run-ops stores this client routes to by name, shard 0 first: ``[RUN_OPS]`` for a
+        single run-ops store, ``[RUN_OPS, RUN_OPS_1, ...]`` with shards, ``[]`` for none."""
+        return list(self._shards)
+
+    # -- shards (docs/scale-out.md, "The client") -----------------------------------------------
+    #
+    # With more than one run-ops URL, a NEW id's store is the shard its byte 4 names (ids.shard_of,
+    # given the cut-over second every store holds), and an environment's is the shard the control
+    # plane assigned it (asked once, with the trigger route, and kept). Until the client has
+    # reached a store and learnt the cut-over second, a NEW id's store is UNRESOLVED + the id,
+    # which the first connection resolves. With one run-ops URL nothing is decoded: every NEW id
+    # is RUN_OPS's, exactly as before.
+
+    def _shard_store_of(self, id_: str, *, write: bool) -> str | None:
+        """The shard store of a NEW id (a sharded client only): UNRESOLVED + id before the
+        cut-over second is known; for an id of a shard this client lacks, None for a read (no
+        such row here) and WrongStore for a write, never another shard."""
+        if self._shard_since is None:
+            return UNRESOLVED + id_
+        shard = ids.shard_of(id_, self._shard_since)
+        if shard is None:  # not a NEW id: its residency's store
+            return ids.store_for(ids.classify_residency(id_))
+        if shard < len(self._shards):
+            return self._shards[shard]
+        if not write:
+            return None
+        raise WrongStore(f"{id_[:100]} names run-ops shard {shard}, which this client is not configured with "
+                         f"(shards 0 to {len(self._shards) - 1})", "owning_store=RUN_OPS",
+                         f"owning_shard={shard}: give the client every shard's URL, shard 0 first "
+                         "(RUNOPS_RUN_OPS_URL, comma-separated)")
+
+    def _environment_shard_store(self, environment_id: str, shard: int) -> str:
+        """The store of an environment's shard; refused (StoreMisconfigured, RO009) for a shard
+        this client has no URL for — a shard added since it was configured — never another."""
+        if shard < len(self._shards):
+            return self._shards[shard]
+        raise StoreMisconfigured(f"environment {environment_id[:100]} lives on run-ops shard {shard}, which this "
+                                 f"client is not configured with (shards 0 to {len(self._shards) - 1}): give it "
+                                 "every shard's URL, shard 0 first (RUNOPS_RUN_OPS_URL, comma-separated)")
+
+    def _remember_environment_shard(self, environment_id: str, shard: int) -> None:
+        if len(self._environment_shards) > 100_000:
+            self._environment_shards.clear()  # a bound, not an eviction policy: re-asked on the next call
+        self._environment_shards[environment_id] = shard
+
+    def _forget_environment_shard(self, environment_id: str | None) -> None:
+        if environment_id is not None:
+            self._environment_shards.pop(environment_id, None)
+
+    def _shard_refusal(self, store: str, config: tuple[int, int, int] | None) -> StoreMisconfigured | None:
+        """Records what a sharded client's probe read from ``store`` (shard_config); refuses a
+        run-ops URL whose store is another shard than its position says (routing by it would send
+        every call for one shard to another), remembered for good."""
+        if config is None:
+            return None
+        number, count, since = config
+        self._shard_since = int(since)
+        position = ids.store_shard(store)
+        if store == CONTROL_PLANE or position == number:
+            return None
+        refusal = StoreMisconfigured(
+            f"run-ops URL number {position + 1 if position is not None else '?'} "
+            f"({_where(self._url(store, False))}) is run-ops shard {number} of {count}: give the run-ops URLs in "
+            "shard order, shard 0 first (as `runops migrate` numbered them)")
+        self._mark_down(store, False, refusal)
+        return refusal
+
     @staticmethod
     def classify_residency(id_: str | None) -> ids.Residency:
         """LEGACY (cuid) or NEW (ksuid) from an id's shape alone, no round trip; UnclassifiableId
@@ -407,13 +518,18 @@ class _Router(Generic[P]):
         return ids.try_classify_residency(id_)
 
     def _store_of(self, id_: str) -> str:
-        return ids.store_for(ids.classify_residency(id_))
+        store = ids.store_for(ids.classify_residency(id_))
+        if store == RUN_OPS and self._sharded:
+            return self._shard_store_of(id_, write=True) or RUN_OPS
+        return store
 
     def _read_store_of(self, id_: str) -> str | None:
         """The configured store that owns ``id_``, or None (no such shape, or not configured)."""
         residency = ids.try_classify_residency(id_)
         if residency is None or ids.store_for(residency) not in self._pools:
             return None
+        if residency == "NEW" and self._sharded:
+            return self._shard_store_of(id_, write=False)
         return ids.store_for(residency)
 
     def _write_store_of(self, id_: str) -> str:
@@ -436,6 +552,8 @@ class _Router(Generic[P]):
                 if residency is None:
                     return CONTROL_PLANE
                 store = ids.store_for(residency)
+                if store == RUN_OPS and self._sharded:
+                    return self._shard_store_of(value, write=True) or RUN_OPS
                 return store if store in self._pools else CONTROL_PLANE
         return None
 
@@ -462,8 +580,10 @@ class _Router(Generic[P]):
     # call probes again; when that probe fails, calls fail at once with its cause for
     # REPROBE_SECONDS before one probes again. A configuration error is remembered for good.
 
-    @staticmethod
-    def _name(store: str, replica: bool) -> str:
+    def _name(self, store: str, replica: bool) -> str:
+        shard = ids.store_shard(store)
+        if self._sharded and shard is not None:
+            return f"run-ops shard {shard}{' replica' if replica else ''}"
         return f"the {store} {'replica' if replica else 'store'}"
 
     def _check_url(self, store: str, replica: bool, url: str) -> None:

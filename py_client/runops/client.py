@@ -17,7 +17,7 @@ import datetime as dt
 import functools
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
@@ -31,6 +31,7 @@ from . import ids, queries
 from ._client_base import (
     CONTROL_PLANE,
     RUN_OPS,
+    UNRESOLVED,
     _ask_control_plane,
     _connect_urls,
     _ignore_chunk,
@@ -88,9 +89,10 @@ class RunOps(_Router[ConnectionPool]):
                               name=f"runops-{name}")
 
     @classmethod
-    def connect(cls, control_plane_url: str | None = None, run_ops_url: str | None = None,
+    def connect(cls, control_plane_url: str | None = None, run_ops_url: str | Sequence[str] | None = None,
                 **kwargs: Any) -> RunOps:
-        """URLs, else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else (neither set) the
+        """URLs (with run-ops shards, every shard's URL in shard order: a list, or one string
+        separated by commas), else RUNOPS_CONTROL_PLANE_URL / RUNOPS_RUN_OPS_URL, else (neither set) the
         local stores of `runops dev up` found from the current directory up, as :meth:`local`
         finds them; RunOpsError for a run-ops URL alone. RUNOPS_TIMEOUT (seconds,
         default 10) bounds the wait for a connection; RUNOPS_PGBOUNCER=1 is ``pgbouncer=True``.
@@ -124,6 +126,8 @@ class RunOps(_Router[ConnectionPool]):
     def _connection(self, store: str, replica: bool = False) -> Iterator[psycopg.Connection[Any]]:
         """A pooled connection to ``store``; any database error comes out translated, and every
         connection-level failure as StoreUnavailable (see _client_base: the stores' health)."""
+        if store.startswith(UNRESOLVED):
+            store = self._resolved(store)
         pool = (self._replicas if replica else self._pools).get(store)
         if pool is None:
             raise StoreUnavailable(f"no {store} store is configured")
@@ -141,6 +145,7 @@ class RunOps(_Router[ConnectionPool]):
         outage, drops the connections that died with it."""
         url = self._url(store, replica)
         version: str | None = None
+        shard_config: tuple[int, int, int] | None = None
         try:
             with psycopg.Connection.connect(url, **self._connect_kwargs(url, replica)) as conn:
                 if not replica:  # a replica replays its primary's revision
@@ -148,12 +153,15 @@ class RunOps(_Router[ConnectionPool]):
                         cur = conn.execute(queries.STORE_VERSION)
                         row = cur.fetchone()
                         version = None if row is None else str(row[0])
+                        if self._sharded:  # one client, many shards: which one this is (the URL's order)
+                            cur = conn.execute(queries.SHARD_CONFIG)
+                            shard_config = cur.fetchone()
                     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
                         version = None
         except psycopg.Error as exc:
             raise self._probe_failed(store, replica, exc) from exc
         if not replica:
-            refusal = self._version_refusal(store, version)
+            refusal = self._version_refusal(store, version) or self._shard_refusal(store, shard_config)
             if refusal is not None:
                 raise refusal
         was_down = self._reached(store, replica)
@@ -194,24 +202,103 @@ class RunOps(_Router[ConnectionPool]):
                 return rows
         return self._rows(store, sql, params, cls)
 
-    def _with_wrong_store_retry(self, store: str, call: Callable[[str], T]) -> T:
+    def _with_wrong_store_retry(self, store: str, call: Callable[[str], T],
+                                environment_id: str | None = None) -> T:
         """Runs call(store); on RO002 follows the store the error names. Right after a mint-kind
         flip the two stores can disagree for the mirror's lag (about a second), so the call may
         bounce back: it follows again, with the conflict backoff, up to five hops. A retryable
         conflict (RO008, 40001, 40P01: the transaction rolled back, so nothing was created) is
         retried with the same backoff — e.g. a keyed trigger meeting a claim whose control-plane
-        transaction is still committing (docs/idempotency-across-stores.md)."""
+        transaction is still committing (docs/idempotency-across-stores.md). With shards, RO002
+        from a shard names the owning shard (``HINT: owning_shard=k``), and the environment's
+        remembered shard is dropped (it was pinned elsewhere before its first run)."""
         for hop in range(1, 6):
             try:
                 return self._note_result(call_with_retry(functools.partial(call, store), tries=8))
             except WrongStore as exc:
                 other = exc.owning_store
+                if other == RUN_OPS and self._sharded:
+                    self._forget_environment_shard(environment_id)
+                    shard = exc.owning_shard
+                    if shard is not None:
+                        other = self._shards[shard] if shard < len(self._shards) else None
+                    elif environment_id is not None:
+                        other = self._environment_store(environment_id)
                 if other is None or other == store or other not in self._pools or hop == 5:
                     raise
                 if hop > 1:
                     time.sleep(CONFLICT_BACKOFF.delay(hop))
                 store = other
         raise AssertionError("unreachable")
+
+    # -- shards: where a sharded client sends a call (docs/scale-out.md, "The client") -------------
+
+    def _resolved(self, unresolved: str) -> str:
+        """The shard store of the NEW id in ``unresolved`` (UNRESOLVED + id), once the cut-over
+        second is known (asked of the first store that answers)."""
+        self._learn_shards()
+        store = self._shard_store_of(unresolved[len(UNRESOLVED):], write=True)
+        assert store is not None and not store.startswith(UNRESOLVED)
+        return store
+
+    def _learn_shards(self) -> None:
+        """Reaches stores, shards first, until one has told the cut-over second (each probe reads
+        it); StoreUnavailable when none answers."""
+        first: StoreUnavailable | None = None
+        for store in [*self._shards, CONTROL_PLANE]:
+            if self._shard_since is not None:
+                return
+            try:
+                with self._connection(store):
+                    pass
+            except StoreUnavailable as exc:
+                first = first or exc
+        if self._shard_since is None:
+            raise first or StoreUnavailable("no run-ops shard answered")
+
+    def _environment_store(self, environment_id: str | None) -> str:
+        """The run-ops store of an environment: RUN_OPS, or with shards the store of its shard —
+        remembered, else asked of the control plane, else (control plane down) of the shards'
+        mirrors. An environment no store knows goes to shard 0, which answers for it as any
+        run-ops store does (RO004, or no rows)."""
+        if not self._sharded or environment_id is None:
+            return RUN_OPS
+        shard = self._environment_shards.get(environment_id)
+        if shard is None:
+            shard = self._ask_environment_shard(environment_id)
+        return self._environment_shard_store(environment_id, 0 if shard is None else shard)
+
+    def _ask_environment_shard(self, environment_id: str) -> int | None:
+        params = {"e": environment_id}
+        first: StoreUnavailable | None = None
+        asked = [CONTROL_PLANE] if _ask_control_plane(self._control_plane_failed_at(), time.monotonic()) else []
+        for store in [*asked, *self._shards]:
+            try:
+                shard = self._scalar(store, queries.ENVIRONMENT_SHARD, params)
+            except StoreUnavailable as exc:
+                if not _tolerable(exc):
+                    raise
+                first = first or exc
+                continue
+            if shard is not None:
+                self._remember_environment_shard(environment_id, int(shard))
+            return None if shard is None else int(shard)
+        assert first is not None
+        raise first
+
+    def _environment_stores(self, environment_id: str) -> list[str]:
+        """The stores holding an environment's runs: the control plane and its run-ops store."""
+        if not self.split_wired:
+            return [CONTROL_PLANE]
+        return [CONTROL_PLANE, self._environment_store(environment_id)]
+
+    def _read_owner(self, id_: str) -> str | None:
+        """:meth:`_read_store_of`, placed (a sharded client learns the cut-over second first)."""
+        store = self._read_store_of(id_)
+        if store is not None and store.startswith(UNRESOLVED):
+            self._learn_shards()
+            store = self._read_store_of(id_)
+        return store
 
     def store_identity(self, store: str = CONTROL_PLANE) -> StoreIdentity:
         """The identity (system identifier, database, role, version) of one store."""
@@ -296,11 +383,36 @@ class RunOps(_Router[ConnectionPool]):
             return str(self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
         if _ask_control_plane(self._control_plane_failed_at(), now):
             try:
-                return str(self._scalar(CONTROL_PLANE, queries.TRIGGER_ROUTE, params))
+                return self._route_on(CONTROL_PLANE, params)
             except StoreUnavailable as exc:
                 if not _tolerable(exc):
                     raise
-        return str(self._scalar(RUN_OPS, queries.TRIGGER_ROUTE, params))
+        if not self._sharded:
+            return str(self._scalar(RUN_OPS, queries.TRIGGER_ROUTE, params))
+        # Any shard's mirror holds the split settings: the environment's own shard first.
+        known = self._environment_shards.get(params["e"])
+        order = sorted(self._shards, key=lambda s: s != self._shards[known]) if known is not None \
+            and known < len(self._shards) else self._shards
+        for store in order:
+            try:
+                return self._route_on(store, params)
+            except StoreUnavailable as exc:
+                if not _tolerable(exc) or store == order[-1]:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _route_on(self, store: str, params: dict[str, Any]) -> str:
+        """``trigger_route`` on one store; with shards, the environment's shard in the same round
+        trip (remembered)."""
+        if not self._sharded:
+            return str(self._scalar(store, queries.TRIGGER_ROUTE, params))
+        with self._connection(store) as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(queries.TRIGGER_ROUTE_AND_SHARD, params, prepare=True)
+            row = cur.fetchone()
+        assert row is not None
+        if row[1] is not None and params.get("e") is not None:
+            self._remember_environment_shard(params["e"], int(row[1]))
+        return str(row[0])
 
     def _trigger_store(self, environment_id: str, options: dict[str, Any]) -> str:
         """The store for a trigger: its anchor's, else the environment's root route (cached for
@@ -318,6 +430,8 @@ class RunOps(_Router[ConnectionPool]):
                 # (a bad option is RO006 even when the environment is unknown).
                 return CONTROL_PLANE
             self._remember_route(environment_id, store, now)
+        if store == RUN_OPS and self._sharded:
+            return self._environment_store(environment_id)
         # Without that store configured, ask the control plane: its RO002 names the owner.
         return store if store in self._pools else CONTROL_PLANE
 
@@ -334,7 +448,8 @@ class RunOps(_Router[ConnectionPool]):
         def call(store: str) -> TriggerResult:
             return self._one(store, queries.TRIGGER_RUN, params, TriggerResult)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, given), call)
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, given), call,
+                                                 environment_id)
 
     def trigger_failed_task(self, environment_id: str, task_identifier: str, payload: Any, error: Any,
                             **options: Any) -> TriggerResult:
@@ -346,7 +461,8 @@ class RunOps(_Router[ConnectionPool]):
         def call(store: str) -> TriggerResult:
             return self._one(store, queries.TRIGGER_FAILED_TASK, params, TriggerResult)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call,
+                                                 environment_id)
 
     def replay_run(self, run_id: str, *, environment_id: str | None = None, payload: Any = None,
                    **overrides: Any) -> TriggerResult:
@@ -373,7 +489,8 @@ class RunOps(_Router[ConnectionPool]):
         """Clears the key on every store (a key may predate a mint-kind flip)."""
         params = {"e": environment_id, "t": task_identifier, "k": idempotency_key.replace("\x00", ""),
                   "s": scope, "p": parent_run_id, "a": parent_attempt_number}
-        counts = self._each_store(queries.RESET_IDEMPOTENCY_KEY, params)
+        counts = self._each_store(queries.RESET_IDEMPOTENCY_KEY, params,
+                                  stores=self._environment_stores(environment_id))
         return sum(int(n) for n in counts.values())
 
     # -- reads and per-run writes ---------------------------------------------------------------
@@ -385,14 +502,18 @@ class RunOps(_Router[ConnectionPool]):
             return True
         deadline = time.monotonic() + timeout
         query = queries.MIRROR_FINGERPRINT
+        behind = list(self._shards)  # every shard has a mirror of its own
         while True:
-            if self._scalar(CONTROL_PLANE, query, {}) == self._scalar(RUN_OPS, query, {}):
+            control = self._scalar(CONTROL_PLANE, query, {})
+            behind = [store for store in behind if self._scalar(store, query, {}) != control]
+            if not behind:
                 with self._routes_lock:
                     self._routes.clear()
                 return True
             if time.monotonic() > deadline:
                 return False
-            self._scalar(RUN_OPS, queries.PULL_TENANT_MIRROR, {})
+            for store in behind:
+                self._scalar(store, queries.PULL_TENANT_MIRROR, {})
             time.sleep(0.05)
 
     def list_runs(self, environment_id: str, page_size: int = 25, cursor: str | None = None,
@@ -400,14 +521,17 @@ class RunOps(_Router[ConnectionPool]):
         """One page of the environment's runs across both stores, newest first (``created_at``,
         then the bare id in byte order). Each store answers its own keyset page
         (``list_store_runs``, no FDW hop) and the two are merged here exactly as SQL
-        ``list_runs`` merges them, so a cursor from either continues in both. Filters:
+        ``list_runs`` merges them, so a cursor from either continues in both. With shards the
+        run-ops side is the environment's shard, which holds every NEW run of it (the others
+        refuse its work), so a shard that is down fails only its own environments' listings.
+        Filters:
         ``statuses``, ``task_identifiers`` (any of), ``tags`` (all of), ``created_after``,
         ``created_before`` (exclusive; datetimes with a timezone), ``batch_id``."""
         doc = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in filters.items()}
         params = {"e": environment_id, "n": page_size, "c": cursor, "f": Jsonb(doc)}
         query = queries.LIST_STORE_RUNS
         rows: list[ListedRun] = []
-        for store in self._pools:
+        for store in self._environment_stores(environment_id):
             if store in self._replicas and not self._recently_written(environment_id):
                 try:  # a listing may lag; an environment this client triggered in is read fresh
                     rows += self._rows(store, query, params, ListedRun, replica=True)
@@ -431,8 +555,8 @@ class RunOps(_Router[ConnectionPool]):
         residency = ids.try_classify_residency(run_id)
         if residency is None:
             return None
-        store = through or ids.store_for(residency)
-        if store not in self._pools:
+        store = through or self._read_owner(run_id)
+        if store is None or store not in self._pools:
             return None
         rows = self._read_rows(store, queries.GET_RUN, {"r": run_id, "e": environment_id}, Run, run_id)
         return rows[0] if rows else None
@@ -466,7 +590,7 @@ class RunOps(_Router[ConnectionPool]):
         params = {"e": environment_id, "w": worker_id,
                   "o": _options({"lease": lease, "queues": queues, "tasks": tasks, "wake": wake,
                                  "start": start or None})}
-        leasing = _Leasing([s for s in (RUN_OPS, CONTROL_PLANE) if s in self._pools], max_runs)
+        leasing = _Leasing((self._environment_stores(environment_id))[::-1], max_runs)
         for store in leasing.stores:
             if leasing.wanted() <= 0:
                 break
@@ -531,11 +655,12 @@ class RunOps(_Router[ConnectionPool]):
         def call(store: str) -> WaitpointCreated:
             return self._one(store, queries.CREATE_WAITPOINT, params, WaitpointCreated)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call)
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, {}), call,
+                                                 environment_id)
 
     def get_waitpoint(self, waitpoint_id: str, environment_id: str | None = None) -> Waitpoint | None:
         """The waitpoint from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        store = self._read_store_of(waitpoint_id)
+        store = self._read_owner(waitpoint_id)
         if store is None:
             return None
         params = {"w": waitpoint_id, "e": environment_id}
@@ -566,7 +691,8 @@ class RunOps(_Router[ConnectionPool]):
         def call(store: str) -> BatchTriggered:
             return self._one(store, queries.BATCH_TRIGGER, params, BatchTriggered)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call,
+                                                 environment_id)
 
     def create_batch(self, environment_id: str, expected_count: int, **options: Any) -> BatchCreated:
         """Creates an open batch of ``expected_count`` items in the environment's root store (filled
@@ -576,7 +702,8 @@ class RunOps(_Router[ConnectionPool]):
         def call(store: str) -> BatchCreated:
             return self._one(store, queries.CREATE_BATCH, params, BatchCreated)
 
-        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call)
+        return self._with_wrong_store_retry(self._trigger_store(environment_id, options), call,
+                                                 environment_id)
 
     def append_batch_items(self, batch_id: str, start_index: int, items: list[dict[str, Any]], *,
                            environment_id: str | None = None) -> BatchAppended:
@@ -598,7 +725,7 @@ class RunOps(_Router[ConnectionPool]):
 
     def get_batch(self, batch_id: str, environment_id: str | None = None) -> Batch | None:
         """The batch from its owning store (or that store's replica), or None. Raises StoreUnavailable."""
-        store = self._read_store_of(batch_id)
+        store = self._read_owner(batch_id)
         if store is None:
             return None
         rows = self._read_rows(store, queries.GET_BATCH, {"b": batch_id, "e": environment_id}, Batch, batch_id)
@@ -678,16 +805,17 @@ class RunOps(_Router[ConnectionPool]):
 
     # -- services, run on every store ---------------------------------------------------------------
 
-    def _each_store(self, sql: str, params: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
+    def _each_store(self, sql: str, params: dict[str, Any], *, partial: bool = False,
+                    stores: list[str] | None = None) -> dict[str, Any]:
         """``sql`` on every store, each committing its own work. A store that is unavailable
         never keeps the others from doing theirs: every store is asked. Then, with ``partial``
         (upkeep that the next pass repeats), the stores that answered are returned and
         StoreUnavailable raised only if none did; without it (a command the caller must know
         was done everywhere; each is safe to repeat), StoreUnavailable names the stores that
-        did not answer."""
+        did not answer. ``stores``: only these (an environment's), else every store, every shard."""
         done: dict[str, Any] = {}
         gone: dict[str, StoreUnavailable] = {}
-        for store in self._pools:
+        for store in self._pools if stores is None else stores:
             try:
                 done[store] = self._scalar(store, sql, params)
             except StoreUnavailable as exc:
@@ -731,14 +859,16 @@ class RunOps(_Router[ConnectionPool]):
     def cancel_dev_session_runs(self, environment_id: str, dev_session_id: str) -> int:
         """Cancels a dev session's live runs on every store; the count. StoreUnavailable names a
         store that did not answer (the others did their part; safe to repeat)."""
-        counts = self._each_store(queries.CANCEL_DEV_SESSION_RUNS, {"e": environment_id, "d": dev_session_id})
+        counts = self._each_store(queries.CANCEL_DEV_SESSION_RUNS, {"e": environment_id, "d": dev_session_id},
+                                  stores=self._environment_stores(environment_id))
         return sum(counts.values())
 
     def execute_tasks_waiting_for_deploy(self, environment_id: str, task_identifiers: list[str]) -> int:
         """Queues the environment's runs waiting for a deploy of these tasks, on every store; the
         count. StoreUnavailable names a store that did not answer (safe to repeat)."""
         params = {"e": environment_id, "t": task_identifiers}
-        counts = self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY, params)
+        counts = self._each_store(queries.EXECUTE_TASKS_WAITING_FOR_DEPLOY, params,
+                                  stores=self._environment_stores(environment_id))
         return sum(counts.values())
 
     # -- alerts (SPEC §9 [1.3]; delivery itself: runops.alerts) ---------------------------------------
@@ -808,6 +938,8 @@ class RunOps(_Router[ConnectionPool]):
         """A dedicated connection LISTENing to an environment's status changes on one store (or to
         ``channel``: a worker's wake-up channel) (StoreUnavailable when the store cannot be reached;
         RunOpsError with ``pgbouncer=True``, where a LISTEN would be lost with its server connection)."""
+        if store == RUN_OPS and self._sharded:  # the run-ops side of this environment: its shard
+            store = self._environment_store(environment_id)
         url = self._urls.get(store)
         if url is None:
             raise StoreUnavailable(f"no {store} store is configured")

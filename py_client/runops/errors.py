@@ -33,6 +33,12 @@ class WrongStore(RunOpsError):
             return self.detail.split("=", 1)[1].strip()
         return None
 
+    @property
+    def owning_shard(self) -> int | None:
+        """The run-ops shard a shard's RO002 names (``HINT: owning_shard=k: ...``), if any."""
+        found = re.match(r"owning_shard=(\d+)", self.hint or "")
+        return int(found.group(1)) if found else None
+
 
 class IllegalTransition(RunOpsError):
     sqlstate = "RO003"

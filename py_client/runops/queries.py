@@ -17,6 +17,12 @@ STORE_IDENTITY = "SELECT * FROM runops.store_identity()"
 STORE_ROLE = "SELECT runops.store_role()"
 # The store's revision (r0005_hardening, ...); a client refuses a store older than it needs.
 STORE_VERSION = "SELECT runops.store_version()"
+# With shards (docs/scale-out.md): what each store says of the shards, asked when first reached;
+# an environment's shard (control plane, or any shard's mirror); a root trigger's route and its
+# environment's shard in one round trip.
+SHARD_CONFIG = "SELECT shard_number, shard_count, shard_ids_since FROM runops.shard_config()"
+ENVIRONMENT_SHARD = "SELECT runops.environment_shard(%(e)s)"
+TRIGGER_ROUTE_AND_SHARD = "SELECT runops.trigger_route(%(e)s, %(o)s), runops.environment_shard(%(e)s)"
 
 # -- tenants (control plane) ----------------------------------------------------------------------
 

@@ -4,6 +4,7 @@
 --                          the router installs it too)
 --   shard_of               public: the same with this store's shard_ids_since; NULL for LEGACY ids
 --   local_shard            this store's shard number
+--   shard_config           public: this store's shard number, the shard count and the cut-over second
 --   refuse_other_shard     a write naming a NEW id of another shard: RO002 naming the shard
 --   shard_for_new_environment   the default assignment: a stable hash over the shard count
 --   environment_shard      public: the shard an environment lives on (NULL when unknown)
@@ -74,6 +75,17 @@ RETURNS integer
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
   SELECT c.shard_number FROM runops.store_config AS c
+$$;
+
+-- What a client routing straight to the shards needs from each store, asked once when it first
+-- reaches it: which shard it is (checked against the URL's position), how many there are, and
+-- the second before which NEW ids live on shard 0 (the same on every store of a deployment).
+CREATE OR REPLACE FUNCTION runops.shard_config()
+RETURNS TABLE (shard_number integer, shard_count integer, shard_ids_since bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = runops, pg_catalog, pg_temp
+AS $$
+  SELECT c.shard_number, c.shard_count, c.shard_ids_since FROM runops.store_config AS c
 $$;
 
 -- A write naming a NEW row (bare id) this run-ops store holds must name this store's shard: a

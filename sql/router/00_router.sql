@@ -15,6 +15,9 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'runops_app') THEN
     CREATE ROLE runops_app NOLOGIN;
   END IF;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'runops_clock') THEN
+    CREATE ROLE runops_clock NOLOGIN;  -- as on the stores: who may set the test clock
+  END IF;
   IF NOT pg_catalog.pg_has_role('runops_app', 'runops_api', 'MEMBER') THEN
     GRANT runops_api TO runops_app;  -- as on the stores: services are members of runops_api
   END IF;
@@ -238,4 +241,16 @@ AS $$
                                              THEN to_jsonb(coalesce((a ->> k)::numeric, 0) + coalesce((b ->> k)::numeric, 0))
                                              ELSE coalesce(b -> k, a -> k) END), '{}'::jsonb)
   FROM (SELECT jsonb_object_keys(coalesce(a, '{}')) UNION SELECT jsonb_object_keys(coalesce(b, '{}'))) AS keys(k)
+$$;
+
+-- The caller's test clock (SPEC §3: runops.fake_now, honoured for members of runops_clock), sent
+-- to the shard with every call, which sets it on its session before the call; the shard honours
+-- it only when the router's own login there is a member of runops_clock too (tests grant that).
+-- '' (the real clock) for everyone else, so a shard session never keeps another caller's clock.
+CREATE OR REPLACE FUNCTION runops.router_clock()
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE WHEN pg_catalog.pg_has_role(session_user, 'runops_clock', 'MEMBER')
+              THEN coalesce(pg_catalog.current_setting('runops.fake_now', true), '') ELSE '' END
 $$;

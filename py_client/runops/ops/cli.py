@@ -325,7 +325,8 @@ def migrate(ctx: Ctx, control_plane_url: str | None, run_ops_urls: tuple[str, ..
 @main.command()
 @click.option("--control-plane-url", help="URL of the control plane (an admin URL sees everything); default as "
               "for migrate: RUNOPS_CONTROL_PLANE_ADMIN_URL, then RUNOPS_CONTROL_PLANE_URL, then the local dev store.")
-@click.option("--run-ops-url", help="URL of the run-ops store; default RUNOPS_RUN_OPS_ADMIN_URL, then "
+@click.option("--run-ops-url", help="URL of the run-ops store (comma-separated: every shard, shard 0 first); "
+              "default RUNOPS_RUN_OPS_ADMIN_URL, then "
               "RUNOPS_RUN_OPS_URL, then the local dev store (only when no URL at all is set).")
 @click.option("--deep", is_flag=True, help="Also check the invariants the functions keep instead of foreign keys "
               "(every run's batch exists, every batch item names a batch and a run, ...): reads whole tables.")
@@ -349,8 +350,8 @@ def doctor(ctx: Ctx, control_plane_url: str | None, run_ops_url: str | None, dee
         report = doctoring.Report([], [doctoring.Check("targets", "fail", err.message)])
     else:
         if not ctx.as_json:
-            for target in targets.values():
-                click.echo(f"examining {target.describe()}")
+            for target, shard in doctoring.store_targets(targets).values():
+                click.echo(f"examining {target.describe()}" + ("" if shard is None else f" (shard {shard})"))
         report = doctoring.examine(targets, deep=deep)
     if ctx.as_json:
         emit_json(report.as_json())
@@ -909,9 +910,7 @@ def _store_metrics(client: RunOps, environment_id: str | None) -> tuple[dict[str
     """Each store's figures, asked one store at a time: what answered, and why the others did not."""
     figures: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    for store in (CONTROL_PLANE, RUN_OPS):
-        if store == RUN_OPS and not client.split_wired:
-            continue
+    for store in (CONTROL_PLANE, *client.run_ops_stores):  # with shards, each shard
         try:
             figures.update(client.metrics(environment_id, store=store))
         except RunOpsError as err:

@@ -1,5 +1,9 @@
 """`runops doctor`: is this pair of stores healthy, and if not, what to do about it.
 
+With run-ops shards (a comma-separated run-ops URL, docs/scale-out.md) every shard is examined
+as a run-ops store of its own — each check named by its shard — and one more check compares the
+shards' numbering and count with the URLs' order and the control plane's.
+
 Each check is a small function that looks at one thing and returns one :class:`Check` (ok, warn
 or fail, a one-line detail, and the figures behind it). The checks only read: doctor never
 changes a store. docs/operations.md ("doctor") says what each check means and what to do.
@@ -22,6 +26,8 @@ from typing import Any
 
 import psycopg
 
+from runops import ids
+from runops._client_base import split_urls
 from runops.errors import StoreUnavailable, translate
 
 from . import migrate as migrations
@@ -176,18 +182,19 @@ class Store:
     conn: psycopg.Connection[Any] | None = None
     error: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    shard: int | None = None  # with shards: which run-ops shard (its URL's position)
 
     @property
     def label(self) -> str:
-        return LABELS[self.store]
+        return LABELS[self.store] if self.shard is None else f"run-ops shard {self.shard}"
 
     @property
     def slug(self) -> str:
-        return _slug(self.store)
+        return _slug(self.store) if self.shard is None else f"run_ops_shard_{self.shard}"
 
 
-def open_store(target: migrations.Target, thresholds: Thresholds = THRESHOLDS) -> Store:
-    found = Store(target.store, target)
+def open_store(target: migrations.Target, thresholds: Thresholds = THRESHOLDS, shard: int | None = None) -> Store:
+    found = Store(target.store, target, shard=shard)
     try:
         found.conn = psycopg.connect(target.url, autocommit=True, connect_timeout=thresholds.connect_timeout_seconds,
                                      options=f"-c statement_timeout={thresholds.statement_timeout_ms}",
@@ -224,7 +231,8 @@ def guarded(name: str, store: Store, check: Callable[[], Check]) -> Check:
         return check()
     except NeedsAdmin as exc:
         return Check(name, "warn", f"cannot check as this login ({exc}): give doctor an admin URL "
-                                   f"(RUNOPS_{store.slug.upper()}_ADMIN_URL or --{store.slug.replace('_', '-')}-url)")
+                                   f"(RUNOPS_{_slug(store.store).upper()}_ADMIN_URL or "
+                                   f"--{_slug(store.store).replace('_', '-')}-url)")
     except psycopg.Error as exc:
         gone = translate(exc)
         if isinstance(gone, StoreUnavailable) or _lost(store):
@@ -464,7 +472,7 @@ def _subscription_fallback(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 def check_mirror(store: Store) -> Check:
     """The run-ops store's tenant mirror: engine, state, age against its freshness bound."""
-    name = "mirror"
+    name = "mirror" if store.shard is None else f"mirror.{store.slug}"
 
     def run() -> Check:
         with _reading(store) as conn:
@@ -501,8 +509,9 @@ def check_mirror(store: Store) -> Check:
     return guarded(name, store, run)
 
 
-def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS) -> Check:
-    """The control plane's runops_mirror_* replication slots: active, WAL status, WAL retained."""
+def check_slots(cp: Store, ro: Store | list[Store] | None, thresholds: Thresholds = THRESHOLDS) -> Check:
+    """The control plane's runops_mirror_* replication slots: active, WAL status, WAL retained
+    (``ro``: the run-ops store, or every shard, each subscribed with a slot of its own)."""
     name = "mirror.slot"
 
     def run() -> Check:
@@ -517,18 +526,23 @@ def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS
                 WHERE slot_name LIKE 'runops\_mirror\_%' AND database = current_database()
                 ORDER BY slot_name""").fetchall()
         keep = int(keep_row[0]) if keep_row and keep_row[0] is not None else None
-        used: str | None = None
-        if ro is not None and ro.conn is not None and not _lost(ro):
-            with _reading(ro) as conn:
+        subscribed: list[str] = []
+        for subscriber in ro if isinstance(ro, list) else [ro] if ro is not None else []:
+            if subscriber.conn is None or _lost(subscriber):
+                continue
+            with _reading(subscriber) as conn:
                 sub = conn.execute("""
                     SELECT s.subslotname FROM pg_subscription AS s
                     WHERE s.subname = 'runops_mirror'
                       AND s.subdbid = (SELECT d.oid FROM pg_database AS d WHERE d.datname = current_database())
                     """).fetchone()
-            used = sub[0] if sub else None
+            if sub and sub[0]:
+                subscribed.append(sub[0])
+        used = subscribed[0] if subscribed else None
         slots = [{"slot_name": n, "active": a, "wal_status": w, "retained_bytes": r, "safe_wal_size": s,
-                  "used_by_examined_run_ops": n == used} for n, a, w, r, s in rows]
-        data = {"slots": slots, "max_slot_wal_keep_size_bytes": keep, "subscription_slot": used}
+                  "used_by_examined_run_ops": n in subscribed} for n, a, w, r, s in rows]
+        data = {"slots": slots, "max_slot_wal_keep_size_bytes": keep, "subscription_slot": used,
+                "subscription_slots": subscribed}
         if not slots:
             if used:
                 return Check(name, "fail", f"the run-ops subscription uses slot {used}, which the control plane does "
@@ -548,7 +562,7 @@ def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS
                 problems.append(("warn", f"slot {slot} holds back {_size(retained)} of WAL (warn above "
                                          f"{_size(int(limit))}): is its subscriber applying?"))
             if not s["active"] and s["wal_status"] != "lost":
-                stale = used is not None and slot != used
+                stale = bool(subscribed) and slot not in subscribed
                 problems.append(("warn", f"slot {slot} is inactive" + (
                     " and used by no subscription of the examined run-ops store: drop it if no other run-ops "
                     f"database uses it (SELECT pg_drop_replication_slot('{slot}'))" if stale
@@ -556,8 +570,8 @@ def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS
         if keep is None:
             problems.append(("warn", "max_slot_wal_keep_size is unlimited: a dead run-ops store could fill the "
                                      "control plane's disk (ALTER SYSTEM SET max_slot_wal_keep_size = '10GB')"))
-        if used and used not in {s["slot_name"] for s in slots}:
-            problems.append(("fail", f"the run-ops subscription uses slot {used}, which the control plane does not "
+        for missing in [u for u in subscribed if u not in {s["slot_name"] for s in slots}]:
+            problems.append(("fail", f"the run-ops subscription uses slot {missing}, which the control plane does not "
                                      "have: `runops migrate` recreates it"))
         if problems:
             severity = "fail" if any(p[0] == "fail" for p in problems) else "warn"
@@ -565,6 +579,45 @@ def check_slots(cp: Store, ro: Store | None, thresholds: Thresholds = THRESHOLDS
         summary = ", ".join(f"{s['slot_name']} active, {s['wal_status']}, {_size(s['retained_bytes'] or 0)} retained"
                             for s in slots)
         return Check(name, "ok", summary, data)
+
+    return guarded(name, cp, run)
+
+
+def check_shards(cp: Store, shards: list[Store]) -> Check:
+    """With run-ops shards: each shard numbered as its URL's position, every store (control plane
+    included) configured with the same shard count and cut-over second (what `runops migrate`
+    writes), and how many environments each shard was assigned."""
+    name = "shards"
+
+    def run() -> Check:
+        configs: dict[str, Any] = {}
+        for store in [cp, *shards]:
+            if store.conn is None or _lost(store):
+                continue
+            with _reading(store) as conn:
+                if conn.execute("SELECT to_regprocedure('runops.shard_config()') IS NULL").fetchone() == (True,):
+                    return Check(name, "fail", f"the {store.label} has no runops.shard_config(): run `runops migrate`")
+                row = conn.execute("SELECT shard_number, shard_count, shard_ids_since FROM runops.shard_config()"
+                                   ).fetchone()
+            assert row is not None
+            configs[store.label] = {"shard_number": row[0], "shard_count": row[1], "shard_ids_since": row[2]}
+        with _reading(cp) as conn:
+            spread = dict(conn.execute("SELECT shard, count(*) FROM runops.environment_shards GROUP BY shard "
+                                       "ORDER BY shard").fetchall())
+        data = {"stores": configs, "environments_per_shard": spread, "urls": len(shards)}
+        fix = "run `runops migrate` with every --run-ops-url, shard 0 first"
+        problems = [f"{s.label}'s URL leads to shard {configs[s.label]['shard_number']}: give the run-ops URLs in "
+                    "shard order" for s in shards
+                    if s.label in configs and configs[s.label]["shard_number"] != s.shard]
+        counts = {label: c["shard_count"] for label, c in configs.items()}
+        if any(n != len(shards) for n in counts.values()):
+            problems.append(f"shard counts {counts} differ from the {len(shards)} run-ops URLs given: {fix}")
+        if len({c["shard_ids_since"] for c in configs.values()}) > 1:
+            problems.append(f"the stores disagree on the cut-over second of shard-aware ids: {fix}")
+        if problems:
+            return Check(name, "fail", "; ".join(problems), data)
+        placed = ", ".join(f"shard {k}: {spread.get(k, 0)}" for k in range(len(shards)))
+        return Check(name, "ok", f"{len(shards)} shards numbered in URL order; environments per shard: {placed}", data)
 
     return guarded(name, cp, run)
 
@@ -806,19 +859,36 @@ def examine(targets: dict[str, migrations.Target], thresholds: Thresholds = THRE
     the integrity checks too (whole-table reads)."""
     if RUN_OPS in targets and targets[RUN_OPS].url == targets[CONTROL_PLANE].url:
         targets = {CONTROL_PLANE: targets[CONTROL_PLANE]}  # migrate, too, treats this as one store
-    stores = {store: open_store(t, thresholds) for store, t in targets.items()}
+    examined = store_targets(targets)
+    stores = {key: open_store(t, thresholds, shard) for key, (t, shard) in examined.items()}
     try:
-        return Report(list(targets.values()), _run_checks(stores, thresholds, deep))
+        return Report([t for t, _ in examined.values()], _run_checks(stores, thresholds, deep))
     finally:
         for s in stores.values():
             if s.conn is not None:
                 s.conn.close()
 
 
+def store_targets(targets: dict[str, migrations.Target]) -> dict[str, tuple[migrations.Target, int | None]]:
+    """Each database to examine by the client's store name, with its shard: the control plane and
+    the run-ops store, or each shard of a comma-separated run-ops URL (RUN_OPS, RUN_OPS_1, ...)."""
+    found: dict[str, tuple[migrations.Target, int | None]] = {
+        store: (t, None) for store, t in targets.items() if store != RUN_OPS}
+    if RUN_OPS in targets:
+        urls = split_urls(targets[RUN_OPS].url)
+        if len(urls) <= 1:
+            found[RUN_OPS] = (targets[RUN_OPS], None)
+        else:
+            for number, url in enumerate(urls):
+                found[ids.shard_store(number)] = (migrations.Target(RUN_OPS, url, targets[RUN_OPS].source), number)
+    return found
+
+
 def _run_checks(stores: dict[str, Store], thresholds: Thresholds, deep: bool = False) -> list[Check]:
     checks = [check_store(s) for s in stores.values()]
-    answered = {name: s for name, s in stores.items() if s.conn is not None and s.facts.get("store_role") == name}
+    answered = {name: s for name, s in stores.items() if s.conn is not None and s.facts.get("store_role") == s.store}
     cp, ro = answered.get(CONTROL_PLANE), answered.get(RUN_OPS)
+    shards = [s for s in answered.values() if s.store == RUN_OPS]
     pair = RUN_OPS in stores
     if cp is not None and (not pair or ro is not None):
         checks.append(check_topology({CONTROL_PLANE: cp, **({RUN_OPS: ro} if ro else {})}))
@@ -830,11 +900,14 @@ def _run_checks(stores: dict[str, Store], thresholds: Thresholds, deep: bool = F
     checks += [check_functions(s, not behind[s.store]) for s in answered.values()]
     if cp is not None:
         checks.append(check_fdw(cp, RUN_OPS, expect_wired=pair))
-    if ro is not None:
-        checks.append(check_fdw(ro, CONTROL_PLANE, expect_wired=True))
-        checks.append(check_mirror(ro))
+    for shard in shards:
+        checks.append(check_fdw(shard, CONTROL_PLANE, expect_wired=True))
+        checks.append(check_mirror(shard))
     if cp is not None and pair:
-        checks.append(check_slots(cp, ro, thresholds))
+        checks.append(check_slots(cp, shards if len(shards) > 1 else ro, thresholds))
+    every_shard = [s for s in stores.values() if s.shard is not None]
+    if cp is not None and every_shard:
+        checks.append(check_shards(cp, every_shard))
     checks += [check_tick(s, thresholds) for s in answered.values()]
     checks += [check_stuck_work(s, thresholds) for s in answered.values()]
     checks += [check_alerts(s, thresholds) for s in answered.values()]

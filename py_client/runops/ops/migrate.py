@@ -9,7 +9,6 @@ the tenant mirror — depends on where the *other* store is, so it is not part o
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from runops._client_base import split_urls as split_urls  # `runops migrate` reads RUNOPS_RUN_OPS_URL as the client does
 from runops.errors import RunOpsError
 
 from . import schema
@@ -150,12 +150,6 @@ def resolve_targets(control_plane_url: str | None = None, run_ops_url: str | Non
         raise PreconditionFailed("no control-plane URL (a run-ops store is never migrated alone): pass "
                                  "--control-plane-url or set RUNOPS_CONTROL_PLANE_ADMIN_URL")
     return found
-
-
-def split_urls(value: str) -> list[str]:
-    """RUNOPS_RUN_OPS_URL as a list of shards: comma-separated URLs. A comma inside one URL (a
-    multi-host postgresql://h1,h2/db) is not a separator: only one before a scheme or a key=value."""
-    return [u.strip() for u in re.split(r",(?=\s*(?:postgres(?:ql)?://|\w+=))", value) if u.strip()]
 
 
 def parse_peer_hosts(values: tuple[str, ...] | list[str]) -> dict[str, dict[str, str]]:

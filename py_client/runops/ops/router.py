@@ -88,11 +88,19 @@ def composite_types(shard: psycopg.Connection[Any], functions: list[ApiFunction]
 
 
 def _proxy_function(f: ApiFunction) -> str:
-    """runops_route.<name>(route_shard, the shard's arguments): the PL/Proxy call of one shard."""
-    types = ", ".join(["route_shard integer", *f.argument_types])
-    params = ", ".join(f"${i + 2}" for i in range(len(f.argument_types)))
-    select = f"SELECT * FROM runops.{f.name}({params})" if f.returns_set else \
-        f"SELECT runops.{f.name}({params}) AS {f.name}"
+    """runops_route.<name>(route_shard, route_clock, the shard's arguments): the PL/Proxy call of
+    one shard. ``route_clock`` is the caller's test clock (runops.fake_now, '' for none), set on
+    the shard's session in the same statement, before the call: the call's first argument depends
+    on the set_config's result, so the shard evaluates that first (a function without arguments
+    reads no clock). PL/Proxy substitutes its arguments' names in this text: no alias may be one."""
+    types = ", ".join(["route_shard integer", "route_clock text", *f.argument_types])
+    args = [f"${i + 3}" for i in range(len(f.argument_types))]
+    if args:
+        args[0] = f"CASE WHEN c.clock_set IS NULL THEN NULL ELSE {args[0]} END"
+    params = ", ".join(args)
+    clock = "(SELECT pg_catalog.set_config('runops.fake_now', $2, false) AS clock_set) AS c"
+    select = f"SELECT r.* FROM {clock}, LATERAL runops.{f.name}({params}) AS r" if f.returns_set else \
+        f"SELECT runops.{f.name}({params}) AS {f.name} FROM {clock}"
     return (f"CREATE FUNCTION runops_route.{f.name}({types})\nRETURNS {f.proxy_result}\nLANGUAGE plproxy\nAS $$\n"
             f"  CLUSTER 'runops';\n  RUN ON route_shard;\n  {select};\n$$;\n")
 
@@ -105,7 +113,7 @@ _HANDLER = """EXCEPTION WHEN OTHERS THEN
 
 def _wrapper(f: ApiFunction) -> str:
     """runops.<name>: the public function, same arguments and result, routed."""
-    params = ", ".join(["r_shard", *(f"${i + 1}" for i in range(len(f.argument_types)))])
+    params = ", ".join(["r_shard", "runops.router_clock()", *(f"${i + 1}" for i in range(len(f.argument_types)))])
     declare = "DECLARE\n  r_shard integer;\n  r_state text;\n  r_message text;\n  r_detail text;\n  r_hint text;\n"
     if f.name in ON_EVERY_SHARD and not f.returns_set:
         add = "runops.sum_counts(r_total, r_one)" if f.result == "jsonb" else "coalesce(r_total, 0) + r_one"

@@ -158,8 +158,8 @@ SELECT is_empty($$
       'enable_split', 'disable_split', 'set_mint_kind', 'set_default_mint_kind',
       -- SPEC §9 [1.3] shards: shard_of, and the environment assignment (docs/scale-out.md)
       'shard_of', 'environment_shard', 'pin_environment_shard', 'shard_of_id', 'base62_digit', 'ksuid_top40',
-      'shard_of_top40',
-      -- SPEC §9 [1.3] replay, bulk actions, alerts
+      'shard_of_top40', 'shard_config',
+      -- SPEC §9 [1.3] replay
       'replay_run',
       -- SPEC §9 [1.3] bulk actions, and the processor tick and workers call (sql/functions/bulk_actions.sql)
       'create_bulk_action', 'get_bulk_action', 'abort_bulk_action', 'advance_bulk_actions',
