@@ -96,7 +96,8 @@ def test_tick_reports_counts_and_validates(conn, store: str) -> None:
     counts = conn.execute("SELECT runops.tick(10)").fetchone()[0]
     assert set(counts) == {"delayed", "retried", "expired", "timed_out", "leases_released", "slots_freed",
                            "datetime_waitpoints", "manual_timeouts", "batches_aborted", "batches_finished_remote",
-                           "resumed", "mirror"} | ({"claims_pruned"} if store == "RUN_OPS" else set())
+                           "resumed", "mirror", "bulk_processed"} | (
+                               {"claims_pruned"} if store == "RUN_OPS" else {"bulk_settled"})
     with pytest.raises(psycopg.Error):
         conn.execute("SELECT runops.tick(0)")
 
