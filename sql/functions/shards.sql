@@ -91,17 +91,9 @@ $$;
 -- A write naming a NEW row (bare id) this run-ops store holds must name this store's shard: a
 -- router or client with a stale map must never write here what another shard owns. With one
 -- shard every NEW id is this store's (ids minted by other tools carry a random byte 4), so
--- nothing is decoded. shard_holds is the test (a set-returning SQL function: it inlines into
--- the caller's query, where a scalar one reading a table would be planned on every call);
--- refuse_other_shard raises when it fails.
-CREATE OR REPLACE FUNCTION runops.shard_holds(bare text)
-RETURNS TABLE (holds boolean)
-LANGUAGE sql STABLE
-AS $$
-  SELECT true FROM runops.store_config AS c
-  WHERE c.shard_count = 1 OR runops.shard_of_id(bare, c.shard_ids_since::integer) = c.shard_number
-$$;
-
+-- nothing is decoded. refuse_other_shard is the test and raises RO002 when it fails. PL/pgSQL
+-- statements rather than an inlined predicate: the caller knows the id when it plans, so a
+-- predicate's decoding folds to a constant and PostgreSQL plans a custom plan on every call.
 CREATE OR REPLACE FUNCTION runops.refuse_other_shard(bare text, kind text, id text)
 RETURNS void
 LANGUAGE plpgsql STABLE
