@@ -1,0 +1,176 @@
+"""One key, one run across the control plane and an environment's run-ops shard (SPEC §6, §9
+[1.3]; docs/scale-out.md "Mirror and FDW per shard"): the control plane reaches every shard
+through its own FDW server (runops_peer for shard 0, runops_peer_<k> for shard k), and its claims
+for an environment go to the ledger of the shard that environment lives on — where that
+environment's NEW triggers claim. On two shards on their own clusters, behind a router (the
+fixture of tests/test_router.py)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from runops.ops import migrate
+from tests.concurrent_calls import race
+from tests.conftest import sqlstate_of
+from tests.test_router import Sharded, one, sharded_stores
+from tests.test_seam_idempotency import retrying, trigger
+
+SHARDS = 2
+
+
+@pytest.fixture(scope="module")
+def sharded() -> Iterator[Sharded]:
+    with sharded_stores(SHARDS) as made:
+        yield made
+
+
+def wait_on_shard(sharded: Sharded, k: int, query: str, params: Any) -> None:
+    """Until shard k's mirror answers ``query`` with true."""
+    with psycopg.connect(sharded.shard_admin(k), autocommit=True) as shard:
+        for _ in range(300):
+            if one(shard, query, params)[0]:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"shard {k}'s mirror did not catch up: {query}")
+
+
+def environment_on_shard(sharded: Sharded, shard: int) -> tuple[str, str]:
+    """(organization, environment) of a new cuid environment pinned to ``shard``, with one LEGACY
+    run, whose organization then mints ksuid: from here on the control plane mints LEGACY children
+    of that run while the shard mints NEW roots — both stores mint for it (the split)."""
+    with psycopg.connect(sharded.admin(0), autocommit=True) as cp:
+        org = one(cp, "SELECT runops.create_organization(%s, %s)",
+                  [f"o{secrets.token_hex(4)}", Jsonb({"mint_kind": "cuid"})])[0]
+        project = one(cp, "SELECT runops.create_project(%s, 'p')", [org])[0]
+        env = one(cp, "SELECT runops.create_environment(%s, 'e', 'PRODUCTION')", [project])[0]
+        assert one(cp, "SELECT runops.pin_environment_shard(%s, %s)", [env, shard])[0] == shard
+    wait_on_shard(sharded, shard, "SELECT EXISTS (SELECT FROM runops.environment_shards "
+                                  "WHERE environment_id = %s AND shard = %s)", [env, shard])
+    return org, env
+
+
+def mint_ksuid(sharded: Sharded, org: str, shard: int) -> None:
+    with psycopg.connect(sharded.admin(0), autocommit=True) as cp:
+        cp.execute("SELECT runops.set_mint_kind(%s, 'ksuid')", [org])
+    wait_on_shard(sharded, shard, "SELECT EXISTS (SELECT FROM runops.organizations "
+                                  "WHERE id = %s AND mint_kind = 'ksuid')", [org])
+
+
+def key_holders(sharded: Sharded, env: str) -> list[tuple[str, str]]:
+    """(id, store) of every run, in every store of the deployment, holding a live key of ``env``."""
+    holders: list[tuple[str, str]] = []
+    urls = {"CONTROL_PLANE": sharded.admin(0), **{f"shard {k}": sharded.shard_admin(k) for k in range(SHARDS)}}
+    for store, url in urls.items():
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("""
+                SELECT id FROM runops.runs
+                WHERE environment_id = %s AND idempotency_key_hash IS NOT NULL
+                  AND NOT runops.idempotency_key_is_dead(status, idempotency_key_expires_at, now())""",
+                                [env]).fetchall()
+        holders += [(r[0], store) for r in rows]
+    return holders
+
+
+def ledger(sharded: Sharded, k: int, env: str) -> list[str]:
+    with psycopg.connect(sharded.shard_admin(k)) as conn:
+        return [r[0] for r in conn.execute("SELECT run_id FROM runops.idempotency_claims WHERE environment_id = %s",
+                                           [env]).fetchall()]
+
+
+def test_the_control_plane_reaches_every_shard_through_its_own_server(sharded: Sharded) -> None:
+    with psycopg.connect(sharded.admin(0)) as cp:
+        cp.execute("SET ROLE runops_owner")
+        for k, schema in enumerate(["runops_peer", "runops_peer_1"]):
+            with psycopg.connect(sharded.shard_admin(k)) as shard:
+                expected = one(shard, "SELECT system_identifier, database_oid FROM runops.store_identity_view")
+            seen = one(cp, f"SELECT system_identifier, database_oid FROM {schema}.store_identity_view")
+            assert seen == expected, schema
+
+
+@pytest.mark.parametrize("round_", range(2))
+def test_a_key_raced_from_the_control_plane_and_shard_1_yields_one_run(sharded: Sharded, round_: int) -> None:
+    """16 connections per store: LEGACY children on the control plane and NEW roots on shard 1
+    trigger the same global keys of an environment on shard 1 at once."""
+    org, env = environment_on_shard(sharded, 1)
+    with psycopg.connect(sharded.app(0), autocommit=True) as conn:
+        parent = trigger(conn, env, "parent")[0]
+    mint_ksuid(sharded, org, 1)
+    keys = [f"race-{round_}-{i}" for i in range(4)]
+    conns = [psycopg.connect(url, autocommit=True) for url in [sharded.app(0), sharded.shard_app(1)] * 16]
+    try:
+        def call(i: int) -> Callable[[], list[tuple[str, bool, str, str]]]:
+            conn = conns[i]
+            options: dict[str, Any] = {"idempotency_key_scope": "global"}
+            if i % 2 == 0:
+                options["parent_run_id"] = parent
+            return lambda: [trigger(conn, env, idempotency_key=k, **options) for k in keys]
+
+        results = race([call(i) for i in range(len(conns))], timeout=None)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+    finally:
+        for c in conns:
+            c.close()
+    residencies = {r[j][3] for r in results for j in range(len(keys))}
+    for j in range(len(keys)):
+        assert len({r[j][0] for r in results}) == 1, [r[j] for r in results]
+    holders = key_holders(sharded, env)
+    assert len(holders) == len(keys), holders
+    assert residencies <= {"LEGACY", "NEW"}
+    # Every claim of the environment is in its shard's ledger, none in shard 0's.
+    assert sorted(ledger(sharded, 1, env)) == sorted(h[0] for h in holders)
+    assert ledger(sharded, 0, env) == []
+
+
+def test_a_legacy_holder_is_found_from_shard_1_and_a_new_one_from_the_control_plane(sharded: Sharded) -> None:
+    org, env = environment_on_shard(sharded, 1)
+    with psycopg.connect(sharded.app(0), autocommit=True) as cp, \
+            psycopg.connect(sharded.shard_app(1), autocommit=True) as shard:
+        parent = trigger(cp, env, "parent")[0]
+        mint_ksuid(sharded, org, 1)
+        legacy = trigger(cp, env, idempotency_key="a", idempotency_key_scope="global", parent_run_id=parent)
+        assert legacy[1:] == (False, "PENDING", "LEGACY")
+        assert trigger(shard, env, idempotency_key="a", idempotency_key_scope="global")[:2] == (legacy[0], True)
+        new = trigger(shard, env, idempotency_key="b", idempotency_key_scope="global")
+        assert new[1] is False and new[3] == "NEW"
+        again = trigger(cp, env, idempotency_key="b", idempotency_key_scope="global", parent_run_id=parent)
+        assert again[:2] == (new[0], True)
+    assert len(key_holders(sharded, env)) == 2
+
+
+def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires_it(sharded: Sharded) -> None:
+    org, env = environment_on_shard(sharded, 1)
+    with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+        parent = trigger(cp, env, "parent")[0]
+    mint_ksuid(sharded, org, 1)
+    with psycopg.connect(sharded.admin(0), autocommit=True) as admin:
+        admin.execute("DROP SCHEMA runops_peer_1 CASCADE")
+        admin.execute("DROP SERVER runops_peer_1 CASCADE")
+    try:
+        with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+            with pytest.raises(psycopg.Error) as refused:
+                cp.execute("SELECT * FROM runops.trigger_run(%s, 't', '{}', %s)",
+                           [env, Jsonb({"idempotency_key": "k", "idempotency_key_scope": "global",
+                                        "parent_run_id": parent})])
+            assert sqlstate_of(refused.value) == "RO009"
+            diag = refused.value.diag
+            assert diag.message_primary is not None and "lives on run-ops shard 1" in diag.message_primary
+            assert "runops_peer_1" in diag.message_primary
+            assert diag.message_hint is not None and "runops migrate" in diag.message_hint
+        assert key_holders(sharded, env) == [] and ledger(sharded, 0, env) == []
+    finally:
+        # The next migrate wires it again (and re-running migrate changes nothing else).
+        migrate.migrate_shards(sharded.admin(0), [sharded.shard_admin(k) for k in range(SHARDS)],
+                               router_url=sharded.router_admin)
+        for i in range(SHARDS + 1):
+            migrate.set_app_password(sharded.admin(i), sharded.password)
+    with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+        run = retrying(lambda: trigger(cp, env, idempotency_key="k", idempotency_key_scope="global",
+                                       parent_run_id=parent))
+    assert ledger(sharded, 1, env) == [run[0].removeprefix("run_")] and ledger(sharded, 0, env) == []
