@@ -21,6 +21,7 @@ from tests.concurrent_calls import race
 from tests.conftest import sqlstate_of
 from tests.test_router import Sharded, one, sharded_stores
 from tests.test_seam_idempotency import retrying, trigger
+from tests.test_shards import encode
 
 SHARDS = 2
 
@@ -144,11 +145,29 @@ def test_a_legacy_holder_is_found_from_shard_1_and_a_new_one_from_the_control_pl
     assert len(key_holders(sharded, env)) == 2
 
 
+def test_the_control_plane_reads_a_new_id_on_the_shard_it_names(sharded: Sharded) -> None:
+    org, env = environment_on_shard(sharded, 1)
+    mint_ksuid(sharded, org, 1)
+    with psycopg.connect(sharded.shard_app(1), autocommit=True) as shard:
+        run_id = trigger(shard, env)[0]
+    with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+        assert one(cp, "SELECT runops.shard_of(%s)", [run_id])[0] == 1
+        row = one(cp, "SELECT id, environment_id, status FROM runops.get_run(%s)", [run_id])
+        assert row == (run_id.removeprefix("run_"), env, "PENDING")
+        assert one(cp, "SELECT count(*) FROM runops.get_run(%s, %s)", [run_id, env])[0] == 1
+        assert one(cp, "SELECT count(*) FROM runops.get_run(%s, 'env_other')", [run_id])[0] == 0
+        # An id naming a shard this deployment does not have: no row, as on the router.
+        stranger = "run_" + encode(bytes([0x7F, 0, 0, 0, 9, 5]) + secrets.token_bytes(14))
+        assert one(cp, "SELECT count(*) FROM runops.get_run(%s)", [stranger])[0] == 0
+
+
 def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires_it(sharded: Sharded) -> None:
     org, env = environment_on_shard(sharded, 1)
     with psycopg.connect(sharded.app(0), autocommit=True) as cp:
         parent = trigger(cp, env, "parent")[0]
     mint_ksuid(sharded, org, 1)
+    with psycopg.connect(sharded.shard_app(1), autocommit=True) as shard:
+        new_run = trigger(shard, env)[0]
     with psycopg.connect(sharded.admin(0), autocommit=True) as admin:
         admin.execute("DROP SCHEMA runops_peer_1 CASCADE")
         admin.execute("DROP SERVER runops_peer_1 CASCADE")
@@ -164,6 +183,11 @@ def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires
             assert "runops_peer_1" in diag.message_primary
             assert diag.message_hint is not None and "runops migrate" in diag.message_hint
         assert key_holders(sharded, env) == [] and ledger(sharded, 0, env) == []
+        with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+            with pytest.raises(psycopg.Error) as unread:
+                cp.execute("SELECT * FROM runops.get_run(%s)", [new_run])
+            assert sqlstate_of(unread.value) == "RO009"
+            assert "lives on run-ops shard 1" in str(unread.value)
     finally:
         # The next migrate wires it again (and re-running migrate changes nothing else).
         migrate.migrate_shards(sharded.admin(0), [sharded.shard_admin(k) for k in range(SHARDS)],

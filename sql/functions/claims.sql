@@ -70,10 +70,10 @@ AS $$
   WHERE c.shard_count > 1 AND s.shard > 0
 $$;
 
--- The control plane's FDW schema for run-ops shard k >= 1. A shard this control plane has no
--- server for is an error naming it and the fix, never a claim in another shard's ledger, where
--- the environment's own triggers would not see it.
-CREATE OR REPLACE FUNCTION runops.shard_peer(shard integer, environment_id text)
+-- The control plane's FDW schema for run-ops shard k >= 1, for `subject` (what lives there: "environment
+-- e", "run r"). A shard this control plane has no server for is an error naming it and the fix,
+-- never a claim in another shard's ledger, where the environment's own triggers would not see it.
+CREATE OR REPLACE FUNCTION runops.shard_peer(shard integer, subject text)
 RETURNS text
 LANGUAGE plpgsql STABLE
 AS $$
@@ -83,8 +83,8 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s
                  JOIN pg_catalog.pg_namespace AS n ON n.nspname = s.srvname
                  WHERE s.srvname = peer) THEN
-    PERFORM raise_error('RO009', format('environment %s lives on run-ops shard %s, which this control plane has no '
-                                        'FDW server for (%s)', input_prefix(environment_id), shard, peer),
+    PERFORM raise_error('RO009', format('%s lives on run-ops shard %s, which this control plane has no FDW server '
+                                        'for (%s)', subject, shard, peer),
                         NULL, 'run `runops migrate` with every shard''s --run-ops-url, shard 0 first');
   END IF;
   RETURN peer;
@@ -131,7 +131,7 @@ BEGIN
     IF local_residency() = 'LEGACY' THEN
       SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(judge_claim.environment_id) AS l;
       IF ledger_shard IS NOT NULL THEN
-        peer := shard_peer(ledger_shard, judge_claim.environment_id);
+        peer := shard_peer(ledger_shard, 'environment ' || input_prefix(judge_claim.environment_id));
       END IF;
     END IF;
     -- postgres_fdw reads every foreign table of this transaction in one REPEATABLE READ
@@ -198,7 +198,7 @@ BEGIN
     my_xid := pg_current_xact_id()::text::bigint;
     SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(claim_idempotency_key.environment_id) AS l;
     IF ledger_shard IS NOT NULL THEN
-      peer := shard_peer(ledger_shard, claim_idempotency_key.environment_id);
+      peer := shard_peer(ledger_shard, 'environment ' || input_prefix(claim_idempotency_key.environment_id));
     END IF;
   END IF;
   LOOP
@@ -338,7 +338,7 @@ BEGIN
   IF local_residency() = 'LEGACY' THEN
     SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(adopt_unclaimed_holder.environment_id) AS l;
     IF ledger_shard IS NOT NULL THEN
-      peer := shard_peer(ledger_shard, adopt_unclaimed_holder.environment_id);
+      peer := shard_peer(ledger_shard, 'environment ' || input_prefix(adopt_unclaimed_holder.environment_id));
     END IF;
   END IF;
   BEGIN
@@ -457,7 +457,8 @@ BEGIN
                    'FROM runops.runs AS r CROSS JOIN LATERAL runops.claim_ledger_shard(r.environment_id) AS l '
                    'WHERE l.shard = $1 AND r.idempotency_key_hash IS NOT NULL '
                    'AND NOT runops.idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, $2) '
-                   'ON CONFLICT DO NOTHING', shard_peer(other.shard, other.environment_id))
+                   'ON CONFLICT DO NOTHING',
+                   shard_peer(other.shard, 'environment ' || input_prefix(other.environment_id)))
     USING other.shard, ts;
     GET DIAGNOSTICS more = ROW_COUNT;
     n := n + more;
