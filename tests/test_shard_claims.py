@@ -145,6 +145,25 @@ def test_a_legacy_holder_is_found_from_shard_1_and_a_new_one_from_the_control_pl
     assert len(key_holders(sharded, env)) == 2
 
 
+def test_enable_splits_backfill_claims_each_key_in_its_environments_shard(sharded: Sharded) -> None:
+    """The first enable_split claims every live key of the control plane (SPEC §6): a key of an
+    environment on shard 1 in shard 1's ledger. Played in one transaction, rolled back, in which
+    the split was never enabled."""
+    _, env = environment_on_shard(sharded, 1)
+    with psycopg.connect(sharded.admin(0)) as cp:
+        cp.execute("UPDATE runops.split_settings SET ever_enabled = false")
+        cp.execute("SET LOCAL ROLE runops_owner")
+        cp.execute("SET LOCAL search_path = runops, pg_catalog, pg_temp")
+        for key in ("a", "b", "c"):
+            cp.execute("SELECT * FROM runops.trigger_run(%s, 't', '{}', %s)", [env, Jsonb({"idempotency_key": key})])
+        claimed = "SELECT count(*) FROM {}.idempotency_claims WHERE environment_id = %s"
+        assert one(cp, claimed.format("runops_peer_1"), [env])[0] == 0
+        assert one(cp, "SELECT runops.backfill_claims()")[0] >= 3
+        assert one(cp, claimed.format("runops_peer_1"), [env])[0] == 3
+        assert one(cp, claimed.format("runops_peer"), [env])[0] == 0
+        cp.rollback()
+
+
 def test_the_control_plane_reads_a_new_id_on_the_shard_it_names(sharded: Sharded) -> None:
     org, env = environment_on_shard(sharded, 1)
     mint_ksuid(sharded, org, 1)
