@@ -32,8 +32,8 @@ DECLARE
   bare text := bare_id(get_run.run_id, 'run');
   residency text := read_residency(bare);
   env_id text := get_run.environment_id;
+  cfg record;
   shard integer;
-  shards integer;
   peer text;
 BEGIN
   IF residency = local_residency() THEN
@@ -45,13 +45,17 @@ BEGIN
   ELSIF residency = 'NEW' THEN
     -- The control plane over several run-ops shards reads a NEW id on the shard it names (shard 0
     -- below, through runops_peer; shard k through runops_peer_<k>); an id of no shard of this
-    -- deployment is no row, a shard not wired here RO009 (docs/scale-out.md).
-    SELECT shard_of_id(bare, c.shard_ids_since::integer), c.shard_count INTO shard, shards
-    FROM store_config AS c WHERE c.shard_count > 1;
-    IF shard >= shards THEN
-      RETURN;
-    ELSIF shard > 0 THEN
-      peer := shard_peer(shard, 'run ' || input_prefix(get_run.run_id));
+    -- deployment is no row, a shard not wired here RO009 (docs/scale-out.md). The id is decoded
+    -- outside the query: an immutable call on a parameter would keep the query on custom plans,
+    -- planned again on every call.
+    SELECT c.shard_count, c.shard_ids_since INTO cfg FROM store_config AS c;
+    IF cfg.shard_count > 1 THEN
+      shard := shard_of_id(bare, cfg.shard_ids_since::integer);
+      IF shard >= cfg.shard_count THEN
+        RETURN;
+      ELSIF shard > 0 THEN
+        peer := shard_peer(shard, 'run ' || input_prefix(get_run.run_id));
+      END IF;
     END IF;
   END IF;
   BEGIN
