@@ -118,12 +118,10 @@ def test_a_key_raced_from_the_control_plane_and_shard_1_yields_one_run(sharded: 
     finally:
         for c in conns:
             c.close()
-    residencies = {r[j][3] for r in results for j in range(len(keys))}
     for j in range(len(keys)):
         assert len({r[j][0] for r in results}) == 1, [r[j] for r in results]
     holders = key_holders(sharded, env)
     assert len(holders) == len(keys), holders
-    assert residencies <= {"LEGACY", "NEW"}
     # Every claim of the environment is in its shard's ledger, none in shard 0's.
     assert sorted(ledger(sharded, 1, env)) == sorted(h[0] for h in holders)
     assert ledger(sharded, 0, env) == []
