@@ -215,3 +215,43 @@ def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires
         run = retrying(lambda: trigger(cp, env, idempotency_key="k", idempotency_key_scope="global",
                                        parent_run_id=parent))
     assert ledger(sharded, 1, env) == [run[0].removeprefix("run_")] and ledger(sharded, 0, env) == []
+
+
+@pytest.mark.faults
+def test_a_stopped_shard_fails_only_the_claims_of_its_environments(sharded: Sharded) -> None:
+    """The control plane's keyed LEGACY trigger for an environment on a stopped shard is RO009
+    naming that shard (never a claim elsewhere); an environment on shard 0 goes on."""
+    environments = {}
+    for k in (0, 1):
+        org, env = environment_on_shard(sharded, k)
+        with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+            parent = trigger(cp, env, "parent")[0]
+        mint_ksuid(sharded, org, k)
+        environments[k] = (env, parent)
+
+    def keyed(k: int, key: str) -> tuple[str, bool, str, str]:
+        env, parent = environments[k]
+        with psycopg.connect(sharded.app(0), autocommit=True) as cp:
+            return trigger(cp, env, idempotency_key=key, idempotency_key_scope="global", parent_run_id=parent)
+
+    sharded.clusters[2].stop(sharded.bindir)  # clusters[0] is the control plane: shard 1
+    try:
+        with pytest.raises(psycopg.Error) as refused:
+            keyed(1, "down")
+        assert sqlstate_of(refused.value) == "RO009"
+        assert "run-ops shard 1, which keeps this environment's idempotency claim ledger, is unavailable" \
+            in str(refused.value)
+        assert keyed(0, "up")[1:] == (False, "PENDING", "LEGACY")
+    finally:
+        sharded.clusters[2].start(sharded.bindir)
+    for _ in range(100):
+        try:
+            run = keyed(1, "down")
+            break
+        except psycopg.Error as exc:
+            assert sqlstate_of(exc) == "RO009", exc
+            time.sleep(0.2)
+    else:
+        raise AssertionError("shard 1 did not come back")
+    assert run[1:] == (False, "PENDING", "LEGACY")
+    assert ledger(sharded, 1, environments[1][0]) == [run[0].removeprefix("run_")]
