@@ -178,6 +178,22 @@ def test_the_control_plane_reads_a_new_id_on_the_shard_it_names(sharded: Sharded
         assert one(cp, "SELECT count(*) FROM runops.get_run(%s)", [stranger])[0] == 0
 
 
+def test_an_environment_with_runs_on_shard_1_cannot_be_pinned_elsewhere(sharded: Sharded) -> None:
+    org, env = environment_on_shard(sharded, 1)
+    _, idle = environment_on_shard(sharded, 1)
+    mint_ksuid(sharded, org, 1)
+    with psycopg.connect(sharded.shard_app(1), autocommit=True) as shard:
+        trigger(shard, env)
+    with psycopg.connect(sharded.admin(0), autocommit=True) as cp:
+        with pytest.raises(psycopg.Error) as refused:
+            cp.execute("SELECT runops.pin_environment_shard(%s, 0)", [env])
+        assert sqlstate_of(refused.value) == "RO003"
+        assert "already has runs on shard 1" in str(refused.value)
+        assert one(cp, "SELECT runops.environment_shard(%s)", [env])[0] == 1
+        # Without runs it may still move.
+        assert one(cp, "SELECT runops.pin_environment_shard(%s, 0)", [idle])[0] == 0
+
+
 def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires_it(sharded: Sharded) -> None:
     org, env = environment_on_shard(sharded, 1)
     with psycopg.connect(sharded.app(0), autocommit=True) as cp:
@@ -205,6 +221,10 @@ def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires
                 cp.execute("SELECT * FROM runops.get_run(%s)", [new_run])
             assert sqlstate_of(unread.value) == "RO009"
             assert "lives on run-ops shard 1" in str(unread.value)
+            # Nor can it tell whether the environment has runs there: no pin.
+            with pytest.raises(psycopg.Error) as unpinned:
+                cp.execute("SELECT runops.pin_environment_shard(%s, 0)", [env])
+            assert sqlstate_of(unpinned.value) == "RO009"
     finally:
         # The next migrate wires it again (and re-running migrate changes nothing else).
         migrate.migrate_shards(sharded.admin(0), [sharded.shard_admin(k) for k in range(SHARDS)],

@@ -10,7 +10,6 @@
 --   adopt_unclaimed_holder    until then, a new claim checks the other store's runs
 --   prune_claims           tick (run-ops): drop claims long past their expiry
 --   claim_ledger_shard     control plane: the shard k >= 1 whose ledger holds an environment's claims
---   shard_peer             control plane: the FDW schema of shard k >= 1, or RO009 when it is not wired
 --
 -- The argument that this yields exactly one key-holding run is docs/idempotency-across-stores.md.
 
@@ -60,7 +59,8 @@ $$;
 -- claim: shard 0 through the static runops_peer statements (plan-cached: one store pays nothing
 -- more than this inlined read of store_config), shard k >= 1 through runops_peer_<k> by EXECUTE
 -- (that schema exists only where `runops migrate` wired the shard). docs/scale-out.md, "Mirror and
--- FDW per shard". A set-returning SQL function, so it inlines into the caller's query.
+-- FDW per shard"; shard_peer in shards.sql). A set-returning SQL function, so it inlines into the
+-- caller's query.
 CREATE OR REPLACE FUNCTION runops.claim_ledger_shard(environment_id text)
 RETURNS TABLE (shard integer)
 LANGUAGE sql STABLE
@@ -68,27 +68,6 @@ AS $$
   SELECT s.shard FROM runops.store_config AS c
   JOIN runops.environment_shards AS s ON s.environment_id = claim_ledger_shard.environment_id
   WHERE c.shard_count > 1 AND s.shard > 0
-$$;
-
--- The control plane's FDW schema for run-ops shard k >= 1, for `subject` (what lives there: "environment
--- e", "run r"). A shard this control plane has no server for is an error naming it and the fix,
--- never a claim in another shard's ledger, where the environment's own triggers would not see it.
-CREATE OR REPLACE FUNCTION runops.shard_peer(shard integer, subject text)
-RETURNS text
-LANGUAGE plpgsql STABLE
-AS $$
-DECLARE
-  peer constant text := 'runops_peer_' || shard;
-BEGIN
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s
-                 JOIN pg_catalog.pg_namespace AS n ON n.nspname = s.srvname
-                 WHERE s.srvname = peer) THEN
-    PERFORM raise_error('RO009', format('%s lives on run-ops shard %s, which this control plane has no FDW server '
-                                        'for (%s)', subject, shard, peer),
-                        NULL, 'run `runops migrate` with every shard''s --run-ops-url, shard 0 first');
-  END IF;
-  RETURN peer;
-END
 $$;
 
 -- The verdict on a claim's holder, read in this store or through the FDW:
