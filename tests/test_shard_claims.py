@@ -7,9 +7,12 @@ fixture of tests/test_router.py)."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -77,6 +80,18 @@ def key_holders(sharded: Sharded, env: str) -> list[tuple[str, str]]:
                                 [env]).fetchall()
         holders += [(r[0], store) for r in rows]
     return holders
+
+
+def doctor_check(sharded: Sharded, name: str) -> dict[str, Any]:
+    """One check of `runops doctor` run as an operator runs it, given every shard's admin URL."""
+    from tests.test_first_hour import runops
+
+    _, out, err = runops("--json", "doctor", cwd=Path(tempfile.gettempdir()), timeout=300,
+                         RUNOPS_CONTROL_PLANE_ADMIN_URL=sharded.admin(0),
+                         RUNOPS_RUN_OPS_ADMIN_URL=",".join(sharded.shard_admin(k) for k in range(SHARDS)))
+    checks = {c["name"]: c for c in json.loads(out)["checks"]}
+    assert name in checks, (sorted(checks), err)
+    return dict(checks[name])
 
 
 def ledger(sharded: Sharded, k: int, env: str) -> list[str]:
@@ -201,6 +216,8 @@ def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires
     mint_ksuid(sharded, org, 1)
     with psycopg.connect(sharded.shard_app(1), autocommit=True) as shard:
         new_run = trigger(shard, env)[0]
+    wired = doctor_check(sharded, "fdw.control_plane_to_run_ops_shard_1")
+    assert wired["severity"] == "ok", wired
     with psycopg.connect(sharded.admin(0), autocommit=True) as admin:
         admin.execute("DROP SCHEMA runops_peer_1 CASCADE")
         admin.execute("DROP SERVER runops_peer_1 CASCADE")
@@ -225,6 +242,8 @@ def test_a_shard_the_control_plane_has_no_server_for_refuses_until_migrate_wires
             with pytest.raises(psycopg.Error) as unpinned:
                 cp.execute("SELECT runops.pin_environment_shard(%s, 0)", [env])
             assert sqlstate_of(unpinned.value) == "RO009"
+        unwired = doctor_check(sharded, "fdw.control_plane_to_run_ops_shard_1")
+        assert unwired["severity"] == "fail" and "no FDW server for run-ops shard 1" in unwired["detail"], unwired
     finally:
         # The next migrate wires it again (and re-running migrate changes nothing else).
         migrate.migrate_shards(sharded.admin(0), [sharded.shard_admin(k) for k in range(SHARDS)],
