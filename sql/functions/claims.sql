@@ -9,6 +9,7 @@
 --   complete_claims_backfill  `runops migrate`: the same for a store upgraded from r0001
 --   adopt_unclaimed_holder    until then, a new claim checks the other store's runs
 --   prune_claims           tick (run-ops): drop claims long past their expiry
+--   claim_ledger_shard     control plane: the shard k >= 1 whose ledger holds an environment's claims
 --
 -- The argument that this yields exactly one key-holding run is docs/idempotency-across-stores.md.
 
@@ -53,6 +54,22 @@ BEGIN
 END
 $$;
 
+-- With several run-ops shards the control plane writes an environment's claims into the ledger of
+-- the shard the environment lives on (environment_shard), where that environment's NEW triggers
+-- claim: shard 0 through the static runops_peer statements (plan-cached: one store pays nothing
+-- more than this inlined read of store_config), shard k >= 1 through runops_peer_<k> by EXECUTE
+-- (that schema exists only where `runops migrate` wired the shard). docs/scale-out.md, "Mirror and
+-- FDW per shard"; shard_peer in shards.sql). A set-returning SQL function, so it inlines into the
+-- caller's query.
+CREATE OR REPLACE FUNCTION runops.claim_ledger_shard(environment_id text)
+RETURNS TABLE (shard integer)
+LANGUAGE sql STABLE
+AS $$
+  SELECT s.shard FROM runops.store_config AS c
+  JOIN runops.environment_shards AS s ON s.environment_id = claim_ledger_shard.environment_id
+  WHERE c.shard_count > 1 AND s.shard > 0
+$$;
+
 -- The verdict on a claim's holder, read in this store or through the FDW:
 --   LIVE     the holder exists, still carries the key, and the key is not dead: it is the run
 --   DEAD     expired, ended badly, lost its key (reset), or never committed: take the claim over
@@ -73,6 +90,8 @@ DECLARE
   h_expires_at timestamptz;
   h_environment text;
   h_task text;
+  ledger_shard integer;
+  peer text;
 BEGIN
   IF expires_at <= at OR residency IS NULL THEN
     verdict := 'DEAD';
@@ -87,17 +106,35 @@ BEGIN
     FROM (SELECT) AS one
     LEFT JOIN runs AS r ON r.id = judge_claim.run_id;
   ELSE
+    -- On the control plane the holder is on the environment's shard, where the claim was read.
+    IF local_residency() = 'LEGACY' THEN
+      SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(judge_claim.environment_id) AS l;
+      IF ledger_shard IS NOT NULL THEN
+        peer := shard_peer(ledger_shard, 'environment ' || input_prefix(judge_claim.environment_id));
+      END IF;
+    END IF;
     -- postgres_fdw reads every foreign table of this transaction in one REPEATABLE READ
-    -- snapshot, so the snapshot the view reports is the one the holder is read in.
+    -- snapshot (per server), so the snapshot the view reports is the one the holder is read in.
     BEGIN
       finished := claimant_xid IS NULL;
-      IF NOT finished THEN
-        SELECT pg_visible_in_snapshot(claimant_xid::text::xid8, v.snapshot::pg_snapshot) INTO finished
-        FROM runops_peer.xact_snapshot_view AS v;
+      IF peer IS NULL THEN
+        IF NOT finished THEN
+          SELECT pg_visible_in_snapshot(claimant_xid::text::xid8, v.snapshot::pg_snapshot) INTO finished
+          FROM runops_peer.xact_snapshot_view AS v;
+        END IF;
+        SELECT r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
+        INTO holder_status, h_hash, h_expires_at, h_environment, h_task
+        FROM runops_peer.runs AS r WHERE r.id = judge_claim.run_id;
+      ELSE
+        IF NOT finished THEN
+          EXECUTE format('SELECT pg_catalog.pg_visible_in_snapshot($1::text::xid8, v.snapshot::pg_catalog.pg_snapshot) '
+                         'FROM %I.xact_snapshot_view AS v', peer)
+          INTO finished USING claimant_xid;
+        END IF;
+        EXECUTE format('SELECT r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, '
+                       'r.task_identifier FROM %I.runs AS r WHERE r.id = $1', peer)
+        INTO holder_status, h_hash, h_expires_at, h_environment, h_task USING judge_claim.run_id;
       END IF;
-      SELECT r.status, r.idempotency_key_hash, r.idempotency_key_expires_at, r.environment_id, r.task_identifier
-      INTO holder_status, h_hash, h_expires_at, h_environment, h_task
-      FROM runops_peer.runs AS r WHERE r.id = judge_claim.run_id;
     EXCEPTION WHEN connection_exception THEN
       PERFORM raise_error('RO009', format('the %s store, which holds the run claiming this idempotency key, is unavailable: %s',
                                           store_for_residency(residency), SQLERRM));
@@ -129,12 +166,19 @@ DECLARE
   ts timestamptz := now();
   local_ledger constant boolean := local_residency() = 'NEW';
   my_xid bigint;
+  ledger_shard integer;
+  peer text;  -- runops_peer_<k> for an environment on shard k >= 1; NULL: local, or runops_peer
+  changed bigint;
   c record;
   judged record;
   passes integer := 0;
 BEGIN
   IF NOT local_ledger THEN
     my_xid := pg_current_xact_id()::text::bigint;
+    SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(claim_idempotency_key.environment_id) AS l;
+    IF ledger_shard IS NOT NULL THEN
+      peer := shard_peer(ledger_shard, 'environment ' || input_prefix(claim_idempotency_key.environment_id));
+    END IF;
   END IF;
   LOOP
     passes := passes + 1;
@@ -155,7 +199,7 @@ BEGIN
       FROM idempotency_claims AS l
       WHERE l.environment_id = claim_idempotency_key.environment_id
         AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash;
-    ELSE
+    ELSIF peer IS NULL THEN
       BEGIN
         INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
                                                     expires_at, claimed_at)
@@ -171,6 +215,24 @@ BEGIN
       EXCEPTION WHEN connection_exception THEN
         PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: '
                                      || SQLERRM);
+      END;
+    ELSE
+      BEGIN
+        EXECUTE format('INSERT INTO %I.idempotency_claims (environment_id, task_identifier, key_hash, run_id, '
+                       'claimant_xid, expires_at, claimed_at) VALUES ($1, $2, $3, $4, $5, $6, $7) '
+                       'ON CONFLICT DO NOTHING', peer)
+        USING claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+              claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid, claim_idempotency_key.expires_at,
+              ts;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        EXIT WHEN changed > 0;  -- claimed
+        EXECUTE format('SELECT l.run_id, l.claimant_xid, l.expires_at FROM %I.idempotency_claims AS l '
+                       'WHERE l.environment_id = $1 AND l.task_identifier = $2 AND l.key_hash = $3', peer)
+        INTO c USING claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+                     claim_idempotency_key.key_hash;
+      EXCEPTION WHEN connection_exception THEN
+        PERFORM raise_error('RO009', format('run-ops shard %s, which keeps this environment''s idempotency claim '
+                                            'ledger, is unavailable: %s', ledger_shard, SQLERRM));
       END;
     END IF;
     CONTINUE WHEN c.run_id IS NULL;  -- pruned meanwhile: claim again
@@ -193,7 +255,8 @@ BEGIN
       WHERE l.environment_id = claim_idempotency_key.environment_id
         AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
         AND l.run_id = c.run_id;
-    ELSE
+      GET DIAGNOSTICS changed = ROW_COUNT;
+    ELSIF peer IS NULL THEN
       BEGIN
         UPDATE runops_peer.idempotency_claims AS l
         SET run_id = claim_idempotency_key.run_id, claimant_xid = my_xid, expires_at = claim_idempotency_key.expires_at,
@@ -201,12 +264,26 @@ BEGIN
         WHERE l.environment_id = claim_idempotency_key.environment_id
           AND l.task_identifier = claim_idempotency_key.task_identifier AND l.key_hash = claim_idempotency_key.key_hash
           AND l.run_id = c.run_id;
+        GET DIAGNOSTICS changed = ROW_COUNT;
       EXCEPTION WHEN connection_exception THEN
         PERFORM raise_error('RO009', 'the run-ops store, which keeps the idempotency claim ledger, is unavailable: '
                                      || SQLERRM);
       END;
+    ELSE
+      BEGIN
+        EXECUTE format('UPDATE %I.idempotency_claims AS l SET run_id = $4, claimant_xid = $5, expires_at = $6, '
+                       'claimed_at = $7 WHERE l.environment_id = $1 AND l.task_identifier = $2 AND l.key_hash = $3 '
+                       'AND l.run_id = $8', peer)
+        USING claim_idempotency_key.environment_id, claim_idempotency_key.task_identifier,
+              claim_idempotency_key.key_hash, claim_idempotency_key.run_id, my_xid, claim_idempotency_key.expires_at,
+              ts, c.run_id;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+      EXCEPTION WHEN connection_exception THEN
+        PERFORM raise_error('RO009', format('run-ops shard %s, which keeps this environment''s idempotency claim '
+                                            'ledger, is unavailable: %s', ledger_shard, SQLERRM));
+      END;
     END IF;
-    IF FOUND THEN
+    IF changed > 0 THEN
       IF try_classify_bare(c.run_id) = local_residency() THEN
         PERFORM release_idempotency_keys(ARRAY[c.run_id], ARRAY[claim_idempotency_key.key_hash]);
       END IF;
@@ -231,16 +308,31 @@ LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   h record;
+  ledger_shard integer;
+  peer text;
 BEGIN
   IF (current_split_settings()).claims_backfilled_at IS NOT NULL THEN
     RETURN;
   END IF;
+  IF local_residency() = 'LEGACY' THEN
+    SELECT l.shard INTO ledger_shard FROM claim_ledger_shard(adopt_unclaimed_holder.environment_id) AS l;
+    IF ledger_shard IS NOT NULL THEN
+      peer := shard_peer(ledger_shard, 'environment ' || input_prefix(adopt_unclaimed_holder.environment_id));
+    END IF;
+  END IF;
   BEGIN
-    SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO h
-    FROM runops_peer.runs AS r
-    WHERE r.environment_id = adopt_unclaimed_holder.environment_id
-      AND r.task_identifier = adopt_unclaimed_holder.task_identifier
-      AND r.idempotency_key_hash = adopt_unclaimed_holder.key_hash;
+    IF peer IS NULL THEN
+      SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at INTO h
+      FROM runops_peer.runs AS r
+      WHERE r.environment_id = adopt_unclaimed_holder.environment_id
+        AND r.task_identifier = adopt_unclaimed_holder.task_identifier
+        AND r.idempotency_key_hash = adopt_unclaimed_holder.key_hash;
+    ELSE
+      EXECUTE format('SELECT r.id, r.status, r.idempotency_key_expires_at AS expires_at FROM %I.runs AS r '
+                     'WHERE r.environment_id = $1 AND r.task_identifier = $2 AND r.idempotency_key_hash = $3', peer)
+      INTO h USING adopt_unclaimed_holder.environment_id, adopt_unclaimed_holder.task_identifier,
+                   adopt_unclaimed_holder.key_hash;
+    END IF;
   EXCEPTION WHEN connection_exception THEN
     PERFORM raise_error('RO009', 'the other store is unavailable to check a key that predates the claim ledger: '
                                  || SQLERRM, NULL, 'run `runops migrate` to backfill the ledger');
@@ -253,11 +345,17 @@ BEGIN
     WHERE l.environment_id = adopt_unclaimed_holder.environment_id
       AND l.task_identifier = adopt_unclaimed_holder.task_identifier
       AND l.key_hash = adopt_unclaimed_holder.key_hash AND l.run_id = adopt_unclaimed_holder.run_id;
-  ELSE
+  ELSIF peer IS NULL THEN
     UPDATE runops_peer.idempotency_claims AS l SET run_id = h.id, claimant_xid = NULL, expires_at = h.expires_at
     WHERE l.environment_id = adopt_unclaimed_holder.environment_id
       AND l.task_identifier = adopt_unclaimed_holder.task_identifier
       AND l.key_hash = adopt_unclaimed_holder.key_hash AND l.run_id = adopt_unclaimed_holder.run_id;
+  ELSE
+    EXECUTE format('UPDATE %I.idempotency_claims AS l SET run_id = $5, claimant_xid = NULL, expires_at = $6 '
+                   'WHERE l.environment_id = $1 AND l.task_identifier = $2 AND l.key_hash = $3 AND l.run_id = $4',
+                   peer)
+    USING adopt_unclaimed_holder.environment_id, adopt_unclaimed_holder.task_identifier,
+          adopt_unclaimed_holder.key_hash, adopt_unclaimed_holder.run_id, h.id, h.expires_at;
   END IF;
   holder_id := h.id;
   holder_status := h.status;
@@ -302,7 +400,8 @@ $$;
 -- enable_split, first time only: claims for every live key held by a run of this store, so the
 -- run-ops store never has to ask the control plane about keys that predate the split. Runs under
 -- the gate lock (lock_key_claim) so no unclaimed keyed run commits after it. claimant_xid is this
--- transaction: a reader that sees it finished also sees every run it names.
+-- transaction: a reader that sees it finished also sees every run it names. Each key goes to the
+-- ledger of its environment's shard, as claim_idempotency_key's claims do.
 CREATE OR REPLACE FUNCTION runops.backfill_claims()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -310,6 +409,8 @@ AS $$
 DECLARE
   ts timestamptz := now();
   n bigint;
+  more bigint;
+  other record;
 BEGIN
   INSERT INTO runops_peer.idempotency_claims (environment_id, task_identifier, key_hash, run_id, claimant_xid,
                                               expires_at, claimed_at)
@@ -318,8 +419,29 @@ BEGIN
   FROM runs AS r
   WHERE r.idempotency_key_hash IS NOT NULL
     AND NOT idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts)
+    AND NOT EXISTS (SELECT FROM claim_ledger_shard(r.environment_id))
   ON CONFLICT DO NOTHING;
   GET DIAGNOSTICS n = ROW_COUNT;
+  FOR other IN
+    SELECT l.shard, min(r.environment_id) AS environment_id
+    FROM runs AS r CROSS JOIN LATERAL claim_ledger_shard(r.environment_id) AS l
+    WHERE r.idempotency_key_hash IS NOT NULL
+      AND NOT idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, ts)
+    GROUP BY l.shard ORDER BY l.shard
+  LOOP
+    EXECUTE format('INSERT INTO %I.idempotency_claims (environment_id, task_identifier, key_hash, run_id, '
+                   'claimant_xid, expires_at, claimed_at) '
+                   'SELECT r.environment_id, r.task_identifier, r.idempotency_key_hash, r.id, '
+                   'pg_catalog.pg_current_xact_id()::text::bigint, r.idempotency_key_expires_at, $2 '
+                   'FROM runops.runs AS r CROSS JOIN LATERAL runops.claim_ledger_shard(r.environment_id) AS l '
+                   'WHERE l.shard = $1 AND r.idempotency_key_hash IS NOT NULL '
+                   'AND NOT runops.idempotency_key_is_dead(r.status, r.idempotency_key_expires_at, $2) '
+                   'ON CONFLICT DO NOTHING',
+                   shard_peer(other.shard, 'environment ' || input_prefix(other.environment_id)))
+    USING other.shard, ts;
+    GET DIAGNOSTICS more = ROW_COUNT;
+    n := n + more;
+  END LOOP;
   RETURN n;
 EXCEPTION WHEN connection_exception THEN
   PERFORM raise_error('RO007', 'split refused: the run-ops store is unreachable for the idempotency claim backfill: '

@@ -32,6 +32,9 @@ DECLARE
   bare text := bare_id(get_run.run_id, 'run');
   residency text := read_residency(bare);
   env_id text := get_run.environment_id;
+  cfg record;
+  shard integer;
+  peer text;
 BEGIN
   IF residency = local_residency() THEN
     RETURN QUERY SELECT * FROM run_view AS v
@@ -39,10 +42,29 @@ BEGIN
     RETURN;
   ELSIF residency IS NULL THEN
     RETURN;
+  ELSIF residency = 'NEW' THEN
+    -- The control plane over several run-ops shards reads a NEW id on the shard it names (shard 0
+    -- below, through runops_peer; shard k through runops_peer_<k>); an id of no shard of this
+    -- deployment is no row, a shard not wired here RO009 (docs/scale-out.md). The id is decoded
+    -- outside the query: an immutable call on a parameter would keep the query on custom plans,
+    -- planned again on every call.
+    SELECT c.shard_count, c.shard_ids_since INTO cfg FROM store_config AS c;
+    IF cfg.shard_count > 1 THEN
+      shard := shard_of_id(bare, cfg.shard_ids_since::integer);
+      IF shard >= cfg.shard_count THEN
+        RETURN;
+      ELSIF shard > 0 THEN
+        peer := shard_peer(shard, 'run ' || input_prefix(get_run.run_id));
+      END IF;
+    END IF;
   END IF;
   BEGIN
     -- Two plain predicates, so postgres_fdw ships both and the remote uses its primary key.
-    IF env_id IS NULL THEN
+    IF peer IS NOT NULL THEN
+      RETURN QUERY EXECUTE format('SELECT * FROM %I.run_view AS v WHERE v.id = $1', peer)
+                           || CASE WHEN env_id IS NULL THEN '' ELSE ' AND v.environment_id = $2' END
+                   USING bare, env_id;
+    ELSIF env_id IS NULL THEN
       RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare;
     ELSE
       RETURN QUERY SELECT * FROM runops_peer.run_view AS v WHERE v.id = bare AND v.environment_id = env_id;

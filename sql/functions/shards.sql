@@ -10,6 +10,7 @@
 --   environment_shard      public: the shard an environment lives on (NULL when unknown)
 --   assign_environment_shard    trigger: a new environment gets its shard on the control plane
 --   pin_environment_shard  public (control plane): an operator's choice, before any NEW run
+--   shard_peer             control plane: its FDW schema for shard k >= 1, or RO009 when not wired
 
 -- A NEW id's shard is byte 4 of its 20 raw bytes. The first 9 base62 characters fix the top 40
 -- bits (seconds and that byte) of every id minted with the shard byte: the minter keeps the bits
@@ -176,11 +177,32 @@ CREATE OR REPLACE TRIGGER runtime_environments_assign_shard
   AFTER INSERT ON runops.runtime_environments
   FOR EACH ROW EXECUTE FUNCTION runops.assign_environment_shard();
 
+-- The control plane's FDW schema for run-ops shard k >= 1, for `subject` (what lives there: "environment
+-- e", "run r"). A shard this control plane has no server for is an error naming it and the fix,
+-- never a claim in another shard's ledger, where the environment's own triggers would not see it.
+CREATE OR REPLACE FUNCTION runops.shard_peer(shard integer, subject text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  peer constant text := 'runops_peer_' || shard;
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server AS s
+                 JOIN pg_catalog.pg_namespace AS n ON n.nspname = s.srvname
+                 WHERE s.srvname = peer) THEN
+    PERFORM raise_error('RO009', format('%s lives on run-ops shard %s, which this control plane has no FDW server '
+                                        'for (%s)', subject, shard, peer),
+                        NULL, 'run `runops migrate` with every shard''s --run-ops-url, shard 0 first');
+  END IF;
+  RETURN peer;
+END
+$$;
+
 -- An operator's choice of shard, on the control plane, before the environment's first NEW run:
 -- after it, the runs would be left behind on the old shard (moving is docs/scale-out.md's
--- "Moving an environment later"). The control plane sees NEW runs on the store its FDW reaches
--- (shard 0); an environment assigned elsewhere is pinned only when that shard is not serving it
--- yet, which `runops env pin` checks on the shard before it calls this.
+-- "Moving an environment later"). The control plane looks on the environment's current shard
+-- through its FDW server for it (shard_peer): a shard it has no server for is RO009, since it
+-- cannot tell.
 CREATE OR REPLACE FUNCTION runops.pin_environment_shard(environment_id text, shard integer)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -190,6 +212,8 @@ DECLARE
   env_id text := pin_environment_shard.environment_id;
   current_shard integer;
   count integer;
+  peer text;
+  has_runs boolean;
 BEGIN
   IF store_role() <> 'CONTROL_PLANE' THEN
     PERFORM raise_wrong_store('environment', env_id, 'CONTROL_PLANE');
@@ -202,15 +226,24 @@ BEGIN
   IF current_shard IS NULL THEN
     PERFORM raise_error('RO004', format('environment %s not found', quote_nullable(input_prefix(env_id))));
   END IF;
-  IF current_shard <> pin_environment_shard.shard AND current_shard = 0 AND peer_wired() THEN
+  IF current_shard <> pin_environment_shard.shard AND peer_wired() THEN
+    IF current_shard > 0 THEN
+      peer := shard_peer(current_shard, 'environment ' || input_prefix(env_id));
+    END IF;
     BEGIN
-      IF EXISTS (SELECT FROM runops_peer.runs AS r WHERE r.environment_id = env_id) THEN
-        PERFORM raise_error('RO003', format('environment %s already has runs on shard %s: it cannot be pinned to '
-                                            'another shard', env_id, current_shard));
+      IF peer IS NULL THEN
+        has_runs := EXISTS (SELECT FROM runops_peer.runs AS r WHERE r.environment_id = env_id);
+      ELSE
+        EXECUTE format('SELECT EXISTS (SELECT FROM %I.runs AS r WHERE r.environment_id = $1)', peer)
+        INTO has_runs USING env_id;
       END IF;
     EXCEPTION WHEN connection_exception THEN
-      PERFORM raise_error('RO009', format('run-ops shard 0 is unavailable: %s', SQLERRM));
+      PERFORM raise_error('RO009', format('run-ops shard %s is unavailable: %s', current_shard, SQLERRM));
     END;
+    IF has_runs THEN
+      PERFORM raise_error('RO003', format('environment %s already has runs on shard %s: it cannot be pinned to '
+                                          'another shard', env_id, current_shard));
+    END IF;
   END IF;
   UPDATE environment_shards AS s SET shard = pin_environment_shard.shard, pinned = true, assigned_at = pg_catalog.now()
   WHERE s.environment_id = env_id;

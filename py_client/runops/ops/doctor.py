@@ -440,6 +440,50 @@ def check_fdw(store: Store, peer_store: str, expect_wired: bool) -> Check:
     return guarded(name, store, run)
 
 
+def check_fdw_to_shard(cp: Store, shard: Store) -> Check:
+    """With run-ops shards: the control plane's FDW server for shard k >= 1 (runops_peer_<k>, through
+    which it claims keys of that shard's environments and reads its ids) reads that shard, as
+    runops_owner, and reaches the database the shard's URL names."""
+    server = f"runops_peer_{shard.shard}"
+    name = f"fdw.control_plane_to_{shard.slug}"
+    fix = "run `runops migrate` with every --run-ops-url, shard 0 first"
+
+    def run() -> Check:
+        with _reading(cp) as conn:
+            row = conn.execute("SELECT srvoptions FROM pg_foreign_server WHERE srvname = %s", [server]).fetchone()
+        if row is None:
+            return Check(name, "fail", f"the control plane has no FDW server for {shard.label} ({server}): keyed "
+                                       f"triggers of its environments there are refused (RO009): {fix}",
+                         {"server": None})
+        options = dict(o.split("=", 1) for o in (row[0] or []))
+        target = f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('dbname', '?')}"
+        data: dict[str, Any] = {"server": options}
+        assert cp.conn is not None
+        with cp.conn.transaction(force_rollback=True):
+            try:
+                cp.conn.execute("SET LOCAL ROLE runops_owner")  # the user mapping's role
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise NeedsAdmin(_first_line(exc)) from exc
+            try:
+                with cp.conn.transaction():
+                    seen = cp.conn.execute(f"SELECT system_identifier, database_oid FROM {server}.store_identity_view"
+                                           ).fetchone()
+            except psycopg.Error as exc:
+                if _lost(cp):
+                    raise
+                return Check(name, "fail", f"the control plane cannot read {shard.label} through postgres_fdw "
+                                           f"(server {server} -> {target}): {_first_line(exc)}",
+                             {**data, "error": _first_line(exc)})
+        sysid, oid = shard.facts.get("system_identifier"), shard.facts.get("database_oid")
+        if seen is not None and sysid is not None and oid is not None \
+                and (str(seen[0]), int(seen[1])) != (str(sysid), int(oid)):
+            return Check(name, "fail", f"the control plane's server {server} ({target}) reaches another database "
+                                       f"than {shard.label}'s URL: {fix}", data)
+        return Check(name, "ok", f"the control plane reads {shard.label} at {target}", data)
+
+    return guarded(name, cp, run)
+
+
 def _mirror_status(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
     """runops.mirror_status() where this store has it (r0003 on); else None."""
     row = conn.execute("SELECT to_regprocedure('runops.mirror_status()') IS NOT NULL").fetchone()
@@ -903,6 +947,8 @@ def _run_checks(stores: dict[str, Store], thresholds: Thresholds, deep: bool = F
     for shard in shards:
         checks.append(check_fdw(shard, CONTROL_PLANE, expect_wired=True))
         checks.append(check_mirror(shard))
+    if cp is not None:
+        checks += [check_fdw_to_shard(cp, s) for s in stores.values() if s.shard]
     if cp is not None and pair:
         checks.append(check_slots(cp, shards if len(shards) > 1 else ro, thresholds))
     every_shard = [s for s in stores.values() if s.shard is not None]

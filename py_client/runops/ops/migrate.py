@@ -334,6 +334,10 @@ def migrate_shards(control_plane_url: str, shard_urls: list[str], peers: dict[st
     configure_shards(control_plane_url, shard_urls)
     _shared_passwords = {}
     try:
+        # The control plane reaches every shard (its claims go to the environment's shard) before
+        # any claim backfill runs in wire().
+        for number, url in enumerate(shard_urls[1:], start=1):
+            wire_control_plane_to_shard(control_plane_url, url, number, notes)
         mirror = "none"
         for number, url in enumerate(shard_urls):
             mirror = wire(control_plane_url, url, notes, peers, control_plane_reads_it=number == 0)
@@ -388,10 +392,12 @@ def _server_options(peer: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in peer.items() if k in ("host", "port", "dbname", *CARRIED_OPTIONS)}
 
 
-def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) -> None:
-    template = (SQL / "fdw" / "wire_peer.sql").read_text()
+def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str, server: str = "runops_peer") -> None:
+    """Wires server and schema ``server``: runops_peer from wire_peer.sql, a control plane's
+    runops_peer_<k> (shard k >= 1) from wire_shard_peer.sql."""
+    template = (SQL / "fdw" / ("wire_peer.sql" if server == "runops_peer" else "wire_shard_peer.sql")).read_text()
     text = template.format(host=sql.quote(peer["host"]), port=sql.quote(peer["port"]),
-                           dbname=sql.quote(peer["dbname"]), login=login)
+                           dbname=sql.quote(peer["dbname"]), login=login, server=server)
     carried = sql.SQL(", ").join(sql.SQL("ADD {} {}").format(sql.Identifier(k), sql.Literal(peer[k]))
                                  for k in CARRIED_OPTIONS if k in peer)
     # Dropping the old foreign tables one by one can deadlock with live calls that read two of
@@ -401,7 +407,7 @@ def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) 
             with conn.transaction():
                 conn.execute(text)
                 if any(k in peer for k in CARRIED_OPTIONS):
-                    conn.execute(sql.SQL("ALTER SERVER runops_peer OPTIONS ({})").format(carried))
+                    conn.execute(sql.SQL("ALTER SERVER {} OPTIONS ({})").format(sql.Identifier(server), carried))
             return
         except psycopg.errors.DeadlockDetected:
             if attempt == 5:
@@ -409,12 +415,12 @@ def _wire_peer(conn: psycopg.Connection[Any], peer: dict[str, str], login: str) 
             time.sleep(0.5 * attempt)
 
 
-def _fdw_works(conn: psycopg.Connection[Any]) -> psycopg.Error | None:
+def _fdw_works(conn: psycopg.Connection[Any], server: str = "runops_peer") -> psycopg.Error | None:
     """Reads through the wired mapping as runops_owner, the role the functions run as."""
     try:
         with conn.transaction(force_rollback=True):
             conn.execute("SET LOCAL ROLE runops_owner")
-            conn.execute("SELECT 1 FROM runops_peer.store_identity_view LIMIT 1")
+            conn.execute(sql.SQL("SELECT 1 FROM {}.store_identity_view LIMIT 1").format(sql.Identifier(server)))
     except psycopg.Error as exc:
         return exc
     return None
@@ -459,7 +465,7 @@ def _database_login(conn: psycopg.Connection[Any], prefix: str, attributes: str)
 
 
 def _wire_checked(conn: psycopg.Connection[Any], peer_conn: psycopg.Connection[Any], peer: dict[str, str],
-                  label: str, notes: list[str]) -> None:
+                  label: str, notes: list[str], server: str = "runops_peer") -> None:
     """Wires ``conn``'s FDW to the peer and reads through it. A peer that asks the FDW login no
     password (trust) makes postgres_fdw refuse the non-superuser mapping; a superuser may then
     declare that on the mapping (password_required 'false')."""
@@ -467,10 +473,10 @@ def _wire_checked(conn: psycopg.Connection[Any], peer_conn: psycopg.Connection[A
 
     def attempt(login: str) -> psycopg.Error | None:
         try:
-            _wire_peer(conn, peer, login)  # imports the foreign tables: connects already
+            _wire_peer(conn, peer, login, server)  # imports the foreign tables: connects already
         except psycopg.Error as exc:
             return exc
-        return _fdw_works(conn)
+        return _fdw_works(conn, server)
 
     failure = attempt(login)
     if failure is not None and failure.sqlstate == "2F003":  # "password is required"
@@ -500,6 +506,17 @@ def wire(control_plane_url: str, run_ops_url: str, notes: list[str],
         mirror = _wire_mirror(cp, ro, subscription_url, notes)
         _complete_claims_backfill(cp, ro, notes)
         return mirror
+
+
+def wire_control_plane_to_shard(control_plane_url: str, shard_url: str, number: int, notes: list[str]) -> None:
+    """The control plane's FDW to run-ops shard ``number`` >= 1, server and schema
+    runops_peer_<number>: its claims for that shard's environments go there (docs/scale-out.md,
+    "Mirror and FDW per shard"). Idempotent; a shard added later gets its server on the next
+    migrate. It reaches the shard at its URL's host (``--peer-host run_ops=`` names shard 0's)."""
+    with psycopg.connect(control_plane_url, autocommit=True) as cp, \
+            psycopg.connect(shard_url, autocommit=True) as shard:
+        _wire_checked(cp, shard, _target(shard_url), f"run-ops shard {number}", notes,
+                      server=f"runops_peer_{number}")
 
 
 def _complete_claims_backfill(cp: psycopg.Connection[Any], ro: psycopg.Connection[Any], notes: list[str]) -> None:
