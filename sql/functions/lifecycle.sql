@@ -240,12 +240,14 @@ DECLARE
   channel text;
 BEGIN
   FOR channel IN
+    -- ARRAY(...): the chosen registrations are read once, whatever the plan (an IN (subquery)
+    -- read again per row would skip the ones this DELETE removed and take the next ones).
     DELETE FROM waiting_workers AS w
-    WHERE w.channel IN (SELECT x.channel FROM waiting_workers AS x
-                        WHERE x.environment_id = of_environment AND x.expires_at > pg_catalog.now()
-                          AND (x.queues IS NULL OR x.queues && wake_waiting_workers.queues)
-                          AND (x.tasks IS NULL OR x.tasks && wake_waiting_workers.tasks)
-                        LIMIT runs FOR UPDATE SKIP LOCKED)
+    WHERE w.channel = ANY (ARRAY(SELECT x.channel FROM waiting_workers AS x
+                                 WHERE x.environment_id = of_environment AND x.expires_at > pg_catalog.now()
+                                   AND (x.queues IS NULL OR x.queues && wake_waiting_workers.queues)
+                                   AND (x.tasks IS NULL OR x.tasks && wake_waiting_workers.tasks)
+                                 LIMIT runs FOR UPDATE SKIP LOCKED))
     RETURNING w.channel
   LOOP
     PERFORM pg_notify(channel, of_environment);
