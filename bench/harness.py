@@ -52,6 +52,7 @@ targets are not measured.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -67,7 +68,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -989,28 +990,30 @@ def _reset(admin: psycopg.Connection[Any]) -> None:
     admin.execute(RESET_RUN_OPS)
 
 
-def _prime_statistics(admin: psycopg.Connection[Any], env: str, *, keep: bool) -> None:
-    """With ``keep``: give the run graph's tables the column statistics a store in service has,
-    and keep them while the call phases empty the tables (TRUNCATE keeps statistics; autovacuum,
-    which would analyze a table just emptied or half-filled by one phase, is paused on these two
-    tables). Without it: resume autovacuum there. Why: with a table believed small (a fresh pair,
-    or one analyzed right after a TRUNCATE) PostgreSQL plans a keyed trigger's key lookup through
+@contextlib.contextmanager
+def _service_statistics(admin: psycopg.Connection[Any], env: str) -> Iterator[None]:
+    """Inside: the run graph's tables carry the column statistics a store in service has, kept
+    while the call phases empty the tables (TRUNCATE keeps statistics; autovacuum, which would
+    analyze a table just emptied or half-filled by one phase, is paused on these two tables and
+    resumed on the way out). Why: with a table believed small (a fresh pair, or one analyzed right
+    after a TRUNCATE) PostgreSQL plans a keyed trigger's key lookup through
     ``runs_environment_created_idx`` as readily as through the key index, each pgbench session
     keeps that generic plan for the phase, and the lookup reads every run of the environment
     (docs/benchmarks.md, "The trigger rows in the same session"): a store's first minute, or the
     bench's emptied tables, not a store in service."""
-    tables = "runops.runs, runops.idempotency_claims"
-    if not keep:
-        for table in tables.split(", "):
-            admin.execute(f"ALTER TABLE {table} RESET (autovacuum_enabled)")
-        return
+    tables = ("runops.runs", "runops.idempotency_claims")
     for options in ("jsonb_build_object('idempotency_key', 'prime-' || g)", "'{}'::jsonb"):
         admin.execute(f"SELECT count(*) FROM generate_series(1, 2000) AS g, "
                       f"LATERAL runops.trigger_run(%s, 'bench-task', '{{}}', {options}) AS t", [env])
-    admin.execute(f"ANALYZE {tables}")
-    for table in tables.split(", "):
-        admin.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    admin.execute(f"ANALYZE {', '.join(tables)}")
+    for name in tables:
+        admin.execute(f"ALTER TABLE {name} SET (autovacuum_enabled = false)")
     admin.execute(RESET_RUN_OPS)
+    try:
+        yield
+    finally:
+        for name in tables:
+            admin.execute(f"ALTER TABLE {name} RESET (autovacuum_enabled)")
 
 
 def _cpu(datadirs: list[str]) -> float | None:
@@ -1171,9 +1174,8 @@ def run_bench(seconds: int = 10, *, keep: bool = False,
             bench = Calls(stores, admin, cp_admin, env, pgbench, seconds, peer_list, say, names,
                           loop.freshness_bound) if pgbench is not None else None
             if bench is not None:
-                _prime_statistics(admin, env, keep=True)
-                phases = bench.run(rounds)
-                _prime_statistics(admin, env, keep=False)
+                with _service_statistics(admin, env):
+                    phases = bench.run(rounds)
             if looping and pgbench is not None:
                 loop_phases = run_loop_phases(stores, pgbench, procrastinate, loop, rounds, say)
             if "batches" in sections:

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import secrets
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from nested_plans import explain_nested, statement_times
 
 N = 10_000
 
@@ -54,16 +53,8 @@ def functions(admin: psycopg.Connection[Any], app_url: str, env: str, keyed: boo
 
 
 def statements(admin_url: str, env: str, keyed: bool, calls: int) -> None:
-    spent: dict[str, float] = defaultdict(float)
-    detail: dict[str, str] = {}
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        notes: list[str] = []
-        conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 1",
-                        "SET auto_explain.log_analyze = on", "SET auto_explain.log_timing = off",
-                        "SET auto_explain.log_wal = on", "SET auto_explain.log_triggers = on",
-                        "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = 'notice'"):
-            conn.execute(setting)
+        notes = explain_nested(conn, min_ms=1, options=("log_wal",))
         walls = []
         for _ in range(calls):
             conn.execute("CHECKPOINT")
@@ -71,16 +62,7 @@ def statements(admin_url: str, env: str, keyed: bool, calls: int) -> None:
             t0 = time.perf_counter()
             conn.execute("SELECT * FROM runops.batch_trigger(%s, %s::jsonb, '{}')", (env, payload)).fetchone()
             walls.append((time.perf_counter() - t0) * 1000)
-    for note in notes:
-        duration = re.match(r"duration: ([0-9.]+) ms", note)
-        text = re.search(r"Query Text: (.*?)\n(?=\S)", note, re.S)
-        if not duration or not text:
-            continue
-        key = " ".join(text.group(1).split())[:90]
-        spent[key] += float(duration.group(1))
-        plan = note[text.end():].splitlines()
-        extra = [line.strip() for line in plan if line.strip().startswith(("WAL:", "Trigger"))]
-        detail[key] = "; ".join([plan[0].split("  (")[0].strip(), *extra]) if plan else ""
+    spent, detail = statement_times(notes, width=90, detail=("WAL:", "Trigger"))
     print(f"\nstatements inside batch_trigger of {N} items {'with' if keyed else 'without'} keys, ms per call "
           f"(mean of {calls}; wall with auto_explain {sum(walls) / len(walls):.0f} ms):")
     for key, ms in sorted(spent.items(), key=lambda kv: -kv[1]):

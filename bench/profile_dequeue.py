@@ -20,19 +20,18 @@ each time). Not a test; nothing asserts on the numbers.
 from __future__ import annotations
 
 import argparse
-import re
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from harness import _TPS, _bring_up, find_pgbench, server_cpu_seconds
+from nested_plans import explain_nested, statement_times
 from worker_loop import DEQUEUE_ONE, _environment, _organization, _queue_runs, apply_functions
 
 from runops.client import RUN_OPS
@@ -102,30 +101,13 @@ def phase(stores: Any, app: dict[str, str], admin: dict[str, str], env: str, cli
 
 
 def statements(admin_url: str, env: str, calls: int) -> None:
-    spent: dict[str, float] = defaultdict(float)
-    detail: dict[str, str] = {}
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        notes: list[str] = []
-        conn.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
-        for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
-                        "SET auto_explain.log_analyze = on", "SET auto_explain.log_timing = off",
-                        "SET auto_explain.log_buffers = on", "SET auto_explain.log_triggers = on",
-                        "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = 'notice'"):
-            conn.execute(setting)
+        notes = explain_nested(conn, min_ms=0, options=("log_buffers",))
         t0 = time.perf_counter()
         for i in range(calls):
             conn.execute("SELECT count(*) FROM runops.dequeue_runs(%s, %s, 1)", [env, f"explain-{i % 4}"])
         wall = (time.perf_counter() - t0) * 1000 / calls
-    for note in notes:
-        duration = re.match(r"duration: ([0-9.]+) ms", note)
-        text = re.search(r"Query Text: (.*?)\n(?=\S)", note, re.S)
-        if not duration or not text:
-            continue
-        key = " ".join(text.group(1).split())[:110]
-        spent[key] += float(duration.group(1))
-        plan = note[text.end():].splitlines()
-        extra = [line.strip() for line in plan if line.strip().startswith(("Buffers:", "Trigger"))][:3]
-        detail[key] = "; ".join([plan[0].split("  (")[0].strip(), *extra]) if plan else ""
+    spent, detail = statement_times(notes, width=110, detail=("Buffers:", "Trigger"), most=3)
     print(f"    statements inside dequeue_runs, ms per dequeue (mean of {calls}; wall with auto_explain "
           f"{wall:.2f} ms):")
     for key, ms in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
