@@ -400,6 +400,32 @@ def check_functions(store: Store, migrations_current: bool) -> Check:
     return guarded(name, store, run)
 
 
+def _server_target(srvoptions: list[str] | None) -> tuple[dict[str, str], str]:
+    """A foreign server's options, and the host:port/dbname they name (``?`` where unset)."""
+    options = dict(o.split("=", 1) for o in (srvoptions or []))
+    return options, f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('dbname', '?')}"
+
+
+def _read_as_owner(store: Store, sql: str) -> tuple[Any, str | None]:
+    """One row of ``sql`` read as the functions read through the FDW (as runops_owner, whose user
+    mappings it uses), in a transaction rolled back afterwards: (the row, None), or (None, the
+    error's first line) when the read failed on a store still connected."""
+    assert store.conn is not None
+    with store.conn.transaction(force_rollback=True):
+        try:
+            store.conn.execute("SET LOCAL ROLE runops_owner")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise NeedsAdmin(_first_line(exc)) from exc
+        try:
+            # A savepoint: whatever the remote says, the rollback above still runs cleanly.
+            with store.conn.transaction():
+                return store.conn.execute(sql).fetchone(), None
+        except psycopg.Error as exc:
+            if _lost(store):
+                raise
+            return None, _first_line(exc)
+
+
 def check_fdw(store: Store, peer_store: str, expect_wired: bool) -> Check:
     """A cheap read through this store's runops_peer foreign tables, as the functions read them
     (as runops_owner, whose user mapping the FDW uses)."""
@@ -411,30 +437,16 @@ def check_fdw(store: Store, peer_store: str, expect_wired: bool) -> Check:
             wired_row = conn.execute("SELECT runops.peer_wired()").fetchone()
             wired = bool(wired_row and wired_row[0])
             server = conn.execute("SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'runops_peer'").fetchone()
-        options = dict(o.split("=", 1) for o in (server[0] or [])) if server else {}
-        target = f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('dbname', '?')}"
+        options, target = _server_target(server[0] if server else None)
         data: dict[str, Any] = {"wired": wired, "server": options}
         if not wired:
             return Check(name, "fail" if expect_wired else "ok",
                          f"the {store.label}'s FDW is not wired"
                          + (": run `runops migrate` with both URLs" if expect_wired else " (one store)"), data)
-        assert store.conn is not None
-        with store.conn.transaction(force_rollback=True):
-            try:
-                # The user mapping belongs to runops_owner: read as the functions do.
-                store.conn.execute("SET LOCAL ROLE runops_owner")
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise NeedsAdmin(_first_line(exc)) from exc
-            try:
-                # A savepoint: whatever the remote says, the rollback above still runs cleanly.
-                with store.conn.transaction():
-                    store.conn.execute("SELECT count(*) FROM runops_peer.split_settings").fetchone()
-            except psycopg.Error as exc:
-                if _lost(store):
-                    raise
-                return Check(name, "fail", f"the {store.label} cannot read the {peer_label} through postgres_fdw "
-                                           f"(server runops_peer -> {target}): {_first_line(exc)}",
-                             {**data, "error": _first_line(exc)})
+        _, error = _read_as_owner(store, "SELECT count(*) FROM runops_peer.split_settings")
+        if error is not None:
+            return Check(name, "fail", f"the {store.label} cannot read the {peer_label} through postgres_fdw "
+                                       f"(server runops_peer -> {target}): {error}", {**data, "error": error})
         return Check(name, "ok", f"the {store.label} reads the {peer_label} at {target}", data)
 
     return guarded(name, store, run)
@@ -455,25 +467,12 @@ def check_fdw_to_shard(cp: Store, shard: Store) -> Check:
             return Check(name, "fail", f"the control plane has no FDW server for {shard.label} ({server}): keyed "
                                        f"triggers of its environments there are refused (RO009): {fix}",
                          {"server": None})
-        options = dict(o.split("=", 1) for o in (row[0] or []))
-        target = f"{options.get('host', '?')}:{options.get('port', '?')}/{options.get('dbname', '?')}"
+        options, target = _server_target(row[0])
         data: dict[str, Any] = {"server": options}
-        assert cp.conn is not None
-        with cp.conn.transaction(force_rollback=True):
-            try:
-                cp.conn.execute("SET LOCAL ROLE runops_owner")  # the user mapping's role
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise NeedsAdmin(_first_line(exc)) from exc
-            try:
-                with cp.conn.transaction():
-                    seen = cp.conn.execute(f"SELECT system_identifier, database_oid FROM {server}.store_identity_view"
-                                           ).fetchone()
-            except psycopg.Error as exc:
-                if _lost(cp):
-                    raise
-                return Check(name, "fail", f"the control plane cannot read {shard.label} through postgres_fdw "
-                                           f"(server {server} -> {target}): {_first_line(exc)}",
-                             {**data, "error": _first_line(exc)})
+        seen, error = _read_as_owner(cp, f"SELECT system_identifier, database_oid FROM {server}.store_identity_view")
+        if error is not None:
+            return Check(name, "fail", f"the control plane cannot read {shard.label} through postgres_fdw "
+                                       f"(server {server} -> {target}): {error}", {**data, "error": error})
         sysid, oid = shard.facts.get("system_identifier"), shard.facts.get("database_oid")
         if seen is not None and sysid is not None and oid is not None \
                 and (str(seen[0]), int(seen[1])) != (str(sysid), int(oid)):
